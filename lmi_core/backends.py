@@ -1,0 +1,62 @@
+"""Backend registry: which engine plugins are installed and which one serves a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pluggy
+
+from lmi_core.errors import ConfigError
+
+Mode = Literal["python", "mpi"]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """An engine backend a plugin provides."""
+
+    name: str
+    default_mode: Mode = "python"
+    # Values of option.rolling_batch that select this backend (DJL compatibility).
+    rolling_batch: tuple[str, ...] = ()
+    # Lower is preferred by option.rolling_batch=auto.
+    auto_priority: int = 100
+    description: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+def installed_backends(pm: pluggy.PluginManager) -> dict[str, BackendSpec]:
+    """Every backend registered by the installed plugins, by name."""
+    specs: dict[str, BackendSpec] = {}
+    for group in pm.hook.register_backends():
+        for spec in group or ():
+            specs[spec.name] = spec
+    return specs
+
+
+def select_backend(
+    pm: pluggy.PluginManager, backend: str | None, rolling_batch: str | None
+) -> BackendSpec:
+    """Pick the backend named by ``option.backend``, else by ``option.rolling_batch`` (default auto)."""
+    specs = installed_backends(pm)
+    available = ", ".join(sorted(specs)) or "none (pip install lmi-hf, lmi-vllm or lmi-trtllm)"
+    if backend:
+        for spec in specs.values():
+            if backend == spec.name or backend in spec.aliases:
+                return spec
+        raise ConfigError("option.backend", backend, f"an installed backend: {available}")
+    choice = (rolling_batch or "auto").lower()
+    if choice == "auto":
+        if not specs:
+            raise ConfigError("option.rolling_batch", choice, f"an installed backend: {available}")
+        return min(specs.values(), key=lambda s: (s.auto_priority, s.name))
+    for spec in specs.values():
+        if choice in spec.rolling_batch:
+            return spec
+    allowed = sorted({rb for s in specs.values() for rb in s.rolling_batch} | {"auto"})
+    raise ConfigError(
+        "option.rolling_batch",
+        choice,
+        f"one of {', '.join(allowed)} (installed backends: {available})",
+    )

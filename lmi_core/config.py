@@ -1,0 +1,287 @@
+"""Configuration: ``serving.properties``, ``OPTION_*`` / ``SERVING_*`` env mapping, validation.
+
+Precedence (model level, highest first): ``serving.properties`` > ``OPTION_*`` env > defaults.
+Server level: ``SERVING_*`` env > server properties > defaults. Every bad key or value raises
+``ConfigError`` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmi_core.errors import ConfigError
+
+PROPERTIES_FILE = "serving.properties"
+
+logger = logging.getLogger(__name__)
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Parse Java properties syntax: ``key=value`` or ``key: value`` lines, ``#``/``!`` comments."""
+    result: dict[str, str] = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line[0] in "#!":
+            continue
+        while line.endswith("\\") and i < len(lines):  # continuation line
+            line = line[:-1] + lines[i].strip()
+            i += 1
+        match = re.match(r"([^=:\s]+)\s*[=:\s]\s*(.*)$", line)
+        if match is None:
+            raise ConfigError(line, "", "a 'key=value' line")
+        result[match.group(1)] = match.group(2).strip()
+    return result
+
+
+def _env_option_key(name: str) -> str:
+    """``OPTION_<NAME>`` -> property key, with DJL's special cases."""
+    rest = name[len("OPTION_") :]
+    if re.fullmatch(r"[A-Z_\d]+", rest):
+        rest = rest.lower()
+    if rest == "engine":
+        return "engine"
+    if rest.lower() == "entrypoint":
+        return "option.entryPoint"
+    return f"option.{rest}"
+
+
+def env_model_properties(environ: Mapping[str, str]) -> dict[str, str]:
+    """Model properties given through ``OPTION_*`` environment variables (empty values ignored)."""
+    return {
+        _env_option_key(k): v for k, v in environ.items() if k.startswith("OPTION_") and v != ""
+    }
+
+
+def env_server_properties(environ: Mapping[str, str]) -> dict[str, str]:
+    """Server properties given through ``SERVING_*`` environment variables."""
+    return {
+        k[len("SERVING_") :].lower(): v
+        for k, v in environ.items()
+        if k.startswith("SERVING_") and v != ""
+    }
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ServerConfig(_Strict):
+    """Server-wide settings (``SERVING_*`` env, ``--host``/``--port``)."""
+
+    inference_address: str = "http://127.0.0.1:8080"
+    management_address: str | None = None
+    job_queue_size: int = Field(1000, ge=1)
+    max_request_size: int = Field(64 * 1024 * 1024, ge=1)
+    retry_threshold: int = Field(5, ge=0)
+    health_check_interval: float = Field(2.0, gt=0)
+    health_check_timeout: float = Field(10.0, gt=0)
+    drain_timeout: float = Field(30.0, ge=0)
+    api_key: str | None = None
+    runtime_dir: str | None = None
+    log_level: str = "info"
+    # Accepted for DJL compatibility; they only name the models directory and the models to load.
+    model_store: str | None = None
+    load_models: str | None = None
+
+
+TpDegree = int | Literal["max"]
+
+
+class ModelConfig(_Strict):
+    """One model: its ``serving.properties`` keys mapped to typed fields."""
+
+    name: str = "lmi"
+    model_dir: str | None = None
+    model_id: str
+    engine: Literal["Python", "MPI"] = "Python"
+    mpi_mode: bool | None = None
+    backend_name: str | None = Field(None, alias="backend")
+    rolling_batch: str | None = None
+    tensor_parallel_degree: TpDegree = 1
+    pipeline_parallel_degree: int = Field(1, ge=1)
+    min_workers: int | None = Field(None, ge=0)
+    max_workers: int | None = Field(None, ge=1)
+    job_queue_size: int | None = Field(None, ge=1)
+    max_rolling_batch_size: int = Field(32, ge=1)
+    model_loading_timeout: float = Field(240.0, gt=0)
+    predict_timeout: float = Field(120.0, gt=0)
+    max_idle_time: float = Field(60.0, gt=0)
+    retry_threshold: int | None = Field(None, ge=0)
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    python_executable: str | None = None
+    load_on_devices: str = "*"
+    # MPI multi-node: hosts for ranks (Open MPI --host syntax) or a hostfile.
+    mpi_hosts: str | None = None
+    mpi_hostfile: str | None = None
+    # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
+    options: dict[str, str] = Field(default_factory=dict)
+    # Filled by ``resolve`` from the plugins.
+    backend: str = ""
+    mode: Literal["python", "mpi"] = "python"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks per worker: tensor x pipeline parallel degree (``max`` resolved to devices)."""
+        tp = self.tensor_parallel_degree
+        return (tp if isinstance(tp, int) else 1) * self.pipeline_parallel_degree
+
+
+# serving.properties key -> ModelConfig field.
+MODEL_KEYS: dict[str, str] = {
+    "engine": "engine",
+    "option.model_id": "model_id",
+    "option.mpi_mode": "mpi_mode",
+    "option.backend": "backend_name",
+    "option.rolling_batch": "rolling_batch",
+    "option.tensor_parallel_degree": "tensor_parallel_degree",
+    "option.pipeline_parallel_degree": "pipeline_parallel_degree",
+    "minWorkers": "min_workers",
+    "maxWorkers": "max_workers",
+    "gpu.minWorkers": "min_workers",
+    "gpu.maxWorkers": "max_workers",
+    "cpu.minWorkers": "min_workers",
+    "cpu.maxWorkers": "max_workers",
+    "job_queue_size": "job_queue_size",
+    "option.max_rolling_batch_size": "max_rolling_batch_size",
+    "option.model_loading_timeout": "model_loading_timeout",
+    "option.predict_timeout": "predict_timeout",
+    "max_idle_time": "max_idle_time",
+    "retry_threshold": "retry_threshold",
+    "option.dtype": "dtype",
+    "option.trust_remote_code": "trust_remote_code",
+    "option.pythonExecutable": "python_executable",
+    "load_on_devices": "load_on_devices",
+    "option.mpi_hosts": "mpi_hosts",
+    "option.mpi_hostfile": "mpi_hostfile",
+    "option.served_model_name": "name",
+}
+# Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
+IGNORED_MODEL_KEYS = frozenset(
+    {"option.entryPoint", "option.async_mode", "batch_size", "max_batch_delay", "option.revision"}
+)
+
+
+def _field_error(exc: ValidationError, key_of: Mapping[str, str], raw: Mapping[str, Any]) -> ConfigError:
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    key = key_of.get(field, field)
+    return ConfigError(key, raw.get(key, err.get("input")), err["msg"].lower())
+
+
+def build_model_config(
+    properties: Mapping[str, str],
+    *,
+    model_dir: str | None = None,
+    name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ModelConfig:
+    """Merge ``properties`` (the file) with ``OPTION_*`` env (file wins) into a ``ModelConfig``."""
+    environ = os.environ if environ is None else environ
+    merged = {**env_model_properties(environ), **properties}
+    if environ.get("TENSOR_PARALLEL_DEGREE") and "option.tensor_parallel_degree" not in merged:
+        merged["option.tensor_parallel_degree"] = environ["TENSOR_PARALLEL_DEGREE"]
+    values: dict[str, Any] = {}
+    options: dict[str, str] = {}
+    for key, value in merged.items():
+        if key in MODEL_KEYS:
+            values[MODEL_KEYS[key]] = value
+        elif key in IGNORED_MODEL_KEYS:
+            continue
+        elif key.startswith("option."):
+            options[key[len("option.") :]] = value
+        else:
+            allowed = ", ".join(sorted(k for k in MODEL_KEYS if not k.startswith("option.")))
+            raise ConfigError(key, value, f"a known key ({allowed}, or option.*)")
+    if values.get("engine") not in (None, "Python", "MPI"):
+        raise ConfigError("engine", values["engine"], "Python or MPI")
+    if "model_id" not in values:
+        if model_dir is None:
+            raise ConfigError("option.model_id", None, "a model id or path (or a model directory)")
+        values["model_id"] = model_dir
+    tp = values.get("tensor_parallel_degree")
+    if isinstance(tp, str) and tp != "max":
+        if not tp.isdigit() or int(tp) < 1:
+            raise ConfigError("option.tensor_parallel_degree", tp, "a positive integer or 'max'")
+        values["tensor_parallel_degree"] = int(tp)
+    if name:
+        values.setdefault("name", name)
+    values["model_dir"] = model_dir
+    values["options"] = options
+    key_of = {f: k for k, f in MODEL_KEYS.items()}
+    try:
+        config = ModelConfig.model_validate(values)
+    except ValidationError as exc:
+        raise _field_error(exc, key_of, merged) from None
+    if config.min_workers is not None and config.max_workers is not None:
+        if config.min_workers > config.max_workers:
+            raise ConfigError(
+                "minWorkers", config.min_workers, f"at most maxWorkers ({config.max_workers})"
+            )
+    return config
+
+
+def load_model_config(
+    model_dir: str | os.PathLike[str] | None,
+    *,
+    model_id: str | None = None,
+    name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ModelConfig:
+    """Read ``<model_dir>/serving.properties`` (if any) and build the model's config."""
+    properties: dict[str, str] = {}
+    directory = None
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ConfigError("model_dir", str(model_dir), "an existing directory")
+        directory = str(path.resolve())
+        props_file = path / PROPERTIES_FILE
+        if props_file.is_file():
+            properties = parse_properties(props_file.read_text())
+    if model_id is not None:
+        properties.setdefault("option.model_id", model_id)
+    if name is None and directory is not None:
+        name = Path(directory).name
+    if name is not None:
+        name = re.sub(r"\W", "_", name)
+    return build_model_config(properties, model_dir=directory, name=name, environ=environ)
+
+
+def build_server_config(
+    properties: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> ServerConfig:
+    """Server settings: defaults < ``properties`` < ``SERVING_*`` env < explicit overrides."""
+    environ = os.environ if environ is None else environ
+    known = set(ServerConfig.model_fields)
+    from_env = env_server_properties(environ)
+    for key in sorted(set(from_env) - known):
+        # Other tools share the SERVING_ prefix (DJL's SERVING_FEATURES): warn, do not fail.
+        logger.warning("ignoring unknown environment variable SERVING_%s", key.upper())
+        del from_env[key]
+    merged: dict[str, Any] = {**(properties or {}), **from_env}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in merged.items():
+        if key not in known:
+            raise ConfigError(key, value, f"a known key ({', '.join(sorted(known))})")
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as exc:
+        key_of = {f: f"SERVING_{f.upper()}" for f in known}
+        raw = {f"SERVING_{k.upper()}": v for k, v in merged.items()}
+        raise _field_error(exc, key_of, raw) from None

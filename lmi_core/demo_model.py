@@ -1,0 +1,103 @@
+"""The embedded demo model: a tiny random Llama with a byte-level BPE tokenizer, built offline.
+
+No hub access: the tokenizer is trained on a generated corpus and the weights are random (seeded),
+so the model is deterministic but talks nonsense. It exists to exercise the whole stack in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+WORDS = (
+    "the a an model server worker token request stream batch engine tensor parallel rank socket "
+    "python mpi gpu cpu memory queue latency throughput hello world deep learning language large "
+    "inference serving fast slow quick brown fox jumps over lazy dog one two three four five six "
+    "seven eight nine ten is are was were be been being have has had do does did will would can"
+).split()
+
+
+def _corpus(lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    text = []
+    for _ in range(lines):
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
+        text.append(sentence.capitalize() + rng.choice([".", "?", "!", ","]))
+    return text
+
+
+def build_demo_model(
+    path: str | Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Llama, its tokenizer and a ``serving.properties`` into ``path``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(2000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=max_position_embeddings,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform logits; a wider spread makes greedy choices stable across
+    # kernels (TP all-reduce order, vLLM vs HF) instead of decided by float rounding.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "serving.properties").write_text(
+        "# lmi-core demo model: a tiny random Llama built offline by `lmi demo-model`.\n"
+        "engine=Python\n"
+        "option.max_rolling_batch_size=32\n"
+    )
+    (out / "lmi_demo.json").write_text(json.dumps({"seed": seed, "vocab_size": len(fast)}))
+    return out

@@ -1,0 +1,143 @@
+"""The worker-side engine contract: what a request is and what an engine yields.
+
+Engine plugins import only this module (and ``hookspecs``) from lmi-core; it depends on the standard
+library alone so that a worker can run in another virtual environment than the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
+
+
+@dataclass
+class SamplingParams:
+    """Generation parameters shared by every API; engines map them to their own."""
+
+    max_new_tokens: int = 30
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    # Number of alternatives per token to report (OpenAI top_logprobs); 0 = none.
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: a prompt (text, or chat messages for the tokenizer's template)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> GenerationRequest:
+        params = SamplingParams(**data.get("params", {}))
+        return cls(
+            request_id=data["request_id"],
+            prompt=data.get("prompt"),
+            messages=data.get("messages"),
+            params=params,
+        )
+
+
+@dataclass
+class Token:
+    """One generated token; ``text`` is the incremental detokenized text it adds."""
+
+    id: int
+    text: str
+    log_prob: float
+    special: bool = False
+    top_logprobs: list[tuple[int, str, float]] | None = None
+    # True on a request's final token (a ``Finished`` follows at once): lets streams mark the last
+    # line without waiting for another event.
+    last: bool = False
+
+
+@dataclass
+class Finished:
+    """The last event of a request."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    prompt: str = ""
+
+
+GenerationEvent = Token | Finished
+
+
+class EngineError(Exception):
+    """An error an engine reports for one request; ``status`` maps to the HTTP status code."""
+
+    def __init__(self, message: str, status: int = 424, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+class BadRequestError(EngineError):
+    """The request cannot run on this model (prompt too long, bad parameter)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, status=400, param=param)
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The engine ran out of (device) memory for this request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=507)
+
+
+@dataclass
+class WorkerContext:
+    """What an engine plugin gets to load its engine inside a worker process."""
+
+    model_id: str
+    model_dir: str | None
+    backend: str
+    options: dict[str, Any]
+    mode: Literal["python", "mpi"] = "python"
+    rank: int = 0
+    world_size: int = 1
+    tensor_parallel_degree: int = 1
+    pipeline_parallel_degree: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_batch_size: int = 32
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> WorkerContext:
+        return cls(**data)
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine reports with each heartbeat (summed over workers for /metrics)."""
+
+    running: int = 0
+    waiting: int = 0
+    finished_total: int = 0
+    cancelled_total: int = 0
+    generated_tokens_total: int = 0
+    prompt_tokens_total: int = 0
+    extra: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,67 @@
+"""The hooks an lmi plugin may implement (pluggy project name ``lmi``).
+
+Server-side hooks run in the HTTP server process; worker-side hooks run inside a worker process.
+Built-in behaviour (the launchers of both modes) is written as plugins on these same hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from lmi_core.backends import BackendSpec
+    from lmi_core.config import ModelConfig
+    from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest, WorkerContext
+    from lmi_core.launch import LaunchSpec, WorkerSlot
+
+hookspec = pluggy.HookspecMarker("lmi")
+hookimpl = pluggy.HookimplMarker("lmi")
+
+
+# -- server side ---------------------------------------------------------------------------------
+
+
+@hookspec
+def register_backends() -> list[BackendSpec]:
+    """Name the engine backends this plugin provides."""
+
+
+@hookspec(firstresult=True)
+def resolve_mode(config: ModelConfig) -> str | None:
+    """Return the default operating mode ("python" or "mpi") of the backend that owns ``config``."""
+
+
+@hookspec
+def validate_config(config: ModelConfig) -> None:
+    """Check the backend's own options of ``config``; raise ``ConfigError`` naming a bad key."""
+
+
+@hookspec(firstresult=True)
+def launch_workers(config: ModelConfig, allocation: list[WorkerSlot]) -> list[LaunchSpec] | None:
+    """Return the command line, environment and rank addresses of each worker in ``allocation``."""
+
+
+# -- worker side ---------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def load_engine(context: WorkerContext) -> Any:
+    """Load and return the engine for ``context.backend``, or None if the backend is not yours."""
+
+
+@hookspec(firstresult=True)
+def handle_request(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationEvent] | None:
+    """Run ``request`` on ``engine`` and return an async iterator of its token events."""
+
+
+@hookspec(firstresult=True)
+def engine_stats(engine: Any) -> EngineStats | None:
+    """Return the engine's counters; raise if the engine is unhealthy."""
+
+
+@hookspec
+def shutdown_engine(engine: Any) -> None:
+    """Release the engine's resources before the worker exits."""

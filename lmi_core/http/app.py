@@ -1,0 +1,108 @@
+"""The ASGI application: routes, request ids, errors, and the model lifecycle (lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.errors import ConfigError, ServiceError
+from lmi_core.http import lmi_api
+from lmi_core.http.common import ClientDisconnected, error_response
+from lmi_core.http.state import AppState
+from lmi_core.server import ModelServer
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class RequestIdMiddleware:
+    """Echo the client's ``x-request-id`` (or a new one) on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(REQUEST_ID_HEADER.encode()) or uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode(errors="replace")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
+
+
+async def _config_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"code": 400, "type": "BadRequestException", "message": str(exc), "param": getattr(exc, "key", None)}, status_code=400)
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is listening; the status is for the access log
+
+
+def create_app(
+    config: ServerConfig,
+    models: list[ModelConfig] | None = None,
+    server: ModelServer | None = None,
+    on_load_failure: Callable[[Exception], None] | None = None,
+) -> Starlette:
+    """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
+    server = server or ModelServer(config)
+    state = AppState(config=config, server=server, startup_models=list(models or []))
+
+    async def load_startup_models() -> None:
+        for model in state.startup_models:
+            try:
+                await server.load(model)
+            except Exception as exc:
+                logger.error("model %s failed to load: %s", model.name, exc)
+                if on_load_failure is not None:
+                    on_load_failure(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Load in the background: the port is open at once and /ping says 503 until models are ready.
+        loader = asyncio.get_running_loop().create_task(load_startup_models())
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await server.shutdown()
+
+    routes: list[Any] = [*lmi_api.routes]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ServiceError: _service_error,
+            ConfigError: _config_error,
+            ClientDisconnected: _disconnected,
+        },
+    )
+    app.state.lmi = state
+    app.add_middleware(RequestIdMiddleware)
+    return app

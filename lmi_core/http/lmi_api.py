@@ -1,0 +1,186 @@
+"""The native LMI (DJL-compatible) API: /ping, /invocations, /predictions/{model}."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.errors import ServiceError
+from lmi_core.http.common import collect, read_json, until_disconnected
+from lmi_core.http.protocol import BadRequest, LmiRequest, parse_model
+from lmi_core.http.state import AppState
+from lmi_core.pool import WorkerPool, new_request_id
+
+PING_STATUS = {"READY": "Healthy", "PENDING": "PENDING", "FAILED": "FAILED"}
+
+
+async def ping(request: Request) -> Response:
+    """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed."""
+    state: AppState = request.app.state.lmi
+    statuses = state.server.status()
+    body = {}
+    for name, status in statuses.items():
+        entry: dict[str, Any] = {"status": PING_STATUS[status]}
+        pool = state.server.pools.get(name)
+        if pool is not None:
+            ready = sum(1 for w in pool.workers.values() if w.state.value == "READY")
+            entry["workers"] = {"ready": ready, "total": len(pool.workers)}
+            if status == "READY" and ready < pool.min_workers:
+                entry["status"] = "Unhealthy"  # serving, but below minWorkers (DJL: still 200)
+        if name in state.server.failed:
+            entry["error"] = state.server.failed[name]
+        body[name] = entry
+    code = 200
+    if "PENDING" in statuses.values():
+        code = 503
+    if "FAILED" in statuses.values():
+        code = 500
+    return JSONResponse(body, status_code=code)
+
+
+def _model_for(request: Request, body: Any) -> WorkerPool:
+    state: AppState = request.app.state.lmi
+    name = request.query_params.get("model_name") or request.headers.get("model_name")
+    if name is None and isinstance(body, dict) and isinstance(body.get("model_name"), str):
+        name = body["model_name"]
+    return state.server.get(name) if name else state.server.default()
+
+
+async def invocations(request: Request) -> Response:
+    state: AppState = request.app.state.lmi
+    body = await read_json(request, state.config.max_request_size)
+    return await predict(request, _model_for(request, body), body)
+
+
+async def predictions(request: Request) -> Response:
+    state: AppState = request.app.state.lmi
+    pool = state.server.get(request.path_params["model_name"])
+    body = await read_json(request, state.config.max_request_size)
+    return await predict(request, pool, body)
+
+
+async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
+    """Run an LMI request (or a chat request, when the body has ``messages``) on ``pool``."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", param="body")
+    body = {k: v for k, v in body.items() if k != "model_name"}
+    state: AppState = request.app.state.lmi
+    if "messages" in body and state.native_chat is not None:
+        return await state.native_chat(request, pool, body)
+    lmi = parse_model(LmiRequest, body)
+    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling())
+    events = state.instrument(pool, generation, "/invocations")
+    if lmi.stream:
+        return await stream_response(events, lambda evs: lmi_lines(evs, lmi), "application/jsonlines")
+    result = await until_disconnected(request, collect(events))
+    return JSONResponse(lmi_result(result, lmi))
+
+
+async def stream_response(
+    events: AsyncIterator[GenerationEvent],
+    render: Any,
+    media_type: str,
+) -> Response:
+    """Start streaming only once the first event exists, so early errors still get a status code."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def replay() -> AsyncIterator[GenerationEvent]:
+        if first is not None:
+            yield first
+        async for event in events:
+            yield event
+
+    async def body() -> AsyncIterator[bytes]:
+        source = replay()
+        try:
+            async for chunk in render(source):
+                yield chunk
+        finally:
+            await source.aclose()
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), media_type=media_type)
+
+
+def _token_json(token: Token, lmi: LmiRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": token.id, "text": token.text, "log_prob": token.log_prob}
+    if token.special:
+        out["special_token"] = True
+    if lmi.parameters.top_n_tokens and token.top_logprobs:
+        out["top_tokens"] = [{"id": i, "text": t, "log_prob": lp} for i, t, lp in token.top_logprobs]
+    return out
+
+
+def _details(finished: Finished, generated: int) -> dict[str, Any]:
+    return {"finish_reason": finished.finish_reason, "generated_tokens": generated, "inputs": finished.prompt}
+
+
+def lmi_result(events: list[GenerationEvent], lmi: LmiRequest) -> dict[str, Any]:
+    tokens = [e for e in events if isinstance(e, Token)]
+    finished = next((e for e in events if isinstance(e, Finished)), None)
+    text = "".join(t.text for t in tokens)
+    if lmi.parameters.return_full_text:
+        text = lmi.inputs + text
+    result: dict[str, Any] = {"generated_text": text}
+    if lmi.parameters.details and finished is not None:
+        details = _details(finished, len(tokens))
+        details["tokens"] = [_token_json(t, lmi) for t in tokens]
+        result["details"] = details
+    return result
+
+
+async def lmi_lines(events: AsyncIterator[GenerationEvent], lmi: LmiRequest) -> AsyncIterator[bytes]:
+    """JSON lines: one ``{"token": ...}`` per token; the last also has ``generated_text``."""
+    texts: list[str] = [lmi.inputs] if lmi.parameters.return_full_text else []
+    held: Token | None = None  # the last token, written together with the Finished that follows it
+    count = 0
+    try:
+        async for event in events:
+            if isinstance(event, Token):
+                count += 1
+                texts.append(event.text)
+                if event.last:
+                    held = event
+                    continue
+                yield _line({"token": _token_json(event, lmi)})
+            elif isinstance(event, Finished):
+                line: dict[str, Any] = {"token": _token_json(held, lmi)} if held else {}
+                line["generated_text"] = "".join(texts)
+                if lmi.parameters.details:
+                    line["details"] = _details(event, count)
+                yield _line(line)
+                return
+    except ServiceError as exc:
+        # Headers are sent: the error becomes the last line, in DJL's shape.
+        yield _line(
+            {
+                "token": {"id": -1, "text": "", "log_prob": -1.0, "special_token": True},
+                "generated_text": "".join(texts),
+                "details": {"finish_reason": "error", "generated_tokens": count},
+                "error": {"code": exc.status, "type": exc.type, "message": str(exc)},
+            }
+        )
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+routes = [
+    Route("/ping", ping, methods=["GET"]),
+    Route("/invocations", invocations, methods=["POST"]),
+    Route("/predictions/{model_name}", predictions, methods=["POST"]),
+    Route("/models/{model_name}/invoke", predictions, methods=["POST"]),
+]

@@ -1,0 +1,118 @@
+"""The worker wire protocol: length-prefixed msgpack frames, multiplexed by request id.
+
+A frame is a 4-byte big-endian length followed by a msgpack map. Every map has ``t`` (the message
+type); request-scoped messages also carry ``id``. Many requests are in flight on one connection and
+their chunks interleave. No pickle, ever: a frame decodes to plain data or raises ``ProtocolError``.
+Standard library and msgpack only: this module is imported by worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+# Server -> worker.
+INIT = "init"  # {"context": WorkerContext}
+REQUEST = "req"  # {"id", "request": GenerationRequest}
+CANCEL = "cancel"  # {"id"}
+PING = "ping"  # {"id"}
+SHUTDOWN = "shutdown"
+# Worker -> server.
+LOADED = "loaded"  # init succeeded
+TOKEN = "tok"  # {"id", "token": [id, text, log_prob, special, top_logprobs]}
+DONE = "done"  # {"id", "finish_reason", "prompt_tokens", "generated_tokens", "prompt"}
+ERROR = "err"  # {"id" (absent for init), "status", "message", "param"}
+PONG = "pong"  # {"id", "stats": EngineStats}
+
+READY_LINE = "lmi-worker listening on"
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded: truncated, oversized, or not a msgpack map."""
+
+
+def encode(message: dict[str, Any], max_size: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Serialize ``message`` into one frame."""
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > max_size:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {max_size}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Deserialize one frame body; anything but a msgpack map with a string ``t`` is an error."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"invalid msgpack frame: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise ProtocolError(f"frame is not a message map: {type(message).__name__}")
+    return message
+
+
+def check_length(length: int, max_size: int) -> None:
+    if length > max_size:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_size}-byte limit")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, iterate the complete messages."""
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._max_size = max_size
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        self._buffer += data
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            check_length(length, self._max_size)
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[HEADER.size : end])
+            del self._buffer[:end]
+            yield decode_body(body)
+
+    def close(self) -> None:
+        """Raise if the stream ended inside a frame."""
+        if self._buffer:
+            raise ProtocolError(f"truncated frame: {len(self._buffer)} bytes left at end of stream")
+
+
+async def read_message(
+    reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME
+) -> dict[str, Any] | None:
+    """Read one message; None at a clean end of stream, ``ProtocolError`` inside a frame."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError(f"truncated frame header: {len(exc.partial)} of 4 bytes") from None
+        return None
+    (length,) = HEADER.unpack(header)
+    check_length(length, max_size)
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(f"truncated frame: {len(exc.partial)} of {length} bytes") from None
+    return decode_body(body)
+
+
+def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
+    """``unix:/path`` -> ("unix", path); ``tcp:host:port`` -> ("tcp", (host, port))."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return "tcp", (host, int(port))
+    raise ValueError(f"bad worker address {address!r}: expected unix:<path> or tcp:<host>:<port>")

@@ -1,0 +1,287 @@
+"""One supervised worker: its process group, its rank connections, health checks and restarts.
+
+A worker is a unit: one process in Python mode, one ``mpirun`` job of N ranks in MPI mode. Any rank
+dying, closing its socket, missing a heartbeat deadline or reporting itself unhealthy fails the whole
+worker: every in-flight request gets a terminal error at once, the process group is killed, and the
+worker starts again unless it has failed more than ``retry_threshold`` times in a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pluggy
+
+from lmi_core import protocol
+from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.connection import RankConnection
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token, WorkerContext
+from lmi_core.errors import EngineRequestError, WorkerFailedError
+from lmi_core.launch import LaunchSpec, WorkerSlot
+from lmi_core.process import WorkerProcess
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "STARTING"
+    READY = "READY"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+class LoadError(WorkerFailedError):
+    """The engine itself refused to load (bad model, missing package): restarting will not help."""
+
+
+class Worker:
+    """A worker of one model, kept alive by its supervisor task."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        server: ServerConfig,
+        slot: WorkerSlot,
+        pm: pluggy.PluginManager,
+        on_change: Callable[[Worker], None] = lambda worker: None,
+    ) -> None:
+        self.model = model
+        self.server = server
+        self.slot = slot
+        self.pm = pm
+        self.on_change = on_change
+        self.state = WorkerState.STARTING
+        self.process: WorkerProcess | None = None
+        self.ranks: list[RankConnection] = []
+        self.in_flight = 0  # counted by the pool, which reserves capacity before dispatch
+        self.restarts = 0
+        self.failures = 0  # consecutive; reset by a request that completes
+        self.last_error: str | None = None
+        self.started_at = time.time()
+        self.last_used = time.monotonic()
+        self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def worker_id(self) -> int:
+        return self.slot.worker_id
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process and self.process.pid else []
+
+    def run(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    def _set_state(self, state: WorkerState) -> None:
+        self.state = state
+        self.on_change(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        retry_threshold = self.model.retry_threshold
+        if retry_threshold is None:
+            retry_threshold = self.server.retry_threshold
+        while True:
+            try:
+                await self._start_once()
+                self._set_state(WorkerState.READY)
+                if not self.first_start.done():
+                    self.first_start.set_result(None)
+                reason = await self._watch()
+            except LoadError as exc:
+                reason = str(exc)
+                self.last_error = reason
+                await self._teardown(reason)
+                self._set_state(WorkerState.FAILED)
+                if not self.first_start.done():
+                    self.first_start.set_exception(exc)
+                return
+            except WorkerFailedError as exc:
+                reason = str(exc)
+            except asyncio.CancelledError:
+                await self._teardown("worker stopped")
+                raise
+            self.last_error = reason
+            await self._teardown(reason)
+            self.failures += 1
+            if self.failures > retry_threshold:
+                logger.error("worker %d failed %d times in a row; giving up: %s", self.worker_id, self.failures, reason)
+                self._set_state(WorkerState.FAILED)
+                if not self.first_start.done():
+                    self.first_start.set_exception(WorkerFailedError(reason))
+                return
+            self.restarts += 1
+            logger.warning("worker %d failed (%s); restarting (%d of %d)", self.worker_id, reason, self.failures, retry_threshold)
+            self._set_state(WorkerState.STARTING)
+            await asyncio.sleep(min(0.5 * self.failures, 5.0))
+
+    async def _start_once(self) -> None:
+        specs: list[LaunchSpec] | None = self.pm.hook.launch_workers(config=self.model, allocation=[self.slot])
+        if not specs:
+            raise LoadError(f"no plugin launches workers for mode {self.model.mode!r}")
+        spec = specs[0]
+        self.process = WorkerProcess(spec)
+        await self.process.start()
+        logger.info("worker %d: started %s pid %s (%d rank(s))", self.worker_id, spec.mode, self.process.pid, len(spec.rank_addresses))
+        deadline = time.monotonic() + self.model.model_loading_timeout
+        process = self.process
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            self.ranks = []
+            for rank, address in enumerate(spec.rank_addresses):
+                connect = RankConnection.connect(rank, address, deadline, alive=lambda: process.returncode is None)
+                self.ranks.append(await self._unless_exited(connect, exited, deadline))
+            context = self._context(len(spec.rank_addresses))
+            for conn in self.ranks:
+                conn.send({"t": protocol.INIT, "context": context.to_wire()})
+            for conn in self.ranks:
+                message = await self._unless_exited(conn.control.get(), exited, deadline)
+                if message["t"] == protocol.ERROR:
+                    raise LoadError(f"model load failed on rank {conn.rank}: {message['message']}")
+        finally:
+            exited.cancel()
+
+    async def _unless_exited(self, awaitable: Any, exited: asyncio.Future[int], deadline: float) -> Any:
+        """Await ``awaitable`` unless the process exits or the load deadline passes first."""
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task, exited}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        assert self.process is not None
+        tail = "\n".join(self.process.tail[-15:])
+        if exited in done:
+            raise WorkerFailedError(f"worker exited with code {exited.result()} while starting:\n{tail}")
+        raise WorkerFailedError(
+            f"worker did not load within option.model_loading_timeout={self.model.model_loading_timeout:g} s:\n{tail}"
+        )
+
+    def _context(self, world_size: int) -> WorkerContext:
+        options = dict(self.model.options)
+        if self.model.dtype:
+            options["dtype"] = self.model.dtype
+        options["trust_remote_code"] = str(self.model.trust_remote_code).lower()
+        tp = self.model.tensor_parallel_degree
+        return WorkerContext(
+            model_id=self.model.model_id,
+            model_dir=self.model.model_dir,
+            backend=self.model.backend,
+            options=options,
+            mode=self.model.mode,
+            world_size=world_size,
+            tensor_parallel_degree=tp if isinstance(tp, int) else world_size,
+            pipeline_parallel_degree=self.model.pipeline_parallel_degree,
+            device="cuda" if self.slot.devices else "cpu",
+            max_batch_size=self.model.max_rolling_batch_size,
+        )
+
+    async def _watch(self) -> str:
+        """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
+        assert self.process is not None
+        watchers = [asyncio.ensure_future(self.process.wait()), asyncio.ensure_future(self._heartbeat())]
+        watchers += [asyncio.ensure_future(conn.closed) for conn in self.ranks]
+        watchers += [asyncio.ensure_future(self._unhealthy(conn)) for conn in self.ranks]
+        try:
+            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+        first = done.pop()
+        result = first.result() if not first.cancelled() and first.exception() is None else first.exception()
+        if first is watchers[0]:
+            return f"worker process exited with code {result}"
+        return str(result)
+
+    async def _heartbeat(self) -> str:
+        interval, timeout = self.server.health_check_interval, self.server.health_check_timeout
+        while True:
+            await asyncio.sleep(interval)
+            for conn in self.ranks:
+                try:
+                    await conn.ping(timeout)
+                except TimeoutError:
+                    return f"rank {conn.rank} did not answer a health check within {timeout:g} s (hung)"
+                except WorkerFailedError as exc:
+                    return str(exc)
+
+    async def _unhealthy(self, conn: RankConnection) -> str:
+        message = await conn.control.get()
+        return f"rank {conn.rank} reported: {message.get('message')}"
+
+    async def _teardown(self, reason: str) -> None:
+        """Fail in-flight requests (via the connections), kill the process group, reap it."""
+        for conn in self.ranks:
+            conn.fail(WorkerFailedError(f"worker {self.worker_id} failed: {reason}"))
+            await conn.close()
+        self.ranks = []
+        if self.process is not None:
+            self.process.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.process.wait(), timeout=5.0)
+
+    async def stop(self) -> None:
+        """Stop for good (scale down, unload, shutdown): no restart."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._set_state(WorkerState.STOPPED)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Send ``request`` to every rank and yield rank 0's events."""
+        if self.state is not WorkerState.READY or not self.ranks:
+            raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
+        ranks = list(self.ranks)
+        rid = request.request_id
+        queue = ranks[0].open_stream(rid)
+        wire = {"t": protocol.REQUEST, "id": rid, "request": request.to_wire()}
+        finished = False
+        try:
+            for conn in ranks:
+                conn.send(wire)
+            while True:
+                message = await queue.get()
+                if isinstance(message, Exception):
+                    raise message
+                kind = message["t"]
+                if kind == protocol.TOKEN:
+                    token_id, text, log_prob, special, top, last = message["token"]
+                    yield Token(token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last)
+                elif kind == protocol.DONE:
+                    finished = True
+                    self.failures = 0
+                    yield Finished(message["finish_reason"], message["prompt_tokens"], message["generated_tokens"], message.get("prompt", ""))
+                    return
+                elif kind == protocol.ERROR:
+                    finished = True
+                    raise EngineRequestError(message["message"], message.get("status", 424), message.get("param"))
+        finally:
+            self.last_used = time.monotonic()
+            ranks[0].close_stream(rid)
+            if not finished:
+                for conn in ranks:
+                    with contextlib.suppress(Exception):
+                        conn.send({"t": protocol.CANCEL, "id": rid})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.worker_id,
+            "status": self.state.value,
+            "pids": self.pids,
+            "devices": list(self.slot.devices),
+            "in_flight": self.in_flight,
+            "restarts": self.restarts,
+            "start_time": self.started_at,
+            "last_error": self.last_error,
+            "ranks": len(self.ranks),
+        }

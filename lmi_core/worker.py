@@ -1,0 +1,269 @@
+"""The worker process: ``python -m lmi_core.worker --socket BASE``.
+
+Binds ``BASE.<rank>`` (rank from the MPI launcher's environment, 0 in Python mode), prints a ready
+line, accepts the server's connection, loads the engine through the ``load_engine`` hook when the
+server sends ``init``, and serves requests concurrently through ``handle_request``. The asyncio loop
+only moves messages: engines compute in their own threads, so heartbeat pings are answered while a
+batch runs. The worker exits when the server's connection closes or the server process dies.
+Standard library, msgpack and pluggy only (plus whatever the engine plugin imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmi_core import protocol
+from lmi_core.engine import (
+    EngineError,
+    EngineStats,
+    Finished,
+    GenerationRequest,
+    Token,
+    WorkerContext,
+)
+from lmi_core.plugins import new_plugin_manager
+
+logger = logging.getLogger("lmi_core.worker")
+
+ACCEPT_TIMEOUT = 120.0
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to kill this process when its parent dies (no orphaned workers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def mpi_rank_and_size() -> tuple[int, int]:
+    """This process's rank and world size, from Open MPI / PMI environment variables."""
+    for rank_var, size_var in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ):
+        if rank_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1"))
+    return 0, 1
+
+
+def token_to_wire(token: Token) -> list[Any]:
+    return [token.id, token.text, token.log_prob, token.special, token.top_logprobs, token.last]
+
+
+class Worker:
+    """Serves one server connection: init, requests, cancels and pings."""
+
+    def __init__(self, rank: int, pm: Any) -> None:
+        self.rank = rank
+        self.pm = pm
+        self.engine: Any = None
+        self.context: WorkerContext | None = None
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.writer: asyncio.StreamWriter | None = None
+        self.load_error: str | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.writer is not None
+        if not self.writer.is_closing():
+            self.writer.write(protocol.encode(message))
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        while True:
+            try:
+                message = await protocol.read_message(reader)
+            except (protocol.ProtocolError, ConnectionError) as exc:
+                logger.error("rank %d: connection error: %s", self.rank, exc)
+                return
+            if message is None:
+                return
+            kind = message["t"]
+            if kind == protocol.PING:
+                self.on_ping(message)
+            elif kind == protocol.REQUEST:
+                self.on_request(message)
+            elif kind == protocol.CANCEL:
+                task = self.tasks.get(message["id"])
+                if task is not None:
+                    task.cancel()
+            elif kind == protocol.INIT:
+                asyncio.get_running_loop().create_task(self.on_init(message))
+            elif kind == protocol.SHUTDOWN:
+                return
+            await writer.drain()
+
+    async def on_init(self, message: dict[str, Any]) -> None:
+        self.context = WorkerContext.from_wire(message["context"])
+        self.context.rank = self.rank
+        try:
+            # Loading takes seconds to minutes: off the loop, so pings are still answered.
+            self.engine = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
+            if self.engine is None:
+                raise EngineError(f"no installed plugin loads backend {self.context.backend!r}")
+        except BaseException as exc:  # a failed load must reach the server, whatever it is
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
+            self.send({"t": protocol.ERROR, "status": 500, "message": self.load_error})
+            return
+        logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
+        self.send({"t": protocol.LOADED, "rank": self.rank})
+
+    def on_ping(self, message: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"t": protocol.PONG, "id": message["id"], "loading": self.engine is None}
+        if self.engine is not None:
+            try:
+                stats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
+            except Exception as exc:
+                self.send({"t": protocol.ERROR, "status": 500, "message": f"engine unhealthy: {exc}"})
+                return
+            reply["stats"] = vars(stats)
+        self.send(reply)
+
+    def on_request(self, message: dict[str, Any]) -> None:
+        rid = message["id"]
+        request = GenerationRequest.from_wire(message["request"])
+        task = asyncio.get_running_loop().create_task(self.run_request(rid, request))
+        self.tasks[rid] = task
+        task.add_done_callback(lambda _: self.tasks.pop(rid, None))
+
+    async def run_request(self, rid: str, request: GenerationRequest) -> None:
+        # In MPI mode every rank runs the request (same batches everywhere); rank 0 answers.
+        answer = self.rank == 0
+        try:
+            if self.engine is None:
+                raise EngineError("engine not loaded", status=503)
+            events: AsyncIterator[Any] = self.pm.hook.handle_request(engine=self.engine, request=request)
+            async for event in events:
+                if not answer:
+                    continue
+                if isinstance(event, Token):
+                    self.send({"t": protocol.TOKEN, "id": rid, "token": token_to_wire(event)})
+                elif isinstance(event, Finished):
+                    self.send({"t": protocol.DONE, "id": rid, **vars(event)})
+                assert self.writer is not None
+                await self.writer.drain()
+        except asyncio.CancelledError:
+            pass  # the server cancelled it and already answered the client
+        except EngineError as exc:
+            if answer:
+                self.send({"t": protocol.ERROR, "id": rid, "status": exc.status, "message": str(exc), "param": exc.param})
+        except Exception as exc:
+            logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
+            if answer:
+                self.send({"t": protocol.ERROR, "id": rid, "status": 424, "message": f"{exc.__class__.__name__}: {exc}"})
+
+    def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.pm.hook.shutdown_engine(engine=self.engine)
+
+
+def bind(address: str) -> socket.socket:
+    kind, target = protocol.parse_address(address)
+    if kind == "unix":
+        assert isinstance(target, str)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # owner-only socket file
+        try:
+            sock.bind(target)
+        finally:
+            os.umask(old)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(target)
+    sock.listen(1)
+    return sock
+
+
+async def run(address: str, parent_pid: int | None, rank: int) -> None:
+    listener = bind(address)
+    print(f"{protocol.READY_LINE} {address} rank {rank} pid {os.getpid()}", flush=True)
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    try:
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT)
+    except TimeoutError:
+        logger.error("rank %d: no server connected within %.0f s; exiting", rank, ACCEPT_TIMEOUT)
+        return
+    finally:
+        listener.close()
+        if address.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                os.unlink(address[5:])
+    if parent_pid is not None:
+        loop.create_task(watch_parent(parent_pid))
+    reader, writer = await asyncio.open_connection(sock=conn)
+    worker = Worker(rank, new_plugin_manager())
+    try:
+        await worker.serve(reader, writer)
+    finally:
+        worker.close()
+
+
+async def watch_parent(parent_pid: int) -> None:
+    """Exit when the launching process is gone (backs up PR_SET_PDEATHSIG across mpirun daemons)."""
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() == 1 or not _alive(parent_pid):
+            logger.error("parent process %d is gone; exiting", parent_pid)
+            os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmi_core.worker")
+    parser.add_argument("--socket", required=True, help="unix socket path prefix; rank r binds PREFIX.r")
+    parser.add_argument("--tcp", help="HOST:PORT: rank r listens on TCP PORT+r instead (multi-node)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process dies")
+    args = parser.parse_args(argv)
+    set_parent_death_signal()
+    rank, _ = mpi_rank_and_size()
+    logging.basicConfig(
+        level=os.environ.get("LMI_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        address = f"tcp:{host}:{int(port) + rank}"
+    else:
+        address = f"unix:{args.socket}.{rank}"
+    try:
+        asyncio.run(run(address, args.parent_pid, rank))
+    except KeyboardInterrupt:
+        pass
+    # Engine threads (torch, vLLM) may not be daemons; the server is gone, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""lmi-hf: the HuggingFace transformers + accelerate engine backend for lmi-core."""

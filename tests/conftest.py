@@ -1,0 +1,115 @@
+"""Shared fixtures: the demo model (built offline once per session) and real server processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded demo model (tiny random Llama + BPE tokenizer), built offline."""
+    from lmi_core.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture
+def model_dir(demo_model: Path, tmp_path: Path) -> Callable[..., Path]:
+    """A model directory with the demo weights and the given ``serving.properties`` lines."""
+
+    def make(name: str = "demo", **properties: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        for item in demo_model.iterdir():
+            if item.name != "serving.properties":
+                (directory / item.name).symlink_to(item)
+        lines = [f"{k.replace('__', '.')}={v}" for k, v in properties.items()]
+        (directory / "serving.properties").write_text("\n".join(lines) + "\n")
+        return directory
+
+    return make
+
+
+class ServerProcess:
+    """A real ``lmi serve`` process on a free port, its log in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmi_core", "serve", "--port", str(self.port), *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``lmi serve ARGS`` with extra env; wait for /ping 200 unless ``wait=False``."""
+    servers: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        full_env = {
+            **os.environ,
+            "SERVING_HEALTH_CHECK_INTERVAL": "0.5",
+            "SERVING_HEALTH_CHECK_TIMEOUT": "3",
+            **(env or {}),
+        }
+        server = ServerProcess(list(args), full_env, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
