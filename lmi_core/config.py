@@ -221,7 +221,8 @@ def build_model_config(
         values.setdefault("name", name)
     values["model_dir"] = model_dir
     values["options"] = options
-    key_of = {f: k for k, f in MODEL_KEYS.items()}
+    # Name the key the user actually wrote (several keys map to one field: maxWorkers, gpu.maxWorkers).
+    key_of = {MODEL_KEYS[k]: k for k in merged if k in MODEL_KEYS}
     try:
         config = ModelConfig.model_validate(values)
     except ValidationError as exc:

@@ -21,8 +21,11 @@ class RankConnection:
     """A connected rank. Messages for a request go to that request's queue; when the connection
     breaks, every open queue gets a ``WorkerFailedError`` at once (no request is left hanging)."""
 
-    def __init__(self, rank: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, rank: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str = ""
+    ) -> None:
         self.rank = rank
+        self.label = label or f"rank {rank}"
         self._reader = reader
         self._writer = writer
         self._streams: dict[str, asyncio.Queue[Message | Exception]] = {}
@@ -35,7 +38,9 @@ class RankConnection:
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def connect(cls, rank: int, address: str, deadline: float, alive: Any) -> RankConnection:
+    async def connect(
+        cls, rank: int, address: str, deadline: float, alive: Any, label: str = ""
+    ) -> RankConnection:
         """Connect to ``address``, retrying until it accepts, ``alive()`` is false or ``deadline``."""
         kind, target = protocol.parse_address(address)
         while True:
@@ -45,7 +50,7 @@ class RankConnection:
                 else:
                     host, port = target  # type: ignore[misc]
                     reader, writer = await asyncio.open_connection(host, port)
-                return cls(rank, reader, writer)
+                return cls(rank, reader, writer, label)
             except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, OSError):
                 if not alive():
                     raise WorkerFailedError(f"rank {rank} exited before it listened on {address}") from None
@@ -80,7 +85,7 @@ class RankConnection:
             self._pings.pop(ping_id, None)
 
     async def _read_loop(self) -> None:
-        error: Exception = WorkerFailedError(f"rank {self.rank} closed its connection")
+        error: Exception = WorkerFailedError(f"{self.label} closed its connection (the process died?)")
         try:
             while True:
                 message = await protocol.read_message(self._reader)
@@ -88,11 +93,11 @@ class RankConnection:
                     break
                 self._dispatch(message)
         except protocol.ProtocolError as exc:
-            error = WorkerFailedError(f"rank {self.rank} sent a bad frame: {exc}")
+            error = WorkerFailedError(f"{self.label} sent a bad frame: {exc}")
         except (ConnectionError, OSError) as exc:
-            error = WorkerFailedError(f"rank {self.rank} connection lost: {exc}")
+            error = WorkerFailedError(f"{self.label}: connection lost: {exc}")
         except asyncio.CancelledError:
-            error = WorkerFailedError(f"rank {self.rank} connection closed by the server")
+            error = WorkerFailedError(f"{self.label}: connection closed by the server")
         self.fail(error)
 
     def _dispatch(self, message: Message) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmi_core.errors import ConfigError
 from lmi_core.hookspecs import hookimpl
 from lmi_core.launch import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
 
@@ -53,29 +54,119 @@ def find_mpirun(python: str | None = None) -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """A port ``base`` such that ``base .. base+count-1`` are free on ``host`` now."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            base = int(sock.getsockname()[1])
+        if base + count <= 65536 and all(_port_free(host, base + i) for i in range(1, count)):
+            return base
+
+
+def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def parse_hosts(hosts: str) -> list[str]:
+    """Open MPI ``--host`` syntax (``h1:2,h2:2``; a repeated name is one more slot) -> one entry per slot."""
+    slots: list[str] = []
+    for item in filter(None, (h.strip() for h in hosts.split(","))):
+        name, _, count = item.partition(":")
+        if not name or (count and not count.isdigit()):
+            raise ConfigError(
+                "option.mpi_hosts", hosts, "HOST[:SLOTS][,HOST[:SLOTS]...] such as node1:4,node2:4"
+            )
+        slots += [name] * int(count or 1)
+    return slots
+
+
+def parse_hostfile(path: str) -> list[str]:
+    """An Open MPI hostfile (``HOST slots=N`` lines, ``#`` comments) -> one entry per slot."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("option.mpi_hostfile", path, f"a readable hostfile ({exc.strerror})") from None
+    slots: list[str] = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        counts = [f.partition("=")[2] for f in fields[1:] if f.startswith("slots=")]
+        if len(counts) != 1 or not counts[0].isdigit():
+            raise ConfigError("option.mpi_hostfile", path, f"'HOST slots=N' lines (got {line.strip()!r})")
+        slots += [fields[0]] * int(counts[0])
+    return slots
+
+
+def rank_hosts(config: ModelConfig) -> list[str] | None:
+    """The host of each rank when ranks run on other hosts (``option.mpi_hosts``/``mpi_hostfile``).
+
+    ``--map-by slot`` fills each host's slots in list order, so rank r runs on the r-th slot; the
+    server connects to ``host(r):PORT+r``. None: every rank on this host, Unix sockets.
+    """
+    if config.mpi_hostfile:
+        key, value, slots = "option.mpi_hostfile", config.mpi_hostfile, parse_hostfile(config.mpi_hostfile)
+    elif config.mpi_hosts:
+        key, value, slots = "option.mpi_hosts", config.mpi_hosts, parse_hosts(config.mpi_hosts)
+    else:
+        return None
+    if len(slots) < config.world_size:
+        raise ConfigError(
+            key, value, f"at least {config.world_size} slots (tp x pp ranks); it lists {len(slots)}"
+        )
+    return slots[: config.world_size]
+
+
+@hookimpl
+def validate_config(config: ModelConfig) -> None:
+    if config.mode == "mpi":
+        rank_hosts(config)
+
+
+# Passed to every rank with -x: ranks on other hosts get no other variable of the server's environment.
+FORWARDED_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PYTHONPATH",
+    "PYTHONUNBUFFERED",
+    "OMP_NUM_THREADS",
+)
+FORWARDED_PREFIXES = ("LMI_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "TORCH_")
 
 
 def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
-    """MPI mode: ``mpirun -np tp*pp`` ranks, each binding its own socket ``<base>.<rank>``."""
+    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
     ranks = config.world_size
-    master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    env = worker_env(slot, {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_port())})
+    hosts = rank_hosts(config)
+    master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+    env = worker_env(slot, {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())})
     argv = [find_mpirun(config.python_executable), "-np", str(ranks), "--bind-to", "none", "--tag-output"]
+    # No fabric probing (--mca btl ^ofi saves ~1 s per start); more ranks than cores is allowed.
     argv += ["--oversubscribe", "--mca", "btl", "^ofi"]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
-    for name in ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "OMP_NUM_THREADS", "LMI_LOG_LEVEL"):
-        if name in env:
+    if config.mpi_hostfile:
+        argv += ["--hostfile", config.mpi_hostfile, "--map-by", "slot"]
+    elif config.mpi_hosts:
+        argv += ["--host", config.mpi_hosts, "--map-by", "slot"]
+    for name in sorted(env):
+        if name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES):
             argv += ["-x", name]
-    argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
+    if hosts is None:
+        argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
+        addresses = [unix_address(slot.socket_base, r) for r in range(ranks)]
+    else:
+        # The server's pid means nothing on another host: remote ranks die with their Open MPI daemon.
+        port = free_ports(ranks, "0.0.0.0")
+        argv += worker_argv(config.python_executable, slot.socket_base, "--tcp", f"0.0.0.0:{port}")
+        addresses = [f"tcp:{host}:{port + r}" for r, host in enumerate(hosts)]
     return LaunchSpec(
-        argv=argv,
-        env=env,
-        rank_addresses=[unix_address(slot.socket_base, r) for r in range(ranks)],
-        mode="mpi",
-        label=f"{config.name}/w{slot.worker_id}",
+        argv=argv, env=env, rank_addresses=addresses, mode="mpi", label=f"{config.name}/w{slot.worker_id}"
     )

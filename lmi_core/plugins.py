@@ -22,7 +22,9 @@ ENTRY_POINT_GROUP = "lmi"
 def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh plugin manager with the built-in plugins and every installed ``lmi`` entry point.
 
-    ``LMI_PLUGINS`` (comma list of entry-point names) restricts which installed plugins load.
+    ``LMI_PLUGINS`` (comma list of entry-point names) restricts which installed plugins load;
+    ``LMI_EXTRA_PLUGINS`` (comma list of importable modules) adds plugins that are not installed,
+    in the server and in its workers alike (workers inherit the environment).
     """
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
@@ -35,6 +37,9 @@ def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         else:
             for name in filter(None, (n.strip() for n in allowed.split(","))):
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+    for module in filter(None, (m.strip() for m in os.environ.get("LMI_EXTRA_PLUGINS", "").split(","))):
+        if pm.get_plugin(module) is None:
+            pm.register(importlib.import_module(module), name=module)
     if os.environ.get("LMI_TRACE_HOOKS"):
         pm.add_hookcall_monitoring(
             lambda hook, impls, kwargs: logger.debug("hook %s -> %s", hook, [i.plugin_name for i in impls]),

@@ -1,9 +1,17 @@
-"""One model's worker pool: bounded queue, least-loaded dispatch, scaling, readiness.
+"""One model's worker pool: bounded FIFO queue, least-loaded dispatch, scaling, readiness.
 
 Each worker takes up to ``option.max_rolling_batch_size`` requests at once (the engine batches
-them); requests beyond that wait here, at most ``job_queue_size`` of them, and a request beyond that
-is refused with 503 at once. Accepted requests are never dropped: they get a worker, or a terminal
-error naming why not.
+them); requests beyond that wait here in arrival order, at most ``job_queue_size`` of them, and a
+request beyond that is refused with 503 at once. Accepted requests are never dropped: they get a
+worker, or a terminal error naming why not.
+
+Scaling: ``min_workers`` workers start at load and are kept (a FAILED worker is replaced after a
+back-off that doubles while replacements keep failing); while requests wait and no worker is
+starting, one more starts, up to ``max_workers``; a worker idle longer than ``max_idle_time``
+retires while more than ``min_workers`` remain. Every decision is taken in ``_reconcile``, which
+never awaits, so the scaler, ``resize`` and dispatch cannot interleave halfway through one. A
+retiring worker gets no new request, finishes its in-flight ones (up to ``drain_timeout``), then
+stops; its device group is free again only once its process is gone. Worker ids are never reused.
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pluggy
 
 from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.devices import AllocationPlan, DeviceGroup
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError
 from lmi_core.launch import WorkerSlot
@@ -29,6 +39,21 @@ logger = logging.getLogger(__name__)
 # (model name, event name, value) callbacks for metrics.
 Observer = Callable[[str, str, float], None]
 
+# How often the scaler looks at idle workers and due replacements when nothing else wakes it.
+SCALE_INTERVAL = 1.0
+# Back-off before replacing a FAILED worker: doubles per failure, reset when a worker turns READY.
+REPLACE_BACKOFF_MIN = 1.0
+REPLACE_BACKOFF_MAX = 60.0
+# Poll period while waiting for in-flight requests to finish (draining) or workers to settle.
+POLL = 0.05
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # A worker's failed first start is reported by its state; mark the exception seen so asyncio
+    # does not log it as never retrieved when nobody awaits ``first_start`` (scaled-up workers).
+    if not future.cancelled():
+        future.exception()
+
 
 class WorkerPool:
     """The workers of one model and the queue in front of them."""
@@ -38,128 +63,256 @@ class WorkerPool:
         config: ModelConfig,
         server: ServerConfig,
         pm: pluggy.PluginManager,
-        slots: Sequence[WorkerSlot],
-        min_workers: int,
-        max_workers: int,
+        plan: AllocationPlan,
+        socket_prefix: str,
         observe: Observer = lambda model, event, value: None,
     ) -> None:
         self.config = config
         self.server = server
         self.pm = pm
-        self.slots = list(slots)
-        self.min_workers = min_workers
-        self.max_workers = max_workers
+        self.socket_prefix = socket_prefix
         self.observe = observe
+        self.groups: tuple[DeviceGroup, ...] = plan.groups
+        self.threads = plan.threads_per_worker
+        self.min_workers = plan.min_workers
+        self.max_workers = plan.max_workers
         self.workers: dict[int, Worker] = {}
-        self.waiting = 0
         self.queue_size = config.job_queue_size or server.job_queue_size
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
+        self.last_failure: str | None = None
+        self._queue: deque[asyncio.Future[Worker]] = deque()
+        self._retiring: dict[int, asyncio.Task[None]] = {}
+        self._idle_since: dict[int, float] = {}
+        self._next_id = 0
+        self._replace_at = 0.0
+        self._backoff = REPLACE_BACKOFF_MIN
         self._changed = asyncio.Event()
         self._closing = False
         self._scaler: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a worker."""
+        return len(self._queue)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def devices(self) -> set[str]:
+        """Every device this model holds or may scale onto: other models keep off them."""
+        held = {d for w in self.workers.values() for d in w.slot.devices}
+        return held | {d for g in self.groups for d in g.devices}
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start ``min_workers`` workers and wait until each has loaded or failed."""
-        workers = [self._add_worker() for _ in range(self.min_workers)]
-        self._scaler = asyncio.get_running_loop().create_task(self._scale_loop())
-        results = await asyncio.gather(*(w.first_start for w in workers), return_exceptions=True)
+        """Start ``min_workers`` workers and wait until each has loaded or failed; raise if none loaded."""
+        self._reconcile()
+        first = list(self.workers.values())
+        results = await asyncio.gather(*(w.first_start for w in first), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
-        if errors and len(errors) == len(workers):
+        if errors and len(errors) == len(first):
             raise errors[0]
+        # Only now: a worker failing during the first load must fail the load, not be replaced.
+        self._scaler = asyncio.get_running_loop().create_task(self._scale_loop())
 
-    def _add_worker(self) -> Worker:
-        used = set(self.workers)
-        slot = next(s for s in self.slots if s.worker_id not in used)
+    async def resize(self, plan: AllocationPlan, wait: bool = True) -> None:
+        """Adopt new worker bounds and device groups; start or retire workers to fit them.
+
+        With ``wait``, return once no worker is starting or retiring any more.
+        """
+        if self._closing:
+            raise ModelNotReadyError(f"model {self.name} is shutting down")
+        self.groups, self.threads = plan.groups, plan.threads_per_worker
+        self.min_workers, self.max_workers = plan.min_workers, plan.max_workers
+        self._reconcile()
+        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self.workers.values())):
+            await asyncio.sleep(POLL)
+
+    async def stop(self) -> None:
+        """Refuse new requests, let queued and in-flight ones finish (up to ``drain_timeout``), stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        self._closing = True
+        if self._scaler is not None:
+            self._scaler.cancel()
+        deadline = time.monotonic() + self.server.drain_timeout
+        # Only a serving pool can drain; a loading or failed one stops at once.
+        while (
+            (self._queue or any(w.in_flight for w in self.workers.values()))
+            and self.status == "READY"
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(POLL)
+        self._fail_waiting(f"model {self.name} was unloaded")
+        for worker in list(self.workers.values()):
+            if worker.worker_id not in self._retiring:
+                self._retire(worker, deadline)
+        await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+
+    # -- scaling -----------------------------------------------------------------------------------
+
+    def _serving(self) -> list[Worker]:
+        """Workers that count toward the bounds: neither retiring nor FAILED."""
+        return [
+            w for w in self.workers.values() if w.worker_id not in self._retiring and w.state is not WorkerState.FAILED
+        ]
+
+    def _free_group(self) -> DeviceGroup | None:
+        """A device group no worker holds (a retiring worker holds its group until it has stopped)."""
+        if len(self.workers) >= len(self.groups):
+            return None
+        held = {d for w in self.workers.values() for d in w.slot.devices}
+        return next((g for g in self.groups if held.isdisjoint(g.devices)), None)
+
+    def _add_worker(self, group: DeviceGroup) -> Worker:
+        worker_id = self._next_id
+        self._next_id += 1
+        slot = WorkerSlot(worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads)
         worker = Worker(self.config, self.server, slot, self.pm, on_change=self._on_worker_change)
-        self.workers[slot.worker_id] = worker
+        worker.first_start.add_done_callback(_retrieve)
+        self.workers[worker_id] = worker
+        self._idle_since[worker_id] = time.monotonic()
         worker.run()
         return worker
 
+    def _retire(self, worker: Worker, deadline: float | None = None) -> None:
+        """Give ``worker`` no new request; stop it once its in-flight ones finish (or at ``deadline``)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.server.drain_timeout
+        task = asyncio.get_running_loop().create_task(self._drain_and_stop(worker, deadline))
+        self._retiring[worker.worker_id] = task
+
+    async def _drain_and_stop(self, worker: Worker, deadline: float) -> None:
+        try:
+            while worker.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(POLL)
+            await worker.stop()
+        finally:
+            if not worker.first_start.done():  # unblocks start() when a loading model is unloaded
+                worker.first_start.set_exception(ModelNotReadyError(f"worker {worker.worker_id} stopped while loading"))
+            del self.workers[worker.worker_id]
+            del self._retiring[worker.worker_id]
+            self._idle_since.pop(worker.worker_id, None)
+            self._dispatch()
+            self._changed.set()
+
     def _on_worker_change(self, worker: Worker) -> None:
+        now = time.monotonic()
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe(self.name, "worker_restart", 1)
+        elif worker.state is WorkerState.READY:
+            self._idle_since[worker.worker_id] = now
+            self._backoff = REPLACE_BACKOFF_MIN
+        elif worker.state is WorkerState.FAILED:
+            self.last_failure = worker.last_error
+            self._replace_at = now + self._backoff
+            self._backoff = min(2 * self._backoff, REPLACE_BACKOFF_MAX)
+        self._dispatch()
         self._changed.set()
 
-    async def _remove_worker(self, worker: Worker) -> None:
-        self.workers.pop(worker.worker_id, None)
-        await worker.stop()
-
-    async def scale(self, min_workers: int, max_workers: int) -> None:
-        """Change the worker bounds; start or stop workers to fit them."""
-        self.min_workers, self.max_workers = min_workers, max_workers
-        while len(self.workers) < min_workers:
-            self._add_worker()
-        idle = sorted(self.workers.values(), key=lambda w: (w.in_flight, -w.worker_id))
-        for worker in idle[: max(0, len(self.workers) - max_workers)]:
-            await self._drain_and_stop(worker)
-        self._changed.set()
-
-    async def _drain_and_stop(self, worker: Worker, timeout: float | None = None) -> None:
-        worker.draining = True  # type: ignore[attr-defined]
-        deadline = time.monotonic() + (self.server.drain_timeout if timeout is None else timeout)
-        while worker.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self._remove_worker(worker)
+    def _reconcile(self) -> None:
+        """Fit the workers to the bounds and the load. Never awaits, so decisions cannot interleave."""
+        now = time.monotonic()
+        may_start = now >= self._replace_at  # no new worker while a failure's back-off runs
+        if may_start:
+            for worker in self.workers.values():
+                if worker.state is WorkerState.FAILED and worker.worker_id not in self._retiring:
+                    self._retire(worker)  # frees its device group for the replacement below
+        serving = self._serving()
+        # Above max_workers (after a resize): retire starting workers first, then the least loaded.
+        surplus = sorted(serving, key=lambda w: (w.state is WorkerState.READY, w.in_flight, -w.worker_id))
+        for worker in surplus[: max(0, len(serving) - self.max_workers)]:
+            self._retire(worker)
+            serving.remove(worker)
+        while may_start and len(serving) < self.min_workers and (group := self._free_group()) is not None:
+            serving.append(self._add_worker(group))
+        starting = any(w.state is WorkerState.STARTING for w in serving)
+        if self._queue:
+            if may_start and not starting and len(serving) < self.max_workers:
+                group = self._free_group()
+                if group is not None:
+                    logger.info("model %s: %d request(s) waiting; adding a worker", self.name, len(self._queue))
+                    self._add_worker(group)
+            return
+        idle = [
+            w
+            for w in serving
+            if w.state is WorkerState.READY
+            and w.in_flight == 0
+            and now - self._idle_since[w.worker_id] > self.config.max_idle_time
+        ]
+        # Youngest first: dispatch prefers low ids, so the oldest workers stay warm.
+        for worker in sorted(idle, key=lambda w: -w.worker_id)[: max(0, len(serving) - self.min_workers)]:
+            logger.info("model %s: retiring worker %d (idle)", self.name, worker.worker_id)
+            self._retire(worker)
 
     async def _scale_loop(self) -> None:
-        """Add a worker while requests wait; retire workers idle longer than ``max_idle_time``."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+                await asyncio.wait_for(self._changed.wait(), timeout=SCALE_INTERVAL)
             self._changed.clear()
-            live = [w for w in self.workers.values() if w.state is not WorkerState.FAILED]
-            starting = any(w.state is WorkerState.STARTING for w in live)
-            if self.waiting and not starting and len(self.workers) < self.max_workers:
-                logger.info("model %s: %d request(s) waiting; adding a worker", self.name, self.waiting)
-                self._add_worker()
-            now = time.monotonic()
-            for worker in list(self.workers.values()):
-                idle = worker.in_flight == 0 and now - worker.last_used > self.config.max_idle_time
-                if idle and len(self.workers) > self.min_workers and worker.state is WorkerState.READY:
-                    logger.info("model %s: retiring idle worker %d", self.name, worker.worker_id)
-                    await self._remove_worker(worker)
-
-    async def stop(self) -> None:
-        """Drain in-flight requests (up to the drain timeout), then stop every worker."""
-        self._closing = True
-        self._changed.set()
-        if self._scaler is not None:
-            self._scaler.cancel()
-        await asyncio.gather(*(self._drain_and_stop(w) for w in list(self.workers.values())))
+            try:
+                self._reconcile()
+            except Exception:  # a bug here must not silently end scaling for good
+                logger.exception("model %s: scaling failed", self.name)
 
     # -- status ------------------------------------------------------------------------------------
 
     @property
     def status(self) -> str:
         """``READY``, ``PENDING`` (no worker loaded yet), ``FAILED`` (no worker can serve)."""
-        states = [w.state for w in self.workers.values()]
-        if WorkerState.READY in states:
+        serving = self._serving()
+        if any(w.state is WorkerState.READY for w in serving):
             return "READY"
-        if WorkerState.STARTING in states:
+        if any(w.state is WorkerState.STARTING for w in serving):
             return "PENDING"
-        return "FAILED"
+        failed = any(w.state is WorkerState.FAILED for w in self.workers.values())
+        # Scaled to zero (min_workers=0): a request starts a worker.
+        return "READY" if not serving and self.min_workers == 0 and not failed else "FAILED"
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for w in self._serving() if w.state is WorkerState.READY)
 
     def describe(self) -> dict[str, Any]:
+        """The pool's state: bounds, queue, and every worker with its devices, pids and threads."""
         return {
             "modelName": self.name,
             "modelUrl": self.config.model_dir or self.config.model_id,
             "status": self.status,
             "backend": self.config.backend,
             "mode": self.config.mode,
+            "tensorParallelDegree": self.config.tensor_parallel_degree,
+            "pipelineParallelDegree": self.config.pipeline_parallel_degree,
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
+            "maxIdleSeconds": self.config.max_idle_time,
             "queueSize": self.queue_size,
             "requestInQueue": self.waiting,
             "maxRollingBatchSize": self.capacity,
             "loadedAt": self.loaded_at,
-            "workers": [w.describe() for w in self.workers.values()],
+            "lastFailure": self.last_failure,
+            "workers": [
+                {
+                    **w.describe(),
+                    # DJL's name for a worker that is being scaled down.
+                    "status": "UNLOADING" if w.worker_id in self._retiring else w.state.value,
+                    "threads": w.slot.threads,
+                }
+                for w in self.workers.values()
+            ],
         }
 
     def engine_stats(self) -> list[dict[str, Any]]:
@@ -169,38 +322,67 @@ class WorkerPool:
     # -- requests ----------------------------------------------------------------------------------
 
     def _pick(self) -> Worker | None:
+        """The least-loaded ready worker with free capacity; ties go to the oldest worker."""
         ready = [
             w
             for w in self.workers.values()
-            if w.state is WorkerState.READY and w.in_flight < self.capacity and not getattr(w, "draining", False)
+            if w.state is WorkerState.READY and w.worker_id not in self._retiring and w.in_flight < self.capacity
         ]
-        return min(ready, key=lambda w: (w.in_flight, w.worker_id)) if ready else None
+        return min(ready, key=lambda w: (w.in_flight, w.worker_id), default=None)
+
+    def _dispatch(self) -> None:
+        """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
+        while self._queue and (worker := self._pick()) is not None:
+            worker.in_flight += 1
+            self._queue.popleft().set_result(worker)
+        if self._queue and self.status == "FAILED":
+            self._fail_waiting(f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})")
+
+    def _fail_waiting(self, message: str) -> None:
+        while self._queue:
+            self._queue.popleft().set_exception(ModelNotReadyError(message))
+
+    def _release(self, worker: Worker) -> None:
+        worker.in_flight -= 1
+        if worker.in_flight == 0:
+            self._idle_since[worker.worker_id] = time.monotonic()
+        self._dispatch()
+        self._changed.set()
+
+    def _abandon(self, future: asyncio.Future[Worker]) -> None:
+        """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._release(future.result())  # it was handed a worker just as it gave up
+            return
+        future.cancel()
+        with contextlib.suppress(ValueError):
+            self._queue.remove(future)
 
     async def _acquire(self, deadline: float) -> Worker:
+        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order."""
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
-        worker = self._pick()
-        if worker is None:
-            if self.waiting >= self.queue_size:
-                raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
-            self.waiting += 1
-            self._changed.set()
-            try:
-                while (worker := self._pick()) is None:
-                    if self.status == "FAILED" or self._closing:
-                        raise ModelNotReadyError(f"model {self.name} has no worker that can serve ({self.status})")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise RequestTimeoutError(
-                            f"request waited longer than option.predict_timeout={self.config.predict_timeout:g} s"
-                        )
-                    self._changed.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
-            finally:
-                self.waiting -= 1
-        worker.in_flight += 1
-        return worker
+        if not self._queue and (worker := self._pick()) is not None:
+            worker.in_flight += 1
+            return worker
+        if self.status == "FAILED":
+            raise ModelNotReadyError(f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})")
+        if len(self._queue) >= self.queue_size:
+            raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
+        future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        self._queue.append(future)
+        self._changed.set()  # the scaler may add a worker
+        try:
+            await asyncio.wait({future}, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            self._abandon(future)
+            raise
+        if not future.done():
+            self._abandon(future)
+            raise RequestTimeoutError(
+                f"request waited longer than option.predict_timeout={self.config.predict_timeout:g} s"
+            )
+        return future.result()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Queue ``request``, run it on the least-loaded ready worker, yield its events."""
@@ -223,8 +405,7 @@ class WorkerPool:
                 yield event
         finally:
             await events.aclose()
-            worker.in_flight -= 1
-            self._changed.set()
+            self._release(worker)
 
 
 def new_request_id() -> str:

@@ -40,7 +40,10 @@ class ProtocolError(Exception):
 
 def encode(message: dict[str, Any], max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     """Serialize ``message`` into one frame."""
-    body = msgpack.packb(message, use_bin_type=True)
+    try:
+        body = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"message cannot be encoded: {exc}") from None
     if len(body) > max_size:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the {max_size}-byte limit")
     return HEADER.pack(len(body)) + body

@@ -54,6 +54,7 @@ class ModelServer:
         self.observe = observe
         self.pools: dict[str, WorkerPool] = {}
         self.loading: dict[str, ModelConfig] = {}
+        self.pending: set[str] = set()  # startup models not yet being loaded: /ping must not say 200
         self.failed: dict[str, str] = {}
         self._own_runtime_dir = server.runtime_dir is None
         # Private 0700 directory for the worker sockets (mkdtemp creates it owner-only).
@@ -96,10 +97,18 @@ class ModelServer:
         """Resolve, allocate and start ``config``; raise if no worker could load it."""
         if config.name in self.pools or config.name in self.loading:
             raise ServiceError(f"model {config.name!r} is already registered", status=409, type="ConflictException")
+        try:
+            return await self._load(config)
+        except Exception as exc:
+            self.failed[config.name] = str(exc)
+            raise
+        finally:
+            self.pending.discard(config.name)
+
+    async def _load(self, config: ModelConfig) -> WorkerPool:
         resolve_model(config, self.pm)
         slots, min_workers, max_workers = await self.plan(config)
         pool = WorkerPool(config, self.server, self.pm, slots, min_workers, max_workers, self.observe)
-        self.loading[config.name] = config
         self.failed.pop(config.name, None)
         logger.info(
             "loading model %s: backend=%s mode=%s workers=%d..%d ranks/worker=%d",
@@ -107,12 +116,12 @@ class ModelServer:
         )
         started = time.monotonic()
         progress = asyncio.get_running_loop().create_task(self._progress(config.name, started))
+        self.loading[config.name] = config
         self.pools[config.name] = pool
         try:
             await pool.start()
-        except BaseException as exc:
+        except BaseException:
             self.pools.pop(config.name, None)
-            self.failed[config.name] = str(exc)
             await pool.stop()
             raise
         finally:
@@ -145,7 +154,7 @@ class ModelServer:
 
     def status(self) -> dict[str, Any]:
         statuses = {name: pool.status for name, pool in self.pools.items()}
-        statuses.update({name: "PENDING" for name in self.loading if name not in statuses})
+        statuses.update({name: "PENDING" for name in self.loading | dict.fromkeys(self.pending) if name not in statuses})
         statuses.update({name: "FAILED" for name in self.failed})
         return statuses
 

@@ -137,17 +137,25 @@ class Worker:
         try:
             self.ranks = []
             for rank, address in enumerate(spec.rank_addresses):
-                connect = RankConnection.connect(rank, address, deadline, alive=lambda: process.returncode is None)
+                label = f"model {self.model.name} worker {self.worker_id} rank {rank}"
+                connect = RankConnection.connect(
+                    rank, address, deadline, alive=lambda: process.returncode is None, label=label
+                )
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
             context = self._context(len(spec.rank_addresses))
             for conn in self.ranks:
                 conn.send({"t": protocol.INIT, "context": context.to_wire()})
-            for conn in self.ranks:
-                message = await self._unless_exited(conn.control.get(), exited, deadline)
-                if message["t"] == protocol.ERROR:
-                    raise LoadError(f"model load failed on rank {conn.rank}: {message['message']}")
+            # All ranks at once, failing on the first error: a rank that fails may leave the others
+            # blocked in a collective (the torch.distributed rendezvous) that never completes.
+            loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
+            await self._unless_exited(loaded, exited, deadline)
         finally:
             exited.cancel()
+
+    async def _loaded(self, conn: RankConnection) -> None:
+        message = await conn.control.get()
+        if message["t"] == protocol.ERROR:
+            raise LoadError(f"model load failed on rank {conn.rank}: {message['message']}")
 
     async def _unless_exited(self, awaitable: Any, exited: asyncio.Future[int], deadline: float) -> Any:
         """Await ``awaitable`` unless the process exits or the load deadline passes first."""
@@ -269,9 +277,10 @@ class Worker:
             self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:
-                for conn in ranks:
-                    with contextlib.suppress(Exception):
-                        conn.send({"t": protocol.CANCEL, "id": rid})
+                # Rank 0 alone: in MPI mode it decides cancellations and tells the other ranks in
+                # its step plan; a follower that cancelled on its own would leave the batches.
+                with contextlib.suppress(Exception):
+                    ranks[0].send({"t": protocol.CANCEL, "id": rid})
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -193,10 +193,14 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
-async def run(address: str, parent_pid: int | None, rank: int) -> None:
+async def run(address: str, parent_pid: int | None, rank: int, parent: int) -> None:
     listener = bind(address)
-    print(f"{protocol.READY_LINE} {address} rank {rank} pid {os.getpid()}", flush=True)
+    # The host names a rank on another node in the server log (its address may be 0.0.0.0).
+    host = socket.gethostname()
+    print(f"{protocol.READY_LINE} {address} rank {rank} host {host} pid {os.getpid()}", flush=True)
     loop = asyncio.get_running_loop()
+    # From the start: a server that dies before it connects must not leave this rank waiting.
+    watcher = loop.create_task(watch_parent(parent_pid, parent))
     listener.setblocking(False)
     try:
         conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT)
@@ -208,8 +212,6 @@ async def run(address: str, parent_pid: int | None, rank: int) -> None:
         if address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 os.unlink(address[5:])
-    if parent_pid is not None:
-        loop.create_task(watch_parent(parent_pid))
     reader, writer = await asyncio.open_connection(sock=conn)
     worker = Worker(rank, new_plugin_manager())
     try:
@@ -218,12 +220,14 @@ async def run(address: str, parent_pid: int | None, rank: int) -> None:
         worker.close()
 
 
-async def watch_parent(parent_pid: int) -> None:
-    """Exit when the launching process is gone (backs up PR_SET_PDEATHSIG across mpirun daemons)."""
+async def watch_parent(parent_pid: int | None, parent: int) -> None:
+    """Exit when the server (``parent_pid``) or the launching process (``parent``, mpirun's daemon for
+    a rank) is gone: backs up PR_SET_PDEATHSIG. An orphan is re-parented to init or to a subreaper,
+    so a changed parent pid is the sign, not a parent pid of 1."""
     while True:
         await asyncio.sleep(1.0)
-        if os.getppid() == 1 or not _alive(parent_pid):
-            logger.error("parent process %d is gone; exiting", parent_pid)
+        if os.getppid() != parent or (parent_pid is not None and not _alive(parent_pid)):
+            logger.error("parent process %s is gone; exiting", parent_pid or parent)
             os._exit(1)
 
 
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, help="exit when this process dies")
     args = parser.parse_args(argv)
     set_parent_death_signal()
+    parent = os.getppid()
     rank, _ = mpi_rank_and_size()
     logging.basicConfig(
         level=os.environ.get("LMI_LOG_LEVEL", "INFO").upper(),
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         address = f"unix:{args.socket}.{rank}"
     try:
-        asyncio.run(run(address, args.parent_pid, rank))
+        asyncio.run(run(address, args.parent_pid, rank, parent))
     except KeyboardInterrupt:
         pass
     # Engine threads (torch, vLLM) may not be daemons; the server is gone, so leave now.

@@ -20,6 +20,41 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        table[int(entry.name)] = (ppid, cmdline)
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` with its command line."""
+    table = process_table()
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, cmdline) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = cmdline
+                frontier.append(child)
+    return found
+
+
+def processes_matching(text: str) -> dict[int, str]:
+    """Live processes whose command line contains ``text`` (zombies have none)."""
+    return {pid: cmd for pid, (_, cmd) in process_table().items() if text in cmd}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,6 +101,10 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def worker_pids(self) -> list[int]:
+        """Processes running ``lmi_core.worker`` under this server (ranks included)."""
+        return sorted(p for p, cmd in descendants(self.proc.pid).items() if "lmi_core.worker" in cmd and "mpirun" not in cmd)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -71,6 +71,7 @@ def create_app(
     """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
     server = server or ModelServer(config)
     state = AppState(config=config, server=server, startup_models=list(models or []))
+    server.pending.update(model.name for model in state.startup_models)
 
     async def load_startup_models() -> None:
         for model in state.startup_models:

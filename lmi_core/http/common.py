@@ -1,14 +1,16 @@
-"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect."""
+"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect, streaming."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lmi_core.errors import QueueFullError, ServiceError
 from lmi_core.http.protocol import BadRequest
@@ -54,8 +56,12 @@ def error_response(exc: ServiceError) -> JSONResponse:
     param = getattr(exc, "param", None)
     if param:
         body["param"] = param
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
+
+
+def error_headers(exc: ServiceError) -> dict[str, str] | None:
+    """``Retry-After`` on a full queue: the client should come back, not give up."""
+    return {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -74,6 +80,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task in done:
         return task.result()
     task.cancel()
+    await asyncio.wait({task})  # its cleanup (the engine-side cancel) is done when we return
     raise ClientDisconnected()
 
 
@@ -86,3 +93,54 @@ async def collect(events: AsyncIterator[T]) -> list[T]:
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     return out
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that always closes its body, whether it ended, failed or the client left.
+
+    Starlette leaves the body generator suspended when the client disconnects between two chunks;
+    closing it here runs its ``finally`` at once, which cancels the generation in the engine.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+async def stream_response(
+    request: Request,
+    events: AsyncIterator[T],
+    render: Callable[[AsyncIterator[T]], AsyncIterator[bytes]],
+    media_type: str,
+) -> Response:
+    """Start streaming only once the first event exists, so early errors still get a status code.
+
+    A client that disconnects before the first event, or at any point after, cancels ``events``.
+    """
+    try:
+        first = await until_disconnected(request, anext(events))
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def replay() -> AsyncIterator[T]:
+        if first is not None:
+            yield first
+        async for event in events:
+            yield event
+
+    async def body() -> AsyncIterator[bytes]:
+        source = replay()
+        try:
+            async with contextlib.aclosing(render(source)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await source.aclose()
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return ClosingStreamingResponse(body(), media_type=media_type)

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ServiceError
-from lmi_core.http.common import collect, read_json, until_disconnected
+from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.protocol import BadRequest, LmiRequest, parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
@@ -77,41 +77,9 @@ async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling())
     events = state.instrument(pool, generation, "/invocations")
     if lmi.stream:
-        return await stream_response(events, lambda evs: lmi_lines(evs, lmi), "application/jsonlines")
+        return await stream_response(request, events, lambda evs: lmi_lines(evs, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))
     return JSONResponse(lmi_result(result, lmi))
-
-
-async def stream_response(
-    events: AsyncIterator[GenerationEvent],
-    render: Any,
-    media_type: str,
-) -> Response:
-    """Start streaming only once the first event exists, so early errors still get a status code."""
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
-        raise
-
-    async def replay() -> AsyncIterator[GenerationEvent]:
-        if first is not None:
-            yield first
-        async for event in events:
-            yield event
-
-    async def body() -> AsyncIterator[bytes]:
-        source = replay()
-        try:
-            async for chunk in render(source):
-                yield chunk
-        finally:
-            await source.aclose()
-            await events.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type=media_type)
 
 
 def _token_json(token: Token, lmi: LmiRequest) -> dict[str, Any]:

@@ -102,6 +102,8 @@ class HFEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple[Emit, GenerationEvent | EngineError]] = []
+        # Follower ranks: ids rank 0 cancelled before this rank's copy of the request arrived.
+        self._dropped: set[str] = set()
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name="lmi-hf-scheduler", daemon=True)
         self._thread.start()
@@ -155,6 +157,11 @@ class HFEngine:
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
+            if seq.request.request_id in self._dropped:
+                self._dropped.remove(seq.request.request_id)
+                seq.done = True
+                seq.emit(Finished("cancelled", len(seq.prompt_ids), 0, seq.prompt_text))
+                return
             self._submitted[seq.request.request_id] = seq
             self._order.append(seq.request.request_id)
             self._lock.notify()
@@ -234,14 +241,17 @@ class HFEngine:
 
     def _apply(self, plan: StepPlan) -> None:
         cancelled = set(plan.cancel)
+        running = {s.request.request_id for s in self._running}
         for rid in cancelled:
             with self._lock:
                 if rid in self._submitted:
                     self._order.remove(rid)
                     seq = self._submitted.pop(rid)
                     self._finish(seq, "cancelled")
+                elif rid not in running:  # a follower that has not received it yet: drop it on arrival
+                    self._dropped.add(rid)
         if cancelled:
-            self._evict({s.request.request_id for s in self._running} & cancelled, reason="cancelled")
+            self._evict(running & cancelled, reason="cancelled")
         if not plan.admit:
             return
         new = [self._take(rid) for rid, _ in plan.admit]
@@ -357,8 +367,12 @@ def _deliver(events: list[tuple[Emit, GenerationEvent | EngineError]]) -> None:
         emit(event)
 
 
-def load_model(context: WorkerContext) -> tuple[Any, Any]:
-    """Load tokenizer and model for ``context`` on its device (CPU, one GPU, or several GPUs)."""
+def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[Any, Any]:
+    """Load tokenizer and model for ``context`` on its device (CPU, one GPU, or several GPUs).
+
+    ``tensor_parallel``: this process is one rank of an initialized ``torch.distributed`` group and
+    loads only its shard (the model's own ``tp_plan``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = context.options
@@ -371,7 +385,12 @@ def load_model(context: WorkerContext) -> tuple[Any, Any]:
         kwargs["dtype"] = _DTYPES[dtype]
     elif context.device == "cpu":
         kwargs["dtype"] = torch.float32
-    if context.device == "cuda" and torch.cuda.is_available():
+    if tensor_parallel:
+        from transformers.distributed import DistributedConfig
+
+        # Places each shard itself (on LOCAL_RANK's GPU): exclusive with device_map.
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
+    elif context.device == "cuda" and torch.cuda.is_available():
         kwargs["device_map"] = options.get("device_map") or ("auto" if torch.cuda.device_count() > 1 else "cuda")
     if options.get("attn_implementation"):
         kwargs["attn_implementation"] = options["attn_implementation"]

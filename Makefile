@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine:
+#   make serve   set up, build the offline demo model, serve it on http://127.0.0.1:8080
+#   make test    set up and run every test (the same command CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
+DEMO ?= demo-model
+BIN := $(VENV)/bin
+
+.PHONY: serve test test-fast test-vllm lint bench setup setup-vllm clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml plugins/lmi_hf/pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch -e '.[mpi,test]' -e plugins/lmi_hf
+	touch $@
+
+$(DEMO)/serving.properties: | $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/lmi demo-model $(DEMO)
+
+serve: $(VENV)/.installed $(DEMO)/serving.properties
+	$(BIN)/lmi serve --model-dir $(DEMO) $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow and not mpi and not vllm" $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_http.py $(ARGS)
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
+	bash scripts/setup-vllm.sh $(VLLM_VENV)
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" tests/vllm $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) $(DEMO)

@@ -1,0 +1,194 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), their mapping to engine parameters, and
+OpenAI-style error bodies.
+
+Unknown fields are a 400 naming them, as OpenAI does. Known OpenAI fields this server cannot honour
+(penalties, logit bias, tools, suffix...) are accepted at their neutral value and are a 400 naming the
+field otherwise: a silently ignored parameter is a wrong answer the client cannot see.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmi_core.engine import SamplingParams
+from lmi_core.errors import ServiceError
+from lmi_core.http.protocol import BadRequest
+
+# Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
+MAX_TOKENS = 2**31 - 1
+MAX_CHOICES = 16
+MAX_STOP = 4
+SEED_RANGE = 2**63
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Common(_Body):
+    """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``)."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, le=MAX_TOKENS)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_count(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return value
+
+    def check_supported(self) -> None:
+        """400 for a field that is valid OpenAI but not something this server can do."""
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise BadRequest(f"{name} is not supported by this server; leave it at 0", param=name)
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported by this server", param="logit_bias")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, max_new_tokens: int, top_logprobs: int, choice: int) -> SamplingParams:
+        """Engine parameters of choice number ``choice`` (seeded apart, so ``n`` samples differ)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            seed=None if self.seed is None else (self.seed + choice) % SEED_RANGE,
+            stop_sequences=stop,
+            ignore_eos=self.ignore_eos,
+            top_logprobs=top_logprobs,
+        )
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``; ``max_tokens`` defaults to 16 as in OpenAI's API."""
+
+    prompt: str | list[str] = Field(min_length=1, max_length=MAX_CHOICES)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise BadRequest("suffix (insertion) is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadRequest("best_of other than n is not supported by this server", param="best_of")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+ROLES = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class ChatMessage(_Body):
+    role: ROLES
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
+        """Flatten content parts to text; the chat template takes a string."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    def for_template(self) -> dict[str, Any]:
+        # "developer" is OpenAI's new name for "system"; chat templates know only the latter.
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content or "",
+        }
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions`` (and a body with ``messages`` on ``/invocations``)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.tools:
+            raise BadRequest("tools (function calling) are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice needs tools, which this server does not support", param="tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+def openai_error(exc: ServiceError) -> dict[str, Any]:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}`` (code = HTTP status, as vLLM)."""
+    fallback = "server_error" if exc.status >= 500 else "invalid_request_error"
+    return {
+        "error": {
+            "message": str(exc),
+            "type": ERROR_TYPES.get(exc.status, fallback),
+            "param": getattr(exc, "param", None),
+            "code": exc.status,
+        }
+    }

@@ -1,0 +1,116 @@
+"""MPI mode of the HF backend: tensor parallelism across the ranks of one ``mpirun`` job.
+
+Every rank joins one ``torch.distributed`` group (gloo on CPU, nccl on GPU; rendezvous through
+``MASTER_ADDR``/``MASTER_PORT``, ranks from Open MPI's environment) and loads its shard of the model
+with ``tp_plan="auto"``. All ranks must run the same batches in the same order, or their collectives
+pair up wrongly and hang: rank 0 decides each step (``StepPlan``) and ``MpiCoordinator`` broadcasts it.
+
+The plan travels as msgpack bytes in a fixed-size tensor over a dedicated gloo group. Measured per
+step on 2 CPU ranks: this 335 us, ``mpi4py`` ``bcast`` 280 us, ``broadcast_object_list`` 1350 us.
+``mpi4py`` is a little faster, but an idle follower inside ``MPI_Bcast`` busy-polls a whole core
+for as long as the server has no work; a gloo follower sleeps in the kernel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from lmi_hf.engine import HFEngine, StepPlan, load_model
+
+if TYPE_CHECKING:
+    from lmi_core.engine import WorkerContext
+
+logger = logging.getLogger(__name__)
+
+# One broadcast carries plans up to this size (a full batch of admissions is ~2 KiB); a larger plan
+# sends the rest in a second broadcast.
+FRAME_BYTES = 4096
+HEADER_BYTES = 4
+# Followers wait in the plan broadcast for as long as the server sends no work: gloo's default
+# 30-minute collective timeout would kill an idle job.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return msgpack.packb([plan.admit, plan.cancel, plan.stop], use_bin_type=True)
+
+
+def decode_plan(body: bytes) -> StepPlan:
+    admit, cancel, stop = msgpack.unpackb(body, raw=False)
+    return StepPlan(admit=[(rid, seed) for rid, seed in admit], cancel=list(cancel), stop=bool(stop))
+
+
+class MpiCoordinator:
+    """Rank 0 makes each step's plan; ``exchange`` hands every rank rank 0's plan."""
+
+    def __init__(self, rank: int, group: Any) -> None:
+        self.rank = rank
+        self.group = group
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def exchange(self, plan: StepPlan) -> StepPlan:
+        frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+        body = encode_plan(plan) if self.leader else b""
+        if self.leader:
+            head = len(body).to_bytes(HEADER_BYTES, "big") + body[: FRAME_BYTES - HEADER_BYTES]
+            frame[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        dist.broadcast(frame, src=0, group=self.group)
+        if self.leader:
+            rest = len(body) - (FRAME_BYTES - HEADER_BYTES)
+            if rest > 0:
+                dist.broadcast(
+                    torch.frombuffer(bytearray(body[-rest:]), dtype=torch.uint8), src=0, group=self.group
+                )
+            return plan
+        raw = frame.numpy().tobytes()
+        length = int.from_bytes(raw[:HEADER_BYTES], "big")
+        body = raw[HEADER_BYTES : HEADER_BYTES + length]
+        if length > len(body):
+            rest = torch.empty(length - len(body), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            body += rest.numpy().tobytes()
+        return decode_plan(body)
+
+
+def init_distributed(context: WorkerContext) -> Any:
+    """Join the job's process group; return the CPU group that carries the step plans."""
+    local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+    # torch and transformers read these (transformers picks the GPU from LOCAL_RANK).
+    os.environ.update(RANK=str(context.rank), WORLD_SIZE=str(context.world_size), LOCAL_RANK=str(local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+    backend = "gloo"
+    if context.device == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    started = time.monotonic()
+    dist.init_process_group(backend, init_method="env://", rank=context.rank, world_size=context.world_size)
+    group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    elapsed = time.monotonic() - started
+    logger.info(
+        "rank %d of %d joined the %s group at %s in %.1f s",
+        context.rank,
+        context.world_size,
+        backend,
+        address,
+        elapsed,
+    )
+    return group
+
+
+def load_distributed(context: WorkerContext) -> HFEngine:
+    """Load this rank's shard of the model and an engine that follows rank 0's plans."""
+    group = init_distributed(context)
+    model, tokenizer = load_model(context, tensor_parallel=True)
+    return HFEngine(context, model, tokenizer, coordinator=MpiCoordinator(context.rank, group))

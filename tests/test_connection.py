@@ -1,0 +1,78 @@
+"""The server's end of a rank socket: multiplexing, pings, and failing open requests on bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmi_core import protocol
+from lmi_core.connection import RankConnection
+from lmi_core.errors import WorkerFailedError
+
+
+async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A RankConnection to a fake rank whose socket ends the test drives."""
+    path = str(tmp_path / "rank.0")
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
+    server = await asyncio.start_unix_server(lambda r, w: accepted.set_result((r, w)), path)
+    conn = await RankConnection.connect(0, f"unix:{path}", deadline=1e18, alive=lambda: True)
+    reader, writer = await accepted
+    server.close()
+    return conn, reader, writer
+
+
+async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> None:
+    conn, _, rank = await _pair(tmp_path)
+    a, b = conn.open_stream("a"), conn.open_stream("b")
+    for message in ({"t": "tok", "id": "b", "n": 1}, {"t": "tok", "id": "a", "n": 2}, {"t": "done", "id": "b"}):
+        rank.write(protocol.encode(message))
+    assert (await b.get())["n"] == 1
+    assert (await a.get())["n"] == 2
+    assert (await b.get())["t"] == "done"
+    await conn.close()
+
+
+async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
+    conn, reader, rank = await _pair(tmp_path)
+    pinged = asyncio.ensure_future(conn.ping(timeout=5))
+    ping = await protocol.read_message(reader)
+    assert ping is not None and ping["t"] == "ping"
+    rank.write(protocol.encode({"t": "pong", "id": ping["id"], "stats": {"running": 3}}))
+    await pinged
+    assert conn.last_stats == {"running": 3}
+    with pytest.raises(TimeoutError):
+        await conn.ping(timeout=0.05)  # nobody answers this one
+    await conn.close()
+
+
+async def test_eof_fails_every_open_request_at_once(tmp_path: Path) -> None:
+    conn, _, rank = await _pair(tmp_path)
+    queues = [conn.open_stream(str(i)) for i in range(3)]
+    rank.close()
+    for queue in queues:
+        assert isinstance(await asyncio.wait_for(queue.get(), 5), WorkerFailedError)
+    assert isinstance(await conn.closed, WorkerFailedError)
+    late = conn.open_stream("late")  # a request after the failure fails too, never hangs
+    assert isinstance(late.get_nowait(), WorkerFailedError)
+
+
+@given(st.binary(min_size=1, max_size=64))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_garbage_from_a_rank_fails_requests_and_never_crashes(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    async def scenario() -> None:
+        conn, _, rank = await _pair(tmp_path_factory.mktemp("g"))
+        queue = conn.open_stream("r")
+        rank.write(data)
+        rank.close()
+        first = await asyncio.wait_for(queue.get(), 5)
+        # Garbage either decodes to messages for other ids (ignored) or fails the request cleanly.
+        while not isinstance(first, Exception):
+            first = await asyncio.wait_for(queue.get(), 5)
+        assert isinstance(first, WorkerFailedError)
+        await conn.close()
+
+    asyncio.run(scenario())
