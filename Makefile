@@ -44,8 +44,10 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 	bash scripts/setup-vllm.sh $(VLLM_VENV)
 	touch $@
 
+# The vLLM half of the backend parity suite and the hf-vs-vllm comparison run here (the venv has lmi-hf).
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" tests/vllm $(ARGS)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
+		tests/vllm tests/test_backend_parity.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(DEMO)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,29 +40,50 @@ def model_dir(base: Path, name: str, source: Path | None, properties: dict[str, 
 
 
 class Server:
-    """``lmi serve`` in a subprocess; ``ready_seconds`` is the time from spawn to /ping 200."""
+    """A server in a subprocess; ``ready_seconds`` is the time from spawn to ``ready_path`` answering 200.
 
-    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
+    ``command`` defaults to ``lmi serve --model-dir DIRECTORY``; any command taking ``--port`` works (the
+    port is appended), such as vLLM's own OpenAI server with ``ready_path="/health"``.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        env: dict[str, str] | None = None,
+        *,
+        command: list[str] | None = None,
+        ready_path: str = "/ping",
+        timeout: float = 180.0,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="lmi-bench-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # open for the process's lifetime
+            prefix="lmi-bench-", suffix=".log", delete=False
+        )
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+        if command is None:
+            command = [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(directory)]
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(directory), "--port", str(self.port)],
-            env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            [*command, "--port", str(self.port)],
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
         )
-        deadline = started + 180
+        deadline = started + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited; log: {self.log.name}")
             try:
-                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         else:
+            self.stop()
             raise RuntimeError(f"server not ready; log: {self.log.name}")
         self.ready_seconds = time.monotonic() - started
 
@@ -69,7 +92,11 @@ class Server:
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        # Whatever the server left behind in its session (an engine process) must not load the next run.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def __enter__(self) -> Server:
         return self
@@ -86,9 +113,16 @@ class StreamResult:
     gaps: list[float] = field(default_factory=list)
 
 
+StreamFn = Callable[[httpx.AsyncClient, str, str, int], Awaitable[StreamResult]]
+
+
 async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int) -> StreamResult:
     """One streamed LMI request; time to first token and per-token gaps."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}, "stream": True}
+    body = {
+        "inputs": prompt,
+        "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True},
+        "stream": True,
+    }
     started = time.perf_counter()
     first, last, tokens, gaps = 0.0, started, 0, []
     async with client.stream("POST", f"{url}/invocations", json=body) as response:
@@ -107,14 +141,56 @@ async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_t
     return StreamResult(first, time.perf_counter() - started, tokens, gaps)
 
 
-async def run_concurrent(url: str, prompts: list[str], concurrency: int, max_new_tokens: int) -> tuple[float, list[StreamResult]]:
+async def stream_openai(
+    client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int, model: str = "demo"
+) -> StreamResult:
+    """One streamed OpenAI ``/v1/completions`` request (server-sent events), greedy, EOS ignored.
+
+    A chunk carrying text (or an unfinished choice) is a token arrival; the token count is the
+    server's ``usage``, since a server may put the last token and the finish into one chunk.
+    """
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first, last, arrivals, tokens, gaps = 0.0, started, 0, 0, []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            choice = chunk["choices"][0] if chunk.get("choices") else None
+            if choice is None or not (choice["text"] or choice["finish_reason"] is None):
+                continue
+            arrivals += 1
+            if arrivals == 1:
+                first = now - started
+            else:
+                gaps.append(now - last)
+            last = now
+    return StreamResult(first, time.perf_counter() - started, tokens, gaps)
+
+
+async def run_concurrent(
+    url: str, prompts: list[str], concurrency: int, max_new_tokens: int, stream: StreamFn = stream_lmi
+) -> tuple[float, list[StreamResult]]:
     """Send every prompt with at most ``concurrency`` in flight; return wall time and results."""
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
 
         async def one(prompt: str) -> StreamResult:
             async with limit:
-                return await stream_lmi(client, url, prompt, max_new_tokens)
+                return await stream(client, url, prompt, max_new_tokens)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(one(p) for p in prompts))

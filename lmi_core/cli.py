@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from urllib.parse import urlparse
+
+import uvicorn
 
 from lmi_core.config import ModelConfig, ServerConfig, build_server_config, load_model_config
 from lmi_core.errors import ConfigError
 
 logger = logging.getLogger("lmi_core")
 
+CORS_ENV = "SERVING_CORS_ALLOWED_ORIGINS"
 
-def _address(url: str) -> tuple[str, int]:
+
+def _address(url: str, key: str = "inference_address") -> tuple[str, int]:
     parsed = urlparse(url if "://" in url else f"http://{url}")
     if not parsed.hostname:
-        raise ConfigError("inference_address", url, "http://HOST:PORT")
+        raise ConfigError(key, url, "http://HOST:PORT")
     return parsed.hostname, parsed.port or 8080
 
 
@@ -29,9 +37,8 @@ def _models(args: argparse.Namespace) -> list[ModelConfig]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from lmi_core.http.app import create_app
+    from lmi_core.http.security import ListenerFilter
     from lmi_core.plugins import get_plugin_manager
     from lmi_core.server import resolve_model
 
@@ -40,37 +47,84 @@ def serve(args: argparse.Namespace) -> int:
         address = f"http://127.0.0.1:{args.port}"
     elif address and not args.port:
         address = f"http://{args.host}:8080"
-    config: ServerConfig = build_server_config(inference_address=address, api_key=args.api_key)
+    # Not a ServerConfig key (yet): taken out of the environment before it warns about unknown SERVING_*.
+    environ = dict(os.environ)
+    cors = environ.pop(CORS_ENV, "")
+    cors = args.cors_allowed_origins or cors
+    config: ServerConfig = build_server_config(
+        environ=environ,
+        inference_address=address,
+        management_address=args.management_address,
+        api_key=args.api_key,
+    )
     models = _models(args)
     pm = get_plugin_manager()
     for model in models:
         resolve_model(model, pm)  # fail fast on a bad backend or option, before binding the port
-    host, port = _address(config.inference_address)
+    listeners = [_address(config.inference_address)]
+    if config.management_address:
+        management = _address(config.management_address, "management_address")
+        if management != listeners[0]:
+            listeners.append(management)
     failures: list[Exception] = []
-    server: uvicorn.Server | None = None
+    servers: list[uvicorn.Server] = []
 
     def on_load_failure(exc: Exception) -> None:
         failures.append(exc)
-        if server is not None:
+        for server in servers:
             server.should_exit = True
 
-    app = create_app(config, models, on_load_failure=on_load_failure)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
+    origins = [o.strip() for o in cors.split(",") if o.strip()]
+    app = create_app(config, models, on_load_failure=on_load_failure, cors_allowed_origins=origins)
+    for index, (host, port) in enumerate(listeners):
+        # One app, one lifespan (the first listener's): the models load once, both listeners serve them.
+        listener_app = ListenerFilter(app, management=index == 1) if len(listeners) > 1 else app
+        uv_config = uvicorn.Config(
+            listener_app,
             host=host,
             port=port,
             log_level=config.log_level,
-            timeout_graceful_shutdown=int(config.drain_timeout),
+            lifespan="on" if index == 0 else "off",
+            timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # float works
             access_log=args.access_log,
         )
-    )
-    logger.info("serving on http://%s:%d (models: %s)", host, port, ", ".join(m.name for m in models))
-    server.run()
+        servers.append(_Server(uv_config))
+    names = ", ".join(m.name for m in models)
+    logger.info("serving on %s (models: %s)", " and ".join(f"http://{h}:{p}" for h, p in listeners), names)
+    asyncio.run(_serve_all(servers))
     if failures:
         print(f"lmi: error: model failed to load: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to ``_serve_all``: several servers share the process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_all(servers: list[uvicorn.Server]) -> None:
+    """Run the listeners until a signal or one of them stops; then all drain (uvicorn's graceful
+    shutdown: stop accepting, finish in-flight requests up to drain_timeout) and the models stop."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        logger.info("received %s: draining in-flight requests, then stopping", sig.name)
+        for server in servers:
+            if server.should_exit and sig is signal.SIGINT:
+                server.force_exit = True  # a second Ctrl-C: stop now
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    tasks = [asyncio.ensure_future(server.serve()) for server in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks)
 
 
 def demo_model(args: argparse.Namespace) -> int:
@@ -91,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--host", help="bind address (default 127.0.0.1; env SERVING_INFERENCE_ADDRESS)")
     p_serve.add_argument("--port", type=int, help="port (default 8080)")
     p_serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (env SERVING_API_KEY)")
+    p_serve.add_argument(
+        "--management-address",
+        help="serve the management API and /metrics only here, e.g. http://127.0.0.1:8081 "
+        "(env SERVING_MANAGEMENT_ADDRESS; default: with inference)",
+    )
+    p_serve.add_argument(
+        "--cors-allowed-origins",
+        help=f"comma-separated origins browsers may call from, '*' for any (env {CORS_ENV}; default: none)",
+    )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)
     p_demo = commands.add_parser("demo-model", help="build the tiny offline demo model into DIRECTORY")

@@ -141,15 +141,11 @@ FORWARDED_ENV = (
 FORWARDED_PREFIXES = ("LMI_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "TORCH_")
 
 
-def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
-    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
-    ranks = config.world_size
-    hosts = rank_hosts(config)
-    master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
-    env = worker_env(slot, {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())})
-    argv = [find_mpirun(config.python_executable), "-np", str(ranks), "--bind-to", "none", "--tag-output"]
-    # No fabric probing (--mca btl ^ofi saves ~1 s per start); more ranks than cores is allowed.
-    argv += ["--oversubscribe", "--mca", "btl", "^ofi"]
+def mpirun_argv(config: ModelConfig, env: dict[str, str]) -> list[str]:
+    """``mpirun`` and its options for ``config.world_size`` ranks; the rank command line follows."""
+    argv = [find_mpirun(config.python_executable), "-np", str(config.world_size), "--bind-to", "none"]
+    # Rank-tagged output; no fabric probing (saves ~1 s per start); more ranks than cores allowed.
+    argv += ["--tag-output", "--oversubscribe", "--mca", "btl", "^ofi"]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
     if config.mpi_hostfile:
@@ -159,14 +155,22 @@ def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
     for name in sorted(env):
         if name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES):
             argv += ["-x", name]
+    return argv
+
+
+def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
+    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
+    hosts = rank_hosts(config)
+    master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+    env = worker_env(slot, {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())})
+    argv = mpirun_argv(config, env)
     if hosts is None:
         argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
-        addresses = [unix_address(slot.socket_base, r) for r in range(ranks)]
+        addresses = [unix_address(slot.socket_base, r) for r in range(config.world_size)]
     else:
         # The server's pid means nothing on another host: remote ranks die with their Open MPI daemon.
-        port = free_ports(ranks, "0.0.0.0")
+        port = free_ports(config.world_size, "0.0.0.0")
         argv += worker_argv(config.python_executable, slot.socket_base, "--tcp", f"0.0.0.0:{port}")
         addresses = [f"tcp:{host}:{port + r}" for r, host in enumerate(hosts)]
-    return LaunchSpec(
-        argv=argv, env=env, rank_addresses=addresses, mode="mpi", label=f"{config.name}/w{slot.worker_id}"
-    )
+    label = f"{config.name}/w{slot.worker_id}"
+    return LaunchSpec(argv=argv, env=env, rank_addresses=addresses, mode="mpi", label=label)

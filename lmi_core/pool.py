@@ -88,6 +88,7 @@ class WorkerPool:
         self._replace_at = 0.0
         self._backoff = REPLACE_BACKOFF_MIN
         self._changed = asyncio.Event()
+        self._started = False
         self._closing = False
         self._scaler: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -115,6 +116,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start ``min_workers`` workers and wait until each has loaded or failed; raise if none loaded."""
+        self._started = True
         self._reconcile()
         first = list(self.workers.values())
         results = await asyncio.gather(*(w.first_start for w in first), return_exceptions=True)
@@ -127,14 +129,16 @@ class WorkerPool:
     async def resize(self, plan: AllocationPlan, wait: bool = True) -> None:
         """Adopt new worker bounds and device groups; start or retire workers to fit them.
 
-        With ``wait``, return once no worker is starting or retiring any more.
+        With ``wait``, return once no worker is starting or retiring any more. Before ``start`` it
+        only sets what ``start`` will use.
         """
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
         self.groups, self.threads = plan.groups, plan.threads_per_worker
         self.min_workers, self.max_workers = plan.min_workers, plan.max_workers
-        self._reconcile()
-        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self.workers.values())):
+        if self._started:
+            self._reconcile()
+        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self._serving())):
             await asyncio.sleep(POLL)
 
     async def stop(self) -> None:
@@ -166,7 +170,9 @@ class WorkerPool:
     def _serving(self) -> list[Worker]:
         """Workers that count toward the bounds: neither retiring nor FAILED."""
         return [
-            w for w in self.workers.values() if w.worker_id not in self._retiring and w.state is not WorkerState.FAILED
+            w
+            for w in self.workers.values()
+            if w.worker_id not in self._retiring and w.state is not WorkerState.FAILED
         ]
 
     def _free_group(self) -> DeviceGroup | None:
@@ -196,12 +202,14 @@ class WorkerPool:
 
     async def _drain_and_stop(self, worker: Worker, deadline: float) -> None:
         try:
-            while worker.in_flight and time.monotonic() < deadline:
+            # Only a READY worker can finish requests (a failed one has failed them already).
+            while worker.in_flight and worker.state is WorkerState.READY and time.monotonic() < deadline:
                 await asyncio.sleep(POLL)
             await worker.stop()
         finally:
             if not worker.first_start.done():  # unblocks start() when a loading model is unloaded
-                worker.first_start.set_exception(ModelNotReadyError(f"worker {worker.worker_id} stopped while loading"))
+                stopped = ModelNotReadyError(f"worker {worker.worker_id} stopped while loading")
+                worker.first_start.set_exception(stopped)
             del self.workers[worker.worker_id]
             del self._retiring[worker.worker_id]
             self._idle_since.pop(worker.worker_id, None)
@@ -224,6 +232,8 @@ class WorkerPool:
 
     def _reconcile(self) -> None:
         """Fit the workers to the bounds and the load. Never awaits, so decisions cannot interleave."""
+        if self._closing:
+            return
         now = time.monotonic()
         may_start = now >= self._replace_at  # no new worker while a failure's back-off runs
         if may_start:
@@ -243,7 +253,7 @@ class WorkerPool:
             if may_start and not starting and len(serving) < self.max_workers:
                 group = self._free_group()
                 if group is not None:
-                    logger.info("model %s: %d request(s) waiting; adding a worker", self.name, len(self._queue))
+                    logger.info("model %s: %d request(s) waiting; adding a worker", self.name, self.waiting)
                     self._add_worker(group)
             return
         idle = [
@@ -259,7 +269,8 @@ class WorkerPool:
             self._retire(worker)
 
     async def _scale_loop(self) -> None:
-        while True:
+        # Not only cancellation ends it: Python 3.11's wait_for can swallow a cancel that races a wakeup.
+        while not self._closing:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=SCALE_INTERVAL)
             self._changed.clear()
@@ -323,11 +334,7 @@ class WorkerPool:
 
     def _pick(self) -> Worker | None:
         """The least-loaded ready worker with free capacity; ties go to the oldest worker."""
-        ready = [
-            w
-            for w in self.workers.values()
-            if w.state is WorkerState.READY and w.worker_id not in self._retiring and w.in_flight < self.capacity
-        ]
+        ready = [w for w in self._serving() if w.state is WorkerState.READY and w.in_flight < self.capacity]
         return min(ready, key=lambda w: (w.in_flight, w.worker_id), default=None)
 
     def _dispatch(self) -> None:
@@ -336,7 +343,10 @@ class WorkerPool:
             worker.in_flight += 1
             self._queue.popleft().set_result(worker)
         if self._queue and self.status == "FAILED":
-            self._fail_waiting(f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})")
+            self._fail_waiting(self._unservable())
+
+    def _unservable(self) -> str:
+        return f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})"
 
     def _fail_waiting(self, message: str) -> None:
         while self._queue:
@@ -344,7 +354,7 @@ class WorkerPool:
 
     def _release(self, worker: Worker) -> None:
         worker.in_flight -= 1
-        if worker.in_flight == 0:
+        if worker.in_flight == 0 and worker.worker_id in self.workers:
             self._idle_since[worker.worker_id] = time.monotonic()
         self._dispatch()
         self._changed.set()
@@ -366,7 +376,7 @@ class WorkerPool:
             worker.in_flight += 1
             return worker
         if self.status == "FAILED":
-            raise ModelNotReadyError(f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})")
+            raise ModelNotReadyError(self._unservable())
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
@@ -390,18 +400,9 @@ class WorkerPool:
         deadline = started + self.config.predict_timeout
         worker = await self._acquire(deadline)
         self.observe(self.name, "queue_time", time.monotonic() - started)
-        events = worker.generate(request)
+        events = worker.generate(request, deadline)
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    event = await asyncio.wait_for(anext(events), timeout=max(remaining, 0.001))
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(
-                        f"request took longer than option.predict_timeout={self.config.predict_timeout:g} s"
-                    ) from None
+            async for event in events:
                 yield event
         finally:
             await events.aclose()

@@ -1,13 +1,22 @@
-"""The model server: loads models (config -> backend -> mode -> devices -> worker pool) and owns them."""
+"""The model server: loads models (config -> backend -> mode -> devices -> worker pool) and owns them.
+
+Models come and go at runtime (management API): ``load`` registers one (its name and its devices)
+before starting its workers, in the request or in the background; ``scale`` re-plans its worker
+bounds; ``unload`` drains it. Registration and device planning never await between reading which
+devices other models hold and claiming them, so concurrent loads cannot be given the same GPU.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pluggy
@@ -15,8 +24,7 @@ import pluggy
 from lmi_core import devices
 from lmi_core.backends import select_backend
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.errors import ConfigError, ModelNotFoundError, ServiceError
-from lmi_core.launch import WorkerSlot
+from lmi_core.errors import ConfigError, ModelNotFoundError, ModelNotReadyError, ServiceError
 from lmi_core.plugins import get_plugin_manager
 from lmi_core.pool import Observer, WorkerPool
 
@@ -40,8 +48,23 @@ def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
     return config
 
 
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def omp_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """Threads per worker process the user fixed with ``OMP_NUM_THREADS`` (as DJL), else None."""
+    raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("OMP_NUM_THREADS", raw, "a positive integer (threads per worker process on CPU)")
+    return int(raw)
+
+
 class ModelServer:
-    """Every loaded model's pool, by name."""
+    """Every registered model's pool, by name."""
 
     def __init__(
         self,
@@ -52,6 +75,7 @@ class ModelServer:
         self.server = server
         self.pm = pm or get_plugin_manager()
         self.observe = observe
+        self.models: dict[str, ModelConfig] = {}  # every registered model: loading, serving or failed
         self.pools: dict[str, WorkerPool] = {}
         self.loading: dict[str, ModelConfig] = {}
         self.pending: set[str] = set()  # startup models not yet being loaded: /ping must not say 200
@@ -60,6 +84,7 @@ class ModelServer:
         # Private 0700 directory for the worker sockets (mkdtemp creates it owner-only).
         self.runtime_dir = server.runtime_dir or tempfile.mkdtemp(prefix="lmi-")
         self._gpus: list[devices.Gpu] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def gpus(self) -> list[devices.Gpu]:
         if self._gpus is None:
@@ -67,10 +92,16 @@ class ModelServer:
             logger.info("devices: %s", devices.describe(self._gpus))
         return self._gpus
 
-    def _taken(self) -> set[str]:
-        return {d for pool in self.pools.values() for s in pool.slots for d in s.devices}
+    def _taken(self, exclude: str) -> set[str]:
+        """Devices other models hold or may scale onto."""
+        return {d for name, pool in self.pools.items() if name != exclude for d in pool.devices}
 
-    async def plan(self, config: ModelConfig) -> tuple[list[WorkerSlot], int, int]:
+    async def plan(self, config: ModelConfig) -> devices.AllocationPlan:
+        """Where ``config``'s workers go, keeping off other models' GPUs (unless ``load_on_devices``).
+
+        Nothing awaits after the GPU inventory is known, so a caller that claims the plan's devices
+        right after this returns cannot race another plan.
+        """
         gpus = await self.gpus()
         plan = devices.plan_allocation(
             devices.visible_ids(gpus),
@@ -79,56 +110,83 @@ class ModelServer:
             config.min_workers,
             config.max_workers,
             config.load_on_devices,
-            taken=self._taken(),
+            taken=self._taken(exclude=config.name),
+            cpu_count=cpu_count(),
         )
-        config.tensor_parallel_degree = plan.tensor_parallel_degree
-        slots = [
-            WorkerSlot(
-                worker_id=group.worker_id,
-                socket_base=f"{self.runtime_dir}/{config.name}-w{group.worker_id}",
-                devices=group.devices,
-                threads=plan.threads_per_worker,
-            )
-            for group in plan.groups
-        ]
-        return slots, plan.min_workers, plan.max_workers
+        threads = omp_threads() if plan.on_cpu else None
+        return dataclasses.replace(plan, threads_per_worker=threads) if threads else plan
 
-    async def load(self, config: ModelConfig) -> WorkerPool:
-        """Resolve, allocate and start ``config``; raise if no worker could load it."""
-        if config.name in self.pools or config.name in self.loading:
-            raise ServiceError(f"model {config.name!r} is already registered", status=409, type="ConflictException")
-        try:
-            return await self._load(config)
-        except Exception as exc:
-            self.failed[config.name] = str(exc)
-            raise
-        finally:
-            self.pending.discard(config.name)
+    def _check_new(self, name: str) -> None:
+        if name in self.models:
+            raise ServiceError(f"model {name!r} is already registered", status=409, type="ConflictException")
 
-    async def _load(self, config: ModelConfig) -> WorkerPool:
+    async def register(self, config: ModelConfig) -> WorkerPool:
+        """Claim ``config``'s name and devices and create its pool; start no worker yet."""
+        self._check_new(config.name)  # before planning: a duplicate is a 409, not a device error
         resolve_model(config, self.pm)
-        slots, min_workers, max_workers = await self.plan(config)
-        pool = WorkerPool(config, self.server, self.pm, slots, min_workers, max_workers, self.observe)
+        plan = await self.plan(config)
+        self._check_new(config.name)  # a concurrent registration may have taken the name meanwhile
+        config.tensor_parallel_degree = plan.tensor_parallel_degree
+        socket_prefix = f"{self.runtime_dir}/{config.name}"
+        pool = WorkerPool(config, self.server, self.pm, plan, socket_prefix, self.observe)
+        self.models[config.name] = config
+        self.pools[config.name] = pool
+        self.loading[config.name] = config
         self.failed.pop(config.name, None)
         logger.info(
             "loading model %s: backend=%s mode=%s workers=%d..%d ranks/worker=%d",
-            config.name, config.backend, config.mode, min_workers, max_workers, config.world_size,
+            config.name, config.backend, config.mode, plan.min_workers, plan.max_workers, config.world_size,
         )
+        return pool
+
+    async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> WorkerPool:
+        """Register ``config`` and start its workers; raise if no worker could load it.
+
+        ``wait=False`` returns once registered and loads in the background. A model that fails to
+        load stays listed as FAILED (``/ping`` 500) when ``keep_failed``, else it is forgotten: a
+        caller that got the error has nothing left to clean up.
+        """
+        try:
+            pool = await self.register(config)
+        except Exception as exc:
+            if keep_failed and config.name not in self.models:  # a duplicate must not fail the registered one
+                self.failed[config.name] = str(exc)
+            raise
+        finally:
+            self.pending.discard(config.name)
+        if wait:
+            await self._start(pool, keep_failed)
+        else:
+            task = asyncio.get_running_loop().create_task(self._start_in_background(pool, keep_failed))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return pool
+
+    async def _start(self, pool: WorkerPool, keep_failed: bool) -> None:
+        name = pool.name
         started = time.monotonic()
-        progress = asyncio.get_running_loop().create_task(self._progress(config.name, started))
-        self.loading[config.name] = config
-        self.pools[config.name] = pool
+        progress = asyncio.get_running_loop().create_task(self._progress(name, started))
         try:
             await pool.start()
-        except BaseException:
-            self.pools.pop(config.name, None)
-            await pool.stop()
+        except BaseException as exc:
+            if not pool.closing:  # unloaded while loading: nothing failed, unload cleans up
+                self.pools.pop(name, None)
+                if keep_failed:
+                    self.failed[name] = str(exc)
+                else:
+                    self.models.pop(name, None)
+                await pool.stop()
             raise
         finally:
             progress.cancel()
-            self.loading.pop(config.name, None)
-        logger.info("model %s ready in %.1f s", config.name, time.monotonic() - started)
-        return pool
+            self.loading.pop(name, None)
+        logger.info("model %s ready in %.1f s", name, time.monotonic() - started)
+
+    async def _start_in_background(self, pool: WorkerPool, keep_failed: bool) -> None:
+        try:
+            await self._start(pool, keep_failed)
+        except Exception as exc:  # recorded in self.failed; nobody awaits this task
+            logger.error("model %s failed to load: %s", pool.name, exc)
 
     async def _progress(self, name: str, started: float) -> None:
         while True:
@@ -141,24 +199,58 @@ class ModelServer:
         except KeyError:
             raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
 
+    def config(self, name: str) -> ModelConfig:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
+
     def default(self) -> WorkerPool:
         """The model a request names none of: the only one, else a 400."""
         if len(self.pools) == 1:
             return next(iter(self.pools.values()))
         raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
 
+    async def scale(
+        self, name: str, min_workers: int | None, max_workers: int | None, *, wait: bool = True
+    ) -> WorkerPool:
+        """Set ``name``'s worker bounds; an omitted bound keeps its value unless the other crosses it."""
+        self.config(name)  # 404 for an unknown model
+        pool = self.pools.get(name)
+        if pool is None:
+            raise ModelNotReadyError(f"model {name} failed to load ({self.failed.get(name)}); unregister it")
+        if pool.closing:
+            raise ModelNotReadyError(f"model {name} is being unregistered")
+        hi = pool.max_workers if max_workers is None else max_workers
+        lo = min(pool.min_workers, hi) if min_workers is None else min_workers
+        if max_workers is None:
+            hi = max(hi, lo)
+        plan = await self.plan(pool.config.model_copy(update={"min_workers": lo, "max_workers": hi}))
+        logger.info("model %s: scaling to %d..%d workers", name, plan.min_workers, plan.max_workers)
+        await pool.resize(plan, wait=wait)
+        return pool
+
     async def unload(self, name: str) -> None:
-        pool = self.get(name)
-        self.pools.pop(name, None)
-        await pool.stop()
+        """Forget ``name``: drain and stop its workers (a loading model stops loading)."""
+        config = self.config(name)
+        pool = self.pools.get(name)
+        if pool is not None:
+            await pool.stop()
+        if self.models.get(name) is config:  # a concurrent unload may have finished (and a new load begun)
+            del self.models[name]
+            self.pools.pop(name, None)
+            self.failed.pop(name, None)
 
     def status(self) -> dict[str, Any]:
         statuses = {name: pool.status for name, pool in self.pools.items()}
-        statuses.update({name: "PENDING" for name in self.loading | dict.fromkeys(self.pending) if name not in statuses})
+        statuses.update({name: "PENDING" for name in self.loading | dict.fromkeys(self.pending)})
         statuses.update({name: "FAILED" for name in self.failed})
         return statuses
 
     async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
         self.pools.clear()
         if self._own_runtime_dir:

@@ -22,7 +22,7 @@ from lmi_core import protocol
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token, WorkerContext
-from lmi_core.errors import EngineRequestError, WorkerFailedError
+from lmi_core.errors import EngineRequestError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
@@ -195,7 +195,9 @@ class Worker:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
         watchers = [asyncio.ensure_future(self.process.wait()), asyncio.ensure_future(self._heartbeat())]
-        watchers += [asyncio.ensure_future(conn.closed) for conn in self.ranks]
+        # Shielded: cancelling the watchers below must not cancel a live rank's ``closed`` future,
+        # or its ``fail`` would see it done and leave that rank's in-flight requests hanging.
+        watchers += [asyncio.shield(conn.closed) for conn in self.ranks]
         watchers += [asyncio.ensure_future(self._unhealthy(conn)) for conn in self.ranks]
         try:
             done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
@@ -245,8 +247,12 @@ class Worker:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Send ``request`` to every rank and yield rank 0's events."""
+    async def generate(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
+        """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
+
+        The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
+        into the request's queue: no per-token cost.
+        """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
@@ -254,6 +260,13 @@ class Worker:
         queue = ranks[0].open_stream(rid)
         wire = {"t": protocol.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
+        timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            timeout = RequestTimeoutError(
+                f"request took longer than option.predict_timeout={self.model.predict_timeout:g} s"
+            )
+            timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
         try:
             for conn in ranks:
                 conn.send(wire)
@@ -274,6 +287,8 @@ class Worker:
                     finished = True
                     raise EngineRequestError(message["message"], message.get("status", 424), message.get("param"))
         finally:
+            if timer is not None:
+                timer.cancel()
             self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:

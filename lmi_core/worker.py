@@ -37,6 +37,7 @@ from lmi_core.plugins import new_plugin_manager
 logger = logging.getLogger("lmi_core.worker")
 
 ACCEPT_TIMEOUT = 120.0
+WRITE_HIGH_WATER = 256 * 1024
 PR_SET_PDEATHSIG = 1
 
 
@@ -73,12 +74,26 @@ class Worker:
         self.context: WorkerContext | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.writer: asyncio.StreamWriter | None = None
+        self._outgoing: list[bytes] = []
         self.load_error: str | None = None
 
     def send(self, message: dict[str, Any]) -> None:
+        """Queue a frame; frames queued in one loop iteration leave in one write (one syscall)."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(protocol.encode(message))
+
+    def _flush(self) -> None:
         assert self.writer is not None
+        frames, self._outgoing = self._outgoing, []
         if not self.writer.is_closing():
-            self.writer.write(protocol.encode(message))
+            self.writer.write(b"".join(frames))
+
+    async def drain(self) -> None:
+        """Wait only when the socket is backed up, not after every token."""
+        assert self.writer is not None
+        if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.writer.drain()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
@@ -103,7 +118,7 @@ class Worker:
                 asyncio.get_running_loop().create_task(self.on_init(message))
             elif kind == protocol.SHUTDOWN:
                 return
-            await writer.drain()
+            await self.drain()
 
     async def on_init(self, message: dict[str, Any]) -> None:
         self.context = WorkerContext.from_wire(message["context"])
@@ -153,8 +168,7 @@ class Worker:
                     self.send({"t": protocol.TOKEN, "id": rid, "token": token_to_wire(event)})
                 elif isinstance(event, Finished):
                     self.send({"t": protocol.DONE, "id": rid, **vars(event)})
-                assert self.writer is not None
-                await self.writer.drain()
+                await self.drain()
         except asyncio.CancelledError:
             pass  # the server cancelled it and already answered the client
         except EngineError as exc:

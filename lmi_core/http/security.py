@@ -1,0 +1,87 @@
+"""Access control: the API key, CORS, and which routes a listener serves when management has its own.
+
+With an API key set, every route except ``/ping`` (load balancers' health checks carry no secret)
+needs ``Authorization: Bearer KEY``; that includes ``/metrics`` (Prometheus sends bearer tokens) and
+the management routes. CORS is off unless allowed origins are configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lmi_core.errors import ServiceError
+from lmi_core.http.openai_protocol import error_for_path
+
+OPEN_PATHS = frozenset({"/ping"})
+# Served by both listeners when management has its own address.
+SHARED_PATHS = frozenset({"/ping", "/openapi.json"})
+
+
+class AuthenticationError(ServiceError):
+    status = 401
+    type = "AuthenticationException"
+
+
+class NotFound(ServiceError):
+    status = 404
+    type = "NotFoundException"
+
+
+class ApiKeyMiddleware:
+    """Refuse requests without ``Authorization: Bearer <api_key>`` (401), except on ``/ping``."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: no guessing by timing
+                response = error_for_path(scope["path"], AuthenticationError("missing or invalid API key"))
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def allow_cors(app: Starlette, origins: Sequence[str]) -> None:
+    """Let browsers on ``origins`` (``*``: any) call the API; preflights are answered before the key check."""
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        expose_headers=["X-Request-Id", "Retry-After"],
+    )
+
+
+def is_management_path(path: str) -> bool:
+    """The management API (``/models...`` but not ``/models/{name}/invoke``, ``/server...``) and
+    ``/metrics``: operator routes, kept off the inference listener when management has its own."""
+    if path.startswith("/models/") and path.endswith("/invoke"):
+        return False
+    return path in ("/models", "/metrics") or path.startswith(("/models/", "/server/"))
+
+
+class ListenerFilter:
+    """One listener's view of the app: only management routes, or only the others (404 otherwise)."""
+
+    def __init__(self, app: ASGIApp, management: bool) -> None:
+        self.app = app
+        self.management = management
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        mine = path in SHARED_PATHS or is_management_path(path) == self.management
+        if scope["type"] == "http" and not mine:
+            listener = "management" if self.management else "inference"
+            response = error_for_path(path, NotFound(f"{path} is not served on the {listener} address"))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,183 @@
+"""Prometheus metrics: one registry per app, served at ``GET /metrics``.
+
+Request, latency and token metrics are counted in the server as each request runs, so they are
+complete whatever the number of workers or ranks (a worker that dies loses none of them). The
+engines' own gauges (running, waiting) and counters (finished, cancelled) are read at scrape time
+from the last heartbeat of every worker's rank 0 and summed over the model's workers. Every metric has a
+``model`` label; it is always a loaded model's name, never a client-supplied string.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.pool import WorkerPool
+from lmi_core.server import ModelServer
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
+
+
+@dataclass
+class RequestLabels:
+    """Per HTTP request: the model it ran on, filled in when its generation starts."""
+
+    model: str = ""
+
+
+# Shared by reference with every task the request spawns (tasks copy the context, not the object).
+_current: contextvars.ContextVar[RequestLabels | None] = contextvars.ContextVar("lmi_request", default=None)
+
+
+class EngineCollector(Collector):
+    """Scrape-time gauges from the pools and the engines' heartbeat counters."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        model = ["model"]
+        running = GaugeMetricFamily("lmi_requests_running", "Requests being generated", labels=model)
+        waiting = GaugeMetricFamily(
+            "lmi_requests_waiting", "Requests queued for a worker or inside an engine", labels=model
+        )
+        finished = CounterMetricFamily(
+            "lmi_engine_finished_requests",
+            "Requests the engines completed (resets with a worker)",
+            labels=model,
+        )
+        cancelled = CounterMetricFamily(
+            "lmi_engine_cancelled_requests",
+            "Requests the engines stopped because the client left or timed out (resets with a worker)",
+            labels=model,
+        )
+        workers = GaugeMetricFamily("lmi_workers", "Workers by state", labels=[*model, "state"])
+        for name, pool in list(self.server.pools.items()):
+            stats = pool.engine_stats()
+            running.add_metric([name], sum(s.get("running", 0) for s in stats))
+            waiting.add_metric([name], pool.waiting + sum(s.get("waiting", 0) for s in stats))
+            finished.add_metric([name], sum(s.get("finished_total", 0) for s in stats))
+            cancelled.add_metric([name], sum(s.get("cancelled_total", 0) for s in stats))
+            states: dict[str, int] = {}
+            for worker in pool.workers.values():
+                states[worker.state.value] = states.get(worker.state.value, 0) + 1
+            for state, count in sorted(states.items()):
+                workers.add_metric([name, state], count)
+        yield from (running, waiting, finished, cancelled, workers)
+
+
+class Metrics:
+    """The registry and every metric of one app."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, ["model", *labels], registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
+
+        self.requests = counter("lmi_http_requests", "HTTP requests by route and status", "route", "status")
+        self.queue_time = histogram("lmi_request_queue_time_seconds", "Arrival until a worker took it")
+        self.time_to_first_token = histogram("lmi_time_to_first_token_seconds", "Time to the first token")
+        self.time_per_output_token = histogram(
+            "lmi_time_per_output_token_seconds", "Mean time between output tokens", TOKEN_BUCKETS
+        )
+        self.e2e_latency = histogram("lmi_e2e_request_latency_seconds", "Time to the last token, per request")
+        self.prompt_tokens = counter("lmi_prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("lmi_generation_tokens", "Tokens generated, also when cancelled")
+        self.finished = counter(
+            "lmi_requests_finished",
+            "Generations by outcome: length, eos_token, stop_sequence, error, cancelled",
+            "finish_reason",
+        )
+        self.worker_restarts = counter("lmi_worker_restarts", "Workers restarted after a failure")
+        self.registry.register(EngineCollector(server))
+
+    def observe(self, model: str, event: str, value: float) -> None:
+        """The pool's callback (``ModelServer(observe=...)``)."""
+        if event == "queue_time":
+            self.queue_time.labels(model).observe(value)
+        elif event == "worker_restart":
+            self.worker_restarts.labels(model).inc(value)
+
+    async def instrument(
+        self, pool: WorkerPool, request: GenerationRequest, route: str
+    ) -> AsyncIterator[GenerationEvent]:
+        """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
+        model = pool.name
+        labels = _current.get()
+        if labels is not None:
+            labels.model = model
+        started = time.monotonic()
+        first = last = 0.0
+        outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
+        events = pool.generate(request)
+        try:
+            async for event in events:
+                now = time.monotonic()
+                if isinstance(event, Token):
+                    if not first:
+                        first = now
+                        self.time_to_first_token.labels(model).observe(now - started)
+                    last = now
+                    self.generation_tokens.labels(model).inc()
+                elif isinstance(event, Finished):
+                    outcome = event.finish_reason
+                    self.prompt_tokens.labels(model).inc(event.prompt_tokens)
+                    self.e2e_latency.labels(model).observe(now - started)
+                    if event.generated_tokens > 1:
+                        self.time_per_output_token.labels(model).observe(
+                            (last - first) / (event.generated_tokens - 1)
+                        )
+                yield event
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            self.finished.labels(model, outcome).inc()
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware:
+    """Count every HTTP request by model, route template (never the raw path) and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        labels = RequestLabels()
+        token = _current.set(labels)
+        status = 500  # unless a response starts: an exception escaped the app
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            _current.reset(token)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(labels.model, route, str(status)).inc()

@@ -1,0 +1,505 @@
+"""The vLLM engine inside an lmi-core worker: ``AsyncLLM`` on its own event-loop thread.
+
+Why a private loop thread rather than the worker's loop: ``load_engine`` runs in a worker thread
+(``asyncio.to_thread``), where nothing async can run on the worker's loop; on a loop of our own the
+engine can be built *and* run a warmup request before the worker reports "loaded", so a broken engine
+fails the load rather than the first client. It also keeps vLLM's output processing (detokenization of
+every running request) off the worker's loop, which must stay free to answer heartbeats. Requests
+cross over with ``run_coroutine_threadsafe`` and come back through an ``asyncio.Queue`` on the
+caller's loop, whichever loop that is.
+
+This module imports vLLM only inside functions: the plugin's hooks import it to recognise the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmi_core.engine import (
+    BadRequestError,
+    EngineError,
+    EngineStats,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    Token,
+    WorkerContext,
+)
+from lmi_vllm.options import parse_options
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL = 1.0
+# The private loop only moves vLLM's outputs; silence this long means it is wedged.
+LOOP_STALL_LIMIT = 60.0
+SHUTDOWN_TIMEOUT = 60.0
+ABORT_TIMEOUT = 5.0
+
+_END = object()
+
+
+@dataclass
+class SchedulerCounts:
+    """The last scheduler numbers vLLM reported (written on the engine loop, read on the worker's)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, bool]:
+    """``AsyncEngineArgs`` keyword arguments for ``context``, the CPU KV cache GiB, and warmup."""
+    parsed = parse_options(context.options, pass_through=True)
+    kwargs: dict[str, Any] = {
+        "model": context.model_id,
+        "tensor_parallel_size": context.tensor_parallel_degree,
+        "pipeline_parallel_size": context.pipeline_parallel_degree,
+        "max_num_seqs": context.max_batch_size,
+    }
+    if context.device == "cpu":
+        # Eager start takes ~16-35 s on CPU; torch.compile adds 35-60 s. option.enforce_eager=false
+        # still turns compilation on.
+        kwargs["enforce_eager"] = True
+    kwargs.update(parsed.engine_args)
+    return kwargs, parsed.cpu_kvcache_space, parsed.warmup
+
+
+def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
+    """A vLLM stat logger that keeps the scheduler's running / waiting counts in ``counts``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerCountsLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                counts.running = scheduler_stats.num_running_reqs
+                counts.waiting = scheduler_stats.num_waiting_reqs + getattr(
+                    scheduler_stats, "num_skipped_waiting_reqs", 0
+                )
+                counts.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    def factory(vllm_config: Any, engine_index: int) -> Any:
+        return SchedulerCountsLogger(vllm_config, engine_index)
+
+    return factory
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+class VllmEngine:
+    """An ``AsyncLLM`` and the counters lmi reports; build it with ``VllmEngine.start``."""
+
+    def __init__(
+        self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, counts: SchedulerCounts
+    ) -> None:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:  # an already-tokenized engine input: vLLM neither re-tokenizes nor warns (raw prompts)
+            from vllm.inputs import tokens_input
+        except ImportError:  # vLLM before the renderer API takes a TokensPrompt
+            tokens_input = None
+        self._tokens_input = tokens_input
+
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len: int = llm.model_config.max_model_len
+        self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        self._vllm_sampling_params = VllmSamplingParams
+        self._delta = RequestOutputKind.DELTA
+        self._loop = loop
+        self._thread = thread
+        self._scheduler = counts
+        self._inflight = 0
+        self._closed = False
+        self._health_error: str | None = None
+        self._last_tick = time.monotonic()
+        self.finished_total = 0
+        self.cancelled_total = 0
+        self.aborted_total = 0
+        self.generated_tokens_total = 0
+        self.prompt_tokens_total = 0
+        self._health_task = self._submit(self._watch_health())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, context: WorkerContext) -> VllmEngine:
+        """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
+        kwargs, kv_gib, warmup = engine_kwargs(context)
+        if context.device == "cpu":
+            if kv_gib is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)  # read by vLLM's engine process
+            elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                logger.warning(
+                    "VLLM_CPU_KVCACHE_SPACE is not set: vLLM sizes its CPU KV cache from most of the RAM; "
+                    "set option.cpu_kvcache_space=<GiB> or the environment variable"
+                )
+        if kwargs.get("enforce_eager") and "TORCHDYNAMO_DISABLE" not in os.environ:
+            # Eager means no torch.compile, yet vLLM still compiles a sampler kernel (logprob ranks)
+            # with inductor on first use: 6-30 s of C++ compilation on CPU. Read by vLLM's processes.
+            os.environ["TORCHDYNAMO_DISABLE"] = "1"
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        counts = SchedulerCounts()
+        loop = asyncio.new_event_loop()
+        # Daemon: a worker that exits must not wait for vLLM's loop.
+        thread = threading.Thread(target=_run_loop, args=(loop,), name="lmi-vllm-loop", daemon=True)
+        thread.start()
+
+        async def build() -> Any:
+            # Built on its own loop so that AsyncLLM starts its output handler there at once.
+            return AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**kwargs), stat_loggers=[_stat_logger_factory(counts)]
+            )
+
+        started = time.monotonic()
+        try:
+            llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            raise
+        engine = cls(llm, loop, thread, counts)
+        logger.info("vLLM engine built in %.1f s (%s)", time.monotonic() - started, kwargs["model"])
+        if warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self) -> None:
+        """Run one tiny request with logprobs, so that vLLM's lazy compiles happen now."""
+        started = time.monotonic()
+        ids = list(self.tokenizer.encode("warmup")) or [0]
+        params = self._vllm_sampling_params(
+            max_tokens=2, temperature=0.0, logprobs=1, output_kind=self._delta
+        )
+
+        async def run() -> None:
+            async for _ in self.llm.generate(self.engine_input(ids), params, "lmi-vllm-warmup"):
+                pass
+
+        self._submit(run()).result()
+        logger.info("vLLM warmup request took %.1f s", time.monotonic() - started)
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine processes and the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            self._health_task.cancel()
+            self.llm.shutdown()
+
+        try:
+            self._submit(stop()).result(timeout=SHUTDOWN_TIMEOUT)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def engine_input(self, ids: list[int], text: str | None = None) -> Any:
+        """The prompt as vLLM's engine input: token ids (and the text they came from)."""
+        if self._tokens_input is not None:
+            return self._tokens_input(ids, prompt=text)
+        return {"prompt_token_ids": ids}
+
+    def _submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # -- health and stats ------------------------------------------------------------------------
+
+    async def _watch_health(self) -> None:
+        """On the engine loop: keep ``check_health``'s verdict and a liveness tick for ``stats``."""
+        while True:
+            self._last_tick = time.monotonic()
+            try:
+                await self.llm.check_health()
+            except Exception as exc:
+                self._health_error = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    def check_health(self) -> None:
+        """Raise ``EngineError`` when vLLM's engine is dead or its loop thread is stuck or gone."""
+        if self._closed:
+            raise EngineError("vLLM engine is shut down", status=503)
+        if not self._thread.is_alive():
+            raise EngineError("vLLM engine loop thread exited", status=500)
+        if self._health_error is not None or self.llm.errored:
+            raise EngineError(
+                f"vLLM engine is dead: {self._health_error or 'engine core exited'}", status=500
+            )
+        stalled = time.monotonic() - self._last_tick
+        if stalled > LOOP_STALL_LIMIT:
+            raise EngineError(f"vLLM engine loop has not run for {stalled:.0f} s", status=500)
+
+    def stats(self) -> EngineStats:
+        """Counters for the worker's heartbeat; raises if the engine is unhealthy."""
+        self.check_health()
+        idle = self._inflight == 0  # vLLM's last report may predate the end of the last request
+        return EngineStats(
+            running=0 if idle else self._scheduler.running,
+            waiting=0 if idle else self._scheduler.waiting,
+            finished_total=self.finished_total,
+            cancelled_total=self.cancelled_total,
+            generated_tokens_total=self.generated_tokens_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            extra={
+                "kv_cache_usage": 0.0 if idle else self._scheduler.kv_cache_usage,
+                "inflight": float(self._inflight),
+                "unfinished_in_vllm": float(self.llm.get_num_unfinished_requests()),
+            },
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def prepare_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
+        """The prompt text (chat template applied to ``messages``) and its token ids."""
+        if request.messages:
+            param = "messages"
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # no template, or a template that rejects these messages
+                raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
+            # The template writes the special tokens itself (vLLM's chat path does the same).
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        elif request.prompt is not None:
+            param = "inputs"
+            text = request.prompt
+            ids = list(self.tokenizer.encode(text))
+        else:
+            raise BadRequestError("the request has neither inputs nor messages", param="inputs")
+        if not ids:
+            raise BadRequestError("the prompt is empty", param=param)
+        if len(ids) >= self.max_model_len:
+            raise BadRequestError(
+                f"the prompt has {len(ids)} tokens; this model takes at most {self.max_model_len - 1} "
+                f"(max_model_len={self.max_model_len}, one token is left for the output)",
+                param=param,
+            )
+        return text, ids
+
+    def sampling_params(self, params: SamplingParams) -> Any:
+        """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas, always the token logprob)."""
+        if params.max_new_tokens < 1:
+            raise BadRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
+        if params.top_logprobs < 0:
+            raise BadRequestError("top_logprobs must not be negative", param="top_logprobs")
+        greedy = params.greedy
+        try:
+            return self._vllm_sampling_params(
+                max_tokens=params.max_new_tokens,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                # lmi's 0 means "no top-k"; vLLM spells that -1 (0 too since 0.6, not before).
+                top_k=-1 if greedy or params.top_k <= 0 else params.top_k,
+                seed=params.seed,
+                stop=list(params.stop_sequences) or None,
+                ignore_eos=params.ignore_eos,
+                # 0 = only the sampled token's logprob: every Token carries one.
+                logprobs=params.top_logprobs,
+                output_kind=self._delta,
+            )
+        except (ValueError, TypeError) as exc:
+            raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream ``request``'s tokens, then its ``Finished``; aborts in vLLM when closed early."""
+        text, ids = self.prepare_prompt(request)
+        params = self.sampling_params(request.params)
+        rid = request.request_id
+        top_n = request.params.top_logprobs
+        prompt = self.engine_input(ids, text)
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        async def pump() -> None:
+            # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
+            generated = 0
+            try:
+                async for output in self.llm.generate(prompt, params, rid):
+                    events = output_events(output, self.special_ids, top_n, text, len(ids), generated)
+                    generated += len(events) - (1 if output.finished else 0)
+                    put(events)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                put(exc)
+            else:
+                put(_END)
+
+        self._inflight += 1
+        self.prompt_tokens_total += len(ids)
+        future = self._submit(pump())
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if item is _END:
+                    raise EngineError("vLLM ended the request without a finish reason")
+                if isinstance(item, BaseException):
+                    raise map_error(item) from item
+                for event in item:
+                    if isinstance(event, Finished):
+                        finished = True
+                        self.finished_total += 1
+                    else:
+                        self.generated_tokens_total += 1
+                    yield event
+        finally:
+            self._inflight -= 1
+            if not finished:
+                # Closed early (client gone, cancelled) or failed: free the sequence in vLLM now.
+                self.cancelled_total += 1
+                await self.abort(rid)
+                future.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort ``request_id`` in vLLM (from the caller's loop)."""
+        self.aborted_total += 1
+        try:
+            await asyncio.wait_for(
+                asyncio.wrap_future(self._submit(self.llm.abort(request_id))), ABORT_TIMEOUT
+            )
+        except Exception as exc:  # the engine may be dead already: nothing left to free
+            logger.warning("vLLM abort of %s failed: %s", request_id, exc)
+
+
+# -- pure conversions (no vLLM import; unit-testable) -----------------------------------------------
+
+
+def output_events(
+    output: Any,
+    special_ids: frozenset[int],
+    top_n: int,
+    prompt: str,
+    prompt_tokens: int,
+    generated_before: int,
+) -> list[GenerationEvent]:
+    """The lmi events of one vLLM ``RequestOutput`` in DELTA mode: its new tokens, then ``Finished``.
+
+    ``generated_before``: tokens of this request in earlier outputs (DELTA outputs carry only new ones).
+    """
+    completion = output.outputs[0]
+    token_ids = list(completion.token_ids)
+    logprobs: Sequence[Mapping[int, Any]] | None = completion.logprobs
+    pieces = [
+        _decoded(logprobs[i].get(tid)) if logprobs is not None and i < len(logprobs) else None
+        for i, tid in enumerate(token_ids)
+    ]
+    texts = split_text(completion.text, pieces)
+    events: list[GenerationEvent] = []
+    # The final token says so: a stream writes it together with the finish (DJL's last JSON line).
+    last_index = len(token_ids) - 1 if output.finished else -1
+    for i, (tid, piece) in enumerate(zip(token_ids, texts, strict=True)):
+        entry = logprobs[i] if logprobs is not None and i < len(logprobs) else None
+        own = entry.get(tid) if entry is not None else None
+        top = None
+        if top_n > 0 and entry is not None:
+            ranked = sorted(
+                (lp for lp in entry.items() if lp[1].rank is not None and lp[1].rank <= top_n),
+                key=lambda kv: kv[1].rank,
+            )
+            top = [(t, lp.decoded_token or "", float(lp.logprob)) for t, lp in ranked[:top_n]]
+        events.append(
+            Token(
+                id=int(tid),
+                text=piece,
+                log_prob=float(own.logprob) if own is not None else 0.0,
+                special=int(tid) in special_ids,
+                top_logprobs=top,
+                last=i == last_index,
+            )
+        )
+    if output.finished:
+        events.append(
+            Finished(
+                finish_reason=finish_reason(completion.finish_reason, completion.stop_reason),
+                prompt_tokens=prompt_tokens,
+                generated_tokens=generated_before + len(token_ids),
+                prompt=prompt,
+            )
+        )
+    return events
+
+
+def _decoded(logprob: Any) -> str | None:
+    return getattr(logprob, "decoded_token", None) if logprob is not None else None
+
+
+def split_text(delta: str, pieces: Sequence[str | None]) -> list[str]:
+    """Share a delta's text among its tokens so that the shares join to exactly ``delta``.
+
+    One token takes it all. Several (the consumer fell behind, vLLM merged the deltas): the tokens'
+    own decoded strings when they join to ``delta``, else the last token takes the whole text.
+    """
+    n = len(pieces)
+    if n == 0:
+        return []
+    if n == 1:
+        return [delta]
+    if all(p is not None for p in pieces) and "".join(p for p in pieces if p is not None) == delta:
+        return [p or "" for p in pieces]
+    return [""] * (n - 1) + [delta]
+
+
+def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason:
+    """vLLM's finish and stop reasons as lmi's finish reason."""
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "cancelled"
+    if reason == "stop":
+        # A stop string names itself; None is EOS; an int is a stop token id (EOS-like).
+        return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
+    if reason == "error":
+        raise EngineError("vLLM failed the request")
+    return "eos_token"
+
+
+def map_error(exc: BaseException) -> EngineError:
+    """vLLM's request errors as lmi engine errors (client errors -> 400, a dead engine -> 500)."""
+    if isinstance(exc, EngineError):
+        return exc
+    name = type(exc).__name__
+    try:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - vLLM moved them
+        return EngineError(f"{name}: {exc}")
+    if isinstance(exc, (VLLMClientError, ValueError)):
+        return BadRequestError(f"{exc}", param="parameters")
+    if isinstance(exc, EngineDeadError):
+        return EngineError(f"vLLM engine is dead: {exc}", status=500)
+    return EngineError(f"{name}: {exc}")

@@ -1,0 +1,321 @@
+"""``option.*`` keys of the vLLM backend: checked in the server, turned into engine args in the worker.
+
+Three kinds of keys:
+
+* lmi keys with their own meaning, checked here without vLLM (``max_model_len``, ``enforce_eager``,
+  ``dtype``, ...), DJL aliases (``max_rolling_batch_prefill_tokens``, ``quantize``) and this plugin's
+  own keys (``cpu_kvcache_space``);
+* any other field of vLLM's ``AsyncEngineArgs`` dataclass, passed through after converting the string
+  by the field's declared type (JSON for dicts, lists and nested configs);
+* everything else is an error naming the key.
+
+Pass-through keys can only be checked where vLLM is importable. The server may run without vLLM (the
+worker can use another interpreter, ``option.pythonExecutable``); then they are checked in the worker
+when the engine loads, which fails the model's startup with the same ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import importlib.util
+import json
+import logging
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmi_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# lmi / DJL dtype names -> vLLM's.
+DTYPES: dict[str, str] = {
+    "auto": "auto",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+
+# DJL option names -> vLLM EngineArgs fields.
+ALIASES: dict[str, str] = {
+    "max_rolling_batch_prefill_tokens": "max_num_batched_tokens",
+    "quantize": "quantization",
+}
+
+# EngineArgs fields that lmi sets from its own keys: naming them directly would be ambiguous.
+RESERVED: dict[str, str] = {
+    "model": "option.model_id",
+    "max_num_seqs": "option.max_rolling_batch_size",
+    "tensor_parallel_size": "option.tensor_parallel_degree",
+    "pipeline_parallel_size": "option.pipeline_parallel_degree",
+    "served_model_name": "option.served_model_name",
+}
+
+# DJL keys accepted for compatibility; they change nothing here.
+IGNORED = frozenset({"enable_streaming", "output_formatter", "rolling_batch", "mpi_mode"})
+
+TASKS = ("auto", "generate", "text-generation")
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _int(minimum: int | None = None) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError("an integer" if minimum is None else f"an integer >= {minimum}") from None
+        if minimum is not None and number < minimum:
+            raise ValueError(f"an integer >= {minimum}")
+        return number
+
+    return convert
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("a number in (0, 1]") from None
+    if not 0.0 < number <= 1.0:
+        raise ValueError("a number in (0, 1]")
+    return number
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a non-empty string")
+    return value.strip()
+
+
+def _dtype(value: str) -> str:
+    try:
+        return DTYPES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"one of {', '.join(DTYPES)}") from None
+
+
+def _task(value: str) -> str:
+    if value not in TASKS:
+        raise ValueError(f"one of {', '.join(TASKS)} (this backend only generates text)")
+    return value
+
+
+# Keys checked without vLLM: key -> converter (raises ValueError naming what is allowed).
+KNOWN: dict[str, Callable[[str], Any]] = {
+    "dtype": _dtype,
+    "max_model_len": _int(1),
+    "enforce_eager": _bool,
+    "gpu_memory_utilization": _fraction,
+    "enable_prefix_caching": _bool,
+    "enable_chunked_prefill": _bool,
+    "trust_remote_code": _bool,
+    "max_num_batched_tokens": _int(1),
+    "quantization": _nonempty,
+    "block_size": _int(1),
+    "seed": _int(),
+    "max_logprobs": _int(0),
+    "tokenizer": _nonempty,
+    "revision": _nonempty,
+}
+
+# This plugin's own keys (not EngineArgs fields).
+PLUGIN_KEYS: dict[str, Callable[[str], Any]] = {
+    # GiB of KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); vLLM's own default takes most of the RAM.
+    "cpu_kvcache_space": _int(1),
+    # Run one short request while loading, so the first client does not pay vLLM's lazy compiles.
+    "warmup": _bool,
+    "task": _task,
+}
+
+
+@dataclass
+class VllmOptions:
+    """Parsed options: ``AsyncEngineArgs`` keyword arguments plus this plugin's own settings."""
+
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    cpu_kvcache_space: int | None = None
+    warmup: bool = True
+
+
+def vllm_importable() -> bool:
+    """Whether this interpreter can import vLLM (without importing it)."""
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return False
+    # origin None: a namespace package (a directory named vllm on sys.path), not vLLM.
+    return spec is not None and spec.origin is not None
+
+
+@functools.cache
+def engine_arg_fields() -> dict[str, Any]:
+    """The fields of vLLM's ``AsyncEngineArgs``, by name, with their declared types (imports vLLM)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_")}
+
+
+def parse_options(options: Mapping[str, Any], *, pass_through: bool | None = None) -> VllmOptions:
+    """Convert the backend's ``option.*`` strings (keys without the prefix) to engine arguments.
+
+    ``pass_through``: check keys that are vLLM EngineArgs fields (needs vLLM); None = when importable.
+    Unchecked pass-through keys are kept as strings. Raises ``ConfigError`` naming the bad key.
+    """
+    if pass_through is None:
+        pass_through = vllm_importable()
+    fields = engine_arg_fields() if pass_through else None
+    parsed = VllmOptions()
+    for key, raw in options.items():
+        value = str(raw)
+        name = f"option.{key}"
+        if key in IGNORED:
+            continue
+        if key in RESERVED:
+            raise ConfigError(name, value, f"{RESERVED[key]} instead (lmi sets vLLM's {key} from it)")
+        try:
+            if key in PLUGIN_KEYS:
+                converted = PLUGIN_KEYS[key](value)
+                if key == "cpu_kvcache_space":
+                    parsed.cpu_kvcache_space = converted
+                elif key == "warmup":
+                    parsed.warmup = converted
+                continue
+            target = ALIASES.get(key, key)
+            if target in KNOWN:
+                parsed.engine_args[target] = KNOWN[target](value)
+            elif fields is None:
+                parsed.engine_args[target] = value  # checked in the worker, where vLLM is installed
+            elif target in fields:
+                parsed.engine_args[target] = convert(value, fields[target])
+            else:
+                raise ConfigError(name, value, _unknown_key_hint(key, fields))
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(name, value, str(exc)) from None
+    return parsed
+
+
+def _unknown_key_hint(key: str, fields: Mapping[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, [*fields, *KNOWN, *PLUGIN_KEYS, *ALIASES], n=3)
+    hint = f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
+    return f"a key the vllm backend knows: an lmi option or a vLLM EngineArgs field{hint}"
+
+
+# -- string -> declared type ---------------------------------------------------------------------
+
+
+def convert(value: str, annotation: Any) -> Any:
+    """Convert a ``serving.properties`` string to the EngineArgs field type ``annotation``.
+
+    Raises ``ValueError`` whose message says what is allowed.
+    """
+    if isinstance(annotation, str) or annotation is Any:
+        return _json_or_str(value)  # an annotation vLLM left unresolved: let vLLM check it
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) < len(args) and value.strip().lower() in ("none", "null"):
+            return None
+        # str last, so that "8" becomes 8 for `int | str`.
+        members.sort(key=lambda a: a is str)
+        for member in members:
+            try:
+                return convert(value, member)
+            except ValueError:
+                continue
+        raise ValueError(" or ".join(_describe(m) for m in members))
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == value.strip() or (
+                isinstance(choice, str) and choice.lower() == value.strip().lower()
+            ):
+                return choice
+        raise ValueError(f"one of {', '.join(str(a) for a in args)}")
+    if annotation is bool:
+        return _bool(value)
+    if annotation is int:
+        return _int()(value)
+    if annotation is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("a number") from None
+    if annotation is str:
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        for member in annotation:
+            if value.strip().lower() in (member.name.lower(), str(member.value).lower()):
+                return member
+        raise ValueError(f"one of {', '.join(m.name for m in annotation)}")
+    if origin in (list, set, tuple, frozenset) or annotation in (list, set, tuple, frozenset):
+        container = origin or annotation
+        items = (
+            _json(value)
+            if value.strip().startswith("[")
+            else [v.strip() for v in value.split(",") if v.strip()]
+        )
+        if not isinstance(items, list):
+            raise ValueError("a JSON list or a comma-separated list")
+        item_type = args[0] if args else str
+        return container(convert(i, item_type) if isinstance(i, str) else i for i in items)
+    if origin is dict or annotation is dict or _is_config_class(annotation):
+        loaded = _json(value)
+        if not isinstance(loaded, dict):
+            raise ValueError("a JSON object")
+        if _is_config_class(annotation):
+            try:  # vLLM's config classes check their fields on construction (cheap, offline)
+                annotation(**loaded)
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                raise ValueError(f"a valid {annotation.__name__} ({lines[0] if lines else exc!r})") from None
+        return loaded  # EngineArgs.__post_init__ builds the nested config from the dict
+    if origin is type or origin is typing.Callable or typing.get_origin(annotation) is not None:
+        raise ValueError(f"a {_describe(annotation)}, which cannot be given as a string")
+    return _json_or_str(value)
+
+
+def _is_config_class(annotation: Any) -> bool:
+    return isinstance(annotation, type) and (
+        dataclasses.is_dataclass(annotation) or hasattr(annotation, "model_fields")
+    )
+
+
+def _json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _describe(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")

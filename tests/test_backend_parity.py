@@ -1,0 +1,375 @@
+"""One HTTP test suite for every backend: lmi_hf and lmi_vllm must behave alike through each API route.
+
+Each backend serves the demo model from a real ``lmi serve`` (one server per backend, started on first
+use and kept for the module). The main suite (``make test``) runs the ``hf`` half; the vLLM venv
+(``make test-vllm``, ``-m vllm``) runs the ``vllm`` half and the cross-backend comparison, which needs
+both servers: greedy decoding of the demo model (its lm_head is scaled x8, so the top token wins by a
+wide margin) must give the same tokens on both engines.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def _vllm_importable() -> bool:
+    # origin None: a namespace package (tests/vllm where tests/ is on sys.path), not vLLM.
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
+VLLM = pytest.param(
+    "vllm",
+    marks=[
+        pytest.mark.vllm,
+        pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not installed (scripts/setup-vllm.sh)"),
+    ],
+)
+BACKENDS = ["hf", VLLM]
+
+CONTEXT = 128  # option.max_model_len on both backends: a cheap "prompt too long"
+PROMPT = "The quick brown fox jumps over the lazy dog"
+GREEDY_PROMPTS = [PROMPT, "hello world", "Once upon a time, in a land far away", "1 2 3 4 5"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+TOO_LONG = " ".join(["fox"] * CONTEXT * 2)
+TIMEOUT = 120.0
+# vLLM's engine starts in 16-36 s on an idle 2-core machine; CI shares it with other work.
+READY_TIMEOUT = {"hf": 90.0, "vllm": 300.0}
+
+
+class Servers:
+    """One ``lmi serve`` per backend on the demo model, started on first use."""
+
+    def __init__(self, base: Path, demo: Path) -> None:
+        self.base = base
+        self.demo = demo
+        self.running: dict[str, ServerProcess] = {}
+        # vLLM's IPC sockets need a short path (Unix sockets: 107 bytes); cleaned up in close().
+        self.vllm_tmp = Path(tempfile.mkdtemp(prefix="lmi-parity-"))
+
+    def get(self, backend: str) -> ServerProcess:
+        if backend not in self.running:
+            self.running[backend] = self._start(backend)
+        return self.running[backend]
+
+    def _start(self, backend: str) -> ServerProcess:
+        directory = self.base / backend
+        directory.mkdir()
+        for item in self.demo.iterdir():
+            if item.name != "serving.properties":
+                (directory / item.name).symlink_to(item)
+        properties = {
+            "option.backend": backend,
+            "option.dtype": "float32",  # the same arithmetic on both engines
+            "option.max_model_len": str(CONTEXT),
+            "option.max_rolling_batch_size": "8",
+        }
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if backend == "vllm":
+            properties["option.cpu_kvcache_space"] = "1"
+            env.update(VLLM_RPC_BASE_PATH=str(self.vllm_tmp), TMPDIR=str(self.vllm_tmp))
+        (directory / "serving.properties").write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+        server = ServerProcess(
+            ["--model-dir", str(directory), "--model-name", "demo"], env, self.base / f"{backend}.log"
+        )
+        try:
+            server.wait_ready(READY_TIMEOUT[backend])
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def close(self) -> None:
+        for server in self.running.values():
+            server.stop()
+        shutil.rmtree(self.vllm_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Servers]:
+    pool = Servers(tmp_path_factory.mktemp("parity"), demo_model)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, servers: Servers) -> ServerProcess:
+    return servers.get(request.param)
+
+
+# -- client helpers ------------------------------------------------------------------------------
+
+
+def post(server: ServerProcess, path: str, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}{path}", json=body, timeout=TIMEOUT)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def generate(server: ServerProcess, inputs: str, **parameters: Any) -> dict[str, Any]:
+    """A non-streamed /invocations result, with details."""
+    return post(server, "/invocations", {"inputs": inputs, "parameters": {"details": True, **parameters}})
+
+
+def stream_lines(server: ServerProcess, inputs: str, **parameters: Any) -> list[dict[str, Any]]:
+    """The JSON lines of a streamed /invocations request."""
+    body = {"inputs": inputs, "parameters": {"details": True, **parameters}, "stream": True}
+    with httpx.stream("POST", f"{server.url}/invocations", json=body, timeout=TIMEOUT) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("application/jsonlines")
+        return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def sse_chunks(server: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of an OpenAI SSE stream, which must end with ``data: [DONE]``."""
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=TIMEOUT
+    ) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def greedy_text(server: ServerProcess, inputs: str = PROMPT, tokens: int = 24) -> str:
+    return generate(server, inputs, max_new_tokens=tokens, ignore_eos_token=True)["generated_text"]
+
+
+def stop_string(text: str) -> str:
+    """A short printable piece from the middle of ``text``: generation must end right before it."""
+    return next(text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip())
+
+
+# -- /invocations --------------------------------------------------------------------------------
+
+
+def test_invocations_details_and_max_new_tokens(server: ServerProcess) -> None:
+    result = generate(server, PROMPT, max_new_tokens=8, ignore_eos_token=True)
+    details = result["details"]
+    assert details["finish_reason"] == "length"
+    assert details["generated_tokens"] == len(details["tokens"]) == 8
+    assert details["inputs"] == PROMPT
+    assert result["generated_text"] == "".join(t["text"] for t in details["tokens"])
+    assert all(t["log_prob"] <= 0.0 and "top_tokens" not in t for t in details["tokens"])
+    full = post(
+        server,
+        "/invocations",
+        {
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 8, "ignore_eos_token": True, "return_full_text": True},
+        },
+    )
+    assert full["generated_text"] == PROMPT + result["generated_text"]
+
+
+def test_invocations_stream_joins_to_the_generated_text(server: ServerProcess) -> None:
+    whole = generate(server, PROMPT, max_new_tokens=12, ignore_eos_token=True)
+    lines = stream_lines(server, PROMPT, max_new_tokens=12, ignore_eos_token=True)
+    assert all("token" in line for line in lines) and len(lines) == 12
+    assert [line["token"]["id"] for line in lines] == [t["id"] for t in whole["details"]["tokens"]]
+    last = lines[-1]
+    assert (
+        last["generated_text"] == "".join(line["token"]["text"] for line in lines) == whole["generated_text"]
+    )
+    assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 12
+    assert all("generated_text" not in line for line in lines[:-1])
+
+
+def test_stop_sequences(server: ServerProcess) -> None:
+    full = greedy_text(server, tokens=30)
+    stop = stop_string(full)
+    result = generate(server, PROMPT, max_new_tokens=30, ignore_eos_token=True, stop_sequences=[stop])
+    assert result["generated_text"] == full[: full.index(stop)]
+    assert result["details"]["finish_reason"] == "stop_sequence"
+    lines = stream_lines(server, PROMPT, max_new_tokens=30, ignore_eos_token=True, stop_sequences=[stop])
+    assert lines[-1]["generated_text"] == result["generated_text"]
+    assert lines[-1]["details"]["finish_reason"] == "stop_sequence"
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(server: ServerProcess) -> None:
+    assert greedy_text(server) == greedy_text(server)
+    # Sampling parameters count in greedy mode for neither engine.
+    assert generate(server, PROMPT, max_new_tokens=24, ignore_eos_token=True, temperature=1.5, top_k=5)[
+        "generated_text"
+    ] == greedy_text(server)
+
+    def sample(seed: int) -> str:
+        params = {"do_sample": True, "temperature": 1.5, "top_p": 0.95, "top_k": 50, "seed": seed}
+        return generate(server, PROMPT, max_new_tokens=16, ignore_eos_token=True, **params)["generated_text"]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({first, sample(8), sample(9), sample(10)}) > 1
+
+
+def test_invocations_top_n_tokens(server: ServerProcess) -> None:
+    tokens = generate(server, PROMPT, max_new_tokens=5, ignore_eos_token=True, top_n_tokens=3)["details"][
+        "tokens"
+    ]
+    for token in tokens:
+        top = token["top_tokens"]
+        assert len(top) == 3
+        assert [t["log_prob"] for t in top] == sorted((t["log_prob"] for t in top), reverse=True)
+        assert top[0]["id"] == token["id"]  # greedy takes the most likely token
+        assert top[0]["log_prob"] == pytest.approx(token["log_prob"], abs=1e-4)
+
+
+def test_chat_on_invocations_streams_json_lines(server: ServerProcess) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    result = post(server, "/invocations", body)
+    assert result["object"] == "chat.completion" and result["usage"]["completion_tokens"] == 6
+    with httpx.stream(
+        "POST", f"{server.url}/invocations", json={**body, "stream": True}, timeout=TIMEOUT
+    ) as response:
+        chunks = [json.loads(line) for line in response.iter_lines() if line]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == result["choices"][0]["message"]["content"]
+
+
+# -- OpenAI API ----------------------------------------------------------------------------------
+
+
+def test_completions_match_the_native_api_streamed_or_not(server: ServerProcess) -> None:
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    result = post(server, "/v1/completions", body)
+    choice = result["choices"][0]
+    assert choice["text"] == greedy_text(server, tokens=10)
+    assert choice["finish_reason"] == "length"
+    usage = result["usage"]
+    assert usage["completion_tokens"] == 10 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 10
+    chunks = sse_chunks(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == choice["text"]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+
+
+def test_completion_stop_sequence(server: ServerProcess) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    full = post(server, "/v1/completions", body)["choices"][0]["text"]
+    stop = stop_string(full)
+    choice = post(server, "/v1/completions", {**body, "stop": [stop]})["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_completion_logprobs(server: ServerProcess) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    choice = post(server, "/v1/completions", body)["choices"][0]
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"] and len(logprobs["tokens"]) == 5
+    assert all(lp <= 0.0 for lp in logprobs["token_logprobs"])
+    for own, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(own, abs=1e-4)
+    assert logprobs["text_offset"][0] == 0
+    streamed = sse_chunks(server, "/v1/completions", body)
+    streamed_lps = [
+        c["choices"][0]["logprobs"]["token_logprobs"][0]
+        for c in streamed
+        if c["choices"][0]["finish_reason"] is None
+    ]
+    assert streamed_lps == pytest.approx(logprobs["token_logprobs"], abs=1e-4)
+
+
+def test_chat_completions_streamed_or_not(server: ServerProcess) -> None:
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    result = post(server, "/v1/chat/completions", body)
+    assert result["object"] == "chat.completion" and result["id"].startswith("chatcmpl-")
+    choice = result["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 8
+    chunks = sse_chunks(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert "".join(deltas) == choice["message"]["content"]
+    assert chunks[-1]["usage"] == result["usage"]
+
+
+def test_chat_logprobs(server: ServerProcess) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    result = post(server, "/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 3})
+    content = result["choices"][0]["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == result["choices"][0]["message"]["content"]
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-4)
+    assert post(server, "/v1/chat/completions", body)["choices"][0]["logprobs"] is None
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_prompt_too_long_is_a_400_naming_the_prompt(server: ServerProcess) -> None:
+    native = post(server, "/invocations", {"inputs": TOO_LONG}, status=400)
+    assert native["code"] == 400 and native["param"] == "inputs"
+    error = post(server, "/v1/completions", {"prompt": TOO_LONG, "max_tokens": 4}, status=400)["error"]
+    assert error["param"] == "prompt" and error["type"] == "invalid_request_error"
+    chat = [{"role": "user", "content": TOO_LONG}]
+    error = post(server, "/v1/chat/completions", {"messages": chat, "max_tokens": 4}, status=400)["error"]
+    assert error["param"] == "messages"
+    with httpx.stream(
+        "POST", f"{server.url}/invocations", json={"inputs": TOO_LONG, "stream": True}, timeout=TIMEOUT
+    ) as response:
+        assert response.status_code == 400  # refused before the stream starts
+    assert greedy_text(server) == greedy_text(server)  # and the server still serves
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/invocations",
+            {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}},
+            "parameters.max_new_tokens",
+        ),
+        ("/invocations", {"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "parameters.top_p"),
+        ("/invocations", {"inputs": PROMPT, "parameters": {"no_such": 1}}, "parameters.no_such"),
+        ("/v1/completions", {"prompt": PROMPT, "temperature": 3.0}, "temperature"),
+        ("/v1/completions", {"prompt": PROMPT, "logprobs": 9}, "logprobs"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_bad_parameter_is_a_400_naming_it(
+    server: ServerProcess, path: str, body: dict[str, Any], param: str
+) -> None:
+    answer = post(server, path, body, status=400)
+    assert (answer["error"] if path.startswith("/v1/") else answer)["param"] == param
+
+
+# -- across backends -----------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not installed (scripts/setup-vllm.sh)")
+def test_hf_and_vllm_greedy_outputs_are_identical(servers: Servers) -> None:
+    hf, vllm = servers.get("hf"), servers.get("vllm")
+    for prompt in GREEDY_PROMPTS:
+        ours, theirs = (
+            generate(s, prompt, max_new_tokens=24, ignore_eos_token=True)["details"] for s in (hf, vllm)
+        )
+        assert [t["id"] for t in ours["tokens"]] == [t["id"] for t in theirs["tokens"]], prompt
+        assert "".join(t["text"] for t in ours["tokens"]) == "".join(t["text"] for t in theirs["tokens"])
+        # Same weights in float32: the log-probabilities agree to rounding, not bit for bit.
+        assert [t["log_prob"] for t in ours["tokens"]] == pytest.approx(
+            [t["log_prob"] for t in theirs["tokens"]], abs=1e-3
+        )
+    body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    chats = [post(s, "/v1/chat/completions", body) for s in (hf, vllm)]
+    assert chats[0]["choices"][0]["message"] == chats[1]["choices"][0]["message"]
+    assert chats[0]["usage"] == chats[1]["usage"]

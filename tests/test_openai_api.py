@@ -1,0 +1,365 @@
+"""The OpenAI-compatible API against a real server, with the official openai client used unchanged
+(sync, async, streaming), plus chat on the native /invocations API (DJL behaviour)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+MODEL = "demo"
+CONTEXT = 64  # option.max_model_len: keeps "too long" prompts and unbounded chats cheap
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[ServerProcess]:
+    env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5", "OPTION_MAX_MODEL_LEN": str(CONTEXT)}
+    log = tmp_path_factory.mktemp("openai") / "server.log"
+    server = ServerProcess(["--model-dir", str(demo_model), "--model-name", MODEL], env, log)
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def lmi(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+def test_completion_matches_the_native_api_and_counts_usage(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    result = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6, temperature=0)
+    native = lmi(server, {"inputs": "hello world", "parameters": {"max_new_tokens": 6, "details": True}})
+    assert result.object == "text_completion" and result.model == MODEL and result.id.startswith("cmpl-")
+    choice = result.choices[0]
+    assert choice.text == native["generated_text"]
+    assert choice.finish_reason == "length"
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 6 == native["details"]["generated_tokens"]
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
+
+
+def test_completion_default_max_tokens_is_16(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=MODEL, prompt="one two", temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 16
+
+
+def test_stop_sequence_ends_the_text_before_it(client: openai.OpenAI) -> None:
+    full = (
+        client.completions.create(model=MODEL, prompt="the quick", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
+    start = next(i for i in range(2, len(full) - 2) if full[i : i + 2].strip())
+    stop = full[start : start + 2]
+    result = client.completions.create(
+        model=MODEL, prompt="the quick", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert result.choices[0].text == full[: full.index(stop)]
+    assert result.choices[0].finish_reason == "stop"
+
+
+def test_several_prompts_and_n_choices_with_echo(client: openai.OpenAI) -> None:
+    prompts = ["one two", "hello world"]
+    result = client.completions.create(
+        model=MODEL, prompt=prompts, n=2, max_tokens=3, temperature=0, echo=True
+    )
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    for choice in result.choices:
+        assert choice.text.startswith(prompts[choice.index // 2])
+    # Greedy: both choices of one prompt agree.
+    assert result.choices[0].text == result.choices[1].text
+    assert result.usage is not None and result.usage.completion_tokens == 12
+    single = client.completions.create(model=MODEL, prompt="one two", max_tokens=3, temperature=0)
+    doubled = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, temperature=0)
+    # The n choices of a prompt share its tokens: counted once.
+    assert result.usage.prompt_tokens == doubled.usage.prompt_tokens > single.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_seed_makes_sampling_reproducible_and_choices_differ(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> list[str]:
+        result = client.completions.create(
+            model=MODEL, prompt="the", max_tokens=8, n=3, temperature=1.0, seed=seed
+        )
+        return [c.text for c in result.choices]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len(set(first)) > 1  # each choice has its own seed
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    result = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0, logprobs=2)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
+    assert len(logprobs.tokens) == 4 and "".join(logprobs.tokens) == result.choices[0].text
+    assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(4)]
+
+
+def test_streamed_completion_joins_to_the_complete_one(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="hello world",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def test_chat_uses_the_chat_template_and_matches_native_chat(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    result = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    message = result.choices[0].message
+    assert message.role == "assistant" and message.content
+    native = lmi(server, {"messages": MESSAGES, "max_tokens": 5, "temperature": 0})
+    assert native["object"] == "chat.completion"
+    assert native["choices"][0]["message"]["content"] == message.content
+    # The template wraps each message: more prompt tokens than the raw texts alone.
+    plain = client.completions.create(model=MODEL, prompt="Be brief.hello world", max_tokens=1)
+    assert result.usage is not None and plain.usage is not None
+    assert result.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_chat_max_completion_tokens_and_content_parts(client: openai.OpenAI) -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}
+    ]
+    result = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_completion_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 3
+    assert result.choices[0].finish_reason == "length"
+    flat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello world"}], max_tokens=3, temperature=0
+    )
+    assert flat.choices[0].message.content == result.choices[0].message.content
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+    )
+    assert result.usage is not None
+    assert result.usage.prompt_tokens + result.usage.completion_tokens == CONTEXT
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,  # type: ignore[arg-type]
+    )
+    content = result.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 3
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy picks the best
+
+
+def test_streamed_chat_with_usage(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage == whole.usage
+
+
+def test_streamed_chat_with_n_choices_interleaves_by_index(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        n=2,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    texts, finished = ["", ""], [None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert texts[0] == texts[1] and finished == ["length", "length"]
+
+
+async def test_async_client_runs_requests_concurrently(server: ServerProcess) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    prompts = ["one", "two three", "hello world", "the quick brown fox"]
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0) for p in prompts)
+    )
+    assert time.monotonic() - started < 30
+    for prompt, result in zip(prompts, results, strict=True):
+        alone = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+        assert result.choices[0].text == alone.choices[0].text
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=3,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    whole = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    assert text == whole.choices[0].message.content
+    await client.close()
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "lmi-core"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"extra_body": {"bogus": 1}}, "bogus"),
+    ],
+)
+def test_bad_parameter_is_a_400_naming_it(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", **kwargs)
+    assert info.value.status_code == 400
+    assert info.value.param == param
+    assert info.value.type == "invalid_request_error"
+
+
+def test_bad_chat_parameters(client: openai.OpenAI) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content",
+        ),
+        ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, **kwargs)
+        assert info.value.param == param, kwargs
+
+
+def test_unknown_model_is_a_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="hi")
+    assert info.value.param == "model" and "gpt-4" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_longer_than_the_context_is_a_400_at_once(client: openai.OpenAI, stream: bool) -> None:
+    prompt = "hello world " * CONTEXT
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, stream=stream)
+    assert info.value.param == "prompt" and "context" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], stream=stream
+        )
+    assert info.value.param == "messages"
+
+
+def test_errors_have_the_openai_shape(server: ServerProcess) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10)
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# -- chat on the native API ----------------------------------------------------------------------
+
+
+def test_native_chat_streams_json_lines_of_chunks(server: ServerProcess) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 5, "temperature": 0}
+    whole = lmi(server, body)["choices"][0]["message"]["content"]
+    with httpx.stream(
+        "POST", f"{server.url}/invocations", json={**body, "stream": True}, timeout=60
+    ) as response:
+        assert response.headers["content-type"].startswith("application/jsonlines")
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert all(line["object"] == "chat.completion.chunk" for line in lines)
+    assert "".join(line["choices"][0]["delta"].get("content") or "" for line in lines) == whole
+    assert lines[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_native_chat_errors_keep_the_djl_shape(server: ServerProcess) -> None:
+    response = httpx.post(f"{server.url}/invocations", json={"messages": "hi"}, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["param"] == "messages" and response.json()["code"] == 400

@@ -1,0 +1,227 @@
+"""The vLLM engine through lmi's worker hooks, in process, on the tiny demo model (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from lmi_core.engine import BadRequestError, EngineStats, Finished, GenerationRequest, SamplingParams, Token
+from lmi_core.errors import ConfigError
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
+
+# Matches the engine fixture's max_model_len (conftest.MAX_MODEL_LEN).
+MAX_MODEL_LEN = 512
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+TIMEOUT = 120.0
+
+
+async def run(
+    pm: Any, engine: Any, prompt: str | None = PROMPT, **params: Any
+) -> tuple[list[Token], Finished]:
+    """All events of one request, through the handle_request hook."""
+    request = GenerationRequest(
+        request_id=f"t-{id(params)}-{len(params)}", prompt=prompt, params=SamplingParams(**params)
+    )
+    return await asyncio.wait_for(collect(pm.hook.handle_request(engine=engine, request=request)), TIMEOUT)
+
+
+async def collect(events: Any) -> tuple[list[Token], Finished]:
+    tokens: list[Token] = []
+    finished: Finished | None = None
+    async for event in events:
+        assert finished is None, "no event may follow Finished"
+        if isinstance(event, Token):
+            tokens.append(event)
+        else:
+            finished = event
+    assert finished is not None
+    return tokens, finished
+
+
+def text_of(tokens: list[Token]) -> str:
+    return "".join(t.text for t in tokens)
+
+
+async def test_loaded_engine_reports_stats(pm: Any, engine: Any) -> None:
+    stats = pm.hook.engine_stats(engine=engine)
+    assert isinstance(stats, EngineStats)
+    assert stats.running == 0 and stats.waiting == 0
+
+
+async def test_greedy_is_deterministic_and_stops_at_max_new_tokens(pm: Any, engine: Any) -> None:
+    first = await run(pm, engine, max_new_tokens=12, ignore_eos=True)
+    second = await run(pm, engine, max_new_tokens=12, ignore_eos=True)
+    assert [t.id for t in first[0]] == [t.id for t in second[0]]
+    assert text_of(first[0]) == text_of(second[0])
+    tokens, finished = first
+    assert len(tokens) == 12
+    assert finished.finish_reason == "length"
+    assert finished.generated_tokens == 12
+    assert finished.prompt == PROMPT
+    assert finished.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
+
+
+async def test_streamed_texts_join_to_the_decoded_output(pm: Any, engine: Any) -> None:
+    tokens, _ = await run(pm, engine, max_new_tokens=40, ignore_eos=True)
+    decoded = engine.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
+    assert text_of(tokens) == decoded
+
+
+async def test_logprobs_and_top_logprobs(pm: Any, engine: Any) -> None:
+    tokens, _ = await run(pm, engine, max_new_tokens=6, ignore_eos=True, top_logprobs=3)
+    for token in tokens:
+        assert token.log_prob <= 0.0
+        assert token.top_logprobs is not None and len(token.top_logprobs) == 3
+        values = [lp for _, _, lp in token.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert token.top_logprobs[0][0] == token.id  # greedy picks the most likely token
+        assert token.top_logprobs[0][2] == pytest.approx(token.log_prob)
+    plain, _ = await run(pm, engine, max_new_tokens=6, ignore_eos=True)
+    assert all(t.top_logprobs is None for t in plain)
+    assert [t.log_prob for t in plain] == pytest.approx([t.log_prob for t in tokens])
+
+
+async def test_stop_sequence(pm: Any, engine: Any) -> None:
+    tokens, _ = await run(pm, engine, max_new_tokens=40, ignore_eos=True)
+    full = text_of(tokens)
+    # A stop string from the middle of the greedy output: the output must end right before it.
+    stop = next(
+        full[i : i + 3]
+        for i in range(4, len(full) - 3)
+        if full[i : i + 3].strip() and "\ufffd" not in full[i : i + 3]
+    )
+    stopped, finished = await run(pm, engine, max_new_tokens=40, ignore_eos=True, stop_sequences=[stop])
+    assert finished.finish_reason == "stop_sequence"
+    assert text_of(stopped) == full[: full.index(stop)]
+
+
+async def test_sampling_with_seed_is_reproducible(pm: Any, engine: Any) -> None:
+    args = dict(
+        max_new_tokens=10, ignore_eos=True, do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=7
+    )
+    first, _ = await run(pm, engine, **args)
+    second, _ = await run(pm, engine, **args)
+    assert [t.id for t in first] == [t.id for t in second]
+
+
+async def test_chat_messages_use_the_chat_template(pm: Any, engine: Any) -> None:
+    request = GenerationRequest(
+        request_id="chat-1",
+        messages=[{"role": "user", "content": "hello"}],
+        params=SamplingParams(max_new_tokens=4, ignore_eos=True),
+    )
+    tokens, finished = await collect(pm.hook.handle_request(engine=engine, request=request))
+    assert finished.prompt == "<|user|>\nhello</s>\n<|assistant|>\n"
+    assert len(tokens) == 4
+
+
+async def test_concurrent_requests(pm: Any, engine: Any) -> None:
+    results = await asyncio.gather(
+        *(run(pm, engine, prompt=f"{PROMPT} {i}", max_new_tokens=8, ignore_eos=True) for i in range(4))
+    )
+    assert all(len(tokens) == 8 and finished.finish_reason == "length" for tokens, finished in results)
+
+
+async def test_closing_the_stream_aborts_the_request_in_vllm(pm: Any, engine: Any) -> None:
+    before = (engine.cancelled_total, engine.aborted_total, engine.finished_total)
+    request = GenerationRequest(
+        request_id="cancel-1",
+        prompt=PROMPT,
+        params=SamplingParams(max_new_tokens=MAX_MODEL_LEN - 20, ignore_eos=True),
+    )
+    events = pm.hook.handle_request(engine=engine, request=request)
+    received = [await asyncio.wait_for(events.__anext__(), TIMEOUT) for _ in range(3)]
+    assert all(isinstance(e, Token) for e in received)
+    busy = pm.hook.engine_stats(engine=engine)  # vLLM's scheduler reported it with the first steps
+    assert (busy.running, busy.waiting, busy.extra["inflight"]) == (1, 0, 1.0)
+    await events.aclose()  # what the worker's task cancellation amounts to
+    assert (engine.cancelled_total, engine.aborted_total, engine.finished_total) == (
+        before[0] + 1,
+        before[1] + 1,
+        before[2],
+    )
+    # vLLM forgot the request: its output processor holds nothing (no need to wait for it).
+    assert engine.llm.get_num_unfinished_requests() == 0
+    assert pm.hook.engine_stats(engine=engine).extra["inflight"] == 0.0
+
+
+async def test_cancelling_the_task_aborts_the_request(pm: Any, engine: Any) -> None:
+    before = engine.aborted_total
+    first_token = asyncio.Event()
+    request = GenerationRequest(
+        request_id="cancel-2",
+        prompt=PROMPT,
+        params=SamplingParams(max_new_tokens=MAX_MODEL_LEN - 20, ignore_eos=True),
+    )
+
+    async def consume() -> None:
+        async for _ in pm.hook.handle_request(engine=engine, request=request):
+            first_token.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_token.wait(), TIMEOUT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.aborted_total == before + 1
+    assert engine.llm.get_num_unfinished_requests() == 0
+    tokens, finished = await run(pm, engine, max_new_tokens=3, ignore_eos=True)  # still serving
+    assert finished.finish_reason == "length" and len(tokens) == 3
+
+
+async def test_prompt_longer_than_max_model_len_is_a_bad_request(pm: Any, engine: Any) -> None:
+    with pytest.raises(BadRequestError) as info:
+        await run(pm, engine, prompt=" ".join(["fox"] * (MAX_MODEL_LEN * 2)))
+    assert info.value.param == "inputs" and info.value.status == 400
+    assert str(MAX_MODEL_LEN) in str(info.value)
+
+
+async def test_generation_is_cut_at_max_model_len(pm: Any, engine: Any) -> None:
+    words = MAX_MODEL_LEN
+    while len(engine.tokenizer.encode(" ".join(["fox"] * words))) > MAX_MODEL_LEN - 4:
+        words -= 1
+    prompt = " ".join(["fox"] * words)
+    room = MAX_MODEL_LEN - len(engine.tokenizer.encode(prompt))
+    tokens, finished = await run(pm, engine, prompt=prompt, max_new_tokens=30, ignore_eos=True)
+    assert finished.finish_reason == "length"
+    assert len(tokens) == room < 30
+
+
+async def test_bad_sampling_parameters_are_bad_requests(pm: Any, engine: Any) -> None:
+    with pytest.raises(BadRequestError):
+        await run(pm, engine, max_new_tokens=0)
+    with pytest.raises(BadRequestError):  # over vLLM's max_logprobs (20): rejected by vLLM itself
+        await run(pm, engine, max_new_tokens=2, top_logprobs=50)
+    assert engine.llm.get_num_unfinished_requests() == 0
+
+
+async def test_stats_count_requests_and_tokens(pm: Any, engine: Any) -> None:
+    before = pm.hook.engine_stats(engine=engine)
+    _, finished = await run(pm, engine, max_new_tokens=5, ignore_eos=True)
+    after = pm.hook.engine_stats(engine=engine)
+    assert after.finished_total == before.finished_total + 1
+    assert after.generated_tokens_total == before.generated_tokens_total + 5
+    assert after.prompt_tokens_total == before.prompt_tokens_total + finished.prompt_tokens
+
+
+async def test_max_model_len_matches_the_fixture(engine: Any, max_model_len: int) -> None:
+    assert engine.max_model_len == max_model_len == MAX_MODEL_LEN
+
+
+async def test_bad_option_fails_the_load_with_the_key(pm: Any, worker_context: Any) -> None:
+    with pytest.raises(ConfigError, match=r"option\.max_modle_len"):
+        pm.hook.load_engine(context=worker_context(max_modle_len="64"))
+
+
+async def test_other_backends_are_left_alone(pm: Any, engine: Any, worker_context: Any) -> None:
+    context = worker_context()
+    context.backend = "hf"
+    assert pm.hook.load_engine(context=context) is None
+    assert (
+        pm.hook.handle_request(engine=object(), request=GenerationRequest(request_id="x", prompt="a")) is None
+    )
+    assert pm.hook.engine_stats(engine=object()) is None
