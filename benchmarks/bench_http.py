@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import synthetic_engine  # noqa: E402
-from benchmarks.common import Server, model_dir, percentile, run_concurrent  # noqa: E402
-from lmi_core.demo_model import build_demo_model  # noqa: E402
-from lmi_core.engine import GenerationRequest, SamplingParams, WorkerContext  # noqa: E402
+from benchmarks import synthetic_engine
+from benchmarks.common import Server, model_dir, percentile, run_concurrent
+from lmi_core.demo_model import build_demo_model
+from lmi_core.engine import GenerationRequest, SamplingParams, WorkerContext
 
 
 def prompts(n: int) -> list[str]:
@@ -33,7 +33,9 @@ def prompts(n: int) -> list[str]:
 async def in_process_hf(model: Path, texts: list[str], concurrency: int, tokens: int) -> float:
     from lmi_hf.engine import HFEngine, load_model
 
-    context = WorkerContext(model_id=str(model), model_dir=str(model), backend="hf", options={}, max_batch_size=32)
+    context = WorkerContext(
+        model_id=str(model), model_dir=str(model), backend="hf", options={}, max_batch_size=32
+    )
     loaded, tokenizer = load_model(context)
     engine = HFEngine(context, loaded, tokenizer)
     limit = asyncio.Semaphore(concurrency)
@@ -41,7 +43,9 @@ async def in_process_hf(model: Path, texts: list[str], concurrency: int, tokens:
     async def one(i: int, text: str) -> int:
         async with limit:
             params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-            events = [e async for e in engine.generate(GenerationRequest(f"b{i}", prompt=text, params=params))]
+            events = [
+                e async for e in engine.generate(GenerationRequest(f"b{i}", prompt=text, params=params))
+            ]
             return len(events) - 1
 
     try:
@@ -83,7 +87,10 @@ def main() -> None:
     print(f"(b) synthetic engine (stack only), one stream of {args.stream_tokens} tokens")
     ceiling = asyncio.run(in_process_synthetic(args.stream_tokens))
     env = {"LMI_EXTRA_PLUGINS": "benchmarks.synthetic_engine"}
-    with Server(model_dir(base, "synthetic", None, {"option.model_id": "synthetic", "option.backend": "synthetic"}), env) as server:
+    with Server(
+        model_dir(base, "synthetic", None, {"option.model_id": "synthetic", "option.backend": "synthetic"}),
+        env,
+    ) as server:
         asyncio.run(run_concurrent(server.url, ["warm"], 1, 100))
         wall, (stream,) = asyncio.run(run_concurrent(server.url, ["x"], 1, args.stream_tokens))
         _, short = asyncio.run(run_concurrent(server.url, ["x"] * 50, 1, 1))
@@ -91,8 +98,10 @@ def main() -> None:
     ttfts = [r.ttft * 1000 for r in short]
     print(f"    in-process   {ceiling:11.0f} tokens/s")
     print(f"    via HTTP     {streamed:11.0f} tokens/s   ratio http/in-process = {streamed / ceiling:.4f}")
-    print(f"    inter-token  p50 {percentile(stream.gaps, 0.5) * 1e6:.0f} us, p99 {percentile(stream.gaps, 0.99) * 1e6:.0f} us")
-    print(f"    TTFT (1-token requests, sequential) p50 {statistics.median(ttfts):.2f} ms, p99 {percentile(ttfts, 0.99):.2f} ms")
+    gap50, gap99 = (percentile(stream.gaps, q) * 1e6 for q in (0.5, 0.99))
+    print(f"    inter-token  p50 {gap50:.0f} us, p99 {gap99:.0f} us")
+    ttft50, ttft99 = statistics.median(ttfts), percentile(ttfts, 0.99)
+    print(f"    TTFT (1-token requests, sequential) p50 {ttft50:.2f} ms, p99 {ttft99:.2f} ms")
 
 
 if __name__ == "__main__":

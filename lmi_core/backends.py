@@ -35,9 +35,7 @@ def installed_backends(pm: pluggy.PluginManager) -> dict[str, BackendSpec]:
     return specs
 
 
-def select_backend(
-    pm: pluggy.PluginManager, backend: str | None, rolling_batch: str | None
-) -> BackendSpec:
+def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch: str | None) -> BackendSpec:
     """Pick the backend named by ``option.backend``, else by ``option.rolling_batch`` (default auto)."""
     specs = installed_backends(pm)
     available = ", ".join(sorted(specs)) or "none (pip install lmi-hf, lmi-vllm or lmi-trtllm)"

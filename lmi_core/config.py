@@ -57,17 +57,13 @@ def _env_option_key(name: str) -> str:
 
 def env_model_properties(environ: Mapping[str, str]) -> dict[str, str]:
     """Model properties given through ``OPTION_*`` environment variables (empty values ignored)."""
-    return {
-        _env_option_key(k): v for k, v in environ.items() if k.startswith("OPTION_") and v != ""
-    }
+    return {_env_option_key(k): v for k, v in environ.items() if k.startswith("OPTION_") and v != ""}
 
 
 def env_server_properties(environ: Mapping[str, str]) -> dict[str, str]:
     """Server properties given through ``SERVING_*`` environment variables."""
     return {
-        k[len("SERVING_") :].lower(): v
-        for k, v in environ.items()
-        if k.startswith("SERVING_") and v != ""
+        k[len("SERVING_") :].lower(): v for k, v in environ.items() if k.startswith("SERVING_") and v != ""
     }
 
 
@@ -227,11 +223,9 @@ def build_model_config(
         config = ModelConfig.model_validate(values)
     except ValidationError as exc:
         raise _field_error(exc, key_of, merged) from None
-    if config.min_workers is not None and config.max_workers is not None:
-        if config.min_workers > config.max_workers:
-            raise ConfigError(
-                "minWorkers", config.min_workers, f"at most maxWorkers ({config.max_workers})"
-            )
+    low, high = config.min_workers, config.max_workers
+    if low is not None and high is not None and low > high:
+        raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     return config
 
 

@@ -17,12 +17,74 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-WORDS = (
-    "the a an model server worker token request stream batch engine tensor parallel rank socket "
-    "python mpi gpu cpu memory queue latency throughput hello world deep learning language large "
-    "inference serving fast slow quick brown fox jumps over lazy dog one two three four five six "
-    "seven eight nine ten is are was were be been being have has had do does did will would can"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "model",
+    "server",
+    "worker",
+    "token",
+    "request",
+    "stream",
+    "batch",
+    "engine",
+    "tensor",
+    "parallel",
+    "rank",
+    "socket",
+    "python",
+    "mpi",
+    "gpu",
+    "cpu",
+    "memory",
+    "queue",
+    "latency",
+    "throughput",
+    "hello",
+    "world",
+    "deep",
+    "learning",
+    "language",
+    "large",
+    "inference",
+    "serving",
+    "fast",
+    "slow",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "have",
+    "has",
+    "had",
+    "do",
+    "does",
+    "did",
+    "will",
+    "would",
+    "can",
+]
 
 
 def _corpus(lines: int, seed: int) -> list[str]:
@@ -41,7 +103,7 @@ def build_demo_model(
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
-    vocab_size: int = 1024,
+    vocab_size: int = 512,  # a power of two: tensor parallel splits the output layer by vocabulary
     max_position_embeddings: int = 512,
     seed: int = 0,
 ) -> Path:

@@ -49,7 +49,7 @@ class WorkerProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=set_parent_death_signal,  # noqa: PLW1509 - async-signal-safe prctl only
+            preexec_fn=set_parent_death_signal,
         )
         assert self.process.stdout is not None
         self._pumps.append(asyncio.get_running_loop().create_task(self._pump(self.process.stdout)))
@@ -63,7 +63,7 @@ class WorkerProcess:
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip()
-            self.tail = (self.tail + [line])[-TAIL_LINES:]
+            self.tail = [*self.tail, line][-TAIL_LINES:]
             logger.info("[%s pid %s] %s", self.spec.label, self.pid, line)
             if self._on_line is not None:
                 self._on_line(line)

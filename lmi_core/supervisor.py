@@ -113,24 +113,40 @@ class Worker:
             await self._teardown(reason)
             self.failures += 1
             if self.failures > retry_threshold:
-                logger.error("worker %d failed %d times in a row; giving up: %s", self.worker_id, self.failures, reason)
+                logger.error(
+                    "worker %d failed %d times in a row; giving up: %s", self.worker_id, self.failures, reason
+                )
                 self._set_state(WorkerState.FAILED)
                 if not self.first_start.done():
                     self.first_start.set_exception(WorkerFailedError(reason))
                 return
             self.restarts += 1
-            logger.warning("worker %d failed (%s); restarting (%d of %d)", self.worker_id, reason, self.failures, retry_threshold)
+            logger.warning(
+                "worker %d failed (%s); restarting (%d of %d)",
+                self.worker_id,
+                reason,
+                self.failures,
+                retry_threshold,
+            )
             self._set_state(WorkerState.STARTING)
             await asyncio.sleep(min(0.5 * self.failures, 5.0))
 
     async def _start_once(self) -> None:
-        specs: list[LaunchSpec] | None = self.pm.hook.launch_workers(config=self.model, allocation=[self.slot])
+        specs: list[LaunchSpec] | None = self.pm.hook.launch_workers(
+            config=self.model, allocation=[self.slot]
+        )
         if not specs:
             raise LoadError(f"no plugin launches workers for mode {self.model.mode!r}")
         spec = specs[0]
         self.process = WorkerProcess(spec)
         await self.process.start()
-        logger.info("worker %d: started %s pid %s (%d rank(s))", self.worker_id, spec.mode, self.process.pid, len(spec.rank_addresses))
+        logger.info(
+            "worker %d: started %s pid %s (%d rank(s))",
+            self.worker_id,
+            spec.mode,
+            self.process.pid,
+            len(spec.rank_addresses),
+        )
         deadline = time.monotonic() + self.model.model_loading_timeout
         process = self.process
         exited = asyncio.ensure_future(process.wait())
@@ -160,7 +176,9 @@ class Worker:
     async def _unless_exited(self, awaitable: Any, exited: asyncio.Future[int], deadline: float) -> Any:
         """Await ``awaitable`` unless the process exits or the load deadline passes first."""
         task = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({task, exited}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, exited}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+        )
         if task in done:
             return task.result()
         task.cancel()
@@ -168,9 +186,8 @@ class Worker:
         tail = "\n".join(self.process.tail[-15:])
         if exited in done:
             raise WorkerFailedError(f"worker exited with code {exited.result()} while starting:\n{tail}")
-        raise WorkerFailedError(
-            f"worker did not load within option.model_loading_timeout={self.model.model_loading_timeout:g} s:\n{tail}"
-        )
+        limit = self.model.model_loading_timeout
+        raise WorkerFailedError(f"worker not loaded within option.model_loading_timeout={limit:g} s:\n{tail}")
 
     def _context(self, world_size: int) -> WorkerContext:
         options = dict(self.model.options)
@@ -247,7 +264,9 @@ class Worker:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, deadline: float | None = None) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, request: GenerationRequest, deadline: float | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
@@ -277,15 +296,24 @@ class Worker:
                 kind = message["t"]
                 if kind == protocol.TOKEN:
                     token_id, text, log_prob, special, top, last = message["token"]
-                    yield Token(token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last)
+                    yield Token(
+                        token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last
+                    )
                 elif kind == protocol.DONE:
                     finished = True
                     self.failures = 0
-                    yield Finished(message["finish_reason"], message["prompt_tokens"], message["generated_tokens"], message.get("prompt", ""))
+                    yield Finished(
+                        message["finish_reason"],
+                        message["prompt_tokens"],
+                        message["generated_tokens"],
+                        message.get("prompt", ""),
+                    )
                     return
                 elif kind == protocol.ERROR:
                     finished = True
-                    raise EngineRequestError(message["message"], message.get("status", 424), message.get("param"))
+                    raise EngineRequestError(
+                        message["message"], message.get("status", 424), message.get("param")
+                    )
         finally:
             if timer is not None:
                 timer.cancel()

@@ -173,11 +173,26 @@ class Worker:
             pass  # the server cancelled it and already answered the client
         except EngineError as exc:
             if answer:
-                self.send({"t": protocol.ERROR, "id": rid, "status": exc.status, "message": str(exc), "param": exc.param})
+                self.send(
+                    {
+                        "t": protocol.ERROR,
+                        "id": rid,
+                        "status": exc.status,
+                        "message": str(exc),
+                        "param": exc.param,
+                    }
+                )
         except Exception as exc:
             logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
             if answer:
-                self.send({"t": protocol.ERROR, "id": rid, "status": 424, "message": f"{exc.__class__.__name__}: {exc}"})
+                self.send(
+                    {
+                        "t": protocol.ERROR,
+                        "id": rid,
+                        "status": 424,
+                        "message": f"{exc.__class__.__name__}: {exc}",
+                    }
+                )
 
     def close(self) -> None:
         for task in list(self.tasks.values()):
@@ -215,6 +230,14 @@ async def run(address: str, parent_pid: int | None, rank: int, parent: int) -> N
     loop = asyncio.get_running_loop()
     # From the start: a server that dies before it connects must not leave this rank waiting.
     watcher = loop.create_task(watch_parent(parent_pid, parent))
+    try:
+        await accept_and_serve(listener, address, rank)
+    finally:
+        watcher.cancel()
+
+
+async def accept_and_serve(listener: socket.socket, address: str, rank: int) -> None:
+    loop = asyncio.get_running_loop()
     listener.setblocking(False)
     try:
         conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT)

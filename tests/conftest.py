@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -104,7 +105,12 @@ class ServerProcess:
 
     def worker_pids(self) -> list[int]:
         """Processes running ``lmi_core.worker`` under this server (ranks included)."""
-        return sorted(p for p, cmd in descendants(self.proc.pid).items() if "lmi_core.worker" in cmd and "mpirun" not in cmd)
+        launchers = ("mpirun", "prterun")  # Open MPI 5's mpirun shows up as prterun
+        return sorted(
+            p
+            for p, cmd in descendants(self.proc.pid).items()
+            if "lmi_core.worker" in cmd and not any(name in cmd for name in launchers)
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -152,3 +158,30 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in servers:
         server.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ping(server: ServerProcess) -> int:
+    try:
+        return httpx.get(f"{server.url}/ping", timeout=5).status_code
+    except httpx.HTTPError:
+        return -1
+
+
+def stream_lines(server: ServerProcess, body: dict) -> Iterator[dict]:
+    with httpx.stream(
+        "POST", f"{server.url}/invocations", json={**body, "stream": True}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/jsonlines")
+        for line in response.iter_lines():
+            if line:
+                yield json.loads(line)

@@ -22,25 +22,25 @@ class FakeBackends:
 
 
 @pytest.fixture
-def pm():  # noqa: ANN201 - a pluggy manager
+def pm():
     manager = new_plugin_manager(load_entry_points=False)
     manager.register(FakeBackends())
     return manager
 
 
-def test_auto_picks_the_preferred_installed_backend(pm) -> None:  # noqa: ANN001
+def test_auto_picks_the_preferred_installed_backend(pm) -> None:
     assert select_backend(pm, None, None).name == "fast"
     assert select_backend(pm, None, "auto").name == "fast"
     assert select_backend(pm, None, "disable").name == "slow"
     assert select_backend(pm, "slow", "fast").name == "slow"  # option.backend wins
 
 
-def test_unknown_backend_lists_the_installed_ones(pm) -> None:  # noqa: ANN001
+def test_unknown_backend_lists_the_installed_ones(pm) -> None:
     with pytest.raises(ConfigError) as info:
         select_backend(pm, "vllm-gpu", None)
     assert info.value.key == "option.backend"
     assert "fast" in str(info.value) and "slow" in str(info.value)
-    with pytest.raises(ConfigError, match="option.rolling_batch.*disable, fast"):
+    with pytest.raises(ConfigError, match=r"option.rolling_batch.*disable, fast"):
         select_backend(pm, None, "trtllm")
 
 
@@ -54,7 +54,7 @@ def test_unknown_backend_lists_the_installed_ones(pm) -> None:  # noqa: ANN001
         ({"option.backend": "slow", "engine": "MPI", "option.mpi_mode": "false"}, "python"),
     ],
 )
-def test_mode_resolution(pm, properties: dict[str, str], mode: str) -> None:  # noqa: ANN001
+def test_mode_resolution(pm, properties: dict[str, str], mode: str) -> None:
     config = resolve_model(build_model_config({"option.model_id": "/m", **properties}, environ={}), pm)
     assert config.mode == mode
 
@@ -66,6 +66,8 @@ def test_hf_defaults_to_python_mode() -> None:
 
 
 def test_hf_rejects_unknown_options_naming_them() -> None:
-    config = build_model_config({"option.model_id": "/m", "option.backend": "hf", "option.max_modle_len": "9"}, environ={})
-    with pytest.raises(ConfigError, match="option.max_modle_len"):
+    config = build_model_config(
+        {"option.model_id": "/m", "option.backend": "hf", "option.max_modle_len": "9"}, environ={}
+    )
+    with pytest.raises(ConfigError, match=r"option\.max_modle_len"):
         resolve_model(config, new_plugin_manager())

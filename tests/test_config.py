@@ -18,7 +18,12 @@ from lmi_core.errors import ConfigError
 
 def test_parse_properties_syntax() -> None:
     text = "# comment\n! also comment\nengine=Python\noption.model_id = /m\nkey: value\nlong=a\\\n  b\n\n"
-    assert parse_properties(text) == {"engine": "Python", "option.model_id": "/m", "key": "value", "long": "ab"}
+    assert parse_properties(text) == {
+        "engine": "Python",
+        "option.model_id": "/m",
+        "key": "value",
+        "long": "ab",
+    }
 
 
 def test_option_env_mapping_follows_djl_rules() -> None:
@@ -102,7 +107,7 @@ def test_missing_model_dir_is_an_error(tmp_path: Path) -> None:
 
 
 def test_no_model_at_all_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="option.model_id"):
+    with pytest.raises(ConfigError, match=r"option\.model_id"):
         build_model_config({}, environ={})
 
 

@@ -28,7 +28,11 @@ async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, a
 async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> None:
     conn, _, rank = await _pair(tmp_path)
     a, b = conn.open_stream("a"), conn.open_stream("b")
-    for message in ({"t": "tok", "id": "b", "n": 1}, {"t": "tok", "id": "a", "n": 2}, {"t": "done", "id": "b"}):
+    for message in (
+        {"t": "tok", "id": "b", "n": 1},
+        {"t": "tok", "id": "a", "n": 2},
+        {"t": "done", "id": "b"},
+    ):
         rank.write(protocol.encode(message))
     assert (await b.get())["n"] == 1
     assert (await a.get())["n"] == 2
@@ -62,7 +66,9 @@ async def test_eof_fails_every_open_request_at_once(tmp_path: Path) -> None:
 
 @given(st.binary(min_size=1, max_size=64))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_garbage_from_a_rank_fails_requests_and_never_crashes(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+def test_garbage_from_a_rank_fails_requests_and_never_crashes(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
     async def scenario() -> None:
         conn, _, rank = await _pair(tmp_path_factory.mktemp("g"))
         queue = conn.open_stream("r")

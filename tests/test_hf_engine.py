@@ -22,15 +22,21 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine(demo_model: Path) -> Iterator[HFEngine]:
-    context = WorkerContext(model_id=str(demo_model), model_dir=str(demo_model), backend="hf", options={}, max_batch_size=4)
+    context = WorkerContext(
+        model_id=str(demo_model), model_dir=str(demo_model), backend="hf", options={}, max_batch_size=4
+    )
     model, tokenizer = load_model(context)
     engine = HFEngine(context, model, tokenizer)
     yield engine
     engine.shutdown()
 
 
-async def run(engine: HFEngine, prompt: str | None = None, messages: list | None = None, **params: object) -> tuple[list[Token], Finished]:
-    request = GenerationRequest(request_id=f"r{id(params)}{prompt}", prompt=prompt, messages=messages, params=SamplingParams(**params))
+async def run(
+    engine: HFEngine, prompt: str | None = None, messages: list | None = None, **params: object
+) -> tuple[list[Token], Finished]:
+    request = GenerationRequest(
+        request_id=f"r{id(params)}{prompt}", prompt=prompt, messages=messages, params=SamplingParams(**params)
+    )
     tokens: list[Token] = []
     async for event in engine.generate(request):
         if isinstance(event, Token):
@@ -56,9 +62,18 @@ async def test_concurrent_batched_greedy_matches_transformers_generate(engine: H
 
 
 async def test_seeded_sampling_is_reproducible_and_differs_by_seed(engine: HFEngine) -> None:
-    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "ignore_eos": True}
+    params = {
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_k": 50,
+        "top_p": 0.95,
+        "ignore_eos": True,
+    }
     a, b, c = await asyncio.gather(
-        run(engine, "Hello", seed=1, **params), run(engine, "Hello", seed=1, **params), run(engine, "Hello", seed=2, **params)
+        run(engine, "Hello", seed=1, **params),
+        run(engine, "Hello", seed=1, **params),
+        run(engine, "Hello", seed=2, **params),
     )
     assert [t.id for t in a[0]] == [t.id for t in b[0]]
     assert [t.id for t in a[0]] != [t.id for t in c[0]]
@@ -69,7 +84,9 @@ async def test_stop_sequence_ends_generation_and_is_not_emitted(engine: HFEngine
     full = "".join(t.text for t in tokens)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip()
-    tokens, finished = await run(engine, PROMPTS[1], max_new_tokens=20, ignore_eos=True, stop_sequences=[stop])
+    tokens, finished = await run(
+        engine, PROMPTS[1], max_new_tokens=20, ignore_eos=True, stop_sequences=[stop]
+    )
     assert finished.finish_reason == "stop_sequence"
     assert "".join(t.text for t in tokens) == full[: full.find(stop)]
 
@@ -97,7 +114,9 @@ async def test_top_logprobs_are_sorted_and_include_greedy_choice(engine: HFEngin
 
 async def test_closing_the_stream_cancels_the_request_in_the_engine(engine: HFEngine) -> None:
     before = engine.snapshot().cancelled_total
-    request = GenerationRequest(request_id="cancel-me", prompt="Hello", params=SamplingParams(max_new_tokens=400, ignore_eos=True))
+    request = GenerationRequest(
+        request_id="cancel-me", prompt="Hello", params=SamplingParams(max_new_tokens=400, ignore_eos=True)
+    )
     stream = engine.generate(request)
     await anext(stream)
     await stream.aclose()

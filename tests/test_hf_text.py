@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
+
 # A byte-level "tokenizer": token i is byte i, so multi-byte characters span several tokens.
 def decode_bytes(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")

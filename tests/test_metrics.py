@@ -140,7 +140,7 @@ def test_every_request_is_counted_across_workers(server: ServerProcess, long_mod
     assert delta["length"] == delta["ttft"] == delta["tpot"] == delta["e2e"] == delta["queue"] == 9
     # The engines' own counters, summed over both workers' heartbeats: both served requests.
     wait_for(
-        lambda: _snapshot(server.url)["engine_finished"] - before["engine_finished"] == 9, 10, "engine counts"
+        lambda: _snapshot(server.url)["engine_finished"] - before["engine_finished"] == 9, 30, "engine counts"
     )
 
 
@@ -156,8 +156,8 @@ def test_running_gauge_sums_the_workers(server: ServerProcess) -> None:
         for stream in lines:
             next(stream)
         # Least-loaded dispatch puts them on different workers: 2 only if both are summed.
-        wait_for(lambda: metric(server.url, "lmi_requests_running", model=MODEL) == 2, 10, "2 running")
-    wait_for(lambda: metric(server.url, "lmi_requests_running", model=MODEL) == 0, 10, "none running")
+        wait_for(lambda: metric(server.url, "lmi_requests_running", model=MODEL) == 2, 30, "2 running")
+    wait_for(lambda: metric(server.url, "lmi_requests_running", model=MODEL) == 0, 30, "none running")
     assert metric(server.url, "lmi_requests_waiting", model=MODEL) == 0
     assert metric(server.url, "lmi_workers", model=MODEL, state="READY") == 2
 
@@ -212,7 +212,7 @@ def test_mpi_mode_counts_each_request_once(tmp_path_factory: pytest.TempPathFact
         assert after["generated"] - before["generated"] == 15
         assert after["length"] - before["length"] == after["e2e"] - before["e2e"] == 3
         engine_finished = before["engine_finished"] + 3
-        wait_for(lambda: _snapshot(server.url)["engine_finished"] == engine_finished, 10, "rank 0's counts")
+        wait_for(lambda: _snapshot(server.url)["engine_finished"] == engine_finished, 30, "rank 0's counts")
     finally:
         server.stop()
 

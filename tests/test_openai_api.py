@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,11 +247,9 @@ def test_streamed_chat_with_n_choices_interleaves_by_index(client: openai.OpenAI
 async def test_async_client_runs_requests_concurrently(server: ServerProcess) -> None:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     prompts = ["one", "two three", "hello world", "the quick brown fox"]
-    started = time.monotonic()
     results = await asyncio.gather(
         *(client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0) for p in prompts)
     )
-    assert time.monotonic() - started < 30
     for prompt, result in zip(prompts, results, strict=True):
         alone = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
         assert result.choices[0].text == alone.choices[0].text

@@ -87,7 +87,7 @@ async def test_async_reader_reads_frames_and_reports_truncation() -> None:
     frames = encode({"t": "ping", "id": 1}) + encode({"t": "pong", "id": 1})
     assert [m["t"] for m in await _read_all(frames)] == ["ping", "pong"]
     with pytest.raises(ProtocolError, match="truncated frame header"):
-        await _read_all(frames[:-len(encode({"t": "pong", "id": 1})) + 2])
+        await _read_all(frames[: -len(encode({"t": "pong", "id": 1})) + 2])
     with pytest.raises(ProtocolError, match="truncated frame: 3 of"):
         await _read_all(struct.pack(">I", 10) + b"abc")
 

@@ -57,8 +57,8 @@ class Call:
     echo: list[str]  # text shown before each choice's output (completions ``echo``)
     logprobs: int | None  # top alternatives per token; None: no logprobs at all
     include_usage: bool
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(init=False)
+    created: int = field(init=False, default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -81,7 +81,7 @@ def completion_call(pool: WorkerPool, body: CompletionRequest) -> Call:
         for prompt in body.prompts
         for i in range(body.n)
     ]
-    echo = [g.prompt or "" if body.echo else "" for g in generations]
+    echo = [(g.prompt or "") if body.echo else "" for g in generations]
     return Call(pool, False, body.stream, body.n, generations, echo, body.logprobs, body.include_usage)
 
 
@@ -176,14 +176,8 @@ async def render_chunks(
     finished: dict[int, Finished] = {}
     for index, text in enumerate(call.echo):
         if call.chat:  # OpenAI opens each chat choice with the assistant's role
-            yield chunk(
-                {
-                    "index": index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            )
+            opening = _choice(call, index, "", [], None, 0, True)
+            yield chunk({**opening, "delta": {"role": "assistant", "content": ""}})
         elif text:
             yield chunk(_choice(call, index, text, [], None, 0, True))
     try:

@@ -309,7 +309,9 @@ class HFEngine:
             if params.top_logprobs:
                 values, ids = torch.topk(log_probs, params.top_logprobs)
                 top = [(int(i), self._decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
-            self._outbox.append((seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None)))
+            self._outbox.append(
+                (seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None))
+            )
             if reason is not None:
                 self._finish(seq, reason)
         assert self._batch is not None
@@ -391,7 +393,9 @@ def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[A
         # Places each shard itself (on LOCAL_RANK's GPU): exclusive with device_map.
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
     elif context.device == "cuda" and torch.cuda.is_available():
-        kwargs["device_map"] = options.get("device_map") or ("auto" if torch.cuda.device_count() > 1 else "cuda")
+        kwargs["device_map"] = options.get("device_map") or (
+            "auto" if torch.cuda.device_count() > 1 else "cuda"
+        )
     if options.get("attn_implementation"):
         kwargs["attn_implementation"] = options["attn_implementation"]
     model = AutoModelForCausalLM.from_pretrained(context.model_id, **kwargs)
