@@ -115,7 +115,7 @@ def main() -> None:
         rank_job(args.rank_job, args.calls)
         return
     base = Path(tempfile.mkdtemp(prefix="lmi-bench-modes-"))
-    demo = build_demo_model(base / "demo", vocab_size=512)  # 512 splits over 2 ranks; 533 does not
+    demo = build_demo_model(base / "demo")
     load = f"{args.requests} requests x {args.tokens} tokens, concurrency {args.concurrency}"
     print(f"(a) {load}, {os.cpu_count()} CPUs")
     measured = {mode: measure_mode(base, demo, mode, args) for mode in MODES}

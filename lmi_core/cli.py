@@ -19,7 +19,6 @@ from lmi_core.errors import ConfigError
 
 logger = logging.getLogger("lmi_core")
 
-CORS_ENV = "SERVING_CORS_ALLOWED_ORIGINS"
 
 
 def _address(url: str, key: str = "inference_address") -> tuple[str, int]:
@@ -47,15 +46,11 @@ def serve(args: argparse.Namespace) -> int:
         address = f"http://127.0.0.1:{args.port}"
     elif address and not args.port:
         address = f"http://{args.host}:8080"
-    # Not a ServerConfig key (yet): taken out of the environment before it warns about unknown SERVING_*.
-    environ = dict(os.environ)
-    cors = environ.pop(CORS_ENV, "")
-    cors = args.cors_allowed_origins or cors
     config: ServerConfig = build_server_config(
-        environ=environ,
         inference_address=address,
         management_address=args.management_address,
         api_key=args.api_key,
+        cors_allowed_origins=args.cors_allowed_origins,
     )
     models = _models(args)
     pm = get_plugin_manager()
@@ -74,8 +69,7 @@ def serve(args: argparse.Namespace) -> int:
         for server in servers:
             server.should_exit = True
 
-    origins = [o.strip() for o in cors.split(",") if o.strip()]
-    app = create_app(config, models, on_load_failure=on_load_failure, cors_allowed_origins=origins)
+    app = create_app(config, models, on_load_failure=on_load_failure)
     for index, (host, port) in enumerate(listeners):
         # One app, one lifespan (the first listener's): the models load once, both listeners serve them.
         listener_app = ListenerFilter(app, management=index == 1) if len(listeners) > 1 else app
@@ -152,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_serve.add_argument(
         "--cors-allowed-origins",
-        help=f"comma-separated origins browsers may call from, '*' for any (env {CORS_ENV}; default: none)",
+        help="comma-separated origins browsers may call from, '*' for any (env SERVING_CORS_ALLOWED_ORIGINS)",
     )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)

@@ -86,6 +86,8 @@ class ServerConfig(_Strict):
     health_check_timeout: float = Field(10.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
     api_key: str | None = None
+    # Comma-separated origins browsers may call from ("*": any); empty: CORS off.
+    cors_allowed_origins: str = ""
     runtime_dir: str | None = None
     log_level: str = "info"
     # Accepted for DJL compatibility; they only name the models directory and the models to load.

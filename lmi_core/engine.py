@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -30,7 +32,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        """Greedy decoding: no sampling, or a temperature / top_p so small that sampling tends to
+        greedy anyway (and would overflow: logits / 1e-38 are inf; vLLM's rule for temperature)."""
+        return not self.do_sample or self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS
 
 
 @dataclass

@@ -135,7 +135,12 @@ class ModelServer:
         self.failed.pop(config.name, None)
         logger.info(
             "loading model %s: backend=%s mode=%s workers=%d..%d ranks/worker=%d",
-            config.name, config.backend, config.mode, plan.min_workers, plan.max_workers, config.world_size,
+            config.name,
+            config.backend,
+            config.mode,
+            plan.min_workers,
+            plan.max_workers,
+            config.world_size,
         )
         return pool
 

@@ -70,19 +70,37 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
+LONG_CONTEXT = 8192
+
+
+@pytest.fixture(scope="session")
+def long_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model with an 8k context: requests that run for seconds, for in-flight tests."""
+    from lmi_core.demo_model import build_demo_model
+
+    return build_demo_model(
+        tmp_path_factory.mktemp("models") / "long-demo", max_position_embeddings=LONG_CONTEXT
+    )
+
+
+def link_model(source: Path, directory: Path, properties: str) -> Path:
+    """A model directory with ``source``'s files linked in and ``properties`` as serving.properties."""
+    directory.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "serving.properties":
+            (directory / item.name).symlink_to(item)
+    (directory / "serving.properties").write_text(properties)
+    return directory
+
+
 @pytest.fixture
 def model_dir(demo_model: Path, tmp_path: Path) -> Callable[..., Path]:
-    """A model directory with the demo weights and the given ``serving.properties`` lines."""
+    """A model directory with the demo weights and the given ``serving.properties`` keys
+    (``option__model_id=x`` for ``option.model_id=x``)."""
 
     def make(name: str = "demo", **properties: str) -> Path:
-        directory = tmp_path / name
-        directory.mkdir()
-        for item in demo_model.iterdir():
-            if item.name != "serving.properties":
-                (directory / item.name).symlink_to(item)
-        lines = [f"{k.replace('__', '.')}={v}" for k, v in properties.items()]
-        (directory / "serving.properties").write_text("\n".join(lines) + "\n")
-        return directory
+        lines = "".join(f"{k.replace('__', '.')}={v}\n" for k, v in properties.items())
+        return link_model(demo_model, tmp_path / name, lines)
 
     return make
 

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lmi_core.engine import BadRequestError, Finished, GenerationRequest, SamplingParams, Token, WorkerContext
+from lmi_core.engine import (
+    BadRequestError,
+    EngineError,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Token,
+    WorkerContext,
+)
 from lmi_hf.engine import HFEngine, load_model
 
 PROMPTS = [
@@ -127,3 +135,24 @@ async def test_closing_the_stream_cancels_the_request_in_the_engine(engine: HFEn
         await asyncio.sleep(0.02)
     assert engine.snapshot().cancelled_total == before + 1
     assert engine.snapshot().running == 0
+
+
+async def test_a_failing_request_does_not_take_down_its_batch(
+    engine: HFEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmi_hf.engine
+
+    real = lmi_hf.engine.select_token
+
+    def broken_for_top_k_7(logits, params, generator):
+        if params.top_k == 7:
+            raise RuntimeError("sampler exploded")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(lmi_hf.engine, "select_token", broken_for_top_k_7)
+    good = asyncio.ensure_future(run(engine, "Hello", max_new_tokens=30, ignore_eos=True))
+    with pytest.raises(EngineError, match="sampler exploded"):
+        await run(engine, "Hello", max_new_tokens=30, do_sample=True, top_k=7)
+    tokens, finished = await good
+    assert finished.finish_reason == "length" and len(tokens) == 30
+    assert engine.error is None

@@ -15,9 +15,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, free_port
-from tests.test_metrics import LONG, long_context_model, make_model_dir, metric
-from tests.test_python_mode import ping, wait_for
+from tests.conftest import ServerProcess, free_port, link_model, ping, wait_for
+from tests.test_metrics import LONG, metric
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +31,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 ORIGIN = "https://ui.example"
 
 
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return long_context_model(tmp_path_factory)
-
-
 def serve(model: Path, log: Path, **env: str) -> ServerProcess:
     args = ["--model-dir", str(model), "--model-name", MODEL]
     server = ServerProcess(args, {**os.environ, **HEALTH_ENV, **env}, log)
@@ -45,9 +39,9 @@ def serve(model: Path, log: Path, **env: str) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory, long_model: Path) -> Iterator[ServerProcess]:
+def plain(tmp_path_factory: pytest.TempPathFactory, long_demo_model: Path) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("plain") / "server.log"
-    server = serve(long_model, log, SERVING_MAX_REQUEST_SIZE=str(MAX_REQUEST_SIZE))
+    server = serve(long_demo_model, log, SERVING_MAX_REQUEST_SIZE=str(MAX_REQUEST_SIZE))
     yield server
     server.stop()
 
@@ -63,7 +57,7 @@ class Guarded:
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory, long_model: Path) -> Iterator[Guarded]:
+def guarded(tmp_path_factory: pytest.TempPathFactory, long_demo_model: Path) -> Iterator[Guarded]:
     """API key, management on its own address, CORS for one origin, a 1 s predict_timeout."""
     management = f"http://127.0.0.1:{free_port()}"
     env = {
@@ -72,7 +66,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, long_model: Path) -> Itera
         "SERVING_CORS_ALLOWED_ORIGINS": ORIGIN,
         "OPTION_PREDICT_TIMEOUT": "1",
     }
-    server = serve(long_model, tmp_path_factory.mktemp("guarded") / "server.log", **env)
+    server = serve(long_demo_model, tmp_path_factory.mktemp("guarded") / "server.log", **env)
     yield Guarded(server, management)
     server.stop()
 
@@ -142,9 +136,9 @@ def test_client_disconnect_cancels_the_request_in_the_engine(
 
 
 async def test_full_queue_is_a_503_and_accepted_requests_complete(
-    start_server: Callable[..., ServerProcess], long_model: Path, tmp_path: Path
+    start_server: Callable[..., ServerProcess], long_demo_model: Path, tmp_path: Path
 ) -> None:
-    model = make_model_dir(long_model, tmp_path / MODEL, "maxWorkers=1\noption.max_rolling_batch_size=1\n")
+    model = link_model(long_demo_model, tmp_path / MODEL, "maxWorkers=1\noption.max_rolling_batch_size=1\n")
     server = start_server("--model-dir", str(model), env={"SERVING_JOB_QUEUE_SIZE": "1"})
 
     async def waiting(count: int) -> None:
@@ -205,10 +199,10 @@ def test_predict_timeout_ends_a_request_with_a_clear_error(guarded: Guarded) -> 
 
 
 def test_sigterm_stops_accepting_and_lets_an_in_flight_stream_finish(
-    start_server: Callable[..., ServerProcess], long_model: Path
+    start_server: Callable[..., ServerProcess], long_demo_model: Path
 ) -> None:
     # A drain timeout far above the stream's length, even on a loaded machine.
-    server = start_server("--model-dir", str(long_model), env={"SERVING_DRAIN_TIMEOUT": "240"})
+    server = start_server("--model-dir", str(long_demo_model), env={"SERVING_DRAIN_TIMEOUT": "240"})
     body = {"inputs": "Hi", "stream": True, "parameters": {"max_new_tokens": 1000, "ignore_eos_token": True}}
     with httpx.stream("POST", f"{server.url}/invocations", json=body, timeout=240) as response:
         lines = response.iter_lines()

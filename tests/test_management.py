@@ -17,31 +17,21 @@ import httpx
 import pytest
 
 from lmi_core.server import cpu_count
-from tests.conftest import ServerProcess
-from tests.test_python_mode import wait_for
+from tests.conftest import ServerProcess, link_model, wait_for
 
 pytestmark = pytest.mark.slow
 
-LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
-
-
-def make_model_dir(demo_model: Path, directory: Path, properties: str) -> Path:
-    """The demo model's files (linked) with ``properties`` as its serving.properties."""
-    directory.mkdir()
-    for item in demo_model.iterdir():
-        if item.name != "serving.properties":
-            (directory / item.name).symlink_to(item)
-    (directory / "serving.properties").write_text(properties)
-    return directory
+LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True}}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+def models(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, long_demo_model: Path) -> Path:
     root = tmp_path_factory.mktemp("models")
     scaling = "minWorkers=1\nmaxWorkers=2\noption.max_rolling_batch_size=1\nmax_idle_time=2\n"
-    make_model_dir(demo_model, root / "demo", scaling)
-    make_model_dir(demo_model, root / "wide", "option.max_rolling_batch_size=4\n")
-    make_model_dir(demo_model, root / "bad_key", "option.max_rolling_batch_size=4\nfoo=bar\n")
+    # Long-running requests: the queue still holds some when the second worker is ready.
+    link_model(long_demo_model, root / "demo", scaling)
+    link_model(demo_model, root / "wide", "option.max_rolling_batch_size=4\n")
+    link_model(demo_model, root / "bad_key", "option.max_rolling_batch_size=4\nfoo=bar\n")
     (root / "no_weights").mkdir()
     (root / "no_weights" / "serving.properties").write_text("option.model_id=/nonexistent/model\n")
     return root
@@ -106,7 +96,7 @@ def test_list_and_describe(server: ServerProcess, models: Path) -> None:
 def test_queue_pressure_adds_a_worker_and_idle_retires_it(server: ServerProcess) -> None:
     assert summary(server, "demo") == {0: "READY"}
     with ThreadPoolExecutor(8) as pool:
-        responses = send(pool, server, "/invocations", 8)  # one at a time per worker: the rest wait
+        responses = send(pool, server, "/invocations", 6)  # one at a time per worker: the rest wait
         until(lambda: len(summary(server, "demo")) == 2, "a second worker")
         until(lambda: sorted(w["inFlight"] for w in workers(server, "demo")) == [1, 1], "both workers busy")
         assert all(r.result().status_code == 200 for r in responses)

@@ -17,10 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from lmi_core.config import ServerConfig
-from lmi_core.demo_model import build_demo_model
 from lmi_core.http.app import create_app
-from tests.conftest import ServerProcess
-from tests.test_python_mode import wait_for
+from tests.conftest import ServerProcess, link_model, wait_for
 
 MODEL = "demo"
 
@@ -42,39 +40,14 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels:
     return scrape(url, headers).get((name, frozenset(labels.items())), 0.0)
 
 
-LONG_CONTEXT = 8192
-# Seconds of generation on the long-context model: long enough to act on while it runs.
 LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 8000, "ignore_eos_token": True}}
 
 
-def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model with an 8k context, built once per session for every module that uses it."""
-    path = tmp_path_factory.getbasetemp() / "long-context-demo"
-    if (path / "serving.properties").exists():
-        return path
-    return build_demo_model(path, max_position_embeddings=LONG_CONTEXT)
-
-
 @pytest.fixture(scope="module")
-def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return long_context_model(tmp_path_factory)
-
-
-def make_model_dir(demo: Path, directory: Path, properties: str) -> Path:
-    """A model directory with ``demo``'s weights and ``properties`` as its serving.properties."""
-    directory.mkdir()
-    for item in demo.iterdir():
-        if item.name != "serving.properties":
-            (directory / item.name).symlink_to(item)
-    (directory / "serving.properties").write_text(properties)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, long_model: Path) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, long_demo_model: Path) -> Iterator[ServerProcess]:
     """Two workers: the counts must include both."""
     base = tmp_path_factory.mktemp("metrics")
-    model = make_model_dir(long_model, base / MODEL, "minWorkers=2\nmaxWorkers=2\n")
+    model = link_model(long_demo_model, base / MODEL, "minWorkers=2\nmaxWorkers=2\n")
     env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.3", "SERVING_HEALTH_CHECK_TIMEOUT": "3"}
     server = ServerProcess(["--model-dir", str(model)], env, base / "server.log")
     server.wait_ready()
@@ -103,10 +76,10 @@ def _snapshot(url: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_every_request_is_counted_across_workers(server: ServerProcess, long_model: Path) -> None:
+def test_every_request_is_counted_across_workers(server: ServerProcess, long_demo_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(long_model)
+    tokenizer = AutoTokenizer.from_pretrained(long_demo_model)
     before = _snapshot(server.url)
     prompts = [f"hello world {'one two ' * i}" for i in range(9)]
     lengths = [3 + i for i in range(9)]
@@ -192,10 +165,12 @@ def test_worker_restart_is_counted(server: ServerProcess) -> None:
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_mpi_mode_counts_each_request_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_mpi_mode_counts_each_request_once(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path
+) -> None:
     """Two ranks run every request; the metrics count it once, from rank 0's answer."""
     base = tmp_path_factory.mktemp("mpi-metrics")
-    model = build_demo_model(base / "tp-demo", vocab_size=512)  # splits across 2 ranks
+    model = demo_model
     env = {**os.environ, "OPTION_MPI_MODE": "true", "OPTION_TENSOR_PARALLEL_DEGREE": "2"}
     server = ServerProcess(["--model-id", str(model), "--model-name", MODEL], env, base / "server.log")
     try:

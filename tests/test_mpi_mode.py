@@ -23,12 +23,10 @@ import httpx
 import pytest
 
 from lmi_core.config import build_model_config
-from lmi_core.demo_model import build_demo_model
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.launchers import free_ports, mpirun_argv
 from lmi_hf.engine import HFEngine, StepPlan, load_model
-from tests.conftest import ServerProcess, descendants, processes_matching
-from tests.test_python_mode import ping, stream_lines, wait_for
+from tests.conftest import ServerProcess, descendants, ping, processes_matching, stream_lines, wait_for
 
 PROMPTS = [
     "Hello",
@@ -46,8 +44,8 @@ MPI_ENV = {"OPTION_MPI_MODE": "true", "OPTION_TENSOR_PARALLEL_DEGREE": "2"}
 
 
 @pytest.fixture(scope="module")
-def tp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("models") / "tp-demo", vocab_size=512)
+def tp_model(demo_model: Path) -> Path:
+    return demo_model  # 4 heads, 2 kv heads, 512-token vocabulary: all split over 2 ranks
 
 
 def serve(model: Path, log: Path, **env: str) -> ServerProcess:

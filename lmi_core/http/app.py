@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -86,7 +86,6 @@ def create_app(
     models: list[ModelConfig] | None = None,
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
-    cors_allowed_origins: Sequence[str] = (),
 ) -> Starlette:
     """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
     server = server or ModelServer(config)
@@ -145,6 +144,7 @@ def create_app(
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
-    if cors_allowed_origins:
-        allow_cors(app, cors_allowed_origins)
+    origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]
+    if origins:
+        allow_cors(app, origins)
     return app

@@ -12,17 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lmi_core.engine import SamplingParams
 from lmi_core.errors import QueueFullError, ServiceError
 from lmi_core.http.protocol import BadRequest
 
 T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = "1"
-# A temperature or top_p below this means greedy decoding (vLLM's rule for temperature): logits
-# divided by a tinier temperature overflow, and a top_p that rounds to 0 in float32 keeps no token;
-# either made the sampler fail (found by the fuzzer: temperature=1e-38, top_p=5e-324).
-SAMPLING_EPS = 1e-5
 
 
 class PayloadTooLarge(ServiceError):
@@ -32,13 +27,6 @@ class PayloadTooLarge(ServiceError):
 
 class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
-
-
-def safe_sampling(params: SamplingParams) -> SamplingParams:
-    """``params`` with a near-zero temperature or top_p turned into the greedy decoding it tends to."""
-    if params.temperature < SAMPLING_EPS or params.top_p < SAMPLING_EPS:
-        params.do_sample = False
-    return params
 
 
 def _int64(text: str) -> int:

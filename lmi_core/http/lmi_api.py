@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ServiceError
-from lmi_core.http.common import collect, read_json, safe_sampling, stream_response, until_disconnected
+from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.protocol import BadRequest, LmiRequest, parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
@@ -74,7 +74,7 @@ async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
     if "messages" in body and state.native_chat is not None:
         return await state.native_chat(request, pool, body)
     lmi = parse_model(LmiRequest, body)
-    params = safe_sampling(lmi.parameters.sampling())
+    params = lmi.parameters.sampling()
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params)
     events = state.instrument(pool, generation, "/invocations")
     if lmi.stream:

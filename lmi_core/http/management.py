@@ -87,8 +87,7 @@ async def list_models(request: Request) -> Response:
     names = sorted(server.models)
     page = names[params.next_page_token : params.next_page_token + params.limit]
     models = [
-        {"modelName": name, "modelUrl": _url(server.models[name]), "status": statuses[name]}
-        for name in page
+        {"modelName": name, "modelUrl": _url(server.models[name]), "status": statuses[name]} for name in page
     ]
     body: dict[str, Any] = {"models": models}
     if params.next_page_token + params.limit < len(names):

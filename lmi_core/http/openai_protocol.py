@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import ServiceError
-from lmi_core.http.common import error_headers, error_response, safe_sampling
+from lmi_core.http.common import error_headers, error_response
 from lmi_core.http.protocol import BadRequest
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
@@ -77,7 +77,8 @@ class _Common(_Body):
     def sampling(self, max_new_tokens: int, top_logprobs: int, choice: int) -> SamplingParams:
         """Engine parameters of choice number ``choice`` (seeded apart, so ``n`` samples differ)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        params = SamplingParams(
+        # do_sample with temperature 0 (or nearly) is greedy: SamplingParams.greedy.
+        return SamplingParams(
             max_new_tokens=max_new_tokens,
             do_sample=True,
             temperature=self.temperature,
@@ -88,7 +89,6 @@ class _Common(_Body):
             ignore_eos=self.ignore_eos,
             top_logprobs=top_logprobs,
         )
-        return safe_sampling(params)  # temperature 0 (or nearly): greedy
 
 
 class CompletionRequest(_Common):

@@ -22,9 +22,10 @@ class BadRequest(ServiceError):
 
 
 class LmiParameters(BaseModel):
-    """``parameters`` of an LMI request (TGI-like); unknown keys are a 400 naming them."""
+    """``parameters`` of an LMI request (TGI-like); unknown keys and loose types are a 400 naming them."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "do_sample": 1 or "max_new_tokens": "5" are mistakes to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: int = Field(30, ge=1)
     do_sample: bool = False

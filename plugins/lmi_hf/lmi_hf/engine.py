@@ -287,39 +287,45 @@ class HFEngine:
         """Choose each sequence's next token, emit it, and drop the sequences that finished."""
         tokens: list[int] = []
         for seq, row in zip(seqs, logits, strict=True):
-            params = seq.request.params
-            token, log_prob, log_probs = select_token(row, params, seq.generator)
-            tokens.append(token)
-            seq.generated += 1
-            is_eos = token in self.eos_ids and not params.ignore_eos
-            text = seq.detokenizer.add(token)
-            reason: FinishReason | None = None
-            if is_eos:
-                reason = "eos_token"
-            elif seq.generated >= seq.max_new_tokens:
-                reason = "length"
-            if reason is not None:
-                text += seq.detokenizer.flush()
-            text, hit = seq.stop.feed(text)
-            if hit:
-                reason = "stop_sequence"
-            elif reason is not None:
-                text += seq.stop.flush()
-            top = None
-            if params.top_logprobs:
-                values, ids = torch.topk(log_probs, params.top_logprobs)
-                top = [(int(i), self._decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
-            self._outbox.append(
-                (seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None))
-            )
-            if reason is not None:
-                self._finish(seq, reason)
+            try:
+                tokens.append(self._advance(seq, row))
+            except Exception as exc:  # one request's failure (its sampling) ends that request only
+                self._fail(seq, exc)
+                tokens.append(0)  # a placeholder: the row is evicted below
         assert self._batch is not None
         last = self._batch.last_tokens.tolist()
         last[start : start + len(tokens)] = tokens
         self._batch.set_last_tokens(last)
         self.stats.generated_tokens_total += len(tokens)
         self._evict({s.request.request_id for s in self._running if s.done})
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
+        params = seq.request.params
+        token, log_prob, log_probs = select_token(logits, params, seq.generator)
+        seq.generated += 1
+        is_eos = token in self.eos_ids and not params.ignore_eos
+        text = seq.detokenizer.add(token)
+        reason: FinishReason | None = None
+        if is_eos:
+            reason = "eos_token"
+        elif seq.generated >= seq.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            text += seq.detokenizer.flush()
+        text, hit = seq.stop.feed(text)
+        if hit:
+            reason = "stop_sequence"
+        elif reason is not None:
+            text += seq.stop.flush()
+        top = None
+        if params.top_logprobs:
+            values, ids = torch.topk(log_probs, params.top_logprobs)
+            top = [(int(i), self._decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+        self._outbox.append((seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None)))
+        if reason is not None:
+            self._finish(seq, reason)
+        return token
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.done = True

@@ -35,6 +35,7 @@ def select_token(
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop[0] = False
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Sample on CPU with the sequence's own generator: reproducible per seed, whatever the batch.
