@@ -80,9 +80,16 @@ def main() -> None:
     with Server(model_dir(base, "hf", demo, {"option.max_rolling_batch_size": "32"})) as server:
         asyncio.run(run_concurrent(server.url, texts[:4], 4, 4))  # warm-up
         wall, results = asyncio.run(run_concurrent(server.url, texts, args.concurrency, args.tokens))
+        batch = texts[: args.concurrency]
+        one_by_one, _ = asyncio.run(run_concurrent(server.url, batch, 1, args.tokens))
+        together, _ = asyncio.run(run_concurrent(server.url, batch, len(batch), args.tokens))
     http_tps = sum(r.tokens for r in results) / wall
     print(f"    in-process   {baseline:9.1f} tokens/s")
     print(f"    via HTTP     {http_tps:9.1f} tokens/s   ratio http/in-process = {http_tps / baseline:.2f}")
+    print(
+        f"    {len(batch)} requests via HTTP: sequential {one_by_one:.2f} s, concurrent {together:.2f} s"
+        f"   ratio sequential/concurrent = {one_by_one / together:.1f}x (continuous batching)"
+    )
 
     print(f"(b) synthetic engine (stack only), one stream of {args.stream_tokens} tokens")
     ceiling = asyncio.run(in_process_synthetic(args.stream_tokens))

@@ -5,17 +5,22 @@ max_model_len, max_num_seqs, dtype, ``VLLM_CPU_KVCACHE_SPACE``) and get the same
 streamed OpenAI ``/v1/completions``, greedy, EOS ignored. Both stay up for the whole run and are
 measured alternately (lmi, vllm, lmi, vllm, ...) at each concurrency level, so that load from other
 work on the machine hits both alike; each figure is the median over the rounds, and the ratio column
-is lmi / vllm (above 1 is better for lmi on throughput, worse on latency).
+is lmi / vllm (above 1 is better for lmi on throughput, worse on latency and CPU).
+
+Wall-clock figures on a shared 2-core machine are noisy; the CPU time each server's processes spend
+per output token (vLLM's engine processes apart from the rest: lmi's server and worker, or vLLM's API
+server) measures the HTTP side's overhead in a way other work on the machine barely skews.
 
 Run it with the vLLM venv's interpreter (``make setup-vllm``):
 
-    .venv-vllm/bin/python benchmarks/bench_vllm.py [--concurrency 1 4 16] [--rounds 3] [--tokens 64]
+    .venv-vllm/bin/python benchmarks/bench_vllm.py [--concurrency 1 4 16] [--rounds 5] [--tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -24,19 +29,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Server, StreamResult, model_dir, percentile, run_concurrent, stream_openai
+from benchmarks.common import (
+    Server,
+    StreamResult,
+    model_dir,
+    percentile,
+    process_cpu,
+    run_concurrent,
+    stream_openai,
+)
 from lmi_core.demo_model import build_demo_model
 
 MODEL = "demo"
-# metric -> (heading, higher is better)
+# metric -> table heading
 METRICS = {
-    "req_s": ("requests/s", True),
-    "tok_s": ("output tokens/s", True),
-    "ttft_p50": ("TTFT p50 (ms)", False),
-    "ttft_p99": ("TTFT p99 (ms)", False),
-    "itl_p50": ("ITL p50 (ms)", False),
-    "itl_p99": ("ITL p99 (ms)", False),
+    "req_s": "requests/s",
+    "tok_s": "output tokens/s",
+    "ttft_p50": "TTFT p50 (ms)",
+    "ttft_p99": "TTFT p99 (ms)",
+    "itl_p50": "ITL p50 (ms)",
+    "itl_p99": "ITL p99 (ms)",
+    "frontend_cpu": "server CPU ms/token, outside vLLM's engine",
+    "engine_cpu": "CPU ms/token, vLLM engine core + worker",
 }
+# vLLM names its engine processes (VLLM::EngineCore, VLLM::Worker); the rest is the HTTP side.
+ENGINE_PROCESS_PREFIX = "VLLM::"
 
 
 @dataclass(frozen=True)
@@ -94,12 +111,14 @@ def vllm_server(demo: Path, engine: Engine, env: dict[str, str]) -> Server:
     return Server(None, env, command=command, ready_path="/health", timeout=600)
 
 
-def summarize(wall: float, results: list[StreamResult]) -> dict[str, float]:
+def summarize(wall: float, results: list[StreamResult], cpu: dict[str, float]) -> dict[str, float]:
     ttfts = [r.ttft * 1000 for r in results]
     gaps = [g * 1000 for r in results for g in r.gaps]
+    tokens = sum(r.tokens for r in results)
     return {
+        **{key: seconds * 1000 / tokens for key, seconds in cpu.items()},
         "req_s": len(results) / wall,
-        "tok_s": sum(r.tokens for r in results) / wall,
+        "tok_s": tokens / wall,
         "ttft_p50": percentile(ttfts, 0.5),
         "ttft_p99": percentile(ttfts, 0.99),
         "itl_p50": percentile(gaps, 0.5),
@@ -108,9 +127,16 @@ def summarize(wall: float, results: list[StreamResult]) -> dict[str, float]:
 
 
 def measure(server: Server, prompts: list[str], concurrency: int, tokens: int) -> dict[str, float]:
+    """One load run; CPU time of the server's processes is robust to other work on the machine."""
+    before = process_cpu(server.proc.pid)
     wall, results = asyncio.run(run_concurrent(server.url, prompts, concurrency, tokens, stream_openai))
+    after = process_cpu(server.proc.pid)
     assert all(r.tokens == tokens for r in results), "every request must produce max_tokens tokens"
-    return summarize(wall, results)
+    cpu = {"frontend_cpu": 0.0, "engine_cpu": 0.0}
+    for pid, (name, seconds) in after.items():
+        key = "engine_cpu" if name.startswith(ENGINE_PROCESS_PREFIX) else "frontend_cpu"
+        cpu[key] += seconds - before.get(pid, (name, 0.0))[1]
+    return summarize(wall, results, cpu)
 
 
 def table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
@@ -120,17 +146,17 @@ def table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for concurrency, by_server in rows.items():
-        for key, (heading, _) in METRICS.items():
+        for key, heading in METRICS.items():
             lmi, vllm = by_server["lmi"][key], by_server["vllm"][key]
-            lines.append(f"| {concurrency} | {heading} | {lmi:.1f} | {vllm:.1f} | {lmi / vllm:.2f} |")
+            lines.append(f"| {concurrency} | {heading} | {lmi:.4g} | {vllm:.4g} | {lmi / vllm:.2f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=3, help="alternations lmi/vllm per level")
-    parser.add_argument("--requests", type=int, default=4, help="requests per unit of concurrency (min 8)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations lmi/vllm per level")
+    parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 8)")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=16)
@@ -163,11 +189,14 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for name, server in servers.items():
                     runs[name].append(measure(server, prompts, concurrency, args.tokens))
-                    print(f"c={concurrency} round {round_} {name}: {runs[name][-1]}", flush=True)
+                    figures = {key: round(value, 3) for key, value in runs[name][-1].items()}
+                    print(f"c={concurrency} round {round_} {name}: {figures}", flush=True)
             rows[concurrency] = {
                 name: {key: statistics.median(run[key] for run in results) for key in METRICS}
                 for name, results in runs.items()
             }
+    # Other work on the machine skews both servers; the load average says how much there was.
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(table(rows))
 
 

@@ -20,7 +20,6 @@ from lmi_core.errors import ConfigError
 logger = logging.getLogger("lmi_core")
 
 
-
 def _address(url: str, key: str = "inference_address") -> tuple[str, int]:
     parsed = urlparse(url if "://" in url else f"http://{url}")
     if not parsed.hostname:

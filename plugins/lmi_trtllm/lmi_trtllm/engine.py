@@ -1,0 +1,254 @@
+"""TensorRT-LLM inside an lmi-core MPI job: rank 0 drives the LLM API, the other ranks serve it.
+
+lmi's ``mpirun`` starts one worker per rank (``tensor_parallel_degree x pipeline_parallel_degree``).
+TensorRT-LLM's own runtime must then run on every rank, driven by rank 0:
+
+* rank 0 builds ``LLM(..., _mpi_session=MpiCommSession(comm=COMM_WORLD, n_workers=world_size))``:
+  with a session given, the LLM runs its executor workers on the existing ranks instead of spawning
+  processes (``tensorrt_llm/llmapi/llm.py``, ``tensorrt_llm/llmapi/mpi_session.py``);
+* every other rank enters ``mpi4py.futures.MPICommExecutor(COMM_WORLD)``, which blocks running the
+  tasks rank 0 submits until rank 0 shuts the pool down (TensorRT-LLM's ``mgmn_worker_node.py`` does
+  the same). It blocks in a thread of ours, so the rank's worker loop still answers heartbeats.
+
+Requests reach every rank (the core sends each to all ranks); only rank 0 runs them, through
+``generate_async(streaming=True)`` on the worker's event loop, where TensorRT-LLM needs a running loop
+to stream results asynchronously. The others finish each request at once without output.
+
+TensorRT-LLM is imported only inside ``load_engine``: the plugin's hooks import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from lmi_core.engine import (
+    BadRequestError,
+    EngineError,
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    WorkerContext,
+)
+from lmi_trtllm.convert import StreamState, delta_events, map_error, sampling_kwargs
+from lmi_trtllm.options import INSTALL_HINT, llm_kwargs, tensorrt_llm_importable
+
+logger = logging.getLogger(__name__)
+
+
+def require_tensorrt_llm() -> None:
+    """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here."""
+    if not tensorrt_llm_importable():
+        raise EngineError(
+            f"the trtllm backend needs the tensorrt_llm package, which this worker's Python "
+            f"({sys.executable}) cannot import: {INSTALL_HINT}",
+            status=500,
+        )
+
+
+def load(context: WorkerContext) -> TrtllmEngine | FollowerEngine:
+    """Build this rank's part of the engine (blocking: the worker calls it off its event loop)."""
+    require_tensorrt_llm()
+    if context.device != "cuda":
+        raise EngineError(
+            "TensorRT-LLM runs on NVIDIA GPUs only, and lmi found none for this worker "
+            "(NVML reports no GPU, or CUDA_VISIBLE_DEVICES hides them)",
+            status=500,
+        )
+    kwargs = llm_kwargs(context)  # option errors before the slow import
+    try:
+        # Takes seconds and loads the CUDA libraries: only once the cheap checks above have passed.
+        from tensorrt_llm.llmapi import LLM, KvCacheConfig, MpiCommSession
+    except ImportError as exc:
+        raise EngineError(f"tensorrt_llm is installed but cannot be imported: {exc}", status=500) from exc
+    if "kv_cache_config" in kwargs:
+        kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
+    if context.mode == "mpi" and context.world_size > 1:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() != context.world_size:
+            raise EngineError(
+                f"the MPI job has {comm.Get_size()} ranks but the model needs {context.world_size} "
+                "(tensor_parallel_degree x pipeline_parallel_degree)",
+                status=500,
+            )
+        if comm.Get_rank() != 0:
+            return FollowerEngine(comm.Get_rank(), lambda: serve_rank0(comm))
+        kwargs["_mpi_session"] = MpiCommSession(comm=comm, n_workers=context.world_size)
+    started = time.monotonic()
+    llm = LLM(**kwargs)
+    logger.info("TensorRT-LLM engine built in %.1f s (%s)", time.monotonic() - started, context.model_id)
+    return TrtllmEngine(llm)
+
+
+def serve_rank0(comm: Any) -> None:
+    """Run the tasks rank 0's MPI session submits until it shuts the pool down (ranks > 0)."""
+    from mpi4py.futures import MPICommExecutor
+
+    with MPICommExecutor(comm, root=0) as executor:
+        if executor is not None:  # only the root gets an executor; a rank > 0 never should
+            raise RuntimeError(f"rank {comm.Get_rank()} became the root of the MPI executor")
+
+
+class _NoEvents:
+    """An async iterator that ends at once."""
+
+    def __aiter__(self) -> _NoEvents:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        raise StopAsyncIteration
+
+
+class FollowerEngine:
+    """A rank > 0: TensorRT-LLM's runtime works here on rank 0's behalf, in a thread of ours."""
+
+    def __init__(self, rank: int, serve: Callable[[], object]) -> None:
+        self.rank = rank
+        self.error: str | None = None
+        self._closed = False
+        # Daemon: when the worker exits, nothing waits for a pool that rank 0 no longer drives.
+        self._thread = threading.Thread(
+            target=self._run, args=(serve,), name=f"lmi-trtllm-rank{rank}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, serve: Callable[[], object]) -> None:
+        try:
+            serve()
+        except BaseException as exc:  # reported through the heartbeat (stats)
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("rank %d: TensorRT-LLM worker loop failed", self.rank)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Nothing to do: rank 0 runs the request and TensorRT-LLM brings this rank along."""
+        return _NoEvents()
+
+    def stats(self) -> EngineStats:
+        """Empty counters (rank 0 reports them); raises once the worker loop has stopped."""
+        if not self._closed and not self._thread.is_alive():
+            reason = self.error or "rank 0 closed its pool"
+            raise EngineError(f"rank {self.rank}: TensorRT-LLM worker loop ended ({reason})", status=500)
+        return EngineStats()
+
+    def shutdown(self) -> None:
+        """Rank 0's ``LLM.shutdown`` ends this rank's work; only stop reporting the loop as failed."""
+        self._closed = True
+
+
+class TrtllmEngine:
+    """Rank 0: the ``LLM`` and the counters lmi reports."""
+
+    def __init__(self, llm: Any) -> None:
+        from tensorrt_llm import SamplingParams as TrtSamplingParams
+
+        self.llm = llm
+        self._sampling_params = TrtSamplingParams
+        # LLM.tokenizer wraps the HF tokenizer (TransformersTokenizer.tokenizer) for chat templates.
+        self.tokenizer = getattr(llm.tokenizer, "tokenizer", llm.tokenizer)
+        self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        self._closed = False
+        self.running = 0
+        self.finished_total = 0
+        self.cancelled_total = 0
+        self.generated_tokens_total = 0
+        self.prompt_tokens_total = 0
+
+    def shutdown(self) -> None:
+        """Stop TensorRT-LLM's executor on every rank."""
+        if not self._closed:
+            self._closed = True
+            self.llm.shutdown()
+
+    def stats(self) -> EngineStats:
+        """Counters for the heartbeat; raises when the executor has shut down (a fatal runtime error).
+
+        Own counters only: ``LLM.get_stats`` waits up to its timeout on a queue of iteration stats.
+        """
+        if self._closed:
+            raise EngineError("TensorRT-LLM engine is shut down", status=503)
+        # The check generate_async itself makes before accepting a request (private, hence getattr).
+        executor = getattr(self.llm, "_executor", None)
+        if executor is None or executor.is_shutdown():
+            raise EngineError("TensorRT-LLM executor has shut down", status=500)
+        return EngineStats(
+            running=self.running,
+            finished_total=self.finished_total,
+            cancelled_total=self.cancelled_total,
+            generated_tokens_total=self.generated_tokens_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+        )
+
+    def prompt_text(self, request: GenerationRequest) -> tuple[str, bool]:
+        """The prompt text and whether the chat template wrote it (then it holds its special tokens)."""
+        if request.messages:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # no template, or a template that rejects these messages
+                message = f"cannot apply the model's chat template: {exc}"
+                raise BadRequestError(message, param="messages") from None
+            return str(text), True
+        if request.prompt:
+            return request.prompt, False
+        raise BadRequestError("the request has neither inputs nor messages", param="inputs")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream ``request``; closing the iterator early aborts it in TensorRT-LLM."""
+        text, templated = self.prompt_text(request)
+        try:
+            params = self._sampling_params(**sampling_kwargs(request.params, templated=templated))
+            result = self.llm.generate_async(text, sampling_params=params, streaming=True)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from exc
+        prompt_tokens = len(result.prompt_token_ids)
+        self.prompt_tokens_total += prompt_tokens
+        self.running += 1
+        state = StreamState()
+        finished = False
+        try:
+            async for output in result:
+                events = delta_events(
+                    output.outputs[0],
+                    output.finished,
+                    state,
+                    special_ids=self.special_ids,
+                    top_n=request.params.top_logprobs,
+                    decode=self._decode,
+                    prompt=text,
+                    prompt_tokens=prompt_tokens,
+                )
+                for event in events:
+                    if isinstance(event, Finished):
+                        finished = True
+                        self.finished_total += 1
+                    else:
+                        self.generated_tokens_total += 1
+                    yield event
+                if finished:
+                    return
+            raise EngineError("TensorRT-LLM ended the request without a finish reason")
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from exc
+        finally:
+            self.running -= 1
+            if not finished:
+                # Closed early (client gone, cancelled) or failed: free the sequence now.
+                self.cancelled_total += 1
+                with contextlib.suppress(Exception):  # the executor may be gone already
+                    result.abort()
+
+    def _decode(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))

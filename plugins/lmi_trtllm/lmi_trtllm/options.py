@@ -1,0 +1,248 @@
+"""``option.*`` keys of the trtllm backend: checked in the server, made ``LLM`` arguments in the worker.
+
+Everything here runs without TensorRT-LLM: the server may not have it (the workers can run another
+interpreter, ``option.pythonExecutable``). Keys follow DJL LMI's TensorRT-LLM names where DJL has one
+(``kv_cache_free_gpu_mem_fraction``, ``enable_kv_cache_reuse``, ``max_output_len``); any key not known
+here is a ``ConfigError`` naming it, so a typo fails the start instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lmi_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmi_core.config import ModelConfig
+    from lmi_core.engine import WorkerContext
+
+BACKEND = "trtllm"
+
+INSTALL_HINT = (
+    "install it on a CUDA host with `pip install tensorrt-llm` (NVIDIA's wheels, which bring their own "
+    "torch; see docs/trtllm.md), or point option.pythonExecutable at a Python that has it"
+)
+
+# lmi / DJL dtype names -> TensorRT-LLM's.
+DTYPES: dict[str, str] = {
+    "auto": "auto",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"an integer >= {minimum}") from None
+        if number < minimum:
+            raise ValueError(f"an integer >= {minimum}")
+        return number
+
+    return convert
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("a number in (0, 1]") from None
+    if not 0.0 < number <= 1.0:
+        raise ValueError("a number in (0, 1]")
+    return number
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a non-empty string")
+    return value.strip()
+
+
+def _dtype(value: str) -> str:
+    try:
+        return DTYPES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"one of {', '.join(DTYPES)}") from None
+
+
+# option key -> (``LLM(...)`` argument, converter raising ValueError that says what is allowed).
+LLM_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "max_num_tokens": ("max_num_tokens", _int(1)),
+    "max_input_len": ("max_input_len", _int(1)),
+    "max_seq_len": ("max_seq_len", _int(2)),
+    "enable_chunked_prefill": ("enable_chunked_prefill", _bool),
+    "dtype": ("dtype", _dtype),
+    "trust_remote_code": ("trust_remote_code", _bool),
+    "revision": ("revision", _nonempty),
+    "tokenizer": ("tokenizer", _nonempty),
+}
+
+# option key -> (``KvCacheConfig`` field, converter).
+KV_CACHE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "kv_cache_free_gpu_mem_fraction": ("free_gpu_memory_fraction", _fraction),
+    "enable_kv_cache_reuse": ("enable_block_reuse", _bool),
+}
+
+# DJL splits the sequence budget in two; TensorRT-LLM's LLM API takes max_seq_len = input + output.
+MAX_OUTPUT_LEN = "max_output_len"
+
+# LLM arguments that lmi sets from its own keys: naming them directly would be ambiguous.
+RESERVED: dict[str, str] = {
+    "model": "option.model_id",
+    "tensor_parallel_size": "option.tensor_parallel_degree",
+    "pipeline_parallel_size": "option.pipeline_parallel_degree",
+    "max_batch_size": "option.max_rolling_batch_size",
+}
+
+# DJL keys accepted for compatibility; they change nothing here.
+IGNORED = frozenset({"enable_streaming", "output_formatter"})
+
+
+@dataclass
+class TrtllmOptions:
+    """Parsed options: plain ``LLM(...)`` arguments and ``KvCacheConfig`` fields."""
+
+    llm_args: dict[str, Any] = field(default_factory=dict)
+    kv_cache: dict[str, Any] = field(default_factory=dict)
+
+
+def tensorrt_llm_importable() -> bool:
+    """Whether this interpreter can import TensorRT-LLM (without importing it: that takes seconds)."""
+    try:
+        spec = importlib.util.find_spec("tensorrt_llm")
+    except (ImportError, ValueError):
+        return False
+    # origin None: a namespace package (a directory named tensorrt_llm on sys.path), not the package.
+    return spec is not None and spec.origin is not None
+
+
+def parse_options(options: Mapping[str, Any]) -> TrtllmOptions:
+    """Convert the backend's ``option.*`` strings (keys without the prefix); raise ``ConfigError``."""
+    parsed = TrtllmOptions()
+    max_output_len: int | None = None
+    for key, raw in options.items():
+        value = str(raw)
+        name = f"option.{key}"
+        if key in IGNORED:
+            continue
+        if key in RESERVED:
+            raise ConfigError(name, value, f"{RESERVED[key]} instead (lmi sets TensorRT-LLM's {key} from it)")
+        try:
+            if key in LLM_KEYS:
+                arg, convert = LLM_KEYS[key]
+                parsed.llm_args[arg] = convert(value)
+            elif key in KV_CACHE_KEYS:
+                kv_field, convert = KV_CACHE_KEYS[key]
+                parsed.kv_cache[kv_field] = convert(value)
+            elif key == MAX_OUTPUT_LEN:
+                max_output_len = _int(1)(value)
+            else:
+                raise ConfigError(name, value, _unknown_key_hint(key))
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(name, value, str(exc)) from None
+    if max_output_len is not None:
+        _apply_max_output_len(parsed, max_output_len)
+    input_len = parsed.llm_args.get("max_input_len")
+    seq_len = parsed.llm_args.get("max_seq_len")
+    if input_len is not None and seq_len is not None and input_len >= seq_len:
+        raise ConfigError(
+            "option.max_input_len",
+            input_len,
+            f"less than max_seq_len ({seq_len}): the sequence holds the prompt and at least one output token",
+        )
+    return parsed
+
+
+def _apply_max_output_len(parsed: TrtllmOptions, max_output_len: int) -> None:
+    name = f"option.{MAX_OUTPUT_LEN}"
+    if "max_seq_len" in parsed.llm_args:
+        allowed = "unset when option.max_seq_len is set (max_seq_len bounds prompt plus output)"
+        raise ConfigError(name, max_output_len, allowed)
+    input_len = parsed.llm_args.get("max_input_len")
+    if input_len is None:
+        raise ConfigError(
+            name,
+            max_output_len,
+            "set together with option.max_input_len (max_seq_len = max_input_len + max_output_len), "
+            "or option.max_seq_len instead",
+        )
+    parsed.llm_args["max_seq_len"] = input_len + max_output_len
+
+
+def _unknown_key_hint(key: str) -> str:
+    known = [*LLM_KEYS, *KV_CACHE_KEYS, MAX_OUTPUT_LEN]
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join('option.' + c for c in close)}?" if close else ""
+    return f"a key the trtllm backend knows ({', '.join('option.' + k for k in sorted(known))}){hint}"
+
+
+def check_config(config: ModelConfig) -> None:
+    """Server-side checks of a model served by trtllm: selection, parallelism, options."""
+    chosen_by_auto = config.backend_name is None and (config.rolling_batch or "auto").lower() == "auto"
+    if chosen_by_auto and not tensorrt_llm_importable():
+        # The backend is registered even without TensorRT-LLM (so that naming it explicitly reaches the
+        # worker's clear install message); auto prefers any other backend and must not settle on it.
+        raise ConfigError(
+            "option.rolling_batch",
+            config.rolling_batch or "auto",
+            "a backend this host can run: auto only picks trtllm where this Python imports tensorrt_llm "
+            f"({INSTALL_HINT}); set option.rolling_batch=trtllm to use it from another interpreter",
+        )
+    tp = config.tensor_parallel_degree
+    if "tensor_parallel_degree" not in config.model_fields_set or not isinstance(tp, int):
+        raise ConfigError(
+            "option.tensor_parallel_degree",
+            tp if "tensor_parallel_degree" in config.model_fields_set else None,
+            "an explicit integer for the trtllm backend (TensorRT-LLM runs one rank per GPU; a built "
+            "engine has a fixed degree)",
+        )
+    if config.mode != "mpi" and config.world_size > 1:
+        raise ConfigError(
+            "option.mpi_mode",
+            config.mpi_mode,
+            "true (or unset) when tensor_parallel_degree x pipeline_parallel_degree > 1: the trtllm "
+            "backend runs its ranks in lmi's mpirun job, not as processes TensorRT-LLM spawns itself",
+        )
+    options: dict[str, Any] = dict(config.options)
+    if config.dtype is not None:
+        options["dtype"] = config.dtype
+    parse_options(options)
+
+
+def llm_kwargs(context: WorkerContext) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments for ``context``, with ``kv_cache_config`` as a plain dict
+    (``KvCacheConfig(**it)`` in the worker) and without the MPI session (rank 0 adds it)."""
+    parsed = parse_options(context.options)
+    kwargs: dict[str, Any] = {
+        "model": context.model_id,
+        "tensor_parallel_size": context.tensor_parallel_degree,
+        "pipeline_parallel_size": context.pipeline_parallel_degree,
+        "max_batch_size": context.max_batch_size,
+        **parsed.llm_args,
+    }
+    if parsed.kv_cache:
+        kwargs["kv_cache_config"] = dict(parsed.kv_cache)
+    return kwargs
