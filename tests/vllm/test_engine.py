@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -171,6 +172,24 @@ async def test_cancelling_the_task_aborts_the_request(pm: Any, engine: Any) -> N
     assert engine.llm.get_num_unfinished_requests() == 0
     tokens, finished = await run(pm, engine, max_new_tokens=3, ignore_eos=True)  # still serving
     assert finished.finish_reason == "length" and len(tokens) == 3
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU per tensor-parallel rank")
+async def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(
+    pm: Any, engine: Any, worker_context: Any
+) -> None:
+    # vLLM's own TP workers; on a single-NUMA host the plugin binds each rank to its own CPUs.
+    context = worker_context()
+    context.tensor_parallel_degree = 2
+    tp2 = pm.hook.load_engine(context=context)
+    try:
+        tokens, finished = await run(pm, tp2, max_new_tokens=12, ignore_eos=True)
+    finally:
+        pm.hook.shutdown_engine(engine=tp2)
+    expected, _ = await run(pm, engine, max_new_tokens=12, ignore_eos=True)
+    assert [t.id for t in tokens] == [t.id for t in expected]
+    assert finished.finish_reason == "length"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # set only while vLLM started its workers
 
 
 async def test_prompt_longer_than_max_model_len_is_a_bad_request(pm: Any, engine: Any) -> None:

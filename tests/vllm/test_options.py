@@ -10,7 +10,7 @@ import pytest
 from lmi_core.engine import EngineError
 from lmi_core.errors import ConfigError
 from lmi_vllm import options as opts
-from lmi_vllm.engine import finish_reason, output_events, split_text
+from lmi_vllm.engine import cpu_bind_lists, finish_reason, output_events, split_text
 
 
 def model_config(**options: str) -> Any:
@@ -107,6 +107,13 @@ def test_split_text_joins_to_the_delta() -> None:
     # Byte-level pieces that do not join to the delta (partial UTF-8): the last token takes it all.
     assert split_text("\ufffdx", ["", "x"]) == ["", "\ufffdx"]
     assert split_text("", []) == []
+
+
+def test_cpu_bind_lists_split_the_cpus_among_the_ranks() -> None:
+    assert cpu_bind_lists([0, 1], 2) == "0|1"
+    assert cpu_bind_lists([0, 1, 2, 3, 4], 2) == "0,1|2,3"
+    with pytest.raises(EngineError, match="at least one CPU each"):
+        cpu_bind_lists([0], 2)
 
 
 def test_finish_reason_mapping() -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import glob
 import logging
 import os
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,34 +107,33 @@ def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
     return factory
 
 
-class Mailbox:
-    """Hands items from vLLM's loop thread to queues on one caller loop, one wake-up per burst.
+def numa_nodes() -> int:
+    """The host's NUMA nodes (1 where sysfs does not say)."""
+    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
 
-    An engine step yields an output for every running request; waking the caller's loop once per
-    output (``call_soon_threadsafe`` writes to its self-pipe, and the woken thread then contends for
-    the GIL) took a fifth of the worker's time at 16 concurrent streams. Items put while a delivery is
-    pending ride along with it.
-    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[Any], Any]] = []
+def cpu_bind_lists(cpus: Sequence[int], ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` vLLM workers an equal share of ``cpus``."""
+    share = len(cpus) // ranks
+    if share == 0:
+        raise EngineError(
+            f"{ranks} vLLM workers (tensor x pipeline parallel degree) need at least one CPU each; "
+            f"this worker may use {len(cpus)}"
+        )
+    return "|".join(",".join(str(c) for c in cpus[i * share : (i + 1) * share]) for i in range(ranks))
 
-    def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
-        """From any thread: ``queue.put_nowait(item)`` on the mailbox's loop, in order."""
-        with self._lock:
-            self._pending.append((queue, item))
-            if len(self._pending) > 1:
-                return  # a delivery is scheduled and has not run yet: it takes this item too
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
-            self.loop.call_soon_threadsafe(self._deliver)
 
-    def _deliver(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for queue, item in pending:
-            queue.put_nowait(item)
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (no change when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -175,9 +174,6 @@ class VllmEngine:
         self.aborted_total = 0
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = (
-            weakref.WeakKeyDictionary()
-        )
         self._health_task = self._submit(self._watch_health())
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -186,6 +182,7 @@ class VllmEngine:
     def start(cls, context: WorkerContext) -> VllmEngine:
         """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
         kwargs, kv_gib, warmup = engine_kwargs(context)
+        bind: str | None = None
         if context.device == "cpu":
             if kv_gib is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)  # read by vLLM's engine process
@@ -194,6 +191,11 @@ class VllmEngine:
                     "VLLM_CPU_KVCACHE_SPACE is not set: vLLM sizes its CPU KV cache from most of the RAM; "
                     "set option.cpu_kvcache_space=<GiB> or the environment variable"
                 )
+            ranks = kwargs["tensor_parallel_size"] * kwargs["pipeline_parallel_size"]
+            if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and numa_nodes() < ranks:
+                # vLLM's automatic binding gives each rank a NUMA node of its own and refuses to start
+                # with fewer nodes than ranks (most single-socket hosts): split the CPUs instead.
+                bind = cpu_bind_lists(sorted(os.sched_getaffinity(0)), ranks)
         if kwargs.get("enforce_eager") and "TORCHDYNAMO_DISABLE" not in os.environ:
             # Eager means no torch.compile, yet vLLM still compiles a sampler kernel (logprob ranks)
             # with inductor on first use: 6-30 s of C++ compilation on CPU. Read by vLLM's processes.
@@ -215,7 +217,9 @@ class VllmEngine:
 
         started = time.monotonic()
         try:
-            llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
+            # Only while vLLM spawns its processes: a later engine in this process may have one rank.
+            with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
+                llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
@@ -262,13 +266,6 @@ class VllmEngine:
         if self._tokens_input is not None:
             return self._tokens_input(ids, prompt=text)
         return {"prompt_token_ids": ids}
-
-    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
-        """The mailbox to ``loop`` (called on ``loop``: one caller thread creates its own)."""
-        mailbox = self._mailboxes.get(loop)
-        if mailbox is None:
-            mailbox = self._mailboxes[loop] = Mailbox(loop)
-        return mailbox
 
     def _submit(self, coro: Any) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -378,11 +375,12 @@ class VllmEngine:
         rid = request.request_id
         top_n = request.params.top_logprobs
         prompt = self.engine_input(ids, text)
-        mailbox = self._mailbox(asyncio.get_running_loop())
+        caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def put(item: Any) -> None:
-            mailbox.put(queue, item)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+                caller.call_soon_threadsafe(queue.put_nowait, item)
 
         async def pump() -> None:
             # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
