@@ -29,6 +29,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of alternatives per token to report (OpenAI top_logprobs); 0 = none.
     top_logprobs: int = 0
+    # Whether the client reads each token's log-prob; an engine may skip computing it when not
+    # (vLLM: about a third of its per-token cost on CPU) and report None.
+    logprobs: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -66,7 +69,7 @@ class Token:
 
     id: int
     text: str
-    log_prob: float
+    log_prob: float | None
     special: bool = False
     top_logprobs: list[tuple[int, str, float]] | None = None
     # True on a request's final token (a ``Finished`` follows at once): lets streams mark the last

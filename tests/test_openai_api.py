@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from lmi_core.http.openai_protocol import CompletionRequest
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -360,3 +361,10 @@ def test_native_chat_errors_keep_the_djl_shape(server: ServerProcess) -> None:
     response = httpx.post(f"{server.url}/invocations", json={"messages": "hi"}, timeout=10)
     assert response.status_code == 400
     assert response.json()["param"] == "messages" and response.json()["code"] == 400
+
+
+@pytest.mark.parametrize(("logprobs", "wanted"), [(None, False), (0, True), (3, True)])
+def test_engines_are_told_whether_the_client_reads_logprobs(logprobs: int | None, wanted: bool) -> None:
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    params = body.sampling(16, logprobs, 0)
+    assert params.logprobs is wanted and params.top_logprobs == (logprobs or 0)

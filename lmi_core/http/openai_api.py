@@ -75,9 +75,8 @@ class Call:
 def completion_call(pool: WorkerPool, body: CompletionRequest) -> Call:
     body.check_supported()
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
-    top = body.logprobs or 0
     generations = [
-        GenerationRequest(new_request_id(), prompt=prompt, params=body.sampling(max_tokens, top, i))
+        GenerationRequest(new_request_id(), prompt=prompt, params=body.sampling(max_tokens, body.logprobs, i))
         for prompt in body.prompts
         for i in range(body.n)
     ]
@@ -88,12 +87,12 @@ def completion_call(pool: WorkerPool, body: CompletionRequest) -> Call:
 def chat_call(pool: WorkerPool, body: ChatCompletionRequest) -> Call:
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
-    max_tokens, top = body.token_limit or UNLIMITED, body.top_logprobs or 0
+    max_tokens = body.token_limit or UNLIMITED
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     generations = [
-        GenerationRequest(new_request_id(), messages=messages, params=body.sampling(max_tokens, top, i))
+        GenerationRequest(new_request_id(), messages=messages, params=body.sampling(max_tokens, logprobs, i))
         for i in range(body.n)
     ]
-    logprobs = top if body.logprobs else None
     return Call(pool, True, body.stream, body.n, generations, [""] * body.n, logprobs, body.include_usage)
 
 

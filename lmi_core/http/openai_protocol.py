@@ -74,7 +74,7 @@ class _Common(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_new_tokens: int, top_logprobs: int, choice: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, top_logprobs: int | None, choice: int) -> SamplingParams:
         """Engine parameters of choice number ``choice`` (seeded apart, so ``n`` samples differ)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         # do_sample with temperature 0 (or nearly) is greedy: SamplingParams.greedy.
@@ -87,7 +87,8 @@ class _Common(_Body):
             seed=None if self.seed is None else (self.seed + choice) % SEED_RANGE,
             stop_sequences=stop,
             ignore_eos=self.ignore_eos,
-            top_logprobs=top_logprobs,
+            top_logprobs=top_logprobs or 0,
+            logprobs=top_logprobs is not None,  # None: the client did not ask for logprobs
         )
 
 

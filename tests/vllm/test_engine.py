@@ -84,6 +84,11 @@ async def test_logprobs_and_top_logprobs(pm: Any, engine: Any) -> None:
     plain, _ = await run(pm, engine, max_new_tokens=6, ignore_eos=True)
     assert all(t.top_logprobs is None for t in plain)
     assert [t.log_prob for t in plain] == pytest.approx([t.log_prob for t in tokens])
+    # A client that does not read logprobs does not make vLLM compute them.
+    unasked, _ = await run(pm, engine, max_new_tokens=6, ignore_eos=True, logprobs=False)
+    assert [t.id for t in unasked] == [t.id for t in plain]
+    assert all(t.log_prob is None for t in unasked)
+    assert engine.sampling_params(SamplingParams(logprobs=False)).logprobs is None
 
 
 async def test_stop_sequence(pm: Any, engine: Any) -> None:

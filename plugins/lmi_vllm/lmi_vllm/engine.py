@@ -345,7 +345,7 @@ class VllmEngine:
         return text, ids
 
     def sampling_params(self, params: SamplingParams) -> Any:
-        """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas, always the token logprob)."""
+        """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked)."""
         if params.max_new_tokens < 1:
             raise BadRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
         if params.top_logprobs < 0:
@@ -361,8 +361,8 @@ class VllmEngine:
                 seed=params.seed,
                 stop=list(params.stop_sequences) or None,
                 ignore_eos=params.ignore_eos,
-                # 0 = only the sampled token's logprob: every Token carries one.
-                logprobs=params.top_logprobs,
+                # 0 = only the sampled token's logprob; None = none, which saves vLLM real work.
+                logprobs=params.top_logprobs if params.logprobs or params.top_logprobs else None,
                 output_kind=self._delta,
             )
         except (ValueError, TypeError) as exc:
@@ -474,7 +474,7 @@ def output_events(
             Token(
                 id=int(tid),
                 text=piece,
-                log_prob=float(own.logprob) if own is not None else 0.0,
+                log_prob=float(own.logprob) if own is not None else None,
                 special=int(tid) in special_ids,
                 top_logprobs=top,
                 last=i == last_index,
