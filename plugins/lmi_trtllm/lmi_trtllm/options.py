@@ -8,13 +8,13 @@ here is a ``ConfigError`` naming it, so a typo fails the start instead of being 
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
+from lmi_core.option_values import boolean, close_matches, dtype, fraction, integer, nonempty
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -27,81 +27,23 @@ INSTALL_HINT = (
     "torch; see docs/trtllm.md), or point option.pythonExecutable at a Python that has it"
 )
 
-# lmi / DJL dtype names -> TensorRT-LLM's.
-DTYPES: dict[str, str] = {
-    "auto": "auto",
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp32": "float32",
-    "float32": "float32",
-    "float": "float32",
-}
-
-
-def _int(minimum: int) -> Callable[[str], int]:
-    def convert(value: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ValueError(f"an integer >= {minimum}") from None
-        if number < minimum:
-            raise ValueError(f"an integer >= {minimum}")
-        return number
-
-    return convert
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("a number in (0, 1]") from None
-    if not 0.0 < number <= 1.0:
-        raise ValueError("a number in (0, 1]")
-    return number
-
-
-def _nonempty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("a non-empty string")
-    return value.strip()
-
-
-def _dtype(value: str) -> str:
-    try:
-        return DTYPES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(f"one of {', '.join(DTYPES)}") from None
-
 
 # option key -> (``LLM(...)`` argument, converter raising ValueError that says what is allowed).
 LLM_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "max_num_tokens": ("max_num_tokens", _int(1)),
-    "max_input_len": ("max_input_len", _int(1)),
-    "max_seq_len": ("max_seq_len", _int(2)),
-    "enable_chunked_prefill": ("enable_chunked_prefill", _bool),
-    "dtype": ("dtype", _dtype),
-    "trust_remote_code": ("trust_remote_code", _bool),
-    "revision": ("revision", _nonempty),
-    "tokenizer": ("tokenizer", _nonempty),
+    "max_num_tokens": ("max_num_tokens", integer(1)),
+    "max_input_len": ("max_input_len", integer(1)),
+    "max_seq_len": ("max_seq_len", integer(2)),
+    "enable_chunked_prefill": ("enable_chunked_prefill", boolean),
+    "dtype": ("dtype", dtype),
+    "trust_remote_code": ("trust_remote_code", boolean),
+    "revision": ("revision", nonempty),
+    "tokenizer": ("tokenizer", nonempty),
 }
 
 # option key -> (``KvCacheConfig`` field, converter).
 KV_CACHE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "kv_cache_free_gpu_mem_fraction": ("free_gpu_memory_fraction", _fraction),
-    "enable_kv_cache_reuse": ("enable_block_reuse", _bool),
+    "kv_cache_free_gpu_mem_fraction": ("free_gpu_memory_fraction", fraction),
+    "enable_kv_cache_reuse": ("enable_block_reuse", boolean),
 }
 
 # DJL splits the sequence budget in two; TensorRT-LLM's LLM API takes max_seq_len = input + output.
@@ -156,7 +98,7 @@ def parse_options(options: Mapping[str, Any]) -> TrtllmOptions:
                 kv_field, convert = KV_CACHE_KEYS[key]
                 parsed.kv_cache[kv_field] = convert(value)
             elif key == MAX_OUTPUT_LEN:
-                max_output_len = _int(1)(value)
+                max_output_len = integer(1)(value)
             else:
                 raise ConfigError(name, value, _unknown_key_hint(key))
         except ValueError as exc:
@@ -194,9 +136,8 @@ def _apply_max_output_len(parsed: TrtllmOptions, max_output_len: int) -> None:
 
 def _unknown_key_hint(key: str) -> str:
     known = [*LLM_KEYS, *KV_CACHE_KEYS, MAX_OUTPUT_LEN]
-    close = difflib.get_close_matches(key, known, n=3)
-    hint = f"; did you mean {', '.join('option.' + c for c in close)}?" if close else ""
-    return f"a key the trtllm backend knows ({', '.join('option.' + k for k in sorted(known))}){hint}"
+    listed = ", ".join("option." + k for k in sorted(known))
+    return f"a key the trtllm backend knows ({listed}){close_matches(key, known)}"
 
 
 def check_config(config: ModelConfig) -> None:

@@ -29,21 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmi_core.errors import ConfigError
+from lmi_core.option_values import boolean, close_matches, dtype, fraction, integer, nonempty
 
 logger = logging.getLogger(__name__)
-
-# lmi / DJL dtype names -> vLLM's.
-DTYPES: dict[str, str] = {
-    "auto": "auto",
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp32": "float32",
-    "float32": "float32",
-    "float": "float32",
-}
 
 # DJL option names -> vLLM EngineArgs fields.
 ALIASES: dict[str, str] = {
@@ -66,51 +54,6 @@ IGNORED = frozenset({"enable_streaming", "output_formatter", "rolling_batch", "m
 TASKS = ("auto", "generate", "text-generation")
 
 
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _int(minimum: int | None = None) -> Callable[[str], int]:
-    def convert(value: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ValueError("an integer" if minimum is None else f"an integer >= {minimum}") from None
-        if minimum is not None and number < minimum:
-            raise ValueError(f"an integer >= {minimum}")
-        return number
-
-    return convert
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("a number in (0, 1]") from None
-    if not 0.0 < number <= 1.0:
-        raise ValueError("a number in (0, 1]")
-    return number
-
-
-def _nonempty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("a non-empty string")
-    return value.strip()
-
-
-def _dtype(value: str) -> str:
-    try:
-        return DTYPES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(f"one of {', '.join(DTYPES)}") from None
-
-
 def _task(value: str) -> str:
     if value not in TASKS:
         raise ValueError(f"one of {', '.join(TASKS)} (this backend only generates text)")
@@ -119,28 +62,28 @@ def _task(value: str) -> str:
 
 # Keys checked without vLLM: key -> converter (raises ValueError naming what is allowed).
 KNOWN: dict[str, Callable[[str], Any]] = {
-    "dtype": _dtype,
-    "max_model_len": _int(1),
-    "enforce_eager": _bool,
-    "gpu_memory_utilization": _fraction,
-    "enable_prefix_caching": _bool,
-    "enable_chunked_prefill": _bool,
-    "trust_remote_code": _bool,
-    "max_num_batched_tokens": _int(1),
-    "quantization": _nonempty,
-    "block_size": _int(1),
-    "seed": _int(),
-    "max_logprobs": _int(0),
-    "tokenizer": _nonempty,
-    "revision": _nonempty,
+    "dtype": dtype,
+    "max_model_len": integer(1),
+    "enforce_eager": boolean,
+    "gpu_memory_utilization": fraction,
+    "enable_prefix_caching": boolean,
+    "enable_chunked_prefill": boolean,
+    "trust_remote_code": boolean,
+    "max_num_batched_tokens": integer(1),
+    "quantization": nonempty,
+    "block_size": integer(1),
+    "seed": integer(),
+    "max_logprobs": integer(0),
+    "tokenizer": nonempty,
+    "revision": nonempty,
 }
 
 # This plugin's own keys (not EngineArgs fields).
 PLUGIN_KEYS: dict[str, Callable[[str], Any]] = {
     # GiB of KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); vLLM's own default takes most of the RAM.
-    "cpu_kvcache_space": _int(1),
+    "cpu_kvcache_space": integer(1),
     # Run one short request while loading, so the first client does not pay vLLM's lazy compiles.
-    "warmup": _bool,
+    "warmup": boolean,
     "task": _task,
 }
 
@@ -214,10 +157,7 @@ def parse_options(options: Mapping[str, Any], *, pass_through: bool | None = Non
 
 
 def _unknown_key_hint(key: str, fields: Mapping[str, Any]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, [*fields, *KNOWN, *PLUGIN_KEYS, *ALIASES], n=3)
-    hint = f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
+    hint = close_matches(key, [*fields, *KNOWN, *PLUGIN_KEYS, *ALIASES])
     return f"a key the vllm backend knows: an lmi option or a vLLM EngineArgs field{hint}"
 
 
@@ -253,9 +193,9 @@ def convert(value: str, annotation: Any) -> Any:
                 return choice
         raise ValueError(f"one of {', '.join(str(a) for a in args)}")
     if annotation is bool:
-        return _bool(value)
+        return boolean(value)
     if annotation is int:
-        return _int()(value)
+        return integer()(value)
     if annotation is float:
         try:
             return float(value)
