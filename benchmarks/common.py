@@ -116,6 +116,29 @@ class StreamResult:
 StreamFn = Callable[[httpx.AsyncClient, str, str, int], Awaitable[StreamResult]]
 
 
+class ArrivalClock:
+    """Times the arrivals of one stream: the first (TTFT) and the gaps between the next ones."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first = 0.0
+        self.arrivals = 0
+        self.gaps: list[float] = []
+        self._last = self.started
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.arrivals += 1
+        if self.arrivals == 1:
+            self.first = now - self.started
+        else:
+            self.gaps.append(now - self._last)
+        self._last = now
+
+    def result(self, tokens: int) -> StreamResult:
+        return StreamResult(self.first, time.perf_counter() - self.started, tokens, self.gaps)
+
+
 async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int) -> StreamResult:
     """One streamed LMI request; time to first token and per-token gaps."""
     body = {
@@ -123,22 +146,13 @@ async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_t
         "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True},
         "stream": True,
     }
-    started = time.perf_counter()
-    first, last, tokens, gaps = 0.0, started, 0, []
+    clock = ArrivalClock()
     async with client.stream("POST", f"{url}/invocations", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line:
-                continue
-            now = time.perf_counter()
-            if "token" in json.loads(line):
-                tokens += 1
-                if tokens == 1:
-                    first = now - started
-                else:
-                    gaps.append(now - last)
-                last = now
-    return StreamResult(first, time.perf_counter() - started, tokens, gaps)
+            if line and "token" in json.loads(line):
+                clock.tick()
+    return clock.result(clock.arrivals)
 
 
 async def stream_openai(
@@ -158,27 +172,20 @@ async def stream_openai(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    started = time.perf_counter()
-    first, last, arrivals, tokens, gaps = 0.0, started, 0, 0, []
+    clock, tokens = ArrivalClock(), 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            now = time.perf_counter()
             chunk = json.loads(line.removeprefix("data: "))
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             choice = chunk["choices"][0] if chunk.get("choices") else None
             if choice is None or not (choice["text"] or choice["finish_reason"] is None):
                 continue
-            arrivals += 1
-            if arrivals == 1:
-                first = now - started
-            else:
-                gaps.append(now - last)
-            last = now
-    return StreamResult(first, time.perf_counter() - started, tokens, gaps)
+            clock.tick()
+    return clock.result(tokens)
 
 
 async def run_concurrent(
