@@ -47,7 +47,7 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 # The vLLM half of the backend parity suite and the hf-vs-vllm comparison run here (the venv has lmi-hf).
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
-		tests/vllm tests/test_backend_parity.py $(ARGS)
+		tests/lmi_vllm tests/test_backend_parity.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(DEMO)

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from lmi_core import protocol
+from lmi_core import wire
 from lmi_core.errors import WorkerFailedError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class RankConnection:
         cls, rank: int, address: str, deadline: float, alive: Any, label: str = ""
     ) -> RankConnection:
         """Connect to ``address``, retrying until it accepts, ``alive()`` is false or ``deadline``."""
-        kind, target = protocol.parse_address(address)
+        kind, target = wire.parse_address(address)
         while True:
             try:
                 if kind == "unix":
@@ -61,7 +61,7 @@ class RankConnection:
     def send(self, message: Message) -> None:
         if self.closed.done():
             raise self.closed.result()
-        self._writer.write(protocol.encode(message))
+        self._writer.write(wire.encode(message))
 
     def open_stream(self, request_id: str) -> asyncio.Queue[Message | Exception]:
         queue: asyncio.Queue[Message | Exception] = asyncio.Queue()
@@ -79,7 +79,7 @@ class RankConnection:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pings[ping_id] = future
         try:
-            self.send({"t": protocol.PING, "id": ping_id})
+            self.send({"t": wire.PING, "id": ping_id})
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
             self._pings.pop(ping_id, None)
@@ -88,11 +88,11 @@ class RankConnection:
         error: Exception = WorkerFailedError(f"{self.label} closed its connection (the process died?)")
         try:
             while True:
-                message = await protocol.read_message(self._reader)
+                message = await wire.read_message(self._reader)
                 if message is None:
                     break
                 self._dispatch(message)
-        except protocol.ProtocolError as exc:
+        except wire.ProtocolError as exc:
             error = WorkerFailedError(f"{self.label} sent a bad frame: {exc}")
         except (ConnectionError, OSError) as exc:
             error = WorkerFailedError(f"{self.label}: connection lost: {exc}")
@@ -102,7 +102,7 @@ class RankConnection:
 
     def _dispatch(self, message: Message) -> None:
         kind = message["t"]
-        if kind == protocol.PONG:
+        if kind == wire.PONG:
             self.last_pong = time.monotonic()
             self.last_stats = message.get("stats") or self.last_stats
             future = self._pings.get(message.get("id", -1))
@@ -126,7 +126,7 @@ class RankConnection:
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)
-        self.control.put_nowait({"t": protocol.ERROR, "status": 503, "message": str(error)})
+        self.control.put_nowait({"t": wire.ERROR, "status": 503, "message": str(error)})
         with contextlib.suppress(Exception):
             self._writer.close()
 

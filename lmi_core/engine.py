@@ -90,29 +90,6 @@ class Finished:
 GenerationEvent = Token | Finished
 
 
-class EngineError(Exception):
-    """An error an engine reports for one request; ``status`` maps to the HTTP status code."""
-
-    def __init__(self, message: str, status: int = 424, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-
-
-class BadRequestError(EngineError):
-    """The request cannot run on this model (prompt too long, bad parameter)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message, status=400, param=param)
-
-
-class EngineOutOfMemoryError(EngineError):
-    """The engine ran out of (device) memory for this request."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=507)
-
-
 @dataclass
 class WorkerContext:
     """What an engine plugin gets to load its engine inside a worker process."""

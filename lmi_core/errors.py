@@ -1,6 +1,14 @@
-"""Errors the server raises before a request reaches an engine."""
+"""Every error lmi-core raises, in one place: configuration errors and request errors.
+
+A request error (``ServiceError``) carries the HTTP ``status``, a ``type`` (DJL's exception name) and
+optionally the ``param`` at fault; the HTTP layer renders it in the route's own shape. Engine errors
+are request errors raised inside a worker; they cross the socket with ``to_wire``/``from_wire``.
+Standard library only: worker processes import this module.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -14,22 +22,59 @@ class ConfigError(ValueError):
 
 
 class ServiceError(Exception):
-    """A request-level failure that maps to an HTTP status code."""
+    """A request-level failure that maps to an HTTP status code (and maybe names a field)."""
 
     status: int = 500
     type: str = "InternalServerError"
+    param: str | None = None
 
-    def __init__(self, message: str, status: int | None = None, type: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, type: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
         if type is not None:
             self.type = type
+        if param is not None:
+            self.param = param
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as a worker sends it (``EngineError.from_wire`` reads it in the server)."""
+        return {"status": self.status, "type": self.type, "message": str(self), "param": self.param}
+
+
+# -- raised by the server ------------------------------------------------------------------------
+
+
+class BadRequestError(ServiceError):
+    """400: the request is invalid; ``param`` names the field."""
+
+    status = 400
+    type = "BadRequestException"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+
+
+class AuthenticationError(ServiceError):
+    status = 401
+    type = "AuthenticationException"
+
+
+class NotFoundError(ServiceError):
+    status = 404
+    type = "NotFoundException"
 
 
 class ModelNotFoundError(ServiceError):
     status = 404
     type = "ModelNotFoundException"
+
+
+class PayloadTooLargeError(ServiceError):
+    status = 413
+    type = "PayloadTooLargeException"
 
 
 class ModelNotReadyError(ServiceError):
@@ -54,11 +99,27 @@ class RequestTimeoutError(ServiceError):
     type = "RequestTimeoutException"
 
 
-class EngineRequestError(ServiceError):
-    """The engine rejected or failed one request (status from the engine: 400, 424, 507...)."""
+# -- raised by engines (inside a worker) ---------------------------------------------------------
 
+
+class EngineError(ServiceError):
+    """An error an engine reports for one request (424 unless it says otherwise).
+
+    Any ``ServiceError`` an engine raises crosses the socket as ``to_wire()`` and arrives in the
+    server as an ``EngineError`` with the same status, type, message and param.
+    """
+
+    status = 424
     type = "EngineException"
 
-    def __init__(self, message: str, status: int = 424, param: str | None = None) -> None:
-        super().__init__(message, status=status, type="BadRequestException" if status == 400 else None)
-        self.param = param
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> EngineError:
+        status = int(data.get("status") or cls.status)
+        kind = data.get("type") or ("BadRequestException" if status == 400 else cls.type)
+        return cls(str(data.get("message", "")), status=status, type=kind, param=data.get("param"))
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The engine ran out of (device) memory for this request."""
+
+    status = 507

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from lmi_core.backends import BackendSpec
     from lmi_core.config import ModelConfig
     from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest, WorkerContext
-    from lmi_core.launch import LaunchSpec, WorkerSlot
+    from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 
 hookspec = pluggy.HookspecMarker("lmi")
 hookimpl = pluggy.HookimplMarker("lmi")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from lmi_core.errors import ConfigError
 from lmi_core.hookspecs import hookimpl
-from lmi_core.launch import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
+from lmi_core.launch_spec import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig

@@ -31,8 +31,8 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.devices import AllocationPlan, DeviceGroup
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError
-from lmi_core.launch import WorkerSlot
-from lmi_core.supervisor import Worker, WorkerState
+from lmi_core.launch_spec import WorkerSlot
+from lmi_core.supervisor import SupervisedWorker, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ class WorkerPool:
         self.threads = plan.threads_per_worker
         self.min_workers = plan.min_workers
         self.max_workers = plan.max_workers
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, SupervisedWorker] = {}
         self.queue_size = config.job_queue_size or server.job_queue_size
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
         self.last_failure: str | None = None
-        self._queue: deque[asyncio.Future[Worker]] = deque()
+        self._queue: deque[asyncio.Future[SupervisedWorker]] = deque()
         self._retiring: dict[int, asyncio.Task[None]] = {}
         self._idle_since: dict[int, float] = {}
         self._next_id = 0
@@ -167,7 +167,7 @@ class WorkerPool:
 
     # -- scaling -----------------------------------------------------------------------------------
 
-    def _serving(self) -> list[Worker]:
+    def _serving(self) -> list[SupervisedWorker]:
         """Workers that count toward the bounds: neither retiring nor FAILED."""
         return [
             w
@@ -182,25 +182,25 @@ class WorkerPool:
         held = {d for w in self.workers.values() for d in w.slot.devices}
         return next((g for g in self.groups if held.isdisjoint(g.devices)), None)
 
-    def _add_worker(self, group: DeviceGroup) -> Worker:
+    def _add_worker(self, group: DeviceGroup) -> SupervisedWorker:
         worker_id = self._next_id
         self._next_id += 1
         slot = WorkerSlot(worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads)
-        worker = Worker(self.config, self.server, slot, self.pm, on_change=self._on_worker_change)
+        worker = SupervisedWorker(self.config, self.server, slot, self.pm, on_change=self._on_worker_change)
         worker.first_start.add_done_callback(_retrieve)
         self.workers[worker_id] = worker
         self._idle_since[worker_id] = time.monotonic()
         worker.run()
         return worker
 
-    def _retire(self, worker: Worker, deadline: float | None = None) -> None:
+    def _retire(self, worker: SupervisedWorker, deadline: float | None = None) -> None:
         """Give ``worker`` no new request; stop it once its in-flight ones finish (or at ``deadline``)."""
         if deadline is None:
             deadline = time.monotonic() + self.server.drain_timeout
         task = asyncio.get_running_loop().create_task(self._drain_and_stop(worker, deadline))
         self._retiring[worker.worker_id] = task
 
-    async def _drain_and_stop(self, worker: Worker, deadline: float) -> None:
+    async def _drain_and_stop(self, worker: SupervisedWorker, deadline: float) -> None:
         try:
             # Only a READY worker can finish requests (a failed one has failed them already).
             while worker.in_flight and worker.state is WorkerState.READY and time.monotonic() < deadline:
@@ -216,7 +216,7 @@ class WorkerPool:
             self._dispatch()
             self._changed.set()
 
-    def _on_worker_change(self, worker: Worker) -> None:
+    def _on_worker_change(self, worker: SupervisedWorker) -> None:
         now = time.monotonic()
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe(self.name, "worker_restart", 1)
@@ -332,7 +332,7 @@ class WorkerPool:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def _pick(self) -> Worker | None:
+    def _pick(self) -> SupervisedWorker | None:
         """The least-loaded ready worker with free capacity; ties go to the oldest worker."""
         ready = [w for w in self._serving() if w.state is WorkerState.READY and w.in_flight < self.capacity]
         return min(ready, key=lambda w: (w.in_flight, w.worker_id), default=None)
@@ -352,14 +352,14 @@ class WorkerPool:
         while self._queue:
             self._queue.popleft().set_exception(ModelNotReadyError(message))
 
-    def _release(self, worker: Worker) -> None:
+    def _release(self, worker: SupervisedWorker) -> None:
         worker.in_flight -= 1
         if worker.in_flight == 0 and worker.worker_id in self.workers:
             self._idle_since[worker.worker_id] = time.monotonic()
         self._dispatch()
         self._changed.set()
 
-    def _abandon(self, future: asyncio.Future[Worker]) -> None:
+    def _abandon(self, future: asyncio.Future[SupervisedWorker]) -> None:
         """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
         if future.done() and not future.cancelled() and future.exception() is None:
             self._release(future.result())  # it was handed a worker just as it gave up
@@ -368,7 +368,7 @@ class WorkerPool:
         with contextlib.suppress(ValueError):
             self._queue.remove(future)
 
-    async def _acquire(self, deadline: float) -> Worker:
+    async def _acquire(self, deadline: float) -> SupervisedWorker:
         """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order."""
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
@@ -379,7 +379,7 @@ class WorkerPool:
             raise ModelNotReadyError(self._unservable())
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
-        future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[SupervisedWorker] = asyncio.get_running_loop().create_future()
         self._queue.append(future)
         self._changed.set()  # the scaler may add a worker
         try:

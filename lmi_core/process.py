@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from lmi_core.launch import LaunchSpec
+from lmi_core.launch_spec import LaunchSpec
 from lmi_core.worker import set_parent_death_signal
 
 logger = logging.getLogger("lmi_core.worker_output")

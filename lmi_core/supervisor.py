@@ -18,12 +18,12 @@ from typing import Any
 
 import pluggy
 
-from lmi_core import protocol
+from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token, WorkerContext
-from lmi_core.errors import EngineRequestError, RequestTimeoutError, WorkerFailedError
-from lmi_core.launch import LaunchSpec, WorkerSlot
+from lmi_core.errors import EngineError, RequestTimeoutError, WorkerFailedError
+from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class LoadError(WorkerFailedError):
     """The engine itself refused to load (bad model, missing package): restarting will not help."""
 
 
-class Worker:
+class SupervisedWorker:
     """A worker of one model, kept alive by its supervisor task."""
 
     def __init__(
@@ -49,7 +49,7 @@ class Worker:
         server: ServerConfig,
         slot: WorkerSlot,
         pm: pluggy.PluginManager,
-        on_change: Callable[[Worker], None] = lambda worker: None,
+        on_change: Callable[[SupervisedWorker], None] = lambda worker: None,
     ) -> None:
         self.model = model
         self.server = server
@@ -160,7 +160,7 @@ class Worker:
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
             context = self._context(len(spec.rank_addresses))
             for conn in self.ranks:
-                conn.send({"t": protocol.INIT, "context": context.to_wire()})
+                conn.send({"t": wire.INIT, "context": context.to_wire()})
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
@@ -170,7 +170,7 @@ class Worker:
 
     async def _loaded(self, conn: RankConnection) -> None:
         message = await conn.control.get()
-        if message["t"] == protocol.ERROR:
+        if message["t"] == wire.ERROR:
             raise LoadError(f"model load failed on rank {conn.rank}: {message['message']}")
 
     async def _unless_exited(self, awaitable: Any, exited: asyncio.Future[int], deadline: float) -> Any:
@@ -277,7 +277,7 @@ class Worker:
         ranks = list(self.ranks)
         rid = request.request_id
         queue = ranks[0].open_stream(rid)
-        wire = {"t": protocol.REQUEST, "id": rid, "request": request.to_wire()}
+        message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
         timer = None
         if deadline is not None:
@@ -288,18 +288,18 @@ class Worker:
             timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
         try:
             for conn in ranks:
-                conn.send(wire)
+                conn.send(message_out)
             while True:
                 message = await queue.get()
                 if isinstance(message, Exception):
                     raise message
                 kind = message["t"]
-                if kind == protocol.TOKEN:
+                if kind == wire.TOKEN:
                     token_id, text, log_prob, special, top, last = message["token"]
                     yield Token(
                         token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last
                     )
-                elif kind == protocol.DONE:
+                elif kind == wire.DONE:
                     finished = True
                     self.failures = 0
                     yield Finished(
@@ -309,11 +309,9 @@ class Worker:
                         message.get("prompt", ""),
                     )
                     return
-                elif kind == protocol.ERROR:
+                elif kind == wire.ERROR:
                     finished = True
-                    raise EngineRequestError(
-                        message["message"], message.get("status", 424), message.get("param")
-                    )
+                    raise EngineError.from_wire(message)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -323,7 +321,7 @@ class Worker:
                 # Rank 0 alone: in MPI mode it decides cancellations and tells the other ranks in
                 # its step plan; a follower that cancelled on its own would leave the batches.
                 with contextlib.suppress(Exception):
-                    ranks[0].send({"t": protocol.CANCEL, "id": rid})
+                    ranks[0].send({"t": wire.CANCEL, "id": rid})
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -23,15 +23,9 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lmi_core import protocol
-from lmi_core.engine import (
-    EngineError,
-    EngineStats,
-    Finished,
-    GenerationRequest,
-    Token,
-    WorkerContext,
-)
+from lmi_core import wire
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, Token, WorkerContext
+from lmi_core.errors import EngineError, ServiceError
 from lmi_core.plugins import new_plugin_manager
 
 logger = logging.getLogger("lmi_core.worker")
@@ -64,7 +58,7 @@ def token_to_wire(token: Token) -> list[Any]:
     return [token.id, token.text, token.log_prob, token.special, token.top_logprobs, token.last]
 
 
-class Worker:
+class RankServer:
     """Serves one server connection: init, requests, cancels and pings."""
 
     def __init__(self, rank: int, pm: Any) -> None:
@@ -81,7 +75,7 @@ class Worker:
         """Queue a frame; frames queued in one loop iteration leave in one write (one syscall)."""
         if not self._outgoing:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outgoing.append(protocol.encode(message))
+        self._outgoing.append(wire.encode(message))
 
     def _flush(self) -> None:
         assert self.writer is not None
@@ -99,24 +93,24 @@ class Worker:
         self.writer = writer
         while True:
             try:
-                message = await protocol.read_message(reader)
-            except (protocol.ProtocolError, ConnectionError) as exc:
+                message = await wire.read_message(reader)
+            except (wire.ProtocolError, ConnectionError) as exc:
                 logger.error("rank %d: connection error: %s", self.rank, exc)
                 return
             if message is None:
                 return
             kind = message["t"]
-            if kind == protocol.PING:
+            if kind == wire.PING:
                 self.on_ping(message)
-            elif kind == protocol.REQUEST:
+            elif kind == wire.REQUEST:
                 self.on_request(message)
-            elif kind == protocol.CANCEL:
+            elif kind == wire.CANCEL:
                 task = self.tasks.get(message["id"])
                 if task is not None:
                     task.cancel()
-            elif kind == protocol.INIT:
+            elif kind == wire.INIT:
                 asyncio.get_running_loop().create_task(self.on_init(message))
-            elif kind == protocol.SHUTDOWN:
+            elif kind == wire.SHUTDOWN:
                 return
             await self.drain()
 
@@ -131,18 +125,18 @@ class Worker:
         except BaseException as exc:  # a failed load must reach the server, whatever it is
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
-            self.send({"t": protocol.ERROR, "status": 500, "message": self.load_error})
+            self.send({"t": wire.ERROR, "status": 500, "message": self.load_error})
             return
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
-        self.send({"t": protocol.LOADED, "rank": self.rank})
+        self.send({"t": wire.LOADED, "rank": self.rank})
 
     def on_ping(self, message: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"t": protocol.PONG, "id": message["id"], "loading": self.engine is None}
+        reply: dict[str, Any] = {"t": wire.PONG, "id": message["id"], "loading": self.engine is None}
         if self.engine is not None:
             try:
                 stats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
             except Exception as exc:
-                self.send({"t": protocol.ERROR, "status": 500, "message": f"engine unhealthy: {exc}"})
+                self.send({"t": wire.ERROR, "status": 500, "message": f"engine unhealthy: {exc}"})
                 return
             reply["stats"] = vars(stats)
         self.send(reply)
@@ -165,34 +159,20 @@ class Worker:
                 if not answer:
                     continue
                 if isinstance(event, Token):
-                    self.send({"t": protocol.TOKEN, "id": rid, "token": token_to_wire(event)})
+                    self.send({"t": wire.TOKEN, "id": rid, "token": token_to_wire(event)})
                 elif isinstance(event, Finished):
-                    self.send({"t": protocol.DONE, "id": rid, **vars(event)})
+                    self.send({"t": wire.DONE, "id": rid, **vars(event)})
                 await self.drain()
         except asyncio.CancelledError:
             pass  # the server cancelled it and already answered the client
-        except EngineError as exc:
+        except ServiceError as exc:
             if answer:
-                self.send(
-                    {
-                        "t": protocol.ERROR,
-                        "id": rid,
-                        "status": exc.status,
-                        "message": str(exc),
-                        "param": exc.param,
-                    }
-                )
+                self.send({"t": wire.ERROR, "id": rid, **exc.to_wire()})
         except Exception as exc:
             logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
             if answer:
-                self.send(
-                    {
-                        "t": protocol.ERROR,
-                        "id": rid,
-                        "status": 424,
-                        "message": f"{exc.__class__.__name__}: {exc}",
-                    }
-                )
+                error = EngineError(f"{exc.__class__.__name__}: {exc}")
+                self.send({"t": wire.ERROR, "id": rid, **error.to_wire()})
 
     def close(self) -> None:
         for task in list(self.tasks.values()):
@@ -203,7 +183,7 @@ class Worker:
 
 
 def bind(address: str) -> socket.socket:
-    kind, target = protocol.parse_address(address)
+    kind, target = wire.parse_address(address)
     if kind == "unix":
         assert isinstance(target, str)
         with contextlib.suppress(FileNotFoundError):
@@ -226,7 +206,7 @@ async def run(address: str, parent_pid: int | None, rank: int, parent: int) -> N
     listener = bind(address)
     # The host names a rank on another node in the server log (its address may be 0.0.0.0).
     host = socket.gethostname()
-    print(f"{protocol.READY_LINE} {address} rank {rank} host {host} pid {os.getpid()}", flush=True)
+    print(f"{wire.READY_LINE} {address} rank {rank} host {host} pid {os.getpid()}", flush=True)
     loop = asyncio.get_running_loop()
     # From the start: a server that dies before it connects must not leave this rank waiting.
     watcher = loop.create_task(watch_parent(parent_pid, parent))
@@ -250,7 +230,7 @@ async def accept_and_serve(listener: socket.socket, address: str, rank: int) -> 
             with contextlib.suppress(OSError):
                 os.unlink(address[5:])
     reader, writer = await asyncio.open_connection(sock=conn)
-    worker = Worker(rank, new_plugin_manager())
+    worker = RankServer(rank, new_plugin_manager())
     try:
         await worker.serve(reader, writer)
     finally:

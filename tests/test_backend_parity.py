@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def _vllm_importable() -> bool:
-    # origin None: a namespace package (tests/vllm where tests/ is on sys.path), not vLLM.
+    # origin None: a namespace package (tests/lmi_vllm where tests/ is on sys.path), not vLLM.
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin is not None
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmi_core import protocol
+from lmi_core import wire
 from lmi_core.connection import RankConnection
 from lmi_core.errors import WorkerFailedError
 
@@ -33,7 +33,7 @@ async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> Non
         {"t": "tok", "id": "a", "n": 2},
         {"t": "done", "id": "b"},
     ):
-        rank.write(protocol.encode(message))
+        rank.write(wire.encode(message))
     assert (await b.get())["n"] == 1
     assert (await a.get())["n"] == 2
     assert (await b.get())["t"] == "done"
@@ -43,9 +43,9 @@ async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> Non
 async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
     conn, reader, rank = await _pair(tmp_path)
     pinged = asyncio.ensure_future(conn.ping(timeout=5))
-    ping = await protocol.read_message(reader)
+    ping = await wire.read_message(reader)
     assert ping is not None and ping["t"] == "ping"
-    rank.write(protocol.encode({"t": "pong", "id": ping["id"], "stats": {"running": 3}}))
+    rank.write(wire.encode({"t": "pong", "id": ping["id"], "stats": {"running": 3}}))
     await pinged
     assert conn.last_stats == {"running": 3}
     with pytest.raises(TimeoutError):

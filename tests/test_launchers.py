@@ -11,7 +11,7 @@ import pytest
 from lmi_core import launchers
 from lmi_core.config import ModelConfig, build_model_config
 from lmi_core.errors import ConfigError
-from lmi_core.launch import WorkerSlot
+from lmi_core.launch_spec import WorkerSlot
 
 SLOT = WorkerSlot(worker_id=1, socket_base="/run/lmi/m-w1", devices=("2", "3"), threads=4)
 

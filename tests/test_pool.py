@@ -1,6 +1,6 @@
 """WorkerPool scaling and dispatch, on fake workers (no processes: fast and deterministic).
 
-The fake stands in for ``supervisor.Worker`` with the same surface the pool uses: a state machine
+The fake stands in for ``supervisor.SupervisedWorker`` with the same surface the pool uses: a state machine
 (STARTING -> READY | FAILED, STOPPED), ``in_flight`` counted by the pool, and ``generate`` that
 yields one token, then holds the request until the test opens ``gate``. The real workers are
 exercised end to end in ``test_management.py``; the last test here checks that the thread count a
@@ -24,7 +24,7 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.devices import plan_allocation
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
-from lmi_core.launch import WorkerSlot, worker_env
+from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.pool import WorkerPool, new_request_id
 from lmi_core.supervisor import WorkerState
 
@@ -113,7 +113,7 @@ class FakeWorker:
 
 @pytest.fixture(autouse=True)
 def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(pool_module, "Worker", FakeWorker)
+    monkeypatch.setattr(pool_module, "SupervisedWorker", FakeWorker)
     monkeypatch.setattr(pool_module, "SCALE_INTERVAL", 0.02)
     monkeypatch.setattr(pool_module, "REPLACE_BACKOFF_MIN", 0.2)
     monkeypatch.setattr(FakeWorker, "fail_loads", False)

@@ -21,10 +21,10 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ConfigError, ServiceError
 from lmi_core.http import lmi_api, management, openai_api, openapi
 from lmi_core.http.common import ClientDisconnected, error_response
+from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.openai_protocol import error_for_path
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
-from lmi_core.metrics import Metrics, MetricsMiddleware
 from lmi_core.server import ModelServer
 
 logger = logging.getLogger(__name__)

@@ -12,17 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lmi_core.errors import QueueFullError, ServiceError
-from lmi_core.http.protocol import BadRequest
+from lmi_core.errors import BadRequestError, PayloadTooLargeError, QueueFullError, ServiceError
 
 T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = "1"
-
-
-class PayloadTooLarge(ServiceError):
-    status = 413
-    type = "PayloadTooLargeException"
 
 
 class ClientDisconnected(Exception):
@@ -33,7 +27,7 @@ def _int64(text: str) -> int:
     """A JSON integer; one beyond 64 bits fits no field and cannot reach a worker (msgpack): 400."""
     value = int(text)
     if not -(2**63) <= value < 2**64:
-        raise BadRequest(f"integer {text[:40]} does not fit in 64 bits", param="body")
+        raise BadRequestError(f"integer {text[:40]} does not fit in 64 bits", param="body")
     return value
 
 
@@ -41,12 +35,12 @@ async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; 413 beyond ``limit`` bytes, 400 for anything but JSON."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds max_request_size={limit}")
+        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body exceeds max_request_size={limit} bytes")
+            raise PayloadTooLargeError(f"request body exceeds max_request_size={limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -55,15 +49,14 @@ async def read_json(request: Request, limit: int) -> Any:
     try:
         return json.loads(body, parse_int=_int64)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", param="body") from None
+        raise BadRequestError(f"request body is not valid JSON: {exc}", param="body") from None
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
     """DJL's error body: ``{"code", "type", "message"}`` (plus ``param`` when a field is at fault)."""
     body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}
-    param = getattr(exc, "param", None)
-    if param:
-        body["param"] = param
+    if exc.param:
+        body["param"] = exc.param
     return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
 
 

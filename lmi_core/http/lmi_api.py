@@ -11,9 +11,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
-from lmi_core.errors import ServiceError
+from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
-from lmi_core.http.protocol import BadRequest, LmiRequest, parse_model
+from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
 
@@ -68,7 +68,7 @@ async def predictions(request: Request) -> Response:
 async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
     """Run an LMI request (or a chat request, when the body has ``messages``) on ``pool``."""
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", param="body")
+        raise BadRequestError("request body must be a JSON object", param="body")
     body = {k: v for k, v in body.items() if k != "model_name"}
     state: AppState = request.app.state.lmi
     if "messages" in body and state.native_chat is not None:

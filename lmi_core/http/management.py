@@ -16,10 +16,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.config import ModelConfig, load_model_config
-from lmi_core.errors import ServiceError, WorkerFailedError
+from lmi_core.errors import BadRequestError, ServiceError, WorkerFailedError
 from lmi_core.http.common import read_json
 from lmi_core.http.lmi_api import PING_STATUS
-from lmi_core.http.protocol import BadRequest, parse_model
+from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool
 
@@ -42,7 +42,7 @@ class WorkerBounds(_Params):
 def _check_bounds(min_worker: int | None, max_worker: int | None, where: str = "") -> None:
     if min_worker is not None and max_worker is not None and min_worker > max_worker:
         message = f"min_worker={min_worker} is greater than max_worker={max_worker}{where}"
-        raise BadRequest(message, param="min_worker")
+        raise BadRequestError(message, param="min_worker")
 
 
 class RegisterParams(WorkerBounds):
@@ -74,9 +74,11 @@ def _model_dir(url: str) -> str:
     """A local model directory from ``url`` (a path or ``file://`` URL)."""
     path = url.removeprefix("file://")
     if "://" in path:
-        raise BadRequest(f"url {url!r}: only a local directory (a path or file:// URL) can be loaded", "url")
+        raise BadRequestError(
+            f"url {url!r}: only a local directory (a path or file:// URL) can be loaded", "url"
+        )
     if not Path(path).is_dir():
-        raise BadRequest(f"url {url!r} is not a directory", param="url")
+        raise BadRequestError(f"url {url!r} is not a directory", param="url")
     return path
 
 
@@ -173,7 +175,7 @@ async def _params(request: Request) -> dict[str, Any]:
     if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
         body = await read_json(request, _state(request).config.max_request_size)
         if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object", param="body")
+            raise BadRequestError("request body must be a JSON object", param="body")
         params.update(body)
     return params
 

@@ -23,15 +23,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
-from lmi_core.errors import EngineRequestError, ModelNotFoundError, ServiceError
+from lmi_core.errors import BadRequestError, EngineError, ModelNotFoundError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
+from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     error_for_path,
     openai_error,
 )
-from lmi_core.http.protocol import BadRequest, parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
 
@@ -264,7 +264,7 @@ async def run_call(request: Request, call: Call, route: str, framing: Framing) -
         for index, event in await until_disconnected(request, collect(merge(streams))):
             results[index].append(event)
         return JSONResponse(render_result(call, results))
-    except EngineRequestError as exc:
+    except EngineError as exc:
         if exc.param == "inputs":  # the engine's name for the prompt
             exc.param = call.prompt_param
         raise
@@ -292,12 +292,12 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[WorkerPool
     body = parse_model(kind, await read_json(request, state.config.max_request_size))
     if body.model is None:
         if len(state.server.pools) != 1:
-            raise BadRequest("model is required: this server has several models", param="model")
+            raise BadRequestError("model is required: this server has several models", param="model")
         return state.server.default(), body
     try:
         return state.server.get(body.model), body
     except ModelNotFoundError as exc:
-        exc.param = "model"  # type: ignore[attr-defined]
+        exc.param = "model"
         raise
 
 

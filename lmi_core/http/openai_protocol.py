@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 
 from lmi_core.engine import SamplingParams
-from lmi_core.errors import ServiceError
+from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import error_headers, error_response
-from lmi_core.http.protocol import BadRequest
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
 MAX_TOKENS = 2**31 - 1
@@ -63,12 +62,14 @@ class _Common(_Body):
     def check_supported(self) -> None:
         """400 for a field that is valid OpenAI but not something this server can do."""
         if self.stream_options is not None and not self.stream:
-            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+            raise BadRequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise BadRequest(f"{name} is not supported by this server; leave it at 0", param=name)
+                raise BadRequestError(f"{name} is not supported by this server; leave it at 0", param=name)
         if self.logit_bias:
-            raise BadRequest("logit_bias is not supported by this server", param="logit_bias")
+            raise BadRequestError("logit_bias is not supported by this server", param="logit_bias")
 
     @property
     def include_usage(self) -> bool:
@@ -104,9 +105,9 @@ class CompletionRequest(_Common):
     def check_supported(self) -> None:
         super().check_supported()
         if self.suffix:
-            raise BadRequest("suffix (insertion) is not supported by this server", param="suffix")
+            raise BadRequestError("suffix (insertion) is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise BadRequest("best_of other than n is not supported by this server", param="best_of")
+            raise BadRequestError("best_of other than n is not supported by this server", param="best_of")
 
     @property
     def prompts(self) -> list[str]:
@@ -160,13 +161,15 @@ class ChatCompletionRequest(_Common):
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
-            raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+            raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.tools:
-            raise BadRequest("tools (function calling) are not supported by this server", param="tools")
+            raise BadRequestError("tools (function calling) are not supported by this server", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
-            raise BadRequest("tool_choice needs tools, which this server lacks", param="tool_choice")
+            raise BadRequestError("tool_choice needs tools, which this server lacks", param="tool_choice")
         if self.response_format is not None and self.response_format.get("type") != "text":
-            raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+            raise BadRequestError(
+                "only response_format {'type': 'text'} is supported", param="response_format"
+            )
 
     @property
     def token_limit(self) -> int | None:
@@ -193,7 +196,7 @@ def openai_error(exc: ServiceError) -> dict[str, Any]:
         "error": {
             "message": str(exc),
             "type": ERROR_TYPES.get(exc.status, fallback),
-            "param": getattr(exc, "param", None),
+            "param": exc.param,
             "code": exc.status,
         }
     }

@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core import __version__
+from lmi_core.http.lmi_protocol import LmiRequest
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest
-from lmi_core.http.protocol import LmiRequest
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (LmiRequest, CompletionRequest, ChatCompletionRequest)
 

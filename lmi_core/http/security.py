@@ -14,22 +14,12 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmi_core.errors import ServiceError
+from lmi_core.errors import AuthenticationError, NotFoundError
 from lmi_core.http.openai_protocol import error_for_path
 
 OPEN_PATHS = frozenset({"/ping"})
 # Served by both listeners when management has its own address.
 SHARED_PATHS = frozenset({"/ping", "/openapi.json"})
-
-
-class AuthenticationError(ServiceError):
-    status = 401
-    type = "AuthenticationException"
-
-
-class NotFound(ServiceError):
-    status = 404
-    type = "NotFoundException"
 
 
 class ApiKeyMiddleware:
@@ -81,7 +71,7 @@ class ListenerFilter:
         mine = path in SHARED_PATHS or is_management_path(path) == self.management
         if scope["type"] == "http" and not mine:
             listener = "management" if self.management else "inference"
-            response = error_for_path(path, NotFound(f"{path} is not served on the {listener} address"))
+            response = error_for_path(path, NotFoundError(f"{path} is not served on the {listener} address"))
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -20,9 +20,6 @@ from typing import Any
 import torch
 
 from lmi_core.engine import (
-    BadRequestError,
-    EngineError,
-    EngineOutOfMemoryError,
     EngineStats,
     Finished,
     FinishReason,
@@ -31,6 +28,7 @@ from lmi_core.engine import (
     Token,
     WorkerContext,
 )
+from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.sampling import make_generator, select_token
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher

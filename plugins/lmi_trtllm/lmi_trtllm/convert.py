@@ -14,15 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmi_core.engine import (
-    BadRequestError,
-    EngineError,
-    Finished,
-    FinishReason,
-    GenerationEvent,
-    SamplingParams,
-    Token,
-)
+from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, Token
+from lmi_core.errors import BadRequestError, EngineError
 
 
 @dataclass

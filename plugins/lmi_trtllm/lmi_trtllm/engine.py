@@ -27,15 +27,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from lmi_core.engine import (
-    BadRequestError,
-    EngineError,
-    EngineStats,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    WorkerContext,
-)
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
+from lmi_core.errors import BadRequestError, EngineError
 from lmi_trtllm.convert import StreamState, delta_events, map_error, sampling_kwargs
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs, tensorrt_llm_importable
 

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmi_core.engine import (
-    BadRequestError,
-    EngineError,
     EngineStats,
     Finished,
     FinishReason,
@@ -37,6 +35,7 @@ from lmi_core.engine import (
     Token,
     WorkerContext,
 )
+from lmi_core.errors import BadRequestError, EngineError
 from lmi_vllm.options import parse_options
 
 logger = logging.getLogger(__name__)

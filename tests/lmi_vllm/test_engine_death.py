@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from lmi_core.engine import EngineError, GenerationRequest, SamplingParams
+from lmi_core.engine import GenerationRequest, SamplingParams
+from lmi_core.errors import EngineError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
 

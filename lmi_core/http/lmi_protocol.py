@@ -7,18 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmi_core.engine import SamplingParams
-from lmi_core.errors import ServiceError
-
-
-class BadRequest(ServiceError):
-    """400 naming the offending field."""
-
-    status = 400
-    type = "BadRequestException"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from lmi_core.errors import BadRequestError
 
 
 class LmiParameters(BaseModel):
@@ -69,13 +58,13 @@ class LmiRequest(BaseModel):
     stream: bool = False
 
 
-def validation_error(exc: ValidationError, prefix: str = "") -> BadRequest:
+def validation_error(exc: ValidationError, prefix: str = "") -> BadRequestError:
     """The first pydantic error as a 400 whose message and ``param`` name the field."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "body"
     message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    return BadRequest(f"invalid request field '{field}': {message}", param=field)
+    return BadRequestError(f"invalid request field '{field}': {message}", param=field)
 
 
 def parse_model(cls: type[BaseModel], body: Any, prefix: str = "") -> Any:

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 import pytest
 
-from lmi_core.engine import EngineError
-from lmi_core.errors import ConfigError
+from lmi_core.errors import ConfigError, EngineError
 from lmi_vllm import options as opts
 from lmi_vllm.engine import cpu_bind_lists, finish_reason, output_events, split_text
 

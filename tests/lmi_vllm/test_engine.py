@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from lmi_core.engine import BadRequestError, EngineStats, Finished, GenerationRequest, SamplingParams, Token
-from lmi_core.errors import ConfigError
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, Token
+from lmi_core.errors import BadRequestError, ConfigError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
 

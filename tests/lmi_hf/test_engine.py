@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmi_core.engine import (
-    BadRequestError,
-    EngineError,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    Token,
-    WorkerContext,
-)
+from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
+from lmi_core.errors import BadRequestError, EngineError
 from lmi_hf.engine import HFEngine, load_model
 
 PROMPTS = [

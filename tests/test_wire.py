@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmi_core import protocol
-from lmi_core.protocol import FrameDecoder, ProtocolError, decode_body, encode, read_message
+from lmi_core import wire
+from lmi_core.wire import FrameDecoder, ProtocolError, decode_body, encode, read_message
 
 messages = st.fixed_dictionaries(
     {"t": st.sampled_from(["req", "tok", "done", "ping"])},
@@ -97,6 +97,6 @@ async def test_async_reader_reads_frames_and_reports_truncation() -> None:
     [("unix:/tmp/s.0", ("unix", "/tmp/s.0")), ("tcp:10.0.0.1:9000", ("tcp", ("10.0.0.1", 9000)))],
 )
 def test_parse_address(address: str, parsed: tuple) -> None:
-    assert protocol.parse_address(address) == parsed
+    assert wire.parse_address(address) == parsed
     with pytest.raises(ValueError, match="bad worker address"):
-        protocol.parse_address("pipe:x")
+        wire.parse_address("pipe:x")
