@@ -35,6 +35,26 @@ def installed_backends(pm: pluggy.PluginManager) -> dict[str, BackendSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class InstalledBackend:
+    """A backend and where it comes from: the distribution (name and version) that registers it."""
+
+    spec: BackendSpec
+    plugin: str
+    distribution: str | None
+
+
+def list_backends(pm: pluggy.PluginManager) -> list[InstalledBackend]:
+    """Every registered backend with its plugin and distribution, by name (``lmi backends``)."""
+    dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
+    found = [
+        InstalledBackend(spec, impl.plugin_name, dists.get(id(impl.plugin)))
+        for impl in pm.hook.register_backends.get_hookimpls()
+        for spec in impl.function() or ()
+    ]
+    return sorted(found, key=lambda b: b.spec.name)
+
+
 def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch: str | None) -> BackendSpec:
     """Pick the backend named by ``option.backend``, else by ``option.rolling_batch`` (default auto)."""
     specs = installed_backends(pm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -120,6 +121,37 @@ async def _serve_all(servers: list[uvicorn.Server]) -> None:
     await asyncio.gather(*tasks)
 
 
+def backends(args: argparse.Namespace) -> int:
+    from lmi_core.backends import list_backends
+    from lmi_core.plugins import get_plugin_manager
+
+    installed = list_backends(get_plugin_manager())
+    rows = [
+        {
+            "backend": b.spec.name,
+            "default_mode": b.spec.default_mode,
+            "rolling_batch": ",".join(b.spec.rolling_batch),
+            "distribution": b.distribution or b.plugin,
+            "description": b.spec.description,
+        }
+        for b in installed
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no backend installed: pip install lmi-hf, lmi-vllm or lmi-trtllm", file=sys.stderr)
+        return 1
+    columns = [c for c in rows[0] if c != "description"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+        if row["description"]:
+            print(f"    {row['description']}")
+    return 0
+
+
 def demo_model(args: argparse.Namespace) -> int:
     from lmi_core.demo_model import build_demo_model
 
@@ -149,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)
+    p_backends = commands.add_parser("backends", help="list the installed engine backends")
+    p_backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_backends.set_defaults(func=backends)
     p_demo = commands.add_parser("demo-model", help="build the tiny offline demo model into DIRECTORY")
     p_demo.add_argument("directory")
     p_demo.set_defaults(func=demo_model)

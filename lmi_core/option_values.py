@@ -1,13 +1,17 @@
 """Converters for backend plugins' ``option.*`` strings.
 
 Each takes the raw string and returns the typed value, or raises ``ValueError`` whose message says
-what is allowed (plugins turn it into a ``ConfigError`` naming the key). Standard library only.
+what is allowed; ``parse_backend_options`` runs a backend's converters over its ``option.*`` keys and
+turns those errors into a ``ConfigError`` naming the key. Standard library only.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from lmi_core.errors import ConfigError
 
 # lmi / DJL dtype names -> the names torch-based engines take.
 DTYPES: dict[str, str] = {
@@ -76,3 +80,33 @@ def close_matches(key: str, known: Iterable[str]) -> str:
     """`` (did you mean option.x?)`` for a misspelt key, or an empty string."""
     close = difflib.get_close_matches(key, list(known), n=3)
     return f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
+
+
+def parse_backend_options(
+    options: Mapping[str, Any],
+    apply: Callable[[str, str], None],
+    *,
+    engine: str,
+    ignored: Iterable[str] = (),
+    reserved: Mapping[str, str] | None = None,
+) -> None:
+    """Call ``apply(key, value)`` for every backend option (keys without ``option.``, values as strings).
+
+    ``ignored`` keys (DJL's, meaningless here) are skipped; a ``reserved`` key (one lmi sets from its own
+    option, named by the mapping) is an error pointing at that option; a ``ValueError`` from ``apply``
+    (a bad value, or an unknown key) becomes a ``ConfigError`` naming ``option.<key>`` and the value.
+    """
+    skip = frozenset(ignored)
+    for key, raw in options.items():
+        value = str(raw)
+        name = f"option.{key}"
+        if key in skip:
+            continue
+        if reserved and key in reserved:
+            raise ConfigError(name, value, f"{reserved[key]} instead (lmi sets {engine}'s {key} from it)")
+        try:
+            apply(key, value)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(name, value, str(exc)) from None

@@ -71,3 +71,28 @@ def test_hf_rejects_unknown_options_naming_them() -> None:
     )
     with pytest.raises(ConfigError, match=r"option\.max_modle_len"):
         resolve_model(config, new_plugin_manager())
+
+
+def test_list_backends_names_the_distribution_of_each(pm) -> None:
+    from lmi_core.backends import list_backends
+
+    listed = {b.spec.name: b for b in list_backends(pm)}
+    assert set(listed) == {"fast", "slow"}
+    assert listed["fast"].spec.default_mode == "mpi"
+    assert listed["fast"].distribution is None  # registered by hand, not by an installed package
+
+
+def test_lmi_backends_lists_the_installed_plugins() -> None:
+    import json
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "lmi_core.cli", "backends"]
+    table = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[0].split() == ["backend", "default_mode", "rolling_batch", "distribution"]
+    rows = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
+    hf = next(r for r in rows if r["backend"] == "hf")
+    assert hf["default_mode"] == "python"
+    assert hf["distribution"].startswith("lmi-hf ")
+    assert "transformers" in hf["description"]
+    assert "hf " in table and "lmi-hf" in table

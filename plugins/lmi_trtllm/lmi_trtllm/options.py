@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import boolean, close_matches, dtype, fraction, integer, nonempty
+from lmi_core.option_values import (
+    boolean,
+    close_matches,
+    dtype,
+    fraction,
+    integer,
+    nonempty,
+    parse_backend_options,
+)
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -83,28 +91,21 @@ def parse_options(options: Mapping[str, Any]) -> TrtllmOptions:
     """Convert the backend's ``option.*`` strings (keys without the prefix); raise ``ConfigError``."""
     parsed = TrtllmOptions()
     max_output_len: int | None = None
-    for key, raw in options.items():
-        value = str(raw)
-        name = f"option.{key}"
-        if key in IGNORED:
-            continue
-        if key in RESERVED:
-            raise ConfigError(name, value, f"{RESERVED[key]} instead (lmi sets TensorRT-LLM's {key} from it)")
-        try:
-            if key in LLM_KEYS:
-                arg, convert = LLM_KEYS[key]
-                parsed.llm_args[arg] = convert(value)
-            elif key in KV_CACHE_KEYS:
-                kv_field, convert = KV_CACHE_KEYS[key]
-                parsed.kv_cache[kv_field] = convert(value)
-            elif key == MAX_OUTPUT_LEN:
-                max_output_len = integer(1)(value)
-            else:
-                raise ConfigError(name, value, _unknown_key_hint(key))
-        except ValueError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(name, value, str(exc)) from None
+
+    def apply(key: str, value: str) -> None:
+        nonlocal max_output_len
+        if key in LLM_KEYS:
+            arg, convert = LLM_KEYS[key]
+            parsed.llm_args[arg] = convert(value)
+        elif key in KV_CACHE_KEYS:
+            kv_field, convert = KV_CACHE_KEYS[key]
+            parsed.kv_cache[kv_field] = convert(value)
+        elif key == MAX_OUTPUT_LEN:
+            max_output_len = integer(1)(value)
+        else:
+            raise ValueError(_unknown_key_hint(key))
+
+    parse_backend_options(options, apply, engine="TensorRT-LLM", ignored=IGNORED, reserved=RESERVED)
     if max_output_len is not None:
         _apply_max_output_len(parsed, max_output_len)
     input_len = parsed.llm_args.get("max_input_len")

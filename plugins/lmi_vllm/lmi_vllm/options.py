@@ -28,8 +28,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmi_core.errors import ConfigError
-from lmi_core.option_values import boolean, close_matches, dtype, fraction, integer, nonempty
+from lmi_core.option_values import (
+    boolean,
+    close_matches,
+    dtype,
+    fraction,
+    integer,
+    nonempty,
+    parse_backend_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,34 +132,24 @@ def parse_options(options: Mapping[str, Any], *, pass_through: bool | None = Non
         pass_through = vllm_importable()
     fields = engine_arg_fields() if pass_through else None
     parsed = VllmOptions()
-    for key, raw in options.items():
-        value = str(raw)
-        name = f"option.{key}"
-        if key in IGNORED:
-            continue
-        if key in RESERVED:
-            raise ConfigError(name, value, f"{RESERVED[key]} instead (lmi sets vLLM's {key} from it)")
-        try:
-            if key in PLUGIN_KEYS:
-                converted = PLUGIN_KEYS[key](value)
-                if key == "cpu_kvcache_space":
-                    parsed.cpu_kvcache_space = converted
-                elif key == "warmup":
-                    parsed.warmup = converted
-                continue
-            target = ALIASES.get(key, key)
-            if target in KNOWN:
-                parsed.engine_args[target] = KNOWN[target](value)
-            elif fields is None:
-                parsed.engine_args[target] = value  # checked in the worker, where vLLM is installed
-            elif target in fields:
-                parsed.engine_args[target] = convert(value, fields[target])
-            else:
-                raise ConfigError(name, value, _unknown_key_hint(key, fields))
-        except ValueError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(name, value, str(exc)) from None
+
+    def apply(key: str, value: str) -> None:
+        if key in PLUGIN_KEYS:
+            converted = PLUGIN_KEYS[key](value)
+            if key == "cpu_kvcache_space":
+                parsed.cpu_kvcache_space = converted
+            elif key == "warmup":
+                parsed.warmup = converted
+        elif (target := ALIASES.get(key, key)) in KNOWN:
+            parsed.engine_args[target] = KNOWN[target](value)
+        elif fields is None:
+            parsed.engine_args[target] = value  # checked in the worker, where vLLM is installed
+        elif target in fields:
+            parsed.engine_args[target] = convert(value, fields[target])
+        else:
+            raise ValueError(_unknown_key_hint(key, fields))
+
+    parse_backend_options(options, apply, engine="vLLM", ignored=IGNORED, reserved=RESERVED)
     return parsed
 
 
