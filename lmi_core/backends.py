@@ -47,11 +47,10 @@ class InstalledBackend:
 def list_backends(pm: pluggy.PluginManager) -> list[InstalledBackend]:
     """Every registered backend with its plugin and distribution, by name (``lmi backends``)."""
     dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
-    found = [
-        InstalledBackend(spec, impl.plugin_name, dists.get(id(impl.plugin)))
-        for impl in pm.hook.register_backends.get_hookimpls()
-        for spec in impl.function() or ()
-    ]
+    found: list[InstalledBackend] = []
+    for impl in pm.hook.register_backends.get_hookimpls():
+        specs: list[BackendSpec] = impl.function() or []
+        found += [InstalledBackend(spec, impl.plugin_name, dists.get(id(impl.plugin))) for spec in specs]
     return sorted(found, key=lambda b: b.spec.name)
 
 

@@ -98,4 +98,5 @@ def decode(model: Any, batch: Batch) -> torch.Tensor:
         use_cache=True,
     )
     batch.cache = out.past_key_values
-    return out.logits[:, -1, :]
+    logits: torch.Tensor = out.logits[:, -1, :]
+    return logits

@@ -56,8 +56,9 @@ def local_model_config(config: ModelConfig) -> dict[str, Any] | None:
     for candidate in (config.model_id, config.model_dir):
         path = Path(candidate or "") / "config.json"
         if candidate and path.is_file():
-            data = json.loads(path.read_text())
-            return data.get("text_config") or data  # multimodal configs nest the language model's
+            data: dict[str, Any] = json.loads(path.read_text())
+            nested: dict[str, Any] | None = data.get("text_config")
+            return nested or data  # multimodal configs nest the language model's
     return None
 
 
@@ -73,7 +74,7 @@ def validate_parallelism(config: ModelConfig) -> None:
         )
     tp = config.tensor_parallel_degree
     model = local_model_config(config) if isinstance(tp, int) and tp > 1 else None
-    if model is None:
+    if model is None or not isinstance(tp, int):
         return
     heads = model.get("num_attention_heads")
     kv_heads = model.get("num_key_value_heads") or heads
