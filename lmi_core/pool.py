@@ -12,6 +12,8 @@ retires while more than ``min_workers`` remain. Every decision is taken in ``_re
 never awaits, so the scaler, ``resize`` and dispatch cannot interleave halfway through one. A
 retiring worker gets no new request, finishes its in-flight ones (up to ``drain_timeout``), then
 stops; its device group is free again only once its process is gone. Worker ids are never reused.
+
+``describe`` returns a ``PoolSnapshot`` (frozen, no wire names): the HTTP layer renders it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelStatus(str, enum.Enum):
-    """Whether a model can serve: what ``/ping`` and the management API report, in their words."""
+    """Whether a model can serve (``/ping`` and the management API render it, in DJL's words)."""
 
     READY = "READY"  # a worker serves (or none is needed: scaled to zero, a request starts one)
     PENDING = "PENDING"  # loading, or every worker is (re)starting
