@@ -22,14 +22,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import pluggy
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.devices import AllocationPlan, DeviceGroup
-from lmi_core.engine import GenerationEvent, GenerationRequest
+from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.supervisor import SupervisedWorker, WorkerState
@@ -326,7 +326,7 @@ class WorkerPool:
             ],
         }
 
-    def engine_stats(self) -> list[dict[str, Any]]:
+    def engine_stats(self) -> list[EngineStats]:
         """The last heartbeat counters of every rank 0 (one per worker)."""
         return [w.ranks[0].last_stats for w in self.workers.values() if w.ranks]
 
@@ -394,7 +394,7 @@ class WorkerPool:
             )
         return future.result()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the least-loaded ready worker, yield its events."""
         started = time.monotonic()
         deadline = started + self.config.predict_timeout

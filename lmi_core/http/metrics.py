@@ -65,10 +65,10 @@ class EngineCollector(Collector):
         workers = GaugeMetricFamily("lmi_workers", "Workers by state", labels=[*model, "state"])
         for name, pool in list(self.server.pools.items()):
             stats = pool.engine_stats()
-            running.add_metric([name], sum(s.get("running", 0) for s in stats))
-            waiting.add_metric([name], pool.waiting + sum(s.get("waiting", 0) for s in stats))
-            finished.add_metric([name], sum(s.get("finished_total", 0) for s in stats))
-            cancelled.add_metric([name], sum(s.get("cancelled_total", 0) for s in stats))
+            running.add_metric([name], sum(s.running for s in stats))
+            waiting.add_metric([name], pool.waiting + sum(s.waiting for s in stats))
+            finished.add_metric([name], sum(s.finished_total for s in stats))
+            cancelled.add_metric([name], sum(s.cancelled_total for s in stats))
             states: dict[str, int] = {}
             for worker in pool.workers.values():
                 states[worker.state.value] = states.get(worker.state.value, 0) + 1
