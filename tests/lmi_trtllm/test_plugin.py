@@ -8,7 +8,7 @@ conversion tests feed plain stand-ins shaped like its ``CompletionOutput`` (docs
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +18,15 @@ import pytest
 from lmi_core import hookimpl
 from lmi_core.backends import BackendSpec, select_backend
 from lmi_core.config import build_model_config
-from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
+from lmi_core.engine import (
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    Token,
+    WorkerContext,
+)
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.server import resolve_model
@@ -193,7 +201,9 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         model_id="/models/m",
         model_dir=None,
         backend="trtllm",
-        options={"dtype": "fp16", "trust_remote_code": "false", "kv_cache_free_gpu_mem_fraction": "0.5"},
+        options={"kv_cache_free_gpu_mem_fraction": "0.5"},
+        dtype="fp16",
+        trust_remote_code=True,
         mode="mpi",
         world_size=4,
         tensor_parallel_degree=2,
@@ -206,7 +216,7 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         "pipeline_parallel_size": 2,
         "max_batch_size": 16,
         "dtype": "float16",
-        "trust_remote_code": False,
+        "trust_remote_code": True,
         "kv_cache_config": {"free_gpu_memory_fraction": 0.5},
     }
 
@@ -221,11 +231,27 @@ def test_load_without_tensorrt_llm_raises_a_clear_engine_error() -> None:
         manager().hook.load_engine(context=context)
 
 
-def test_other_backends_are_left_alone() -> None:
+class OtherEngine:
+    """Another backend's engine."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        yield Finished("length", 0, 0)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=7)
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def test_other_backends_are_left_alone() -> None:
     context = WorkerContext(model_id="/models/m", model_dir=None, backend="hf", options={})
-    assert plugin.load_engine(context) is None
-    assert plugin.handle_request(object(), GenerationRequest("r")) is None
-    assert plugin.engine_stats(object()) is None
+    pm = manager()
+    assert pm.hook.load_engine(context=context) is None
+    other = OtherEngine()
+    events = pm.hook.handle_request(engine=other, request=GenerationRequest("r"))
+    assert [e async for e in events] == [Finished("length", 0, 0)]
+    assert pm.hook.engine_stats(engine=other) == EngineStats(waiting=7)
 
 
 # -- ranks > 0 -------------------------------------------------------------------------------------
@@ -234,8 +260,10 @@ def test_other_backends_are_left_alone() -> None:
 async def test_follower_rank_finishes_requests_at_once_and_reports_a_dead_loop() -> None:
     release = threading.Event()
     follower = FollowerEngine(1, release.wait)
-    assert [e async for e in plugin.handle_request(follower, GenerationRequest("r", prompt="hi"))] == []
-    assert plugin.engine_stats(follower).running == 0
+    pm = manager()
+    events = pm.hook.handle_request(engine=follower, request=GenerationRequest("r", prompt="hi"))
+    assert [e async for e in events] == []
+    assert pm.hook.engine_stats(engine=follower).running == 0
 
     def fail() -> None:
         raise RuntimeError("MPI went away")
