@@ -90,7 +90,8 @@ class RankConnection:
                 if kind == "unix":
                     reader, writer = await asyncio.open_unix_connection(str(target))
                 else:
-                    host, port = target  # type: ignore[misc]
+                    assert isinstance(target, tuple)  # parse_address: ("tcp", (host, port))
+                    host, port = target
                     reader, writer = await asyncio.open_connection(host, port)
                 return cls(rank, reader, writer, label)
             except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, OSError):

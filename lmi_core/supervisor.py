@@ -180,8 +180,9 @@ class SupervisedWorker:
     ) -> T:
         """Await ``awaitable`` unless the process exits or the load deadline passes first."""
         task = asyncio.ensure_future(awaitable)
+        racing: set[asyncio.Future[Any]] = {task, exited}
         done, _ = await asyncio.wait(
-            {task, exited}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            racing, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
         )
         if task in done:
             return task.result()
@@ -213,7 +214,10 @@ class SupervisedWorker:
     async def _watch(self) -> str:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
-        watchers = [asyncio.ensure_future(self.process.wait()), asyncio.ensure_future(self._heartbeat())]
+        watchers: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self.process.wait()),
+            asyncio.ensure_future(self._heartbeat()),
+        ]
         # Shielded: cancelling the watchers below must not cancel a live rank's ``closed`` future,
         # or its ``fail`` would see it done and leave that rank's in-flight requests hanging.
         watchers += [asyncio.shield(conn.closed) for conn in self.ranks]
