@@ -8,7 +8,7 @@ conversion tests feed plain stand-ins shaped like its ``CompletionOutput`` (docs
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,9 +19,7 @@ from lmi_core import hookimpl
 from lmi_core.backends import BackendSpec, select_backend
 from lmi_core.config import build_model_config
 from lmi_core.engine import (
-    EngineStats,
     Finished,
-    GenerationEvent,
     GenerationRequest,
     SamplingParams,
     Token,
@@ -42,6 +40,7 @@ from lmi_trtllm.convert import (
 from lmi_trtllm.engine import FollowerEngine
 from lmi_trtllm.options import llm_kwargs, parse_options, tensorrt_llm_importable
 from tests.conftest import ServerProcess
+from tests.other_engine import FINISHED, STATS, OtherEngine
 
 needs_no_tensorrt_llm = pytest.mark.skipif(
     tensorrt_llm_importable(), reason="checks the behaviour where tensorrt_llm is not installed"
@@ -231,27 +230,14 @@ def test_load_without_tensorrt_llm_raises_a_clear_engine_error() -> None:
         manager().hook.load_engine(context=context)
 
 
-class OtherEngine:
-    """Another backend's engine."""
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        yield Finished("length", 0, 0)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=7)
-
-    def shutdown(self) -> None:
-        pass
-
-
 async def test_other_backends_are_left_alone() -> None:
     context = WorkerContext(model_id="/models/m", model_dir=None, backend="hf", options={})
     pm = manager()
     assert pm.hook.load_engine(context=context) is None
     other = OtherEngine()
     events = pm.hook.handle_request(engine=other, request=GenerationRequest("r"))
-    assert [e async for e in events] == [Finished("length", 0, 0)]
-    assert pm.hook.engine_stats(engine=other) == EngineStats(waiting=7)
+    assert [e async for e in events] == [FINISHED]
+    assert pm.hook.engine_stats(engine=other) == STATS
 
 
 # -- ranks > 0 -------------------------------------------------------------------------------------

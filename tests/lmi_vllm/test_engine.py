@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, SamplingParams, Token
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, Token
 from lmi_core.errors import BadRequestError, ConfigError
+from tests.other_engine import FINISHED, STATS, OtherEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
 
@@ -243,24 +243,11 @@ async def test_bad_option_fails_the_load_with_the_key(pm: Any, worker_context: A
         pm.hook.load_engine(context=worker_context(max_modle_len="64"))
 
 
-class OtherEngine:
-    """Another backend's engine."""
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        yield Finished("length", 0, 0)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=7)
-
-    def shutdown(self) -> None:
-        pass
-
-
 async def test_other_backends_are_left_alone(pm: Any, engine: Any, worker_context: Any) -> None:
     context = worker_context()
     context.backend = "hf"
     assert pm.hook.load_engine(context=context) is None
     other = OtherEngine()
     events = pm.hook.handle_request(engine=other, request=GenerationRequest(request_id="x", prompt="a"))
-    assert await collect(events) == ([], Finished("length", 0, 0))
-    assert pm.hook.engine_stats(engine=other) == EngineStats(waiting=7)
+    assert await collect(events) == ([], FINISHED)
+    assert pm.hook.engine_stats(engine=other) == STATS
