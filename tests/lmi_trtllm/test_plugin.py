@@ -7,8 +7,10 @@ conversion tests feed plain stand-ins shaped like its ``CompletionOutput`` (docs
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +21,7 @@ from lmi_core import hookimpl
 from lmi_core.backends import BackendSpec, select_backend
 from lmi_core.config import build_model_config
 from lmi_core.engine import (
+    EngineStats,
     Finished,
     GenerationRequest,
     SamplingParams,
@@ -37,7 +40,7 @@ from lmi_trtllm.convert import (
     sampling_kwargs,
     token_logprob,
 )
-from lmi_trtllm.engine import FollowerEngine
+from lmi_trtllm.engine import FollowerEngine, TrtllmEngine
 from lmi_trtllm.options import llm_kwargs, parse_options, tensorrt_llm_importable
 from tests.conftest import ServerProcess
 from tests.other_engine import FINISHED, STATS, OtherEngine
@@ -261,6 +264,62 @@ async def test_follower_rank_finishes_requests_at_once_and_reports_a_dead_loop()
     broken.shutdown()
     broken.stats()  # stopped on purpose: healthy
     release.set()
+
+
+# -- rank 0 with a stand-in LLM ---------------------------------------------------------------------
+
+
+class StreamingResult:
+    """A stand-in for the streaming ``RequestOutput`` of ``LLM.generate_async``."""
+
+    def __init__(self, completions: list[SimpleNamespace]) -> None:
+        self.prompt_token_ids = [1, 2, 3]
+        self.completions = completions
+        self.aborted = False
+
+    async def __aiter__(self) -> AsyncGenerator[SimpleNamespace, None]:
+        for i, done in enumerate(self.completions):
+            yield SimpleNamespace(outputs=[done], finished=i == len(self.completions) - 1)
+            await asyncio.sleep(0)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class StandInLLM:
+    """The parts of ``tensorrt_llm.LLM`` that ``TrtllmEngine`` uses."""
+
+    def __init__(self, completions: list[SimpleNamespace]) -> None:
+        self.tokenizer = SimpleNamespace(all_special_ids=[0], decode=lambda ids: "?")
+        self._executor = SimpleNamespace(is_shutdown=lambda: False)
+        self.completions = completions
+        self.results: list[StreamingResult] = []
+
+    def generate_async(self, text: str, sampling_params: Any, streaming: bool) -> StreamingResult:
+        self.results.append(StreamingResult(self.completions))
+        return self.results[-1]
+
+
+async def test_rank_0_counts_requests_and_aborts_a_closed_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # TrtllmEngine imports tensorrt_llm.SamplingParams; the stand-in takes its keyword arguments.
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(SamplingParams=dict))
+    llm = StandInLLM([completion([5], "a"), completion([6], "b"), completion([7], "c", reason="length")])
+    engine = TrtllmEngine(llm)
+    pm = manager()
+    request = GenerationRequest("r", prompt="hi", params=SamplingParams(max_new_tokens=3))
+    events = [e async for e in pm.hook.handle_request(engine=engine, request=request)]
+    assert [type(e) for e in events] == [Token, Token, Token, Finished] and not llm.results[0].aborted
+    stream = pm.hook.handle_request(engine=engine, request=request)
+    await anext(stream)
+    assert pm.hook.engine_stats(engine=engine) == EngineStats(running=1, finished_total=1)
+    await stream.aclose()  # the client left
+    assert llm.results[1].aborted
+    assert pm.hook.engine_stats(engine=engine) == EngineStats(finished_total=1, cancelled_total=1)
+    with pytest.raises(BadRequestError):  # refused before it reaches TensorRT-LLM: not counted
+        pm.hook.handle_request(engine=engine, request=GenerationRequest("bad"))
+    assert len(llm.results) == 2 and pm.hook.engine_stats(engine=engine).cancelled_total == 1
 
 
 # -- sampling parameters and finish reasons ------------------------------------------------------------
