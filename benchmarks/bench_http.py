@@ -60,7 +60,7 @@ async def in_process_synthetic(tokens: int) -> float:
     engine = synthetic_engine.SyntheticEngine()
     request = GenerationRequest("s", prompt="x", params=SamplingParams(max_new_tokens=tokens))
     started = time.perf_counter()
-    count = len([e async for e in synthetic_engine._generate(engine, request)]) - 1
+    count = len([e async for e in engine.generate(request)]) - 1
     return count / (time.perf_counter() - started)
 
 

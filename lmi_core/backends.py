@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pluggy
 
-from lmi_core.config import ModelConfig
 from lmi_core.errors import ConfigError
+
+if TYPE_CHECKING:  # the worker side imports this module: no pydantic there
+    from lmi_core.config import ModelConfig
 
 Mode = Literal["python", "mpi"]
 

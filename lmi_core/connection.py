@@ -1,4 +1,11 @@
-"""The server's end of one rank's socket: multiplexed request streams, pings, failure fan-out."""
+"""The server's end of one rank's socket: multiplexed request streams, pings, failure fan-out.
+
+Invariant: what leaves this module is typed, never a raw frame. A request's queue holds its
+``Token``/``Finished`` events and then at most one exception (the engine's ``EngineError``, or the
+connection's ``WorkerFailedError``); ``control`` holds ``None`` (engine loaded) or the error a rank
+reported outside any request. A frame whose payload does not decode fails the connection like a
+frame that is not msgpack.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,48 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lmi_core import wire
-from lmi_core.errors import WorkerFailedError
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, Token
+from lmi_core.errors import EngineError, ServiceError, WorkerFailedError
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+StreamItem = GenerationEvent | Exception
+T = TypeVar("T")
+
+
+def payload(message: Message, key: str, decode: Callable[[Any], T]) -> T:
+    """``decode(message[key])``; a missing or malformed payload is a ``ProtocolError``."""
+    try:
+        return decode(message[key])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise wire.ProtocolError(f"bad {message['t']!r} message: {exc!r}") from None
+
+
+def decode_stream_item(message: Message) -> GenerationEvent | EngineError:
+    """A request-scoped message as what it carries: a token, the finish, or the engine's error."""
+    kind = message["t"]
+    if kind == wire.TOKEN:
+        return payload(message, "token", Token.from_wire)
+    if kind == wire.DONE:
+        return payload(message, "finished", Finished.from_wire)
+    if kind == wire.ERROR:
+        return payload(message, "error", EngineError.from_wire)
+    raise wire.ProtocolError(f"unexpected {kind!r} message for a request")
+
+
+def decode_control(message: Message) -> EngineError | None:
+    """A message tied to no request: None for ``loaded``, else the error the rank reported."""
+    kind = message["t"]
+    if kind == wire.LOADED:
+        return None
+    if kind == wire.ERROR:
+        return payload(message, "error", EngineError.from_wire)
+    raise wire.ProtocolError(f"unexpected {kind!r} message without a request id")
 
 
 class RankConnection:
@@ -28,18 +69,19 @@ class RankConnection:
         self.label = label or f"rank {rank}"
         self._reader = reader
         self._writer = writer
-        self._streams: dict[str, asyncio.Queue[Message | Exception]] = {}
+        self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
         self._pings: dict[int, asyncio.Future[Message]] = {}
         self._ping_ids = itertools.count()
-        self.control: asyncio.Queue[Message] = asyncio.Queue()  # loaded / init errors / unhealthy
-        self.last_stats: dict[str, Any] = {}
+        # None: the engine loaded; an error: init failed, the engine is unhealthy, or the connection broke.
+        self.control: asyncio.Queue[ServiceError | None] = asyncio.Queue()
+        self.last_stats = EngineStats()  # from the last pong that carried stats (not while loading)
         self.last_pong = time.monotonic()
         self.closed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
     async def connect(
-        cls, rank: int, address: str, deadline: float, alive: Any, label: str = ""
+        cls, rank: int, address: str, deadline: float, alive: Callable[[], bool], label: str = ""
     ) -> RankConnection:
         """Connect to ``address``, retrying until it accepts, ``alive()`` is false or ``deadline``."""
         kind, target = wire.parse_address(address)
@@ -48,7 +90,8 @@ class RankConnection:
                 if kind == "unix":
                     reader, writer = await asyncio.open_unix_connection(str(target))
                 else:
-                    host, port = target  # type: ignore[misc]
+                    assert isinstance(target, tuple)  # parse_address: ("tcp", (host, port))
+                    host, port = target
                     reader, writer = await asyncio.open_connection(host, port)
                 return cls(rank, reader, writer, label)
             except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, OSError):
@@ -63,8 +106,8 @@ class RankConnection:
             raise self.closed.result()
         self._writer.write(wire.encode(message))
 
-    def open_stream(self, request_id: str) -> asyncio.Queue[Message | Exception]:
-        queue: asyncio.Queue[Message | Exception] = asyncio.Queue()
+    def open_stream(self, request_id: str) -> asyncio.Queue[StreamItem]:
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         if self.closed.done():
             queue.put_nowait(self.closed.result())
         self._streams[request_id] = queue
@@ -85,7 +128,7 @@ class RankConnection:
             self._pings.pop(ping_id, None)
 
     async def _read_loop(self) -> None:
-        error: Exception = WorkerFailedError(f"{self.label} closed its connection (the process died?)")
+        error = WorkerFailedError(f"{self.label} closed its connection (the process died?)")
         try:
             while True:
                 message = await wire.read_message(self._reader)
@@ -102,22 +145,25 @@ class RankConnection:
 
     def _dispatch(self, message: Message) -> None:
         kind = message["t"]
+        rid = message.get("id")
         if kind == wire.PONG:
             self.last_pong = time.monotonic()
-            self.last_stats = message.get("stats") or self.last_stats
-            future = self._pings.get(message.get("id", -1))
+            if "stats" in message:  # absent while the engine loads
+                self.last_stats = payload(message, "stats", EngineStats.from_wire)
+            future = self._pings.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result(message)
-            return
-        rid = message.get("id")
-        if rid is None:  # loaded, or an error not tied to a request (init, health)
-            self.control.put_nowait(message)
-            return
-        queue = self._streams.get(rid)
-        if queue is not None:
-            queue.put_nowait(message)
+        elif rid is None:
+            self.control.put_nowait(decode_control(message))
+        elif isinstance(rid, str):
+            item = decode_stream_item(message)  # also for a closed stream: a bad frame is never ignored
+            queue = self._streams.get(rid)
+            if queue is not None:
+                queue.put_nowait(item)
+        else:
+            raise wire.ProtocolError(f"bad {kind!r} message: request id {rid!r}")
 
-    def fail(self, error: Exception) -> None:
+    def fail(self, error: WorkerFailedError) -> None:
         if self.closed.done():
             return
         self.closed.set_result(error)
@@ -126,7 +172,7 @@ class RankConnection:
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)
-        self.control.put_nowait({"t": wire.ERROR, "status": 503, "message": str(error)})
+        self.control.put_nowait(error)
         with contextlib.suppress(Exception):
             self._writer.close()
 

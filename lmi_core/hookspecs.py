@@ -1,20 +1,23 @@
 """The hooks an lmi plugin may implement (pluggy project name ``lmi``).
 
 Server-side hooks run in the HTTP server process; worker-side hooks run inside a worker process.
-Built-in behaviour (the launchers of both modes) is written as plugins on these same hooks.
+Built-in behaviour is written as plugins on these same hooks: the launchers of both modes
+(``lmi_core.launchers``) and the worker hooks that drive any ``Engine`` (``lmi_core.engine_hooks``,
+``trylast``), so a backend plugin implements ``register_backends`` and ``load_engine`` and may
+override the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from lmi_core.backends import BackendSpec
     from lmi_core.config import ModelConfig
-    from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest, WorkerContext
+    from lmi_core.engine import Engine, EngineStats, GenerationEvent, GenerationRequest, WorkerContext
     from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 
 hookspec = pluggy.HookspecMarker("lmi")
@@ -48,20 +51,22 @@ def launch_workers(config: ModelConfig, allocation: list[WorkerSlot]) -> list[La
 
 
 @hookspec(firstresult=True)
-def load_engine(context: WorkerContext) -> Any:
+def load_engine(context: WorkerContext) -> Engine | None:
     """Load and return the engine for ``context.backend``, or None if the backend is not yours."""
 
 
 @hookspec(firstresult=True)
-def handle_request(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationEvent] | None:
-    """Run ``request`` on ``engine`` and return an async iterator of its token events."""
+def handle_request(
+    engine: Engine, request: GenerationRequest
+) -> AsyncGenerator[GenerationEvent, None] | None:
+    """Run ``request`` on ``engine`` and return an async generator of its events (built-in: generate)."""
 
 
 @hookspec(firstresult=True)
-def engine_stats(engine: Any) -> EngineStats | None:
-    """Return the engine's counters; raise if the engine is unhealthy."""
+def engine_stats(engine: Engine) -> EngineStats | None:
+    """Return the engine's counters; raise if the engine is unhealthy (built-in: ``engine.stats()``)."""
 
 
 @hookspec
-def shutdown_engine(engine: Any) -> None:
-    """Release the engine's resources before the worker exits."""
+def shutdown_engine(engine: Engine) -> None:
+    """Release the engine's resources before the worker exits (built-in, last: ``engine.shutdown()``)."""

@@ -13,8 +13,9 @@ from lmi_core import hookspecs
 
 logger = logging.getLogger(__name__)
 
-# Built-in behaviour registered exactly like third-party plugins (datasette's pattern).
-DEFAULT_PLUGINS: tuple[str, ...] = ("lmi_core.launchers",)
+# Built-in behaviour registered exactly like third-party plugins (datasette's pattern): the
+# launchers of both modes (server side) and the Engine-protocol worker hooks (worker side).
+DEFAULT_PLUGINS: tuple[str, ...] = ("lmi_core.launchers", "lmi_core.engine_hooks")
 
 ENTRY_POINT_GROUP = "lmi"
 
@@ -38,8 +39,9 @@ def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
             for name in filter(None, (n.strip() for n in allowed.split(","))):
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
     for module in filter(None, (m.strip() for m in os.environ.get("LMI_EXTRA_PLUGINS", "").split(","))):
-        if pm.get_plugin(module) is None:
-            pm.register(importlib.import_module(module), name=module)
+        plugin = importlib.import_module(module)
+        if not pm.is_registered(plugin):  # an installed plugin named again registers once
+            pm.register(plugin, name=module)
     if os.environ.get("LMI_TRACE_HOOKS"):
         pm.add_hookcall_monitoring(
             lambda hook, impls, kwargs: logger.debug("hook %s -> %s", hook, [i.plugin_name for i in impls]),

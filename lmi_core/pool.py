@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import pluggy
@@ -424,7 +424,7 @@ class WorkerPool:
             )
         return future.result()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the least-loaded ready worker, yield its events."""
         started = time.monotonic()
         deadline = started + self.config.predict_timeout

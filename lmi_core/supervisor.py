@@ -13,21 +13,23 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
 from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token, WorkerContext
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
 from lmi_core.errors import EngineError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class WorkerState(str, enum.Enum):
@@ -50,7 +52,7 @@ class WorkerSnapshot:
     restarts: int
     started_at: float  # time.time()
     last_error: str | None
-    engine_stats: Mapping[str, Any]  # rank 0's counters from its last heartbeat; {} before the first
+    engine_stats: EngineStats  # rank 0's counters from its last heartbeat (zeros before the first)
     retiring: bool = False  # set by the pool: scaled down or unloading, it gets no new request
 
 
@@ -187,15 +189,18 @@ class SupervisedWorker:
             exited.cancel()
 
     async def _loaded(self, conn: RankConnection) -> None:
-        message = await conn.control.get()
-        if message["t"] == wire.ERROR:
-            raise LoadError(f"model load failed on rank {conn.rank}: {message['message']}")
+        error = await conn.control.get()
+        if error is not None:
+            raise LoadError(f"model load failed on rank {conn.rank}: {error}")
 
-    async def _unless_exited(self, awaitable: Any, exited: asyncio.Future[int], deadline: float) -> Any:
+    async def _unless_exited(
+        self, awaitable: Awaitable[T], exited: asyncio.Future[int], deadline: float
+    ) -> T:
         """Await ``awaitable`` unless the process exits or the load deadline passes first."""
         task = asyncio.ensure_future(awaitable)
+        racing: set[asyncio.Future[Any]] = {task, exited}
         done, _ = await asyncio.wait(
-            {task, exited}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            racing, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
         )
         if task in done:
             return task.result()
@@ -208,28 +213,29 @@ class SupervisedWorker:
         raise WorkerFailedError(f"worker not loaded within option.model_loading_timeout={limit:g} s:\n{tail}")
 
     def _context(self, world_size: int) -> WorkerContext:
-        options = dict(self.model.options)
-        if self.model.dtype:
-            options["dtype"] = self.model.dtype
-        options["trust_remote_code"] = str(self.model.trust_remote_code).lower()
         tp = self.model.tensor_parallel_degree
         return WorkerContext(
             model_id=self.model.model_id,
             model_dir=self.model.model_dir,
             backend=self.model.backend,
-            options=options,
+            options=dict(self.model.options),
             mode=self.model.mode,
             world_size=world_size,
             tensor_parallel_degree=tp if isinstance(tp, int) else world_size,
             pipeline_parallel_degree=self.model.pipeline_parallel_degree,
             device="cuda" if self.slot.devices else "cpu",
             max_batch_size=self.model.max_rolling_batch_size,
+            dtype=self.model.dtype,
+            trust_remote_code=self.model.trust_remote_code,
         )
 
     async def _watch(self) -> str:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
-        watchers = [asyncio.ensure_future(self.process.wait()), asyncio.ensure_future(self._heartbeat())]
+        watchers: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self.process.wait()),
+            asyncio.ensure_future(self._heartbeat()),
+        ]
         # Shielded: cancelling the watchers below must not cancel a live rank's ``closed`` future,
         # or its ``fail`` would see it done and leave that rank's in-flight requests hanging.
         watchers += [asyncio.shield(conn.closed) for conn in self.ranks]
@@ -258,8 +264,8 @@ class SupervisedWorker:
                     return str(exc)
 
     async def _unhealthy(self, conn: RankConnection) -> str:
-        message = await conn.control.get()
-        return f"rank {conn.rank} reported: {message.get('message')}"
+        error = await conn.control.get()
+        return f"rank {conn.rank} reported: {error}"
 
     async def _teardown(self, reason: str) -> None:
         """Fail in-flight requests (via the connections), kill the process group, reap it."""
@@ -284,7 +290,7 @@ class SupervisedWorker:
 
     async def generate(
         self, request: GenerationRequest, deadline: float | None = None
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
@@ -308,28 +314,17 @@ class SupervisedWorker:
             for conn in ranks:
                 conn.send(message_out)
             while True:
-                message = await queue.get()
-                if isinstance(message, Exception):
-                    raise message
-                kind = message["t"]
-                if kind == wire.TOKEN:
-                    token_id, text, log_prob, special, top, last = message["token"]
-                    yield Token(
-                        token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last
-                    )
-                elif kind == wire.DONE:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    # The engine's error ends the request in the worker too; nothing to cancel there.
+                    finished = isinstance(item, EngineError)
+                    raise item
+                if isinstance(item, Finished):
                     finished = True
                     self.failures = 0
-                    yield Finished(
-                        message["finish_reason"],
-                        message["prompt_tokens"],
-                        message["generated_tokens"],
-                        message.get("prompt", ""),
-                    )
+                    yield item
                     return
-                elif kind == wire.ERROR:
-                    finished = True
-                    raise EngineError.from_wire(message)
+                yield item
         finally:
             if timer is not None:
                 timer.cancel()
@@ -353,5 +348,5 @@ class SupervisedWorker:
             restarts=self.restarts,
             started_at=self.started_at,
             last_error=self.last_error,
-            engine_stats=dict(self.ranks[0].last_stats) if self.ranks else {},
+            engine_stats=self.ranks[0].last_stats if self.ranks else EngineStats(),
         )

@@ -3,14 +3,16 @@
 A frame is a 4-byte big-endian length followed by a msgpack map. Every map has ``t`` (the message
 type); request-scoped messages also carry ``id``. Many requests are in flight on one connection and
 their chunks interleave. No pickle, ever: a frame decodes to plain data or raises ``ProtocolError``.
-Standard library and msgpack only: this module is imported by worker processes.
+The values inside a frame are encoded by their own classes (``lmi_core.engine``: ``Token``,
+``Finished``, ``EngineStats``, ``GenerationRequest``, ``WorkerContext``; ``lmi_core.errors``:
+``ServiceError.to_wire`` / ``EngineError.from_wire``). Standard library and msgpack only: this module
+is imported by worker processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -26,10 +28,10 @@ PING = "ping"  # {"id"}
 SHUTDOWN = "shutdown"
 # Worker -> server.
 LOADED = "loaded"  # init succeeded
-TOKEN = "tok"  # {"id", "token": [id, text, log_prob, special, top_logprobs]}
-DONE = "done"  # {"id", "finish_reason", "prompt_tokens", "generated_tokens", "prompt"}
-ERROR = "err"  # {"id" (absent for init), "status", "message", "param"}
-PONG = "pong"  # {"id", "stats": EngineStats}
+TOKEN = "tok"  # {"id", "token": Token}
+DONE = "done"  # {"id", "finished": Finished}
+ERROR = "err"  # {"id" (absent: init failed or engine unhealthy), "error": ServiceError}
+PONG = "pong"  # {"id", "loading", "stats": EngineStats (absent while loading)}
 
 READY_LINE = "lmi-worker listening on"
 
@@ -63,31 +65,6 @@ def decode_body(body: bytes) -> dict[str, Any]:
 def check_length(length: int, max_size: int) -> None:
     if length > max_size:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_size}-byte limit")
-
-
-class FrameDecoder:
-    """Incremental decoder: feed bytes as they arrive, iterate the complete messages."""
-
-    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
-        self._buffer = bytearray()
-        self._max_size = max_size
-
-    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
-        self._buffer += data
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            check_length(length, self._max_size)
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                return
-            body = bytes(self._buffer[HEADER.size : end])
-            del self._buffer[:end]
-            yield decode_body(body)
-
-    def close(self) -> None:
-        """Raise if the stream ended inside a frame."""
-        if self._buffer:
-            raise ProtocolError(f"truncated frame: {len(self._buffer)} bytes left at end of stream")
 
 
 async def read_message(

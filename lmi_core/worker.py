@@ -20,11 +20,13 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
+import pluggy
+
 from lmi_core import wire
-from lmi_core.engine import EngineStats, Finished, GenerationRequest, Token, WorkerContext
+from lmi_core.engine import Engine, EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
 from lmi_core.errors import EngineError, ServiceError
 from lmi_core.plugins import new_plugin_manager
 
@@ -54,17 +56,13 @@ def mpi_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def token_to_wire(token: Token) -> list[Any]:
-    return [token.id, token.text, token.log_prob, token.special, token.top_logprobs, token.last]
-
-
 class RankServer:
     """Serves one server connection: init, requests, cancels and pings."""
 
-    def __init__(self, rank: int, pm: Any) -> None:
+    def __init__(self, rank: int, pm: pluggy.PluginManager) -> None:
         self.rank = rank
         self.pm = pm
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.context: WorkerContext | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.writer: asyncio.StreamWriter | None = None
@@ -119,14 +117,15 @@ class RankServer:
         self.context.rank = self.rank
         try:
             # Loading takes seconds to minutes: off the loop, so pings are still answered.
-            self.engine = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
-            if self.engine is None:
+            engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
+            if engine is None:
                 raise EngineError(f"no installed plugin loads backend {self.context.backend!r}")
         except BaseException as exc:  # a failed load must reach the server, whatever it is
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
-            self.send({"t": wire.ERROR, "status": 500, "message": self.load_error})
+            self.send({"t": wire.ERROR, "error": EngineError(self.load_error, status=500).to_wire()})
             return
+        self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
         self.send({"t": wire.LOADED, "rank": self.rank})
 
@@ -134,11 +133,12 @@ class RankServer:
         reply: dict[str, Any] = {"t": wire.PONG, "id": message["id"], "loading": self.engine is None}
         if self.engine is not None:
             try:
-                stats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
+                stats: EngineStats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
             except Exception as exc:
-                self.send({"t": wire.ERROR, "status": 500, "message": f"engine unhealthy: {exc}"})
+                unhealthy = EngineError(f"engine unhealthy: {exc}", status=500)
+                self.send({"t": wire.ERROR, "error": unhealthy.to_wire()})
                 return
-            reply["stats"] = vars(stats)
+            reply["stats"] = stats.to_wire()
         self.send(reply)
 
     def on_request(self, message: dict[str, Any]) -> None:
@@ -154,25 +154,30 @@ class RankServer:
         try:
             if self.engine is None:
                 raise EngineError("engine not loaded", status=503)
-            events: AsyncIterator[Any] = self.pm.hook.handle_request(engine=self.engine, request=request)
-            async for event in events:
-                if not answer:
-                    continue
-                if isinstance(event, Token):
-                    self.send({"t": wire.TOKEN, "id": rid, "token": token_to_wire(event)})
-                elif isinstance(event, Finished):
-                    self.send({"t": wire.DONE, "id": rid, **vars(event)})
-                await self.drain()
+            events: AsyncGenerator[GenerationEvent, None] = self.pm.hook.handle_request(
+                engine=self.engine, request=request
+            )
+            # Closed here, not left to the garbage collector: a cancel that lands outside the engine's
+            # generator (in drain) must still run its cleanup (free the sequence) at once.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if not answer:
+                        continue
+                    if isinstance(event, Finished):
+                        self.send({"t": wire.DONE, "id": rid, "finished": event.to_wire()})
+                    else:
+                        self.send({"t": wire.TOKEN, "id": rid, "token": event.to_wire()})
+                    await self.drain()
         except asyncio.CancelledError:
             pass  # the server cancelled it and already answered the client
         except ServiceError as exc:
             if answer:
-                self.send({"t": wire.ERROR, "id": rid, **exc.to_wire()})
+                self.send({"t": wire.ERROR, "id": rid, "error": exc.to_wire()})
         except Exception as exc:
             logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
             if answer:
                 error = EngineError(f"{exc.__class__.__name__}: {exc}")
-                self.send({"t": wire.ERROR, "id": rid, **error.to_wire()})
+                self.send({"t": wire.ERROR, "id": rid, "error": error.to_wire()})
 
     def close(self) -> None:
         for task in list(self.tasks.values()):

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from lmi_core import wire
 from lmi_core.connection import RankConnection
-from lmi_core.errors import WorkerFailedError
+from lmi_core.engine import EngineStats, Finished, Token
+from lmi_core.errors import EngineError, WorkerFailedError
 
 
 async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -28,15 +29,46 @@ async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, a
 async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> None:
     conn, _, rank = await _pair(tmp_path)
     a, b = conn.open_stream("a"), conn.open_stream("b")
+    done = Finished("length", 3, 1, "x")
     for message in (
-        {"t": "tok", "id": "b", "n": 1},
-        {"t": "tok", "id": "a", "n": 2},
-        {"t": "done", "id": "b"},
+        {"t": "tok", "id": "b", "token": Token(1, "one", None).to_wire()},
+        {"t": "tok", "id": "a", "token": Token(2, "two", -0.5).to_wire()},
+        {"t": "done", "id": "b", "finished": done.to_wire()},
+        {"t": "err", "id": "a", "error": EngineError("boom", status=400, param="inputs").to_wire()},
     ):
         rank.write(wire.encode(message))
-    assert (await b.get())["n"] == 1
-    assert (await a.get())["n"] == 2
-    assert (await b.get())["t"] == "done"
+    assert (await b.get()) == Token(1, "one", None)
+    assert (await a.get()) == Token(2, "two", -0.5)
+    assert (await b.get()) == done
+    error = await a.get()
+    assert isinstance(error, EngineError) and (str(error), error.status, error.param) == (
+        "boom",
+        400,
+        "inputs",
+    )
+    await conn.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"t": "tok", "id": "r", "token": [1, "x"]},  # too short
+        {"t": "done", "id": "r", "finished": {"finish_reason": "bored"}},
+        {"t": "err", "id": "r", "error": 5},
+        {"t": "tok", "id": ["r"], "token": [1, "x", None, False, None, False]},  # unhashable id
+        {"t": "pong", "id": 0, "stats": [1, 2]},
+        {"t": "tok", "token": [1, "x", None, False, None, False]},  # a token for no request
+    ],
+)
+async def test_a_frame_whose_payload_does_not_decode_fails_the_connection(
+    tmp_path: Path, message: dict
+) -> None:
+    conn, _, rank = await _pair(tmp_path)
+    queue = conn.open_stream("r")
+    rank.write(wire.encode(message))
+    failure = await asyncio.wait_for(queue.get(), 5)
+    assert isinstance(failure, WorkerFailedError) and "bad frame" in str(failure)
+    assert await conn.control.get() is failure  # a load in progress sees it too
     await conn.close()
 
 
@@ -47,7 +79,7 @@ async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
     assert ping is not None and ping["t"] == "ping"
     rank.write(wire.encode({"t": "pong", "id": ping["id"], "stats": {"running": 3}}))
     await pinged
-    assert conn.last_stats == {"running": 3}
+    assert conn.last_stats == EngineStats(running=3)
     with pytest.raises(TimeoutError):
         await conn.ping(timeout=0.05)  # nobody answers this one
     await conn.close()

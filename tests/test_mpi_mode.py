@@ -160,7 +160,7 @@ async def test_follower_applies_rank_0_plans(tp_model: Path) -> None:
         await asyncio.sleep(0.2)
         events = await collect(follower, GenerationRequest("b", "Hello"))
         assert [type(e) for e in events] == [Finished] and events[0].finish_reason == "cancelled"
-        assert follower.snapshot().waiting == 0 and follower.snapshot().running == 0
+        assert follower.stats().waiting == 0 and follower.stats().running == 0
     finally:
         coordinator.plans.put(StepPlan(stop=True))
         follower.shutdown()

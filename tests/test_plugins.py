@@ -36,3 +36,13 @@ def test_extra_plugin_module_is_registered(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("LMI_EXTRA_PLUGINS", module.__name__)
     specs = installed_backends(new_plugin_manager())
     assert specs["third-party"].default_mode == "mpi"
+
+
+def test_an_installed_plugin_named_in_extra_plugins_registers_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lmi_hf.plugin
+
+    monkeypatch.setenv("LMI_EXTRA_PLUGINS", "lmi_hf.plugin")
+    pm = new_plugin_manager()  # lmi_hf is also installed as the entry point "hf"
+    assert [p for p in pm.get_plugins() if p is lmi_hf.plugin] == [lmi_hf.plugin]

@@ -1,4 +1,5 @@
-"""Frame encoding and decoding; fuzzed with truncated, oversized and garbage input."""
+"""Frame encoding and the decoder production uses (``read_message`` over an ``asyncio.StreamReader``),
+fuzzed with arbitrary chunking and truncated, oversized and garbage input; the payload codecs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmi_core import wire
-from lmi_core.wire import FrameDecoder, ProtocolError, decode_body, encode, read_message
+from lmi_core.engine import EngineStats, Finished, Token
+from lmi_core.wire import ProtocolError, decode_body, encode, read_message
 
 messages = st.fixed_dictionaries(
     {"t": st.sampled_from(["req", "tok", "done", "ping"])},
@@ -23,22 +25,41 @@ messages = st.fixed_dictionaries(
 )
 
 
+async def _read_chunks(chunks: list[bytes], max_size: int = wire.DEFAULT_MAX_FRAME) -> list[dict]:
+    """Every message ``read_message`` reads while ``chunks`` arrive one by one, then end of stream."""
+    reader = asyncio.StreamReader()
+
+    async def arrive() -> None:
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)  # the reader sees each chunk alone, as from a socket
+        reader.feed_eof()
+
+    feeding = asyncio.ensure_future(arrive())
+    out = []
+    try:
+        while (message := await read_message(reader, max_size)) is not None:
+            out.append(message)
+    finally:
+        await feeding
+    return out
+
+
+def _chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
 @given(st.lists(messages, max_size=5), st.integers(min_value=1, max_value=17))
 def test_roundtrip_in_arbitrary_chunks(batch: list[dict], chunk: int) -> None:
     data = b"".join(encode(m) for m in batch)
-    decoder = FrameDecoder()
-    out = [m for i in range(0, len(data), chunk) for m in decoder.feed(data[i : i + chunk])]
-    decoder.close()
-    assert out == batch
+    assert asyncio.run(_read_chunks(_chunked(data, chunk))) == batch
 
 
-@given(st.binary(max_size=200))
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=17))
 @settings(max_examples=300)
-def test_garbage_never_escapes_as_anything_but_protocol_error(data: bytes) -> None:
-    decoder = FrameDecoder(max_size=1000)
+def test_garbage_never_escapes_as_anything_but_protocol_error(data: bytes, chunk: int) -> None:
     try:
-        list(decoder.feed(data))
-        decoder.close()
+        asyncio.run(_read_chunks(_chunked(data, chunk), max_size=1000))
     except ProtocolError:
         pass
 
@@ -47,10 +68,8 @@ def test_garbage_never_escapes_as_anything_but_protocol_error(data: bytes) -> No
 def test_truncated_stream_is_reported(message: dict, data: st.DataObject) -> None:
     frame = encode(message)
     cut = data.draw(st.integers(min_value=1, max_value=len(frame) - 1))
-    decoder = FrameDecoder()
-    assert list(decoder.feed(frame[:cut])) == []
     with pytest.raises(ProtocolError, match="truncated"):
-        decoder.close()
+        asyncio.run(_read_chunks([frame[:cut]]))
 
 
 def test_unencodable_message_is_a_protocol_error() -> None:
@@ -61,8 +80,9 @@ def test_unencodable_message_is_a_protocol_error() -> None:
 
 
 def test_oversized_frame_is_refused_before_reading_it() -> None:
+    # Only the header has arrived: the reader refuses the frame without waiting for its body.
     with pytest.raises(ProtocolError, match="exceeds the 100-byte limit"):
-        list(FrameDecoder(max_size=100).feed(struct.pack(">I", 101)))
+        asyncio.run(_read_chunks([struct.pack(">I", 101)], max_size=100))
     with pytest.raises(ProtocolError, match="exceeds"):
         encode({"t": "x", "blob": b"x" * 200}, max_size=100)
 
@@ -73,23 +93,13 @@ def test_non_message_bodies_are_refused(body: bytes) -> None:
         decode_body(body)
 
 
-async def _read_all(data: bytes, max_size: int = 1000) -> list[dict]:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    out = []
-    while (message := await read_message(reader, max_size)) is not None:
-        out.append(message)
-    return out
-
-
 async def test_async_reader_reads_frames_and_reports_truncation() -> None:
     frames = encode({"t": "ping", "id": 1}) + encode({"t": "pong", "id": 1})
-    assert [m["t"] for m in await _read_all(frames)] == ["ping", "pong"]
+    assert [m["t"] for m in await _read_chunks([frames])] == ["ping", "pong"]
     with pytest.raises(ProtocolError, match="truncated frame header"):
-        await _read_all(frames[: -len(encode({"t": "pong", "id": 1})) + 2])
+        await _read_chunks([frames[: -len(encode({"t": "pong", "id": 1})) + 2]])
     with pytest.raises(ProtocolError, match="truncated frame: 3 of"):
-        await _read_all(struct.pack(">I", 10) + b"abc")
+        await _read_chunks([struct.pack(">I", 10) + b"abc"])
 
 
 @pytest.mark.parametrize(
@@ -100,3 +110,55 @@ def test_parse_address(address: str, parsed: tuple) -> None:
     assert wire.parse_address(address) == parsed
     with pytest.raises(ValueError, match="bad worker address"):
         wire.parse_address("pipe:x")
+
+
+# -- payload codecs (lmi_core.engine): what the worker sends is what the server reads -------------
+
+tokens = st.builds(
+    Token,
+    id=st.integers(0, 2**32),
+    text=st.text(),
+    log_prob=st.none() | st.floats(allow_nan=False),
+    special=st.booleans(),
+    top_logprobs=st.none()
+    | st.lists(st.tuples(st.integers(0, 2**32), st.text(), st.floats(allow_nan=False)), max_size=3),
+    last=st.booleans(),
+)
+finishes = st.builds(
+    Finished,
+    finish_reason=st.sampled_from(["length", "eos_token", "stop_sequence", "cancelled"]),
+    prompt_tokens=st.integers(0, 2**20),
+    generated_tokens=st.integers(0, 2**20),
+    prompt=st.text(),
+)
+stats = st.builds(
+    EngineStats,
+    running=st.integers(0, 1000),
+    waiting=st.integers(0, 1000),
+    finished_total=st.integers(0, 2**40),
+    cancelled_total=st.integers(0, 2**40),
+    extra=st.dictionaries(st.text(max_size=10), st.floats(allow_nan=False), max_size=3),
+)
+
+
+@given(tokens, finishes, stats)
+def test_payloads_survive_the_socket(token: Token, finished: Finished, stat: EngineStats) -> None:
+    frames = [
+        encode({"t": wire.TOKEN, "id": "r", "token": token.to_wire()}),
+        encode({"t": wire.DONE, "id": "r", "finished": finished.to_wire()}),
+        encode({"t": wire.PONG, "id": 1, "stats": stat.to_wire()}),
+    ]
+    got_token, got_finished, pong = asyncio.run(_read_chunks(frames))
+    assert Token.from_wire(got_token["token"]) == token
+    assert Finished.from_wire(got_finished["finished"]) == finished
+    assert EngineStats.from_wire(pong["stats"]) == stat
+
+
+def test_a_token_travels_as_a_list() -> None:
+    # One frame per generated token: field names in every frame would make it 60% larger.
+    assert Token(7, " hi", -0.5, last=True).to_wire() == [7, " hi", -0.5, False, None, True]
+
+
+def test_an_unknown_finish_reason_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown finish reason"):
+        Finished.from_wire({"finish_reason": "exploded", "prompt_tokens": 1, "generated_tokens": 1})

@@ -70,10 +70,10 @@ class EngineCollector(Collector):
             if snapshot is None:  # waiting to load, or failed: no workers to count
                 continue
             stats = [w.engine_stats for w in snapshot.workers]
-            running.add_metric([name], sum(s.get("running", 0) for s in stats))
-            waiting.add_metric([name], snapshot.queued + sum(s.get("waiting", 0) for s in stats))
-            finished.add_metric([name], sum(s.get("finished_total", 0) for s in stats))
-            cancelled.add_metric([name], sum(s.get("cancelled_total", 0) for s in stats))
+            running.add_metric([name], sum(s.running for s in stats))
+            waiting.add_metric([name], snapshot.queued + sum(s.waiting for s in stats))
+            finished.add_metric([name], sum(s.finished_total for s in stats))
+            cancelled.add_metric([name], sum(s.cancelled_total for s in stats))
             states = collections.Counter(worker_status(w) for w in snapshot.workers)
             for state, count in sorted(states.items()):
                 workers.add_metric([name, state], count)

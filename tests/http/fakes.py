@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
 from lmi_core.http import openai_api
 from lmi_core.http.app import build_app
@@ -31,7 +31,7 @@ def worker(
     *,
     retiring: bool = False,
     devices: tuple[str, ...] = (),
-    stats: dict[str, Any] | None = None,
+    stats: EngineStats | None = None,
 ) -> WorkerSnapshot:
     return WorkerSnapshot(
         worker_id=worker_id,
@@ -43,7 +43,7 @@ def worker(
         restarts=0,
         started_at=1_700_000_000.0,
         last_error=None,
-        engine_stats=stats or {},
+        engine_stats=stats or EngineStats(),
         retiring=retiring,
     )
 

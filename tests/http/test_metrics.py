@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from lmi_core.engine import EngineStats
 from lmi_core.pool import ModelStatus
 from lmi_core.registry import ModelState
 from lmi_core.supervisor import WorkerState
@@ -20,11 +21,11 @@ def scrape(models: FakeModels) -> dict[tuple[str, frozenset[tuple[str, str]]], f
 
 
 def test_engine_gauges_sum_the_workers_and_workers_are_counted_by_their_management_status() -> None:
-    busy = {"running": 2, "waiting": 1, "finished_total": 5, "cancelled_total": 1}
+    busy = EngineStats(running=2, waiting=1, finished_total=5, cancelled_total=1)
     snapshot = pool(
         "a",
         worker(0, stats=busy),
-        worker(1, stats={"running": 1, "finished_total": 2}),
+        worker(1, stats=EngineStats(running=1, finished_total=2)),
         worker(2, retiring=True),
         worker(3, WorkerState.STARTING),
         max_workers=4,

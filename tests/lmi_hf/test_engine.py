@@ -114,7 +114,7 @@ async def test_top_logprobs_are_sorted_and_include_greedy_choice(engine: HFEngin
 
 
 async def test_closing_the_stream_cancels_the_request_in_the_engine(engine: HFEngine) -> None:
-    before = engine.snapshot().cancelled_total
+    before = engine.stats().cancelled_total
     request = GenerationRequest(
         request_id="cancel-me", prompt="Hello", params=SamplingParams(max_new_tokens=400, ignore_eos=True)
     )
@@ -122,12 +122,12 @@ async def test_closing_the_stream_cancels_the_request_in_the_engine(engine: HFEn
     await anext(stream)
     await stream.aclose()
     for _ in range(100):
-        stats = engine.snapshot()
+        stats = engine.stats()
         if stats.cancelled_total == before + 1 and stats.running == 0:
             break
         await asyncio.sleep(0.02)
-    assert engine.snapshot().cancelled_total == before + 1
-    assert engine.snapshot().running == 0
+    assert engine.stats().cancelled_total == before + 1
+    assert engine.stats().running == 0
 
 
 async def test_a_failing_request_does_not_take_down_its_batch(

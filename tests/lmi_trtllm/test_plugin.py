@@ -7,8 +7,10 @@ conversion tests feed plain stand-ins shaped like its ``CompletionOutput`` (docs
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +20,14 @@ import pytest
 from lmi_core import hookimpl
 from lmi_core.backends import BackendSpec, resolve_model, select_backend
 from lmi_core.config import build_model_config
-from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
+from lmi_core.engine import (
+    EngineStats,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Token,
+    WorkerContext,
+)
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from lmi_core.plugins import new_plugin_manager
 from lmi_trtllm import plugin
@@ -30,9 +39,10 @@ from lmi_trtllm.convert import (
     sampling_kwargs,
     token_logprob,
 )
-from lmi_trtllm.engine import FollowerEngine
+from lmi_trtllm.engine import FollowerEngine, TrtllmEngine
 from lmi_trtllm.options import llm_kwargs, parse_options, tensorrt_llm_importable
 from tests.conftest import ServerProcess
+from tests.other_engine import FINISHED, STATS, OtherEngine
 
 needs_no_tensorrt_llm = pytest.mark.skipif(
     tensorrt_llm_importable(), reason="checks the behaviour where tensorrt_llm is not installed"
@@ -192,7 +202,9 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         model_id="/models/m",
         model_dir=None,
         backend="trtllm",
-        options={"dtype": "fp16", "trust_remote_code": "false", "kv_cache_free_gpu_mem_fraction": "0.5"},
+        options={"kv_cache_free_gpu_mem_fraction": "0.5"},
+        dtype="fp16",
+        trust_remote_code=True,
         mode="mpi",
         world_size=4,
         tensor_parallel_degree=2,
@@ -205,7 +217,7 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         "pipeline_parallel_size": 2,
         "max_batch_size": 16,
         "dtype": "float16",
-        "trust_remote_code": False,
+        "trust_remote_code": True,
         "kv_cache_config": {"free_gpu_memory_fraction": 0.5},
     }
 
@@ -220,11 +232,14 @@ def test_load_without_tensorrt_llm_raises_a_clear_engine_error() -> None:
         manager().hook.load_engine(context=context)
 
 
-def test_other_backends_are_left_alone() -> None:
+async def test_other_backends_are_left_alone() -> None:
     context = WorkerContext(model_id="/models/m", model_dir=None, backend="hf", options={})
-    assert plugin.load_engine(context) is None
-    assert plugin.handle_request(object(), GenerationRequest("r")) is None
-    assert plugin.engine_stats(object()) is None
+    pm = manager()
+    assert pm.hook.load_engine(context=context) is None
+    other = OtherEngine()
+    events = pm.hook.handle_request(engine=other, request=GenerationRequest("r"))
+    assert [e async for e in events] == [FINISHED]
+    assert pm.hook.engine_stats(engine=other) == STATS
 
 
 # -- ranks > 0 -------------------------------------------------------------------------------------
@@ -233,8 +248,10 @@ def test_other_backends_are_left_alone() -> None:
 async def test_follower_rank_finishes_requests_at_once_and_reports_a_dead_loop() -> None:
     release = threading.Event()
     follower = FollowerEngine(1, release.wait)
-    assert [e async for e in plugin.handle_request(follower, GenerationRequest("r", prompt="hi"))] == []
-    assert plugin.engine_stats(follower).running == 0
+    pm = manager()
+    events = pm.hook.handle_request(engine=follower, request=GenerationRequest("r", prompt="hi"))
+    assert [e async for e in events] == []
+    assert pm.hook.engine_stats(engine=follower).running == 0
 
     def fail() -> None:
         raise RuntimeError("MPI went away")
@@ -246,6 +263,62 @@ async def test_follower_rank_finishes_requests_at_once_and_reports_a_dead_loop()
     broken.shutdown()
     broken.stats()  # stopped on purpose: healthy
     release.set()
+
+
+# -- rank 0 with a stand-in LLM ---------------------------------------------------------------------
+
+
+class StreamingResult:
+    """A stand-in for the streaming ``RequestOutput`` of ``LLM.generate_async``."""
+
+    def __init__(self, completions: list[SimpleNamespace]) -> None:
+        self.prompt_token_ids = [1, 2, 3]
+        self.completions = completions
+        self.aborted = False
+
+    async def __aiter__(self) -> AsyncGenerator[SimpleNamespace, None]:
+        for i, done in enumerate(self.completions):
+            yield SimpleNamespace(outputs=[done], finished=i == len(self.completions) - 1)
+            await asyncio.sleep(0)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class StandInLLM:
+    """The parts of ``tensorrt_llm.LLM`` that ``TrtllmEngine`` uses."""
+
+    def __init__(self, completions: list[SimpleNamespace]) -> None:
+        self.tokenizer = SimpleNamespace(all_special_ids=[0], decode=lambda ids: "?")
+        self._executor = SimpleNamespace(is_shutdown=lambda: False)
+        self.completions = completions
+        self.results: list[StreamingResult] = []
+
+    def generate_async(self, text: str, sampling_params: Any, streaming: bool) -> StreamingResult:
+        self.results.append(StreamingResult(self.completions))
+        return self.results[-1]
+
+
+async def test_rank_0_counts_requests_and_aborts_a_closed_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # TrtllmEngine imports tensorrt_llm.SamplingParams; the stand-in takes its keyword arguments.
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(SamplingParams=dict))
+    llm = StandInLLM([completion([5], "a"), completion([6], "b"), completion([7], "c", reason="length")])
+    engine = TrtllmEngine(llm)
+    pm = manager()
+    request = GenerationRequest("r", prompt="hi", params=SamplingParams(max_new_tokens=3))
+    events = [e async for e in pm.hook.handle_request(engine=engine, request=request)]
+    assert [type(e) for e in events] == [Token, Token, Token, Finished] and not llm.results[0].aborted
+    stream = pm.hook.handle_request(engine=engine, request=request)
+    await anext(stream)
+    assert pm.hook.engine_stats(engine=engine) == EngineStats(running=1, finished_total=1)
+    await stream.aclose()  # the client left
+    assert llm.results[1].aborted
+    assert pm.hook.engine_stats(engine=engine) == EngineStats(finished_total=1, cancelled_total=1)
+    with pytest.raises(BadRequestError):  # refused before it reaches TensorRT-LLM: not counted
+        pm.hook.handle_request(engine=engine, request=GenerationRequest("bad"))
+    assert len(llm.results) == 2 and pm.hook.engine_stats(engine=engine).cancelled_total == 1
 
 
 # -- sampling parameters and finish reasons ------------------------------------------------------------

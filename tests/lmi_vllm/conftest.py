@@ -107,7 +107,8 @@ def worker_context(demo_model: Path) -> Callable[..., Any]:
             model_id=str(demo_model),
             model_dir=str(demo_model),
             backend="vllm",
-            options={"dtype": "float32", "max_model_len": str(MAX_MODEL_LEN), **options},
+            options={"max_model_len": str(MAX_MODEL_LEN), **options},
+            dtype="float32",
             device="cpu",
             max_batch_size=8,
         )

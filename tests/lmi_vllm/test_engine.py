@@ -10,6 +10,7 @@ import pytest
 
 from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, Token
 from lmi_core.errors import BadRequestError, ConfigError
+from tests.other_engine import FINISHED, STATS, OtherEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
 
@@ -133,7 +134,7 @@ async def test_concurrent_requests(pm: Any, engine: Any) -> None:
 
 
 async def test_closing_the_stream_aborts_the_request_in_vllm(pm: Any, engine: Any) -> None:
-    before = (engine.cancelled_total, engine.aborted_total, engine.finished_total)
+    before = (engine.requests.cancelled_total, engine.aborted_total, engine.requests.finished_total)
     request = GenerationRequest(
         request_id="cancel-1",
         prompt=PROMPT,
@@ -145,7 +146,7 @@ async def test_closing_the_stream_aborts_the_request_in_vllm(pm: Any, engine: An
     busy = pm.hook.engine_stats(engine=engine)  # vLLM's scheduler reported it with the first steps
     assert (busy.running, busy.waiting, busy.extra["inflight"]) == (1, 0, 1.0)
     await events.aclose()  # what the worker's task cancellation amounts to
-    assert (engine.cancelled_total, engine.aborted_total, engine.finished_total) == (
+    assert (engine.requests.cancelled_total, engine.aborted_total, engine.requests.finished_total) == (
         before[0] + 1,
         before[1] + 1,
         before[2],
@@ -223,13 +224,14 @@ async def test_bad_sampling_parameters_are_bad_requests(pm: Any, engine: Any) ->
     assert engine.llm.get_num_unfinished_requests() == 0
 
 
-async def test_stats_count_requests_and_tokens(pm: Any, engine: Any) -> None:
+async def test_stats_count_requests_and_finished_counts_tokens(pm: Any, engine: Any) -> None:
     before = pm.hook.engine_stats(engine=engine)
-    _, finished = await run(pm, engine, max_new_tokens=5, ignore_eos=True)
+    tokens, finished = await run(pm, engine, max_new_tokens=5, ignore_eos=True)
     after = pm.hook.engine_stats(engine=engine)
     assert after.finished_total == before.finished_total + 1
-    assert after.generated_tokens_total == before.generated_tokens_total + 5
-    assert after.prompt_tokens_total == before.prompt_tokens_total + finished.prompt_tokens
+    # Tokens are counted by the server, from the events (EngineStats has only what the engine knows).
+    assert finished.generated_tokens == len(tokens) == 5
+    assert finished.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
 
 
 async def test_max_model_len_matches_the_fixture(engine: Any, max_model_len: int) -> None:
@@ -245,7 +247,7 @@ async def test_other_backends_are_left_alone(pm: Any, engine: Any, worker_contex
     context = worker_context()
     context.backend = "hf"
     assert pm.hook.load_engine(context=context) is None
-    assert (
-        pm.hook.handle_request(engine=object(), request=GenerationRequest(request_id="x", prompt="a")) is None
-    )
-    assert pm.hook.engine_stats(engine=object()) is None
+    other = OtherEngine()
+    events = pm.hook.handle_request(engine=other, request=GenerationRequest(request_id="x", prompt="a"))
+    assert await collect(events) == ([], FINISHED)
+    assert pm.hook.engine_stats(engine=other) == STATS

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import pytest
 
 from lmi_core.errors import ConfigError, EngineError
+from lmi_core.server import resolve_model
 from lmi_vllm import options as opts
 from lmi_vllm.engine import cpu_bind_lists, finish_reason, output_events, split_text
 
@@ -81,7 +82,8 @@ def test_register_and_resolve_mode(pm: Any) -> None:
     specs = [s for group in pm.hook.register_backends() for s in group]
     spec = next(s for s in specs if s.name == "vllm")
     assert spec.default_mode == "python" and "lmi-dist" in spec.rolling_batch and spec.auto_priority == 10
-    assert pm.hook.resolve_mode(config=model_config()) == "python"
+    # No resolve_mode hook: the core falls back to the BackendSpec's default mode.
+    assert resolve_model(model_config(), pm).mode == "python"
 
 
 def test_convert_by_declared_type() -> None:

@@ -9,13 +9,14 @@ join, which are cancelled): in MPI mode rank 0 makes the plan and every rank app
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -45,6 +46,19 @@ class StepPlan:
     admit: list[tuple[str, int]] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)
     stop: bool = False
+
+
+class Coordinator(Protocol):
+    """Who decides each step: this process alone, or rank 0 for every rank of an MPI job."""
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process makes the plans (the others receive them)."""
+        ...
+
+    def exchange(self, plan: StepPlan) -> StepPlan:
+        """The step's plan for every rank: the leader's ``plan``, sent to or received from the others."""
+        ...
 
 
 class LocalCoordinator:
@@ -78,12 +92,14 @@ class Sequence:
 class HFEngine:
     """A loaded model plus the scheduler thread that batches its requests."""
 
-    def __init__(self, context: WorkerContext, model: Any, tokenizer: Any, coordinator: Any = None) -> None:
+    def __init__(
+        self, context: WorkerContext, model: Any, tokenizer: Any, coordinator: Coordinator | None = None
+    ) -> None:
         self.context = context
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.coordinator = coordinator or LocalCoordinator()
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.max_batch_size = context.max_batch_size
         self.max_model_len = int(
             context.options.get("max_model_len") or getattr(model.config, "max_position_embeddings", 2048)
@@ -91,7 +107,8 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.stats = EngineStats()
+        # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
+        self._totals = EngineStats()
         self._lock = threading.Condition()
         self._submitted: dict[str, Sequence] = {}  # arrived, not yet running
         self._order: list[str] = []  # arrival order of _submitted
@@ -120,7 +137,7 @@ class HFEngine:
             raise BadRequestError("the prompt is empty", param="inputs")
         return self.tokenizer.encode(request.prompt), request.prompt
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
         prompt_ids, prompt_text = self.encode_prompt(request)
         room = self.max_model_len - len(prompt_ids)
@@ -175,13 +192,11 @@ class HFEngine:
             self._lock.notify()
         self._thread.join(timeout=5)
 
-    def snapshot(self) -> EngineStats:
+    def stats(self) -> EngineStats:
         if self.error:
             raise RuntimeError(self.error)
         with self._lock:
-            self.stats.running = len(self._running)
-            self.stats.waiting = len(self._submitted)
-            return EngineStats(**vars(self.stats))
+            return dataclasses.replace(self._totals, running=len(self._running), waiting=len(self._submitted))
 
     # -- scheduler thread ------------------------------------------------------------------------
 
@@ -262,7 +277,6 @@ class HFEngine:
             for seq in new:
                 self._fail(seq, exc)
             return
-        self.stats.prompt_tokens_total += sum(len(s.prompt_ids) for s in new)
         if self._batch is None:
             self._batch = batch
         else:
@@ -294,7 +308,6 @@ class HFEngine:
         last = self._batch.last_tokens.tolist()
         last[start : start + len(tokens)] = tokens
         self._batch.set_last_tokens(last)
-        self.stats.generated_tokens_total += len(tokens)
         self._evict({s.request.request_id for s in self._running if s.done})
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
@@ -328,9 +341,9 @@ class HFEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.done = True
         if reason == "cancelled":
-            self.stats.cancelled_total += 1
+            self._totals.cancelled_total += 1
         else:
-            self.stats.finished_total += 1
+            self._totals.finished_total += 1
         event = Finished(reason, len(seq.prompt_ids), seq.generated, seq.prompt_text)
         self._outbox.append((seq.emit, event))
 
@@ -383,10 +396,10 @@ def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[A
 
     options = context.options
     started = time.monotonic()
-    trust = str(options.get("trust_remote_code", "false")).lower() == "true"
+    trust = context.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(context.model_id, trust_remote_code=trust)
     kwargs: dict[str, Any] = {"trust_remote_code": trust}
-    dtype = options.get("dtype")
+    dtype = context.dtype
     if dtype and dtype != "auto":
         kwargs["dtype"] = _DTYPES[dtype]
     elif context.device == "cpu":

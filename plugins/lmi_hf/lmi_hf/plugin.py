@@ -1,13 +1,13 @@
-"""The hooks of the HF backend. Imports no torch at module level: the server loads this too."""
+"""The hooks of the HF backend. Imports no torch at module level: the server loads this too.
+
+The loaded ``HFEngine`` is an ``lmi_core.Engine``: lmi-core's built-in worker hooks run its requests.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lmi_core import hookimpl
-from lmi_core.backends import BackendSpec
-from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest, WorkerContext
+from lmi_core import BackendSpec, WorkerContext, hookimpl
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -31,11 +31,6 @@ def register_backends() -> list[BackendSpec]:
 
 
 @hookimpl
-def resolve_mode(config: ModelConfig) -> str | None:
-    return "python" if config.backend == NAME else None
-
-
-@hookimpl
 def validate_config(config: ModelConfig) -> None:
     if config.backend == NAME:
         from lmi_hf.options import validate_hf_options, validate_parallelism
@@ -56,24 +51,3 @@ def load_engine(context: WorkerContext) -> HFEngine | None:
         return load_distributed(context)
     model, tokenizer = load_model(context)
     return HFEngine(context, model, tokenizer)
-
-
-def _ours(engine: Any) -> bool:
-    # By module, not isinstance: importing lmi_hf.engine would pull torch into other backends' workers.
-    return type(engine).__module__.startswith("lmi_hf.")
-
-
-@hookimpl
-def handle_request(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationEvent] | None:
-    return engine.generate(request) if _ours(engine) else None
-
-
-@hookimpl
-def engine_stats(engine: Any) -> EngineStats | None:
-    return engine.snapshot() if _ours(engine) else None
-
-
-@hookimpl
-def shutdown_engine(engine: Any) -> None:
-    if _ours(engine):
-        engine.shutdown()

