@@ -34,7 +34,7 @@ sys.path[:0] = [str(REPO), str(REPO / "plugins" / "lmi_hf")]
 
 from lmi_core import devices  # noqa: E402
 from lmi_core.errors import ConfigError  # noqa: E402
-from tests.conftest import ServerProcess, wait_for  # noqa: E402
+from tests.conftest import ServerProcess, link_model, ping, wait_for  # noqa: E402
 
 Result = Literal["PASS", "FAIL", "SKIP"]
 GIB = 1024**3
@@ -378,9 +378,9 @@ class Run:
         }
         return {**env, **extra}
 
-    def serve(self, label: str, wait: bool = True, **extra: str) -> ServerProcess:
+    def serve(self, label: str, wait: bool = True, model: Path | None = None, **extra: str) -> ServerProcess:
         """``lmi serve`` of the model, with ``extra`` in its environment; ready unless ``wait=False``."""
-        argv = ["--model-dir", str(self.model), "--model-name", NAME]
+        argv = ["--model-dir", str(model or self.model), "--model-name", NAME]
         server = ServerProcess(argv, self.env(**extra), self.work / f"{label}.log")
         self.servers.append(server)
         if wait:
@@ -575,7 +575,11 @@ class Run:
 
     def mpi_mode(self) -> None:
         if self.cpu:
-            self.report.add("MPI tp=2 on 1 GPU refused", "SKIP", "CPU dry run: on CPU any tp fits (gloo)")
+            # On CPU any tp fits (gloo): the same refusal path, with what CPU refuses at start-up.
+            with self.report.check("start-up refusal (CPU stand-in)"):
+                expected = "invalid configuration load_on_devices='0': expected '*' (no GPU is visible"
+                why = self.refused("refused", "load_on_devices=0\n", expected)
+                self.report.add("start-up refusal (CPU stand-in)", "PASS", why)
             self.report.add("MPI rank guard (real GPU count)", "SKIP", "CPU dry run: needs CUDA")
             with self.report.check("MPI mode tp=2 (gloo)"):
                 started = time.monotonic()
@@ -589,7 +593,10 @@ class Run:
                 server.stop()
             return
         with self.report.check("MPI tp=2 on 1 GPU refused"):
-            self.report.add("MPI tp=2 on 1 GPU refused", "PASS", self.refused_tp2())
+            expected = "option.tensor_parallel_degree=2: expected at most 1 (1 GPUs cannot hold"
+            properties = "option.mpi_mode=true\noption.tensor_parallel_degree=2\n"
+            why = self.refused("mpi-tp2", properties, expected)
+            self.report.add("MPI tp=2 on 1 GPU refused", "PASS", why)
         with self.report.check("MPI rank guard (real GPU count)"):
             import torch
 
@@ -619,27 +626,36 @@ class Run:
             )
             server.stop()
 
-    def refused_tp2(self) -> str:
-        """MPI mode, tp=2, one GPU: the model must fail at once, naming tp and the GPU count.
+    def refused(self, label: str, properties: str, expected: str) -> str:
+        """A startup model whose ``properties`` the server must refuse at once, saying ``expected``.
 
-        A startup model that fails stays listed as FAILED with its error (the server keeps running,
-        ``/ping`` 500); should the server exit instead, its log must say the same.
+        A startup model that fails stays FAILED with the server up (``/ping`` 500) and its error in
+        the log (``model m failed to load: ...``); a refusal found earlier exits the server instead.
         """
-        server = self.serve("mpi-tp2", wait=False, OPTION_MPI_MODE="true", OPTION_TENSOR_PARALLEL_DEGREE="2")
-        expected = "option.tensor_parallel_degree=2: expected at most 1 (1 GPUs cannot hold"
-        error, deadline = None, time.monotonic() + 90
-        while error is None and time.monotonic() < deadline and server.proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                facts = model_facts(server.url)
-                if facts["status"] == "FAILED":
-                    error = f"model FAILED: {facts.get('error')}"
+        base = (self.model / "serving.properties").read_text()
+        server = self.serve(
+            label, wait=False, model=link_model(self.model, self.work / label, base + properties)
+        )
+
+        def find(text: str) -> str | None:
+            return next((x for x in server.log().splitlines() if text in x), None)
+
+        line, deadline = None, time.monotonic() + 90
+        while line is None and time.monotonic() < deadline and server.proc.poll() is None:
             time.sleep(0.3)
-        if error is None:
-            lines = [x for x in server.log().splitlines() if expected in x]
-            error = f"server exited {server.proc.poll()}: {lines[0] if lines else server.log()[-1500:]}"
+            line = find(expected) or find("failed to load")
+        status = -1  # the startup model may fail before the HTTP port is bound: give it 10 s to be
+        for _ in range(50):
+            if server.proc.poll() is not None or (status := ping(server)) != -1:
+                break
+            time.sleep(0.2)
+        exited = server.proc.poll() is not None
+        state = f"server exited {server.proc.returncode}" if exited else f"server up, /ping {status}"
+        line = find(expected) or line or server.log()[-1500:]
         server.stop()
-        assert expected in error, error
-        return error[-400:]
+        assert expected in line, line
+        message = line.split(": ", 1)[-1]  # without the log line's time, level and logger
+        return f"{state}; {message.strip()[-400:]}"
 
     def all(self) -> None:
         phases: list[tuple[str, Callable[[], None]]] = [

@@ -49,7 +49,7 @@ def test_cpu_dry_run_passes_every_check_it_can_run(tmp_path: Path) -> None:
     rows = re.findall(r"^\| (.+?) \| (PASS|FAIL|SKIP) \| (.*) \|$", summary, flags=re.MULTILINE)
     results = {check: result for check, result, _ in rows}
     assert "FAIL" not in results.values(), summary
-    # What the dry run really runs on CPU; only NVML and the one-GPU MPI cases are SKIP.
+    # What the dry run really runs on CPU; only NVML and the GPU-count cases are SKIP.
     for check in (
         "greedy == transformers.generate",
         "throughput c=1",
@@ -58,9 +58,10 @@ def test_cpu_dry_run_passes_every_check_it_can_run(tmp_path: Path) -> None:
         "SIGKILL mid-stream",
         "two workers, one device",
         "MPI mode tp=2 (gloo)",
+        "start-up refusal (CPU stand-in)",
     ):
         assert results.get(check) == "PASS", summary
-    assert re.search(r"gpu-check \(CPU dry run\): 9 PASS, 4 SKIP, 0 FAIL", summary), summary
+    assert re.search(r"gpu-check \(CPU dry run\): 10 PASS, 3 SKIP, 0 FAIL", summary), summary
     assert (tmp_path / "logs.tar.gz").stat().st_size > 0
 
 
