@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download into .whl/ (git-ignored) the wheels the GPU machine lacks, for its CPython 3.12 on x86-64
 # manylinux: the server's own packages and Open MPI's mpirun. scripts/gpu-check.sh installs them
-# there; the device call carries .whl (about 9.3 MB). The versions are those CI runs with.
+# there; the device call carries .whl (8 wheels, 9.1 MiB). The versions are those CI runs with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
