@@ -106,8 +106,16 @@ def build_demo_model(
     vocab_size: int = 512,  # a power of two: tensor parallel splits the output layer by vocabulary
     max_position_embeddings: int = 512,
     seed: int = 0,
+    intermediate_size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Path:
-    """Write a tiny Llama, its tokenizer and a ``serving.properties`` into ``path``."""
+    """Write a random Llama, its tokenizer and a ``serving.properties`` into ``path``.
+
+    The defaults make the tiny demo model. ``scripts/gpu_check.py`` builds a ~1B-parameter one with
+    the same tokenizer on ``device="cuda"`` in ``dtype="bfloat16"``: initialising 1B weights on the
+    GPU takes about a second, on CPU in fp32 tens of seconds and 4 GB.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -140,7 +148,7 @@ def build_demo_model(
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
@@ -150,7 +158,8 @@ def build_demo_model(
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     # Random init gives near-uniform logits; a wider spread makes greedy choices stable across
     # kernels (TP all-reduce order, vLLM vs HF) instead of decided by float rounding.
     with torch.no_grad():

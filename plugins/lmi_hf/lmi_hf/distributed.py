@@ -24,6 +24,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from lmi_core.errors import ConfigError
 from lmi_hf.engine import HFEngine, StepPlan, load_model
 
 if TYPE_CHECKING:
@@ -87,6 +88,25 @@ class MpiCoordinator:
         return decode_plan(data[HEADER_BYTES:end])
 
 
+def check_gpus_per_rank(context: WorkerContext, local_size: int) -> None:
+    """nccl runs one rank per GPU: ranks on this host beyond its visible GPUs cannot start.
+
+    Two ranks on one GPU fail inside nccl's first collective ("Duplicate GPU detected"), after both
+    have loaded torch; a rank whose ``LOCAL_RANK`` is past the GPU count fails in ``set_device``
+    ("invalid device ordinal"). The server's allocator already refuses such a job
+    (``plan_allocation``); this guards launchers that place ranks themselves, before the rendezvous.
+    """
+    count = torch.cuda.device_count()
+    if local_size > count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            "option.tensor_parallel_degree",
+            context.tensor_parallel_degree,
+            f"at most {count}: nccl runs one rank per GPU, and this host has {local_size} ranks of the job "
+            f"but {count} visible GPU{'s' if count != 1 else ''} (CUDA_VISIBLE_DEVICES={visible!r})",
+        )
+
+
 def init_distributed(context: WorkerContext) -> Any:
     """Join the job's process group; return the CPU group that carries the step plans."""
     local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
@@ -99,6 +119,7 @@ def init_distributed(context: WorkerContext) -> Any:
     )
     backend = "gloo"
     if context.device == "cuda" and torch.cuda.is_available():
+        check_gpus_per_rank(context, int(os.environ["LOCAL_WORLD_SIZE"]))
         torch.cuda.set_device(local_rank)
         backend = "nccl"
     started = time.monotonic()
