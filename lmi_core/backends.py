@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import pluggy
 
@@ -52,7 +52,7 @@ def list_backends(pm: pluggy.PluginManager) -> list[InstalledBackend]:
     dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
     found: list[InstalledBackend] = []
     for impl in pm.hook.register_backends.get_hookimpls():
-        specs: list[BackendSpec] = impl.function() or []
+        specs = cast("list[BackendSpec]", impl.function() or [])
         found += [InstalledBackend(spec, impl.plugin_name, dists.get(id(impl.plugin))) for spec in specs]
     return sorted(found, key=lambda b: b.spec.name)
 

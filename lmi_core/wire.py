@@ -43,7 +43,7 @@ class ProtocolError(Exception):
 def encode(message: dict[str, Any], max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     """Serialize ``message`` into one frame."""
     try:
-        body = msgpack.packb(message, use_bin_type=True)
+        body: bytes = msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"message cannot be encoded: {exc}") from None
     if len(body) > max_size:

@@ -42,7 +42,8 @@ IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def encode_plan(plan: StepPlan) -> bytes:
-    return msgpack.packb([plan.admit, plan.cancel, plan.stop], use_bin_type=True)
+    body: bytes = msgpack.packb([plan.admit, plan.cancel, plan.stop], use_bin_type=True)
+    return body
 
 
 def decode_plan(body: bytes) -> StepPlan:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, Token
-from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.errors import BadRequestError, EngineError, ServiceError
 
 
 @dataclass
@@ -139,7 +139,7 @@ def delta_events(
     return events
 
 
-def map_error(exc: BaseException) -> EngineError:
+def map_error(exc: BaseException) -> ServiceError:
     """TensorRT-LLM's request errors as lmi engine errors: its argument checks (prompt longer than
     max_seq_len, a bad sampling value) raise ``ValueError`` / ``TypeError`` -> 400; the rest -> 424."""
     if isinstance(exc, EngineError):

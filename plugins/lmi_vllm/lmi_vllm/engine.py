@@ -35,6 +35,7 @@ from lmi_core import (
     GenerationRequest,
     RequestCounts,
     SamplingParams,
+    ServiceError,
     Token,
     WorkerContext,
 )
@@ -524,7 +525,7 @@ def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishRe
     return "eos_token"
 
 
-def map_error(exc: BaseException) -> EngineError:
+def map_error(exc: BaseException) -> ServiceError:
     """vLLM's request errors as lmi engine errors (client errors -> 400, a dead engine -> 500)."""
     if isinstance(exc, EngineError):
         return exc
