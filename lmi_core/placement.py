@@ -109,7 +109,8 @@ def place_ranks(
         if busy:
             raise ConfigError(key, value, f"GPUs no other model holds ({', '.join(busy)} are taken)")
         threads = omp_threads if gpus else omp_threads or max(1, cpus // count)
-        places += [RankPlace(len(places), host, local, devices, threads) for local in range(count)]
+        first = len(places)
+        places += [RankPlace(first + local, host, local, devices, threads) for local in range(count)]
     return tuple(places)
 
 
