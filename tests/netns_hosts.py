@@ -114,7 +114,6 @@ class TestHosts:
         host_key = self.dir / "host_ed25519"
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
         (self.dir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
-        hosts_file = "127.0.0.1 localhost\n" + "".join(f"{self.address(h)} {h}\n" for h in self.names)
         self.ssh_config.write_text(
             f"Host {' '.join(self.names)}\n"
             f"  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
@@ -126,6 +125,8 @@ class TestHosts:
             f"HostKey {host_key}\nAuthorizedKeysFile {self.dir}/authorized_keys\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nStrictModes no\nPidFile none\nAcceptEnv *\nLogLevel ERROR\n"
+            # Sessions whose client is gone (a cut link) end after 3 missed probes, as on a cluster.
+            "ClientAliveInterval 1\nClientAliveCountMax 3\n"
             # A cluster's nodes have the environment on PATH: the venv's prted must be found.
             f"SetEnv PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin\n"
         )
@@ -135,7 +136,9 @@ class TestHosts:
             self._made.append(ns)
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts_file)
+            # As Debian writes it: the host's own name is 127.0.1.1, the others' are their addresses.
+            others = "".join(f"{self.address(h)} {h}\n" for h in self.names if h != host)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {host}\n{others}")
             (etc / "hostname").write_text(f"{host}\n")
             port = f"{self.tag[-6:]}p{i}"  # switch-side veth name, <= 15 characters
             _run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port, "netns", self.switch)
