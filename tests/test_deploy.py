@@ -75,9 +75,9 @@ def test_the_leader_builds_the_host_list_from_the_groups_pod_names() -> None:
     assert out.stdout.split() == ["lmi-0.lmi.default:4,lmi-0-1.lmi.default:4,lmi-0-2.lmi.default:4", "12"]
 
 
-def test_sbatch_script_syntax() -> None:
-    script = DEPLOY / "slurm" / "lmi-mpi.sbatch"
-    run = subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30)
+@pytest.mark.parametrize("script", ["slurm/lmi-mpi.sbatch", "kubernetes/lmi-sshd.sh"])
+def test_shell_script_syntax(script: str) -> None:
+    run = subprocess.run(["bash", "-n", str(DEPLOY / script)], capture_output=True, timeout=30)
     assert run.returncode == 0, run.stderr
 
 
