@@ -66,7 +66,9 @@ def test_the_leader_builds_the_host_list_from_the_groups_pod_names() -> None:
     (lws,) = documents(DEPLOY / "kubernetes" / "lws-mpi.yaml")
     script = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["args"][0]
     # Run the script's host-list lines with LWS's variables for a group of 3 pods.
-    lines = script.split("# LWS_LEADER_ADDRESS", 1)[1].split("lmi doctor", 1)[0].split("\n", 1)[1]
+    match = re.search(r"^ *leader=.*?^ *export OPTION_TENSOR_PARALLEL_DEGREE=.*?$", script, re.M | re.S)
+    assert match is not None
+    lines = match.group(0) + "\n"
     env = {"LWS_LEADER_ADDRESS": "lmi-0.lmi.default", "LWS_GROUP_SIZE": "3", "GPUS_PER_POD": "4"}
     out = subprocess.run(
         ["bash", "-c", lines + 'echo "$OPTION_MPI_HOSTS $OPTION_TENSOR_PARALLEL_DEGREE"'],
