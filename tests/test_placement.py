@@ -6,12 +6,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lmi_core import preflight
+from lmi_core.config import ModelConfig, ServerConfig, build_model_config
+from lmi_core.devices import Gpu
 from lmi_core.errors import ConfigError
 from lmi_core.launchers import parse_hosts
 from lmi_core.placement import HostInventory, RankPlace, host_slots, place_ranks, rank_env
+from lmi_core.server import ModelServer
 
 GPU4, GPU8 = HostInventory(gpus=4, cpus=64), HostInventory(gpus=8, cpus=96)
 CPU16, CPU2 = HostInventory(gpus=0, cpus=16), HostInventory(gpus=0, cpus=2)
@@ -99,3 +105,45 @@ def test_each_rank_applies_its_own_entry_before_the_worker_starts() -> None:
         out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
         assert out.rstrip("\n") == expected
     assert json.loads(rank_env(places))[1] == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "7"}
+
+
+def report(gpus: int, cpus: int) -> dict[str, Any]:
+    return {"gpus": gpus, "cpus": cpus, "hostname": "n", "python": "3"}
+
+
+@pytest.mark.parametrize("head_gpus", [4, 0])
+async def test_the_server_plans_a_multi_host_job_from_the_hosts_not_from_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, head_gpus: int
+) -> None:
+    # The documented example: TP 8 over node1:4,node2:4, on a 4-GPU head node and on a CPU-only one.
+    async def probed(config: ModelConfig) -> tuple[dict[str, Any], list[str]]:
+        return {"node1": report(4, 64), "node2": report(4, 64)}, []
+
+    monkeypatch.setattr(preflight, "run", probed)
+    server = ModelServer(ServerConfig(runtime_dir=str(tmp_path)))
+    server._gpus = [Gpu(i, f"GPU-{i}", "NVIDIA H100", 80 << 30, 79 << 30) for i in range(head_gpus)]
+    properties = {"option.tensor_parallel_degree": "8", "option.mpi_hosts": "node1:4,node2:4"}
+    config = build_model_config({"option.model_id": "/models/m", **properties}, name="m", environ={})
+    config.mode = "mpi"
+    plan = await server.plan(config)
+    (group,) = plan.groups
+    assert plan.world_size == 8 and not plan.on_cpu and plan.threads_per_worker is None
+    assert [p.env() for p in group.ranks] == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}] * 8
+    assert group.devices == tuple(f"node{n}:{i}" for n in (1, 2) for i in range(4))
+
+
+async def test_remote_cpu_hosts_get_their_own_thread_counts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async def probed(config: ModelConfig) -> tuple[dict[str, Any], list[str]]:
+        return {"a": report(0, 8), "b": report(0, 32)}, []
+
+    monkeypatch.setattr(preflight, "run", probed)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    server = ModelServer(ServerConfig(runtime_dir=str(tmp_path)))
+    server._gpus = []
+    properties = {"option.tensor_parallel_degree": "4", "option.mpi_hosts": "a:2,b:2"}
+    config = build_model_config({"option.model_id": "/models/m", **properties}, name="m", environ={})
+    config.mode = "mpi"
+    plan = await server.plan(config)
+    assert plan.on_cpu and [p.threads for p in plan.groups[0].ranks] == [4, 4, 16, 16]
