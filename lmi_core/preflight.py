@@ -145,8 +145,30 @@ def _ports_for(request: Mapping[str, Any], hosts: Sequence[tuple[str, int]], hos
     return ports + ([request["master_port"]] if hosts and hosts[0][0] == host else [])
 
 
+def is_local(host: str) -> bool:
+    """Whether ``host`` is this machine, where ``mpirun`` starts ranks without its agent.
+
+    An address is local when a socket can bind to it (that needs no interface list).
+    """
+    if host in ("localhost", socket.gethostname()):
+        return True
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 async def probe_host(host: str, python: str, request: Mapping[str, Any]) -> dict[str, Any] | str:
-    """Run the probe on ``host`` through the agent: its report, or why it failed (one line)."""
+    """Run the probe on ``host`` through the agent (here, in-process, when ``host`` is this machine):
+    its report, or why it failed (one line)."""
+    if is_local(host):
+        return await asyncio.to_thread(probe, request)
     env = [f"{name}={os.environ[name]}" for name in ("PYTHONPATH", *INTERFACE_VARS) if name in os.environ]
     remote = shlex.join(["env", *env, python, "-m", "lmi_core.preflight", "--probe", json.dumps(request)])
     argv = [*agent(), host, remote]
@@ -220,7 +242,9 @@ def checks(
             if missing:
                 have = ",".join(report["interfaces"])
                 failures.append(f"{host}: interface: {variable}={value}: no {','.join(missing)} (has {have})")
-        if "GLOO_SOCKET_IFNAME" not in report["env"] and report["resolves_to"].startswith("127."):
+        # Loopback only matters when ranks on another host must connect (one host: all local).
+        loopback = report["resolves_to"].startswith("127.") and len(hosts) > 1
+        if "GLOO_SOCKET_IFNAME" not in report["env"] and loopback:
             failures.append(
                 f"{host}: interface: its hostname {report['hostname']} resolves to {report['resolves_to']}"
                 " (loopback): gloo would listen there and no other host could connect; set"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,11 @@ def test_a_gloo_interface_silences_the_loopback_warning() -> None:
     assert preflight.checks(HOSTS, {"node1": report(), "node2": fixed}, LOCAL, REQUEST) == []
 
 
+def test_loopback_is_fine_when_every_rank_is_on_one_host() -> None:
+    alone = report(resolves_to="127.0.1.1")
+    assert preflight.checks([("node1", 4)], {"node1": alone}, LOCAL, REQUEST) == []
+
+
 def test_an_unreachable_host_is_named() -> None:
     reports = {"node1": "unreachable by ssh: ssh: connect to host node1 port 22: Connection refused"}
     reports["node2"] = report()  # type: ignore[assignment]
@@ -110,6 +116,7 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     agent.write_text('#!/bin/sh\necho "ssh: connect to host $1 port 22: No route to host" >&2\nexit 255\n')
     agent.chmod(0o755)
     monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", str(agent))
+    monkeypatch.setattr(preflight, "is_local", lambda host: False)  # no name lookup (DNS) for x and y
     config = build_model_config(
         {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
         name="m",
@@ -121,3 +128,8 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
         f"{h}: reachable: unreachable by {agent}: ssh: connect to host {h} port 22: No route to host"
         for h in ("x", "y")
     ]
+
+
+def test_this_machine_is_probed_in_process_like_mpirun_starts_it_without_ssh() -> None:
+    assert preflight.is_local("localhost") and preflight.is_local(socket.gethostname())
+    assert preflight.is_local("127.0.0.1")  # (no lookup of an unknown name: it would ask DNS)
