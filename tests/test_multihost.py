@@ -108,8 +108,8 @@ class HostServer:
         def run() -> tuple[list[dict[str, Any]], float]:
             lines: list[dict[str, Any]] = []
             acted = 0.0
-            request = {"method": "POST", "url": f"{self.url}/invocations", "timeout": 60}
-            with httpx.stream(**request, json={**body, "stream": True}) as response:
+            url, streamed = f"{self.url}/invocations", {**body, "stream": True}
+            with httpx.stream("POST", url, json=streamed, timeout=60) as response:
                 for raw in response.iter_lines():
                     if raw:
                         lines.append(json.loads(raw))
