@@ -66,6 +66,17 @@ def host_slots(slots: Sequence[str]) -> list[tuple[str, int]]:
     return list(counts.items())
 
 
+def used_hosts(hosts: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
+    """The hosts ``--map-by slot`` puts ``world_size`` ranks on, with the number of ranks on each."""
+    used, left = [], world_size
+    for host, slots in hosts:
+        if left <= 0:
+            break
+        used.append((host, min(slots, left)))
+        left -= slots
+    return used
+
+
 def place_ranks(
     hosts: Sequence[tuple[str, int]],
     world_size: int,
@@ -85,13 +96,7 @@ def place_ranks(
     total = sum(n for _, n in hosts)
     if total < world_size:
         raise ConfigError(key, value, f"at least {world_size} slots (tp x pp ranks); it lists {total}")
-    used: list[tuple[str, int]] = []
-    left = world_size
-    for host, slots in hosts:
-        if left == 0:
-            break
-        used.append((host, min(slots, left)))
-        left -= used[-1][1]
+    used = used_hosts(hosts, world_size)
     missing = [h for h, _ in used if h not in inventory]
     if missing:
         raise ConfigError(key, value, f"an inventory of every host (none for {', '.join(missing)})")

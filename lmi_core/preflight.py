@@ -26,7 +26,7 @@ from lmi_core.config import ModelConfig
 from lmi_core.devices import AllocationPlan, DeviceGroup, _check_tp_pp, _worker_bounds, discover_gpus
 from lmi_core.errors import PreflightError
 from lmi_core.launchers import free_ports, parse_hostfile, parse_hosts
-from lmi_core.placement import HostInventory, host_slots, place_ranks
+from lmi_core.placement import HostInventory, host_slots, place_ranks, used_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -108,24 +108,14 @@ def job_hosts(config: ModelConfig) -> tuple[str, list[tuple[str, int]]] | None:
     return None
 
 
-def used_hosts(hosts: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
-    """The hosts ``--map-by slot`` puts ranks on, with the number of ranks on each."""
-    used, left = [], world_size
-    for host, slots in hosts:
-        if left <= 0:
-            break
-        used.append((host, min(slots, left)))
-        left -= slots
-    return used
-
-
 def job_world_size(config: ModelConfig, hosts: Sequence[tuple[str, int]]) -> int:
     """tp x pp, with ``tensor_parallel_degree=max`` meaning every listed slot."""
     tp, pp = config.tensor_parallel_degree, config.pipeline_parallel_degree
     return (tp if isinstance(tp, int) else sum(n for _, n in hosts) // pp) * pp
 
 
-def probe_request(config: ModelConfig, hosts: Sequence[tuple[str, int]], world_size: int) -> dict[str, Any]:
+def probe_request(config: ModelConfig, world_size: int) -> dict[str, Any]:
+    """What every probe checks: the model path (when local-looking), rank ports and MASTER_PORT."""
     model = config.model_id or config.model_dir
     base, master = free_ports(world_size, "0.0.0.0"), free_ports()
     return {
@@ -266,7 +256,7 @@ async def run(config: ModelConfig) -> tuple[Reports, list[str]]:
         return {}, []
     used = used_hosts(found[1], job_world_size(config, found[1]))
     world_size = sum(n for _, n in used)
-    request = probe_request(config, used, world_size)
+    request = probe_request(config, world_size)
     python = config.python_executable or sys.executable
     results = await asyncio.gather(
         *(

@@ -15,6 +15,7 @@ import pytest
 from lmi_core import preflight
 from lmi_core.config import build_model_config
 from lmi_core.errors import PreflightError
+from lmi_core.placement import used_hosts
 
 LOCAL: dict[str, Any] = {
     "hostname": "server",
@@ -93,7 +94,7 @@ def test_ports_of_each_host_are_its_ranks_and_rank_0s_master_port() -> None:
 
 
 def test_used_hosts_stop_at_the_world_size() -> None:
-    assert preflight.used_hosts([("a", 2), ("b", 2), ("c", 2)], 3) == [("a", 2), ("b", 1)]
+    assert used_hosts([("a", 2), ("b", 2), ("c", 2)], 3) == [("a", 2), ("b", 1)]
 
 
 def test_the_probe_reports_this_host(tmp_path: Path) -> None:
@@ -133,3 +134,11 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
 def test_this_machine_is_probed_in_process_like_mpirun_starts_it_without_ssh() -> None:
     assert preflight.is_local("localhost") and preflight.is_local(socket.gethostname())
     assert preflight.is_local("127.0.0.1")  # (no lookup of an unknown name: it would ask DNS)
+
+
+def test_doctor_without_a_host_list_has_nothing_to_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmi_core.cli import main
+
+    (tmp_path / "serving.properties").write_text("option.mpi_mode=true\n")
+    assert main(["doctor", "--model-dir", str(tmp_path)]) == 0
+    assert "every rank runs on this host" in capsys.readouterr().out
