@@ -136,7 +136,9 @@ def test_this_machine_is_probed_in_process_like_mpirun_starts_it_without_ssh() -
     assert preflight.is_local("127.0.0.1")  # (no lookup of an unknown name: it would ask DNS)
 
 
-def test_doctor_without_a_host_list_has_nothing_to_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_without_a_host_list_has_nothing_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lmi_core.cli import main
 
     (tmp_path / "serving.properties").write_text("option.mpi_mode=true\n")
