@@ -152,6 +152,12 @@ def backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from lmi_core.preflight import doctor as run_doctor
+
+    return run_doctor(_models(args)[0])
+
+
 def demo_model(args: argparse.Namespace) -> int:
     from lmi_core.demo_model import build_demo_model
 
@@ -184,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_backends = commands.add_parser("backends", help="list the installed engine backends")
     p_backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_backends.set_defaults(func=backends)
+    p_doctor = commands.add_parser("doctor", help="check every host of a multi-host MPI job (preflight)")
+    p_doctor.add_argument("--model-dir", help="directory with the model and its serving.properties")
+    p_doctor.add_argument("--model-id", help="option.model_id (also env HF_MODEL_ID)")
+    p_doctor.add_argument("--model-name", help="the model's name (default: the directory name)")
+    p_doctor.set_defaults(func=doctor)
     p_demo = commands.add_parser("demo-model", help="build the tiny offline demo model into DIRECTORY")
     p_demo.add_argument("directory")
     p_demo.set_defaults(func=demo_model)

@@ -12,8 +12,12 @@ import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmi_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmi_core.placement import RankPlace
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,8 @@ class DeviceGroup:
 
     worker_id: int
     devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES entries, in the outer variable's terms
+    # Multi-host MPI jobs: each rank's host, devices and threads there; devices are then host:index.
+    ranks: tuple[RankPlace, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,14 @@ class WorkerFailedError(ServiceError):
     type = "WorkerFailedException"
 
 
+class PreflightError(ServiceError):
+    """Hosts of a multi-host MPI job failed the preflight; one line per host and check."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__("preflight failed before any rank started:\n" + "\n".join(failures))
+        self.failures = failures
+
+
 class RequestTimeoutError(ServiceError):
     status = 504
     type = "RequestTimeoutException"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lmi_core.placement import RankPlace
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,8 @@ class WorkerSlot:
     socket_base: str
     devices: tuple[str, ...] = ()
     threads: int | None = None
+    # Multi-host MPI jobs: where each rank runs and what it sees there (lmi_core.placement).
+    ranks: tuple[RankPlace, ...] = ()
 
 
 @dataclass

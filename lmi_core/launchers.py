@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from lmi_core.errors import ConfigError
 from lmi_core.hookspecs import hookimpl
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
+from lmi_core.placement import RANK_ENV, host_slots, rank_env
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -111,11 +112,12 @@ def rank_hosts(config: ModelConfig) -> list[str] | None:
     server connects to ``host(r):PORT+r``. None: every rank on this host, Unix sockets.
     """
     if config.mpi_hostfile:
-        key, value, slots = "option.mpi_hostfile", config.mpi_hostfile, parse_hostfile(config.mpi_hostfile)
+        key, value, listed = "option.mpi_hostfile", config.mpi_hostfile, parse_hostfile(config.mpi_hostfile)
     elif config.mpi_hosts:
-        key, value, slots = "option.mpi_hosts", config.mpi_hosts, parse_hosts(config.mpi_hosts)
+        key, value, listed = "option.mpi_hosts", config.mpi_hosts, parse_hosts(config.mpi_hosts)
     else:
         return None
+    slots = [host for host, count in host_slots(listed) for _ in range(count)]  # a,b,a fills a first
     if len(slots) < config.world_size:
         raise ConfigError(
             key, value, f"at least {config.world_size} slots (tp x pp ranks); it lists {len(slots)}"
@@ -138,7 +140,9 @@ FORWARDED_ENV = (
     "PYTHONUNBUFFERED",
     "OMP_NUM_THREADS",
 )
-FORWARDED_PREFIXES = ("LMI_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "TORCH_")
+# GLOO_*/NCCL_*: the interface the collectives use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME) must reach
+# remote ranks, or gloo binds where the host's name resolves (127.0.1.1 on Debian) and the mesh fails.
+FORWARDED_PREFIXES = ("LMI_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "GLOO_", "TORCH_")
 
 
 def mpirun_argv(config: ModelConfig, env: dict[str, str]) -> list[str]:
@@ -162,8 +166,15 @@ def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
     """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
     hosts = rank_hosts(config)
     master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
-    env = worker_env(slot, {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())})
+    extra = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())}
+    if slot.ranks:
+        # Each rank's devices and threads are its own host's (placement), set by the rank itself.
+        extra |= {RANK_ENV: rank_env(slot.ranks), "CUDA_VISIBLE_DEVICES": ""}
+    env = worker_env(slot, extra)
     argv = mpirun_argv(config, env)
+    python = config.python_executable or sys.executable
+    if slot.ranks:
+        argv += [python, "-m", "lmi_core.placement"]
     if hosts is None:
         argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
         addresses = [unix_address(slot.socket_base, r) for r in range(config.world_size)]

@@ -226,7 +226,9 @@ class WorkerPool:
     def _add_worker(self, group: DeviceGroup) -> SupervisedWorker:
         worker_id = self._next_id
         self._next_id += 1
-        slot = WorkerSlot(worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads)
+        slot = WorkerSlot(
+            worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads, group.ranks
+        )
         worker = SupervisedWorker(self.config, self.server, slot, self.pm, on_change=self._on_worker_change)
         worker.first_start.add_done_callback(_retrieve)
         self.workers[worker_id] = worker

@@ -11,16 +11,34 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from lmi_core.launch_spec import LaunchSpec
 from lmi_core.worker import set_parent_death_signal
 
 logger = logging.getLogger("lmi_core.worker_output")
+_log = logging.getLogger(__name__)
 
 # Output lines kept per worker for error messages when a start fails.
 TAIL_LINES = 40
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (field 6 of ``/proc/PID/stat``), in any process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after ")": state, ppid, pgrp, session
+            members.append(int(entry.name))
+    return members
 
 
 class WorkerProcess:
@@ -42,6 +60,7 @@ class WorkerProcess:
         return self.process.returncode if self.process else None
 
     async def start(self) -> None:
+        _log.info("[%s] starting: %s", self.spec.label, shlex.join(self.spec.argv))
         self.process = await asyncio.create_subprocess_exec(
             *self.spec.argv,
             env=self.spec.env,
@@ -77,11 +96,19 @@ class WorkerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: the worker, mpirun and every rank it started."""
+        """SIGKILL the whole session: the worker, mpirun, every rank and every ``ssh`` it started.
+
+        Open MPI moves each ssh client (and each local rank) into a process group of its own, so
+        ``killpg`` alone leaves an ``ssh ... prted`` behind when a partition keeps it from noticing
+        that mpirun is gone; the session (``start_new_session``) holds them all, orphans included.
+        """
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in session_members(self.process.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
 

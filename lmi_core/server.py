@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import pluggy
 
-from lmi_core import devices
+from lmi_core import devices, preflight
 from lmi_core.backends import resolve_model
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ModelNotFoundError, ModelNotReadyError, ServiceError
@@ -74,6 +74,9 @@ class ModelServer:
         Nothing awaits after the GPU inventory is known, so a caller that claims the plan's devices
         right after this returns cannot race another plan.
         """
+        if config.mode == "mpi" and preflight.job_hosts(config) is not None:
+            # Ranks on other hosts: their GPUs and cores, probed there, not this host's.
+            return await preflight.plan_across_hosts(config, self._taken(config.name), devices.omp_threads())
         gpus = await self.gpus()
         plan = devices.plan_allocation(
             devices.visible_ids(gpus),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -138,3 +139,24 @@ def test_python_mode_ignores_mpi_hosts() -> None:
 def test_free_ports_are_consecutive_and_free() -> None:
     base = launchers.free_ports(4)
     assert all(launchers._port_free("127.0.0.1", base + i) for i in range(4))
+
+
+def test_interface_variables_reach_remote_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without GLOO_SOCKET_IFNAME a rank whose host name resolves to 127.0.1.1 binds gloo to loopback.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    argv = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:1,b:1"}), SLOT).argv
+    assert {"GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"} <= set(after(argv, "-x"))
+
+
+def test_ranks_placed_on_other_hosts_get_their_own_hosts_devices_and_threads() -> None:
+    from lmi_core.placement import RankPlace
+
+    ranks = (RankPlace(0, "a", 0, ("0", "1"), None), RankPlace(1, "a", 1, ("0", "1"), None))
+    slot = WorkerSlot(0, "/run/lmi/m-w0", ("a:0", "a:1"), None, ranks)
+    spec = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:2"}), slot)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == ""  # not the server's host:index bookkeeping ids
+    assert json.loads(spec.env["LMI_RANK_ENV"]) == [{"CUDA_VISIBLE_DEVICES": "0,1"}] * 2
+    assert "LMI_RANK_ENV" in after(spec.argv, "-x")
+    shim = spec.argv.index("lmi_core.placement")
+    assert spec.argv[shim + 1 : shim + 4] == [sys.executable, "-m", "lmi_core.worker"]
