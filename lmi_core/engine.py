@@ -32,6 +32,30 @@ class SamplingParams:
     # Whether the client reads each token's log-prob; an engine may skip computing it when not
     # (vLLM: about a third of its per-token cost on CPU) and report None.
     logprobs: bool = True
+    # max_new_tokens beyond the room the context leaves: a 400 (OpenAI/vLLM with an explicit
+    # max_tokens) instead of being clamped to it (DJL LMI's max_new_tokens, chat without max_tokens).
+    strict_max_tokens: bool = False
+    # Token ids that end the generation like EOS (their text is not emitted; vLLM's stop_token_ids).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias, -100..100);
+    # pairs rather than a dict: msgpack keeps int keys only with strict_map_key off.
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
+    # HF/vLLM semantics: logits of tokens in the prompt or output are divided (>0) or multiplied (<0).
+    repetition_penalty: float = 1.0
+    # OpenAI semantics, output tokens only: logit -= frequency * count + presence * (count > 0).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # EOS and stop_token_ids cannot end the generation before this many tokens.
+    min_tokens: int = 0
+    # Drop tokens whose probability is below min_p times the most likely one's (0: off).
+    min_p: float = 0.0
+    # Locally typical sampling (HF's typical_p; 1: off).
+    typical_p: float = 1.0
+    # Log-probs of every prompt token (the first has none) with this many alternatives each; None:
+    # not computed (an engine pays a [prompt, vocab] logits tensor only when asked).
+    prompt_logprobs: int | None = None
+    # Keep only the last ``truncate`` prompt tokens (DJL/TGI ``truncate``); None: the whole prompt.
+    truncate: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -48,18 +72,22 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # An already tokenized prompt (OpenAI ``prompt: list[int]``): used as is, no special tokens added.
+    prompt_ids: list[int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> GenerationRequest:
-        params = SamplingParams(**data.get("params", {}))
+        raw = dict(data.get("params", {}))
+        raw["logit_bias"] = [(int(i), float(b)) for i, b in raw.get("logit_bias", [])]
         return cls(
             request_id=data["request_id"],
             prompt=data.get("prompt"),
             messages=data.get("messages"),
-            params=params,
+            params=SamplingParams(**raw),
+            prompt_ids=data.get("prompt_ids"),
         )
 
 
@@ -75,6 +103,8 @@ class Token:
     # True on a request's final token (a ``Finished`` follows at once): lets streams mark the last
     # line without waiting for another event.
     last: bool = False
+    # The prompt's token count, on a request's first token only (usage in every streamed chunk).
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -85,6 +115,13 @@ class Finished:
     prompt_tokens: int
     generated_tokens: int
     prompt: str = ""
+    # Asked for with SamplingParams.prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: list[PromptLogprob] | None = None
+
+
+# A prompt token: (id, text, its log-prob (None for the first token), rank among the vocabulary
+# (1 = most likely; 0 for the first), the top alternatives as (id, text, log-prob)).
+PromptLogprob = tuple[int, str, float | None, int, list[tuple[int, str, float]]]
 
 
 GenerationEvent = Token | Finished

@@ -295,9 +295,15 @@ class SupervisedWorker:
                     raise message
                 kind = message["t"]
                 if kind == wire.TOKEN:
-                    token_id, text, log_prob, special, top, last = message["token"]
+                    token_id, text, log_prob, special, top, last, *rest = message["token"]
                     yield Token(
-                        token_id, text, log_prob, special, [tuple(t) for t in top] if top else None, last
+                        token_id,
+                        text,
+                        log_prob,
+                        special,
+                        [tuple(t) for t in top] if top else None,
+                        last,
+                        rest[0] if rest else None,
                     )
                 elif kind == wire.DONE:
                     finished = True
@@ -307,6 +313,7 @@ class SupervisedWorker:
                         message["prompt_tokens"],
                         message["generated_tokens"],
                         message.get("prompt", ""),
+                        message.get("prompt_logprobs"),
                     )
                     return
                 elif kind == wire.ERROR:

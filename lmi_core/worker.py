@@ -55,7 +55,15 @@ def mpi_rank_and_size() -> tuple[int, int]:
 
 
 def token_to_wire(token: Token) -> list[Any]:
-    return [token.id, token.text, token.log_prob, token.special, token.top_logprobs, token.last]
+    return [
+        token.id,
+        token.text,
+        token.log_prob,
+        token.special,
+        token.top_logprobs,
+        token.last,
+        token.prompt_tokens,
+    ]
 
 
 class RankServer:

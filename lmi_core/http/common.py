@@ -12,7 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lmi_core.errors import BadRequestError, PayloadTooLargeError, QueueFullError, ServiceError
+from lmi_core.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
 
 T = TypeVar("T")
 
@@ -31,8 +37,20 @@ def _int64(text: str) -> int:
     return value
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 beyond ``limit`` bytes, 400 for anything but JSON."""
+def is_json(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type; no content type at all counts as JSON (curl --data-raw)."""
+    return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
+async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
+    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
+        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
+        raise UnsupportedMediaTypeError(
+            f"unsupported content type {content_type!r}: send application/json", param="content-type"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
@@ -43,7 +61,6 @@ async def read_json(request: Request, limit: int) -> Any:
             raise PayloadTooLargeError(f"request body exceeds max_request_size={limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     try:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import lmi_core
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
@@ -42,6 +43,18 @@ async def ping(request: Request) -> Response:
     if "FAILED" in statuses.values():
         code = 500
     return JSONResponse(body, status_code=code)
+
+
+async def health(request: Request) -> Response:
+    """vLLM's probe (guidellm, load balancers): 200 with no body when every model can serve, else 503."""
+    state: AppState = request.app.state.lmi
+    statuses = state.server.status()
+    ready = bool(statuses) and all(status == "READY" for status in statuses.values())
+    return Response(status_code=200 if ready else 503)
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": lmi_core.__version__})
 
 
 def _model_for(request: Request, body: Any) -> WorkerPool:
@@ -149,6 +162,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 routes = [
     Route("/ping", ping, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/version", version, methods=["GET"]),
     Route("/invocations", invocations, methods=["POST"]),
     Route("/predictions/{model_name}", predictions, methods=["POST"]),
     Route("/models/{model_name}/invoke", predictions, methods=["POST"]),
