@@ -36,6 +36,7 @@ def test_logit_bias_is_added_and_changes_the_greedy_choice() -> None:
 
 def test_reported_logprob_is_the_models_own_not_the_penalised_one() -> None:
     token, log_prob, _ = select_token(LOGITS, greedy(logit_bias=[(4, 5.0)]), None)
+    assert token == 4
     assert log_prob == pytest.approx(float(torch.log_softmax(LOGITS, -1)[4]))
 
 
