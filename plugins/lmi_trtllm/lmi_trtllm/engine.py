@@ -190,6 +190,8 @@ class TrtllmEngine:
                 message = f"cannot apply the model's chat template: {exc}"
                 raise BadRequestError(message, param="messages") from None
             return str(text), True
+        if request.prompt_ids:
+            return str(self.tokenizer.decode(request.prompt_ids)), True
         if request.prompt:
             return request.prompt, False
         raise BadRequestError("the request has neither inputs nor messages", param="inputs")
@@ -199,7 +201,9 @@ class TrtllmEngine:
         text, templated = self.prompt_text(request)
         try:
             params = self._sampling_params(**sampling_kwargs(request.params, templated=templated))
-            result = self.llm.generate_async(text, sampling_params=params, streaming=True)
+            # Token ids go in as they are (TensorRT-LLM takes a list[int] prompt and adds nothing).
+            source: Any = list(request.prompt_ids) if request.prompt_ids else text
+            result = self.llm.generate_async(source, sampling_params=params, streaming=True)
         except EngineError:
             raise
         except Exception as exc:
