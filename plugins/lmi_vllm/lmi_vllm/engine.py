@@ -420,10 +420,19 @@ class VllmEngine:
         async def pump() -> None:
             # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
             generated = 0
+            scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
             try:
                 async for output in self.llm.generate(prompt, params, rid):
+                    scored = getattr(output, "prompt_logprobs", None) or scored
                     events = output_events(
-                        output, self.special_ids, top_n, text, len(ids), generated, score_only, first_text
+                        output,
+                        self.special_ids,
+                        top_n,
+                        text,
+                        len(ids),
+                        generated,
+                        score_only,
+                        prompt_entries(scored, ids, first_text) if output.finished else None,
                     )
                     generated += len(events) - (1 if output.finished else 0)
                     put(events)
@@ -482,12 +491,13 @@ def output_events(
     prompt_tokens: int,
     generated_before: int,
     score_only: bool = False,
-    first_text: str = "",
+    prompt_logprobs: list[PromptLogprob] | None = None,
 ) -> list[GenerationEvent]:
     """The lmi events of one vLLM ``RequestOutput`` in DELTA mode: its new tokens, then ``Finished``.
 
     ``generated_before``: tokens of this request in earlier outputs (DELTA outputs carry only new ones).
     ``score_only``: max_new_tokens 0; the one token vLLM had to generate is dropped.
+    ``prompt_logprobs``: the prompt's scores (``prompt_entries``), given to ``Finished``.
     """
     completion = output.outputs[0]
     token_ids = [] if score_only else list(completion.token_ids)
@@ -530,11 +540,7 @@ def output_events(
                 prompt_tokens=prompt_tokens,
                 generated_tokens=generated_before + len(token_ids),
                 prompt=prompt,
-                prompt_logprobs=prompt_entries(
-                    getattr(output, "prompt_logprobs", None),
-                    getattr(output, "prompt_token_ids", None),
-                    first_text,
-                ),
+                prompt_logprobs=prompt_logprobs,
             )
         )
     return events
