@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -76,12 +76,22 @@ class LmiRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_BATCH)]
-    )
+    inputs: str | list[str]
     parameters: LmiParameters = Field(default_factory=LmiParameters)
     stream: bool = False
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _prompt_or_batch(cls, value: Any) -> Any:
+        # Checked here, not by the union: its errors would be named "inputs.list[str]" and the like.
+        prompts = value if isinstance(value, list) else [value]
+        if not isinstance(value, str | list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("inputs must be a string or a list of strings")
+        if not prompts or not all(prompts):
+            raise ValueError("inputs must not be empty")
+        if len(prompts) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} inputs in one request")
+        return value
 
     @property
     def prompts(self) -> list[str]:

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 IGNORED_FIELDS_HEADER = "x-lmi-ignored-fields"
 _logged_fields: set[str] = set()  # ignored field names already logged (once each per process)
+# Bounds against bodies made of unique keys: the log set and the header stay small.
+MAX_LOGGED_FIELDS = 1000
+MAX_HEADER_CHARS = 2000
 
 # Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -415,12 +418,14 @@ def openai_errors(handler: Handler) -> Handler:
 
 def unknown_fields(pool: WorkerPool, body: OpenAIRequest) -> list[str]:
     """The fields of ``body`` this server does not know: a 400 naming the first for a model with
-    ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header."""
-    names = ignored_fields(body)
+    ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
+
+    Names are ASCII-escaped (a header is latin-1; a JSON key may be anything)."""
+    names = [name.encode("ascii", "backslashreplace").decode() for name in ignored_fields(body)]
     if names and pool.config.strict_request_fields:
         raise BadRequestError(f"invalid request field '{names[0]}': unknown field", param=names[0])
     for name in names:
-        if name not in _logged_fields:
+        if name not in _logged_fields and len(_logged_fields) < MAX_LOGGED_FIELDS:
             _logged_fields.add(name)
             logger.info("ignoring unknown request field %s (logged once)", name)
     return names
@@ -428,7 +433,10 @@ def unknown_fields(pool: WorkerPool, body: OpenAIRequest) -> list[str]:
 
 def with_ignored(response: Response, names: list[str]) -> Response:
     if names:
-        response.headers[IGNORED_FIELDS_HEADER] = ",".join(names)
+        listed = ",".join(names)
+        if len(listed) > MAX_HEADER_CHARS:
+            listed = listed[:MAX_HEADER_CHARS] + ",..."
+        response.headers[IGNORED_FIELDS_HEADER] = listed
     return response
 
 
