@@ -68,7 +68,7 @@ class LmiParameters(BaseModel):
         )
 
 
-MAX_BATCH = 256  # inputs in one DJL batch request (each runs in the continuous batch)
+MAX_BATCH = 32  # inputs in one DJL batch request: the default max_rolling_batch_size (more only queue)
 
 
 class LmiRequest(BaseModel):

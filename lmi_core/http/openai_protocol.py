@@ -25,6 +25,8 @@ MAX_TOKENS = 2**31 - 1
 MAX_CHOICES = 16
 MAX_STOP = 4
 MAX_PROMPTS = 256  # prompts in one completions request (lm-eval batches; each runs in the batch)
+MAX_GENERATIONS = 256  # prompts x n: the generations one request may start
+TOKEN_ID_DIGITS = 9  # a token id below 10**9 (every vocabulary; keeps it 32-bit on the worker wire)
 SEED_RANGE = 2**63
 
 
@@ -87,8 +89,8 @@ class _Common(_Body):
     @classmethod
     def _bias_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys are token ids; {key!r} is not one")
+            if not key.isdigit() or len(key) > TOKEN_ID_DIGITS:
+                raise ValueError(f"keys are token ids; {key[:20]!r} is not one")
             if abs(bias) > LOGIT_BIAS_RANGE:
                 raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
         return value
@@ -172,6 +174,11 @@ class CompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if len(self.prompts) * self.n > MAX_GENERATIONS:
+            raise BadRequestError(
+                f"{len(self.prompts)} prompts x n={self.n} is more than {MAX_GENERATIONS} generations",
+                param="n",
+            )
         if self.max_tokens == 0 and not self.echo:
             raise BadRequestError("max_tokens=0 needs echo=true (prompt scoring)", param="max_tokens")
         if self.suffix:

@@ -197,12 +197,14 @@ def test_lm_eval_local_completions_at_its_defaults(
         pairs = [(args["arg_0"], args["arg_1"]) for args in sample["arguments"].values()]
         ours = [float(resp[0]) for resp in sample["filtered_resps"]]
         expected = [transformers_loglikelihood(model, tokenizer, ctx, cont) for ctx, cont in pairs]
+        print(f"{sample['doc']['question']!r}: lmi-core {ours}, transformers {expected}")
         assert all(value != 0.0 for value in ours)  # the old bug: every score exactly 0
         assert ours == pytest.approx(expected, abs=1e-3), sample["doc"]
     generated = samples(out, "lmi_gen")
     for sample in generated:
         prompt = sample["doc"]["question"]
         expected = completion(server, prompt=prompt, max_tokens=GEN_TOKENS, temperature=0, stop=["\n"])
+        print(f"{prompt!r}: lm-eval {sample['filtered_resps'][0]!r}")
         assert sample["filtered_resps"][0] == expected["choices"][0]["text"]
 
 

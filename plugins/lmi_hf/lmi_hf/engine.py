@@ -78,6 +78,8 @@ class Sequence:
     done: bool = False
     # How often each token was generated (frequency/presence/repetition penalties, min_tokens).
     output_counts: Counter[int] = field(default_factory=Counter)
+    # Tokens that end the generation (EOS unless ignored, plus stop_token_ids): min_tokens masks them.
+    stop_ids: frozenset[int] = frozenset()
     prompt_logprobs: list[Any] | None = None
 
 
@@ -148,6 +150,9 @@ class HFEngine:
             emit=queue.put_nowait,
             detokenizer=IncrementalDetokenizer(self._decode),
             stop=StopMatcher(request.params.stop_sequences),
+            stop_ids=frozenset(request.params.stop_token_ids).union(
+                () if request.params.ignore_eos else self.eos_ids
+            ),
         )
         self.submit(seq)
         try:
@@ -337,9 +342,8 @@ class HFEngine:
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
         """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
         params = seq.request.params
-        stops = self.eos_ids.union(params.stop_token_ids) if not params.ignore_eos else params.stop_token_ids
         token, log_prob, log_probs = select_token(
-            logits, params, seq.generator, seq.output_counts, seq.prompt_ids, stops
+            logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
         )
         seq.generated += 1
         seq.output_counts[token] += 1
