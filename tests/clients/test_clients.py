@@ -28,7 +28,8 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.test_backend_parity import BACKENDS, Servers
 
-pytestmark = [pytest.mark.clients, pytest.mark.slow]
+# The first test of a backend also starts its server (vLLM's: up to 300 s on a busy 2-core machine).
+pytestmark = [pytest.mark.clients, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS_VENV = Path(os.environ.get("LMI_CLIENTS_VENV", ROOT / ".venv-clients"))
