@@ -4,10 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+CLIENTS_VENV ?= .venv-clients
 DEMO ?= demo-model
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-fast test-vllm lint bench setup setup-vllm clean
+.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm lint bench setup setup-vllm setup-clients clean
 
 setup: $(VENV)/.installed
 
@@ -49,5 +50,24 @@ test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
 		tests/lmi_vllm tests/test_backend_parity.py $(ARGS)
 
+setup-clients: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed: scripts/setup-clients.sh constraints.txt
+	bash scripts/setup-clients.sh $(CLIENTS_VENV)
+	touch $@
+
+# Real clients (lm-eval, guidellm, litellm, langchain-openai; vLLM's bench client, run from the vLLM
+# venv) against lmi-core on the HF backend.
+test-clients: $(VENV)/.installed $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed
+	LMI_CLIENTS_VENV=$(abspath $(CLIENTS_VENV)) LMI_VLLM_VENV=$(abspath $(VLLM_VENV)) \
+		$(BIN)/python -m pytest -q -m "clients and not vllm" -o addopts="-p no:cacheprovider" \
+		tests/clients $(ARGS)
+
+# The same clients against lmi-core on the vLLM backend (the server runs from the vLLM venv).
+test-clients-vllm: $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed
+	LMI_CLIENTS_VENV=$(abspath $(CLIENTS_VENV)) LMI_VLLM_VENV=$(abspath $(VLLM_VENV)) \
+		$(VLLM_VENV)/bin/python -m pytest -q -m "clients and vllm" -o addopts="-p no:cacheprovider" \
+		tests/clients $(ARGS)
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(DEMO)
+	rm -rf $(VENV) $(VLLM_VENV) $(CLIENTS_VENV) $(DEMO)

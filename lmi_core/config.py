@@ -120,6 +120,8 @@ class ModelConfig(_Strict):
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
     trust_remote_code: bool = False
+    # Unknown request fields: a 400 naming them (OpenAI) instead of ignored and listed (vLLM).
+    strict_request_fields: bool = False
     python_executable: str | None = None
     load_on_devices: str = "*"
     # MPI multi-node: hosts for ranks (Open MPI --host syntax) or a hostfile.
@@ -166,6 +168,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.mpi_hosts": "mpi_hosts",
     "option.mpi_hostfile": "mpi_hostfile",
     "option.served_model_name": "name",
+    "option.strict_request_fields": "strict_request_fields",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(

@@ -35,6 +35,30 @@ class SamplingParams:
     # Whether the client reads each token's log-prob; an engine may skip computing it when not
     # (vLLM: about a third of its per-token cost on CPU) and report None.
     logprobs: bool = True
+    # max_new_tokens beyond the room the context leaves: a 400 (OpenAI/vLLM with an explicit
+    # max_tokens) instead of being clamped to it (DJL LMI's max_new_tokens, chat without max_tokens).
+    strict_max_tokens: bool = False
+    # Token ids that end the generation like EOS (their text is not emitted; vLLM's stop_token_ids).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias, -100..100);
+    # pairs rather than a dict: msgpack keeps int keys only with strict_map_key off.
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
+    # HF/vLLM semantics: logits of tokens in the prompt or output are divided (>0) or multiplied (<0).
+    repetition_penalty: float = 1.0
+    # OpenAI semantics, output tokens only: logit -= frequency * count + presence * (count > 0).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # EOS and stop_token_ids cannot end the generation before this many tokens.
+    min_tokens: int = 0
+    # Drop tokens whose probability is below min_p times the most likely one's (0: off).
+    min_p: float = 0.0
+    # Locally typical sampling (HF's typical_p; 1: off).
+    typical_p: float = 1.0
+    # Log-probs of every prompt token (the first has none) with this many alternatives each; None:
+    # not computed (an engine pays a [prompt, vocab] logits tensor only when asked).
+    prompt_logprobs: int | None = None
+    # Keep only the last ``truncate`` prompt tokens (DJL/TGI ``truncate``); None: the whole prompt.
+    truncate: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -51,18 +75,22 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # An already tokenized prompt (OpenAI ``prompt: list[int]``): used as is, no special tokens added.
+    prompt_ids: list[int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> GenerationRequest:
-        params = SamplingParams(**data.get("params", {}))
+        raw = dict(data.get("params", {}))
+        raw["logit_bias"] = [(int(i), float(b)) for i, b in raw.get("logit_bias", [])]
         return cls(
             request_id=data["request_id"],
             prompt=data.get("prompt"),
             messages=data.get("messages"),
-            params=params,
+            params=SamplingParams(**raw),
+            prompt_ids=data.get("prompt_ids"),
         )
 
 
@@ -78,16 +106,19 @@ class Token:
     # True on a request's final token (a ``Finished`` follows at once): lets streams mark the last
     # line without waiting for another event.
     last: bool = False
+    # The prompt's token count, on a request's first token only (usage in every streamed chunk).
+    prompt_tokens: int | None = None
 
     def to_wire(self) -> list[Any]:
         """A msgpack list, not a map: the one message per generated token stays small. A map repeats
-        the six field names in every frame: 65 bytes instead of 22 for a one-word token, which makes
+        the field names in every frame: 65 bytes instead of 22 for a one-word token, which makes
         its whole frame (32-hex-digit request id) 115 bytes instead of 72."""
-        return [self.id, self.text, self.log_prob, self.special, self.top_logprobs, self.last]
+        top, last, prompt_tokens = self.top_logprobs, self.last, self.prompt_tokens
+        return [self.id, self.text, self.log_prob, self.special, top, last, prompt_tokens]
 
     @classmethod
     def from_wire(cls, data: list[Any]) -> Token:
-        token_id, text, log_prob, special, top, last = data
+        token_id, text, log_prob, special, top, last, prompt_tokens = data
         return cls(
             id=token_id,
             text=text,
@@ -95,7 +126,13 @@ class Token:
             special=special,
             top_logprobs=[(int(i), str(t), float(lp)) for i, t, lp in top] if top is not None else None,
             last=last,
+            prompt_tokens=prompt_tokens,
         )
+
+
+# A prompt token: (id, text, its log-prob (None for the first token), rank among the vocabulary
+# (1 = most likely; 0 for the first), the top alternatives as (id, text, log-prob)).
+PromptLogprob = tuple[int, str, float | None, int, list[tuple[int, str, float]]]
 
 
 @dataclass
@@ -106,6 +143,8 @@ class Finished:
     prompt_tokens: int
     generated_tokens: int
     prompt: str = ""
+    # Asked for with SamplingParams.prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +159,12 @@ class Finished:
             prompt_tokens=int(data["prompt_tokens"]),
             generated_tokens=int(data["generated_tokens"]),
             prompt=str(data.get("prompt", "")),
+            prompt_logprobs=[
+                (int(i), str(text), lp, int(rank), [(int(a), str(b), float(c)) for a, b, c in top])
+                for i, text, lp, rank, top in data["prompt_logprobs"]
+            ]
+            if data.get("prompt_logprobs") is not None
+            else None,
         )
 
 

@@ -77,6 +77,11 @@ class PayloadTooLargeError(ServiceError):
     type = "PayloadTooLargeException"
 
 
+class UnsupportedMediaTypeError(ServiceError):
+    status = 415
+    type = "UnsupportedMediaTypeException"
+
+
 class ModelNotReadyError(ServiceError):
     status = 503
     type = "ServiceUnavailableException"

@@ -265,8 +265,11 @@ def test_completion_logprobs(server: ServerProcess) -> None:
     logprobs = choice["logprobs"]
     assert "".join(logprobs["tokens"]) == choice["text"] and len(logprobs["tokens"]) == 5
     assert all(lp <= 0.0 for lp in logprobs["token_logprobs"])
-    for own, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
-        assert len(top) <= 2 and max(top.values()) == pytest.approx(own, abs=1e-4)
+    for token, own, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        # vLLM's shape: the chosen token, then up to `logprobs` alternatives.
+        assert len(top) <= 3 and top[token] == own and max(top.values()) == pytest.approx(own, abs=1e-4)
     assert logprobs["text_offset"][0] == 0
     streamed = sse_chunks(server, "/v1/completions", body)
     streamed_lps = [
@@ -302,6 +305,138 @@ def test_chat_logprobs(server: ServerProcess) -> None:
     assert post(server, "/v1/chat/completions", body)["choices"][0]["logprobs"] is None
 
 
+def test_token_id_prompts_give_the_text_prompts_output(server: ServerProcess, servers: Servers) -> None:
+    from transformers import AutoTokenizer
+
+    texts = [PROMPT, "hello world"]
+    ids = [AutoTokenizer.from_pretrained(servers.demo).encode(t) for t in texts]
+    body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    by_text = post(server, "/v1/completions", {**body, "prompt": texts})
+    by_ids = post(server, "/v1/completions", {**body, "prompt": ids})
+    assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in by_text["choices"]]
+    assert by_ids["usage"] == by_text["usage"]
+    single = post(server, "/v1/completions", {**body, "prompt": ids[0]})
+    assert single["choices"][0]["text"] == by_text["choices"][0]["text"]
+    echoed = post(server, "/v1/completions", {**body, "prompt": ids[1], "echo": True})["choices"][0]
+    assert echoed["text"].startswith("hello world")
+    error = post(server, "/v1/completions", {"prompt": [5, 10**9]}, status=400)["error"]
+    assert error["param"] == "prompt" and "[1]" in error["message"]
+
+
+def test_echo_with_logprobs_scores_every_prompt_token(server: ServerProcess) -> None:
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "temperature": 0}
+    scored = post(server, "/v1/completions", {**body, "max_tokens": 0})
+    choice = scored["choices"][0]
+    logprobs = choice["logprobs"]
+    prompt_tokens = scored["usage"]["prompt_tokens"]
+    assert choice["text"] == PROMPT and scored["usage"]["completion_tokens"] == 0
+    assert len(logprobs["tokens"]) == prompt_tokens
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(lp is not None and lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    assert logprobs["text_offset"] == [
+        sum(len(t) for t in logprobs["tokens"][:i]) for i in range(prompt_tokens)
+    ]
+    more = post(server, "/v1/completions", {**body, "max_tokens": 2, "ignore_eos": True})["choices"][0]
+    assert more["text"].startswith(PROMPT) and len(more["logprobs"]["tokens"]) == prompt_tokens + 2
+    assert more["logprobs"]["token_logprobs"][:prompt_tokens] == pytest.approx(
+        [None, *logprobs["token_logprobs"][1:]], abs=1e-5
+    )
+    # vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}.
+    extra = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 1})
+    positions = extra["choices"][0]["prompt_logprobs"]
+    assert positions[0] is None and len(positions) == prompt_tokens
+    for position, own in zip(positions[1:], logprobs["token_logprobs"][1:], strict=True):
+        assert own == pytest.approx(
+            max(p["logprob"] for p in position.values()) if len(position) == 1 else own
+        )
+        assert any(p["rank"] == 1 for p in position.values())
+    assert (
+        post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, status=400)["error"]["param"]
+        == "max_tokens"
+    )
+
+
+def test_logprobs_zero_returns_the_sampled_token(server: ServerProcess) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    logprobs = post(server, "/v1/completions", body)["choices"][0]["logprobs"]
+    assert [list(top) for top in logprobs["top_logprobs"]] == [[t] for t in logprobs["tokens"]]
+
+
+def test_sampling_extras_are_honoured(server: ServerProcess) -> None:
+    base = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    plain = post(server, "/v1/completions", base)["choices"][0]
+    details = generate(server, PROMPT, max_new_tokens=8, ignore_eos_token=True)["details"]["tokens"]
+    ids = [t["id"] for t in details]
+    stop = post(server, "/v1/completions", {**base, "stop_token_ids": [ids[2]]})["choices"][0]
+    assert stop["finish_reason"] == "stop" and len(stop["logprobs"]["tokens"]) <= 3
+    forced = post(server, "/v1/completions", {**base, "logit_bias": {str(ids[0] + 1): 100}})["choices"][0]
+    assert forced["text"] != plain["text"]
+    penalised = post(
+        server,
+        "/v1/completions",
+        {**base, "repetition_penalty": 3.0, "frequency_penalty": 2.0, "presence_penalty": 2.0},
+    )["choices"][0]
+    assert penalised["text"] != plain["text"]
+    held = post(server, "/v1/completions", {**base, "stop_token_ids": [ids[0]], "min_tokens": 4})["choices"][
+        0
+    ]
+    assert len(held["logprobs"]["tokens"]) >= 4
+    if server.log_path.stem == "hf":
+        # min_p 0.9 leaves only the top token: sampling gives the greedy text. vLLM 0.32 on CPU samples
+        # as if min_p were 0 here (seen: random text), although it takes the field; not asserted there.
+        sampled = {**base, "temperature": 1.0, "seed": 3, "min_p": 0.9}
+        assert post(server, "/v1/completions", sampled)["choices"][0]["text"] == plain["text"]
+    error = post(server, "/v1/completions", {**base, "logit_bias": {"99999999": 1}}, status=400)["error"]
+    assert error["param"] == "logit_bias" and "99999999" in error["message"]
+    native = generate(server, PROMPT, max_new_tokens=8, ignore_eos_token=True, repetition_penalty=3.0)
+    assert native["generated_text"] != plain["text"]
+
+
+def test_max_tokens_past_the_context_is_a_400_with_the_numbers(server: ServerProcess) -> None:
+    error = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": CONTEXT}, status=400)["error"]
+    assert error["param"] == "max_tokens" and str(CONTEXT) in error["message"]
+    body = {"messages": MESSAGES, "max_tokens": CONTEXT}
+    assert post(server, "/v1/chat/completions", body, status=400)["error"]["param"] == "max_tokens"
+
+
+def test_continuous_usage_stats_put_the_usage_on_every_chunk(server: ServerProcess) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True, "stream_options": options}
+    chunks = sse_chunks(server, "/v1/completions", body)
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts[:4] == [1, 2, 3, 4] and all(c["usage"]["prompt_tokens"] > 0 for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_unknown_fields_are_ignored_and_listed(server: ServerProcess) -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": "hi", "refusal": None}]
+    body = {"messages": messages, "max_tokens": 2, "bogus": 1, "stream_options": None}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-lmi-ignored-fields"] == "bogus,messages.2.refusal"
+
+
+def test_health_version_and_model_cards(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
+    assert httpx.get(f"{server.url}/version", timeout=TIMEOUT).json()["version"]
+    card = httpx.get(f"{server.url}/v1/models", timeout=TIMEOUT).json()["data"][0]
+    assert card["max_model_len"] == CONTEXT and card["root"] and card["parent"] is None
+
+
+def test_djl_batch_inputs_give_a_list_in_order(server: ServerProcess) -> None:
+    single = [greedy_text(server, p, 6) for p in GREEDY_PROMPTS]
+    body = {"inputs": GREEDY_PROMPTS, "parameters": {"max_new_tokens": 6, "ignore_eos_token": True}}
+    for path in ("/invocations", "/predictions/demo"):
+        assert [r["generated_text"] for r in post(server, path, body)] == single  # type: ignore[union-attr]
+    assert post(server, "/invocations", {**body, "stream": True}, status=400)["param"] == "stream"
+
+
+def test_decoder_input_details_give_the_prompts_tokens(server: ServerProcess) -> None:
+    details = generate(server, PROMPT, max_new_tokens=2, decoder_input_details=True)["details"]
+    prefill = details["prefill"]
+    assert prefill[0]["log_prob"] is None and all(t["log_prob"] <= 0 for t in prefill[1:])
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
@@ -328,6 +463,7 @@ def test_prompt_too_long_is_a_400_naming_the_prompt(server: ServerProcess) -> No
             {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}},
             "parameters.max_new_tokens",
         ),
+        ("/invocations", {"inputs": PROMPT, "parameters": {"best_of": 2}}, "parameters.best_of"),
         ("/invocations", {"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "parameters.top_p"),
         ("/invocations", {"inputs": PROMPT, "parameters": {"no_such": 1}}, "parameters.no_such"),
         ("/v1/completions", {"prompt": PROMPT, "temperature": 3.0}, "temperature"),
@@ -359,6 +495,24 @@ def test_hf_and_vllm_greedy_outputs_are_identical(servers: Servers) -> None:
         assert [t["log_prob"] for t in ours["tokens"]] == pytest.approx(
             [t["log_prob"] for t in theirs["tokens"]], abs=1e-4
         )
+        # Prompt scoring (lm-eval's loglikelihood requests) and the penalties agree too.
+        body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
+        scores = [post(s, "/v1/completions", body)["choices"][0]["logprobs"] for s in (hf, vllm)]
+        assert scores[0]["tokens"] == scores[1]["tokens"]
+        assert scores[0]["token_logprobs"] == pytest.approx(scores[1]["token_logprobs"], abs=1e-4)
+        penalised = {
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "repetition_penalty": 1.5,
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.5,
+            "stop_token_ids": [5],
+            "logit_bias": {"7": 3.0},
+        }
+        texts = [post(s, "/v1/completions", penalised)["choices"][0]["text"] for s in (hf, vllm)]
+        assert texts[0] == texts[1], prompt
     body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     chats = [post(s, "/v1/chat/completions", body) for s in (hf, vllm)]
     assert chats[0]["choices"][0]["message"] == chats[1]["choices"][0]["message"]

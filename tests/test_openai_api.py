@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
     assert len(logprobs.tokens) == 4 and "".join(logprobs.tokens) == result.choices[0].text
     assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    # vLLM's shape: the chosen token, then up to `logprobs` alternatives (keyed by text: may coincide).
+    for token, own, top in zip(
+        logprobs.tokens, logprobs.token_logprobs or [], logprobs.top_logprobs, strict=True
+    ):
+        assert 1 <= len(top) <= 3 and top[token] == own
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(4)]
 
 
@@ -286,9 +291,11 @@ def test_models(client: openai.OpenAI) -> None:
         ({"n": 0}, "n"),
         ({"logprobs": 6}, "logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"extra_body": {"bogus": 1}}, "bogus"),
+        # Was a 400 for an unknown field; unknown fields are now ignored (vLLM), a known one checked.
+        ({"extra_body": {"min_p": 2}}, "min_p"),
+        ({"extra_body": {"logit_bias": {"x": 1}}}, "logit_bias"),
     ],
 )
 def test_bad_parameter_is_a_400_naming_it(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
@@ -368,3 +375,72 @@ def test_engines_are_told_whether_the_client_reads_logprobs(logprobs: int | None
     body = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
     params = body.sampling(16, logprobs, 0)
     assert params.logprobs is wanted and params.top_logprobs == (logprobs or 0)
+
+
+# -- vLLM parity of the request contract ---------------------------------------------------------
+
+
+def test_a_transcript_replayed_from_the_sdk_is_accepted(client: openai.OpenAI) -> None:
+    # What the SDK's message objects dump to: refusal, annotations, audio... (was a 400).
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    replay = [*MESSAGES, first.choices[0].message.model_dump(), {"role": "user", "content": "again"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=replay,  # type: ignore[arg-type]
+        max_tokens=3,
+        temperature=0,
+    )
+    assert raw.parse().choices[0].message.content is not None
+    assert "messages.2.refusal" in raw.headers["x-lmi-ignored-fields"].split(",")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/x-www-form-urlencoded", 415),
+        ("text/plain", 415),
+        ("application/json; charset=utf-8", 200),
+    ],
+)
+def test_a_body_that_is_not_json_is_a_415(server: ServerProcess, content_type: str, status: int) -> None:
+    body = json.dumps({"prompt": "hi", "max_tokens": 1})
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=body, headers={"content-type": content_type}, timeout=10
+    )
+    assert response.status_code == status, response.text
+    if status == 415:
+        assert response.json()["error"]["code"] == 415
+    native = httpx.post(
+        f"{server.url}/invocations",
+        content=json.dumps({"inputs": "hi"}),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert native.status_code == 415 and native.json()["code"] == 415
+
+
+def test_strict_request_fields_refuse_unknown_fields(start_server: Any, demo_model: Path) -> None:
+    strict = start_server(
+        "--model-dir", str(demo_model), "--model-name", MODEL, env={"OPTION_STRICT_REQUEST_FIELDS": "true"}
+    )
+    body = {"messages": [{"role": "user", "content": "hi", "refusal": None}], "max_tokens": 1}
+    response = httpx.post(f"{strict.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.refusal"
+    fine = httpx.post(f"{strict.url}/v1/chat/completions", json={**body, "messages": MESSAGES}, timeout=30)
+    assert fine.status_code == 200 and "x-lmi-ignored-fields" not in fine.headers
+
+
+def test_health_is_503_until_the_model_can_serve(start_server: Any, demo_model: Path) -> None:
+    starting = start_server("--model-dir", str(demo_model), "--model-name", MODEL, wait=False)
+    codes = []
+    begin = time.monotonic()
+    while time.monotonic() - begin < 90.0:
+        try:
+            codes.append(httpx.get(f"{starting.url}/health", timeout=2).status_code)
+        except httpx.HTTPError:
+            pass
+        if codes and codes[-1] == 200:
+            break
+        time.sleep(0.1)
+    assert codes and codes[-1] == 200 and set(codes) <= {200, 503}
+    assert httpx.get(f"{starting.url}/ping", timeout=5).status_code == 200

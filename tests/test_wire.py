@@ -123,6 +123,7 @@ tokens = st.builds(
     top_logprobs=st.none()
     | st.lists(st.tuples(st.integers(0, 2**32), st.text(), st.floats(allow_nan=False)), max_size=3),
     last=st.booleans(),
+    prompt_tokens=st.none() | st.integers(0, 2**20),
 )
 finishes = st.builds(
     Finished,
@@ -130,6 +131,17 @@ finishes = st.builds(
     prompt_tokens=st.integers(0, 2**20),
     generated_tokens=st.integers(0, 2**20),
     prompt=st.text(),
+    prompt_logprobs=st.none()
+    | st.lists(
+        st.tuples(
+            st.integers(0, 2**20),
+            st.text(),
+            st.none() | st.floats(allow_nan=False),
+            st.integers(0, 2**20),
+            st.lists(st.tuples(st.integers(0, 2**20), st.text(), st.floats(allow_nan=False)), max_size=2),
+        ),
+        max_size=3,
+    ),
 )
 stats = st.builds(
     EngineStats,
@@ -156,7 +168,7 @@ def test_payloads_survive_the_socket(token: Token, finished: Finished, stat: Eng
 
 def test_a_token_travels_as_a_list() -> None:
     # One frame per generated token: field names in every frame would make it 60% larger.
-    assert Token(7, " hi", -0.5, last=True).to_wire() == [7, " hi", -0.5, False, None, True]
+    assert Token(7, " hi", -0.5, last=True).to_wire() == [7, " hi", -0.5, False, None, True, None]
 
 
 def test_an_unknown_finish_reason_is_refused() -> None:

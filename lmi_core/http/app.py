@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -112,7 +112,7 @@ def create_app(
                     on_load_failure(exc)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncGenerator[None, None]:
         # Load in the background: the port is open at once and /ping says 503 until models are ready.
         loader = asyncio.get_running_loop().create_task(load_startup_models())
         try:

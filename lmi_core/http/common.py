@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lmi_core.errors import BadRequestError, PayloadTooLargeError, QueueFullError, ServiceError
+from lmi_core.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
 
 T = TypeVar("T")
 
@@ -31,8 +37,20 @@ def _int64(text: str) -> int:
     return value
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 beyond ``limit`` bytes, 400 for anything but JSON."""
+def is_json(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type; no content type at all counts as JSON (curl --data-raw)."""
+    return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
+async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
+    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
+        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
+        raise UnsupportedMediaTypeError(
+            f"unsupported content type {content_type!r}: send application/json", param="content-type"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
@@ -43,7 +61,6 @@ async def read_json(request: Request, limit: int) -> Any:
             raise PayloadTooLargeError(f"request body exceeds max_request_size={limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     try:
@@ -85,14 +102,14 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-async def collect(events: AsyncIterator[T]) -> list[T]:
+async def collect(events: AsyncGenerator[T, None]) -> list[T]:
     """Every event of a stream (closing it properly if cancelled)."""
     out = []
     try:
         async for event in events:
             out.append(event)
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     return out
 
 
@@ -103,17 +120,21 @@ class ClosingStreamingResponse(StreamingResponse):
     closing it here runs its ``finally`` at once, which cancels the generation in the engine.
     """
 
+    def __init__(self, content: AsyncGenerator[bytes, None], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._content = content
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[union-attr]
+            await self._content.aclose()
 
 
 async def stream_response(
     request: Request,
-    events: AsyncIterator[T],
-    render: Callable[[AsyncIterator[T]], AsyncIterator[bytes]],
+    events: AsyncGenerator[T, None],
+    render: Callable[[AsyncGenerator[T, None]], AsyncGenerator[bytes, None]],
     media_type: str,
 ) -> Response:
     """Start streaming only once the first event exists, so early errors still get a status code.
@@ -125,16 +146,16 @@ async def stream_response(
     except StopAsyncIteration:
         first = None
     except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         raise
 
-    async def replay() -> AsyncIterator[T]:
+    async def replay() -> AsyncGenerator[T, None]:
         if first is not None:
             yield first
         async for event in events:
             yield event
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         source = replay()
         try:
             async with contextlib.aclosing(render(source)) as chunks:
@@ -142,6 +163,6 @@ async def stream_response(
                     yield chunk
         finally:
             await source.aclose()
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
     return ClosingStreamingResponse(body(), media_type=media_type)

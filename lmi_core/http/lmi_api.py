@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import lmi_core
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.state import AppState, ServedModel
-from lmi_core.pool import new_request_id
+from lmi_core.pool import ModelStatus, new_request_id
 
 
 async def ping(request: Request) -> Response:
@@ -25,6 +27,18 @@ async def ping(request: Request) -> Response:
     healths = {name: state.server.health(name) for name in state.server.names()}
     body = {name: ping_entry(health) for name, health in healths.items()}
     return JSONResponse(body, status_code=ping_code(h.status for h in healths.values()))
+
+
+async def health(request: Request) -> Response:
+    """vLLM's probe (guidellm, load balancers): 200 with no body when every model can serve, else 503."""
+    state: AppState = request.app.state.lmi
+    statuses = [state.server.health(name).status for name in state.server.names()]
+    ready = bool(statuses) and all(status is ModelStatus.READY for status in statuses)
+    return Response(status_code=200 if ready else 503)
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": lmi_core.__version__})
 
 
 def _model_for(request: Request, body: Any) -> ServedModel:
@@ -58,12 +72,38 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
         return await state.native_chat(request, pool, body)
     lmi = parse_model(LmiRequest, body)
     params = lmi.parameters.sampling()
+    if isinstance(lmi.inputs, list):
+        if lmi.stream:
+            raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
+        return JSONResponse(await _batch(request, pool, lmi))
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params)
     events = state.instrument(pool, generation, "/invocations")
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))
-    return JSONResponse(lmi_result(result, lmi))
+    return JSONResponse(lmi_result(result, lmi, lmi.inputs))
+
+
+async def _batch(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[dict[str, Any]]:
+    """DJL batch: every input runs at once in the engine's continuous batch; results in input order."""
+    state: AppState = request.app.state.lmi
+    generations = [
+        GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling()) for p in lmi.prompts
+    ]
+
+    async def run_all() -> list[list[GenerationEvent]]:
+        tasks = [
+            asyncio.ensure_future(collect(state.instrument(pool, g, "/invocations"))) for g in generations
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one failed (or the client left): cancel the rest, which cancels their generations
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+
+    results = await until_disconnected(request, run_all())
+    return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
 
 
 def _token_json(token: Token, lmi: LmiRequest) -> dict[str, Any]:
@@ -76,15 +116,25 @@ def _token_json(token: Token, lmi: LmiRequest) -> dict[str, Any]:
 
 
 def _details(finished: Finished, generated: int) -> dict[str, Any]:
-    return {"finish_reason": finished.finish_reason, "generated_tokens": generated, "inputs": finished.prompt}
+    details: dict[str, Any] = {
+        "finish_reason": finished.finish_reason,
+        "generated_tokens": generated,
+        "inputs": finished.prompt,
+    }
+    if finished.prompt_logprobs is not None:  # decoder_input_details (TGI's prefill tokens)
+        details["prefill"] = [
+            {"id": token, "text": text, "log_prob": log_prob}
+            for token, text, log_prob, _, _ in finished.prompt_logprobs
+        ]
+    return details
 
 
-def lmi_result(events: list[GenerationEvent], lmi: LmiRequest) -> dict[str, Any]:
+def lmi_result(events: list[GenerationEvent], lmi: LmiRequest, prompt: str) -> dict[str, Any]:
     tokens = [e for e in events if isinstance(e, Token)]
     finished = next((e for e in events if isinstance(e, Finished)), None)
     text = "".join(t.text for t in tokens)
     if lmi.parameters.return_full_text:
-        text = lmi.inputs + text
+        text = prompt + text
     result: dict[str, Any] = {"generated_text": text}
     if lmi.parameters.details and finished is not None:
         details = _details(finished, len(tokens))
@@ -93,9 +143,11 @@ def lmi_result(events: list[GenerationEvent], lmi: LmiRequest) -> dict[str, Any]
     return result
 
 
-async def lmi_lines(events: AsyncIterator[GenerationEvent], lmi: LmiRequest) -> AsyncIterator[bytes]:
+async def lmi_lines(
+    events: AsyncGenerator[GenerationEvent, None], lmi: LmiRequest
+) -> AsyncGenerator[bytes, None]:
     """JSON lines: one ``{"token": ...}`` per token; the last also has ``generated_text``."""
-    texts: list[str] = [lmi.inputs] if lmi.parameters.return_full_text else []
+    texts: list[str] = [lmi.prompts[0]] if lmi.parameters.return_full_text else []
     held: Token | None = None  # the last token, written together with the Finished that follows it
     count = 0
     try:
@@ -132,6 +184,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 routes = [
     Route("/ping", ping, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/version", version, methods=["GET"]),
     Route("/invocations", invocations, methods=["POST"]),
     Route("/predictions/{model_name}", predictions, methods=["POST"]),
     Route("/models/{model_name}/invoke", predictions, methods=["POST"]),

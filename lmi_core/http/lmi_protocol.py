@@ -28,6 +28,18 @@ class LmiParameters(BaseModel):
     return_full_text: bool = False
     ignore_eos_token: bool = False
     top_n_tokens: int = Field(0, ge=0, le=20)
+    # DJL LMI rolling-batch parameters (TGI's names and meanings).
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
+    truncate: int | None = Field(None, ge=1)
+    # details.prefill: the prompt's tokens with their log-probs.
+    decoder_input_details: bool = False
+    # One sequence per request: several candidates ranked by log-prob is no backend's feature here.
+    best_of: int = Field(1, ge=1, le=1)
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
@@ -45,17 +57,45 @@ class LmiParameters(BaseModel):
             stop_sequences=[*self.stop_sequences, *(self.stop or [])],
             ignore_eos=self.ignore_eos_token,
             top_logprobs=self.top_n_tokens,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            typical_p=self.typical_p,
+            min_p=self.min_p,
+            min_tokens=self.min_tokens,
+            truncate=self.truncate,
+            prompt_logprobs=0 if self.decoder_input_details and self.details else None,
         )
 
 
+MAX_BATCH = 32  # inputs in one DJL batch request: the default max_rolling_batch_size (more only queue)
+
+
 class LmiRequest(BaseModel):
-    """``{"inputs": str, "parameters": {...}, "stream": bool}``."""
+    """``{"inputs": str | [str, ...], "parameters": {...}, "stream": bool}``; a list is DJL's batch."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: str = Field(min_length=1)
+    inputs: str | list[str]
     parameters: LmiParameters = Field(default_factory=LmiParameters)
     stream: bool = False
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _prompt_or_batch(cls, value: Any) -> Any:
+        # Checked here, not by the union: its errors would be named "inputs.list[str]" and the like.
+        prompts = value if isinstance(value, list) else [value]
+        if not isinstance(value, str | list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("inputs must be a string or a list of strings")
+        if not prompts or not all(prompts):
+            raise ValueError("inputs must not be empty")
+        if len(prompts) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} inputs in one request")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
 
 
 def validation_error(exc: ValidationError, prefix: str = "") -> BadRequestError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -118,7 +118,7 @@ class Metrics:
 
     async def instrument(
         self, pool: ServedModel, request: GenerationRequest, route: str
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name
         labels = _current.get()
@@ -150,7 +150,7 @@ class Metrics:
             outcome = "error"
             raise
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             self.finished.labels(model, outcome).inc()
 
     async def endpoint(self, request: Request) -> Response:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, PromptLogprob, Token
 from lmi_core.errors import BadRequestError, EngineError, ModelNotFoundError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import parse_model
@@ -30,10 +32,19 @@ from lmi_core.http.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     error_for_path,
+    ignored_fields,
     openai_error,
 )
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.pool import new_request_id
+
+logger = logging.getLogger(__name__)
+
+IGNORED_FIELDS_HEADER = "x-lmi-ignored-fields"
+_logged_fields: set[str] = set()  # ignored field names already logged (once each per process)
+# Bounds against bodies made of unique keys: the log set and the header stay small.
+MAX_LOGGED_FIELDS = 1000
+MAX_HEADER_CHARS = 2000
 
 # Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -57,6 +68,10 @@ class Call:
     echo: list[str]  # text shown before each choice's output (completions ``echo``)
     logprobs: int | None  # top alternatives per token; None: no logprobs at all
     include_usage: bool
+    continuous_usage: bool = False  # usage so far on every streamed chunk (vLLM)
+    # echo: the prompt's text and (with logprobs) its tokens come before the output.
+    echo_prompt: bool = False
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs: shown apart from the output's
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -74,33 +89,70 @@ class Call:
 
 def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
     body.check_supported()
-    max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
+    max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if body.stream and body.echo and any(not isinstance(p, str) for p in body.prompts):
+        # The streamed echo is written before the engine has decoded the ids.
+        raise BadRequestError("streaming echo needs text prompts, not token ids", param="echo")
+    # echo with logprobs scores the prompt too (vLLM: prompt_logprobs defaults to logprobs).
+    scored = body.logprobs if body.echo else None
     generations = [
-        GenerationRequest(new_request_id(), prompt=prompt, params=body.sampling(max_tokens, body.logprobs, i))
+        GenerationRequest(
+            new_request_id(),
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_ids=None if isinstance(prompt, str) else prompt,
+            params=body.sampling(max_tokens, body.logprobs, i, prompt_logprobs=scored),
+        )
         for prompt in body.prompts
         for i in range(body.n)
     ]
     echo = [(g.prompt or "") if body.echo else "" for g in generations]
-    return Call(pool, False, body.stream, body.n, generations, echo, body.logprobs, body.include_usage)
+    return Call(
+        pool,
+        False,
+        body.stream,
+        body.n,
+        generations,
+        echo,
+        body.logprobs,
+        body.include_usage,
+        continuous_usage=body.include_usage and body.continuous_usage,
+        echo_prompt=body.echo,
+        prompt_logprobs=body.prompt_logprobs is not None,
+    )
 
 
 def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
-    max_tokens = body.token_limit or UNLIMITED
+    limit = body.token_limit
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     generations = [
-        GenerationRequest(new_request_id(), messages=messages, params=body.sampling(max_tokens, logprobs, i))
+        GenerationRequest(
+            new_request_id(),
+            messages=messages,
+            params=body.sampling(limit or UNLIMITED, logprobs, i, strict_max_tokens=limit is not None),
+        )
         for i in range(body.n)
     ]
-    return Call(pool, True, body.stream, body.n, generations, [""] * body.n, logprobs, body.include_usage)
+    return Call(
+        pool,
+        True,
+        body.stream,
+        body.n,
+        generations,
+        [""] * body.n,
+        logprobs,
+        body.include_usage,
+        continuous_usage=body.include_usage and body.continuous_usage,
+        prompt_logprobs=body.prompt_logprobs is not None,
+    )
 
 
 # -- rendering -----------------------------------------------------------------------------------
 
 
 def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
-    def entry(text: str, log_prob: float) -> dict[str, Any]:
+    def entry(text: str, log_prob: float | None) -> dict[str, Any]:
         return {"token": text, "logprob": log_prob, "bytes": list(text.encode())}
 
     return {
@@ -111,32 +163,85 @@ def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
     }
 
 
-def _completion_logprobs(tokens: list[Token], offset: int) -> dict[str, Any]:
+# One position of a completions ``logprobs`` object: (text, log-prob, alternatives {text: log-prob}).
+Position = tuple[str, float | None, dict[str, float] | None]
+
+
+def _token_position(token: Token) -> Position:
+    # vLLM's shape: the chosen token first, then the alternatives (so logprobs=0 still shows it).
+    top = {token.text: token.log_prob} if token.log_prob is not None else {}
+    top.update({s: lp for _, s, lp in token.top_logprobs or []})
+    return token.text, token.log_prob, top
+
+
+def _prompt_position(entry: PromptLogprob) -> Position:
+    _, text, log_prob, _, alternatives = entry
+    if log_prob is None:  # the first prompt token: nothing to condition on
+        return text, None, None
+    top = {text: log_prob}
+    top.update({s: lp for _, s, lp in alternatives})
+    return text, log_prob, top
+
+
+def _completion_logprobs(positions: list[Position], offset: int) -> dict[str, Any]:
     offsets = []
-    for token in tokens:
+    for text, _, _ in positions:
         offsets.append(offset)
-        offset += len(token.text)
+        offset += len(text)
     return {
-        "tokens": [t.text for t in tokens],
-        "token_logprobs": [t.log_prob for t in tokens],
-        "top_logprobs": [{s: lp for _, s, lp in t.top_logprobs or []} for t in tokens],
+        "tokens": [p[0] for p in positions],
+        "token_logprobs": [p[1] for p in positions],
+        "top_logprobs": [p[2] for p in positions],
         "text_offset": offsets,
     }
 
 
+def _vllm_prompt_logprobs(entries: list[PromptLogprob] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or {token id: Logprob}."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for token, text, log_prob, rank, alternatives in entries:
+        if log_prob is None:
+            out.append(None)
+            continue
+        position = {str(token): {"logprob": log_prob, "rank": rank, "decoded_token": text}}
+        for r, (alt, alt_text, alt_lp) in enumerate(alternatives, start=1):
+            position.setdefault(str(alt), {"logprob": alt_lp, "rank": r, "decoded_token": alt_text})
+        out.append(position)
+    return out
+
+
 def _choice(
-    call: Call, index: int, text: str, tokens: list[Token], finish: str | None, offset: int, delta: bool
+    call: Call,
+    index: int,
+    text: str,
+    tokens: list[Token],
+    finish: str | None,
+    offset: int,
+    delta: bool,
+    prompt: list[PromptLogprob] | None = None,
 ) -> dict[str, Any]:
-    """One choice: a whole result, or (``delta``) a streamed piece of one."""
+    """One choice: a whole result, or (``delta``) a streamed piece of one; ``prompt``: the echoed
+    prompt's tokens, before the output's."""
     logprobs = None
-    if call.logprobs is not None and tokens:
-        logprobs = _chat_logprobs(tokens) if call.chat else _completion_logprobs(tokens, offset)
+    if call.logprobs is not None and (tokens or prompt):
+        if call.chat:
+            logprobs = _chat_logprobs(tokens)
+        else:
+            positions = [_prompt_position(e) for e in prompt or []] + [_token_position(t) for t in tokens]
+            logprobs = _completion_logprobs(positions, 0 if prompt else offset)
     if not call.chat:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     if delta:
         return {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish}
     message = {"role": "assistant", "content": text}
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 def _usage(call: Call, finished: dict[int, Finished]) -> dict[str, int]:
@@ -153,22 +258,43 @@ def _finish_reason(event: Finished) -> str:
 def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str, Any]:
     """The non-streamed response object."""
     choices, finished = [], {}
+    prompt_logprobs = None
     for index, events in enumerate(results):
         tokens = [e for e in events if isinstance(e, Token)]
         done = next(e for e in events if isinstance(e, Finished))
         finished[index] = done
-        text = call.echo[index] + "".join(t.text for t in tokens)
-        choices.append(_choice(call, index, text, tokens, _finish_reason(done), len(call.echo[index]), False))
-    return {**call.envelope(chunk=False), "choices": choices, "usage": _usage(call, finished)}
+        # The engine's prompt text: a token-id prompt is decoded there.
+        echo = done.prompt if call.echo_prompt else ""
+        scored = done.prompt_logprobs if call.echo_prompt else None
+        text = echo + "".join(t.text for t in tokens)
+        choice = _choice(call, index, text, tokens, _finish_reason(done), len(echo), False, scored)
+        if call.prompt_logprobs:
+            prompt_logprobs = _vllm_prompt_logprobs(done.prompt_logprobs)
+            if not call.chat:  # vLLM: per choice for completions, once per response for chat
+                choice["prompt_logprobs"] = prompt_logprobs
+        choices.append(choice)
+    result = {**call.envelope(chunk=False), "choices": choices, "usage": _usage(call, finished)}
+    if call.chat and call.prompt_logprobs:
+        result["prompt_logprobs"] = prompt_logprobs
+    return result
 
 
 async def render_chunks(
-    call: Call, events: AsyncIterator[tuple[int, GenerationEvent]]
-) -> AsyncIterator[dict[str, Any]]:
+    call: Call, events: AsyncGenerator[tuple[int, GenerationEvent], None]
+) -> AsyncGenerator[dict[str, Any], None]:
     """The streamed chunk objects: per token, then per choice its finish, then (if asked) the usage."""
     usage: dict[str, Any] = {"usage": None} if call.include_usage else {}
+    prompt_tokens = [0] * len(call.generations)
+    generated = [0] * len(call.generations)
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        if call.continuous_usage:
+            i = choice["index"]
+            return {
+                **call.envelope(chunk=True),
+                "choices": [choice],
+                "usage": _running_usage(prompt_tokens[i], generated[i]),
+            }
         return {**call.envelope(chunk=True), "choices": [choice], **usage}
 
     offsets = [len(text) for text in call.echo]
@@ -182,10 +308,14 @@ async def render_chunks(
     try:
         async for index, event in events:
             if isinstance(event, Token):
+                if event.prompt_tokens is not None:
+                    prompt_tokens[index] = event.prompt_tokens
+                generated[index] += 1
                 yield chunk(_choice(call, index, event.text, [event], None, offsets[index], True))
                 offsets[index] += len(event.text)
             else:
                 finished[index] = event
+                prompt_tokens[index] = event.prompt_tokens
                 yield chunk(_choice(call, index, "", [], _finish_reason(event), offsets[index], True))
     except ServiceError as exc:
         yield openai_error(exc)  # headers are sent: the error becomes the last chunk
@@ -198,18 +328,18 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
     async for obj in chunks:
         yield b"data: " + _json(obj) + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 
-async def jsonlines(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def jsonlines(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
     async for obj in chunks:
         yield _json(obj) + b"\n"
 
 
-Framing = tuple[Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]], str]
+Framing = tuple[Callable[[AsyncGenerator[dict[str, Any], None]], AsyncGenerator[bytes, None]], str]
 SSE: Framing = (sse, "text/event-stream")
 JSON_LINES: Framing = (jsonlines, "application/jsonlines")
 
@@ -219,19 +349,21 @@ JSON_LINES: Framing = (jsonlines, "application/jsonlines")
 _END = object()
 
 
-async def merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+async def merge(
+    streams: list[AsyncGenerator[GenerationEvent, None]],
+) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
     """The events of every stream as they come, tagged with the stream's index; closing it (or a
     failure of one stream) closes them all, which cancels their generations."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[GenerationEvent]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[GenerationEvent, None]) -> None:
         try:
             async for event in stream:
                 queue.put_nowait((index, event))
         except Exception as exc:
             queue.put_nowait((index, exc))
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
             queue.put_nowait((index, _END))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
@@ -286,10 +418,34 @@ def openai_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def unknown_fields(pool: ServedModel, body: OpenAIRequest) -> list[str]:
+    """The fields of ``body`` this server does not know: a 400 naming the first for a model with
+    ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
+
+    Names are ASCII-escaped (a header is latin-1; a JSON key may be anything)."""
+    names = [name.encode("ascii", "backslashreplace").decode() for name in ignored_fields(body)]
+    if names and pool.config.strict_request_fields:
+        raise BadRequestError(f"invalid request field '{names[0]}': unknown field", param=names[0])
+    for name in names:
+        if name not in _logged_fields and len(_logged_fields) < MAX_LOGGED_FIELDS:
+            _logged_fields.add(name)
+            logger.info("ignoring unknown request field %s (logged once)", name)
+    return names
+
+
+def with_ignored(response: Response, names: list[str]) -> Response:
+    if names:
+        listed = ",".join(names)
+        if len(listed) > MAX_HEADER_CHARS:
+            listed = listed[:MAX_HEADER_CHARS] + ",..."
+        response.headers[IGNORED_FIELDS_HEADER] = listed
+    return response
+
+
 async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedModel, Any]:
     """The parsed body and the model it names (404 if unknown; the only model if it names none)."""
     state: AppState = request.app.state.lmi
-    body = parse_model(kind, await read_json(request, state.config.max_request_size))
+    body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
     if body.model is None:
         if len(state.server.served()) != 1:
             raise BadRequestError("model is required: this server has several models", param="model")
@@ -304,23 +460,54 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedMode
 @openai_errors
 async def completions(request: Request) -> Response:
     pool, body = await _body(request, CompletionRequest)
-    return await run_call(request, completion_call(pool, body), "/v1/completions", SSE)
+    ignored = unknown_fields(pool, body)
+    return with_ignored(await run_call(request, completion_call(pool, body), "/v1/completions", SSE), ignored)
 
 
 @openai_errors
 async def chat_completions(request: Request) -> Response:
     pool, body = await _body(request, ChatCompletionRequest)
-    return await run_call(request, chat_call(pool, body), "/v1/chat/completions", SSE)
+    ignored = unknown_fields(pool, body)
+    response = await run_call(request, chat_call(pool, body), "/v1/chat/completions", SSE)
+    return with_ignored(response, ignored)
 
 
 async def native_chat(request: Request, pool: ServedModel, body: dict[str, Any]) -> Response:
     """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
     chat = parse_model(ChatCompletionRequest, body)
-    return await run_call(request, chat_call(pool, chat), "/invocations", JSON_LINES)
+    ignored = unknown_fields(pool, chat)
+    return with_ignored(await run_call(request, chat_call(pool, chat), "/invocations", JSON_LINES), ignored)
+
+
+def max_model_len(pool: ServedModel) -> int | None:
+    """The context the engines use: ``option.max_model_len``, else the local model's config.json."""
+    configured = pool.config.options.get("max_model_len")
+    if configured and configured.isdigit():
+        return int(configured)
+    for directory in (pool.config.model_id, pool.config.model_dir):
+        path = Path(directory or "") / "config.json"
+        if directory and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            data = data.get("text_config") or data  # multimodal configs nest the language model's
+            value = data.get("max_position_embeddings")
+            return int(value) if isinstance(value, int) else None
+    return None
 
 
 def _model_card(pool: ServedModel) -> dict[str, Any]:
-    return {"id": pool.name, "object": "model", "created": int(pool.loaded_at), "owned_by": "lmi-core"}
+    # vLLM's card: root is the model the name serves, parent the base of an adapter (none here).
+    return {
+        "id": pool.name,
+        "object": "model",
+        "created": int(pool.loaded_at),
+        "owned_by": "lmi-core",
+        "root": pool.config.model_id,
+        "parent": None,
+        "max_model_len": max_model_len(pool),
+    }
 
 
 @openai_errors

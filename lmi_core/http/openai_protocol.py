@@ -1,9 +1,12 @@
 """Request bodies of the OpenAI-compatible API (pydantic), their mapping to engine parameters, and
 OpenAI-style error bodies.
 
-Unknown fields are a 400 naming them, as OpenAI does. Known OpenAI fields this server cannot honour
-(penalties, logit bias, tools, suffix...) are accepted at their neutral value and are a 400 naming the
-field otherwise: a silently ignored parameter is a wrong answer the client cannot see.
+Unknown fields are ignored as vLLM does (clients replay whole transcripts: ``refusal``,
+``tool_calls``...): ``ignored_fields`` lists them for a response header and a log line, and a model
+with ``option.strict_request_fields=true`` refuses them with a 400 naming them, as OpenAI does. Known
+fields are strictly typed and range-checked. Known OpenAI fields this server cannot honour (tools,
+suffix...) are accepted at their neutral value and are a 400 naming the field otherwise: a silently
+ignored parameter is a wrong answer the client cannot see.
 """
 
 from __future__ import annotations
@@ -21,16 +24,39 @@ from lmi_core.http.common import error_headers, error_response
 MAX_TOKENS = 2**31 - 1
 MAX_CHOICES = 16
 MAX_STOP = 4
+MAX_PROMPTS = 256  # prompts in one completions request (lm-eval batches; each runs in the batch)
+MAX_GENERATIONS = 256  # prompts x n: the generations one request may start
+TOKEN_ID_DIGITS = 9  # a token id below 10**9 (every vocabulary; keeps it 32-bit on the worker wire)
 SEED_RANGE = 2**63
+
+
+LOGIT_BIAS_RANGE = 100.0  # OpenAI: each bias in [-100, 100]
 
 
 class _Body(BaseModel):
     # Strict: JSON types as documented (no "1" for 1, no 0 for false), as OpenAI validates them.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    # Extra keys are kept aside (model_extra) so that the handler can ignore or refuse them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the unknown fields in ``body`` and the models nested in it (``messages.1.refusal``)."""
+    found = [f"{prefix}{name}" for name in body.model_extra or {}]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            found += ignored_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found += ignored_fields(item, f"{prefix}{name}.{i}.")
+    return found
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # vLLM's extension: the usage so far on every chunk (guidellm counts tokens with it).
+    continuous_usage_stats: bool = False
 
 
 class _Common(_Body):
@@ -50,7 +76,24 @@ class _Common(_Body):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions (its extra sampling parameters).
     ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list, max_length=64)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or len(key) > TOKEN_ID_DIGITS:
+                raise ValueError(f"keys are token ids; {key[:20]!r} is not one")
+            if abs(bias) > LOGIT_BIAS_RANGE:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -65,17 +108,23 @@ class _Common(_Body):
             raise BadRequestError(
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise BadRequestError(f"{name} is not supported by this server; leave it at 0", param=name)
-        if self.logit_bias:
-            raise BadRequestError("logit_bias is not supported by this server", param="logit_bias")
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_new_tokens: int, top_logprobs: int | None, choice: int) -> SamplingParams:
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def sampling(
+        self,
+        max_new_tokens: int,
+        top_logprobs: int | None,
+        choice: int,
+        prompt_logprobs: int | None = None,
+        strict_max_tokens: bool = True,
+    ) -> SamplingParams:
         """Engine parameters of choice number ``choice`` (seeded apart, so ``n`` samples differ)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         # do_sample with temperature 0 (or nearly) is greedy: SamplingParams.greedy.
@@ -90,13 +139,34 @@ class _Common(_Body):
             ignore_eos=self.ignore_eos,
             top_logprobs=top_logprobs or 0,
             logprobs=top_logprobs is not None,  # None: the client did not ask for logprobs
+            strict_max_tokens=strict_max_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            logit_bias=[(int(k), v) for k, v in (self.logit_bias or {}).items()],
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else self.prompt_logprobs,
+            truncate=self.truncate_prompt_tokens,
         )
 
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``; ``max_tokens`` defaults to 16 as in OpenAI's API."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+    # A string, strings, token ids, or lists of token ids (what lm-eval sends by default).
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
+    )
+    # 0 with echo: score the prompt only (lm-eval's loglikelihood); vLLM allows it too.
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -104,14 +174,26 @@ class CompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if len(self.prompts) * self.n > MAX_GENERATIONS:
+            raise BadRequestError(
+                f"{len(self.prompts)} prompts x n={self.n} is more than {MAX_GENERATIONS} generations",
+                param="n",
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequestError("max_tokens=0 needs echo=true (prompt scoring)", param="max_tokens")
         if self.suffix:
             raise BadRequestError("suffix (insertion) is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise BadRequestError("best_of other than n is not supported by this server", param="best_of")
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
 
 ROLES = Literal["system", "developer", "user", "assistant", "tool"]
@@ -184,6 +266,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }

@@ -97,6 +97,7 @@ ERRORS = {
     "401": "Missing or wrong API key (when one is configured)",
     "404": "Unknown model",
     "413": "Body larger than max_request_size",
+    "415": "Body whose content type is not JSON",
     "424": "The engine failed this request",
     "503": "Queue full (with Retry-After), model not ready, or its worker failed",
     "504": "The request took longer than option.predict_timeout",
@@ -149,9 +150,11 @@ def build_spec() -> dict[str, Any]:
     )
     lmi_body = _ref("LmiRequest")
     native = {"anyOf": [lmi_body, _ref("ChatCompletionRequest")]}
-    native_result = {"anyOf": [_ref("LmiResult"), _ref("ChatCompletion")]}
+    # A list of inputs (DJL batch) gives a list of results.
+    lmi_results = {"anyOf": [_ref("LmiResult"), {"type": "array", "items": _ref("LmiResult")}]}
+    native_result = {"anyOf": [*lmi_results["anyOf"], _ref("ChatCompletion")]}
     predict = _generation_op(
-        "Run the model on an LMI request", lmi_body, _ref("LmiResult"), "application/jsonlines", "LmiError"
+        "Run the model on an LMI request", lmi_body, lmi_results, "application/jsonlines", "LmiError"
     )
     predict["parameters"] = [_model_param("path", True)]
     invocations = _generation_op(
@@ -170,12 +173,21 @@ def build_spec() -> dict[str, Any]:
             for code, text in (("200", "All models ready"), ("500", "A model failed"), ("503", "Loading"))
         },
     }
+    health = {
+        "summary": "vLLM's probe: 200 (no body) when every model can serve, 503 otherwise",
+        "security": [],
+        "responses": {"200": {"description": "Serving"}, "503": {"description": "Not serving"}},
+    }
     metrics = {"description": "Prometheus text format", "content": {"text/plain": {"schema": STRING}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "lmi-core", "version": __version__},
         "paths": {
             "/ping": {"get": ping},
+            "/health": {"get": health},
+            "/version": {
+                "get": _get_op("The server's version", _json(_obj(["version"], version=STRING), "Version"))
+            },
             "/invocations": {"post": invocations},
             "/predictions/{model_name}": {"post": predict},
             "/models/{model_name}/invoke": {"post": predict},

@@ -8,7 +8,7 @@ starting a worker process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +30,10 @@ class ServedModel(Protocol):
     @property
     def loaded_at(self) -> float: ...  # time.time() of its registration
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+    @property
+    def config(self) -> ModelConfig: ...  # the model's configuration (context length, strictness)
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
 class ModelService(Protocol):
@@ -58,10 +61,12 @@ class ModelService(Protocol):
 
 
 NativeChat = Callable[[Request, ServedModel, dict[str, Any]], Awaitable[Response]]
-Instrument = Callable[[ServedModel, GenerationRequest, str], AsyncIterator[GenerationEvent]]
+Instrument = Callable[[ServedModel, GenerationRequest, str], AsyncGenerator[GenerationEvent, None]]
 
 
-def _plain(model: ServedModel, request: GenerationRequest, route: str) -> AsyncIterator[GenerationEvent]:
+def _plain(
+    model: ServedModel, request: GenerationRequest, route: str
+) -> AsyncGenerator[GenerationEvent, None]:
     return model.generate(request)
 
 

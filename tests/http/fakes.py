@@ -94,6 +94,7 @@ class FakeModel:
     def __init__(self, name: str, tokens: Sequence[str] = ("Hel", "lo"), error: ServiceError | None = None):
         self.name = name
         self.loaded_at = 1_700_000_000.0
+        self.config = ModelConfig(name=name, model_id=f"/models/{name}")
         self.tokens = tokens
         self.error = error
         self.requests: list[GenerationRequest] = []

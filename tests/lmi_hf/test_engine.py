@@ -137,10 +137,10 @@ async def test_a_failing_request_does_not_take_down_its_batch(
 
     real = lmi_hf.engine.select_token
 
-    def broken_for_top_k_7(logits, params, generator):
+    def broken_for_top_k_7(logits, params, generator, *rest):
         if params.top_k == 7:
             raise RuntimeError("sampler exploded")
-        return real(logits, params, generator)
+        return real(logits, params, generator, *rest)
 
     monkeypatch.setattr(lmi_hf.engine, "select_token", broken_for_top_k_7)
     good = asyncio.ensure_future(run(engine, "Hello", max_new_tokens=30, ignore_eos=True))

@@ -428,7 +428,7 @@ def events(state: StreamState, output: SimpleNamespace, finished: bool = False, 
 def test_a_stream_becomes_tokens_then_finished() -> None:
     state = StreamState()
     first = events(state, completion([10], " Hello", [{10: lp(-0.5), 11: lp(-1.5)}]))
-    assert first == [Token(id=10, text=" Hello", log_prob=-0.5)]
+    assert first == [Token(id=10, text=" Hello", log_prob=-0.5, prompt_tokens=3)]  # on the first only
     last = events(state, completion([11, 2], " world", [-0.25, -0.1], reason="stop"), finished=True)
     assert last == [
         Token(id=11, text="", log_prob=-0.25),
@@ -481,3 +481,35 @@ def test_serving_without_tensorrt_llm_fails_fast_from_a_two_rank_mpi_job(
     assert "lmi: error: model failed to load" in log
     assert "tensorrt_llm package" in log and "pip install tensorrt-llm" in log
     assert "restarting" not in log  # a load failure is final, not retried
+
+
+def test_sampling_extras_map_to_tensorrt_llm_names() -> None:
+    params = SamplingParams(
+        max_new_tokens=4,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=0.25,
+        min_tokens=2,
+        min_p=0.1,
+        stop_token_ids=[7, 9],
+    )
+    kwargs = sampling_kwargs(params)
+    assert kwargs["repetition_penalty"] == 1.2 and kwargs["frequency_penalty"] == 0.5
+    assert kwargs["presence_penalty"] == 0.25 and kwargs["min_tokens"] == 2 and kwargs["min_p"] == 0.1
+    assert kwargs["stop_token_ids"] == [7, 9]
+    assert "repetition_penalty" not in sampling_kwargs(SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"logit_bias": [(3, 1.0)]}, "logit_bias"),
+        ({"typical_p": 0.5}, "typical_p"),
+        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"truncate": 8}, "truncate"),
+    ],
+)
+def test_what_tensorrt_llm_cannot_do_is_a_400_naming_it(params: dict[str, Any], param: str) -> None:
+    with pytest.raises(BadRequestError) as info:
+        sampling_kwargs(SamplingParams(max_new_tokens=4, **params))
+    assert info.value.param == param and "trtllm" in str(info.value)

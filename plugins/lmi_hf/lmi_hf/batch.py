@@ -65,8 +65,11 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model: Any, prompts: list[list[int]], device: torch.device) -> tuple[Batch, torch.Tensor]:
-    """Run the prompts as one left-padded batch; return the batch and each row's last logits."""
+def prefill(
+    model: Any, prompts: list[list[int]], device: torch.device, all_logits: bool = False
+) -> tuple[Batch, torch.Tensor]:
+    """Run the prompts as one left-padded batch; return the batch and each row's last logits [B, V]
+    or, with ``all_logits`` (prompt log-probs), every position's [B, T, V]."""
     length = max(len(p) for p in prompts)
     pad = 0
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
@@ -78,10 +81,10 @@ def prefill(model: Any, prompts: list[list[int]], device: torch.device) -> tuple
         position_ids=positions,
         past_key_values=DynamicCache(config=model.config),
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if all_logits else 1,  # 0: all positions
     )
     batch = Batch(out.past_key_values, mask, input_ids[:, -1])
-    return batch, out.logits[:, -1, :]
+    return batch, out.logits if all_logits else out.logits[:, -1, :]
 
 
 @torch.inference_mode()

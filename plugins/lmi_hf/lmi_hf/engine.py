@@ -14,7 +14,9 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable
+from collections.abc import Sequence as SequenceOf  # `Sequence` here is a request in the batch
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,8 +32,10 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
+from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.sampling import make_generator, select_token
+from lmi_hf.scoring import prompt_logprobs
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -87,6 +91,11 @@ class Sequence:
     generated: int = 0
     cancelled: bool = False
     done: bool = False
+    # How often each token was generated (frequency/presence/repetition penalties, min_tokens).
+    output_counts: Counter[int] = field(default_factory=Counter)
+    # Tokens that end the generation (EOS unless ignored, plus stop_token_ids): min_tokens masks them.
+    stop_ids: frozenset[int] = frozenset()
+    prompt_logprobs: list[Any] | None = None
 
 
 class HFEngine:
@@ -101,12 +110,14 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.max_batch_size = context.max_batch_size
-        self.max_model_len = int(
-            context.options.get("max_model_len") or getattr(model.config, "max_position_embeddings", 2048)
+        limit: Any = context.options.get("max_model_len") or getattr(
+            model.config, "max_position_embeddings", 2048
         )
+        self.max_model_len = int(limit)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.vocab_size = int(model.config.vocab_size)
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
         self._lock = threading.Condition()
@@ -126,6 +137,11 @@ class HFEngine:
     # -- asyncio side ----------------------------------------------------------------------------
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
+        if request.prompt_ids is not None:
+            if not request.prompt_ids:
+                raise BadRequestError("the prompt is empty", param="inputs")
+            check_token_ids(request.prompt_ids, self.vocab_size)
+            return list(request.prompt_ids), self._decode(request.prompt_ids)
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise BadRequestError("this model's tokenizer has no chat template", param="messages")
@@ -140,22 +156,22 @@ class HFEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
         prompt_ids, prompt_text = self.encode_prompt(request)
-        room = self.max_model_len - len(prompt_ids)
-        if room <= 0:
-            raise BadRequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
-                param="inputs",
-            )
+        prompt_ids = truncate_prompt(prompt_ids, request.params)
+        check_logit_bias(request.params, self.vocab_size)
+        budget = token_budget(len(prompt_ids), self.max_model_len, request.params)
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
         seq = Sequence(
             request=request,
             prompt_ids=prompt_ids,
             prompt_text=prompt_text,
-            max_new_tokens=min(request.params.max_new_tokens, room),
+            max_new_tokens=budget,
             emit=queue.put_nowait,
             detokenizer=IncrementalDetokenizer(self._decode),
             stop=StopMatcher(request.params.stop_sequences),
+            stop_ids=frozenset(request.params.stop_token_ids).union(
+                () if request.params.ignore_eos else self.eos_ids
+            ),
         )
         self.submit(seq)
         try:
@@ -200,8 +216,12 @@ class HFEngine:
 
     # -- scheduler thread ------------------------------------------------------------------------
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, ids: SequenceOf[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _decode_one(self, token: int) -> str:
+        # A prompt token's own text, special tokens included (echo shows the prompt as it was).
+        return str(self.tokenizer.decode([token]))
 
     def _make_plan(self) -> StepPlan:
         """Leader only: wait for work, then pick admissions and cancellations."""
@@ -271,12 +291,36 @@ class HFEngine:
         for seq, (_, seed) in zip(new, plan.admit, strict=True):
             if not seq.request.params.greedy:
                 seq.generator = make_generator(seed)
+        # Requests that want prompt log-probs prefill apart with every position's logits; the others
+        # keep logits_to_keep=1 (a [T, V] tensor per prompt is 64 MB at T=128, V=128k in fp32).
+        scoring = [s for s in new if s.request.params.prompt_logprobs is not None]
+        plain = [s for s in new if s.request.params.prompt_logprobs is None]
+        for group in (plain, scoring):
+            if group:
+                self._prefill(group, all_logits=group is scoring)
+
+    def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
         try:
-            batch, logits = prefill(self.model, [s.prompt_ids for s in new], self.device)
+            batch, logits = prefill(self.model, [s.prompt_ids for s in new], self.device, all_logits)
         except Exception as exc:
             for seq in new:
                 self._fail(seq, exc)
             return
+        if all_logits:
+            for seq, rows in zip(new, logits, strict=True):
+                top_n = seq.request.params.prompt_logprobs or 0
+                seq.prompt_logprobs = prompt_logprobs(rows, seq.prompt_ids, top_n, self._decode_one)
+            logits = logits[:, -1, :]
+        # max_new_tokens 0 (scoring the prompt only): finished after prefill, never decoded.
+        keep = [i for i, s in enumerate(new) if s.max_new_tokens > 0]
+        for seq in new:
+            if seq.max_new_tokens == 0:
+                self._finish(seq, "length")
+        if not keep:
+            return
+        if len(keep) < len(new):
+            batch.keep(keep)
+            new, logits = [new[i] for i in keep], logits[keep]
         if self._batch is None:
             self._batch = batch
         else:
@@ -313,13 +357,20 @@ class HFEngine:
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
         """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
         params = seq.request.params
-        token, log_prob, log_probs = select_token(logits, params, seq.generator)
+        token, log_prob, log_probs = select_token(
+            logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
+        )
         seq.generated += 1
+        seq.output_counts[token] += 1
         is_eos = token in self.eos_ids and not params.ignore_eos
-        text = seq.detokenizer.add(token)
+        is_stop = token in params.stop_token_ids
+        # A stop token's text is not part of the output (vLLM: include_stop_str_in_output=False).
+        text = "" if is_stop else seq.detokenizer.add(token)
         reason: FinishReason | None = None
         if is_eos:
             reason = "eos_token"
+        elif is_stop:
+            reason = "stop_sequence"
         elif seq.generated >= seq.max_new_tokens:
             reason = "length"
         if reason is not None:
@@ -333,7 +384,9 @@ class HFEngine:
         if params.top_logprobs:
             values, ids = torch.topk(log_probs, params.top_logprobs)
             top = [(int(i), self._decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
-        self._outbox.append((seq.emit, Token(token, text, log_prob, is_eos, top, last=reason is not None)))
+        first = len(seq.prompt_ids) if seq.generated == 1 else None
+        event = Token(token, text, log_prob, is_eos, top, last=reason is not None, prompt_tokens=first)
+        self._outbox.append((seq.emit, event))
         if reason is not None:
             self._finish(seq, reason)
         return token
@@ -344,7 +397,7 @@ class HFEngine:
             self._totals.cancelled_total += 1
         else:
             self._totals.finished_total += 1
-        event = Finished(reason, len(seq.prompt_ids), seq.generated, seq.prompt_text)
+        event = Finished(reason, len(seq.prompt_ids), seq.generated, seq.prompt_text, seq.prompt_logprobs)
         self._outbox.append((seq.emit, event))
 
     def _evict(self, rids: set[str], reason: FinishReason | None = None) -> None:
@@ -405,7 +458,7 @@ def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[A
     elif context.device == "cpu":
         kwargs["dtype"] = torch.float32
     if tensor_parallel:
-        from transformers.distributed import DistributedConfig
+        from transformers.distributed.configuration_utils import DistributedConfig
 
         # Places each shard itself (on LOCAL_RANK's GPU): exclusive with device_map.
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")

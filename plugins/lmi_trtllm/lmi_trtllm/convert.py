@@ -16,6 +16,10 @@ from typing import Any
 
 from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, Token
 from lmi_core.errors import BadRequestError, EngineError, ServiceError
+from lmi_core.request_checks import refuse_unsupported
+
+# SamplingParams fields TensorRT-LLM's LLM API has no equivalent of (or whose output is not mapped).
+UNSUPPORTED = ("logit_bias", "typical_p", "prompt_logprobs", "truncate")
 
 
 @dataclass
@@ -38,11 +42,25 @@ def sampling_kwargs(params: SamplingParams, *, templated: bool = False) -> dict[
         raise BadRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
     if params.top_logprobs < 0:
         raise BadRequestError("top_logprobs must not be negative", param="top_logprobs")
+    refuse_unsupported(params, UNSUPPORTED, "trtllm")
     kwargs: dict[str, Any] = {
         "max_tokens": params.max_new_tokens,
         "ignore_eos": params.ignore_eos,
         "logprobs": max(1, params.top_logprobs),
     }
+    # Same names and meanings in tensorrt_llm.SamplingParams; passed only when set, so that a
+    # release without one still serves every request that does not use it.
+    for name, neutral in (
+        ("repetition_penalty", 1.0),
+        ("frequency_penalty", 0.0),
+        ("presence_penalty", 0.0),
+        ("min_tokens", 0),
+        ("min_p", 0.0),
+    ):
+        if getattr(params, name) != neutral:
+            kwargs[name] = getattr(params, name)
+    if params.stop_token_ids:
+        kwargs["stop_token_ids"] = list(params.stop_token_ids)
     if params.greedy:
         # Explicit, so that defaults TensorRT-LLM reads from the model's generation_config.json
         # cannot turn a greedy request into a sampled one; top_k=1 and temperature=0 each mean greedy.
@@ -124,6 +142,7 @@ def delta_events(
                 special=tid in special_ids,
                 top_logprobs=top,
                 last=finished and i == last,
+                prompt_tokens=prompt_tokens if state.generated == 0 and i == 0 else None,
             )
         )
     state.generated += len(token_ids)

@@ -179,6 +179,8 @@ class TrtllmEngine:
                 message = f"cannot apply the model's chat template: {exc}"
                 raise BadRequestError(message, param="messages") from None
             return str(text), True
+        if request.prompt_ids:
+            return str(self.tokenizer.decode(request.prompt_ids)), True
         if request.prompt:
             return request.prompt, False
         raise BadRequestError("the request has neither inputs nor messages", param="inputs")
@@ -188,16 +190,21 @@ class TrtllmEngine:
         text, templated = self.prompt_text(request)
         try:
             params = self._sampling_params(**sampling_kwargs(request.params, templated=templated))
+            # Token ids go in as they are (TensorRT-LLM takes a list[int] prompt and adds nothing).
+            source: Any = list(request.prompt_ids) if request.prompt_ids else text
         except EngineError:
             raise
         except Exception as exc:
             raise map_error(exc) from exc
-        return self.requests.relay(self._stream(text, params, request.params.top_logprobs))
+        return self.requests.relay(self._stream(source, text, params, request.params.top_logprobs))
 
-    async def _stream(self, text: str, params: Any, top_n: int) -> AsyncGenerator[GenerationEvent, None]:
-        """The request's events from ``generate_async``; aborts the request unless it finished."""
+    async def _stream(
+        self, source: Any, text: str, params: Any, top_n: int
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """The request's events from ``generate_async`` (``source``: the prompt text or its token ids);
+        aborts the request unless it finished."""
         try:
-            result = self.llm.generate_async(text, sampling_params=params, streaming=True)
+            result = self.llm.generate_async(source, sampling_params=params, streaming=True)
         except Exception as exc:
             raise map_error(exc) from exc
         prompt_tokens = len(result.prompt_token_ids)

@@ -33,6 +33,7 @@ from lmi_core import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    PromptLogprob,
     RequestCounts,
     SamplingParams,
     ServiceError,
@@ -40,6 +41,13 @@ from lmi_core import (
     WorkerContext,
 )
 from lmi_core.option_values import dtype
+from lmi_core.request_checks import (
+    check_logit_bias,
+    check_token_ids,
+    refuse_unsupported,
+    token_budget,
+    truncate_prompt,
+)
 from lmi_vllm.options import parse_options
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,8 @@ SHUTDOWN_TIMEOUT = 60.0
 ABORT_TIMEOUT = 5.0
 
 _END = object()
+# SamplingParams fields vLLM has no equivalent of (typical sampling is not in vLLM).
+UNSUPPORTED = ("typical_p",)
 
 
 @dataclass
@@ -165,6 +175,7 @@ class VllmEngine:
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
+        self.vocab_size: int = llm.model_config.get_vocab_size()
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self._vllm_sampling_params = VllmSamplingParams
         self._delta = RequestOutputKind.DELTA
@@ -328,6 +339,11 @@ class VllmEngine:
                 raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
             # The template writes the special tokens itself (vLLM's chat path does the same).
             ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        elif request.prompt_ids is not None:
+            param = "inputs"
+            ids = list(request.prompt_ids)
+            check_token_ids(ids, self.vocab_size)
+            text = str(self.tokenizer.decode(ids))
         elif request.prompt is not None:
             param = "inputs"
             text = request.prompt
@@ -336,24 +352,31 @@ class VllmEngine:
             raise BadRequestError("the request has neither inputs nor messages", param="inputs")
         if not ids:
             raise BadRequestError("the prompt is empty", param=param)
+        ids = truncate_prompt(ids, request.params)
         if len(ids) >= self.max_model_len:
             raise BadRequestError(
                 f"the prompt has {len(ids)} tokens; this model takes at most {self.max_model_len - 1} "
                 f"(max_model_len={self.max_model_len}, one token is left for the output)",
                 param=param,
             )
+        check_logit_bias(request.params, self.vocab_size)
         return text, ids
 
-    def sampling_params(self, params: SamplingParams) -> Any:
-        """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked)."""
-        if params.max_new_tokens < 1:
-            raise BadRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
+    def sampling_params(self, params: SamplingParams, max_tokens: int | None = None) -> Any:
+        """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked).
+
+        ``max_tokens``: the budget left by the prompt (``token_budget``); 0 scores the prompt only, which
+        vLLM runs as one generated token that is then dropped (as its own server does for echo)."""
+        budget = params.max_new_tokens if max_tokens is None else max_tokens
+        if budget < 0:
+            raise BadRequestError("max_new_tokens must not be negative", param="max_new_tokens")
         if params.top_logprobs < 0:
             raise BadRequestError("top_logprobs must not be negative", param="top_logprobs")
+        refuse_unsupported(params, UNSUPPORTED, "vllm")
         greedy = params.greedy
         try:
             return self._vllm_sampling_params(
-                max_tokens=params.max_new_tokens,
+                max_tokens=max(budget, 1),
                 temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p,
                 # lmi's 0 means "no top-k"; vLLM spells that -1 (0 too since 0.6, not before).
@@ -364,6 +387,15 @@ class VllmEngine:
                 # 0 = only the sampled token's logprob; None = none, which saves vLLM real work.
                 logprobs=params.top_logprobs if params.logprobs or params.top_logprobs else None,
                 output_kind=self._delta,
+                # Same names and meanings in vLLM (lmi's are defined after them).
+                stop_token_ids=list(params.stop_token_ids) or None,
+                logit_bias=dict(params.logit_bias) or None,
+                repetition_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                min_tokens=params.min_tokens,
+                min_p=params.min_p,
+                prompt_logprobs=params.prompt_logprobs,
             )
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
@@ -372,15 +404,19 @@ class VllmEngine:
         """Stream ``request``'s tokens, then its ``Finished``; a bad request raises at once; closing the
         stream early aborts the request in vLLM."""
         text, ids = self.prepare_prompt(request)
-        params = self.sampling_params(request.params)
-        return self.requests.relay(self._stream(request, text, ids, params))
+        budget = token_budget(len(ids), self.max_model_len, request.params)
+        params = self.sampling_params(request.params, budget)
+        return self.requests.relay(self._stream(request, text, ids, params, budget))
 
     async def _stream(
-        self, request: GenerationRequest, text: str, ids: list[int], params: Any
+        self, request: GenerationRequest, text: str, ids: list[int], params: Any, budget: int
     ) -> AsyncGenerator[GenerationEvent, None]:
         """The request's events from the engine loop; aborts the request in vLLM unless it finished."""
         rid = request.request_id
         top_n = request.params.top_logprobs
+        score_only = budget == 0
+        # Prompt log-probs: vLLM gives no text for the first prompt token (nothing predicts it).
+        first_text = str(self.tokenizer.decode(ids[:1])) if request.params.prompt_logprobs is not None else ""
         prompt = self.engine_input(ids, text)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -392,9 +428,20 @@ class VllmEngine:
         async def pump() -> None:
             # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
             generated = 0
+            scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
             try:
                 async for output in self.llm.generate(prompt, params, rid):
-                    events = output_events(output, self.special_ids, top_n, text, len(ids), generated)
+                    scored = getattr(output, "prompt_logprobs", None) or scored
+                    events = output_events(
+                        output,
+                        self.special_ids,
+                        top_n,
+                        text,
+                        len(ids),
+                        generated,
+                        score_only,
+                        prompt_entries(scored, ids, first_text) if output.finished else None,
+                    )
                     generated += len(events) - (1 if output.finished else 0)
                     put(events)
             except asyncio.CancelledError:
@@ -443,13 +490,17 @@ def output_events(
     prompt: str,
     prompt_tokens: int,
     generated_before: int,
+    score_only: bool = False,
+    prompt_logprobs: list[PromptLogprob] | None = None,
 ) -> list[GenerationEvent]:
     """The lmi events of one vLLM ``RequestOutput`` in DELTA mode: its new tokens, then ``Finished``.
 
     ``generated_before``: tokens of this request in earlier outputs (DELTA outputs carry only new ones).
+    ``score_only``: max_new_tokens 0; the one token vLLM had to generate is dropped.
+    ``prompt_logprobs``: the prompt's scores (``prompt_entries``), given to ``Finished``.
     """
     completion = output.outputs[0]
-    token_ids = list(completion.token_ids)
+    token_ids = [] if score_only else list(completion.token_ids)
     logprobs: Sequence[Mapping[int, Any]] | None = completion.logprobs
     pieces = [
         _decoded(logprobs[i].get(tid)) if logprobs is not None and i < len(logprobs) else None
@@ -477,18 +528,56 @@ def output_events(
                 special=int(tid) in special_ids,
                 top_logprobs=top,
                 last=i == last_index,
+                prompt_tokens=prompt_tokens if generated_before == 0 and i == 0 else None,
             )
         )
     if output.finished:
         events.append(
             Finished(
-                finish_reason=finish_reason(completion.finish_reason, completion.stop_reason),
+                finish_reason="length"
+                if score_only
+                else finish_reason(completion.finish_reason, completion.stop_reason),
                 prompt_tokens=prompt_tokens,
                 generated_tokens=generated_before + len(token_ids),
                 prompt=prompt,
+                prompt_logprobs=prompt_logprobs,
             )
         )
     return events
+
+
+def prompt_entries(
+    logprobs: Sequence[Mapping[int, Any] | None] | None,
+    token_ids: Sequence[int] | None,
+    first_text: str = "",
+) -> list[PromptLogprob] | None:
+    """vLLM's ``prompt_logprobs`` (per prompt token None or {id: Logprob}) as lmi's entries: the prompt
+    token's own log-prob and rank, then the alternatives ranked best first."""
+    if logprobs is None or token_ids is None:
+        return None
+    entries: list[PromptLogprob] = []
+    for token, position in zip(token_ids, logprobs, strict=False):
+        if position is None:  # the first token
+            entries.append((int(token), first_text, None, 0, []))
+            continue
+        own = position.get(token)
+        # The dict holds the top k and the prompt token; the latter is extra when its rank is past k.
+        extra = own is not None and (own.rank or 0) > len(position) - 1
+        ranked = sorted(
+            ((t, lp) for t, lp in position.items() if not (extra and t == token)),
+            key=lambda kv: kv[1].rank or 0,
+        )
+        top = [(int(t), lp.decoded_token or "", float(lp.logprob)) for t, lp in ranked]
+        entries.append(
+            (
+                int(token),
+                (own.decoded_token or "") if own is not None else "",
+                float(own.logprob) if own is not None else None,
+                int(own.rank) if own is not None and own.rank is not None else 0,
+                top,
+            )
+        )
+    return entries
 
 
 def _decoded(logprob: Any) -> str | None:
