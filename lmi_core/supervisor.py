@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import signal
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
-from lmi_core.errors import EngineError, RequestTimeoutError, WorkerFailedError
+from lmi_core.errors import EngineError, RequestTimeoutError, ServiceError, WorkerFailedError
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
@@ -54,6 +55,16 @@ class WorkerSnapshot:
     last_error: str | None
     engine_stats: EngineStats  # rank 0's counters from its last heartbeat (zeros before the first)
     retiring: bool = False  # set by the pool: scaled down or unloading, it gets no new request
+
+
+def describe_exit(code: int) -> str:
+    """``-9`` -> ``was killed by SIGKILL``; ``1`` -> ``exited with code 1`` (asyncio's return codes)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 class LoadError(WorkerFailedError):
@@ -111,26 +122,25 @@ class SupervisedWorker:
             retry_threshold = self.server.retry_threshold
         while True:
             try:
-                await self._start_once()
+                await self._start()
                 self._set_state(WorkerState.READY)
                 if not self.first_start.done():
                     self.first_start.set_result(None)
                 reason = await self._watch()
             except LoadError as exc:
-                reason = str(exc)
+                reason = await self._teardown(str(exc))
                 self.last_error = reason
-                await self._teardown(reason)
                 self._set_state(WorkerState.FAILED)
                 if not self.first_start.done():
-                    self.first_start.set_exception(exc)
+                    self.first_start.set_exception(LoadError(reason))
                 return
             except WorkerFailedError as exc:
                 reason = str(exc)
             except asyncio.CancelledError:
                 await self._teardown("worker stopped")
                 raise
+            reason = await self._teardown(reason)
             self.last_error = reason
-            await self._teardown(reason)
             self.failures += 1
             if self.failures > retry_threshold:
                 logger.error(
@@ -150,6 +160,18 @@ class SupervisedWorker:
             )
             self._set_state(WorkerState.STARTING)
             await asyncio.sleep(min(0.5 * self.failures, 5.0))
+
+    async def _start(self) -> None:
+        """Start once; an error nobody expected (a wrong ``option.pythonExecutable``, no ``mpirun``, a
+        bad host list: ``OSError``, ``ValueError``...) is final like a load error: it names the cause
+        to the user instead of ending this task silently with ``start()`` waiting for ever."""
+        try:
+            await self._start_once()
+        except (ServiceError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            logger.exception("worker %d could not start", self.worker_id)
+            raise LoadError(f"worker could not start: {exc.__class__.__name__}: {exc}") from exc
 
     async def _start_once(self) -> None:
         specs: list[LaunchSpec] | None = self.pm.hook.launch_workers(
@@ -248,7 +270,8 @@ class SupervisedWorker:
         first = done.pop()
         result = first.result() if not first.cancelled() and first.exception() is None else first.exception()
         if first is watchers[0]:
-            return f"worker process exited with code {result}"
+            assert isinstance(result, int)
+            return f"worker process exited with code {result} ({describe_exit(result)})"
         return str(result)
 
     async def _heartbeat(self) -> str:
@@ -267,16 +290,22 @@ class SupervisedWorker:
         error = await conn.control.get()
         return f"rank {conn.rank} reported: {error}"
 
-    async def _teardown(self, reason: str) -> None:
-        """Fail in-flight requests (via the connections), kill the process group, reap it."""
+    async def _teardown(self, reason: str) -> str:
+        """Fail in-flight requests (via the connections), kill the process group, reap it; return
+        ``reason`` with how the process ended, when ``reason`` does not say it already."""
         for conn in self.ranks:
             conn.fail(WorkerFailedError(f"worker {self.worker_id} failed: {reason}"))
             await conn.close()
         self.ranks = []
-        if self.process is not None:
-            self.process.kill()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.process.wait(), timeout=5.0)
+        if self.process is None or self.process.process is None:
+            return reason
+        self.process.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.process.wait(), timeout=5.0)
+        code = self.process.returncode
+        if code is None or "exited with code" in reason:
+            return reason
+        return f"{reason}; the worker process {describe_exit(code)}"
 
     async def stop(self) -> None:
         """Stop for good (scale down, unload, shutdown): no restart."""
