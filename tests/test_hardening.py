@@ -38,7 +38,8 @@ def test_bad_bodies_on_a_kept_alive_connection_leave_it_usable(
 
 
 def test_a_worker_that_cannot_start_fails_the_load_with_the_cause_instead_of_hanging(tmp_path: Path) -> None:
-    (tmp_path / "serving.properties").write_text("option.model_id=/m\noption.pythonExecutable=/nonexistent/py\n")
+    properties = "option.model_id=/m\noption.pythonExecutable=/nonexistent/py\n"
+    (tmp_path / "serving.properties").write_text(properties)
     run = subprocess.run(
         [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(tmp_path), "--port", "0"],
         capture_output=True,
