@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +36,11 @@ from lmi_hf.sampling import make_generator, select_token
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
+
+# Tokenizing and templating grow with the prompt: 1 MB of text took 4.5 s on the 2-core test machine,
+# so a 30 MB prompt on the worker's event loop stopped its heartbeats and got it killed as hung. They
+# run on these threads instead (bounded: a burst of huge prompts queues here, not in 32 threads).
+PROMPT_THREADS = 2
 
 Emit = Callable[[GenerationEvent | EngineError], None]
 
@@ -104,6 +110,9 @@ class HFEngine:
         self.max_model_len = int(
             context.options.get("max_model_len") or getattr(model.config, "max_position_embeddings", 2048)
         )
+        # option.max_input_length: prompt tokens; the context by default (one token left to generate).
+        self.max_input_length = int(context.options.get("max_input_length") or self.max_model_len - 1)
+        self._prompts = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="lmi-hf-prompt")
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -126,20 +135,34 @@ class HFEngine:
     # -- asyncio side ----------------------------------------------------------------------------
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
+        """The prompt's token ids and text (the chat template applied); a 400 naming the field when
+        it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise BadRequestError("this model's tokenizer has no chat template", param="messages")
-            text = self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer.encode(text, add_special_tokens=False), text
-        if not request.prompt:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # a template that rejects these messages (raise_exception)
+                raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
+            ids, param = self.tokenizer.encode(text, add_special_tokens=False), "messages"
+        elif not request.prompt:
             raise BadRequestError("the prompt is empty", param="inputs")
-        return self.tokenizer.encode(request.prompt), request.prompt
+        else:
+            text, param = request.prompt, "inputs"
+            ids = self.tokenizer.encode(text)
+        if len(ids) > self.max_input_length:
+            raise BadRequestError(
+                f"the prompt has {len(ids)} tokens; option.max_input_length is {self.max_input_length}",
+                param=param,
+            )
+        return ids, text
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
-        prompt_ids, prompt_text = self.encode_prompt(request)
+        loop = asyncio.get_running_loop()
+        prompt_ids, prompt_text = await loop.run_in_executor(self._prompts, self.encode_prompt, request)
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:
             raise BadRequestError(
@@ -191,6 +214,7 @@ class HFEngine:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=5)
+        self._prompts.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         if self.error:
