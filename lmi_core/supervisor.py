@@ -24,7 +24,13 @@ from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
-from lmi_core.errors import EngineError, RequestTimeoutError, ServiceError, WorkerFailedError
+from lmi_core.errors import (
+    EngineError,
+    RequestTimeoutError,
+    ServiceError,
+    WorkerFailedError,
+    WorkerStalledError,
+)
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
@@ -97,6 +103,8 @@ class SupervisedWorker:
         self.started_at = time.time()
         self.last_used = time.monotonic()
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set (with the reason) by a request that saw no token within option.stall_timeout.
+        self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -254,9 +262,11 @@ class SupervisedWorker:
     async def _watch(self) -> str:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
+        self._stalled = asyncio.get_running_loop().create_future()
         watchers: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self.process.wait()),
             asyncio.ensure_future(self._heartbeat()),
+            asyncio.shield(self._stalled),
         ]
         # Shielded: cancelling the watchers below must not cancel a live rank's ``closed`` future,
         # or its ``fail`` would see it done and leave that rank's in-flight requests hanging.
@@ -318,12 +328,15 @@ class SupervisedWorker:
     # -- requests ----------------------------------------------------------------------------------
 
     async def generate(
-        self, request: GenerationRequest, deadline: float | None = None
+        self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
-        into the request's queue: no per-token cost.
+        into the request's queue: no per-token cost. So is ``option.stall_timeout``: a timer that
+        re-arms itself from the last event's time (one float store per event) and, once no event came
+        for that long, ends the request and fails this worker (its engine is wedged even if it still
+        answers pings: a hung all-reduce, a stuck kernel).
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
@@ -332,18 +345,35 @@ class SupervisedWorker:
         queue = ranks[0].open_stream(rid)
         message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
-        timer = None
+        loop = asyncio.get_running_loop()
+        timer = stall_timer = None
         if deadline is not None:
-            loop = asyncio.get_running_loop()
-            timeout = RequestTimeoutError(
-                f"request took longer than option.predict_timeout={self.model.predict_timeout:g} s"
-            )
+            source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
+            timeout = RequestTimeoutError(f"request took longer than {source}")
             timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
+        stall = self.model.stall_timeout
+        progress = loop.time()
+        stalled = self._stalled
+
+        def check_stall() -> None:
+            nonlocal stall_timer
+            assert stall is not None
+            if loop.time() - progress < stall:
+                stall_timer = loop.call_at(progress + stall, check_stall)
+                return
+            reason = f"request {rid} got no token within option.stall_timeout={stall:g} s (engine stalled)"
+            queue.put_nowait(WorkerStalledError(reason))
+            if not stalled.done():
+                stalled.set_result(reason)
+
+        if stall is not None:
+            stall_timer = loop.call_at(progress + stall, check_stall)
         try:
             for conn in ranks:
                 conn.send(message_out)
             while True:
                 item = await queue.get()
+                progress = loop.time()
                 if isinstance(item, Exception):
                     # The engine's error ends the request in the worker too; nothing to cancel there.
                     finished = isinstance(item, EngineError)
@@ -355,8 +385,9 @@ class SupervisedWorker:
                     return
                 yield item
         finally:
-            if timer is not None:
-                timer.cancel()
+            for handle in (timer, stall_timer):
+                if handle is not None:
+                    handle.cancel()
             self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:

@@ -24,6 +24,7 @@ from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, error_response
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http.request_timeout import RequestTimeoutMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.server import ModelServer
@@ -151,6 +152,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
     # an unexpected error (innermost) is a JSON error that is counted and carries an id too.
     app.add_middleware(ErrorBoundaryMiddleware)
+    app.add_middleware(RequestTimeoutMiddleware)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
