@@ -170,12 +170,18 @@ def build_spec() -> dict[str, Any]:
             for code, text in (("200", "All models ready"), ("500", "A model failed"), ("503", "Loading"))
         },
     }
+    live = {
+        "summary": "200 while the server and its supervision loop run, even while models load",
+        "security": [],
+        "responses": {"200": _json({"type": "object"}, "Alive")},
+    }
     metrics = {"description": "Prometheus text format", "content": {"text/plain": {"schema": STRING}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "lmi-core", "version": __version__},
         "paths": {
             "/ping": {"get": ping},
+            "/live": {"get": live},
             "/invocations": {"post": invocations},
             "/predictions/{model_name}": {"post": predict},
             "/models/{model_name}/invoke": {"post": predict},

@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmi_core.errors import AuthenticationError, NotFoundError
 from lmi_core.http.openai_protocol import error_for_path
 
-OPEN_PATHS = frozenset({"/ping"})
+OPEN_PATHS = frozenset({"/ping", "/live"})
 # Served by both listeners when management has its own address.
-SHARED_PATHS = frozenset({"/ping", "/openapi.json"})
+SHARED_PATHS = frozenset({"/ping", "/live", "/openapi.json"})
 
 
 class ApiKeyMiddleware:

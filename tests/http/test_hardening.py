@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from lmi_core.pool import ModelStatus
+from lmi_core.registry import ModelState
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 DEEP = b"[" * 10_000 + b"]" * 10_000
@@ -93,3 +95,12 @@ def test_an_unexpected_exception_is_a_json_error_in_the_routes_shape_that_closes
         assert _openai(response)["type"] == "server_error"
     else:
         assert response.json()["code"] == 500 and "Boom" in response.json()["message"]
+
+
+def test_live_is_200_while_a_model_loads_or_failed_and_needs_no_key() -> None:
+    loading = model("a", state=ModelState.LOADING)
+    failed = model("b", pool("b", status=ModelStatus.FAILED), state=ModelState.FAILED, error="boom")
+    http = client(FakeModels(loading, failed), api_key="k")
+    assert http.get("/ping").status_code == 500
+    live = http.get("/live")
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
