@@ -116,6 +116,10 @@ class ModelConfig(_Strict):
     max_rolling_batch_size: int = Field(32, ge=1)
     model_loading_timeout: float = Field(240.0, gt=0)
     predict_timeout: float = Field(120.0, gt=0)
+    # Waiting for a worker (503 + Retry-After past it); None: only predict_timeout bounds the wait.
+    queue_timeout: float | None = Field(None, gt=0)
+    # A running request with no token for this long means a wedged engine: its worker restarts.
+    stall_timeout: float | None = Field(None, gt=0)
     max_idle_time: float = Field(60.0, gt=0)
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
@@ -159,6 +163,8 @@ MODEL_KEYS: dict[str, str] = {
     "option.max_rolling_batch_size": "max_rolling_batch_size",
     "option.model_loading_timeout": "model_loading_timeout",
     "option.predict_timeout": "predict_timeout",
+    "option.queue_timeout": "queue_timeout",
+    "option.stall_timeout": "stall_timeout",
     "max_idle_time": "max_idle_time",
     "retry_threshold": "retry_threshold",
     "option.dtype": "dtype",

@@ -92,6 +92,18 @@ class QueueFullError(ServiceError):
     type = "ServiceUnavailableException"
 
 
+class DeadlineError(ServiceError):
+    """A request ran out of one of its deadlines; ``deadline`` names which (a metric label)."""
+
+    deadline: str = "predict"
+
+
+class QueueTimeoutError(DeadlineError, QueueFullError):
+    """503 with ``Retry-After``: no worker took the request within ``option.queue_timeout``."""
+
+    deadline = "queue"
+
+
 class WorkerFailedError(ServiceError):
     """The worker serving a request died or hung; the request cannot complete."""
 
@@ -107,9 +119,18 @@ class PreflightError(ServiceError):
         self.failures = failures
 
 
-class RequestTimeoutError(ServiceError):
+class RequestTimeoutError(DeadlineError):
+    """504: the request waited and ran longer than ``option.predict_timeout`` (or x-request-timeout)."""
+
     status = 504
     type = "RequestTimeoutException"
+    deadline = "predict"
+
+
+class WorkerStalledError(DeadlineError, WorkerFailedError):
+    """503: the request produced no token within ``option.stall_timeout``; its worker is restarted."""
+
+    deadline = "stall"
 
 
 # -- raised by engines (inside a worker) ---------------------------------------------------------

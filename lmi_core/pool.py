@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import pluggy
 
 from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.deadlines import Deadlines, client_timeout, deadlines
 from lmi_core.devices import AllocationPlan, DeviceGroup
 from lmi_core.engine import GenerationEvent, GenerationRequest
-from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError
+from lmi_core.errors import ModelNotReadyError, QueueFullError, QueueTimeoutError, RequestTimeoutError
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
 
@@ -400,7 +401,7 @@ class WorkerPool:
         with contextlib.suppress(ValueError):
             self._queue.remove(future)
 
-    async def _acquire(self, deadline: float) -> SupervisedWorker:
+    async def _acquire(self, limits: Deadlines) -> SupervisedWorker:
         """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order."""
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
@@ -415,24 +416,25 @@ class WorkerPool:
         self._queue.append(future)
         self._changed.set()  # the scaler may add a worker
         try:
-            await asyncio.wait({future}, timeout=max(0.0, deadline - time.monotonic()))
+            await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
         except asyncio.CancelledError:
             self._abandon(future)
             raise
         if not future.done():
             self._abandon(future)
-            raise RequestTimeoutError(
-                f"request waited longer than option.predict_timeout={self.config.predict_timeout:g} s"
-            )
+            if limits.queue < limits.total:
+                raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
+            raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
         return future.result()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the least-loaded ready worker, yield its events."""
         started = time.monotonic()
-        deadline = started + self.config.predict_timeout
-        worker = await self._acquire(deadline)
+        config = self.config
+        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
+        worker = await self._acquire(limits)
         self.observe(self.name, "queue_time", time.monotonic() - started)
-        events = worker.generate(request, deadline)
+        events = worker.generate(request, limits.total, limits.total_source)
         try:
             async for event in events:
                 yield event

@@ -109,8 +109,12 @@ class WorkerProcess:
         for pid in session_members(self.process.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        # os.kill, not Popen.kill: Popen.send_signal first polls, which reaps an exited leader with
+        # waitpid behind asyncio's child watcher, which then logs "Unknown child process pid N" and
+        # reports 255 instead of the real status (-9 for a SIGKILL). Not once reaped (the pid is free).
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the group, then SIGKILL what is left after ``grace`` seconds; reap it."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import signal
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
-from lmi_core.errors import EngineError, RequestTimeoutError, WorkerFailedError
+from lmi_core.errors import (
+    EngineError,
+    RequestTimeoutError,
+    ServiceError,
+    WorkerFailedError,
+    WorkerStalledError,
+)
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.process import WorkerProcess
 
@@ -56,6 +63,16 @@ class WorkerSnapshot:
     retiring: bool = False  # set by the pool: scaled down or unloading, it gets no new request
 
 
+def describe_exit(code: int) -> str:
+    """``-9`` -> ``was killed by SIGKILL``; ``1`` -> ``exited with code 1`` (asyncio's return codes)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 class LoadError(WorkerFailedError):
     """The engine itself refused to load (bad model, missing package): restarting will not help."""
 
@@ -86,6 +103,8 @@ class SupervisedWorker:
         self.started_at = time.time()
         self.last_used = time.monotonic()
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set (with the reason) by a request that saw no token within option.stall_timeout.
+        self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -111,26 +130,25 @@ class SupervisedWorker:
             retry_threshold = self.server.retry_threshold
         while True:
             try:
-                await self._start_once()
+                await self._start()
                 self._set_state(WorkerState.READY)
                 if not self.first_start.done():
                     self.first_start.set_result(None)
                 reason = await self._watch()
             except LoadError as exc:
-                reason = str(exc)
+                reason = await self._teardown(str(exc))
                 self.last_error = reason
-                await self._teardown(reason)
                 self._set_state(WorkerState.FAILED)
                 if not self.first_start.done():
-                    self.first_start.set_exception(exc)
+                    self.first_start.set_exception(LoadError(reason))
                 return
             except WorkerFailedError as exc:
                 reason = str(exc)
             except asyncio.CancelledError:
                 await self._teardown("worker stopped")
                 raise
+            reason = await self._teardown(reason)
             self.last_error = reason
-            await self._teardown(reason)
             self.failures += 1
             if self.failures > retry_threshold:
                 logger.error(
@@ -150,6 +168,18 @@ class SupervisedWorker:
             )
             self._set_state(WorkerState.STARTING)
             await asyncio.sleep(min(0.5 * self.failures, 5.0))
+
+    async def _start(self) -> None:
+        """Start once; an error nobody expected (a wrong ``option.pythonExecutable``, no ``mpirun``, a
+        bad host list: ``OSError``, ``ValueError``...) is final like a load error: it names the cause
+        to the user instead of ending this task silently with ``start()`` waiting for ever."""
+        try:
+            await self._start_once()
+        except (ServiceError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            logger.exception("worker %d could not start", self.worker_id)
+            raise LoadError(f"worker could not start: {exc.__class__.__name__}: {exc}") from exc
 
     async def _start_once(self) -> None:
         specs: list[LaunchSpec] | None = self.pm.hook.launch_workers(
@@ -232,9 +262,11 @@ class SupervisedWorker:
     async def _watch(self) -> str:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
+        self._stalled = asyncio.get_running_loop().create_future()
         watchers: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self.process.wait()),
             asyncio.ensure_future(self._heartbeat()),
+            asyncio.shield(self._stalled),
         ]
         # Shielded: cancelling the watchers below must not cancel a live rank's ``closed`` future,
         # or its ``fail`` would see it done and leave that rank's in-flight requests hanging.
@@ -248,7 +280,8 @@ class SupervisedWorker:
         first = done.pop()
         result = first.result() if not first.cancelled() and first.exception() is None else first.exception()
         if first is watchers[0]:
-            return f"worker process exited with code {result}"
+            assert isinstance(result, int)
+            return f"worker process exited with code {result} ({describe_exit(result)})"
         return str(result)
 
     async def _heartbeat(self) -> str:
@@ -267,16 +300,22 @@ class SupervisedWorker:
         error = await conn.control.get()
         return f"rank {conn.rank} reported: {error}"
 
-    async def _teardown(self, reason: str) -> None:
-        """Fail in-flight requests (via the connections), kill the process group, reap it."""
+    async def _teardown(self, reason: str) -> str:
+        """Fail in-flight requests (via the connections), kill the process group, reap it; return
+        ``reason`` with how the process ended, when ``reason`` does not say it already."""
         for conn in self.ranks:
             conn.fail(WorkerFailedError(f"worker {self.worker_id} failed: {reason}"))
             await conn.close()
         self.ranks = []
-        if self.process is not None:
-            self.process.kill()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.process.wait(), timeout=5.0)
+        if self.process is None or self.process.process is None:
+            return reason
+        self.process.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.process.wait(), timeout=5.0)
+        code = self.process.returncode
+        if code is None or "exited with code" in reason:
+            return reason
+        return f"{reason}; the worker process {describe_exit(code)}"
 
     async def stop(self) -> None:
         """Stop for good (scale down, unload, shutdown): no restart."""
@@ -289,12 +328,15 @@ class SupervisedWorker:
     # -- requests ----------------------------------------------------------------------------------
 
     async def generate(
-        self, request: GenerationRequest, deadline: float | None = None
+        self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
-        into the request's queue: no per-token cost.
+        into the request's queue: no per-token cost. So is ``option.stall_timeout``: a timer that
+        re-arms itself from the last event's time (one float store per event) and, once no event came
+        for that long, ends the request and fails this worker (its engine is wedged even if it still
+        answers pings: a hung all-reduce, a stuck kernel).
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
@@ -303,18 +345,35 @@ class SupervisedWorker:
         queue = ranks[0].open_stream(rid)
         message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
-        timer = None
+        loop = asyncio.get_running_loop()
+        timer = stall_timer = None
         if deadline is not None:
-            loop = asyncio.get_running_loop()
-            timeout = RequestTimeoutError(
-                f"request took longer than option.predict_timeout={self.model.predict_timeout:g} s"
-            )
+            source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
+            timeout = RequestTimeoutError(f"request took longer than {source}")
             timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
+        stall = self.model.stall_timeout
+        progress = loop.time()
+        stalled = self._stalled
+
+        def check_stall() -> None:
+            nonlocal stall_timer
+            assert stall is not None
+            if loop.time() - progress < stall:
+                stall_timer = loop.call_at(progress + stall, check_stall)
+                return
+            reason = f"request {rid} got no token within option.stall_timeout={stall:g} s (engine stalled)"
+            queue.put_nowait(WorkerStalledError(reason))
+            if not stalled.done():
+                stalled.set_result(reason)
+
+        if stall is not None:
+            stall_timer = loop.call_at(progress + stall, check_stall)
         try:
             for conn in ranks:
                 conn.send(message_out)
             while True:
                 item = await queue.get()
+                progress = loop.time()
                 if isinstance(item, Exception):
                     # The engine's error ends the request in the worker too; nothing to cancel there.
                     finished = isinstance(item, EngineError)
@@ -326,8 +385,9 @@ class SupervisedWorker:
                     return
                 yield item
         finally:
-            if timer is not None:
-                timer.cancel()
+            for handle in (timer, stall_timer):
+                if handle is not None:
+                    handle.cancel()
             self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:

@@ -93,7 +93,7 @@ class FakeWorker:
         self._set(WorkerState.STOPPED)
 
     async def generate(
-        self, request: GenerationRequest, deadline: float | None = None
+        self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
     ) -> AsyncIterator[GenerationEvent]:
         FakeWorker.served.append((self.worker_id, request.request_id))
         yield Token(1, "x", 0.0)

@@ -19,10 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ConfigError, ServiceError
-from lmi_core.http import lmi_api, management, openai_api, openapi
+from lmi_core.http import liveness, lmi_api, management, openai_api, openapi
+from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, error_response
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http.request_timeout import RequestTimeoutMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.server import ModelServer
@@ -134,6 +136,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         *openai_api.routes,
         *openapi.routes,
         *management.routes,
+        *liveness.routes,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(
@@ -147,7 +150,10 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         },
     )
     app.state.lmi = state
-    # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id.
+    # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
+    # an unexpected error (innermost) is a JSON error that is counted and carries an id too.
+    app.add_middleware(ErrorBoundaryMiddleware)
+    app.add_middleware(RequestTimeoutMiddleware)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

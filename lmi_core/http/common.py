@@ -19,6 +19,7 @@ from lmi_core.errors import (
     ServiceError,
     UnsupportedMediaTypeError,
 )
+from lmi_core.http.json_guard import MAX_DEPTH, check_body
 
 T = TypeVar("T")
 
@@ -64,9 +65,13 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     try:
-        return json.loads(body, parse_int=_int64)
+        value = json.loads(body, parse_int=_int64)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}", param="body") from None
+    except RecursionError:  # the C decoder's own limit (~1,000 levels): a body nested 10,000 deep
+        raise BadRequestError(f"request body is nested deeper than {MAX_DEPTH} levels", "body") from None
+    check_body(body, value)
+    return value
 
 
 def error_response(exc: ServiceError) -> JSONResponse:

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.errors import DeadlineError
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 
@@ -107,6 +108,11 @@ class Metrics:
             "finish_reason",
         )
         self.worker_restarts = counter("lmi_worker_restarts", "Workers restarted after a failure")
+        self.deadlines = counter(
+            "lmi_request_deadline_exceeded",
+            "Requests ended by a deadline: predict (total), queue (waiting for a worker), stall (no token)",
+            "deadline",
+        )
         self.registry.register(EngineCollector(server))
 
     def observe(self, model: str, event: str, value: float) -> None:
@@ -146,6 +152,10 @@ class Metrics:
                             (last - first) / (event.generated_tokens - 1)
                         )
                 yield event
+        except DeadlineError as exc:
+            outcome = "error"
+            self.deadlines.labels(model, exc.deadline).inc()
+            raise
         except Exception:
             outcome = "error"
             raise

@@ -178,6 +178,11 @@ def build_spec() -> dict[str, Any]:
         "security": [],
         "responses": {"200": {"description": "Serving"}, "503": {"description": "Not serving"}},
     }
+    live = {
+        "summary": "200 while the server and its supervision loop run, even while models load",
+        "security": [],
+        "responses": {"200": _json({"type": "object"}, "Alive")},
+    }
     metrics = {"description": "Prometheus text format", "content": {"text/plain": {"schema": STRING}}}
     return {
         "openapi": "3.1.0",
@@ -188,6 +193,7 @@ def build_spec() -> dict[str, Any]:
             "/version": {
                 "get": _get_op("The server's version", _json(_obj(["version"], version=STRING), "Version"))
             },
+            "/live": {"get": live},
             "/invocations": {"post": invocations},
             "/predictions/{model_name}": {"post": predict},
             "/models/{model_name}/invoke": {"post": predict},

@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmi_core.errors import AuthenticationError, NotFoundError
 from lmi_core.http.openai_protocol import error_for_path
 
-OPEN_PATHS = frozenset({"/ping", "/health"})
+OPEN_PATHS = frozenset({"/ping", "/health", "/live"})
 # Served by both listeners when management has its own address.
-SHARED_PATHS = frozenset({"/ping", "/health", "/openapi.json"})
+SHARED_PATHS = frozenset({"/ping", "/health", "/live", "/openapi.json"})
 
 
 class ApiKeyMiddleware:

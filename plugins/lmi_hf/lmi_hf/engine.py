@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as SequenceOf  # `Sequence` here is a request in the batch
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +40,11 @@ from lmi_hf.scoring import prompt_logprobs
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
+
+# Tokenizing and templating grow with the prompt: 1 MB of text took 4.5 s on the 2-core test machine,
+# so a 30 MB prompt on the worker's event loop stopped its heartbeats and got it killed as hung. They
+# run on these threads instead (bounded: a burst of huge prompts queues here, not in 32 threads).
+PROMPT_THREADS = 2
 
 Emit = Callable[[GenerationEvent | EngineError], None]
 
@@ -114,6 +120,9 @@ class HFEngine:
             model.config, "max_position_embeddings", 2048
         )
         self.max_model_len = int(limit)
+        # option.max_input_length: prompt tokens; the context by default (one token left to generate).
+        self.max_input_length = int(context.options.get("max_input_length") or self.max_model_len - 1)
+        self._prompts = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="lmi-hf-prompt")
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -137,26 +146,40 @@ class HFEngine:
     # -- asyncio side ----------------------------------------------------------------------------
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
+        """The prompt's token ids and text (the chat template applied, ``truncate`` applied); a 400
+        naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
         if request.prompt_ids is not None:
             if not request.prompt_ids:
                 raise BadRequestError("the prompt is empty", param="inputs")
             check_token_ids(request.prompt_ids, self.vocab_size)
-            return list(request.prompt_ids), self._decode(request.prompt_ids)
-        if request.messages is not None:
+            ids, text, param = list(request.prompt_ids), self._decode(request.prompt_ids), "inputs"
+        elif request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise BadRequestError("this model's tokenizer has no chat template", param="messages")
-            text = self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer.encode(text, add_special_tokens=False), text
-        if not request.prompt:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # a template that rejects these messages (raise_exception)
+                raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
+            ids, param = self.tokenizer.encode(text, add_special_tokens=False), "messages"
+        elif not request.prompt:
             raise BadRequestError("the prompt is empty", param="inputs")
-        return self.tokenizer.encode(request.prompt), request.prompt
+        else:
+            text, param = request.prompt, "inputs"
+            ids = self.tokenizer.encode(text)
+        ids = truncate_prompt(ids, request.params)
+        if len(ids) > self.max_input_length:
+            raise BadRequestError(
+                f"the prompt has {len(ids)} tokens; option.max_input_length is {self.max_input_length}",
+                param=param,
+            )
+        return ids, text
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
-        prompt_ids, prompt_text = self.encode_prompt(request)
-        prompt_ids = truncate_prompt(prompt_ids, request.params)
+        loop = asyncio.get_running_loop()
+        prompt_ids, prompt_text = await loop.run_in_executor(self._prompts, self.encode_prompt, request)
         check_logit_bias(request.params, self.vocab_size)
         budget = token_budget(len(prompt_ids), self.max_model_len, request.params)
         self._loop = asyncio.get_running_loop()
@@ -207,6 +230,7 @@ class HFEngine:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=5)
+        self._prompts.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         if self.error:

@@ -26,6 +26,7 @@ DTYPES = ("auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 # key -> (check, what is allowed)
 HF_OPTIONS: dict[str, tuple[Callable[[str], bool], str]] = {
     "max_model_len": (_positive_int, "a positive integer"),
+    "max_input_length": (_positive_int, "a positive integer (prompt tokens)"),
     "device_map": (lambda v: bool(v), "an accelerate device_map such as auto, cuda, cpu"),
     "attn_implementation": (
         lambda v: v in ("eager", "sdpa", "flash_attention_2"),

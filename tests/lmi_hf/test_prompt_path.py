@@ -1,0 +1,65 @@
+"""The HF engine's prompt path: off the event loop, and bounded by option.max_input_length."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmi_core.engine import GenerationRequest, SamplingParams, WorkerContext
+from lmi_core.errors import BadRequestError
+from lmi_hf.engine import HFEngine, load_model
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model: Path) -> Iterator[HFEngine]:
+    context = WorkerContext(
+        model_id=str(demo_model),
+        model_dir=str(demo_model),
+        backend="hf",
+        options={"max_input_length": "8"},
+        max_batch_size=4,
+    )
+    model, tokenizer = load_model(context)
+    engine = HFEngine(context, model, tokenizer)
+    yield engine
+    engine.shutdown()
+
+
+async def _drain(engine: HFEngine, request: GenerationRequest) -> None:
+    async for _ in engine.generate(request):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("prompt", "messages", "param"),
+    [("one two " * 20, None, "inputs"), (None, [{"role": "user", "content": "one two " * 20}], "messages")],
+)
+async def test_a_prompt_over_max_input_length_is_a_400_naming_it(
+    engine: HFEngine, prompt: str | None, messages: list[dict[str, Any]] | None, param: str
+) -> None:
+    request = GenerationRequest("long", prompt=prompt, messages=messages)
+    with pytest.raises(BadRequestError, match=r"option\.max_input_length is 8") as caught:
+        await _drain(engine, request)
+    assert caught.value.param == param
+
+
+async def test_tokenizing_runs_off_the_event_loop(engine: HFEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    encode = engine.tokenizer.encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", spy)
+    await _drain(engine, GenerationRequest("short", prompt="Hello", params=SamplingParams(max_new_tokens=2)))
+    chat = [{"role": "user", "content": "Hello"}]
+    await _drain(engine, GenerationRequest("chat", messages=chat, params=SamplingParams(max_new_tokens=2)))
+    assert len(threads) == 2 and all(name.startswith("lmi-hf-prompt") for name in threads)
+    assert threading.current_thread() is threading.main_thread()  # the loop's thread did not encode
+    assert asyncio.get_running_loop() is not None
