@@ -14,6 +14,21 @@ FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
 SAMPLING_EPS = 1e-5
 
+StructuredKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass
+class StructuredOutput:
+    """A constraint on the generated text, which must be a complete match of ``spec`` read as ``kind``:
+    ``json`` a JSON schema (JSON text), ``regex`` a regular expression, ``choice`` a JSON list of
+    strings (the text is exactly one), ``grammar`` a Lark or GBNF grammar."""
+
+    kind: StructuredKind
+    spec: str
+    # JSON without optional whitespace. Flexible whitespace lets greedy decoding of a weak model emit
+    # whitespace until max_tokens (measured: the demo model, every schema); compact ends in ~50 tokens.
+    compact_json: bool = True
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +47,7 @@ class SamplingParams:
     # Whether the client reads each token's log-prob; an engine may skip computing it when not
     # (vLLM: about a third of its per-token cost on CPU) and report None.
     logprobs: bool = True
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -54,7 +70,10 @@ class GenerationRequest:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> GenerationRequest:
-        params = SamplingParams(**data.get("params", {}))
+        fields = dict(data.get("params", {}))
+        if fields.get("structured") is not None:
+            fields["structured"] = StructuredOutput(**fields["structured"])
+        params = SamplingParams(**fields)
         return cls(
             request_id=data["request_id"],
             prompt=data.get("prompt"),

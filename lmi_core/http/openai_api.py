@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, StructuredOutput, Token
 from lmi_core.errors import BadRequestError, EngineError, ModelNotFoundError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import parse_model
@@ -33,6 +33,7 @@ from lmi_core.http.openai_protocol import (
     openai_error,
 )
 from lmi_core.http.state import AppState, ServedModel
+from lmi_core.http.structured import check
 from lmi_core.pool import new_request_id
 
 # Engine finish reasons -> OpenAI's.
@@ -57,6 +58,8 @@ class Call:
     echo: list[str]  # text shown before each choice's output (completions ``echo``)
     logprobs: int | None  # top alternatives per token; None: no logprobs at all
     include_usage: bool
+    # The output constraint of every generation and the request field that set it.
+    constraint: tuple[StructuredOutput, str] | None = None
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -81,7 +84,8 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
         for i in range(body.n)
     ]
     echo = [(g.prompt or "") if body.echo else "" for g in generations]
-    return Call(pool, False, body.stream, body.n, generations, echo, body.logprobs, body.include_usage)
+    call = Call(pool, False, body.stream, body.n, generations, echo, body.logprobs, body.include_usage)
+    return constrain(call, body.constraint())
 
 
 def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
@@ -93,7 +97,16 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
         GenerationRequest(new_request_id(), messages=messages, params=body.sampling(max_tokens, logprobs, i))
         for i in range(body.n)
     ]
-    return Call(pool, True, body.stream, body.n, generations, [""] * body.n, logprobs, body.include_usage)
+    call = Call(pool, True, body.stream, body.n, generations, [""] * body.n, logprobs, body.include_usage)
+    return constrain(call, body.constraint())
+
+
+def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Call:
+    """``call`` with ``constraint`` on each of its generations."""
+    call.constraint = constraint
+    for generation in call.generations:
+        generation.params.structured = constraint[0] if constraint else None
+    return call
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -254,6 +267,8 @@ async def merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[
 async def run_call(request: Request, call: Call, route: str, framing: Framing) -> Response:
     """Run ``call``'s generations; stream them in ``framing`` or answer once."""
     state: AppState = request.app.state.lmi
+    if call.constraint is not None:
+        await check(*call.constraint)
     streams = [state.instrument(call.pool, g, route) for g in call.generations]
     try:
         if call.stream:

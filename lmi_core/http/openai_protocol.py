@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import error_headers, error_response
+from lmi_core.http.structured import GuidedFields
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
 MAX_TOKENS = 2**31 - 1
@@ -33,8 +34,9 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Common(_Body):
-    """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``)."""
+class _Common(GuidedFields, _Body):
+    """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``);
+    the output constraints (``response_format``, ``structured_outputs``, ``guided_*``) from GuidedFields."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -156,7 +158,6 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -166,10 +167,6 @@ class ChatCompletionRequest(_Common):
             raise BadRequestError("tools (function calling) are not supported by this server", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise BadRequestError("tool_choice needs tools, which this server lacks", param="tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise BadRequestError(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
 
     @property
     def token_limit(self) -> int | None:
