@@ -30,6 +30,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
 from lmi_hf.batch import Batch, decode, prefill
+from lmi_hf.grammar import GrammarCompiler, TokenConstraint
 from lmi_hf.sampling import make_generator, select_token
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
@@ -70,6 +71,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the output's grammar, when constrained
     generated: int = 0
     cancelled: bool = False
     done: bool = False
@@ -91,6 +93,7 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.grammars = GrammarCompiler(tokenizer, model.get_output_embeddings().out_features, self.eos_ids)
         self.stats = EngineStats()
         self._lock = threading.Condition()
         self._submitted: dict[str, Sequence] = {}  # arrived, not yet running
@@ -129,6 +132,9 @@ class HFEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
                 param="inputs",
             )
+        constraint = None
+        if request.params.structured is not None:  # compiled off the loop: other requests keep streaming
+            constraint = await asyncio.to_thread(self.grammars.compile, request.params.structured)
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
         seq = Sequence(
@@ -139,6 +145,7 @@ class HFEngine:
             emit=queue.put_nowait,
             detokenizer=IncrementalDetokenizer(self._decode),
             stop=StopMatcher(request.params.stop_sequences),
+            constraint=constraint,
         )
         self.submit(seq)
         try:
@@ -300,9 +307,14 @@ class HFEngine:
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
         """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
         params = seq.request.params
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
         token, log_prob, log_probs = select_token(logits, params, seq.generator)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         seq.generated += 1
-        is_eos = token in self.eos_ids and not params.ignore_eos
+        # The grammar allows EOS only where it may end, and then it is the end even with ignore_eos.
+        is_eos = token in self.eos_ids and (not params.ignore_eos or seq.constraint is not None)
         text = seq.detokenizer.add(token)
         reason: FinishReason | None = None
         if is_eos:
