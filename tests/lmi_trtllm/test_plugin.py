@@ -204,6 +204,7 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         "tensor_parallel_size": 2,
         "pipeline_parallel_size": 2,
         "max_batch_size": 16,
+        "guided_decoding_backend": "llguidance",
         "dtype": "float16",
         "trust_remote_code": False,
         "kv_cache_config": {"free_gpu_memory_fraction": 0.5},

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import glob
+import json
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from lmi_core.engine import (
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
+    StructuredOutput,
     Token,
     WorkerContext,
 )
@@ -73,6 +75,21 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
+
+
+# vLLM's structured-output backend unless option.structured_outputs_config says otherwise: llguidance,
+# as in the HF engine (xgrammar 0.2.8 let a raw control character into a JSON string, measured), with
+# compact JSON (vLLM's guidance backend reads the whitespace switch per engine, not per request).
+STRUCTURED_OUTPUTS_DEFAULTS: dict[str, Any] = {"backend": "guidance", "disable_any_whitespace": True}
+
+
+def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
+    """vLLM ``StructuredOutputsParams`` keyword arguments for lmi's ``constraint``."""
+    if constraint.kind == "choice":
+        return {"choice": json.loads(constraint.spec)}
+    if constraint.kind == "json":
+        return {"json": constraint.spec, "disable_any_whitespace": constraint.compact_json}
+    return {constraint.kind: constraint.spec}  # regex, grammar: the same names in vLLM
 
 
 def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
@@ -147,7 +164,7 @@ class VllmEngine:
         self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, counts: SchedulerCounts
     ) -> None:
         from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         try:  # an already-tokenized engine input: vLLM neither re-tokenizes nor warns (raw prompts)
             from vllm.inputs import tokens_input
@@ -160,6 +177,7 @@ class VllmEngine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self._vllm_sampling_params = VllmSamplingParams
+        self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
         self._loop = loop
         self._thread = thread
@@ -181,6 +199,10 @@ class VllmEngine:
     def start(cls, context: WorkerContext) -> VllmEngine:
         """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
         kwargs, kv_gib, warmup = engine_kwargs(context)
+        if "structured_outputs_config" not in kwargs:
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS)
         bind: str | None = None
         if context.device == "cpu":
             if kv_gib is not None:
@@ -363,6 +385,11 @@ class VllmEngine:
                 # 0 = only the sampled token's logprob; None = none, which saves vLLM real work.
                 logprobs=params.top_logprobs if params.logprobs or params.top_logprobs else None,
                 output_kind=self._delta,
+                structured_outputs=(
+                    None
+                    if params.structured is None
+                    else self._structured_outputs_params(**structured_outputs_kwargs(params.structured))
+                ),
             )
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
