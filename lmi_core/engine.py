@@ -64,6 +64,8 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Function tools for the chat template (OpenAI's ``tools`` entries), when the request has them.
+    tools: list[dict[str, Any]] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +81,7 @@ class GenerationRequest:
             prompt=data.get("prompt"),
             messages=data.get("messages"),
             params=params,
+            tools=data.get("tools"),
         )
 
 

@@ -6,7 +6,7 @@ Built-in behaviour (the launchers of both modes) is written as plugins on these 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -60,6 +60,11 @@ def handle_request(engine: Any, request: GenerationRequest) -> AsyncIterator[Gen
 @hookspec(firstresult=True)
 def engine_stats(engine: Any) -> EngineStats | None:
     """Return the engine's counters; raise if the engine is unhealthy."""
+
+
+@hookspec
+def register_tool_parsers() -> dict[str, Callable[[], Any]]:
+    """Name the tool-call parsers (``lmi_core.tool_parsers.ToolParser`` factories) this plugin adds."""
 
 
 @hookspec

@@ -105,7 +105,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Itera
     pool = Servers(
         tmp_path_factory.mktemp("structured"),
         demo_model,
-        {"option.max_rolling_batch_size": "16", "option.max_model_len": "1024"},
+        {"option.max_rolling_batch_size": "16", "option.max_model_len": "512"},
     )
     yield pool
     pool.close()

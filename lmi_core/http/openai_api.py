@@ -34,7 +34,10 @@ from lmi_core.http.openai_protocol import (
 )
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
+from lmi_core.http.tool_calls import ToolPlan, ToolStream
+from lmi_core.plugins import get_plugin_manager
 from lmi_core.pool import new_request_id
+from lmi_core.tool_parsers import ParserFactory, parser_registry
 
 # Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -60,6 +63,7 @@ class Call:
     include_usage: bool
     # The output constraint of every generation and the request field that set it.
     constraint: tuple[StructuredOutput, str] | None = None
+    tools: ToolPlan | None = None  # chat with tools: how the output becomes tool calls
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -98,7 +102,23 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
         for i in range(body.n)
     ]
     call = Call(pool, True, body.stream, body.n, generations, [""] * body.n, logprobs, body.include_usage)
-    return constrain(call, body.constraint())
+    constraint = body.constraint()
+    call.tools = body.tool_plan(tool_parsers(), pool.config.options)
+    if call.tools is not None:
+        for generation in generations:
+            generation.tools = call.tools.template_tools
+        if call.tools.constraint is not None:
+            if constraint is not None:
+                message = f"tool_choice {call.tools.mode} constrains the output: it excludes {constraint[1]}"
+                raise BadRequestError(message, param=constraint[1])
+            constraint = (call.tools.constraint, "tools")
+    return constrain(call, constraint)
+
+
+@functools.cache
+def tool_parsers() -> dict[str, ParserFactory]:
+    """The built-in tool-call parsers and the plugins' (``register_tool_parsers``)."""
+    return parser_registry(get_plugin_manager().hook.register_tool_parsers())
 
 
 def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Call:
@@ -171,7 +191,14 @@ def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str,
         done = next(e for e in events if isinstance(e, Finished))
         finished[index] = done
         text = call.echo[index] + "".join(t.text for t in tokens)
-        choices.append(_choice(call, index, text, tokens, _finish_reason(done), len(call.echo[index]), False))
+        choice = _choice(call, index, text, tokens, _finish_reason(done), len(call.echo[index]), False)
+        if call.tools is not None:  # the same parser as the stream: its calls equal the streamed ones
+            stream = ToolStream(call.tools)
+            stream.feed(text)
+            stream.finish()
+            choice["message"] = stream.message()
+            choice["finish_reason"] = call.tools.finish_reason(_finish_reason(done), stream.has_calls)
+        choices.append(choice)
     return {**call.envelope(chunk=False), "choices": choices, "usage": _usage(call, finished)}
 
 
@@ -186,6 +213,7 @@ async def render_chunks(
 
     offsets = [len(text) for text in call.echo]
     finished: dict[int, Finished] = {}
+    tools = [ToolStream(call.tools) for _ in call.echo] if call.tools is not None else None
     for index, text in enumerate(call.echo):
         if call.chat:  # OpenAI opens each chat choice with the assistant's role
             opening = _choice(call, index, "", [], None, 0, True)
@@ -194,7 +222,15 @@ async def render_chunks(
             yield chunk(_choice(call, index, text, [], None, 0, True))
     try:
         async for index, event in events:
-            if isinstance(event, Token):
+            if tools is not None:  # tool calls: content and tool_calls deltas, as the parser finds them
+                deltas = tools[index].feed(event.text) if isinstance(event, Token) else tools[index].finish()
+                for delta in deltas:
+                    yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                if isinstance(event, Finished):
+                    finished[index] = event
+                    reason = call.tools.finish_reason(_finish_reason(event), tools[index].has_calls)
+                    yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+            elif isinstance(event, Token):
                 yield chunk(_choice(call, index, event.text, [event], None, offsets[index], True))
                 offsets[index] += len(event.text)
             else:

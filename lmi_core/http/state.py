@@ -30,6 +30,9 @@ class ServedModel(Protocol):
     @property
     def loaded_at(self) -> float: ...  # time.time() of its registration
 
+    @property
+    def config(self) -> ModelConfig: ...  # its options name the tool-call parser
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
 
 

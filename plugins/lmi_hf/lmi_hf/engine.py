@@ -116,7 +116,7 @@ class HFEngine:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise BadRequestError("this model's tokenizer has no chat template", param="messages")
             text = self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
+                request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
             )
             return self.tokenizer.encode(text, add_special_tokens=False), text
         if not request.prompt:

@@ -343,7 +343,7 @@ class VllmEngine:
             param = "messages"
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
+                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
                 )
             except Exception as exc:  # no template, or a template that rejects these messages
                 raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
