@@ -213,7 +213,8 @@ async def render_chunks(
 
     offsets = [len(text) for text in call.echo]
     finished: dict[int, Finished] = {}
-    tools = [ToolStream(call.tools) for _ in call.echo] if call.tools is not None else None
+    plan = call.tools
+    tools = [ToolStream(plan) for _ in call.echo] if plan is not None else None
     for index, text in enumerate(call.echo):
         if call.chat:  # OpenAI opens each chat choice with the assistant's role
             opening = _choice(call, index, "", [], None, 0, True)
@@ -228,7 +229,7 @@ async def render_chunks(
                     yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
                 if isinstance(event, Finished):
                     finished[index] = event
-                    reason = call.tools.finish_reason(_finish_reason(event), tools[index].has_calls)
+                    reason = tools[index].plan.finish_reason(_finish_reason(event), tools[index].has_calls)
                     yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
             elif isinstance(event, Token):
                 yield chunk(_choice(call, index, event.text, [event], None, offsets[index], True))
