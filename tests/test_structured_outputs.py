@@ -2,7 +2,8 @@
 output proves the constraint did the work.
 
 One ``lmi serve`` per backend (``tests.test_backend_parity.Servers``) with a batch of 16, so that 16
-concurrent requests with 16 different schemas decode in one batch alongside free ones.
+concurrent requests with 16 different schemas decode in one batch alongside free ones; tool calling
+(``tool_choice`` required and named are constraints too) runs on the same servers.
 """
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Itera
     pool = Servers(
         tmp_path_factory.mktemp("structured"),
         demo_model,
-        {"option.max_rolling_batch_size": "16", "option.max_model_len": "512"},
+        {
+            "option.max_rolling_batch_size": "16",
+            "option.max_model_len": "512",
+            "option.enable_auto_tool_choice": "true",
+            "option.tool_call_parser": "hermes",
+        },
     )
     yield pool
     pool.close()
@@ -275,3 +281,160 @@ def test_invalid_constraint_on_the_native_api_names_the_parameter(server: Server
     response = httpx.post(f"{server.url}/invocations", json=body, timeout=TIMEOUT)
     assert response.status_code == 400, response.text
     assert "parameters.structured_outputs.regex" in response.text and "unclosed group" in response.text
+
+
+# -- tool calling --------------------------------------------------------------------------------
+
+SMALL_INT = {"type": "integer", "minimum": 0, "maximum": 99}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "unit": {"enum": ["C", "F"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "maximum": 99},
+                    "b": {"type": "integer", "maximum": 99},
+                },
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+WEATHER_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def check_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The message's tool calls, each to a listed tool with arguments valid for it."""
+    calls = message["tool_calls"]
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS[call["function"]["name"]])
+    return list(calls)
+
+
+def streamed_calls(chunks: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str | None]:
+    """The (name, arguments) calls that OpenAI-shaped tool_calls deltas add up to, and the finish."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            finish = choice["finish_reason"] or finish
+            for delta in choice["delta"].get("tool_calls") or []:
+                function = delta["function"]
+                if "id" in delta:  # the first delta of a call: id, type and name, once
+                    assert delta["index"] not in calls and delta["type"] == "function"
+                    calls[delta["index"]] = [function["name"], ""]
+                else:
+                    assert "name" not in function
+                calls[delta["index"]][1] += function["arguments"]
+    return [(n, a) for n, a in (calls[i] for i in sorted(calls))], finish
+
+
+def test_tool_choice_required_always_calls_a_listed_tool(server: ServerProcess) -> None:
+    def one(i: int) -> dict[str, Any]:
+        body = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": i % 3 != 0}
+        return chat(server, **body, **sampling(i))["choices"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(one, range(24)))
+    for i, choice in enumerate(choices):
+        if choice["finish_reason"] == "length":  # parallel calls: the model may go on calling
+            assert i % 3 != 0
+            continue
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        calls = check_calls(choice["message"])
+        assert len(calls) >= 1 and (len(calls) == 1 or i % 3 != 0)
+
+
+def test_named_tool_choice_calls_that_function_and_finishes_with_stop(server: ServerProcess) -> None:
+    for i in range(6):
+        choice = chat(server, tools=TOOLS, tool_choice=WEATHER_CHOICE, **sampling(i))["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        [call] = check_calls(choice["message"])
+        assert call["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", WEATHER_CHOICE])
+def test_streamed_tool_calls_add_up_to_the_non_streamed_ones(server: ServerProcess, tool_choice: Any) -> None:
+    for seed in (1, 2, 3):
+        body = {
+            "messages": USER,
+            "max_tokens": MAX_TOKENS,
+            "tools": TOOLS,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": False,
+            "temperature": 1.0,
+            "seed": seed,
+        }
+        whole = post(server, "/v1/chat/completions", body)["choices"][0]
+        expected = [
+            (c["function"]["name"], c["function"]["arguments"]) for c in check_calls(whole["message"])
+        ]
+        calls, finish = streamed_calls(sse_chunks(server, "/v1/chat/completions", body))
+        assert calls == expected and finish == whole["finish_reason"]
+
+
+def test_auto_tool_choice_reads_the_model_text_with_its_parser(server: ServerProcess) -> None:
+    # The demo model never writes <tool_call>: auto answers its babble as content, streamed alike.
+    body = {"messages": USER, "max_tokens": 30, "tools": TOOLS, "temperature": 0, "ignore_eos": True}
+    choice = post(server, "/v1/chat/completions", body)["choices"][0]
+    assert choice["message"]["tool_calls"] == [] and choice["finish_reason"] == "length"
+    chunks = sse_chunks(server, "/v1/chat/completions", body)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]
+
+
+def test_tool_messages_and_earlier_calls_are_accepted(server: ServerProcess) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]
+    body = {"messages": messages, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    check_calls(
+        post(server, "/v1/chat/completions", {**body, "max_tokens": MAX_TOKENS})["choices"][0]["message"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}]},
+            "tools",
+        ),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ],
+)
+def test_invalid_tool_requests_are_a_400_naming_the_field(
+    server: ServerProcess, body: dict[str, Any], param: str
+) -> None:
+    if param == "tools":
+        body = {**body, "tool_choice": "required"}
+    error = chat(server, status=400, **body)["error"]
+    assert error["param"] == param, error
