@@ -23,6 +23,7 @@ from lmi_core.tool_parsers import NamedCallParser, Parsed, ParserFactory, ToolCa
 
 ToolMode = Literal["required", "named", "auto"]
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 class _Strict(BaseModel):
@@ -54,12 +55,16 @@ class ToolFields(BaseModel):
     """The tool fields of a chat request (mixed into its pydantic model)."""
 
     tools: list[ToolDef] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # A string is checked in tool_plan: a Literal in the union would name its member in the error.
+    tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
     def tool_plan(self, parsers: Mapping[str, ParserFactory], options: Mapping[str, str]) -> ToolPlan | None:
         """The request's tool plan, or None for plain chat; ``options``: the model's ``option.*``."""
         choice = self.tool_choice
+        if isinstance(choice, str) and choice not in TOOL_CHOICES:
+            message = f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function"
+            raise BadRequestError(message, param="tool_choice")
         if not self.tools:
             if choice not in (None, "none"):
                 raise BadRequestError("tool_choice needs tools", param="tool_choice")
