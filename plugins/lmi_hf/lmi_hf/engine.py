@@ -291,9 +291,10 @@ class HFEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, start: int) -> None:
         """Choose each sequence's next token, emit it, and drop the sequences that finished."""
         tokens: list[int] = []
-        for seq, row in zip(seqs, logits, strict=True):
+        allowed = self._allowed(seqs)
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             try:
-                tokens.append(self._advance(seq, row))
+                tokens.append(self._advance(seq, row, allowed.get(i)))
             except Exception as exc:  # one request's failure (its sampling) ends that request only
                 self._fail(seq, exc)
                 tokens.append(0)  # a placeholder: the row is evicted below
@@ -304,11 +305,27 @@ class HFEngine:
         self.stats.generated_tokens_total += len(tokens)
         self._evict({s.request.request_id for s in self._running if s.done})
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
+    def _allowed(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """The tokens each constrained sequence's grammar allows next, by row (one call per step)."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if not rows:
+            return {}
+        try:
+            masks = self.grammars.allowed([seqs[i].constraint for i in rows])  # type: ignore[misc]
+        except Exception as exc:  # a broken matcher: fail its requests, not the batch
+            for i in rows:
+                self._fail(seqs[i], exc)
+            return {}
+        return dict(zip(rows, masks, strict=True))
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """Sample ``seq``'s next token from its logits row (only ``allowed`` tokens, when its output
+        is constrained), emit it, finish ``seq`` if it is done."""
         params = seq.request.params
-        if seq.constraint is not None:
-            logits = seq.constraint.mask(logits)
+        if seq.done:
+            return 0  # failed while computing its mask: evicted after this step
+        if allowed is not None:  # a row as wide as the logits (the grammar's vocabulary is the model's)
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         token, log_prob, log_probs = select_token(logits, params, seq.generator)
         if seq.constraint is not None:
             seq.constraint.accept(token)
