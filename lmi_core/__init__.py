@@ -40,6 +40,7 @@ from lmi_core.engine import (
     GenerationRequest,
     PromptLogprob,
     SamplingParams,
+    StructuredOutput,
     Token,
     WorkerContext,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RequestCounts",
     "SamplingParams",
     "ServiceError",
+    "StructuredOutput",
     "Token",
     "WorkerContext",
     "hookimpl",

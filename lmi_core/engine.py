@@ -17,6 +17,21 @@ FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
 SAMPLING_EPS = 1e-5
 
+StructuredKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass
+class StructuredOutput:
+    """A constraint on the generated text, which must be a complete match of ``spec`` read as ``kind``:
+    ``json`` a JSON schema (JSON text), ``regex`` a regular expression, ``choice`` a JSON list of
+    strings (the text is exactly one), ``grammar`` a Lark or GBNF grammar."""
+
+    kind: StructuredKind
+    spec: str
+    # JSON without optional whitespace. Flexible whitespace lets greedy decoding of a weak model emit
+    # whitespace until max_tokens (measured: the demo model, every schema); compact ends in ~50 tokens.
+    compact_json: bool = True
+
 
 @dataclass
 class SamplingParams:
@@ -59,6 +74,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Keep only the last ``truncate`` prompt tokens (DJL/TGI ``truncate``); None: the whole prompt.
     truncate: int | None = None
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +93,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # An already tokenized prompt (OpenAI ``prompt: list[int]``): used as is, no special tokens added.
     prompt_ids: list[int] | None = None
+    # Function tools for the chat template (OpenAI's ``tools`` entries), when the request has them.
+    tools: list[dict[str, Any]] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,12 +103,15 @@ class GenerationRequest:
     def from_wire(cls, data: dict[str, Any]) -> GenerationRequest:
         raw = dict(data.get("params", {}))
         raw["logit_bias"] = [(int(i), float(b)) for i, b in raw.get("logit_bias", [])]
+        if raw.get("structured") is not None:
+            raw["structured"] = StructuredOutput(**raw["structured"])
         return cls(
             request_id=data["request_id"],
             prompt=data.get("prompt"),
             messages=data.get("messages"),
             params=SamplingParams(**raw),
             prompt_ids=data.get("prompt_ids"),
+            tools=data.get("tools"),
         )
 
 

@@ -9,8 +9,8 @@ override the rest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -65,6 +65,11 @@ def handle_request(
 @hookspec(firstresult=True)
 def engine_stats(engine: Engine) -> EngineStats | None:
     """Return the engine's counters; raise if the engine is unhealthy (built-in: ``engine.stats()``)."""
+
+
+@hookspec
+def register_tool_parsers() -> dict[str, Callable[[], Any]]:
+    """Name the tool-call parsers (``lmi_core.tool_parsers.ToolParser`` factories) this plugin adds."""
 
 
 @hookspec

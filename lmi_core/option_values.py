@@ -82,6 +82,10 @@ def close_matches(key: str, known: Iterable[str]) -> str:
     return f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
 
 
+# Model options the HTTP layer reads (tool calling), the same on every backend: not engine options.
+SERVER_OPTIONS = frozenset({"enable_auto_tool_choice", "tool_call_parser"})
+
+
 def parse_backend_options(
     options: Mapping[str, Any],
     apply: Callable[[str, str], None],
@@ -96,7 +100,7 @@ def parse_backend_options(
     option, named by the mapping) is an error pointing at that option; a ``ValueError`` from ``apply``
     (a bad value, or an unknown key) becomes a ``ConfigError`` naming ``option.<key>`` and the value.
     """
-    skip = frozenset(ignored)
+    skip = frozenset(ignored) | SERVER_OPTIONS
     for key, raw in options.items():
         value = str(raw)
         name = f"option.{key}"

@@ -54,9 +54,10 @@ READY_TIMEOUT = {"hf": 90.0, "vllm": 300.0}
 class Servers:
     """One ``lmi serve`` per backend on the demo model, started on first use."""
 
-    def __init__(self, base: Path, demo: Path) -> None:
+    def __init__(self, base: Path, demo: Path, properties: dict[str, str] | None = None) -> None:
         self.base = base
         self.demo = demo
+        self.properties = properties or {}  # serving.properties beyond the common ones
         self.running: dict[str, ServerProcess] = {}
         # vLLM's IPC sockets need a short path (Unix sockets: 107 bytes); cleaned up in close().
         self.vllm_tmp = Path(tempfile.mkdtemp(prefix="lmi-parity-"))
@@ -77,6 +78,7 @@ class Servers:
             "option.dtype": "float32",  # the same arithmetic on both engines
             "option.max_model_len": str(CONTEXT),
             "option.max_rolling_batch_size": "8",
+            **self.properties,
         }
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if backend == "vllm":

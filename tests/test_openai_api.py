@@ -315,7 +315,8 @@ def test_bad_chat_parameters(client: openai.OpenAI) -> None:
             "messages.0.content",
         ),
         ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
-        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        # tools default to tool_choice auto, which needs option.enable_auto_tool_choice on the model
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as info:

@@ -18,6 +18,7 @@ from lmi_core.http.common import collect, read_json, stream_response, until_disc
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.state import AppState, ServedModel
+from lmi_core.http.structured import check
 from lmi_core.pool import ModelStatus, new_request_id
 
 
@@ -72,6 +73,8 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
         return await state.native_chat(request, pool, body)
     lmi = parse_model(LmiRequest, body)
     params = lmi.parameters.sampling()
+    if (constrained := lmi.parameters.constraint("parameters.")) is not None:
+        await check(*constrained)
     if isinstance(lmi.inputs, list):
         if lmi.stream:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")

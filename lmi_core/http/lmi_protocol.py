@@ -8,10 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
+from lmi_core.http.structured import ConstraintFields
 
 
-class LmiParameters(BaseModel):
-    """``parameters`` of an LMI request (TGI-like); unknown keys and loose types are a 400 naming them."""
+class LmiParameters(ConstraintFields):
+    """``parameters`` of an LMI request (TGI-like); unknown keys and loose types are a 400 naming them.
+    Output constraints (``response_format``, ``structured_outputs``) from ConstraintFields."""
 
     # strict: "do_sample": 1 or "max_new_tokens": "5" are mistakes to report, not to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -65,6 +67,7 @@ class LmiParameters(BaseModel):
             min_tokens=self.min_tokens,
             truncate=self.truncate,
             prompt_logprobs=0 if self.decoder_input_details and self.details else None,
+            structured=constrained[0] if (constrained := self.constraint("parameters.")) else None,
         )
 
 

@@ -24,7 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, PromptLogprob, Token
+from lmi_core.engine import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    PromptLogprob,
+    StructuredOutput,
+    Token,
+)
 from lmi_core.errors import BadRequestError, EngineError, ModelNotFoundError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import parse_model
@@ -36,7 +43,11 @@ from lmi_core.http.openai_protocol import (
     openai_error,
 )
 from lmi_core.http.state import AppState, ServedModel
+from lmi_core.http.structured import check
+from lmi_core.http.tool_calls import ToolPlan, ToolStream
+from lmi_core.plugins import get_plugin_manager
 from lmi_core.pool import new_request_id
+from lmi_core.tool_parsers import ParserFactory, parser_registry
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +83,9 @@ class Call:
     # echo: the prompt's text and (with logprobs) its tokens come before the output.
     echo_prompt: bool = False
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs: shown apart from the output's
+    # The output constraint of every generation and the request field that set it.
+    constraint: tuple[StructuredOutput, str] | None = None
+    tools: ToolPlan | None = None  # chat with tools: how the output becomes tool calls
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -106,7 +120,7 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
         for i in range(body.n)
     ]
     echo = [(g.prompt or "") if body.echo else "" for g in generations]
-    return Call(
+    call = Call(
         pool,
         False,
         body.stream,
@@ -119,6 +133,7 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
         echo_prompt=body.echo,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
+    return constrain(call, body.constraint())
 
 
 def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
@@ -134,7 +149,7 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
         )
         for i in range(body.n)
     ]
-    return Call(
+    call = Call(
         pool,
         True,
         body.stream,
@@ -146,6 +161,31 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
         continuous_usage=body.include_usage and body.continuous_usage,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
+    constraint = body.constraint()
+    call.tools = body.tool_plan(tool_parsers(), pool.config.options)
+    if call.tools is not None:
+        for generation in generations:
+            generation.tools = call.tools.template_tools
+        if call.tools.constraint is not None:
+            if constraint is not None:
+                message = f"tool_choice {call.tools.mode} constrains the output: it excludes {constraint[1]}"
+                raise BadRequestError(message, param=constraint[1])
+            constraint = (call.tools.constraint, "tools")
+    return constrain(call, constraint)
+
+
+@functools.cache
+def tool_parsers() -> dict[str, ParserFactory]:
+    """The built-in tool-call parsers and the plugins' (``register_tool_parsers``)."""
+    return parser_registry(get_plugin_manager().hook.register_tool_parsers())
+
+
+def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Call:
+    """``call`` with ``constraint`` on each of its generations."""
+    call.constraint = constraint
+    for generation in call.generations:
+        generation.params.structured = constraint[0] if constraint else None
+    return call
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -272,6 +312,12 @@ def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str,
             prompt_logprobs = _vllm_prompt_logprobs(done.prompt_logprobs)
             if not call.chat:  # vLLM: per choice for completions, once per response for chat
                 choice["prompt_logprobs"] = prompt_logprobs
+        if call.tools is not None:  # the same parser as the stream: its calls equal the streamed ones
+            stream = ToolStream(call.tools)
+            stream.feed(text)
+            stream.finish()
+            choice["message"] = stream.message()
+            choice["finish_reason"] = call.tools.finish_reason(_finish_reason(done), stream.has_calls)
         choices.append(choice)
     result = {**call.envelope(chunk=False), "choices": choices, "usage": _usage(call, finished)}
     if call.chat and call.prompt_logprobs:
@@ -299,6 +345,8 @@ async def render_chunks(
 
     offsets = [len(text) for text in call.echo]
     finished: dict[int, Finished] = {}
+    plan = call.tools
+    tools = [ToolStream(plan) for _ in call.echo] if plan is not None else None
     for index, text in enumerate(call.echo):
         if call.chat:  # OpenAI opens each chat choice with the assistant's role
             opening = _choice(call, index, "", [], None, 0, True)
@@ -307,7 +355,15 @@ async def render_chunks(
             yield chunk(_choice(call, index, text, [], None, 0, True))
     try:
         async for index, event in events:
-            if isinstance(event, Token):
+            if tools is not None:  # tool calls: content and tool_calls deltas, as the parser finds them
+                deltas = tools[index].feed(event.text) if isinstance(event, Token) else tools[index].finish()
+                for delta in deltas:
+                    yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                if isinstance(event, Finished):
+                    finished[index] = event
+                    reason = tools[index].plan.finish_reason(_finish_reason(event), tools[index].has_calls)
+                    yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+            elif isinstance(event, Token):
                 if event.prompt_tokens is not None:
                     prompt_tokens[index] = event.prompt_tokens
                 generated[index] += 1
@@ -386,6 +442,8 @@ async def merge(
 async def run_call(request: Request, call: Call, route: str, framing: Framing) -> Response:
     """Run ``call``'s generations; stream them in ``framing`` or answer once."""
     state: AppState = request.app.state.lmi
+    if call.constraint is not None:
+        await check(*call.constraint)
     streams = [state.instrument(call.pool, g, route) for g in call.generations]
     try:
         if call.stream:

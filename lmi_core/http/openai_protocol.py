@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import error_headers, error_response
+from lmi_core.http.structured import GuidedFields
+from lmi_core.http.tool_calls import ToolFields, template_message
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
 MAX_TOKENS = 2**31 - 1
@@ -59,8 +61,9 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
-class _Common(_Body):
-    """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``)."""
+class _Common(GuidedFields, _Body):
+    """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``);
+    the output constraints (``response_format``, ``structured_outputs``, ``guided_*``) from GuidedFields."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -203,6 +206,8 @@ class ChatMessage(_Body):
     role: ROLES
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -225,33 +230,25 @@ class ChatMessage(_Body):
         }
         if self.name:
             message["name"] = self.name
-        return message
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return template_message(message)
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(ToolFields, _Common):
     """``POST /v1/chat/completions`` (and a body with ``messages`` on ``/invocations``)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.tools:
-            raise BadRequestError("tools (function calling) are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise BadRequestError("tool_choice needs tools, which this server lacks", param="tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise BadRequestError(
-                "only response_format {'type': 'text'} is supported", param="response_format"
-            )
 
     @property
     def token_limit(self) -> int | None:

@@ -216,6 +216,7 @@ def test_llm_kwargs_from_the_worker_context() -> None:
         "tensor_parallel_size": 2,
         "pipeline_parallel_size": 2,
         "max_batch_size": 16,
+        "guided_decoding_backend": "llguidance",
         "dtype": "float16",
         "trust_remote_code": True,
         "kv_cache_config": {"free_gpu_memory_fraction": 0.5},
@@ -304,6 +305,9 @@ async def test_rank_0_counts_requests_and_aborts_a_closed_stream(
 ) -> None:
     # TrtllmEngine imports tensorrt_llm.SamplingParams; the stand-in takes its keyword arguments.
     monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(SamplingParams=dict))
+    monkeypatch.setitem(
+        sys.modules, "tensorrt_llm.sampling_params", SimpleNamespace(GuidedDecodingParams=dict)
+    )
     llm = StandInLLM([completion([5], "a"), completion([6], "b"), completion([7], "c", reason="length")])
     engine = TrtllmEngine(llm)
     pm = manager()

@@ -35,6 +35,7 @@ from lmi_core.engine import (
 from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
 from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
 from lmi_hf.batch import Batch, decode, prefill
+from lmi_hf.grammar import GrammarCompiler, TokenConstraint
 from lmi_hf.sampling import make_generator, select_token
 from lmi_hf.scoring import prompt_logprobs
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
@@ -94,6 +95,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the output's grammar, when constrained
     generated: int = 0
     cancelled: bool = False
     done: bool = False
@@ -127,6 +129,7 @@ class HFEngine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.vocab_size = int(model.config.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, model.get_output_embeddings().out_features, self.eos_ids)
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
         self._lock = threading.Condition()
@@ -158,7 +161,7 @@ class HFEngine:
                 raise BadRequestError("this model's tokenizer has no chat template", param="messages")
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
+                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
                 )
             except Exception as exc:  # a template that rejects these messages (raise_exception)
                 raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
@@ -182,6 +185,9 @@ class HFEngine:
         prompt_ids, prompt_text = await loop.run_in_executor(self._prompts, self.encode_prompt, request)
         check_logit_bias(request.params, self.vocab_size)
         budget = token_budget(len(prompt_ids), self.max_model_len, request.params)
+        constraint = None
+        if request.params.structured is not None:  # compiled off the loop: other requests keep streaming
+            constraint = await asyncio.to_thread(self.grammars.compile, request.params.structured)
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
         seq = Sequence(
@@ -195,6 +201,7 @@ class HFEngine:
             stop_ids=frozenset(request.params.stop_token_ids).union(
                 () if request.params.ignore_eos else self.eos_ids
             ),
+            constraint=constraint,
         )
         self.submit(seq)
         try:
@@ -366,9 +373,10 @@ class HFEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, start: int) -> None:
         """Choose each sequence's next token, emit it, and drop the sequences that finished."""
         tokens: list[int] = []
-        for seq, row in zip(seqs, logits, strict=True):
+        allowed = self._allowed(seqs)
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             try:
-                tokens.append(self._advance(seq, row))
+                tokens.append(self._advance(seq, row, allowed.get(i)))
             except Exception as exc:  # one request's failure (its sampling) ends that request only
                 self._fail(seq, exc)
                 tokens.append(0)  # a placeholder: the row is evicted below
@@ -378,15 +386,36 @@ class HFEngine:
         self._batch.set_last_tokens(last)
         self._evict({s.request.request_id for s in self._running if s.done})
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """Sample ``seq``'s next token from its logits row, emit it, finish ``seq`` if it is done."""
+    def _allowed(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """The tokens each constrained sequence's grammar allows next, by row (one call per step)."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if not rows:
+            return {}
+        try:
+            masks = self.grammars.allowed([seqs[i].constraint for i in rows])  # type: ignore[misc]
+        except Exception as exc:  # a broken matcher: fail its requests, not the batch
+            for i in rows:
+                self._fail(seqs[i], exc)
+            return {}
+        return dict(zip(rows, masks, strict=True))
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """Sample ``seq``'s next token from its logits row (only ``allowed`` tokens, when its output
+        is constrained), emit it, finish ``seq`` if it is done."""
         params = seq.request.params
+        if seq.done:
+            return 0  # failed while computing its mask: evicted after this step
+        if allowed is not None:  # a row as wide as the logits (the grammar's vocabulary is the model's)
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         token, log_prob, log_probs = select_token(
             logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
         )
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         seq.generated += 1
         seq.output_counts[token] += 1
-        is_eos = token in self.eos_ids and not params.ignore_eos
+        # The grammar allows EOS only where it may end, and then it is the end even with ignore_eos.
+        is_eos = token in self.eos_ids and (not params.ignore_eos or seq.constraint is not None)
         is_stop = token in params.stop_token_ids
         # A stop token's text is not part of the output (vLLM: include_stop_str_in_output=False).
         text = "" if is_stop else seq.detokenizer.add(token)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
+from lmi_core.option_values import SERVER_OPTIONS
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -44,6 +45,8 @@ def validate_hf_options(options: dict[str, str], dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError("option.dtype", dtype, f"one of {', '.join(DTYPES)}")
     for key, value in options.items():
+        if key in SERVER_OPTIONS:
+            continue
         if key not in HF_OPTIONS:
             allowed = ", ".join(f"option.{k}" for k in sorted(HF_OPTIONS))
             raise ConfigError(f"option.{key}", value, f"a key the hf backend knows ({allowed})")

@@ -10,11 +10,13 @@ or a ``{token_id: Logprob(logprob, rank)}`` dict, depending on the TensorRT-LLM 
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, Token
+from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, StructuredOutput, Token
 from lmi_core.errors import BadRequestError, EngineError, ServiceError
 from lmi_core.request_checks import refuse_unsupported
 
@@ -74,7 +76,20 @@ def sampling_kwargs(params: SamplingParams, *, templated: bool = False) -> dict[
         kwargs["stop"] = list(params.stop_sequences)
     if templated:
         kwargs["add_special_tokens"] = False
+    if params.structured is not None:
+        kwargs["guided_decoding"] = guided_decoding_kwargs(params.structured)  # GuidedDecodingParams(**it)
     return kwargs
+
+
+def guided_decoding_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
+    """``tensorrt_llm.sampling_params.GuidedDecodingParams`` keyword arguments for ``constraint``.
+
+    TensorRT-LLM has no choice constraint: a choice becomes the regex of its escaped alternatives.
+    Its grammar is EBNF (GBNF) for xgrammar and Lark or GBNF for llguidance (this plugin's default).
+    """
+    if constraint.kind == "choice":
+        return {"regex": "|".join(f"({re.escape(c)})" for c in json.loads(constraint.spec))}
+    return {constraint.kind: constraint.spec}  # json (schema text), regex, grammar: the same names
 
 
 def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason:

@@ -140,9 +140,11 @@ class TrtllmEngine:
 
     def __init__(self, llm: Any) -> None:
         from tensorrt_llm import SamplingParams as TrtSamplingParams
+        from tensorrt_llm.sampling_params import GuidedDecodingParams
 
         self.llm = llm
         self._sampling_params = TrtSamplingParams
+        self._guided_decoding_params = GuidedDecodingParams
         # LLM.tokenizer wraps the HF tokenizer (TransformersTokenizer.tokenizer) for chat templates.
         self.tokenizer = getattr(llm.tokenizer, "tokenizer", llm.tokenizer)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
@@ -189,7 +191,10 @@ class TrtllmEngine:
         """Stream ``request``; a bad prompt raises at once; closing early aborts it in TensorRT-LLM."""
         text, templated = self.prompt_text(request)
         try:
-            params = self._sampling_params(**sampling_kwargs(request.params, templated=templated))
+            kwargs = sampling_kwargs(request.params, templated=templated)
+            if "guided_decoding" in kwargs:
+                kwargs["guided_decoding"] = self._guided_decoding_params(**kwargs["guided_decoding"])
+            params = self._sampling_params(**kwargs)
             # Token ids go in as they are (TensorRT-LLM takes a list[int] prompt and adds nothing).
             source: Any = list(request.prompt_ids) if request.prompt_ids else text
         except EngineError:

@@ -44,6 +44,7 @@ LLM_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "enable_chunked_prefill": ("enable_chunked_prefill", boolean),
     "dtype": ("dtype", dtype),
     "trust_remote_code": ("trust_remote_code", boolean),
+    "guided_decoding_backend": ("guided_decoding_backend", lambda v: _guided_backend(v)),
     "revision": ("revision", nonempty),
     "tokenizer": ("tokenizer", nonempty),
 }
@@ -75,6 +76,12 @@ class TrtllmOptions:
 
     llm_args: dict[str, Any] = field(default_factory=dict)
     kv_cache: dict[str, Any] = field(default_factory=dict)
+
+
+def _guided_backend(value: str) -> str:
+    if value not in ("llguidance", "xgrammar"):
+        raise ValueError("llguidance or xgrammar")
+    return value
 
 
 def tensorrt_llm_importable() -> bool:
@@ -184,6 +191,8 @@ def llm_kwargs(context: WorkerContext) -> dict[str, Any]:
         "pipeline_parallel_size": context.pipeline_parallel_degree,
         "max_batch_size": context.max_batch_size,
         "trust_remote_code": context.trust_remote_code,
+        # Needed for any guided decoding; llguidance as in the other backends (JSON strings stay RFC 8259).
+        "guided_decoding_backend": "llguidance",
         **parsed.llm_args,
     }
     if context.dtype is not None:  # checked by validate_config in the server

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import glob
+import json
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ from lmi_core import (
     RequestCounts,
     SamplingParams,
     ServiceError,
+    StructuredOutput,
     Token,
     WorkerContext,
 )
@@ -90,6 +92,21 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
+
+
+# vLLM's structured-output backend unless option.structured_outputs_config says otherwise: llguidance,
+# as in the HF engine (xgrammar 0.2.8 let a raw control character into a JSON string, measured), with
+# compact JSON (vLLM's guidance backend reads the whitespace switch per engine, not per request).
+STRUCTURED_OUTPUTS_DEFAULTS: dict[str, Any] = {"backend": "guidance", "disable_any_whitespace": True}
+
+
+def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
+    """vLLM ``StructuredOutputsParams`` keyword arguments for lmi's ``constraint``."""
+    if constraint.kind == "choice":
+        return {"choice": json.loads(constraint.spec)}
+    if constraint.kind == "json":
+        return {"json": constraint.spec, "disable_any_whitespace": constraint.compact_json}
+    return {constraint.kind: constraint.spec}  # regex, grammar: the same names in vLLM
 
 
 def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
@@ -164,7 +181,7 @@ class VllmEngine:
         self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, counts: SchedulerCounts
     ) -> None:
         from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         try:  # an already-tokenized engine input: vLLM neither re-tokenizes nor warns (raw prompts)
             from vllm.inputs import tokens_input
@@ -178,6 +195,7 @@ class VllmEngine:
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self._vllm_sampling_params = VllmSamplingParams
+        self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
         self._loop = loop
         self._thread = thread
@@ -195,6 +213,10 @@ class VllmEngine:
     def start(cls, context: WorkerContext) -> VllmEngine:
         """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
         kwargs, kv_gib, warmup = engine_kwargs(context)
+        if "structured_outputs_config" not in kwargs:
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS)
         bind: str | None = None
         if context.device == "cpu":
             if kv_gib is not None:
@@ -333,7 +355,7 @@ class VllmEngine:
             param = "messages"
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
+                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
                 )
             except Exception as exc:  # no template, or a template that rejects these messages
                 raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
@@ -396,6 +418,11 @@ class VllmEngine:
                 min_tokens=params.min_tokens,
                 min_p=params.min_p,
                 prompt_logprobs=params.prompt_logprobs,
+                structured_outputs=(
+                    None
+                    if params.structured is None
+                    else self._structured_outputs_params(**structured_outputs_kwargs(params.structured))
+                ),
             )
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
