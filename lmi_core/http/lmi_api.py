@@ -14,6 +14,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
+from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
 
@@ -76,7 +77,7 @@ async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
     lmi = parse_model(LmiRequest, body)
     params = lmi.parameters.sampling()
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params)
-    events = state.instrument(pool, generation, "/invocations")
+    events = state.instrument(pool, generation, "/invocations", route_hint(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))

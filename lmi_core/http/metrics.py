@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.pool import WorkerPool
+from lmi_core.routing import RouteHint
 from lmi_core.server import ModelServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
@@ -75,6 +76,31 @@ class EngineCollector(Collector):
             for state, count in sorted(states.items()):
                 workers.add_metric([name, state], count)
         yield from (running, waiting, finished, cancelled, workers)
+        yield from routing_metrics(self.server)
+
+
+def routing_metrics(server: ModelServer) -> Iterator[Metric]:
+    """The pools' routing decisions, and the prefix-cache counters of the engines that report them
+    (vLLM; per worker, in prompt tokens; they reset with a worker, like the engine counters above)."""
+    decisions = CounterMetricFamily(
+        "lmi_routing_decisions", "Requests dispatched, by why that worker", labels=["model", "reason"]
+    )
+    labels = ["model", "worker"]
+    hits = CounterMetricFamily(
+        "lmi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=labels
+    )
+    queries = CounterMetricFamily(
+        "lmi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=labels
+    )
+    for name, pool in list(server.pools.items()):
+        for reason, count in pool.router.decisions.items():
+            decisions.add_metric([name, reason], count)
+        for worker in list(pool.workers.values()):
+            extra = worker.ranks[0].last_stats.get("extra", {}) if worker.ranks else {}
+            if "prefix_cache_queries" in extra:
+                hits.add_metric([name, str(worker.worker_id)], extra.get("prefix_cache_hits", 0))
+                queries.add_metric([name, str(worker.worker_id)], extra["prefix_cache_queries"])
+    yield from (decisions, hits, queries)
 
 
 class Metrics:
@@ -114,7 +140,7 @@ class Metrics:
             self.worker_restarts.labels(model).inc(value)
 
     async def instrument(
-        self, pool: WorkerPool, request: GenerationRequest, route: str
+        self, pool: WorkerPool, request: GenerationRequest, route: str, hint: RouteHint | None = None
     ) -> AsyncIterator[GenerationEvent]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name
@@ -124,7 +150,7 @@ class Metrics:
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
-        events = pool.generate(request)
+        events = pool.generate(request, hint)
         try:
             async for event in events:
                 now = time.monotonic()

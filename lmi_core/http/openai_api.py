@@ -32,6 +32,7 @@ from lmi_core.http.openai_protocol import (
     error_for_path,
     openai_error,
 )
+from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState
 from lmi_core.pool import WorkerPool, new_request_id
 
@@ -254,7 +255,8 @@ async def merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[
 async def run_call(request: Request, call: Call, route: str, framing: Framing) -> Response:
     """Run ``call``'s generations; stream them in ``framing`` or answer once."""
     state: AppState = request.app.state.lmi
-    streams = [state.instrument(call.pool, g, route) for g in call.generations]
+    hint = route_hint(request)
+    streams = [state.instrument(call.pool, g, route, hint) for g in call.generations]
     try:
         if call.stream:
             frame, media_type = framing

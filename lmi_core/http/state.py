@@ -12,14 +12,17 @@ from starlette.responses import Response
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.pool import WorkerPool
+from lmi_core.routing import RouteHint
 from lmi_core.server import ModelServer
 
 NativeChat = Callable[[Request, WorkerPool, dict[str, Any]], Awaitable[Response]]
-Instrument = Callable[[WorkerPool, GenerationRequest, str], AsyncIterator[GenerationEvent]]
+Instrument = Callable[[WorkerPool, GenerationRequest, str, RouteHint | None], AsyncIterator[GenerationEvent]]
 
 
-def _plain(pool: WorkerPool, request: GenerationRequest, route: str) -> AsyncIterator[GenerationEvent]:
-    return pool.generate(request)
+def _plain(
+    pool: WorkerPool, request: GenerationRequest, route: str, hint: RouteHint | None
+) -> AsyncIterator[GenerationEvent]:
+    return pool.generate(request, hint)
 
 
 @dataclass
