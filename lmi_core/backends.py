@@ -7,6 +7,7 @@ from typing import Literal
 
 import pluggy
 
+from lmi_core.config import ModelConfig
 from lmi_core.errors import ConfigError
 
 Mode = Literal["python", "mpi"]
@@ -77,3 +78,20 @@ def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch:
         choice,
         f"one of {', '.join(allowed)} (installed backends: {available})",
     )
+
+
+def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
+    """Fill in the backend and the mode, and let the backend check its options."""
+    spec = select_backend(pm, config.backend_name, config.rolling_batch)
+    config.backend = spec.name
+    if config.mpi_mode is not None:  # an explicit option.mpi_mode always wins
+        config.mode = "mpi" if config.mpi_mode else "python"
+    elif config.engine == "MPI":
+        config.mode = "mpi"
+    else:
+        mode = pm.hook.resolve_mode(config=config) or spec.default_mode
+        if mode not in ("python", "mpi"):
+            raise ConfigError("option.mpi_mode", mode, "a mode of python or mpi (from the backend plugin)")
+        config.mode = mode
+    pm.hook.validate_config(config=config)
+    return config

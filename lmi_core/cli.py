@@ -36,10 +36,10 @@ def _models(args: argparse.Namespace) -> list[ModelConfig]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from lmi_core.backends import resolve_model
     from lmi_core.http.app import create_app
     from lmi_core.http.security import ListenerFilter
     from lmi_core.plugins import get_plugin_manager
-    from lmi_core.server import resolve_model
 
     address = f"http://{args.host}:{args.port}" if args.host or args.port else None
     if address and not args.host:

@@ -286,3 +286,18 @@ def plan_allocation(
         on_cpu=False,
         threads_per_worker=None,
     )
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def omp_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """Threads per worker process the user fixed with ``OMP_NUM_THREADS`` (as DJL), else None."""
+    raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("OMP_NUM_THREADS", raw, "a positive integer (threads per worker process on CPU)")
+    return int(raw)

@@ -14,18 +14,22 @@ retires while more than ``min_workers`` remain. Every decision is taken in ``_re
 never awaits, so the scaler, ``resize`` and dispatch cannot interleave halfway through one. A
 retiring worker gets no new request, finishes its in-flight ones (up to ``drain_timeout``), then
 stops; its device group is free again only once its process is gone. Worker ids are never reused.
+
+``describe`` returns a ``PoolSnapshot`` (frozen, no wire names): the HTTP layer renders it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
 
 import pluggy
 
@@ -34,10 +38,47 @@ from lmi_core.devices import AllocationPlan, DeviceGroup
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError
 from lmi_core.launch_spec import WorkerSlot
-from lmi_core.routing import Decision, RouteHint, RouteQuery, Router, RoutingPolicy, WorkerLoad
-from lmi_core.supervisor import SupervisedWorker, WorkerState
+from lmi_core.routing import ROUTED, Decision, RouteHint, RouteQuery, Router, RoutingPolicy, WorkerLoad
+from lmi_core.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
 
 logger = logging.getLogger(__name__)
+
+
+class ModelStatus(str, enum.Enum):
+    """Whether a model can serve (``/ping`` and the management API render it, in DJL's words)."""
+
+    READY = "READY"  # a worker serves (or none is needed: scaled to zero, a request starts one)
+    PENDING = "PENDING"  # loading, or every worker is (re)starting
+    FAILED = "FAILED"  # no worker can serve and none is starting
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """One model's pool at one instant (``WorkerPool.describe``): plain data, no wire names."""
+
+    name: str
+    status: ModelStatus
+    backend: str
+    mode: str
+    tensor_parallel_degree: int | str
+    pipeline_parallel_degree: int
+    min_workers: int
+    max_workers: int
+    max_idle_seconds: float
+    queue_size: int
+    queued: int  # requests waiting for a worker
+    max_rolling_batch_size: int
+    loaded_at: float  # time.time() of the registration
+    last_failure: str | None  # the last worker failure's reason, even if it recovered since
+    # The device slices the model may use, one per worker it may have; () each on CPU.
+    groups: tuple[tuple[str, ...], ...]
+    workers: tuple[WorkerSnapshot, ...]
+
+    @property
+    def ready_workers(self) -> int:
+        """Workers that take requests: READY and not retiring."""
+        return sum(1 for w in self.workers if w.state is WorkerState.READY and not w.retiring)
+
 
 # (model name, event name, value) callbacks for metrics.
 Observer = Callable[[str, str, float], None]
@@ -162,7 +203,7 @@ class WorkerPool:
         # Only a serving pool can drain; a loading or failed one stops at once.
         while (
             (self._queue or any(w.in_flight for w in self.workers.values()))
-            and self.status == "READY"
+            and self.status is ModelStatus.READY
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(POLL)
@@ -292,53 +333,42 @@ class WorkerPool:
     # -- status ------------------------------------------------------------------------------------
 
     @property
-    def status(self) -> str:
+    def status(self) -> ModelStatus:
         """``READY``, ``PENDING`` (no worker loaded yet), ``FAILED`` (no worker can serve)."""
         serving = self._serving()
         if any(w.state is WorkerState.READY for w in serving):
-            return "READY"
+            return ModelStatus.READY
         if any(w.state is WorkerState.STARTING for w in serving):
-            return "PENDING"
+            return ModelStatus.PENDING
         failed = any(w.state is WorkerState.FAILED for w in self.workers.values())
         # Scaled to zero (min_workers=0): a request starts a worker.
-        return "READY" if not serving and self.min_workers == 0 and not failed else "FAILED"
+        if not serving and self.min_workers == 0 and not failed:
+            return ModelStatus.READY
+        return ModelStatus.FAILED
 
-    @property
-    def ready_workers(self) -> int:
-        return sum(1 for w in self._serving() if w.state is WorkerState.READY)
-
-    def describe(self) -> dict[str, Any]:
-        """The pool's state: bounds, queue, and every worker with its devices, pids and threads."""
-        return {
-            "modelName": self.name,
-            "modelUrl": self.config.model_dir or self.config.model_id,
-            "status": self.status,
-            "backend": self.config.backend,
-            "mode": self.config.mode,
-            "tensorParallelDegree": self.config.tensor_parallel_degree,
-            "pipelineParallelDegree": self.config.pipeline_parallel_degree,
-            "minWorkers": self.min_workers,
-            "maxWorkers": self.max_workers,
-            "maxIdleSeconds": self.config.max_idle_time,
-            "queueSize": self.queue_size,
-            "requestInQueue": self.waiting,
-            "maxRollingBatchSize": self.capacity,
-            "loadedAt": self.loaded_at,
-            "lastFailure": self.last_failure,
-            "workers": [
-                {
-                    **w.describe(),
-                    # DJL's name for a worker that is being scaled down.
-                    "status": "UNLOADING" if w.worker_id in self._retiring else w.state.value,
-                    "threads": w.slot.threads,
-                }
+    def describe(self) -> PoolSnapshot:
+        """The pool now: bounds, queue, device slices, and every worker (retiring ones marked)."""
+        return PoolSnapshot(
+            name=self.name,
+            status=self.status,
+            backend=self.config.backend,
+            mode=self.config.mode,
+            tensor_parallel_degree=self.config.tensor_parallel_degree,
+            pipeline_parallel_degree=self.config.pipeline_parallel_degree,
+            min_workers=self.min_workers,
+            max_workers=self.max_workers,
+            max_idle_seconds=self.config.max_idle_time,
+            queue_size=self.queue_size,
+            queued=self.waiting,
+            max_rolling_batch_size=self.capacity,
+            loaded_at=self.loaded_at,
+            last_failure=self.last_failure,
+            groups=tuple(g.devices for g in self.groups),
+            workers=tuple(
+                dataclasses.replace(w.describe(), retiring=w.worker_id in self._retiring)
                 for w in self.workers.values()
-            ],
-        }
-
-    def engine_stats(self) -> list[dict[str, Any]]:
-        """The last heartbeat counters of every rank 0 (one per worker)."""
-        return [w.ranks[0].last_stats for w in self.workers.values() if w.ranks]
+            ),
+        )
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -360,6 +390,7 @@ class WorkerPool:
         if not ready:
             return None
         decision = self.router.route(query, [self._load(w) for w in ready])
+        self.observe(self.name, ROUTED + decision.reason, 1)
         worker = self.workers[decision.worker_id]
         worker.in_flight += 1
         return worker, decision
@@ -368,7 +399,7 @@ class WorkerPool:
         """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
         while self._queue and (assignment := self._pick(self._queue[0][1])) is not None:
             self._queue.popleft()[0].set_result(assignment)
-        if self._queue and self.status == "FAILED":
+        if self._queue and self.status is ModelStatus.FAILED:
             self._fail_waiting(self._unservable())
 
     def _unservable(self) -> str:
@@ -402,7 +433,7 @@ class WorkerPool:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
         if not self._queue and (assignment := self._pick(query)) is not None:
             return assignment
-        if self.status == "FAILED":
+        if self.status is ModelStatus.FAILED:
             raise ModelNotReadyError(self._unservable())
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")

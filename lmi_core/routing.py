@@ -24,6 +24,8 @@ from lmi_core.prefix_index import CHARS_PER_TOKEN, PrefixIndex, RoutingKey, bloc
 
 Reason = Literal["prefix", "session", "load"]
 REASONS: tuple[Reason, ...] = ("prefix", "session", "load")
+# The pool's observer event for a decision: ROUTED + reason (lmi_routing_decisions_total{reason}).
+ROUTED = "routed_"
 # Sessions remembered per model (least recently used forgotten first): ~100 bytes each, so 6 MiB.
 MAX_SESSIONS = 65536
 

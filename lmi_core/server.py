@@ -4,6 +4,10 @@ Models come and go at runtime (management API): ``load`` registers one (its name
 before starting its workers, in the request or in the background; ``scale`` re-plans its worker
 bounds; ``unload`` drains it. Registration and device planning never await between reading which
 devices other models hold and claiming them, so concurrent loads cannot be given the same GPU.
+
+Every model, whatever its state, is one ``registry.ModelEntry`` under its name; readers get
+snapshots (``describe``, ``health``), never the entries. ``http.state.ModelService`` is the part of
+this class the HTTP handlers see.
 """
 
 from __future__ import annotations
@@ -12,59 +16,26 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import pluggy
 
 from lmi_core import devices
-from lmi_core.backends import select_backend
+from lmi_core.backends import resolve_model
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.errors import ConfigError, ModelNotFoundError, ModelNotReadyError, ServiceError
+from lmi_core.errors import ModelNotFoundError, ModelNotReadyError, ServiceError
 from lmi_core.plugins import get_plugin_manager
-from lmi_core.pool import Observer, WorkerPool
+from lmi_core.pool import Observer, PoolSnapshot, WorkerPool
+from lmi_core.registry import Health, ModelEntry, ModelSnapshot, ModelState
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
-    """Fill in the backend and the mode, and let the backend check its options."""
-    spec = select_backend(pm, config.backend_name, config.rolling_batch)
-    config.backend = spec.name
-    if config.mpi_mode is not None:  # an explicit option.mpi_mode always wins
-        config.mode = "mpi" if config.mpi_mode else "python"
-    elif config.engine == "MPI":
-        config.mode = "mpi"
-    else:
-        mode = pm.hook.resolve_mode(config=config) or spec.default_mode
-        if mode not in ("python", "mpi"):
-            raise ConfigError("option.mpi_mode", mode, "a mode of python or mpi (from the backend plugin)")
-        config.mode = mode
-    pm.hook.validate_config(config=config)
-    return config
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask: taskset, cgroup cpusets), not the host's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def omp_threads(environ: Mapping[str, str] | None = None) -> int | None:
-    """Threads per worker process the user fixed with ``OMP_NUM_THREADS`` (as DJL), else None."""
-    raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError("OMP_NUM_THREADS", raw, "a positive integer (threads per worker process on CPU)")
-    return int(raw)
-
-
 class ModelServer:
-    """Every registered model's pool, by name."""
+    """Every registered model, by name: loading, serving or failed."""
 
     def __init__(
         self,
@@ -75,11 +46,7 @@ class ModelServer:
         self.server = server
         self.pm = pm or get_plugin_manager()
         self.observe = observe
-        self.models: dict[str, ModelConfig] = {}  # every registered model: loading, serving or failed
-        self.pools: dict[str, WorkerPool] = {}
-        self.loading: dict[str, ModelConfig] = {}
-        self.pending: set[str] = set()  # startup models not yet being loaded: /ping must not say 200
-        self.failed: dict[str, str] = {}
+        self._models: dict[str, ModelEntry] = {}
         self._own_runtime_dir = server.runtime_dir is None
         # Private 0700 directory for the worker sockets (mkdtemp creates it owner-only).
         self.runtime_dir = server.runtime_dir or tempfile.mkdtemp(prefix="lmi-")
@@ -94,7 +61,12 @@ class ModelServer:
 
     def _taken(self, exclude: str) -> set[str]:
         """Devices other models hold or may scale onto."""
-        return {d for name, pool in self.pools.items() if name != exclude for d in pool.devices}
+        return {
+            d
+            for name, entry in self._models.items()
+            if name != exclude and entry.pool is not None
+            for d in entry.pool.devices
+        }
 
     async def plan(self, config: ModelConfig) -> devices.AllocationPlan:
         """Where ``config``'s workers go, keeping off other models' GPUs (unless ``load_on_devices``).
@@ -111,28 +83,41 @@ class ModelServer:
             config.max_workers,
             config.load_on_devices,
             taken=self._taken(exclude=config.name),
-            cpu_count=cpu_count(),
+            cpu_count=devices.cpu_count(),
         )
-        threads = omp_threads() if plan.on_cpu else None
+        threads = devices.omp_threads() if plan.on_cpu else None
         return dataclasses.replace(plan, threads_per_worker=threads) if threads else plan
 
-    def _check_new(self, name: str) -> None:
-        if name in self.models:
-            raise ServiceError(f"model {name!r} is already registered", status=409, type="ConflictException")
+    # -- registration --------------------------------------------------------------------------------
 
-    async def register(self, config: ModelConfig) -> WorkerPool:
+    def expect(self, configs: Iterable[ModelConfig]) -> None:
+        """List the startup models at once (``/ping`` says 503, not 200), before the loader reaches them."""
+        for config in configs:
+            self._models[config.name] = ModelEntry(config, ModelState.WAITING, loaded_at_startup=True)
+
+    def _owns_name(self, config: ModelConfig) -> bool:
+        """Whether ``config`` may take its name: it is free, or held for this very startup config."""
+        entry = self._models.get(config.name)
+        return entry is None or (entry.state is ModelState.WAITING and entry.config is config)
+
+    def _check_new(self, config: ModelConfig) -> None:
+        if not self._owns_name(config):
+            raise ServiceError(
+                f"model {config.name!r} is already registered", status=409, type="ConflictException"
+            )
+
+    async def register(self, config: ModelConfig) -> ModelEntry:
         """Claim ``config``'s name and devices and create its pool; start no worker yet."""
-        self._check_new(config.name)  # before planning: a duplicate is a 409, not a device error
+        self._check_new(config)  # before planning: a duplicate is a 409, not a device error
         resolve_model(config, self.pm)
         plan = await self.plan(config)
-        self._check_new(config.name)  # a concurrent registration may have taken the name meanwhile
+        self._check_new(config)  # a concurrent registration may have taken the name meanwhile
         config.tensor_parallel_degree = plan.tensor_parallel_degree
         socket_prefix = f"{self.runtime_dir}/{config.name}"
         pool = WorkerPool(config, self.server, self.pm, plan, socket_prefix, self.observe)
-        self.models[config.name] = config
-        self.pools[config.name] = pool
-        self.loading[config.name] = config
-        self.failed.pop(config.name, None)
+        at_startup = config.name in self._models  # only its own WAITING entry passes _check_new
+        entry = ModelEntry(config, ModelState.LOADING, pool, loaded_at_startup=at_startup)
+        self._models[config.name] = entry
         logger.info(
             "loading model %s: backend=%s mode=%s workers=%d..%d ranks/worker=%d",
             config.name,
@@ -142,9 +127,9 @@ class ModelServer:
             plan.max_workers,
             config.world_size,
         )
-        return pool
+        return entry
 
-    async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> WorkerPool:
+    async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None:
         """Register ``config`` and start its workers; raise if no worker could load it.
 
         ``wait=False`` returns once registered and loads in the background. A model that fails to
@@ -152,22 +137,38 @@ class ModelServer:
         caller that got the error has nothing left to clean up.
         """
         try:
-            pool = await self.register(config)
+            entry = await self.register(config)
         except Exception as exc:
-            if keep_failed and config.name not in self.models:  # a duplicate must not fail the registered one
-                self.failed[config.name] = str(exc)
+            if self._owns_name(config):  # a duplicate must not fail the registered one
+                at_startup = config.name in self._models  # its own WAITING entry
+                failed = ModelEntry(config, ModelState.FAILED, error=str(exc), loaded_at_startup=at_startup)
+                self._record_failure(failed, keep_failed)
             raise
-        finally:
-            self.pending.discard(config.name)
         if wait:
-            await self._start(pool, keep_failed)
+            await self._start(entry, keep_failed)
         else:
-            task = asyncio.get_running_loop().create_task(self._start_in_background(pool, keep_failed))
+            task = asyncio.get_running_loop().create_task(self._start_in_background(entry, keep_failed))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return pool
 
-    async def _start(self, pool: WorkerPool, keep_failed: bool) -> None:
+    def _record_failure(self, entry: ModelEntry, keep: bool) -> None:
+        """The FAILED ``entry`` holds its name (``/ping`` 500) until removed or, unless ``keep``, gives it up.
+
+        Only for a name this load owns: its own entry, or its WAITING one, holds it.
+        """
+        if keep:
+            self._models[entry.config.name] = entry
+        else:
+            self._models.pop(entry.config.name, None)
+
+    def _forget(self, entry: ModelEntry) -> None:
+        # Only this very entry: a concurrent unload may have finished and a new load begun.
+        if self._models.get(entry.config.name) is entry:
+            del self._models[entry.config.name]
+
+    async def _start(self, entry: ModelEntry, keep_failed: bool) -> None:
+        pool = entry.pool
+        assert pool is not None, "a LOADING entry has a pool"
         name = pool.name
         started = time.monotonic()
         progress = asyncio.get_running_loop().create_task(self._progress(name, started))
@@ -175,55 +176,76 @@ class ModelServer:
             await pool.start()
         except BaseException as exc:
             if not pool.closing:  # unloaded while loading: nothing failed, unload cleans up
-                self.pools.pop(name, None)
-                if keep_failed:
-                    self.failed[name] = str(exc)
-                else:
-                    self.models.pop(name, None)
+                entry.state, entry.pool, entry.error = ModelState.FAILED, None, str(exc)
+                self._record_failure(entry, keep_failed)
                 await pool.stop()
             raise
         finally:
             progress.cancel()
-            self.loading.pop(name, None)
+        entry.state = ModelState.LOADED
         logger.info("model %s ready in %.1f s", name, time.monotonic() - started)
 
-    async def _start_in_background(self, pool: WorkerPool, keep_failed: bool) -> None:
+    async def _start_in_background(self, entry: ModelEntry, keep_failed: bool) -> None:
         try:
-            await self._start(pool, keep_failed)
-        except Exception as exc:  # recorded in self.failed; nobody awaits this task
-            logger.error("model %s failed to load: %s", pool.name, exc)
+            await self._start(entry, keep_failed)
+        except Exception as exc:  # recorded in the model's entry; nobody awaits this task
+            logger.error("model %s failed to load: %s", entry.config.name, exc)
 
     async def _progress(self, name: str, started: float) -> None:
         while True:
             await asyncio.sleep(5.0)
             logger.info("model %s still loading (%.0f s)...", name, time.monotonic() - started)
 
-    def get(self, name: str) -> WorkerPool:
+    # -- what the HTTP handlers see (http.state.ModelService) ------------------------------------------
+
+    def _entry(self, name: str) -> ModelEntry:
         try:
-            return self.pools[name]
+            return self._models[name]
         except KeyError:
             raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
 
-    def config(self, name: str) -> ModelConfig:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
+    def names(self) -> list[str]:
+        """Every registered model, sorted: waiting, loading, serving or failed."""
+        return sorted(self._models)
+
+    def describe(self, name: str) -> ModelSnapshot:
+        return self._entry(name).snapshot()
+
+    def health(self, name: str) -> Health:
+        return self._entry(name).snapshot().health
+
+    def get(self, name: str) -> WorkerPool:
+        """The pool of a model that has one (loading or loaded); 404 otherwise."""
+        pool = self._entry(name).pool
+        if pool is None:
+            raise ModelNotFoundError(f"Model or workflow not found: {name}")
+        return pool
+
+    def served(self) -> list[WorkerPool]:
+        """The pools of the models that have one, in registration order."""
+        return [entry.pool for entry in self._models.values() if entry.pool is not None]
 
     def default(self) -> WorkerPool:
         """The model a request names none of: the only one, else a 400."""
-        if len(self.pools) == 1:
-            return next(iter(self.pools.values()))
+        served = self.served()
+        if len(served) == 1:
+            return served[0]
         raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
+
+    def _pool_of(self, entry: ModelEntry) -> WorkerPool:
+        """``entry``'s pool, or a 503 saying why it has none."""
+        name = entry.config.name
+        if entry.pool is None:
+            if entry.state is ModelState.WAITING:
+                raise ModelNotReadyError(f"model {name} has not started loading yet")
+            raise ModelNotReadyError(f"model {name} failed to load ({entry.error}); unregister it")
+        return entry.pool
 
     async def scale(
         self, name: str, min_workers: int | None, max_workers: int | None, *, wait: bool = True
-    ) -> WorkerPool:
+    ) -> PoolSnapshot:
         """Set ``name``'s worker bounds; an omitted bound keeps its value unless the other crosses it."""
-        self.config(name)  # 404 for an unknown model
-        pool = self.pools.get(name)
-        if pool is None:
-            raise ModelNotReadyError(f"model {name} failed to load ({self.failed.get(name)}); unregister it")
+        pool = self._pool_of(self._entry(name))  # 404 for an unknown model, 503 without a pool
         if pool.closing:
             raise ModelNotReadyError(f"model {name} is being unregistered")
         hi = pool.max_workers if max_workers is None else max_workers
@@ -233,31 +255,24 @@ class ModelServer:
         plan = await self.plan(pool.config.model_copy(update={"min_workers": lo, "max_workers": hi}))
         logger.info("model %s: scaling to %d..%d workers", name, plan.min_workers, plan.max_workers)
         await pool.resize(plan, wait=wait)
-        return pool
+        return pool.describe()
 
     async def unload(self, name: str) -> None:
         """Forget ``name``: drain and stop its workers (a loading model stops loading)."""
-        config = self.config(name)
-        pool = self.pools.get(name)
-        if pool is not None:
-            await pool.stop()
-        if self.models.get(name) is config:  # a concurrent unload may have finished (and a new load begun)
-            del self.models[name]
-            self.pools.pop(name, None)
-            self.failed.pop(name, None)
-
-    def status(self) -> dict[str, Any]:
-        statuses = {name: pool.status for name, pool in self.pools.items()}
-        statuses.update({name: "PENDING" for name in self.loading | dict.fromkeys(self.pending)})
-        statuses.update({name: "FAILED" for name in self.failed})
-        return statuses
+        entry = self._entry(name)
+        if entry.state is ModelState.WAITING:  # the startup loader would register it anyway
+            raise ModelNotReadyError(f"model {name} has not started loading yet; unregister it once it has")
+        if entry.pool is not None:
+            await entry.pool.stop()
+        self._forget(entry)
 
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
-        self.pools.clear()
+        pools = self.served()
+        await asyncio.gather(*(pool.stop() for pool in pools), return_exceptions=True)
+        self._models.clear()
         if self._own_runtime_dir:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.runtime_dir)

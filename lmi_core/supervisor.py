@@ -13,7 +13,8 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -34,6 +35,23 @@ class WorkerState(str, enum.Enum):
     READY = "READY"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker at one instant (``SupervisedWorker.describe``): plain data, no wire names."""
+
+    worker_id: int
+    state: WorkerState
+    pids: tuple[int, ...]  # its process; in MPI mode the mpirun job
+    devices: tuple[str, ...]
+    threads: int | None  # OMP_NUM_THREADS on CPU
+    in_flight: int
+    restarts: int
+    started_at: float  # time.time()
+    last_error: str | None
+    engine_stats: Mapping[str, Any]  # rank 0's counters from its last heartbeat; {} before the first
+    retiring: bool = False  # set by the pool: scaled down or unloading, it gets no new request
 
 
 class LoadError(WorkerFailedError):
@@ -323,15 +341,17 @@ class SupervisedWorker:
                 with contextlib.suppress(Exception):
                     ranks[0].send({"t": wire.CANCEL, "id": rid})
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.worker_id,
-            "status": self.state.value,
-            "pids": self.pids,
-            "devices": list(self.slot.devices),
-            "in_flight": self.in_flight,
-            "restarts": self.restarts,
-            "start_time": self.started_at,
-            "last_error": self.last_error,
-            "ranks": len(self.ranks),
-        }
+    def describe(self) -> WorkerSnapshot:
+        """This worker now: its processes, devices, load and crashes."""
+        return WorkerSnapshot(
+            worker_id=self.worker_id,
+            state=self.state,
+            pids=tuple(self.pids),
+            devices=self.slot.devices,
+            threads=self.slot.threads,
+            in_flight=self.in_flight,
+            restarts=self.restarts,
+            started_at=self.started_at,
+            last_error=self.last_error,
+            engine_stats=dict(self.ranks[0].last_stats) if self.ranks else {},
+        )

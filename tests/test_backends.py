@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from lmi_core import hookimpl
-from lmi_core.backends import BackendSpec, select_backend
+from lmi_core.backends import BackendSpec, resolve_model, select_backend
 from lmi_core.config import build_model_config
 from lmi_core.errors import ConfigError
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.server import resolve_model
 
 
 class FakeBackends:

@@ -27,7 +27,7 @@ from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutEr
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.pool import WorkerPool, new_request_id
 from lmi_core.routing import Decision, RouteHint
-from lmi_core.supervisor import WorkerState
+from lmi_core.supervisor import WorkerSnapshot, WorkerState
 
 
 class FakeWorker:
@@ -108,8 +108,10 @@ class FakeWorker:
             raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
         yield Finished("length", 1, 1)
 
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.worker_id, "status": self.state.value, "in_flight": self.in_flight}
+    def describe(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            self.worker_id, self.state, (), (), None, self.in_flight, self.restarts, 0.0, self.last_error, {}
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +148,7 @@ async def run(pool: WorkerPool, request_id: str | None = None) -> list[Generatio
 
 
 def states(pool: WorkerPool) -> dict[int, str]:
-    return {w["id"]: w["status"] for w in pool.describe()["workers"]}
+    return {w.worker_id: "UNLOADING" if w.retiring else w.state.value for w in pool.describe().workers}
 
 
 async def test_scales_up_under_pressure_retires_idle_workers_and_never_reuses_ids() -> None:

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig, build_model_config
-from lmi_core.devices import Gpu
+from lmi_core.devices import Gpu, omp_threads
 from lmi_core.errors import ConfigError, ModelNotFoundError, ServiceError
 from lmi_core.http.app import create_app
-from lmi_core.server import ModelServer, omp_threads
+from lmi_core.server import ModelServer
 
 
 def fake_gpus(n: int) -> list[Gpu]:
@@ -38,7 +38,7 @@ async def server(tmp_path: Path) -> AsyncIterator[ModelServer]:
 
 
 def slices(server: ModelServer, name: str) -> list[tuple[str, ...]]:
-    return [g.devices for g in server.pools[name].groups]
+    return [g.devices for g in server.get(name).groups]
 
 
 async def test_models_get_disjoint_gpus_unless_they_name_them(server: ModelServer) -> None:
@@ -121,7 +121,7 @@ async def test_cpu_threads_split_among_workers_unless_omp_num_threads_is_set(
     server: ModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server._gpus = []
-    monkeypatch.setattr("lmi_core.server.cpu_count", lambda: 8)
+    monkeypatch.setattr("lmi_core.devices.cpu_count", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     plan = await server.plan(model("a", minWorkers="1", maxWorkers="4"))
     assert plan.on_cpu and plan.threads_per_worker == 2

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 
+Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
+
 
 class RequestIdMiddleware:
     """Echo the client's ``x-request-id`` (or a new one) on every response."""
@@ -99,7 +101,7 @@ def create_app(
         native_chat=openai_api.native_chat,
         instrument=metrics.instrument,
     )
-    server.pending.update(model.name for model in state.startup_models)
+    server.expect(state.startup_models)
 
     async def load_startup_models() -> None:
         for model in state.startup_models:
@@ -122,6 +124,12 @@ def create_app(
                 await loader
             await server.shutdown()
 
+    return build_app(state, metrics, lifespan)
+
+
+def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = None) -> Starlette:
+    """The routes, error handlers and middleware over ``state.server``, whatever implements it."""
+    config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
         *openai_api.routes,

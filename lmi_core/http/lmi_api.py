@@ -14,38 +14,21 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
+from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.routing import route_hint
-from lmi_core.http.state import AppState
-from lmi_core.pool import WorkerPool, new_request_id
-
-PING_STATUS = {"READY": "Healthy", "PENDING": "PENDING", "FAILED": "FAILED"}
+from lmi_core.http.state import AppState, ServedModel
+from lmi_core.pool import new_request_id
 
 
 async def ping(request: Request) -> Response:
     """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed."""
     state: AppState = request.app.state.lmi
-    statuses = state.server.status()
-    body = {}
-    for name, status in statuses.items():
-        entry: dict[str, Any] = {"status": PING_STATUS[status]}
-        pool = state.server.pools.get(name)
-        if pool is not None:
-            ready = sum(1 for w in pool.workers.values() if w.state.value == "READY")
-            entry["workers"] = {"ready": ready, "total": len(pool.workers)}
-            if status == "READY" and ready < pool.min_workers:
-                entry["status"] = "Unhealthy"  # serving, but below minWorkers (DJL: still 200)
-        if name in state.server.failed:
-            entry["error"] = state.server.failed[name]
-        body[name] = entry
-    code = 200
-    if "PENDING" in statuses.values():
-        code = 503
-    if "FAILED" in statuses.values():
-        code = 500
-    return JSONResponse(body, status_code=code)
+    healths = {name: state.server.health(name) for name in state.server.names()}
+    body = {name: ping_entry(health) for name, health in healths.items()}
+    return JSONResponse(body, status_code=ping_code(h.status for h in healths.values()))
 
 
-def _model_for(request: Request, body: Any) -> WorkerPool:
+def _model_for(request: Request, body: Any) -> ServedModel:
     state: AppState = request.app.state.lmi
     name = request.query_params.get("model_name") or request.headers.get("model_name")
     if name is None and isinstance(body, dict) and isinstance(body.get("model_name"), str):
@@ -66,7 +49,7 @@ async def predictions(request: Request) -> Response:
     return await predict(request, pool, body)
 
 
-async def predict(request: Request, pool: WorkerPool, body: Any) -> Response:
+async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
     """Run an LMI request (or a chat request, when the body has ``messages``) on ``pool``."""
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object", param="body")

@@ -3,10 +3,15 @@
 ``GET /models``, ``GET /models/{name}``, ``POST /models?url=<dir>``, ``PUT /models/{name}`` and
 ``DELETE /models/{name}``, with DJL's bodies and status messages. Query parameters (or, for POST, the
 same fields as a JSON body) are validated by pydantic models: a bad one is a 400 that names it.
+
+The handlers render the core's snapshots (``ModelService.describe``/``health``); every DJL wire name
+(``modelName``, ``workerGroups``, ``Healthy``, ``UNLOADING``...) lives here, also for ``/ping`` and
+the metrics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.config import ModelConfig, load_model_config
+from lmi_core.config import load_model_config
 from lmi_core.errors import BadRequestError, ServiceError, WorkerFailedError
 from lmi_core.http.common import read_json
-from lmi_core.http.lmi_api import PING_STATUS
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState
-from lmi_core.pool import WorkerPool
+from lmi_core.pool import ModelStatus, PoolSnapshot
+from lmi_core.registry import Health, ModelSnapshot
+from lmi_core.supervisor import WorkerSnapshot, WorkerState
 
 # Names end up in URLs and worker socket paths: no separators, and short (Unix socket path limit).
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -82,91 +88,124 @@ def _model_dir(url: str) -> str:
     return path
 
 
+# Every wire name of the model descriptions (DJL's) is here; the core reports plain snapshots.
+LIST_STATUS = {ModelStatus.READY: "READY", ModelStatus.PENDING: "PENDING", ModelStatus.FAILED: "FAILED"}
+HEALTH_STATUS = {ModelStatus.READY: "Healthy", ModelStatus.PENDING: "PENDING", ModelStatus.FAILED: "FAILED"}
+WORKER_STATUS = {
+    WorkerState.STARTING: "STARTING",
+    WorkerState.READY: "READY",
+    WorkerState.FAILED: "FAILED",
+    WorkerState.STOPPED: "STOPPED",
+}
+RETIRING = "UNLOADING"  # DJL's name for a worker being scaled down
+
+
+def model_status(health: Health) -> str:
+    """DJL's model status: ``Healthy``, ``Unhealthy`` (serving below minWorkers), ``PENDING``, ``FAILED``."""
+    return "Unhealthy" if health.below_minimum else HEALTH_STATUS[health.status]
+
+
+def worker_status(worker: WorkerSnapshot) -> str:
+    """``STARTING``, ``READY``, ``FAILED``, ``STOPPED``, or ``UNLOADING`` while it retires."""
+    return RETIRING if worker.retiring else WORKER_STATUS[worker.state]
+
+
+def ping_entry(health: Health) -> dict[str, Any]:
+    """One model in the ``/ping`` body: its status, its workers (if it has a pool), why it failed."""
+    entry: dict[str, Any] = {"status": model_status(health)}
+    if health.workers is not None:
+        entry["workers"] = {"ready": health.workers.ready, "total": health.workers.total}
+    if health.error is not None:
+        entry["error"] = health.error
+    return entry
+
+
+def ping_code(statuses: Iterable[ModelStatus]) -> int:
+    """500 if a model failed, else 503 if one is loading or restarting, else 200 (also below minWorkers)."""
+    seen = set(statuses)
+    return 500 if ModelStatus.FAILED in seen else 503 if ModelStatus.PENDING in seen else 200
+
+
 async def list_models(request: Request) -> Response:
     params = parse_model(ListParams, dict(request.query_params))
     server = _state(request).server
-    statuses = server.status()
-    names = sorted(server.models)
-    page = names[params.next_page_token : params.next_page_token + params.limit]
-    models = [
-        {"modelName": name, "modelUrl": _url(server.models[name]), "status": statuses[name]} for name in page
-    ]
+    names = server.names()
+    start = params.next_page_token
+    page = [server.describe(name) for name in names[start : start + params.limit]]
+    models = [{"modelName": m.name, "modelUrl": m.url, "status": LIST_STATUS[m.health.status]} for m in page]
     body: dict[str, Any] = {"models": models}
-    if params.next_page_token + params.limit < len(names):
-        body["nextPageToken"] = str(params.next_page_token + params.limit)
+    if start + params.limit < len(names):
+        body["nextPageToken"] = str(start + params.limit)
     return JSONResponse(body)
 
 
-def _url(config: ModelConfig) -> str:
-    return str(config.model_dir or config.model_id)
-
-
-def _health(pool: WorkerPool) -> str:
-    """DJL's model status: ``Healthy``, ``Unhealthy`` (serving below minWorkers), ``PENDING``, ``FAILED``."""
-    status = PING_STATUS[pool.status]
-    return "Unhealthy" if status == "Healthy" and pool.ready_workers < pool.min_workers else status
-
-
-def _worker(facts: dict[str, Any]) -> dict[str, Any]:
+def _worker(worker: WorkerSnapshot) -> dict[str, Any]:
     """DJL's worker entry (``id``, ``startTime``, ``status``) plus its processes and resources."""
     return {
-        "id": facts["id"],
-        "startTime": facts["start_time"],
-        "status": facts["status"],
-        "pids": facts["pids"],
-        "devices": facts["devices"],
-        "threads": facts["threads"],
-        "inFlight": facts["in_flight"],
-        "restarts": facts["restarts"],
-        "lastError": facts["last_error"],
+        "id": worker.worker_id,
+        "startTime": worker.started_at,
+        "status": worker_status(worker),
+        "pids": list(worker.pids),
+        "devices": list(worker.devices),
+        "threads": worker.threads,
+        "inFlight": worker.in_flight,
+        "restarts": worker.restarts,
+        "lastError": worker.last_error,
     }
 
 
-def _worker_groups(pool: WorkerPool, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def worker_groups(snapshot: PoolSnapshot) -> list[dict[str, Any]]:
     """DJL's ``workerGroups``: all CPU workers form one group; on GPU, one group per device slice."""
-    if not any(g.devices for g in pool.groups):
-        bounds = {"minWorkers": pool.min_workers, "maxWorkers": pool.max_workers}
+    if not any(snapshot.groups):
+        bounds = {"minWorkers": snapshot.min_workers, "maxWorkers": snapshot.max_workers}
+        workers = [_worker(w) for w in snapshot.workers]
         return [{"device": {"deviceType": "cpu", "deviceId": -1}, **bounds, "workers": workers}]
-    slices = [g.devices for g in pool.groups]
+    slices = list(snapshot.groups)
     # A worker may still hold a slice that a re-plan (PUT) dropped, until it has stopped.
-    slices += [d for d in dict.fromkeys(tuple(w["devices"]) for w in workers) if d not in slices]
+    slices += [d for d in dict.fromkeys(w.devices for w in snapshot.workers) if d not in slices]
     return [
         {
             "device": {"deviceType": "gpu", "deviceId": devices[0]},
             "devices": list(devices),
             # A slice holds one worker; the first free slice is filled first, so slices < min stay busy.
-            "minWorkers": int(i < pool.min_workers),
+            "minWorkers": int(i < snapshot.min_workers),
             "maxWorkers": 1,
-            "workers": [w for w in workers if tuple(w["devices"]) == devices],
+            "workers": [_worker(w) for w in snapshot.workers if w.devices == devices],
         }
         for i, devices in enumerate(slices)
     ]
 
 
+def model_description(model: ModelSnapshot) -> dict[str, Any]:
+    """One model of ``GET /models/{name}``; one without workers (waiting, failed) has only its status."""
+    head = {"modelName": model.name, "modelUrl": model.url, "status": model_status(model.health)}
+    snapshot = model.pool
+    if snapshot is None:
+        loaded_at_startup = model.loaded_at_startup
+        return {**head, "error": model.health.error, "loadedAtStartup": loaded_at_startup, "workerGroups": []}
+    return {
+        **head,
+        "backend": snapshot.backend,
+        "mode": snapshot.mode,
+        "tensorParallelDegree": snapshot.tensor_parallel_degree,
+        "pipelineParallelDegree": snapshot.pipeline_parallel_degree,
+        "minWorkers": snapshot.min_workers,
+        "maxWorkers": snapshot.max_workers,
+        "maxIdleSeconds": snapshot.max_idle_seconds,
+        "queueSize": snapshot.queue_size,
+        "requestInQueue": snapshot.queued,
+        "maxRollingBatchSize": snapshot.max_rolling_batch_size,
+        "loadedAt": snapshot.loaded_at,
+        "lastFailure": snapshot.last_failure,
+        "loadedAtStartup": model.loaded_at_startup,
+        "workerGroups": worker_groups(snapshot),
+    }
+
+
 async def describe_model(request: Request) -> Response:
-    state = _state(request)
     name = request.path_params["model_name"]
-    config = state.server.config(name)
-    loaded_at_startup = name in {m.name for m in state.startup_models}
-    pool = state.server.pools.get(name)
-    if pool is None:  # failed to load
-        model: dict[str, Any] = {
-            "modelName": name,
-            "modelUrl": _url(config),
-            "status": "FAILED",
-            "error": state.server.failed.get(name),
-            "loadedAtStartup": loaded_at_startup,
-            "workerGroups": [],
-        }
-    else:
-        facts = pool.describe()
-        model = {
-            **{k: v for k, v in facts.items() if k != "workers"},
-            "status": "PENDING" if name in state.server.loading else _health(pool),
-            "loadedAtStartup": loaded_at_startup,
-            "workerGroups": _worker_groups(pool, [_worker(w) for w in facts["workers"]]),
-        }
-    return JSONResponse([{"workflowName": name, "models": [model]}])
+    model = _state(request).server.describe(name)
+    return JSONResponse([{"workflowName": name, "models": [model_description(model)]}])
 
 
 async def _params(request: Request) -> dict[str, Any]:

@@ -3,12 +3,14 @@
 Request, latency and token metrics are counted in the server as each request runs, so they are
 complete whatever the number of workers or ranks (a worker that dies loses none of them). The
 engines' own gauges (running, waiting) and counters (finished, cancelled) are read at scrape time
-from the last heartbeat of every worker's rank 0 and summed over the model's workers. Every metric has a
-``model`` label; it is always a loaded model's name, never a client-supplied string.
+from the last heartbeat of every worker's rank 0 and summed over the model's workers; ``lmi_workers``
+counts workers by the status the management API shows (``UNLOADING`` while one retires). Every
+metric has a ``model`` label; it is always a loaded model's name, never a client-supplied string.
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,9 +24,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
-from lmi_core.pool import WorkerPool
-from lmi_core.routing import RouteHint
-from lmi_core.server import ModelServer
+from lmi_core.http.management import worker_status
+from lmi_core.http.state import ModelService, ServedModel
+from lmi_core.routing import ROUTED, RouteHint
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
@@ -42,9 +44,9 @@ _current: contextvars.ContextVar[RequestLabels | None] = contextvars.ContextVar(
 
 
 class EngineCollector(Collector):
-    """Scrape-time gauges from the pools and the engines' heartbeat counters."""
+    """Scrape-time gauges from the models' snapshots and the engines' heartbeat counters."""
 
-    def __init__(self, server: ModelServer) -> None:
+    def __init__(self, server: ModelService) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -64,27 +66,25 @@ class EngineCollector(Collector):
             labels=model,
         )
         workers = GaugeMetricFamily("lmi_workers", "Workers by state", labels=[*model, "state"])
-        for name, pool in list(self.server.pools.items()):
-            stats = pool.engine_stats()
+        for name in self.server.names():
+            snapshot = self.server.describe(name).pool
+            if snapshot is None:  # waiting to load, or failed: no workers to count
+                continue
+            stats = [w.engine_stats for w in snapshot.workers]
             running.add_metric([name], sum(s.get("running", 0) for s in stats))
-            waiting.add_metric([name], pool.waiting + sum(s.get("waiting", 0) for s in stats))
+            waiting.add_metric([name], snapshot.queued + sum(s.get("waiting", 0) for s in stats))
             finished.add_metric([name], sum(s.get("finished_total", 0) for s in stats))
             cancelled.add_metric([name], sum(s.get("cancelled_total", 0) for s in stats))
-            states: dict[str, int] = {}
-            for worker in pool.workers.values():
-                states[worker.state.value] = states.get(worker.state.value, 0) + 1
+            states = collections.Counter(worker_status(w) for w in snapshot.workers)
             for state, count in sorted(states.items()):
                 workers.add_metric([name, state], count)
         yield from (running, waiting, finished, cancelled, workers)
-        yield from routing_metrics(self.server)
+        yield from prefix_cache_metrics(self.server)
 
 
-def routing_metrics(server: ModelServer) -> Iterator[Metric]:
-    """The pools' routing decisions, and the prefix-cache counters of the engines that report them
-    (vLLM; per worker, in prompt tokens; they reset with a worker, like the engine counters above)."""
-    decisions = CounterMetricFamily(
-        "lmi_routing_decisions", "Requests dispatched, by why that worker", labels=["model", "reason"]
-    )
+def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
+    """The prefix-cache counters of the engines that report them (vLLM), per worker, in prompt
+    tokens; they reset with a worker, like the engine counters above."""
     labels = ["model", "worker"]
     hits = CounterMetricFamily(
         "lmi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=labels
@@ -92,21 +92,20 @@ def routing_metrics(server: ModelServer) -> Iterator[Metric]:
     queries = CounterMetricFamily(
         "lmi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=labels
     )
-    for name, pool in list(server.pools.items()):
-        for reason, count in pool.router.decisions.items():
-            decisions.add_metric([name, reason], count)
-        for worker in list(pool.workers.values()):
-            extra = worker.ranks[0].last_stats.get("extra", {}) if worker.ranks else {}
+    for name in server.names():
+        snapshot = server.describe(name).pool
+        for worker in snapshot.workers if snapshot is not None else ():
+            extra = worker.engine_stats.get("extra", {})
             if "prefix_cache_queries" in extra:
                 hits.add_metric([name, str(worker.worker_id)], extra.get("prefix_cache_hits", 0))
                 queries.add_metric([name, str(worker.worker_id)], extra["prefix_cache_queries"])
-    yield from (decisions, hits, queries)
+    yield from (hits, queries)
 
 
 class Metrics:
     """The registry and every metric of one app."""
 
-    def __init__(self, server: ModelServer) -> None:
+    def __init__(self, server: ModelService) -> None:
         self.registry = CollectorRegistry()
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -130,6 +129,11 @@ class Metrics:
             "finish_reason",
         )
         self.worker_restarts = counter("lmi_worker_restarts", "Workers restarted after a failure")
+        self.routing_decisions = counter(
+            "lmi_routing_decisions",
+            "Requests dispatched, by why that worker: prefix, session, load",
+            "reason",
+        )
         self.registry.register(EngineCollector(server))
 
     def observe(self, model: str, event: str, value: float) -> None:
@@ -138,9 +142,11 @@ class Metrics:
             self.queue_time.labels(model).observe(value)
         elif event == "worker_restart":
             self.worker_restarts.labels(model).inc(value)
+        elif event.startswith(ROUTED):
+            self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
 
     async def instrument(
-        self, pool: WorkerPool, request: GenerationRequest, route: str, hint: RouteHint | None = None
+        self, pool: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None = None
     ) -> AsyncIterator[GenerationEvent]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name

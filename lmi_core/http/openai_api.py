@@ -33,8 +33,8 @@ from lmi_core.http.openai_protocol import (
     openai_error,
 )
 from lmi_core.http.routing import route_hint
-from lmi_core.http.state import AppState
-from lmi_core.pool import WorkerPool, new_request_id
+from lmi_core.http.state import AppState, ServedModel
+from lmi_core.pool import new_request_id
 
 # Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -50,7 +50,7 @@ OpenAIRequest = CompletionRequest | ChatCompletionRequest
 class Call:
     """A parsed OpenAI request: its generations (choice ``i`` runs ``generations[i]``) and rendering."""
 
-    pool: WorkerPool
+    pool: ServedModel
     chat: bool
     stream: bool
     n: int  # choices per prompt
@@ -73,7 +73,7 @@ class Call:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.pool.name}
 
 
-def completion_call(pool: WorkerPool, body: CompletionRequest) -> Call:
+def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
     body.check_supported()
     max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
     generations = [
@@ -85,7 +85,7 @@ def completion_call(pool: WorkerPool, body: CompletionRequest) -> Call:
     return Call(pool, False, body.stream, body.n, generations, echo, body.logprobs, body.include_usage)
 
 
-def chat_call(pool: WorkerPool, body: ChatCompletionRequest) -> Call:
+def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.token_limit or UNLIMITED
@@ -288,12 +288,12 @@ def openai_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[WorkerPool, Any]:
+async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedModel, Any]:
     """The parsed body and the model it names (404 if unknown; the only model if it names none)."""
     state: AppState = request.app.state.lmi
     body = parse_model(kind, await read_json(request, state.config.max_request_size))
     if body.model is None:
-        if len(state.server.pools) != 1:
+        if len(state.server.served()) != 1:
             raise BadRequestError("model is required: this server has several models", param="model")
         return state.server.default(), body
     try:
@@ -315,20 +315,20 @@ async def chat_completions(request: Request) -> Response:
     return await run_call(request, chat_call(pool, body), "/v1/chat/completions", SSE)
 
 
-async def native_chat(request: Request, pool: WorkerPool, body: dict[str, Any]) -> Response:
+async def native_chat(request: Request, pool: ServedModel, body: dict[str, Any]) -> Response:
     """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
     chat = parse_model(ChatCompletionRequest, body)
     return await run_call(request, chat_call(pool, chat), "/invocations", JSON_LINES)
 
 
-def _model_card(pool: WorkerPool) -> dict[str, Any]:
+def _model_card(pool: ServedModel) -> dict[str, Any]:
     return {"id": pool.name, "object": "model", "created": int(pool.loaded_at), "owned_by": "lmi-core"}
 
 
 @openai_errors
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.lmi
-    return JSONResponse({"object": "list", "data": [_model_card(p) for p in state.server.pools.values()]})
+    return JSONResponse({"object": "list", "data": [_model_card(p) for p in state.server.served()]})
 
 
 @openai_errors

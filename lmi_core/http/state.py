@@ -1,34 +1,80 @@
-"""What the HTTP handlers share: the server config, the models, optional features."""
+"""What the HTTP handlers share, and the one view of the server they have.
+
+Handlers reach the models only through ``ModelService`` (``server.ModelServer`` implements it), as
+vLLM's API server sees only its ``EngineClient``: they read snapshots and render them, and never
+touch pools or workers. A fake implementing the protocol serves the ``http/`` tests without
+starting a worker process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
-from lmi_core.pool import WorkerPool
+from lmi_core.pool import PoolSnapshot
+from lmi_core.registry import Health, ModelSnapshot
 from lmi_core.routing import RouteHint
-from lmi_core.server import ModelServer
 
-NativeChat = Callable[[Request, WorkerPool, dict[str, Any]], Awaitable[Response]]
-Instrument = Callable[[WorkerPool, GenerationRequest, str, RouteHint | None], AsyncIterator[GenerationEvent]]
+
+class ServedModel(Protocol):
+    """One model that takes requests (``pool.WorkerPool``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def loaded_at(self) -> float: ...  # time.time() of its registration
+
+    # ``hint``: the request's session in, the worker chosen out (before the first event).
+    def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncIterator[GenerationEvent]: ...
+
+
+class ModelService(Protocol):
+    """The models, as the handlers see them. Unknown names raise ``ModelNotFoundError`` (404)."""
+
+    def names(self) -> list[str]: ...  # every registered model, sorted, whatever its state
+
+    def describe(self, name: str) -> ModelSnapshot: ...
+
+    def health(self, name: str) -> Health: ...
+
+    def get(self, name: str) -> ServedModel: ...  # 404 also for a model without workers (failed)
+
+    def served(self) -> Sequence[ServedModel]: ...  # the models that take requests
+
+    def default(self) -> ServedModel: ...  # the only served model, else a 400
+
+    async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None: ...
+
+    async def scale(
+        self, name: str, min_workers: int | None, max_workers: int | None, *, wait: bool = True
+    ) -> PoolSnapshot: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
+NativeChat = Callable[[Request, ServedModel, dict[str, Any]], Awaitable[Response]]
+Instrument = Callable[[ServedModel, GenerationRequest, str, RouteHint | None], AsyncIterator[GenerationEvent]]
 
 
 def _plain(
-    pool: WorkerPool, request: GenerationRequest, route: str, hint: RouteHint | None
+    model: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None
 ) -> AsyncIterator[GenerationEvent]:
-    return pool.generate(request, hint)
+    return model.generate(request, hint)
 
 
 @dataclass
 class AppState:
     config: ServerConfig
-    server: ModelServer
+    server: ModelService
     startup_models: list[ModelConfig] = field(default_factory=list)
     # A chat request on the native API (a body with ``messages``), answered by the OpenAI layer.
     native_chat: NativeChat | None = None

@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 
 from lmi_core import hookimpl
-from lmi_core.backends import BackendSpec, select_backend
+from lmi_core.backends import BackendSpec, resolve_model, select_backend
 from lmi_core.config import build_model_config
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.server import resolve_model
 from lmi_trtllm import plugin
 from lmi_trtllm.convert import (
     StreamState,

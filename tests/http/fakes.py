@@ -1,0 +1,179 @@
+"""A fake ``ModelService`` for the ``http/`` tests: snapshots in, rendered responses out, no processes.
+
+Health is derived by the real ``registry.health_of`` from the snapshots a test builds, so the fake
+differs from ``ModelServer`` only in where the snapshots come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.errors import ModelNotFoundError, ServiceError
+from lmi_core.http import openai_api
+from lmi_core.http.app import build_app
+from lmi_core.http.metrics import Metrics
+from lmi_core.http.state import AppState
+from lmi_core.pool import ModelStatus, PoolSnapshot
+from lmi_core.registry import Health, ModelSnapshot, ModelState, health_of
+from lmi_core.routing import Decision, RouteHint
+from lmi_core.supervisor import WorkerSnapshot, WorkerState
+
+
+def worker(
+    worker_id: int,
+    state: WorkerState = WorkerState.READY,
+    *,
+    retiring: bool = False,
+    devices: tuple[str, ...] = (),
+    stats: dict[str, Any] | None = None,
+) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        worker_id=worker_id,
+        state=state,
+        pids=(1000 + worker_id,),
+        devices=devices,
+        threads=None if devices else 2,
+        in_flight=0,
+        restarts=0,
+        started_at=1_700_000_000.0,
+        last_error=None,
+        engine_stats=stats or {},
+        retiring=retiring,
+    )
+
+
+def pool(
+    name: str,
+    *workers: WorkerSnapshot,
+    status: ModelStatus = ModelStatus.READY,
+    min_workers: int = 1,
+    max_workers: int = 2,
+    groups: tuple[tuple[str, ...], ...] | None = None,
+    last_failure: str | None = None,
+) -> PoolSnapshot:
+    return PoolSnapshot(
+        name=name,
+        status=status,
+        backend="hf",
+        mode="python",
+        tensor_parallel_degree=1,
+        pipeline_parallel_degree=1,
+        min_workers=min_workers,
+        max_workers=max_workers,
+        max_idle_seconds=60.0,
+        queue_size=1000,
+        queued=0,
+        max_rolling_batch_size=32,
+        loaded_at=1_700_000_000.0,
+        last_failure=last_failure,
+        groups=((),) * max_workers if groups is None else groups,
+        workers=workers,
+    )
+
+
+def model(
+    name: str,
+    pool_snapshot: PoolSnapshot | None = None,
+    state: ModelState = ModelState.LOADED,
+    error: str | None = None,
+    at_startup: bool = False,
+) -> ModelSnapshot:
+    health = health_of(state, error, pool_snapshot)
+    return ModelSnapshot(name, f"/models/{name}", at_startup, health, pool_snapshot)
+
+
+class FakeModel:
+    """A served model whose every generation yields ``tokens`` (then ``Finished``) or raises ``error``."""
+
+    def __init__(self, name: str, tokens: Sequence[str] = ("Hel", "lo"), error: ServiceError | None = None):
+        self.name = name
+        self.loaded_at = 1_700_000_000.0
+        self.tokens = tokens
+        self.error = error
+        self.requests: list[GenerationRequest] = []
+        self.hints: list[RouteHint | None] = []
+
+    async def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        self.requests.append(request)
+        self.hints.append(hint)
+        if hint is not None:  # as the pool does: the worker is known before the first event
+            hint.served.append(Decision(0, "load"))
+        if self.error is not None:
+            raise self.error
+        for i, text in enumerate(self.tokens):
+            yield Token(i, text, -0.5, last=i == len(self.tokens) - 1)
+        yield Finished("length", 3, len(self.tokens), request.prompt or "")
+
+
+class FakeModels:
+    """``ModelService`` over fixed snapshots; records the management calls it gets."""
+
+    def __init__(self, *snapshots: ModelSnapshot) -> None:
+        self.snapshots = {s.name: s for s in snapshots}
+        self.served_models = {s.name: FakeModel(s.name) for s in snapshots if s.pool is not None}
+        self.calls: list[tuple[str, Any]] = []
+
+    def names(self) -> list[str]:
+        return sorted(self.snapshots)
+
+    def describe(self, name: str) -> ModelSnapshot:
+        try:
+            return self.snapshots[name]
+        except KeyError:
+            raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
+
+    def health(self, name: str) -> Health:
+        return self.describe(name).health
+
+    def get(self, name: str) -> FakeModel:
+        try:
+            return self.served_models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"Model or workflow not found: {name}") from None
+
+    def served(self) -> list[FakeModel]:
+        return list(self.served_models.values())
+
+    def default(self) -> FakeModel:
+        if len(self.served_models) == 1:
+            return next(iter(self.served_models.values()))
+        raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
+
+    async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None:
+        self.calls.append(("load", (config, wait, keep_failed)))
+
+    async def scale(
+        self, name: str, min_workers: int | None, max_workers: int | None, *, wait: bool = True
+    ) -> PoolSnapshot:
+        self.calls.append(("scale", (name, min_workers, max_workers, wait)))
+        snapshot = self.describe(name).pool
+        assert snapshot is not None
+        lo = snapshot.min_workers if min_workers is None else min_workers
+        hi = snapshot.max_workers if max_workers is None else max_workers
+        return dataclasses.replace(snapshot, min_workers=lo, max_workers=hi)
+
+    async def unload(self, name: str) -> None:
+        self.describe(name)
+        self.calls.append(("unload", name))
+        del self.snapshots[name]
+
+
+def app(models: FakeModels, **config: Any) -> Starlette:
+    """The real routes, error handlers and middleware over ``models``."""
+    metrics = Metrics(models)
+    server_config = ServerConfig(**config)
+    state = AppState(server_config, models, native_chat=openai_api.native_chat, instrument=metrics.instrument)
+    return build_app(state, metrics)
+
+
+def client(models: FakeModels, **config: Any) -> TestClient:
+    return TestClient(app(models, **config), raise_server_exceptions=False)
