@@ -36,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Server, StreamResult, model_dir, percentile, stream_openai
+from benchmarks.common import ROOT, Server, StreamResult, model_dir, percentile, stream_openai
 from lmi_core.demo_model import build_demo_model
 
 MODEL = "demo"
@@ -164,6 +164,8 @@ def lmi_server(base: Path, demo: Path, setup: Setup, args: argparse.Namespace) -
         "VLLM_RPC_BASE_PATH": str(base),
         "TMPDIR": str(base),
         "SERVING_HEALTH_CHECK_INTERVAL": "0.5",
+        # This checkout's plugins, not whichever an editable install points at.
+        "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "plugins/lmi_vllm", "plugins/lmi_hf")),
     }
     command = [
         sys.executable,
@@ -207,6 +209,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16, help="max_tokens of each request")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    names = [s.name for s in SETUPS]
+    parser.add_argument("--setups", nargs="+", default=names, choices=names, help="in this order")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lmi-bench-routing-"))
     demo = build_demo_model(base / "demo-model", hidden_size=256, num_layers=4, max_position_embeddings=4096)
@@ -216,7 +220,7 @@ def main() -> None:
     }
     print(f"{args}; load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
     rows: dict[str, dict[str, dict[str, float]]] = {name: {} for name in workloads}
-    for setup in SETUPS:
+    for setup in [next(s for s in SETUPS if s.name == name) for name in args.setups]:
         with lmi_server(base, demo, setup, args) as server:
             print(f"{setup.name}: ready in {server.ready_seconds:.0f} s", flush=True)
             warm = [(str(i), f"warm-up {i}") for i in range(4)]  # lazy initialisation, on every worker
