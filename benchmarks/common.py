@@ -111,6 +111,7 @@ class StreamResult:
     total: float
     tokens: int
     gaps: list[float] = field(default_factory=list)
+    worker: str | None = None  # lmi's x-lmi-worker: which worker served it
 
 
 StreamFn = Callable[[httpx.AsyncClient, str, str, int], Awaitable[StreamResult]]
@@ -135,8 +136,8 @@ class ArrivalClock:
             self.gaps.append(now - self._last)
         self._last = now
 
-    def result(self, tokens: int) -> StreamResult:
-        return StreamResult(self.first, time.perf_counter() - self.started, tokens, self.gaps)
+    def result(self, tokens: int, worker: str | None = None) -> StreamResult:
+        return StreamResult(self.first, time.perf_counter() - self.started, tokens, self.gaps, worker)
 
 
 async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int) -> StreamResult:
@@ -175,6 +176,7 @@ async def stream_openai(
     clock, tokens = ArrivalClock(), 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
+        worker = response.headers.get("x-lmi-worker")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -185,7 +187,7 @@ async def stream_openai(
             if choice is None or not (choice["text"] or choice["finish_reason"] is None):
                 continue
             clock.tick()
-    return clock.result(tokens)
+    return clock.result(tokens, worker)
 
 
 async def run_concurrent(

@@ -131,6 +131,14 @@ class ModelConfig(_Strict):
     # MPI multi-node: hosts for ranks (Open MPI --host syntax) or a hostfile.
     mpi_hosts: str | None = None
     mpi_hostfile: str | None = None
+    # Dispatch across a model's workers (docs/routing.md).
+    routing: Literal["least_loaded", "prefix_aware"] = "prefix_aware"
+    routing_block_chars: int = Field(64, ge=1)
+    routing_cache_blocks: int = Field(16384, ge=1)
+    routing_load_weight: float = Field(1.0, ge=0)
+    routing_kv_weight: float = Field(0.5, ge=0)
+    routing_imbalance_abs: int = Field(8, ge=0)
+    routing_imbalance_rel: float = Field(1.5, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # Filled by ``resolve`` from the plugins.
@@ -175,6 +183,14 @@ MODEL_KEYS: dict[str, str] = {
     "option.mpi_hostfile": "mpi_hostfile",
     "option.served_model_name": "name",
     "option.strict_request_fields": "strict_request_fields",
+    # Routing across a model's workers (docs/routing.md).
+    "option.routing": "routing",
+    "option.routing_block_chars": "routing_block_chars",
+    "option.routing_cache_blocks": "routing_cache_blocks",
+    "option.routing_load_weight": "routing_load_weight",
+    "option.routing_kv_weight": "routing_kv_weight",
+    "option.routing_imbalance_abs": "routing_imbalance_abs",
+    "option.routing_imbalance_rel": "routing_imbalance_rel",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(

@@ -1,9 +1,11 @@
-"""One model's worker pool: bounded FIFO queue, least-loaded dispatch, scaling, readiness.
+"""One model's worker pool: bounded FIFO queue, routed dispatch, scaling, readiness.
 
 Each worker takes up to ``option.max_rolling_batch_size`` requests at once (the engine batches
 them); requests beyond that wait here in arrival order, at most ``job_queue_size`` of them, and a
 request beyond that is refused with 503 at once. Accepted requests are never dropped: they get a
-worker, or a terminal error naming why not.
+worker, or a terminal error naming why not. Which ready worker with free capacity a request gets is
+the router's choice (``routing``: its session's worker, the one that saw its prefix, or the least
+loaded); queued requests keep arrival order whatever the router chooses.
 
 Scaling: ``min_workers`` workers start at load and are kept (a FAILED worker is replaced after a
 back-off that doubles while replacements keep failing); while requests wait and no worker is
@@ -37,6 +39,7 @@ from lmi_core.devices import AllocationPlan, DeviceGroup
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.errors import ModelNotReadyError, QueueFullError, QueueTimeoutError, RequestTimeoutError
 from lmi_core.launch_spec import WorkerSlot
+from lmi_core.routing import ROUTED, Decision, RouteHint, RouteQuery, Router, RoutingPolicy, WorkerLoad
 from lmi_core.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -90,6 +93,9 @@ REPLACE_BACKOFF_MAX = 60.0
 POLL = 0.05
 
 
+Assignment = tuple[SupervisedWorker, Decision]
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     # A worker's failed first start is reported by its state; mark the exception seen so asyncio
     # does not log it as never retrieved when nobody awaits ``first_start`` (scaled-up workers).
@@ -123,7 +129,8 @@ class WorkerPool:
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
         self.last_failure: str | None = None
-        self._queue: deque[asyncio.Future[SupervisedWorker]] = deque()
+        self.router = Router(RoutingPolicy.from_config(config))
+        self._queue: deque[tuple[asyncio.Future[Assignment], RouteQuery]] = deque()
         self._retiring: dict[int, asyncio.Task[None]] = {}
         self._idle_since: dict[int, float] = {}
         self._next_id = 0
@@ -256,12 +263,15 @@ class WorkerPool:
                 worker.first_start.set_exception(stopped)
             del self.workers[worker.worker_id]
             del self._retiring[worker.worker_id]
+            self.router.forget(worker.worker_id)
             self._idle_since.pop(worker.worker_id, None)
             self._dispatch()
             self._changed.set()
 
     def _on_worker_change(self, worker: SupervisedWorker) -> None:
         now = time.monotonic()
+        if worker.state is not WorkerState.READY:
+            self.router.forget(worker.worker_id)  # a restarted engine starts with an empty cache
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe(self.name, "worker_restart", 1)
         elif worker.state is WorkerState.READY:
@@ -365,16 +375,33 @@ class WorkerPool:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def _pick(self) -> SupervisedWorker | None:
-        """The least-loaded ready worker with free capacity; ties go to the oldest worker."""
+    def _load(self, worker: SupervisedWorker) -> WorkerLoad:
+        """The worker's load as the router sees it: in flight, and KV use where its engine reports it."""
+        extra = worker.ranks[0].last_stats.extra if worker.ranks else {}
+        kv_tokens = extra.get("kv_cache_tokens")
+        return WorkerLoad(
+            worker.worker_id,
+            worker.in_flight,
+            self.capacity,
+            extra.get("kv_cache_usage"),
+            int(kv_tokens) if kv_tokens else None,
+        )
+
+    def _pick(self, query: RouteQuery) -> Assignment | None:
+        """The router's choice among the ready workers with free capacity (none: None); reserves it."""
         ready = [w for w in self._serving() if w.state is WorkerState.READY and w.in_flight < self.capacity]
-        return min(ready, key=lambda w: (w.in_flight, w.worker_id), default=None)
+        if not ready:
+            return None
+        decision = self.router.route(query, [self._load(w) for w in ready])
+        self.observe(self.name, ROUTED + decision.reason, 1)
+        worker = self.workers[decision.worker_id]
+        worker.in_flight += 1
+        return worker, decision
 
     def _dispatch(self) -> None:
         """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
-        while self._queue and (worker := self._pick()) is not None:
-            worker.in_flight += 1
-            self._queue.popleft().set_result(worker)
+        while self._queue and (assignment := self._pick(self._queue[0][1])) is not None:
+            self._queue.popleft()[0].set_result(assignment)
         if self._queue and self.status is ModelStatus.FAILED:
             self._fail_waiting(self._unservable())
 
@@ -383,7 +410,7 @@ class WorkerPool:
 
     def _fail_waiting(self, message: str) -> None:
         while self._queue:
-            self._queue.popleft().set_exception(ModelNotReadyError(message))
+            self._queue.popleft()[0].set_exception(ModelNotReadyError(message))
 
     def _release(self, worker: SupervisedWorker) -> None:
         worker.in_flight -= 1
@@ -392,28 +419,29 @@ class WorkerPool:
         self._dispatch()
         self._changed.set()
 
-    def _abandon(self, future: asyncio.Future[SupervisedWorker]) -> None:
+    def _abandon(self, future: asyncio.Future[Assignment]) -> None:
         """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
         if future.done() and not future.cancelled() and future.exception() is None:
-            self._release(future.result())  # it was handed a worker just as it gave up
+            self._release(future.result()[0])  # it was handed a worker just as it gave up
             return
         future.cancel()
-        with contextlib.suppress(ValueError):
-            self._queue.remove(future)
+        for entry in self._queue:
+            if entry[0] is future:
+                self._queue.remove(entry)
+                break
 
-    async def _acquire(self, limits: Deadlines) -> SupervisedWorker:
+    async def _acquire(self, query: RouteQuery, limits: Deadlines) -> Assignment:
         """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order."""
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
-        if not self._queue and (worker := self._pick()) is not None:
-            worker.in_flight += 1
-            return worker
+        if not self._queue and (assignment := self._pick(query)) is not None:
+            return assignment
         if self.status is ModelStatus.FAILED:
             raise ModelNotReadyError(self._unservable())
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
-        future: asyncio.Future[SupervisedWorker] = asyncio.get_running_loop().create_future()
-        self._queue.append(future)
+        future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
+        self._queue.append((future, query))
         self._changed.set()  # the scaler may add a worker
         try:
             await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
@@ -427,12 +455,20 @@ class WorkerPool:
             raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
         return future.result()
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Queue ``request``, run it on the least-loaded ready worker, yield its events."""
+    async def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Queue ``request``, run it on the worker the router picks, yield its events.
+
+        ``hint`` carries the request's session in, and gets the routing decision appended before the
+        first event is yielded (so a response can name its worker before it starts).
+        """
         started = time.monotonic()
         config = self.config
         limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
-        worker = await self._acquire(limits)
+        worker, decision = await self._acquire(self.router.query(request, hint), limits)
+        if hint is not None:
+            hint.served.append(decision)
         self.observe(self.name, "queue_time", time.monotonic() - started)
         events = worker.generate(request, limits.total, limits.total_source)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -519,3 +519,40 @@ def test_hf_and_vllm_greedy_outputs_are_identical(servers: Servers) -> None:
     chats = [post(s, "/v1/chat/completions", body) for s in (hf, vllm)]
     assert chats[0]["choices"][0]["message"] == chats[1]["choices"][0]["message"]
     assert chats[0]["usage"] == chats[1]["usage"]
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+
+def prefix_cache_samples(server: ServerProcess) -> dict[str, float]:
+    """``lmi_prefix_cache_{hits,queries}_total`` of worker 0, by name (absent: the engine has none)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    wanted = {
+        f'lmi_prefix_cache_{kind}_total{{model="demo",worker="0"}}': kind for kind in ("hits", "queries")
+    }
+    return {
+        wanted[key]: float(value)
+        for key, value in (line.rsplit(" ", 1) for line in text.splitlines())
+        if key in wanted
+    }
+
+
+def test_responses_name_their_worker_and_prefix_cache_hits_are_exported(server: ServerProcess) -> None:
+    prompt = " ".join(["the same long tenant context"] * 5)  # 91 tokens of the demo's: several KV blocks
+    before = prefix_cache_samples(server)
+    for _ in range(2):
+        response = httpx.post(
+            f"{server.url}/invocations",
+            json={"inputs": prompt, "parameters": {"max_new_tokens": 2}},
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200 and response.headers["x-lmi-worker"] == "0"
+    if not before:  # HF has no prefix cache: nothing to report
+        assert prefix_cache_samples(server) == {}
+        return
+
+    def hit() -> bool:  # heartbeats carry the counters: wait for the one after the second request
+        after = prefix_cache_samples(server)
+        return after["hits"] - before["hits"] >= 32 and after["queries"] - before["queries"] >= 2 * 91
+
+    wait_for(hit, what="the second request's prefix-cache hits in /metrics")

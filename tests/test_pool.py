@@ -26,6 +26,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.pool import WorkerPool, new_request_id
+from lmi_core.routing import Decision, RouteHint
 from lmi_core.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -332,3 +333,29 @@ def test_the_thread_count_of_a_cpu_worker_reaches_torch() -> None:
     code = "import torch; print(torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) == 1
+
+
+async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, retry_threshold=0)
+    await pool.start()
+    FakeWorker.gate.set()
+
+    async def served(prompt: str, session: str | None = None) -> Decision:
+        hint = RouteHint(session)
+        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), hint)
+        await anext(events)
+        assert len(hint.served) == 1  # the worker is known once the first event is
+        async for _ in events:
+            pass
+        return hint.served[0]
+
+    shared = {name: f"{name}: " + "a long shared context. " * 10 for name in ("a", "b")}
+    first = [(await served(shared[n] + "?", "s" if n == "a" else None)).worker_id for n in ("a", "b")]
+    assert first == [0, 1]
+    assert (await served(shared["b"] + "again?")).reason == "prefix"
+    assert (await served("short", "s")) == Decision(0, "session")
+    pool.workers[0].fail("crashed")  # retry_threshold=0: FAILED at once
+    moved = await served(shared["a"] + "later?", "s")
+    assert (moved.worker_id, moved.reason, moved.moved_from) == (1, "load", 0)
+    assert pool.router.index.cached(0) == 0
+    await pool.stop()

@@ -25,6 +25,7 @@ from lmi_core.http.common import ClientDisconnected, error_response
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.openai_protocol import error_for_path
 from lmi_core.http.request_timeout import RequestTimeoutMiddleware
+from lmi_core.http.routing import RoutingMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.server import ModelServer
@@ -157,6 +158,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RoutingMiddleware)  # x-session-id in, x-lmi-worker out
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]
     if origins:

@@ -17,6 +17,7 @@ from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
+from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.pool import ModelStatus, new_request_id
@@ -80,7 +81,7 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
         return JSONResponse(await _batch(request, pool, lmi))
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params)
-    events = state.instrument(pool, generation, "/invocations")
+    events = state.instrument(pool, generation, "/invocations", route_hint(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))
@@ -94,9 +95,12 @@ async def _batch(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[d
         GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling()) for p in lmi.prompts
     ]
 
+    hint = route_hint(request)
+
     async def run_all() -> list[list[GenerationEvent]]:
         tasks = [
-            asyncio.ensure_future(collect(state.instrument(pool, g, "/invocations"))) for g in generations
+            asyncio.ensure_future(collect(state.instrument(pool, g, "/invocations", hint)))
+            for g in generations
         ]
         try:
             return list(await asyncio.gather(*tasks))

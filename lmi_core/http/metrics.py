@@ -27,6 +27,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
+from lmi_core.routing import ROUTED, RouteHint
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
@@ -79,6 +80,27 @@ class EngineCollector(Collector):
             for state, count in sorted(states.items()):
                 workers.add_metric([name, state], count)
         yield from (running, waiting, finished, cancelled, workers)
+        yield from prefix_cache_metrics(self.server)
+
+
+def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
+    """The prefix-cache counters of the engines that report them (vLLM), per worker, in prompt
+    tokens; they reset with a worker, like the engine counters above."""
+    labels = ["model", "worker"]
+    hits = CounterMetricFamily(
+        "lmi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=labels
+    )
+    queries = CounterMetricFamily(
+        "lmi_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=labels
+    )
+    for name in server.names():
+        snapshot = server.describe(name).pool
+        for worker in snapshot.workers if snapshot is not None else ():
+            extra = worker.engine_stats.extra
+            if "prefix_cache_queries" in extra:
+                hits.add_metric([name, str(worker.worker_id)], extra.get("prefix_cache_hits", 0))
+                queries.add_metric([name, str(worker.worker_id)], extra["prefix_cache_queries"])
+    yield from (hits, queries)
 
 
 class Metrics:
@@ -113,6 +135,11 @@ class Metrics:
             "Requests ended by a deadline: predict (total), queue (waiting for a worker), stall (no token)",
             "deadline",
         )
+        self.routing_decisions = counter(
+            "lmi_routing_decisions",
+            "Requests dispatched, by why that worker: prefix, session, load",
+            "reason",
+        )
         self.registry.register(EngineCollector(server))
 
     def observe(self, model: str, event: str, value: float) -> None:
@@ -121,9 +148,11 @@ class Metrics:
             self.queue_time.labels(model).observe(value)
         elif event == "worker_restart":
             self.worker_restarts.labels(model).inc(value)
+        elif event.startswith(ROUTED):
+            self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
 
     async def instrument(
-        self, pool: ServedModel, request: GenerationRequest, route: str
+        self, pool: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name
@@ -133,7 +162,7 @@ class Metrics:
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
-        events = pool.generate(request)
+        events = pool.generate(request, hint)
         try:
             async for event in events:
                 now = time.monotonic()

@@ -42,6 +42,7 @@ from lmi_core.http.openai_protocol import (
     ignored_fields,
     openai_error,
 )
+from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_calls import ToolPlan, ToolStream
@@ -444,7 +445,8 @@ async def run_call(request: Request, call: Call, route: str, framing: Framing) -
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
-    streams = [state.instrument(call.pool, g, route) for g in call.generations]
+    hint = route_hint(request)
+    streams = [state.instrument(call.pool, g, route, hint) for g in call.generations]
     try:
         if call.stream:
             frame, media_type = framing

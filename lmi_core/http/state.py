@@ -19,6 +19,7 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.pool import PoolSnapshot
 from lmi_core.registry import Health, ModelSnapshot
+from lmi_core.routing import RouteHint
 
 
 class ServedModel(Protocol):
@@ -33,7 +34,10 @@ class ServedModel(Protocol):
     @property
     def config(self) -> ModelConfig: ...  # the model's configuration (context length, strictness)
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]: ...
+    # ``hint``: the request's session in, the worker chosen out (before the first event).
+    def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
 class ModelService(Protocol):
@@ -61,13 +65,15 @@ class ModelService(Protocol):
 
 
 NativeChat = Callable[[Request, ServedModel, dict[str, Any]], Awaitable[Response]]
-Instrument = Callable[[ServedModel, GenerationRequest, str], AsyncGenerator[GenerationEvent, None]]
+Instrument = Callable[
+    [ServedModel, GenerationRequest, str, RouteHint | None], AsyncGenerator[GenerationEvent, None]
+]
 
 
 def _plain(
-    model: ServedModel, request: GenerationRequest, route: str
+    model: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None
 ) -> AsyncGenerator[GenerationEvent, None]:
-    return model.generate(request)
+    return model.generate(request, hint)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
 from lmi_core.pool import ModelStatus, PoolSnapshot
 from lmi_core.registry import Health, ModelSnapshot, ModelState, health_of
+from lmi_core.routing import Decision, RouteHint
 from lmi_core.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -98,9 +99,15 @@ class FakeModel:
         self.tokens = tokens
         self.error = error
         self.requests: list[GenerationRequest] = []
+        self.hints: list[RouteHint | None] = []
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
+        self.hints.append(hint)
+        if hint is not None:  # as the pool does: the worker is known before the first event
+            hint.served.append(Decision(0, "load"))
         if self.error is not None:
             raise self.error
         for i, text in enumerate(self.tokens):

@@ -80,7 +80,7 @@ def test_an_unexpected_exception_is_a_json_error_in_the_routes_shape_that_closes
 ) -> None:
     models = _models()
 
-    async def broken(request: Any) -> Any:
+    async def broken(request: Any, hint: Any = None) -> Any:
         raise Boom("a bug")
         yield  # an async generator, like a real pool's
 

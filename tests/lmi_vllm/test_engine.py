@@ -254,3 +254,18 @@ async def test_other_backends_are_left_alone(pm: Any, engine: Any, worker_contex
     events = pm.hook.handle_request(engine=other, request=GenerationRequest(request_id="x", prompt="a"))
     assert await collect(events) == ([], FINISHED)
     assert pm.hook.engine_stats(engine=other) == STATS
+
+
+async def test_a_repeated_prompt_is_counted_in_the_prefix_cache_stats(pm: Any, engine: Any) -> None:
+    ids = engine.tokenizer.encode(" ".join(f"tenant context {i}" for i in range(200)))[:300]
+    prompt = engine.tokenizer.decode(ids)
+    before = pm.hook.engine_stats(engine=engine).extra
+    # 3 tokens: the prefill step's stats are recorded before the request's last output.
+    for _ in range(2):
+        await run(pm, engine, prompt=prompt, max_new_tokens=3, ignore_eos=True)
+    after = pm.hook.engine_stats(engine=engine).extra
+    queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert queries >= 2 * 250  # both prompts were looked up, in tokens
+    assert hits >= 250 - 128  # the second found all the first's whole blocks (a block is <= 128 tokens)
+    assert after["kv_cache_tokens"] > 0

@@ -72,6 +72,11 @@ class SchedulerCounts:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    kv_cache_tokens: int = 0  # the KV cache's capacity (blocks x block size): sizes lmi's prefix index
+    # Prompt tokens looked up in / found in the prefix cache, since the engine started (the
+    # scheduler reports them per step; requests resumed after preemption are left out, as vLLM does).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, bool]:
@@ -115,7 +120,7 @@ def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
 
     class SchedulerCountsLogger(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
+            self.cache_config = vllm_config.cache_config
 
         def record(
             self,
@@ -130,6 +135,13 @@ def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
                     scheduler_stats, "num_skipped_waiting_reqs", 0
                 )
                 counts.kv_cache_usage = scheduler_stats.kv_cache_usage
+                # Read here, not in __init__: the engine core sets num_gpu_blocks once it has measured.
+                blocks = getattr(self.cache_config, "num_gpu_blocks", None) or 0
+                counts.kv_cache_tokens = blocks * getattr(self.cache_config, "block_size", 0)
+                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+                if prefix is not None:
+                    counts.prefix_cache_queries += prefix.queries
+                    counts.prefix_cache_hits += prefix.hits
 
         def log_engine_initialized(self) -> None:
             pass
@@ -344,6 +356,9 @@ class VllmEngine:
                 "kv_cache_usage": 0.0 if idle else self._scheduler.kv_cache_usage,
                 "inflight": float(self.requests.in_flight),
                 "unfinished_in_vllm": float(self.llm.get_num_unfinished_requests()),
+                "kv_cache_tokens": float(self._scheduler.kv_cache_tokens),
+                "prefix_cache_queries": float(self._scheduler.prefix_cache_queries),
+                "prefix_cache_hits": float(self._scheduler.prefix_cache_hits),
             },
         )
 
