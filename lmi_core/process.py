@@ -1,7 +1,11 @@
 """OS processes of workers: start in their own process group, tag their output, kill the whole tree.
 
-A worker (a Python process or an ``mpirun`` job and its ranks) runs in a new session so that one
-``killpg`` reaches every process of it. ``PR_SET_PDEATHSIG`` makes the kernel kill it if the server
+A worker (a Python process or an ``mpirun`` job and its ranks) runs in its own process group, so that
+one ``killpg`` reaches every process of it, but in the server's session: with the kernel's default
+``sched_autogroup_enabled=1`` (Debian, Ubuntu) every session is a scheduling group of its own, and a
+worker in a new session (``setsid``) whose engine busy-waits (vLLM's EngineCore spins on
+``sched_yield`` during a step) starved the server's session: clients got each stream all at once at
+its end (TTFT 12-20x vLLM's own server on 2 cores; ``docs/benchmarks.md``). ``PR_SET_PDEATHSIG`` makes the kernel kill it if the server
 dies, even by SIGKILL; ranks set it themselves and also watch the server's pid.
 """
 
@@ -48,7 +52,7 @@ class WorkerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,  # its own group, the server's session (autogroup): see above
             preexec_fn=set_parent_death_signal,
         )
         assert self.process.stdout is not None
