@@ -35,6 +35,9 @@ class SamplingParams:
     # Whether the client reads each token's log-prob; an engine may skip computing it when not
     # (vLLM: about a third of its per-token cost on CPU) and report None.
     logprobs: bool = True
+    # Tokens the worker gathers before it sends them (the last ones go with the finish); None = the
+    # model's option.stream_interval (default 1). Fewer, larger writes per request at the cost of ITL.
+    stream_interval: int | None = None
 
     @property
     def greedy(self) -> bool:

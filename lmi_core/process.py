@@ -5,8 +5,9 @@ one ``killpg`` reaches every process of it, but in the server's session: with th
 ``sched_autogroup_enabled=1`` (Debian, Ubuntu) every session is a scheduling group of its own, and a
 worker in a new session (``setsid``) whose engine busy-waits (vLLM's EngineCore spins on
 ``sched_yield`` during a step) starved the server's session: clients got each stream all at once at
-its end (TTFT 12-20x vLLM's own server on 2 cores; ``docs/benchmarks.md``). ``PR_SET_PDEATHSIG`` makes the kernel kill it if the server
-dies, even by SIGKILL; ranks set it themselves and also watch the server's pid.
+its end (TTFT 12-20x vLLM's own server on 2 cores; ``docs/benchmarks.md``). ``PR_SET_PDEATHSIG``
+makes the kernel kill it if the server dies, even by SIGKILL; ranks set it themselves and also watch
+the server's pid.
 """
 
 from __future__ import annotations

@@ -293,14 +293,14 @@ class SupervisedWorker:
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
-        The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
-        into the request's queue: no per-token cost.
+        The deadline (``time.monotonic()`` based) is a timer that fails the request's stream with a
+        ``RequestTimeoutError``: no per-token cost.
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
-        queue = ranks[0].open_stream(rid)
+        stream = ranks[0].open_stream(rid)
         message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
         timer = None
@@ -309,22 +309,23 @@ class SupervisedWorker:
             timeout = RequestTimeoutError(
                 f"request took longer than option.predict_timeout={self.model.predict_timeout:g} s"
             )
-            timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
+            timer = loop.call_at(loop.time() + deadline - time.monotonic(), stream.fail, timeout)
         try:
             for conn in ranks:
                 conn.send(message_out)
             while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    # The engine's error ends the request in the worker too; nothing to cancel there.
-                    finished = isinstance(item, EngineError)
-                    raise item
-                if isinstance(item, Finished):
-                    finished = True
-                    self.failures = 0
+                try:
+                    batch = await stream.take()  # every event since the last take: one wake-up
+                except EngineError:
+                    finished = True  # the engine's error ends the request in the worker too
+                    raise
+                for item in batch:
+                    if isinstance(item, Finished):
+                        finished = True
+                        self.failures = 0
+                        yield item
+                        return
                     yield item
-                    return
-                yield item
         finally:
             if timer is not None:
                 timer.cancel()

@@ -28,6 +28,7 @@ class LmiParameters(BaseModel):
     return_full_text: bool = False
     ignore_eos_token: bool = False
     top_n_tokens: int = Field(0, ge=0, le=20)
+    stream_interval: int | None = Field(None, ge=1)
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
@@ -45,6 +46,7 @@ class LmiParameters(BaseModel):
             stop_sequences=[*self.stop_sequences, *(self.stop or [])],
             ignore_eos=self.ignore_eos_token,
             top_logprobs=self.top_n_tokens,
+            stream_interval=self.stream_interval,
         )
 
 
