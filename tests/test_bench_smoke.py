@@ -18,7 +18,7 @@ def test_stack_benchmark_runs_and_prints_its_ratios(
     figures = stack_alone(tmp_path, stream_tokens=2000, short_requests=20)
     with capsys.disabled():
         print(
-            f"\\nstack smoke: HTTP {figures['http_tok_s']:.0f} tokens/s = "
+            f"\nstack smoke: HTTP {figures['http_tok_s']:.0f} tokens/s = "
             f"{figures['http_tok_s'] / figures['in_process_tok_s']:.4f} of in-process; "
             f"gap p50/p99 {figures['gap_p50_us']:.0f}/{figures['gap_p99_us']:.0f} us; "
             f"TTFT p50/p99 {figures['ttft_p50_ms']:.2f}/{figures['ttft_p99_ms']:.2f} ms"
