@@ -92,23 +92,41 @@ def main() -> None:
     )
 
     print(f"(b) synthetic engine (stack only), one stream of {args.stream_tokens} tokens")
-    ceiling = asyncio.run(in_process_synthetic(args.stream_tokens))
+    figures = stack_alone(base, args.stream_tokens, short_requests=50)
+    print(f"    in-process   {figures['in_process_tok_s']:11.0f} tokens/s")
+    print(
+        f"    via HTTP     {figures['http_tok_s']:11.0f} tokens/s   ratio http/in-process = "
+        f"{figures['http_tok_s'] / figures['in_process_tok_s']:.4f}"
+    )
+    print(f"    inter-token  p50 {figures['gap_p50_us']:.0f} us, p99 {figures['gap_p99_us']:.0f} us")
+    print(
+        f"    TTFT (1-token requests, sequential) p50 {figures['ttft_p50_ms']:.2f} ms, "
+        f"p99 {figures['ttft_p99_ms']:.2f} ms"
+    )
+
+
+def stack_alone(base: Path, stream_tokens: int, short_requests: int) -> dict[str, float]:
+    """The stack with a synthetic engine: one long stream through HTTP against the same engine
+    iterated in-process, and the TTFT of sequential 1-token requests (``tests/test_bench_smoke.py``
+    runs it small)."""
+    ceiling = asyncio.run(in_process_synthetic(stream_tokens))
     env = {"LMI_EXTRA_PLUGINS": "benchmarks.synthetic_engine"}
     with Server(
         model_dir(base, "synthetic", None, {"option.model_id": "synthetic", "option.backend": "synthetic"}),
         env,
     ) as server:
         asyncio.run(run_concurrent(server.url, ["warm"], 1, 100))
-        wall, (stream,) = asyncio.run(run_concurrent(server.url, ["x"], 1, args.stream_tokens))
-        _, short = asyncio.run(run_concurrent(server.url, ["x"] * 50, 1, 1))
-    streamed = stream.tokens / wall
+        wall, (stream,) = asyncio.run(run_concurrent(server.url, ["x"], 1, stream_tokens))
+        _, short = asyncio.run(run_concurrent(server.url, ["x"] * short_requests, 1, 1))
     ttfts = [r.ttft * 1000 for r in short]
-    print(f"    in-process   {ceiling:11.0f} tokens/s")
-    print(f"    via HTTP     {streamed:11.0f} tokens/s   ratio http/in-process = {streamed / ceiling:.4f}")
-    gap50, gap99 = (percentile(stream.gaps, q) * 1e6 for q in (0.5, 0.99))
-    print(f"    inter-token  p50 {gap50:.0f} us, p99 {gap99:.0f} us")
-    ttft50, ttft99 = statistics.median(ttfts), percentile(ttfts, 0.99)
-    print(f"    TTFT (1-token requests, sequential) p50 {ttft50:.2f} ms, p99 {ttft99:.2f} ms")
+    return {
+        "in_process_tok_s": ceiling,
+        "http_tok_s": stream.tokens / wall,
+        "gap_p50_us": percentile(stream.gaps, 0.5) * 1e6,
+        "gap_p99_us": percentile(stream.gaps, 0.99) * 1e6,
+        "ttft_p50_ms": statistics.median(ttfts),
+        "ttft_p99_ms": percentile(ttfts, 0.99),
+    }
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
+    ROOT,
     Server,
     StreamResult,
     model_dir,
@@ -66,7 +68,9 @@ class Engine:
     dtype: str = "float32"
 
 
-def lmi_server(base: Path, demo: Path, engine: Engine, env: dict[str, str]) -> Server:
+def lmi_server(
+    base: Path, demo: Path, engine: Engine, env: dict[str, str], name: str = MODEL, tree: Path | None = None
+) -> Server:
     properties = {
         "option.backend": "vllm",
         "option.enforce_eager": "true",
@@ -74,7 +78,7 @@ def lmi_server(base: Path, demo: Path, engine: Engine, env: dict[str, str]) -> S
         "option.max_rolling_batch_size": str(engine.max_num_seqs),  # vLLM's max_num_seqs
         "option.dtype": engine.dtype,
     }
-    directory = model_dir(base, MODEL, demo, properties)
+    directory = model_dir(base, name, demo, properties)
     command = [
         sys.executable,
         "-m",
@@ -85,7 +89,7 @@ def lmi_server(base: Path, demo: Path, engine: Engine, env: dict[str, str]) -> S
         "--model-name",
         MODEL,
     ]
-    return Server(directory, env, command=command, timeout=600)
+    return Server(directory, env, command=command, timeout=600, cwd=tree or ROOT)
 
 
 def vllm_server(demo: Path, engine: Engine, env: dict[str, str]) -> Server:
@@ -140,15 +144,18 @@ def measure(server: Server, prompts: list[str], concurrency: int, tokens: int) -
 
 
 def table(rows: dict[int, dict[str, dict[str, float]]]) -> str:
-    """Markdown: per concurrency and metric, the medians of lmi and vllm and their ratio."""
+    """Markdown: per concurrency and metric, each server's median and each lmi server's ratio to vLLM."""
+    names = list(next(iter(rows.values())))
+    lmis = [name for name in names if name != "vllm"]
     lines = [
-        "| concurrency | metric | lmi + lmi_vllm | vLLM server | lmi / vLLM |",
-        "| --- | --- | --- | --- | --- |",
+        f"| concurrency | metric | {' | '.join(names)} | {' | '.join(f'{n} / vLLM' for n in lmis)} |",
+        "| --- | --- |" + " --- |" * (len(names) + len(lmis)),
     ]
     for concurrency, by_server in rows.items():
         for key, heading in METRICS.items():
-            lmi, vllm = by_server["lmi"][key], by_server["vllm"][key]
-            lines.append(f"| {concurrency} | {heading} | {lmi:.4g} | {vllm:.4g} | {lmi / vllm:.2f} |")
+            values = " | ".join(f"{by_server[name][key]:.4g}" for name in names)
+            ratios = " | ".join(f"{by_server[name][key] / by_server['vllm'][key]:.2f}" for name in lmis)
+            lines.append(f"| {concurrency} | {heading} | {values} | {ratios} |")
     return "\n".join(lines)
 
 
@@ -161,6 +168,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another lmi-core source tree (a checkout of main) measured as 'lmi-base' in the same rounds",
+    )
     args = parser.parse_args()
     engine = Engine(args.max_model_len, args.max_num_seqs, args.kv_cache_gib)
     base = Path(tempfile.mkdtemp(prefix="lmi-bench-vllm-"))
@@ -174,9 +186,18 @@ def main() -> None:
     }
     print(f"engine: {engine}; {args.tokens} tokens per request; {args.rounds} rounds", flush=True)
     # Started one after the other: two engines starting at once would share the 2 cores.
-    with lmi_server(base, demo, engine, env) as lmi, vllm_server(demo, engine, env) as vllm:
-        servers = {"lmi": lmi, "vllm": vllm}
-        print(f"ready in: lmi {lmi.ready_seconds:.1f} s, vllm {vllm.ready_seconds:.1f} s", flush=True)
+    with contextlib.ExitStack() as stack:
+        servers = {"lmi": stack.enter_context(lmi_server(base, demo, engine, env))}
+        if args.baseline is not None:
+            tree = args.baseline.resolve()
+            path = os.pathsep.join(str(tree / p) for p in ("", "plugins/lmi_hf", "plugins/lmi_vllm"))
+            baseline_env = {**env, "PYTHONPATH": path}
+            servers["lmi-base"] = stack.enter_context(
+                lmi_server(base, demo, engine, baseline_env, name="demo-base", tree=tree)
+            )
+        servers["vllm"] = stack.enter_context(vllm_server(demo, engine, env))
+        ready = ", ".join(f"{name} {server.ready_seconds:.1f} s" for name, server in servers.items())
+        print(f"ready in: {ready}", flush=True)
         for server in servers.values():  # warm-up: first requests pay lazy initialisation
             measure(server, [f"warm-up {i}" for i in range(4)], 4, 8)
         rows: dict[int, dict[str, dict[str, float]]] = {}

@@ -54,13 +54,16 @@ class Server:
         command: list[str] | None = None,
         ready_path: str = "/ping",
         timeout: float = 180.0,
+        cwd: Path = ROOT,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # open for the process's lifetime
             prefix="lmi-bench-", suffix=".log", delete=False
         )
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+        # This checkout first; the caller's PYTHONPATH (a worktree's plugins) after it.
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **(env or {})}
         if command is None:
             command = [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(directory)]
         started = time.monotonic()
@@ -69,8 +72,10 @@ class Server:
             env=full_env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
+            # A group of its own (one killpg ends it) in the client's session, as from a user's shell:
+            # with sched_autogroup_enabled=1 a new session is a scheduling group of its own.
+            process_group=0,
+            cwd=cwd,  # python -m imports from here first
         )
         deadline = started + timeout
         while time.monotonic() < deadline:
@@ -93,7 +98,7 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        # Whatever the server left behind in its session (an engine process) must not load the next run.
+        # Whatever the server left behind in its process group (an engine process) must not load the next run.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()

@@ -1,8 +1,9 @@
 """The server's end of one rank's socket: multiplexed request streams, pings, failure fan-out.
 
-Invariant: what leaves this module is typed, never a raw frame. A request's queue holds its
+Invariant: what leaves this module is typed, never a raw frame. A request's ``RequestStream`` gets its
 ``Token``/``Finished`` events and then at most one exception (the engine's ``EngineError``, or the
-connection's ``WorkerFailedError``); ``control`` holds ``None`` (engine loaded) or the error a rank
+connection's ``WorkerFailedError``); a ``toks`` frame (every request's tokens of one worker write) is
+split among the streams here; ``control`` holds ``None`` (engine loaded) or the error a rank
 reported outside any request. A frame whose payload does not decode fails the connection like a
 frame that is not msgpack.
 """
@@ -18,13 +19,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lmi_core import wire
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, Token
+from lmi_core.engine import EngineStats, Finished, Token
 from lmi_core.errors import EngineError, ServiceError, WorkerFailedError
+from lmi_core.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-StreamItem = GenerationEvent | Exception
 T = TypeVar("T")
 
 
@@ -36,11 +37,21 @@ def payload(message: Message, key: str, decode: Callable[[Any], T]) -> T:
         raise wire.ProtocolError(f"bad {message['t']!r} message: {exc!r}") from None
 
 
-def decode_stream_item(message: Message) -> GenerationEvent | EngineError:
-    """A request-scoped message as what it carries: a token, the finish, or the engine's error."""
+def decode_tokens(message: Message) -> list[tuple[str, Token]]:
+    """A ``toks`` frame as (request id, token) pairs, in order."""
+
+    def decode(items: Any) -> list[tuple[str, Token]]:
+        pairs = [(rid, Token.from_wire(token)) for rid, token in items]
+        if not all(isinstance(rid, str) for rid, _ in pairs):
+            raise ValueError("a request id that is not a string")
+        return pairs
+
+    return payload(message, "tokens", decode)
+
+
+def decode_stream_item(message: Message) -> Finished | EngineError:
+    """A request-scoped message as what it carries: the finish, or the engine's error."""
     kind = message["t"]
-    if kind == wire.TOKEN:
-        return payload(message, "token", Token.from_wire)
     if kind == wire.DONE:
         return payload(message, "finished", Finished.from_wire)
     if kind == wire.ERROR:
@@ -59,8 +70,8 @@ def decode_control(message: Message) -> EngineError | None:
 
 
 class RankConnection:
-    """A connected rank. Messages for a request go to that request's queue; when the connection
-    breaks, every open queue gets a ``WorkerFailedError`` at once (no request is left hanging)."""
+    """A connected rank. Messages for a request go to that request's stream; when the connection
+    breaks, every open stream gets a ``WorkerFailedError`` at once (no request is left hanging)."""
 
     def __init__(
         self, rank: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str = ""
@@ -69,7 +80,7 @@ class RankConnection:
         self.label = label or f"rank {rank}"
         self._reader = reader
         self._writer = writer
-        self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._pings: dict[int, asyncio.Future[Message]] = {}
         self._ping_ids = itertools.count()
         # None: the engine loaded; an error: init failed, the engine is unhealthy, or the connection broke.
@@ -106,12 +117,12 @@ class RankConnection:
             raise self.closed.result()
         self._writer.write(wire.encode(message))
 
-    def open_stream(self, request_id: str) -> asyncio.Queue[StreamItem]:
-        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+    def open_stream(self, request_id: str) -> RequestStream:
+        stream = RequestStream()
         if self.closed.done():
-            queue.put_nowait(self.closed.result())
-        self._streams[request_id] = queue
-        return queue
+            stream.fail(self.closed.result())
+        self._streams[request_id] = stream
+        return stream
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -153,13 +164,22 @@ class RankConnection:
             future = self._pings.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result(message)
+        elif kind == wire.TOKENS:
+            for token_rid, token in decode_tokens(message):  # all decoded first: a bad frame fails whole
+                token_stream = self._streams.get(token_rid)
+                if token_stream is not None:  # else cancelled meanwhile
+                    token_stream.put(token)
         elif rid is None:
             self.control.put_nowait(decode_control(message))
         elif isinstance(rid, str):
             item = decode_stream_item(message)  # also for a closed stream: a bad frame is never ignored
-            queue = self._streams.get(rid)
-            if queue is not None:
-                queue.put_nowait(item)
+            stream = self._streams.get(rid)
+            if stream is None:
+                pass
+            elif isinstance(item, Exception):
+                stream.fail(item)
+            else:
+                stream.put(item)
         else:
             raise wire.ProtocolError(f"bad {kind!r} message: request id {rid!r}")
 
@@ -167,8 +187,8 @@ class RankConnection:
         if self.closed.done():
             return
         self.closed.set_result(error)
-        for queue in self._streams.values():
-            queue.put_nowait(error)
+        for stream in self._streams.values():
+            stream.fail(error)
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)

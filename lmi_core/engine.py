@@ -75,6 +75,9 @@ class SamplingParams:
     # Keep only the last ``truncate`` prompt tokens (DJL/TGI ``truncate``); None: the whole prompt.
     truncate: int | None = None
     structured: StructuredOutput | None = None
+    # Tokens the worker gathers before it sends them (the last ones go with the finish); None = the
+    # model's option.stream_interval (default 1). Fewer, larger writes per request at the cost of ITL.
+    stream_interval: int | None = None
 
     @property
     def greedy(self) -> bool:

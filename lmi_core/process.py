@@ -1,8 +1,15 @@
 """OS processes of workers: start in their own process group, tag their output, kill the whole tree.
 
-A worker (a Python process or an ``mpirun`` job and its ranks) runs in a new session so that one
-``killpg`` reaches every process of it. ``PR_SET_PDEATHSIG`` makes the kernel kill it if the server
-dies, even by SIGKILL; ranks set it themselves and also watch the server's pid.
+A Python-mode worker runs in its own process group, so that one ``killpg`` reaches every process of
+it (vLLM's engine processes included), but in the server's session: with the kernel's default
+``sched_autogroup_enabled=1`` (Debian, Ubuntu) every session is a scheduling group of its own, and a
+worker in a new session (``setsid``) whose engine busy-waits (vLLM's EngineCore spins on
+``sched_yield`` during a step) starved the server's session: clients got each stream all at once at
+its end (TTFT 12-20x vLLM's own server on 2 cores; ``docs/benchmarks.md``). An ``mpirun`` job runs
+in a session of its own instead: Open MPI moves each ssh client and local rank into a process group
+of its own, and only the session still holds them all (``kill``). ``PR_SET_PDEATHSIG``
+makes the kernel kill it if the server dies, even by SIGKILL; ranks set it themselves and also watch
+the server's pid.
 """
 
 from __future__ import annotations
@@ -61,13 +68,16 @@ class WorkerProcess:
 
     async def start(self) -> None:
         _log.info("[%s] starting: %s", self.spec.label, shlex.join(self.spec.argv))
+        mpi = self.spec.mode == "mpi"
         self.process = await asyncio.create_subprocess_exec(
             *self.spec.argv,
             env=self.spec.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
+            # Python mode: its own group in the server's session (autogroup); MPI: its own session.
+            process_group=None if mpi else 0,
+            start_new_session=mpi,
             preexec_fn=set_parent_death_signal,
         )
         assert self.process.stdout is not None
@@ -96,11 +106,12 @@ class WorkerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the whole session: the worker, mpirun, every rank and every ``ssh`` it started.
+        """SIGKILL the worker's process group and, for an ``mpirun`` job, its whole session.
 
         Open MPI moves each ssh client (and each local rank) into a process group of its own, so
         ``killpg`` alone leaves an ``ssh ... prted`` behind when a partition keeps it from noticing
-        that mpirun is gone; the session (``start_new_session``) holds them all, orphans included.
+        that mpirun is gone; the job's session holds them all, orphans included. A Python-mode worker
+        leads no session (it is in the server's), so ``session_members`` finds nothing for it.
         """
         if self.process is None:
             return

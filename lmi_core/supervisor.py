@@ -332,17 +332,17 @@ class SupervisedWorker:
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
-        The deadline (``time.monotonic()`` based) is a timer that puts a ``RequestTimeoutError``
-        into the request's queue: no per-token cost. So is ``option.stall_timeout``: a timer that
-        re-arms itself from the last event's time (one float store per event) and, once no event came
-        for that long, ends the request and fails this worker (its engine is wedged even if it still
-        answers pings: a hung all-reduce, a stuck kernel).
+        The deadline (``time.monotonic()`` based) is a timer that fails the request's stream with a
+        ``RequestTimeoutError``: no per-token cost. So is ``option.stall_timeout``: a timer that
+        re-arms itself from the last event's time (one float store per batch of events) and, once no
+        event came for that long, ends the request and fails this worker (its engine is wedged even if
+        it still answers pings: a hung all-reduce, a stuck kernel).
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
-        queue = ranks[0].open_stream(rid)
+        stream = ranks[0].open_stream(rid)
         message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
         loop = asyncio.get_running_loop()
@@ -350,7 +350,7 @@ class SupervisedWorker:
         if deadline is not None:
             source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
             timeout = RequestTimeoutError(f"request took longer than {source}")
-            timer = loop.call_at(loop.time() + deadline - time.monotonic(), queue.put_nowait, timeout)
+            timer = loop.call_at(loop.time() + deadline - time.monotonic(), stream.fail, timeout)
         stall = self.model.stall_timeout
         progress = loop.time()
         stalled = self._stalled
@@ -362,7 +362,7 @@ class SupervisedWorker:
                 stall_timer = loop.call_at(progress + stall, check_stall)
                 return
             reason = f"request {rid} got no token within option.stall_timeout={stall:g} s (engine stalled)"
-            queue.put_nowait(WorkerStalledError(reason))
+            stream.fail(WorkerStalledError(reason))
             if not stalled.done():
                 stalled.set_result(reason)
 
@@ -372,18 +372,19 @@ class SupervisedWorker:
             for conn in ranks:
                 conn.send(message_out)
             while True:
-                item = await queue.get()
+                try:
+                    batch = await stream.take()  # every event since the last take: one wake-up
+                except EngineError:
+                    finished = True  # the engine's error ends the request in the worker too
+                    raise
                 progress = loop.time()
-                if isinstance(item, Exception):
-                    # The engine's error ends the request in the worker too; nothing to cancel there.
-                    finished = isinstance(item, EngineError)
-                    raise item
-                if isinstance(item, Finished):
-                    finished = True
-                    self.failures = 0
+                for item in batch:
+                    if isinstance(item, Finished):
+                        finished = True
+                        self.failures = 0
+                        yield item
+                        return
                     yield item
-                    return
-                yield item
         finally:
             for handle in (timer, stall_timer):
                 if handle is not None:

@@ -28,7 +28,9 @@ PING = "ping"  # {"id"}
 SHUTDOWN = "shutdown"
 # Worker -> server.
 LOADED = "loaded"  # init succeeded
-TOKEN = "tok"  # {"id", "token": Token}
+# {"tokens": [[id, Token], ...]}: every token the worker produced for any request since its last write,
+# in order; one frame per write (per engine step), not one per token (RankServer.send_token).
+TOKENS = "toks"
 DONE = "done"  # {"id", "finished": Finished}
 ERROR = "err"  # {"id" (absent: init failed or engine unhealthy), "error": ServiceError}
 PONG = "pong"  # {"id", "loading", "stats": EngineStats (absent while loading)}

@@ -26,7 +26,15 @@ from typing import Any
 import pluggy
 
 from lmi_core import wire
-from lmi_core.engine import Engine, EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
+from lmi_core.engine import (
+    Engine,
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Token,
+    WorkerContext,
+)
 from lmi_core.errors import EngineError, ServiceError
 from lmi_core.plugins import new_plugin_manager
 
@@ -67,17 +75,33 @@ class RankServer:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.writer: asyncio.StreamWriter | None = None
         self._outgoing: list[bytes] = []
+        self._tokens: list[list[Any]] = []  # [request id, Token] since the last write
         self.load_error: str | None = None
+        self.stream_interval = 1  # option.stream_interval: tokens per send of a request, by default
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue a frame; frames queued in one loop iteration leave in one write (one syscall)."""
-        if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._schedule_flush()
         self._outgoing.append(wire.encode(message))
+
+    def send_tokens(self, rid: str, tokens: list[Token]) -> None:
+        """Queue tokens: the tokens of every request queued in one loop iteration (an engine step
+        delivers all its requests' outputs in one) leave as one ``toks`` frame, ahead of the other
+        frames of that write, so a request's ``done`` or ``err`` still follows its last token."""
+        if tokens:
+            self._schedule_flush()
+            self._tokens.extend([rid, token.to_wire()] for token in tokens)
+
+    def _schedule_flush(self) -> None:
+        if not self._outgoing and not self._tokens:
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         assert self.writer is not None
         frames, self._outgoing = self._outgoing, []
+        if self._tokens:
+            frames.insert(0, wire.encode({"t": wire.TOKENS, "tokens": self._tokens}))
+            self._tokens = []
         if not self.writer.is_closing():
             self.writer.write(b"".join(frames))
 
@@ -116,6 +140,7 @@ class RankServer:
         self.context = WorkerContext.from_wire(message["context"])
         self.context.rank = self.rank
         try:
+            self.stream_interval = stream_interval(self.context.options)
             # Loading takes seconds to minutes: off the loop, so pings are still answered.
             engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
             if engine is None:
@@ -159,14 +184,20 @@ class RankServer:
             )
             # Closed here, not left to the garbage collector: a cancel that lands outside the engine's
             # generator (in drain) must still run its cleanup (free the sequence) at once.
+            interval = request.params.stream_interval or self.stream_interval
+            held: list[Token] = []  # sent every ``interval`` tokens, the rest with the finish
             async with contextlib.aclosing(events):
                 async for event in events:
                     if not answer:
                         continue
                     if isinstance(event, Finished):
+                        self.send_tokens(rid, held)
                         self.send({"t": wire.DONE, "id": rid, "finished": event.to_wire()})
-                    else:
-                        self.send({"t": wire.TOKEN, "id": rid, "token": event.to_wire()})
+                        continue
+                    held.append(event)
+                    if len(held) >= interval:
+                        self.send_tokens(rid, held)
+                        held = []
                     await self.drain()
         except asyncio.CancelledError:
             pass  # the server cancelled it and already answered the client
@@ -185,6 +216,18 @@ class RankServer:
         if self.engine is not None:
             with contextlib.suppress(Exception):
                 self.pm.hook.shutdown_engine(engine=self.engine)
+
+
+def stream_interval(options: dict[str, Any]) -> int:
+    """``option.stream_interval``: how many tokens of a request the worker sends at a time (>= 1)."""
+    value = options.get("stream_interval", 1)
+    try:
+        interval = int(str(value))  # 1.5 is refused, not rounded
+    except (TypeError, ValueError):
+        interval = 0
+    if interval < 1:
+        raise EngineError(f"option.stream_interval must be a whole number >= 1, not {value!r}", status=500)
+    return interval
 
 
 def bind(address: str) -> socket.socket:

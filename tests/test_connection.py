@@ -13,6 +13,15 @@ from lmi_core import wire
 from lmi_core.connection import RankConnection
 from lmi_core.engine import EngineStats, Finished, Token
 from lmi_core.errors import EngineError, WorkerFailedError
+from lmi_core.request_stream import RequestStream
+
+
+async def next_item(stream: RequestStream) -> object:
+    """The stream's next batch, or the exception that ends it."""
+    try:
+        return await asyncio.wait_for(stream.take(), 5)
+    except (EngineError, WorkerFailedError) as exc:
+        return exc
 
 
 async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -26,21 +35,22 @@ async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, a
     return conn, reader, writer
 
 
-async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> None:
+async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> None:
     conn, _, rank = await _pair(tmp_path)
     a, b = conn.open_stream("a"), conn.open_stream("b")
     done = Finished("length", 3, 1, "x")
+    tokens = [["b", Token(1, "one", None).to_wire()], ["a", Token(2, "two", -0.5).to_wire()]]
     for message in (
-        {"t": "tok", "id": "b", "token": Token(1, "one", None).to_wire()},
-        {"t": "tok", "id": "a", "token": Token(2, "two", -0.5).to_wire()},
+        {"t": "toks", "tokens": tokens},  # one worker write: every request's tokens in one frame
+        {"t": "toks", "tokens": [["b", Token(3, "three", None).to_wire()]]},
         {"t": "done", "id": "b", "finished": done.to_wire()},
         {"t": "err", "id": "a", "error": EngineError("boom", status=400, param="inputs").to_wire()},
     ):
         rank.write(wire.encode(message))
-    assert (await b.get()) == Token(1, "one", None)
-    assert (await a.get()) == Token(2, "two", -0.5)
-    assert (await b.get()) == done
-    error = await a.get()
+    await asyncio.sleep(0.1)  # all four frames are in before anyone takes
+    assert (await next_item(b)) == [Token(1, "one", None), Token(3, "three", None), done]
+    assert (await next_item(a)) == [Token(2, "two", -0.5)]
+    error = await next_item(a)
     assert isinstance(error, EngineError) and (str(error), error.status, error.param) == (
         "boom",
         400,
@@ -52,21 +62,23 @@ async def test_interleaved_streams_reach_their_own_queues(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "message",
     [
-        {"t": "tok", "id": "r", "token": [1, "x"]},  # too short
+        {"t": "toks", "tokens": [["r", [1, "x"]]]},  # too short
         {"t": "done", "id": "r", "finished": {"finish_reason": "bored"}},
         {"t": "err", "id": "r", "error": 5},
-        {"t": "tok", "id": ["r"], "token": [1, "x", None, False, None, False]},  # unhashable id
+        {"t": "toks", "tokens": [[["r"], [1, "x", None, False, None, False]]]},  # unhashable id
+        {"t": "toks", "tokens": [[5, [1, "x", None, False, None, False]]]},  # an id that is no string
         {"t": "pong", "id": 0, "stats": [1, 2]},
-        {"t": "tok", "token": [1, "x", None, False, None, False]},  # a token for no request
+        {"t": "toks", "token": [1, "x", None, False, None, False]},  # no token list
+        {"t": "tok", "id": "r", "token": [1, "x", None, False, None, False]},  # one frame per token: gone
     ],
 )
 async def test_a_frame_whose_payload_does_not_decode_fails_the_connection(
     tmp_path: Path, message: dict
 ) -> None:
     conn, _, rank = await _pair(tmp_path)
-    queue = conn.open_stream("r")
+    stream = conn.open_stream("r")
     rank.write(wire.encode(message))
-    failure = await asyncio.wait_for(queue.get(), 5)
+    failure = await next_item(stream)
     assert isinstance(failure, WorkerFailedError) and "bad frame" in str(failure)
     assert await conn.control.get() is failure  # a load in progress sees it too
     await conn.close()
@@ -87,13 +99,13 @@ async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
 
 async def test_eof_fails_every_open_request_at_once(tmp_path: Path) -> None:
     conn, _, rank = await _pair(tmp_path)
-    queues = [conn.open_stream(str(i)) for i in range(3)]
+    streams = [conn.open_stream(str(i)) for i in range(3)]
     rank.close()
-    for queue in queues:
-        assert isinstance(await asyncio.wait_for(queue.get(), 5), WorkerFailedError)
+    for stream in streams:
+        assert isinstance(await next_item(stream), WorkerFailedError)
     assert isinstance(await conn.closed, WorkerFailedError)
     late = conn.open_stream("late")  # a request after the failure fails too, never hangs
-    assert isinstance(late.get_nowait(), WorkerFailedError)
+    assert isinstance(await next_item(late), WorkerFailedError)
 
 
 @given(st.binary(min_size=1, max_size=64))
@@ -103,13 +115,13 @@ def test_garbage_from_a_rank_fails_requests_and_never_crashes(
 ) -> None:
     async def scenario() -> None:
         conn, _, rank = await _pair(tmp_path_factory.mktemp("g"))
-        queue = conn.open_stream("r")
+        stream = conn.open_stream("r")
         rank.write(data)
         rank.close()
-        first = await asyncio.wait_for(queue.get(), 5)
+        first = await next_item(stream)
         # Garbage either decodes to messages for other ids (ignored) or fails the request cleanly.
         while not isinstance(first, Exception):
-            first = await asyncio.wait_for(queue.get(), 5)
+            first = await next_item(stream)
         assert isinstance(first, WorkerFailedError)
         await conn.close()
 

@@ -15,7 +15,7 @@ from lmi_core.engine import EngineStats, Finished, Token
 from lmi_core.wire import ProtocolError, decode_body, encode, read_message
 
 messages = st.fixed_dictionaries(
-    {"t": st.sampled_from(["req", "tok", "done", "ping"])},
+    {"t": st.sampled_from(["req", "toks", "done", "ping"])},
     optional={
         "id": st.text(max_size=20),
         "token": st.lists(
@@ -156,12 +156,12 @@ stats = st.builds(
 @given(tokens, finishes, stats)
 def test_payloads_survive_the_socket(token: Token, finished: Finished, stat: EngineStats) -> None:
     frames = [
-        encode({"t": wire.TOKEN, "id": "r", "token": token.to_wire()}),
+        encode({"t": wire.TOKENS, "tokens": [["r", token.to_wire()]]}),
         encode({"t": wire.DONE, "id": "r", "finished": finished.to_wire()}),
         encode({"t": wire.PONG, "id": 1, "stats": stat.to_wire()}),
     ]
     got_token, got_finished, pong = asyncio.run(_read_chunks(frames))
-    assert Token.from_wire(got_token["token"]) == token
+    assert Token.from_wire(got_token["tokens"][0][1]) == token
     assert Finished.from_wire(got_finished["finished"]) == finished
     assert EngineStats.from_wire(pong["stats"]) == stat
 

@@ -42,6 +42,7 @@ class LmiParameters(ConstraintFields):
     decoder_input_details: bool = False
     # One sequence per request: several candidates ranked by log-prob is no backend's feature here.
     best_of: int = Field(1, ge=1, le=1)
+    stream_interval: int | None = Field(None, ge=1)
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
@@ -68,6 +69,7 @@ class LmiParameters(ConstraintFields):
             truncate=self.truncate,
             prompt_logprobs=0 if self.decoder_input_details and self.details else None,
             structured=constrained[0] if (constrained := self.constraint("parameters.")) else None,
+            stream_interval=self.stream_interval,
         )
 
 

@@ -1,0 +1,26 @@
+"""The stack benchmark, CI-sized (``benchmarks/bench_http.py``'s synthetic part, a few seconds): it runs
+end to end and prints its figures; no thresholds (wall clock on a shared machine is not a verdict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_http import stack_alone
+
+pytestmark = pytest.mark.slow
+
+
+def test_stack_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = stack_alone(tmp_path, stream_tokens=2000, short_requests=20)
+    with capsys.disabled():
+        print(
+            f"\nstack smoke: HTTP {figures['http_tok_s']:.0f} tokens/s = "
+            f"{figures['http_tok_s'] / figures['in_process_tok_s']:.4f} of in-process; "
+            f"gap p50/p99 {figures['gap_p50_us']:.0f}/{figures['gap_p99_us']:.0f} us; "
+            f"TTFT p50/p99 {figures['ttft_p50_ms']:.2f}/{figures['ttft_p99_ms']:.2f} ms"
+        )
+    assert figures["http_tok_s"] > 0 and figures["ttft_p50_ms"] > 0
