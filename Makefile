@@ -27,6 +27,7 @@ serve: $(VENV)/.installed $(DEMO)/serving.properties
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: $(VENV)/.installed
@@ -48,7 +49,7 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 # The vLLM half of the backend parity suite and the hf-vs-vllm comparison run here (the venv has lmi-hf).
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
-		tests/lmi_vllm tests/test_backend_parity.py $(ARGS)
+		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py $(ARGS)
 
 setup-clients: $(CLIENTS_VENV)/.installed
 
