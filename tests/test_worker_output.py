@@ -40,6 +40,9 @@ class StepEngine:
         pass
 
 
+_serving: set[asyncio.Task[None]] = set()
+
+
 async def started(options: dict[str, Any] | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A RankServer with a ``StepEngine`` on one end of a socket pair; the test holds the other."""
     ours, theirs = socket.socketpair()
@@ -47,7 +50,10 @@ async def started(options: dict[str, Any] | None = None) -> tuple[asyncio.Stream
     worker.engine = StepEngine()
     worker.stream_interval = stream_interval(options or {})
     worker_reader, worker_writer = await asyncio.open_connection(sock=theirs)
-    asyncio.get_running_loop().create_task(worker.serve(worker_reader, worker_writer))
+    # Held: asyncio keeps only a weak reference to a task, and a collected one closes the socket.
+    task = asyncio.get_running_loop().create_task(worker.serve(worker_reader, worker_writer))
+    _serving.add(task)
+    task.add_done_callback(_serving.discard)
     return await asyncio.open_connection(sock=ours)
 
 

@@ -482,8 +482,9 @@ def unknown_fields(pool: ServedModel, body: OpenAIRequest) -> list[str]:
     """The fields of ``body`` this server does not know: a 400 naming the first for a model with
     ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
 
-    Names are ASCII-escaped (a header is latin-1; a JSON key may be anything)."""
-    names = [name.encode("ascii", "backslashreplace").decode() for name in ignored_fields(body)]
+    Names are escaped to printable ASCII (a header is latin-1 without control characters; a JSON
+    key may be anything, "\\r" included)."""
+    names = [name.encode("unicode_escape").decode("ascii") for name in ignored_fields(body)]
     if names and pool.config.strict_request_fields:
         raise BadRequestError(f"invalid request field '{names[0]}': unknown field", param=names[0])
     for name in names:

@@ -70,6 +70,15 @@ def test_a_surrogate_pair_is_text_and_passes() -> None:
     assert response.status_code == 200
 
 
+def test_an_unknown_field_with_control_characters_is_listed_escaped() -> None:
+    # Found by the schemathesis fuzz: a raw "\r" in x-lmi-ignored-fields broke the response.
+    http = client(_models())
+    body = {"\r": None, "b\u00e9": 1, "messages": [{"role": "user", "content": "hi"}]}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["x-lmi-ignored-fields"] == "\\r,b\\xe9"
+
+
 class Boom(RuntimeError):
     pass
 

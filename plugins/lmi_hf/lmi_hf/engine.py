@@ -174,7 +174,8 @@ class HFEngine:
         ids = truncate_prompt(ids, request.params)
         if len(ids) > self.max_input_length:
             raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; option.max_input_length is {self.max_input_length}",
+                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
+                f"(option.max_input_length; this model's context is {self.max_model_len})",
                 param=param,
             )
         return ids, text
