@@ -30,7 +30,7 @@ pkgs=(-e . -e plugins/lmi_vllm)
 if [[ -f plugins/lmi_hf/pyproject.toml ]]; then
     pkgs+=(-e plugins/lmi_hf)
 fi
-"${PIP[@]}" install "${pkgs[@]}" pytest pytest-asyncio pytest-timeout httpx
+"${PIP[@]}" install "${pkgs[@]}" pytest pytest-asyncio pytest-timeout httpx hypothesis jsonschema
 
 "$VENV_DIR/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 end=$(date +%s)
