@@ -83,6 +83,9 @@ class Servers:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if backend == "vllm":
             properties["option.cpu_kvcache_space"] = "1"
+            # KV blocks of 32 tokens (the CPU backend's smallest; its default is larger than this
+            # 128-token context), so that a repeated prompt finds whole cached blocks.
+            properties["option.block_size"] = "32"
             env.update(VLLM_RPC_BASE_PATH=str(self.vllm_tmp), TMPDIR=str(self.vllm_tmp))
         (directory / "serving.properties").write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
         server = ServerProcess(
