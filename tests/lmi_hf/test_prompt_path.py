@@ -10,24 +10,16 @@ from typing import Any
 
 import pytest
 
-from lmi_core.engine import GenerationRequest, SamplingParams, WorkerContext
+from lmi_core.engine import GenerationRequest, SamplingParams
 from lmi_core.errors import BadRequestError
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from tests.lmi_hf.engines import running_engine
 
 
 @pytest.fixture(scope="module")
 def engine(demo_model: Path) -> Iterator[HFEngine]:
-    context = WorkerContext(
-        model_id=str(demo_model),
-        model_dir=str(demo_model),
-        backend="hf",
-        options={"max_input_length": "8"},
-        max_batch_size=4,
-    )
-    model, tokenizer = load_model(context)
-    engine = HFEngine(context, model, tokenizer)
-    yield engine
-    engine.shutdown()
+    with running_engine(demo_model, {"max_input_length": "8"}) as engine:
+        yield engine
 
 
 async def _drain(engine: HFEngine, request: GenerationRequest) -> None:

@@ -9,26 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
+from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token
 from lmi_core.errors import BadRequestError
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from tests.lmi_hf.engines import running_engine
 
 PROMPTS = ["Hello world, this is", "one two three four five six", "gpu"]
 
 
 @pytest.fixture(scope="module")
 def engine(demo_model: Path) -> Iterator[HFEngine]:
-    context = WorkerContext(
-        model_id=str(demo_model),
-        model_dir=str(demo_model),
-        backend="hf",
-        options={"max_model_len": "64"},
-        max_batch_size=4,
-    )
-    model, tokenizer = load_model(context)
-    engine = HFEngine(context, model, tokenizer)
-    yield engine
-    engine.shutdown()
+    with running_engine(demo_model, {"max_model_len": "64"}) as engine:
+        yield engine
 
 
 async def run(engine: HFEngine, request: GenerationRequest) -> tuple[list[Token], Finished]:
