@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast, get_args
+from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
@@ -87,6 +87,26 @@ class SamplingParams:
 
 
 @dataclass
+class LoraAdapter:
+    """A LoRA adapter in PEFT's format: a directory with ``adapter_config.json`` and its weights.
+
+    A request names the adapter it runs with; the engine loads it on first use (an LRU cache of
+    ``option.max_cpu_loras``; a ``pinned`` one is never evicted). ``path`` is as every worker sees it.
+    """
+
+    name: str
+    path: str
+    pinned: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> LoraAdapter:
+        return cls(name=str(data["name"]), path=str(data["path"]), pinned=bool(data.get("pinned", False)))
+
+
+@dataclass
 class GenerationRequest:
     """One generation: a prompt (text, or chat messages for the tokenizer's template)."""
 
@@ -98,6 +118,13 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None
     # Function tools for the chat template (OpenAI's ``tools`` entries), when the request has them.
     tools: list[dict[str, Any]] | None = None
+    # The LoRA adapter to generate with; None: the base model.
+    adapter: LoraAdapter | None = None
+    # Tokens this request generated and delivered already (a stream migrated from a worker that died
+    # or stalled): the engine continues after them as if it had sampled them (penalties, grammar,
+    # stop sequences, the seeded sampler's position, max_new_tokens all count them), emits only the
+    # tokens that follow, and reports them in ``Finished.generated_tokens``.
+    resume_ids: list[int] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +142,8 @@ class GenerationRequest:
             params=SamplingParams(**raw),
             prompt_ids=data.get("prompt_ids"),
             tools=data.get("tools"),
+            adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
+            resume_ids=[int(t) for t in data.get("resume_ids") or []],
         )
 
 
@@ -238,6 +267,10 @@ class EngineStats:
     cancelled_total: int = 0
     # Engine-specific gauges (vLLM: kv_cache_usage), shown as they are.
     extra: dict[str, float] = field(default_factory=dict)
+    # LoRA: the adapters resident in the engine now, and how many it has loaded and evicted so far.
+    adapters: list[str] = field(default_factory=list)
+    lora_loads_total: int = 0
+    lora_evictions_total: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,6 +283,9 @@ class EngineStats:
             finished_total=int(data.get("finished_total", 0)),
             cancelled_total=int(data.get("cancelled_total", 0)),
             extra={str(k): float(v) for k, v in (data.get("extra") or {}).items()},
+            adapters=[str(a) for a in data.get("adapters") or []],
+            lora_loads_total=int(data.get("lora_loads_total", 0)),
+            lora_evictions_total=int(data.get("lora_evictions_total", 0)),
         )
 
 
@@ -270,4 +306,18 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Release the engine's resources (the worker is exiting)."""
+        ...
+
+
+@runtime_checkable
+class AdapterEngine(Engine, Protocol):
+    """An engine that serves LoRA adapters (``GenerationRequest.adapter``) and can be told to load
+    one ahead of its first request (``preload``, ``pin``) or to drop one (unregistered)."""
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Make ``adapter`` resident (off the event loop); raise ``EngineError`` if it cannot load."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (pinned or not); unknown names are ignored."""
         ...

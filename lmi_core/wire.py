@@ -24,6 +24,9 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 INIT = "init"  # {"context": WorkerContext}
 REQUEST = "req"  # {"id", "request": GenerationRequest}
 CANCEL = "cancel"  # {"id"}
+# {"op": "load" | "unload", "adapter": LoraAdapter}: no reply. A load that fails is logged by the
+# worker; the request that later uses the adapter gets the engine's error.
+ADAPTER = "adapter"
 PING = "ping"  # {"id"}
 SHUTDOWN = "shutdown"
 # Worker -> server.
