@@ -27,6 +27,9 @@ class BackendSpec:
     auto_priority: int = 100
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # Its engine honours GenerationRequest.resume_ids, so a stream whose worker died mid-request can
+    # continue on another; without it only a request that got no token yet moves.
+    resumes_streams: bool = False
 
 
 def installed_backends(pm: pluggy.PluginManager) -> dict[str, BackendSpec]:

@@ -120,6 +120,8 @@ class ModelConfig(_Strict):
     queue_timeout: float | None = Field(None, gt=0)
     # A running request with no token for this long means a wedged engine: its worker restarts.
     stall_timeout: float | None = Field(None, gt=0)
+    # Times a request moves to another worker when its worker dies or stalls mid-request (0: never).
+    max_migrations: int = Field(3, ge=0)
     max_idle_time: float = Field(60.0, gt=0)
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
@@ -173,6 +175,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.predict_timeout": "predict_timeout",
     "option.queue_timeout": "queue_timeout",
     "option.stall_timeout": "stall_timeout",
+    "option.max_migrations": "max_migrations",
     "max_idle_time": "max_idle_time",
     "retry_threshold": "retry_threshold",
     "option.dtype": "dtype",

@@ -150,7 +150,16 @@ class EngineError(ServiceError):
     def from_wire(cls, data: dict[str, Any]) -> EngineError:
         status = int(data.get("status") or cls.status)
         kind = data.get("type") or ("BadRequestException" if status == 400 else cls.type)
-        return cls(str(data.get("message", "")), status=status, type=kind, param=data.get("param"))
+        error_class = EngineFailedError if kind == EngineFailedError.type else cls
+        return error_class(str(data.get("message", "")), status=status, type=kind, param=data.get("param"))
+
+
+class EngineFailedError(EngineError):
+    """The engine itself broke (its scheduler died, a collective with a dead rank failed), not the
+    request: the request migrates to another worker like one whose worker died."""
+
+    status = 503
+    type = "EngineFailedException"
 
 
 class EngineOutOfMemoryError(EngineError):

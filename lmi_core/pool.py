@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
 import time
 import uuid
@@ -33,11 +34,19 @@ from dataclasses import dataclass
 
 import pluggy
 
+from lmi_core.backends import installed_backends
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.deadlines import Deadlines, client_timeout, deadlines
 from lmi_core.devices import AllocationPlan, DeviceGroup
-from lmi_core.engine import GenerationEvent, GenerationRequest
-from lmi_core.errors import ModelNotReadyError, QueueFullError, QueueTimeoutError, RequestTimeoutError
+from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, Token
+from lmi_core.errors import (
+    EngineFailedError,
+    ModelNotReadyError,
+    QueueFullError,
+    QueueTimeoutError,
+    RequestTimeoutError,
+    WorkerFailedError,
+)
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.routing import ROUTED, Decision, RouteHint, RouteQuery, Router, RoutingPolicy, WorkerLoad
 from lmi_core.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
@@ -130,6 +139,8 @@ class WorkerPool:
         self.loaded_at = time.time()
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
+        backend = installed_backends(pm).get(config.backend)
+        self.resumes_streams = backend is not None and backend.resumes_streams
         self._queue: deque[tuple[asyncio.Future[Assignment], RouteQuery]] = deque()
         self._retiring: dict[int, asyncio.Task[None]] = {}
         self._idle_since: dict[int, float] = {}
@@ -389,7 +400,7 @@ class WorkerPool:
 
     def _pick(self, query: RouteQuery) -> Assignment | None:
         """The router's choice among the ready workers with free capacity (none: None); reserves it."""
-        ready = [w for w in self._serving() if w.state is WorkerState.READY and w.in_flight < self.capacity]
+        ready = [w for w in self._serving() if w.accepting and w.in_flight < self.capacity]
         if not ready:
             return None
         decision = self.router.route(query, [self._load(w) for w in ready])
@@ -430,18 +441,25 @@ class WorkerPool:
                 self._queue.remove(entry)
                 break
 
-    async def _acquire(self, query: RouteQuery, limits: Deadlines) -> Assignment:
-        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order."""
-        if self._closing:
+    async def _acquire(self, query: RouteQuery, limits: Deadlines, migrating: bool = False) -> Assignment:
+        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order.
+
+        A ``migrating`` request was admitted before every waiting one: it goes to the head of the
+        queue and is never refused for a full queue.
+        """
+        if self._closing and not migrating:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
         if not self._queue and (assignment := self._pick(query)) is not None:
             return assignment
         if self.status is ModelStatus.FAILED:
             raise ModelNotReadyError(self._unservable())
-        if len(self._queue) >= self.queue_size:
+        if len(self._queue) >= self.queue_size and not migrating:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
-        self._queue.append((future, query))
+        if migrating:
+            self._queue.appendleft((future, query))
+        else:
+            self._queue.append((future, query))
         self._changed.set()  # the scaler may add a worker
         try:
             await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
@@ -466,17 +484,56 @@ class WorkerPool:
         started = time.monotonic()
         config = self.config
         limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
-        worker, decision = await self._acquire(self.router.query(request, hint), limits)
-        if hint is not None:
-            hint.served.append(decision)
+        query = self.router.query(request, hint)
+        worker, decision = await self._acquire(query, limits)
         self.observe(self.name, "queue_time", time.monotonic() - started)
-        events = worker.generate(request, limits.total, limits.total_source)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-            self._release(worker)
+        delivered: list[Token] = []  # what the client has: a migrated request resumes after it
+        attempt = request
+        for migration in itertools.count():
+            if hint is not None:
+                hint.served.append(decision)
+            events = worker.generate(attempt, limits.total, limits.total_source)
+            try:
+                async for event in events:
+                    if isinstance(event, Token):
+                        delivered.append(event)
+                    yield event
+                return
+            except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
+                movable = self.resumes_streams or not delivered
+                if not movable or migration >= config.max_migrations or time.monotonic() >= limits.total:
+                    raise
+                failure = exc
+            finally:
+                await events.aclose()
+                self._release(worker)
+            if delivered and delivered[-1].last:  # died between its last token and the finish
+                yield finished_after(delivered, request)
+                return
+            self.observe(self.name, "migration", 1)
+            logger.warning(
+                "model %s: request %s moves on after %d token(s): %s",
+                self.name,
+                request.request_id,
+                len(delivered),
+                failure,
+            )
+            attempt = dataclasses.replace(request, resume_ids=[t.id for t in delivered])
+            # The total deadline still holds; the queue deadline was for the first wait only.
+            worker, decision = await self._acquire(
+                query, dataclasses.replace(limits, queue=limits.total), True
+            )
+
+
+def finished_after(tokens: list[Token], request: GenerationRequest) -> Finished:
+    """The ``Finished`` a worker that died right after a request's last token did not send: EOS if
+    that token was one (engines mark EOS special), the length if the budget is spent, else a stop."""
+    reason: FinishReason = "stop_sequence"
+    if tokens[-1].special:
+        reason = "eos_token"
+    elif len(tokens) >= request.params.max_new_tokens:
+        reason = "length"
+    return Finished(reason, tokens[0].prompt_tokens or 0, len(tokens))
 
 
 def new_request_id() -> str:

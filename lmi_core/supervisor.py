@@ -115,6 +115,17 @@ class SupervisedWorker:
     def pids(self) -> list[int]:
         return [self.process.pid] if self.process and self.process.pid else []
 
+    @property
+    def accepting(self) -> bool:
+        """READY and not failing: between a rank's connection breaking (or a stall) and the teardown
+        that marks the worker STARTING, its state still says READY but it must get no request."""
+        return (
+            self.state is WorkerState.READY
+            and bool(self.ranks)
+            and not self._stalled.done()
+            and not any(conn.closed.done() for conn in self.ranks)
+        )
+
     def run(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -131,6 +142,7 @@ class SupervisedWorker:
         while True:
             try:
                 await self._start()
+                self._stalled = asyncio.get_running_loop().create_future()  # before READY: accepting
                 self._set_state(WorkerState.READY)
                 if not self.first_start.done():
                     self.first_start.set_result(None)
@@ -262,7 +274,6 @@ class SupervisedWorker:
     async def _watch(self) -> str:
         """Return the reason the worker failed: exit, lost connection, missed heartbeat, unhealthy."""
         assert self.process is not None
-        self._stalled = asyncio.get_running_loop().create_future()
         watchers: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self.process.wait()),
             asyncio.ensure_future(self._heartbeat()),

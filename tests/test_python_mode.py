@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,40 +115,6 @@ def test_concurrent_requests_all_complete_with_their_own_output(server: ServerPr
     for thread in threads:
         thread.join()
     assert [results[i] for i in range(3)] == single
-
-
-def test_sigkill_mid_stream_ends_the_stream_with_an_error_and_restarts(server: ServerProcess) -> None:
-    (pid,) = server.worker_pids()
-    lines = []
-    for line in stream_lines(server, LONG):
-        lines.append(line)
-        if len(lines) == 3:
-            os.kill(pid, signal.SIGKILL)
-    assert len(lines) < 480
-    assert lines[-1]["details"]["finish_reason"] == "error"
-    assert lines[-1]["error"]["code"] == 503 and "worker" in lines[-1]["error"]["message"]
-    wait_for(lambda: ping(server) == 200 and server.worker_pids() not in ([], [pid]), what="restart")
-    assert (
-        httpx.post(
-            f"{server.url}/invocations", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}
-        ).status_code
-        == 200
-    )
-
-
-def test_sigkill_before_any_output_gives_an_http_error_status(server: ServerProcess) -> None:
-    (pid,) = server.worker_pids()
-    result: dict[str, httpx.Response] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(r=httpx.post(f"{server.url}/invocations", json=LONG, timeout=60))
-    )
-    thread.start()
-    time.sleep(0.3)  # the request is being generated
-    os.kill(pid, signal.SIGKILL)
-    thread.join()
-    assert result["r"].status_code == 503
-    assert result["r"].json()["type"] == "WorkerFailedException"
-    wait_for(lambda: ping(server) == 200, what="restart")
 
 
 def test_sigstop_is_detected_by_the_heartbeat_and_the_worker_replaced(server: ServerProcess) -> None:

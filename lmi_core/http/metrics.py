@@ -130,6 +130,9 @@ class Metrics:
             "finish_reason",
         )
         self.worker_restarts = counter("lmi_worker_restarts", "Workers restarted after a failure")
+        self.migrations = counter(
+            "lmi_request_migrations", "Requests moved to another worker mid-request (theirs died or stalled)"
+        )
         self.deadlines = counter(
             "lmi_request_deadline_exceeded",
             "Requests ended by a deadline: predict (total), queue (waiting for a worker), stall (no token)",
@@ -148,6 +151,8 @@ class Metrics:
             self.queue_time.labels(model).observe(value)
         elif event == "worker_restart":
             self.worker_restarts.labels(model).inc(value)
+        elif event == "migration":
+            self.migrations.labels(model).inc(value)
         elif event.startswith(ROUTED):
             self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmi_core.engine import SamplingParams
-from lmi_hf.sampling import make_generator, process_logits, select_token
+from lmi_hf.sampling import make_generator, position_seed, process_logits, select_token
 
 LOGITS = torch.tensor([2.0, 1.0, -1.0, 0.5, 0.0])
 
@@ -66,3 +66,10 @@ def test_typical_p_keeps_the_most_typical_tokens() -> None:
 def test_no_processing_when_nothing_is_set() -> None:
     out = process_logits(LOGITS, greedy(), Counter({1: 3}), prompt_ids=[0], stop_ids={0})
     assert out.tolist() == LOGITS.tolist()
+
+
+def test_position_seeds_differ_by_position_and_seed() -> None:
+    seeds = {position_seed(s, p) for s in range(20) for p in range(50)}
+    assert len(seeds) == 1000
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert position_seed(7, 3) == position_seed(7, 3)

@@ -32,11 +32,11 @@ from lmi_core.engine import (
     Token,
     WorkerContext,
 )
-from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
+from lmi_core.errors import BadRequestError, EngineError, EngineFailedError, EngineOutOfMemoryError
 from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.grammar import GrammarCompiler, TokenConstraint
-from lmi_hf.sampling import make_generator, select_token
+from lmi_hf.sampling import make_generator, position_seed, select_token
 from lmi_hf.scoring import prompt_logprobs
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
@@ -95,6 +95,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
     generator: torch.Generator | None = None
+    seed: int = 0  # a sampled request's seed (its generator is re-seeded per position)
     constraint: TokenConstraint | None = None  # the output's grammar, when constrained
     generated: int = 0
     cancelled: bool = False
@@ -104,6 +105,13 @@ class Sequence:
     # Tokens that end the generation (EOS unless ignored, plus stop_token_ids): min_tokens masks them.
     stop_ids: frozenset[int] = frozenset()
     prompt_logprobs: list[Any] | None = None
+    # Tokens generated before a stream migrated here (GenerationRequest.resume_ids), replayed through
+    # the detokenizer, stop matcher and grammar; the model sees prompt + these as its input.
+    resumed: list[int] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.resumed if self.resumed else self.prompt_ids
 
 
 class HFEngine:
@@ -204,6 +212,8 @@ class HFEngine:
             ),
             constraint=constraint,
         )
+        if request.resume_ids:  # its cost grows with the tokens replayed: off the event loop
+            await loop.run_in_executor(self._prompts, self._replay, seq, request.resume_ids)
         self.submit(seq)
         try:
             while True:
@@ -216,6 +226,20 @@ class HFEngine:
         finally:
             if not seq.done:
                 self.cancel(seq)
+
+    def _replay(self, seq: Sequence, tokens: list[int]) -> None:
+        """Put ``seq`` where it was after ``tokens`` (delivered by another worker): their text went
+        to the client already, so only the state they leave is kept (held-back bytes, a partial stop
+        match, the grammar's position, the penalty counts)."""
+        check_token_ids(tokens, self.vocab_size)
+        for token in tokens:
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+            seq.output_counts[token] += 1
+            if token not in seq.request.params.stop_token_ids:
+                seq.stop.feed(seq.detokenizer.add(token))
+        seq.generated = len(tokens)
+        seq.resumed = list(tokens)
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -301,7 +325,7 @@ class HFEngine:
             with self._lock:
                 victims = self._running + list(self._submitted.values())
             for seq in victims:
-                self._outbox.append((seq.emit, EngineError(f"engine failed: {self.error}", status=500)))
+                self._outbox.append((seq.emit, EngineFailedError(f"engine failed: {self.error}")))
             self._flush()
 
     def _apply(self, plan: StepPlan) -> None:
@@ -322,7 +346,7 @@ class HFEngine:
         new = [self._take(rid) for rid, _ in plan.admit]
         for seq, (_, seed) in zip(new, plan.admit, strict=True):
             if not seq.request.params.greedy:
-                seq.generator = make_generator(seed)
+                seq.generator, seq.seed = make_generator(seed), seed
         # Requests that want prompt log-probs prefill apart with every position's logits; the others
         # keep logits_to_keep=1 (a [T, V] tensor per prompt is 64 MB at T=128, V=128k in fp32).
         scoring = [s for s in new if s.request.params.prompt_logprobs is not None]
@@ -333,20 +357,23 @@ class HFEngine:
 
     def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
         try:
-            batch, logits = prefill(self.model, [s.prompt_ids for s in new], self.device, all_logits)
+            batch, logits = prefill(self.model, [s.input_ids for s in new], self.device, all_logits)
         except Exception as exc:
+            self._raise_if_ranks_diverged(exc)
             for seq in new:
                 self._fail(seq, exc)
             return
         if all_logits:
             for seq, rows in zip(new, logits, strict=True):
                 top_n = seq.request.params.prompt_logprobs or 0
+                rows = rows[: rows.shape[0] - len(seq.resumed)]  # the prompt's positions only
                 seq.prompt_logprobs = prompt_logprobs(rows, seq.prompt_ids, top_n, self._decode_one)
             logits = logits[:, -1, :]
-        # max_new_tokens 0 (scoring the prompt only): finished after prefill, never decoded.
-        keep = [i for i, s in enumerate(new) if s.max_new_tokens > 0]
+        # max_new_tokens 0 (scoring the prompt only), or a resumed request that had used its budget:
+        # finished after prefill, never decoded.
+        keep = [i for i, s in enumerate(new) if s.max_new_tokens > s.generated]
         for seq in new:
-            if seq.max_new_tokens == 0:
+            if seq.max_new_tokens <= seq.generated:
                 self._finish(seq, "length")
         if not keep:
             return
@@ -365,11 +392,21 @@ class HFEngine:
         try:
             logits = decode(self.model, self._batch)
         except Exception as exc:
+            self._raise_if_ranks_diverged(exc)
             for seq in self._running:
                 self._fail(seq, exc)
             self._running, self._batch = [], None
             return
         self._sample(self._running, logits, start=0)
+
+    def _raise_if_ranks_diverged(self, exc: Exception) -> None:
+        """A forward that failed on one tensor-parallel rank (a collective with a dead peer, most
+        often) leaves the ranks out of step: the engine is broken, not the batch. Out of memory is
+        the batch's; a single-process engine's failure is too."""
+        if not isinstance(self.coordinator, LocalCoordinator) and not isinstance(
+            exc, torch.OutOfMemoryError | MemoryError
+        ):
+            raise exc
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, start: int) -> None:
         """Choose each sequence's next token, emit it, and drop the sequences that finished."""
@@ -408,6 +445,8 @@ class HFEngine:
             return 0  # failed while computing its mask: evicted after this step
         if allowed is not None:  # a row as wide as the logits (the grammar's vocabulary is the model's)
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        if seq.generator is not None:
+            seq.generator.manual_seed(position_seed(seq.seed, seq.generated))
         token, log_prob, log_probs = select_token(
             logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
         )

@@ -26,6 +26,7 @@ def register_backends() -> list[BackendSpec]:
             auto_priority=90,
             description="HuggingFace transformers + accelerate, continuous batching",
             aliases=("huggingface", "accelerate"),
+            resumes_streams=True,
         )
     ]
 
