@@ -25,6 +25,7 @@ from lmi_core.devices import plan_allocation
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch_spec import WorkerSlot, worker_env
+from lmi_core.plugins import new_plugin_manager
 from lmi_core.pool import WorkerPool, new_request_id
 from lmi_core.routing import Decision, RouteHint
 from lmi_core.supervisor import WorkerSnapshot, WorkerState
@@ -66,6 +67,10 @@ class FakeWorker:
     @property
     def worker_id(self) -> int:
         return self.slot.worker_id
+
+    @property
+    def accepting(self) -> bool:
+        return self.state is WorkerState.READY and not self.broken.is_set()
 
     def run(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._load())
@@ -131,7 +136,7 @@ def make_pool(min_workers: int, max_workers: int, **options: Any) -> WorkerPool:
     server = ServerConfig(drain_timeout=options.pop("drain_timeout", 5.0))
     config = ModelConfig(name="m", model_id="fake", **{"max_rolling_batch_size": 1, **options})
     plan = plan_allocation([], 1, 1, min_workers, max_workers, cpu_count=4)
-    return WorkerPool(config, server, pluggy.PluginManager("lmi"), plan, "/nonexistent/m")
+    return WorkerPool(config, server, new_plugin_manager(load_entry_points=False), plan, "/nonexistent/m")
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

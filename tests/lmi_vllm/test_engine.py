@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, Token
-from lmi_core.errors import BadRequestError, ConfigError
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, StructuredOutput, Token
+from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from tests.other_engine import FINISHED, STATS, OtherEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
@@ -269,3 +269,35 @@ async def test_a_repeated_prompt_is_counted_in_the_prefix_cache_stats(pm: Any, e
     assert queries >= 2 * 250  # both prompts were looked up, in tokens
     assert hits >= 250 - 128  # the second found all the first's whole blocks (a block is <= 128 tokens)
     assert after["kv_cache_tokens"] > 0
+
+
+async def test_a_resumed_greedy_request_continues_the_uninterrupted_one(pm: Any, engine: Any) -> None:
+    """Every cut of one generation: resumed exactly, or (cut inside a character) refused."""
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True, min_tokens=15)
+    full, done = await collect(
+        pm.hook.handle_request(engine=engine, request=GenerationRequest("full", prompt=PROMPT, params=params))
+    )
+    ids = [t.id for t in full]
+    exact = 0
+    for cut in range(1, len(ids)):
+        request = GenerationRequest(f"cut{cut}", prompt=PROMPT, params=params, resume_ids=ids[:cut])
+        try:
+            rest, finished = await asyncio.wait_for(
+                collect(pm.hook.handle_request(engine=engine, request=request)), TIMEOUT
+            )
+        except EngineError as exc:
+            assert "inside a character" in str(exc)
+            continue
+        exact += 1
+        assert [t.id for t in rest] == ids[cut:]
+        assert text_of(full[:cut] + rest) == text_of(full), cut
+        assert rest[0].prompt_tokens is None
+        assert (finished.prompt_tokens, finished.generated_tokens) == (done.prompt_tokens, 20)
+    assert exact > 0
+
+
+async def test_a_structured_request_is_not_resumed(pm: Any, engine: Any) -> None:
+    params = SamplingParams(max_new_tokens=5, structured=StructuredOutput("choice", '["a", "b"]'))
+    request = GenerationRequest("s", prompt=PROMPT, params=params, resume_ids=[5])
+    with pytest.raises(EngineError, match="structured-output"):
+        await collect(pm.hook.handle_request(engine=engine, request=request))

