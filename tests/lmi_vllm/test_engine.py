@@ -301,3 +301,16 @@ async def test_a_structured_request_is_not_resumed(pm: Any, engine: Any) -> None
     request = GenerationRequest("s", prompt=PROMPT, params=params, resume_ids=[5])
     with pytest.raises(EngineError, match="structured-output"):
         await collect(pm.hook.handle_request(engine=engine, request=request))
+
+
+async def test_option_max_input_length_is_checked_before_the_engine_runs(pm: Any, engine: Any) -> None:
+    saved = engine.max_input_length
+    engine.max_input_length = 8  # what option.max_input_length=8 sets at load
+    try:
+        with pytest.raises(BadRequestError, match=r"option\.max_input_length") as info:
+            await run(pm, engine, prompt=" ".join(["fox"] * 20))
+        assert info.value.param == "inputs"
+        tokens, _ = await run(pm, engine, prompt="fox", max_new_tokens=2)
+        assert len(tokens) == 2
+    finally:
+        engine.max_input_length = saved

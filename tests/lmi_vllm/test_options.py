@@ -28,6 +28,7 @@ def model_config(**options: str) -> Any:
         ("gpu_memory_utilization", "1.5"),
         ("dtype", "int3"),
         ("cpu_kvcache_space", "-1"),
+        ("max_input_length", "0"),
         ("task", "text-embedding"),
         ("max_num_seqs", "4"),  # reserved: lmi's option.max_rolling_batch_size sets it
     ],

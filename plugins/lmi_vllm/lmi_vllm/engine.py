@@ -206,6 +206,10 @@ class VllmEngine:
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
+        self.max_input_length = self.max_model_len - 1  # option.max_input_length lowers it
+        # Tokenizing and chat templates cost time that grows with the prompt: one thread, off the
+        # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
+        self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self._vllm_sampling_params = VllmSamplingParams
         self._structured_outputs_params = StructuredOutputsParams
@@ -273,6 +277,8 @@ class VllmEngine:
             thread.join(timeout=10)
             raise
         engine = cls(llm, loop, thread, counts)
+        if context.options.get("max_input_length"):  # checked by validate_config in the server
+            engine.max_input_length = min(int(context.options["max_input_length"]), engine.max_input_length)
         logger.info("vLLM engine built in %.1f s (%s)", time.monotonic() - started, kwargs["model"])
         if warmup:
             engine.warmup()
@@ -303,6 +309,7 @@ class VllmEngine:
             self._health_task.cancel()
             self.llm.shutdown()
 
+        self._prompts.shutdown(wait=False, cancel_futures=True)
         try:
             self._submit(stop()).result(timeout=SHUTDOWN_TIMEOUT)
         finally:
@@ -394,10 +401,11 @@ class VllmEngine:
         if not ids:
             raise BadRequestError("the prompt is empty", param=param)
         ids = truncate_prompt(ids, request.params)
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_input_length:
             raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; this model takes at most {self.max_model_len - 1} "
-                f"(max_model_len={self.max_model_len}, one token is left for the output)",
+                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
+                f"(option.max_input_length; max_model_len={self.max_model_len}, one token is left "
+                "for the output)",
                 param=param,
             )
         check_logit_bias(request.params, self.vocab_size)
@@ -447,16 +455,30 @@ class VllmEngine:
             raise BadRequestError(f"invalid sampling parameters: {exc}", param="parameters") from None
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        """Stream ``request``'s tokens, then its ``Finished``; a bad request raises at once; closing the
-        stream early aborts the request in vLLM."""
+        """Stream ``request``'s tokens, then its ``Finished``; a bad request raises before the first
+        event; closing the stream early aborts the request in vLLM."""
+        return self.requests.relay(self._prepared(request))
+
+    def prepare(self, request: GenerationRequest) -> tuple[str, list[int], Any, int]:
+        """The prompt's text and ids, vLLM's sampling parameters and the token budget; a 400 naming
+        the field when the request cannot run. On the prompt thread: its cost grows with the prompt."""
         text, ids = self.prepare_prompt(request)
         budget = token_budget(len(ids), self.max_model_len, request.params)
         resumed = resume_check(request, ids, self.vocab_size, self._decode)
         sampling = request.params
         if resumed:  # the delivered tokens become prompt; what is left of the budget is generated
             sampling = dataclasses.replace(sampling, min_tokens=max(0, sampling.min_tokens - len(resumed)))
-        params = self.sampling_params(sampling, budget - len(resumed))
-        return self.requests.relay(self._stream(request, text, ids, params, budget))
+        return text, ids, self.sampling_params(sampling, budget - len(resumed)), budget
+
+    async def _prepared(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        loop = asyncio.get_running_loop()
+        text, ids, params, budget = await loop.run_in_executor(self._prompts, self.prepare, request)
+        events = self._stream(request, text, ids, params, budget)
+        try:
+            async for event in events:
+                yield event
+        finally:  # closed early: abort in vLLM now, not when the generator is collected
+            await events.aclose()
 
     async def _stream(
         self, request: GenerationRequest, text: str, ids: list[int], params: Any, budget: int

@@ -92,6 +92,8 @@ PLUGIN_KEYS: dict[str, Callable[[str], Any]] = {
     # Run one short request while loading, so the first client does not pay vLLM's lazy compiles.
     "warmup": boolean,
     "task": _task,
+    # Prompt tokens a request may have (a 400 naming it past that); the context less one by default.
+    "max_input_length": integer(1),
 }
 
 
