@@ -81,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on" if index == 0 else "off",
             timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # float works
             access_log=args.access_log,
+            http="httptools",
         )
         servers.append(_Server(uv_config))
     names = ", ".join(m.name for m in models)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -382,7 +383,9 @@ async def render_chunks(
 
 
 def _json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode()
+    # orjson: one chunk per token or batch is the server's hottest path; json.dumps + encode costs
+    # ~15x as much per chunk (measured 16 vs 1.1 µs for a chat chunk on the shared 2-core machine).
+    return orjson.dumps(obj)
 
 
 async def sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
