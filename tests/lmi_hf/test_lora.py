@@ -202,7 +202,9 @@ async def test_a_bad_adapter_fails_only_its_requests_with_a_400(
     assert lora_engine.stats().running == lora_engine.stats().waiting == 0
 
 
-async def test_an_adapter_without_enable_lora_is_a_400(demo_model: Path, adapters: dict[str, LoraAdapter]) -> None:
+async def test_an_adapter_without_enable_lora_is_a_400(
+    demo_model: Path, adapters: dict[str, LoraAdapter]
+) -> None:
     with running_engine(demo_model, {}) as engine:
         with pytest.raises(EngineError) as info:
             await run(engine, "Hello", adapters["A"])
@@ -234,7 +236,9 @@ def test_the_plan_evicts_the_least_recent_unused_unpinned_adapter() -> None:
     busy = plan_adapters([lora("N"), lora("Q")], ["U"], resident, {"P"}, {"N"}, {}, [], [], 8, options)
     assert busy.admit == [1] and busy.load == []
     one = dataclasses.replace(OPTIONS, max_cpu_loras=1)
-    assert plan_adapters([lora("N")], [], ["P"], {"P"}, {"N"}, {}, [], [], 8, one).load == [("N", "/adapters/N")]
+    assert plan_adapters([lora("N")], [], ["P"], {"P"}, {"N"}, {}, [], [], 8, one).load == [
+        ("N", "/adapters/N")
+    ]
 
 
 def test_the_plan_fails_a_bad_adapter_and_waits_for_one_being_read() -> None:

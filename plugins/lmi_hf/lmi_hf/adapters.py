@@ -186,10 +186,10 @@ def plan_adapters(
         if name in cache and name not in in_use:
             cache.remove(name)
             plan.unload.append(name)
-    for adapter in loads:
-        if adapter.name not in cache and adapter.name in ready and make_room():
-            cache.append(adapter.name)
-            plan.load.append((adapter.name, adapter.path))
+    for asked in loads:
+        if asked.name not in cache and asked.name in ready and make_room():
+            cache.append(asked.name)
+            plan.load.append((asked.name, asked.path))
     for i, adapter in enumerate(waiting):
         if room <= 0:
             break
@@ -317,10 +317,13 @@ class AdapterSet:
 
     # -- scheduler thread ----------------------------------------------------------------------
 
-    def plan(self, waiting: list[LoraAdapter | None], running: list[LoraAdapter | None], room: int) -> AdapterPlan:
+    def plan(
+        self, waiting: list[LoraAdapter | None], running: list[LoraAdapter | None], room: int
+    ) -> AdapterPlan:
         """Leader: the adapter side of the next step (``plan_adapters`` on the current state)."""
         if not self.options.enabled:
             return AdapterPlan(admit=list(range(min(room, len(waiting)))))
+        self._settle()  # a load or unload that raced with the step that did it
         for adapter in waiting:
             if adapter is not None and adapter.name not in self._resident:
                 self.prefetch(adapter)  # evicted since it arrived: read it again
@@ -384,7 +387,9 @@ class AdapterSet:
             future = self._reads.pop(name, None)
         if future is None:  # a follower rank whose copy of the request has not arrived yet
             future = Future()
-            future.set_result(read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears))
+            future.set_result(
+                read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears)
+            )
         parsed = future.result()  # a follower waits for its own read; the leader's is done
         if self.model is self._base:
             self.model = PeftModel(self._base, parsed.config, adapter_name=name)

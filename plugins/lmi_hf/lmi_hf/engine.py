@@ -383,7 +383,9 @@ class HFEngine:
     def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
         try:
             names = self.lora.forward_args(s.request.adapter for s in new)
-            batch, logits = prefill(self.lora.model, [s.prompt_ids for s in new], self.device, all_logits, names)
+            batch, logits = prefill(
+                self.lora.model, [s.prompt_ids for s in new], self.device, all_logits, names
+            )
         except Exception as exc:
             for seq in new:
                 self._fail(seq, exc)
