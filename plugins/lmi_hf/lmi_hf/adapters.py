@@ -348,6 +348,8 @@ class AdapterSet:
     def apply(self, unload: list[str], evict: list[str], load: list[tuple[str, str]]) -> None:
         """Every rank: drop and install adapters as the step's plan says (before its admissions).
         An adapter that fails to install is not resident: the engine fails its admitted requests."""
+        if not (unload or evict or load or self._waiters):
+            return  # the usual step: nothing to change
         self.install_errors = {}
         for name in [*unload, *evict]:
             self._drop(name)
@@ -370,8 +372,12 @@ class AdapterSet:
             if adapter is not None and adapter.name in self._resident:
                 self._resident.move_to_end(adapter.name)
 
-    def resident(self, adapter: LoraAdapter | None) -> bool:
-        return adapter is None or adapter.name in self._resident
+    def missing(self, adapter: LoraAdapter | None) -> EngineError | None:
+        """Why an admitted request cannot run: its adapter failed to install (None: it can run)."""
+        if adapter is None or adapter.name in self._resident:
+            return None
+        error = self.install_errors.get(adapter.name)
+        return error or bad_adapter(adapter.name, adapter.path, "not loaded")
 
     def forward_args(self, adapters: Iterable[LoraAdapter | None]) -> list[str] | None:
         """PEFT's ``adapter_names`` for these rows; None while the model has no adapter."""
@@ -385,12 +391,12 @@ class AdapterSet:
 
         with self._lock:
             future = self._reads.pop(name, None)
-        if future is None:  # a follower rank whose copy of the request has not arrived yet
-            future = Future()
-            future.set_result(
-                read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears)
-            )
-        parsed = future.result()  # a follower waits for its own read; the leader's is done
+        # The leader's read is done; a follower waits for its own, or reads here when its copy of the
+        # request has not arrived yet (the other ranks wait in the step's collectives meanwhile).
+        if future is not None:
+            parsed = future.result()
+        else:
+            parsed = read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears)
         if self.model is self._base:
             self.model = PeftModel(self._base, parsed.config, adapter_name=name)
         else:

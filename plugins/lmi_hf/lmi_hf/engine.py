@@ -364,9 +364,9 @@ class HFEngine:
             return
         new = [self._take(rid) for rid, _ in plan.admit]
         for seq in new:  # an adapter that failed to install fails its requests, not the group
-            if not self.lora.resident(seq.request.adapter):
-                assert seq.request.adapter is not None
-                self._fail(seq, self.lora.install_errors[seq.request.adapter.name])
+            error = self.lora.missing(seq.request.adapter)
+            if error is not None:
+                self._fail(seq, error)
         self.lora.used(s.request.adapter for s in new)
         new = [s for s in new if not s.done]
         for seq, (_, seed) in zip(new, plan.admit, strict=True):
