@@ -9,6 +9,7 @@ targeted layer). Rounds alternate the two so that the load of a shared machine d
 Prints generated tokens/s of each and the ratio mixed / base.
 
 Usage: python benchmarks/bench_lora.py [--concurrency 16] [--requests 32] [--tokens 32] [--rounds 2]
+                                      [--hidden-size 128] [--layers 2]
 """
 
 from __future__ import annotations
@@ -71,9 +72,18 @@ async def measure(
     return sum(base_rates) / rounds, sum(mix_rates) / rounds
 
 
-def lora_vs_base(root: Path, requests: int, concurrency: int, tokens: int, rounds: int) -> dict[str, float]:
-    """Build the model and adapters under ``root``, measure, return tokens/s and the ratio."""
-    model = build_demo_model(root / "demo")
+def lora_vs_base(
+    root: Path,
+    requests: int,
+    concurrency: int,
+    tokens: int,
+    rounds: int,
+    hidden_size: int = 128,
+    layers: int = 2,
+) -> dict[str, float]:
+    """Build the model (the demo model, or a wider/deeper one) and adapters under ``root``, measure,
+    return tokens/s and the ratio."""
+    model = build_demo_model(root / "demo", hidden_size=hidden_size, num_layers=layers)
     adapters = [
         LoraAdapter(f"adapter-{i}", str(build_adapter(model, root / f"adapter-{i}", seed=i)))
         for i in range(ADAPTERS)
@@ -101,12 +111,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128, help="128: the demo model")
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="lmi-bench-"))
     figures = lora_vs_base(
-        Path(tempfile.mkdtemp(prefix="lmi-bench-")), args.requests, args.concurrency, args.tokens, args.rounds
+        root, args.requests, args.concurrency, args.tokens, args.rounds, args.hidden_size, args.layers
     )
     print(
-        f"c={args.concurrency} base only {figures['base_tok_s']:8.1f} tokens/s   "
+        f"hidden {args.hidden_size} x {args.layers} layers, c={args.concurrency}: "
+        f"base only {figures['base_tok_s']:8.1f} tokens/s   "
         f"{ADAPTERS} adapters + base {figures['mixed_tok_s']:8.1f} tokens/s   ratio {figures['ratio']:.3f}",
         flush=True,
     )

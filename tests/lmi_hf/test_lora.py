@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from lmi_core.config import build_model_config
-from lmi_core.engine import Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
+from lmi_core.engine import AdapterEngine, Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import EngineError
 from lmi_core.launchers import free_ports, mpirun_argv
 from lmi_hf.adapters import LoraOptions, plan_adapters
-from lmi_hf.engine import HFEngine
+from lmi_hf.distributed import decode_plan, encode_plan
+from lmi_hf.engine import HFEngine, StepPlan
 from tests.lmi_hf.engines import running_engine
 from tests.lora_adapters import build_adapter
 
@@ -138,6 +139,7 @@ async def test_three_adapters_through_a_cache_of_two(
 async def test_load_pin_and_unload(
     lora_engine: HFEngine, adapters: dict[str, LoraAdapter], expected: dict[tuple[str, str | None], list[int]]
 ) -> None:
+    assert isinstance(lora_engine, AdapterEngine)  # the worker's built-in hooks forward to it
     pinned = LoraAdapter("A", adapters["A"].path, pinned=True)
     await lora_engine.load_adapter(pinned)
     assert lora_engine.stats().adapters == ["A"] and lora_engine.stats().lora_loads_total == 1
@@ -248,6 +250,14 @@ def test_the_plan_fails_a_bad_adapter_and_waits_for_one_being_read() -> None:
 
 
 # -- MPI mode -----------------------------------------------------------------------------------------
+
+
+def test_the_step_plan_carries_adapter_changes_to_the_other_ranks() -> None:
+    plan = StepPlan(
+        admit=[("r1", 7)], unload=["old"], evict=["lru"], load=[("A", "/a")], fail=[("r2", "bad adapter")]
+    )
+    assert decode_plan(encode_plan(plan)) == plan
+
 
 RANK_SCRIPT = """
 import asyncio, json, sys
