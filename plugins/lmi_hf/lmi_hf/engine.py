@@ -363,15 +363,15 @@ class HFEngine:
         if not plan.admit:
             return
         new = [self._take(rid) for rid, _ in plan.admit]
+        for seq, (_, seed) in zip(new, plan.admit, strict=True):
+            if not seq.request.params.greedy:
+                seq.generator = make_generator(seed)
         for seq in new:  # an adapter that failed to install fails its requests, not the group
             error = self.lora.missing(seq.request.adapter)
             if error is not None:
                 self._fail(seq, error)
         self.lora.used(s.request.adapter for s in new)
         new = [s for s in new if not s.done]
-        for seq, (_, seed) in zip(new, plan.admit, strict=True):
-            if not seq.request.params.greedy:
-                seq.generator = make_generator(seed)
         # Requests that want prompt log-probs prefill apart with every position's logits; the others
         # keep logits_to_keep=1 (a [T, V] tensor per prompt is 64 MB at T=128, V=128k in fp32).
         scoring = [s for s in new if s.request.params.prompt_logprobs is not None]
