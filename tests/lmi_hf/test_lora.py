@@ -172,6 +172,9 @@ def bad_adapters(demo_model: Path, good: LoraAdapter, root: Path) -> dict[str, t
     wrong_target = root / "wrong-target"
     shutil.copytree(good.path, wrong_target)
     (wrong_target / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["qkv_proj"]}))
+    no_layer = root / "no-layer"  # passes the reader's checks; PEFT refuses it as it installs
+    shutil.copytree(good.path, no_layer)
+    (no_layer / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [99]}))
     big = build_adapter(demo_model, root / "big", seed=4, rank=32)
     return {
         "missing": (LoraAdapter("missing", str(root / "nothing-here")), "no such directory"),
@@ -179,6 +182,7 @@ def bad_adapters(demo_model: Path, good: LoraAdapter, root: Path) -> dict[str, t
         "no-config": (LoraAdapter("no-config", str(no_config)), "no adapter_config.json"),
         "wrong-target": (LoraAdapter("wrong-target", str(wrong_target)), "lacks: qkv_proj"),
         "big": (LoraAdapter("big", str(big)), "rank 32 is above option.max_lora_rank=16"),
+        "no-layer": (LoraAdapter("no-layer", str(no_layer)), "not found in the base model"),
     }
 
 
