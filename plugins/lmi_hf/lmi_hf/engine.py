@@ -3,7 +3,8 @@
 Requests are submitted from the worker's asyncio loop; the scheduler thread admits them at step
 boundaries (up to ``max_rolling_batch_size``), decodes all running sequences in one forward pass per
 step, and sends token events back to the loop. Each step starts from a ``StepPlan`` (which requests
-join, which are cancelled): in MPI mode rank 0 makes the plan and every rank applies the same one.
+join, which are cancelled, which LoRA adapters load or leave: ``lmi_hf.adapters``): in MPI mode rank 0
+makes the plan and every rank applies the same one.
 """
 
 from __future__ import annotations
