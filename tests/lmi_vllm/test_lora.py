@@ -148,6 +148,27 @@ def lora(adapters: dict[str, Path], name: str | None, pinned: bool = False) -> L
 
 
 @pytest.mark.vllm
+def test_cpu_ops_give_tokens_without_an_adapter_no_lora_term() -> None:
+    import torch
+
+    import lmi_vllm.cpu_lora  # noqa: F401  (patches vLLM's torch LoRA ops)
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    a = torch.randn(2, 1, 2, 4)  # 2 slots, rank 2
+    indices = torch.tensor([0, -1, 1])
+    shrunk = torch.zeros(3, 2)
+    lora_ops.bgmv_shrink(x, a, shrunk, indices, 1.0)
+    assert torch.equal(shrunk[1], torch.zeros(2))  # unpatched: slot 1's term
+    assert torch.allclose(shrunk[2], a[1, 0] @ x[2])
+    b = torch.randn(2, 1, 4, 2)
+    y = torch.ones(3, 4)
+    lora_ops.bgmv_expand(shrunk, b, y, indices, add_inputs=True)
+    assert torch.equal(y[1], torch.ones(4))
+
+
+@pytest.mark.vllm
 def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]) -> None:
     from lmi_vllm.engine import engine_kwargs
 
@@ -160,6 +181,7 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
         32,
         5,
     )
+    assert kwargs["worker_extension_cls"] == "lmi_vllm.cpu_lora.LoraFixExtension"
     with pytest.raises(ConfigError, match="option.max_lora_rank"):
         engine_kwargs(worker_context(enable_lora="true", max_lora_rank="4"))  # not a rank vLLM builds
 

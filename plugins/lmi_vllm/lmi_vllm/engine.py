@@ -102,6 +102,9 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
+    if context.device == "cpu" and kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
+        # Base-model tokens batched with adapter tokens get the last slot's adapter otherwise.
+        kwargs["worker_extension_cls"] = "lmi_vllm.cpu_lora.LoraFixExtension"
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
 
 
