@@ -150,9 +150,9 @@ def lora(adapters: dict[str, Path], name: str | None, pinned: bool = False) -> L
 @pytest.mark.vllm
 def test_cpu_ops_give_tokens_without_an_adapter_no_lora_term() -> None:
     import torch
+    from vllm.lora.ops.torch_ops import lora_ops
 
     import lmi_vllm.cpu_lora  # noqa: F401  (patches vLLM's torch LoRA ops)
-    from vllm.lora.ops.torch_ops import lora_ops
 
     torch.manual_seed(0)
     x = torch.randn(3, 4)
@@ -182,7 +182,7 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
         5,
     )
     assert kwargs["worker_extension_cls"] == "lmi_vllm.cpu_lora.LoraFixExtension"
-    with pytest.raises(ConfigError, match="option.max_lora_rank"):
+    with pytest.raises(ConfigError, match=r"option\.max_lora_rank"):
         engine_kwargs(worker_context(enable_lora="true", max_lora_rank="4"))  # not a rank vLLM builds
 
 
