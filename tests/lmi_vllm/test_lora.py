@@ -15,7 +15,7 @@ import pytest
 
 from lmi_core.engine import Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import ConfigError, EngineError
-from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error
+from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog", "Hello, my name is")
 NEW_TOKENS = 16
@@ -53,6 +53,10 @@ def test_tracker_counts_loads_and_evictions_but_not_removals() -> None:
     assert (tracker.loads_total, tracker.evictions_total) == (4, 2)
 
 
+def test_pinning_leaves_max_loras_unpinned_places_in_memory() -> None:
+    assert can_pin(0, 2, 3) and not can_pin(1, 2, 3) and not can_pin(0, 2, 2)
+
+
 def test_adapter_error_is_a_400_naming_the_adapter() -> None:
     error = adapter_error(
         LoraAdapter("big", "/x/big"), Exception("Traceback...\nValueError: LoRA rank 16 is greater than 8.")
@@ -79,11 +83,11 @@ def test_an_adapter_for_a_model_without_lora_is_a_400_before_vllm() -> None:
 
 @pytest.fixture(scope="module")
 def adapters(demo_model: Path, vllm_env: Path) -> dict[str, Path]:
-    """Adapters a, b, c (rank 8, different seeds) and big (rank 16, above the engine's maximum)."""
+    """Adapters a, b, c, d (rank 8, different seeds) and big (rank 16, above the engine's maximum)."""
     from tests.lora_adapters import build_adapter
 
     root = vllm_env / "adapters"
-    built = {name: build_adapter(demo_model, root / name, seed) for seed, name in enumerate("abc", 1)}
+    built = {name: build_adapter(demo_model, root / name, seed) for seed, name in enumerate("abcd", 1)}
     built["big"] = build_adapter(demo_model, root / "big", 9, rank=16)
     return built
 
@@ -98,7 +102,7 @@ def expected(demo_model: Path, adapters: dict[str, Path]) -> dict[tuple[str | No
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     base = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapters["a"], adapter_name="a")
-    for name in "bc":
+    for name in "bcd":
         model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
 
@@ -110,7 +114,7 @@ def expected(demo_model: Path, adapters: dict[str, Path]) -> dict[tuple[str | No
         return [int(t) for t in ids[0, -NEW_TOKENS:]]
 
     out: dict[tuple[str | None, str], list[int]] = {}
-    for name in "abc":
+    for name in "abcd":
         model.set_adapter(name)
         out.update({(name, p): greedy(p) for p in PROMPTS})
     with model.disable_adapter():
@@ -120,9 +124,9 @@ def expected(demo_model: Path, adapters: dict[str, Path]) -> dict[tuple[str | No
 
 @pytest.fixture(scope="module")
 def lora_engine(pm: Any, worker_context: Callable[..., Any]) -> Iterator[Any]:
-    """A vLLM engine with LoRA: 2 adapters per batch, 2 held in memory, rank up to 8."""
+    """A vLLM engine with LoRA: 2 adapters per batch, 3 held in memory, rank up to 8."""
     loaded = pm.hook.load_engine(
-        context=worker_context(enable_lora="true", max_loras="2", max_cpu_loras="2", max_lora_rank="8")
+        context=worker_context(enable_lora="true", max_loras="2", max_cpu_loras="3", max_lora_rank="8")
     )
     try:
         yield loaded
@@ -193,7 +197,11 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
         32,
         5,
     )
-    assert kwargs["worker_extension_cls"] == "lmi_vllm.cpu_lora.LoraFixExtension"
+    assert kwargs["worker_extension_cls"] == "lmi_vllm.worker_extension.LmiWorkerExtension"
+    from lmi_vllm.engine import WORKER_EXTENSION
+    from lmi_vllm.worker_extension import QUALNAME
+
+    assert WORKER_EXTENSION == QUALNAME
     with pytest.raises(ConfigError, match=r"option\.max_lora_rank"):
         engine_kwargs(worker_context(enable_lora="true", max_lora_rank="4"))  # not a rank vLLM builds
 
@@ -222,13 +230,13 @@ async def test_more_adapters_than_memory_slots_evict_and_stay_right(
     pm: Any, lora_engine: Any, adapters: dict[str, Path], expected: dict[tuple[str | None, str], list[int]]
 ) -> None:
     before = lora_engine.stats()
-    for i, name in enumerate("abcab"):  # 3 adapters through 2 slots (max_cpu_loras=2)
+    for i, name in enumerate("abcdab"):  # 4 adapters through 3 places (max_cpu_loras=3)
         tokens = await generate(pm, lora_engine, PROMPTS[0], lora(adapters, name), f"lru-{i}")
         assert tokens == expected[(name, PROMPTS[0])], name
     after = lora_engine.stats()
     assert after.lora_evictions_total > before.lora_evictions_total
     assert after.lora_loads_total > before.lora_loads_total
-    assert len(after.adapters) <= 2 and "b" in after.adapters
+    assert len(after.adapters) <= 3 and "b" in after.adapters
 
 
 @pytest.mark.vllm
@@ -238,9 +246,19 @@ async def test_pinned_adapter_survives_eviction_and_unload_drops_it(
 ) -> None:
     await lora_engine.load_adapter(lora(adapters, "c", pinned=True))
     assert "c" in lora_engine.stats().adapters
-    for i, name in enumerate("abab"):  # the one unpinned slot turns over
+    for i, name in enumerate("abdab"):  # the two unpinned places in memory turn over
         await generate(pm, lora_engine, PROMPTS[1], lora(adapters, name), f"pin-{i}")
     assert "c" in lora_engine.stats().adapters
+    # Both batch slots (max_loras=2) for other adapters while c is pinned: vLLM's own pin_lora would
+    # hold a batch slot for c, and this batch killed its engine core.
+    names = "abab"
+    outputs = await asyncio.gather(
+        *(
+            generate(pm, lora_engine, PROMPTS[1], lora(adapters, n), f"pin-batch-{i}")
+            for i, n in enumerate(names)
+        )
+    )
+    assert outputs == [expected[(n, PROMPTS[1])] for n in names]
     tokens = await generate(pm, lora_engine, PROMPTS[1], lora(adapters, "c", pinned=True), "pin-c")
     assert tokens == expected[("c", PROMPTS[1])]
     evictions = lora_engine.stats().lora_evictions_total

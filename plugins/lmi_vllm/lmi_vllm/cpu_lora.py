@@ -6,8 +6,7 @@ index the stacked adapter weights with the per-token indices, so -1 wraps to the
 model request batched with adapter requests silently ran with the adapter in the last slot (measured:
 its greedy tokens were that adapter's). The CUDA and Triton kernels skip -1; here such rows get a
 zero input, hence a zero LoRA term. Importing this module patches the ops (once, idempotently);
-``engine_kwargs`` names ``LoraFixExtension`` as vLLM's ``worker_extension_cls`` on CPU with LoRA on,
-which makes each worker process import it.
+``lmi_vllm.worker_extension``, vLLM's ``worker_extension_cls`` with LoRA on, imports it on CPU.
 """
 
 from __future__ import annotations
@@ -48,10 +47,6 @@ def patch() -> None:
         setattr(lora_ops, name, fixed)
         if getattr(punica_cpu, name, None) is original:
             setattr(punica_cpu, name, fixed)
-
-
-class LoraFixExtension:
-    """vLLM's worker extension hook: nothing to add to the worker, the import does the patching."""
 
 
 patch()

