@@ -26,6 +26,10 @@ PIP=("$VENV_DIR/bin/python" -m pip)
 # them opportunistically, which breaks tokenizer/model loading. Nothing here needs them.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
 
+# peft builds the LoRA test adapters and gives the reference outputs; torch and transformers pinned to
+# what is installed above, so that pip keeps them.
+"${PIP[@]}" install peft==0.21.2 torch==2.13.0 "transformers==$("$VENV_DIR/bin/python" -c 'import transformers; print(transformers.__version__)')"
+
 pkgs=(-e . -e plugins/lmi_vllm)
 if [[ -f plugins/lmi_hf/pyproject.toml ]]; then
     pkgs+=(-e plugins/lmi_hf)

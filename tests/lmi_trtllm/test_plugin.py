@@ -24,6 +24,7 @@ from lmi_core.engine import (
     EngineStats,
     Finished,
     GenerationRequest,
+    LoraAdapter,
     SamplingParams,
     Token,
     WorkerContext,
@@ -289,13 +290,18 @@ class StreamingResult:
 class StandInLLM:
     """The parts of ``tensorrt_llm.LLM`` that ``TrtllmEngine`` uses."""
 
-    def __init__(self, completions: list[SimpleNamespace]) -> None:
+    def __init__(self, completions: list[SimpleNamespace], lora: bool = False) -> None:
         self.tokenizer = SimpleNamespace(all_special_ids=[0], decode=lambda ids: "?")
         self._executor = SimpleNamespace(is_shutdown=lambda: False)
+        self.args = SimpleNamespace(lora_config={} if lora else None)  # LLM.args: the parsed LlmArgs
         self.completions = completions
         self.results: list[StreamingResult] = []
+        self.lora_requests: list[Any] = []
 
-    def generate_async(self, text: str, sampling_params: Any, streaming: bool) -> StreamingResult:
+    def generate_async(
+        self, text: str, sampling_params: Any, streaming: bool, lora_request: Any = None
+    ) -> StreamingResult:
+        self.lora_requests.append(lora_request)
         self.results.append(StreamingResult(self.completions))
         return self.results[-1]
 
@@ -323,6 +329,45 @@ async def test_rank_0_counts_requests_and_aborts_a_closed_stream(
     with pytest.raises(BadRequestError):  # refused before it reaches TensorRT-LLM: not counted
         pm.hook.handle_request(engine=engine, request=GenerationRequest("bad"))
     assert len(llm.results) == 2 and pm.hook.engine_stats(engine=engine).cancelled_total == 1
+
+
+async def test_rank_0_sends_each_request_s_adapter_as_a_lora_request(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(SamplingParams=dict))
+    monkeypatch.setitem(
+        sys.modules, "tensorrt_llm.sampling_params", SimpleNamespace(GuidedDecodingParams=dict)
+    )
+
+    def lora_request(**kwargs: Any) -> dict[str, Any]:  # TensorRT-LLM's check of the path
+        if not Path(kwargs["lora_path"]).exists():
+            raise ValueError(f"lora_path ({kwargs['lora_path']}) does not exist.")
+        return kwargs
+
+    monkeypatch.setitem(
+        sys.modules, "tensorrt_llm.executor.request", SimpleNamespace(LoRARequest=lora_request)
+    )
+    llm = StandInLLM([completion([7], "c", reason="length")], lora=True)
+    engine = TrtllmEngine(llm)
+    pm = manager()
+    params = SamplingParams(max_new_tokens=1)
+    for i, adapter in enumerate([LoraAdapter("a", str(tmp_path)), None, LoraAdapter("a", str(tmp_path))]):
+        request = GenerationRequest(f"r{i}", prompt="hi", params=params, adapter=adapter)
+        _ = [e async for e in pm.hook.handle_request(engine=engine, request=request)]
+    assert [r and (r["lora_name"], r["lora_int_id"]) for r in llm.lora_requests] == [("a", 1), None, ("a", 1)]
+    stats = pm.hook.engine_stats(engine=engine)
+    assert (stats.adapters, stats.lora_loads_total) == (["a"], 1)
+    with pytest.raises(EngineError, match="'gone'") as raised:
+        pm.hook.handle_request(
+            engine=engine,
+            request=GenerationRequest("x", prompt="hi", adapter=LoraAdapter("gone", str(tmp_path / "no"))),
+        )
+    assert (raised.value.status, raised.value.param) == (400, "adapter")
+    await engine.unload_adapter("a")
+    assert pm.hook.engine_stats(engine=engine).adapters == []
+    without = TrtllmEngine(StandInLLM([]))
+    with pytest.raises(BadRequestError, match="enable_lora"):
+        without.generate(GenerationRequest("y", prompt="hi", adapter=LoraAdapter("a", str(tmp_path))))
 
 
 # -- sampling parameters and finish reasons ------------------------------------------------------------

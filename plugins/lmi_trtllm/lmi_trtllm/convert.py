@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmi_core.engine import Finished, FinishReason, GenerationEvent, SamplingParams, StructuredOutput, Token
+from lmi_core.engine import (
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    LoraAdapter,
+    SamplingParams,
+    StructuredOutput,
+    Token,
+)
 from lmi_core.errors import BadRequestError, EngineError, ServiceError
 from lmi_core.request_checks import refuse_unsupported
 
@@ -79,6 +87,33 @@ def sampling_kwargs(params: SamplingParams, *, templated: bool = False) -> dict[
     if params.structured is not None:
         kwargs["guided_decoding"] = guided_decoding_kwargs(params.structured)  # GuidedDecodingParams(**it)
     return kwargs
+
+
+def lora_id(ids: dict[tuple[str, str], int], adapter: LoraAdapter) -> int:
+    """TensorRT-LLM's ``lora_int_id`` for ``adapter``: one per (name, path), from 1, never reused, since
+    TensorRT-LLM caches an adapter's weights by id (new weights under a name need a new id)."""
+    return ids.setdefault((adapter.name, adapter.path), max(ids.values(), default=0) + 1)
+
+
+def lora_request_kwargs(adapter: LoraAdapter, lora_int_id: int) -> dict[str, Any]:
+    """``tensorrt_llm.executor.request.LoRARequest`` keyword arguments (lmi's adapters are PEFT's)."""
+    return {
+        "lora_name": adapter.name,
+        "lora_int_id": lora_int_id,
+        "lora_path": adapter.path,
+        "lora_ckpt_source": "hf",
+    }
+
+
+def lora_error(adapter: LoraAdapter, exc: BaseException) -> EngineError:
+    """TensorRT-LLM's refusal of ``adapter`` (its ``LoRARequest`` checks that the path exists) as a
+    400 naming the adapter."""
+    return EngineError(
+        f"LoRA adapter {adapter.name!r} (path {adapter.path}) cannot be used: {exc}",
+        status=400,
+        type="BadRequestException",
+        param="adapter",
+    )
 
 
 def guided_decoding_kwargs(constraint: StructuredOutput) -> dict[str, Any]:

@@ -37,7 +37,16 @@ from lmi_core import (
     RequestCounts,
     WorkerContext,
 )
-from lmi_trtllm.convert import StreamState, delta_events, map_error, sampling_kwargs
+from lmi_core.engine import LoraAdapter
+from lmi_trtllm.convert import (
+    StreamState,
+    delta_events,
+    lora_error,
+    lora_id,
+    lora_request_kwargs,
+    map_error,
+    sampling_kwargs,
+)
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs, tensorrt_llm_importable
 
 logger = logging.getLogger(__name__)
@@ -70,6 +79,12 @@ def load(context: WorkerContext) -> TrtllmEngine | FollowerEngine:
         raise EngineError(f"tensorrt_llm is installed but cannot be imported: {exc}", status=500) from exc
     if "kv_cache_config" in kwargs:
         kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
+    if "lora_config" in kwargs:
+        try:  # tensorrt_llm.lora_helper since 1.0; tensorrt_llm.lora_manager before
+            from tensorrt_llm.lora_helper import LoraConfig
+        except ImportError:
+            from tensorrt_llm.lora_manager import LoraConfig
+        kwargs["lora_config"] = LoraConfig(**kwargs["lora_config"])
     if context.mode == "mpi" and context.world_size > 1:
         from mpi4py import MPI
 
@@ -148,6 +163,12 @@ class TrtllmEngine:
         # LLM.tokenizer wraps the HF tokenizer (TransformersTokenizer.tokenizer) for chat templates.
         self.tokenizer = getattr(llm.tokenizer, "tokenizer", llm.tokenizer)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        self.lora_enabled = getattr(getattr(llm, "args", None), "lora_config", None) is not None
+        # TensorRT-LLM loads an adapter on its first request and keeps max_cpu_loras / max_loras of them
+        # (its own LRU, no counters in the LLM API): lmi knows only the ids it gave out. Stats report
+        # those adapters as resident, each first use as a load, and no evictions (not observable).
+        self._lora_ids: dict[tuple[str, str], int] = {}
+        self._lora_names: set[str] = set()
         self._closed = False
         self.requests = RequestCounts()
 
@@ -168,7 +189,39 @@ class TrtllmEngine:
         executor = getattr(self.llm, "_executor", None)
         if executor is None or executor.is_shutdown():
             raise EngineError("TensorRT-LLM executor has shut down", status=500)
-        return self.requests.stats()
+        stats = self.requests.stats()
+        stats.adapters = sorted(self._lora_names)
+        stats.lora_loads_total = len(self._lora_ids)
+        return stats
+
+    def lora(self, adapter: LoraAdapter | None) -> Any:
+        """TensorRT-LLM's ``LoRARequest`` for ``adapter`` (None: the base model); a 400 if unusable."""
+        if adapter is None:
+            return None
+        if not self.lora_enabled:
+            raise BadRequestError(
+                f"LoRA adapter {adapter.name!r} requested, but this model is served without adapters "
+                "(option.enable_lora=true turns them on)",
+                param="adapter",
+            )
+        from tensorrt_llm.executor.request import LoRARequest
+
+        try:
+            request = LoRARequest(**lora_request_kwargs(adapter, lora_id(self._lora_ids, adapter)))
+        except (ValueError, TypeError) as exc:
+            raise lora_error(adapter, exc) from None
+        self._lora_names.add(adapter.name)
+        return request
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Check ``adapter`` and give it an id; TensorRT-LLM reads the weights on the first request
+        (its LLM API has no separate load, nor pinning)."""
+        self.lora(adapter)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget ``name`` in the stats; TensorRT-LLM evicts the weights from its cache in its own time
+        (the id stays taken, so that re-registered weights get a fresh one)."""
+        self._lora_names.discard(name)
 
     def prompt_text(self, request: GenerationRequest) -> tuple[str, bool]:
         """The prompt text and whether the chat template wrote it (then it holds its special tokens)."""
@@ -190,6 +243,7 @@ class TrtllmEngine:
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream ``request``; a bad prompt raises at once; closing early aborts it in TensorRT-LLM."""
         text, templated = self.prompt_text(request)
+        lora = self.lora(request.adapter)
         try:
             kwargs = sampling_kwargs(request.params, templated=templated)
             if "guided_decoding" in kwargs:
@@ -201,15 +255,17 @@ class TrtllmEngine:
             raise
         except Exception as exc:
             raise map_error(exc) from exc
-        return self.requests.relay(self._stream(source, text, params, request.params.top_logprobs))
+        return self.requests.relay(self._stream(source, text, params, request.params.top_logprobs, lora))
 
     async def _stream(
-        self, source: Any, text: str, params: Any, top_n: int
+        self, source: Any, text: str, params: Any, top_n: int, lora: Any = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """The request's events from ``generate_async`` (``source``: the prompt text or its token ids);
         aborts the request unless it finished."""
         try:
-            result = self.llm.generate_async(source, sampling_params=params, streaming=True)
+            result = self.llm.generate_async(
+                source, sampling_params=params, streaming=True, lora_request=lora
+            )
         except Exception as exc:
             raise map_error(exc) from exc
         prompt_tokens = len(result.prompt_token_ids)

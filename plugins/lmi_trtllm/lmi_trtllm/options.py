@@ -55,6 +55,24 @@ KV_CACHE_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "enable_kv_cache_reuse": ("enable_block_reuse", boolean),
 }
 
+
+def _module_list(value: str) -> list[str]:
+    modules = [m.strip() for m in value.split(",") if m.strip()]
+    if not modules:
+        raise ValueError("a comma-separated list of TensorRT-LLM module names (attn_q,attn_v,...)")
+    return modules
+
+
+# option key -> (``LoraConfig`` field, converter): lmi's LoRA keys (vLLM's names, which TensorRT-LLM's
+# LoraConfig shares) and TensorRT-LLM's target modules (needed when no lora_dir is given at build).
+LORA_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "max_loras": ("max_loras", integer(1)),
+    "max_lora_rank": ("max_lora_rank", integer(1)),
+    "max_cpu_loras": ("max_cpu_loras", integer(1)),
+    "lora_target_modules": ("lora_target_modules", _module_list),
+}
+ENABLE_LORA = "enable_lora"
+
 # DJL splits the sequence budget in two; TensorRT-LLM's LLM API takes max_seq_len = input + output.
 MAX_OUTPUT_LEN = "max_output_len"
 
@@ -76,6 +94,8 @@ class TrtllmOptions:
 
     llm_args: dict[str, Any] = field(default_factory=dict)
     kv_cache: dict[str, Any] = field(default_factory=dict)
+    enable_lora: bool = False
+    lora: dict[str, Any] = field(default_factory=dict)  # LoraConfig fields, used with enable_lora
 
 
 def _guided_backend(value: str) -> str:
@@ -107,6 +127,11 @@ def parse_options(options: Mapping[str, Any]) -> TrtllmOptions:
         elif key in KV_CACHE_KEYS:
             kv_field, convert = KV_CACHE_KEYS[key]
             parsed.kv_cache[kv_field] = convert(value)
+        elif key in LORA_KEYS:
+            lora_field, convert = LORA_KEYS[key]
+            parsed.lora[lora_field] = convert(value)
+        elif key == ENABLE_LORA:
+            parsed.enable_lora = boolean(value)
         elif key == MAX_OUTPUT_LEN:
             max_output_len = integer(1)(value)
         else:
@@ -143,7 +168,7 @@ def _apply_max_output_len(parsed: TrtllmOptions, max_output_len: int) -> None:
 
 
 def _unknown_key_hint(key: str) -> str:
-    known = [*LLM_KEYS, *KV_CACHE_KEYS, MAX_OUTPUT_LEN]
+    known = [*LLM_KEYS, *KV_CACHE_KEYS, *LORA_KEYS, ENABLE_LORA, MAX_OUTPUT_LEN]
     listed = ", ".join("option." + k for k in sorted(known))
     return f"a key the trtllm backend knows ({listed}){close_matches(key, known)}"
 
@@ -182,8 +207,9 @@ def check_config(config: ModelConfig) -> None:
 
 
 def llm_kwargs(context: WorkerContext) -> dict[str, Any]:
-    """``LLM(...)`` keyword arguments for ``context``, with ``kv_cache_config`` as a plain dict
-    (``KvCacheConfig(**it)`` in the worker) and without the MPI session (rank 0 adds it)."""
+    """``LLM(...)`` keyword arguments for ``context``, with ``kv_cache_config`` and ``lora_config`` as
+    plain dicts (``KvCacheConfig(**it)``, ``LoraConfig(**it)`` in the worker) and without the MPI
+    session (rank 0 adds it)."""
     parsed = parse_options(context.options)
     kwargs: dict[str, Any] = {
         "model": context.model_id,
@@ -199,4 +225,6 @@ def llm_kwargs(context: WorkerContext) -> dict[str, Any]:
         kwargs["dtype"] = dtype(context.dtype)
     if parsed.kv_cache:
         kwargs["kv_cache_config"] = dict(parsed.kv_cache)
+    if parsed.enable_lora:
+        kwargs["lora_config"] = dict(parsed.lora)
     return kwargs

