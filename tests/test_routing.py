@@ -180,7 +180,7 @@ def test_a_session_sticks_to_its_worker_and_moves_when_it_is_gone_or_overloaded(
     assert route("next", {0: 0}) == Decision(0, "load", 0, moved_from=1)  # worker 1 is not a candidate
     assert route("again", {0: 5, 1: 0}) == Decision(1, "load", 0, moved_from=0)  # 5 - 0 > 2: overloaded
     assert route("stays", {0: 0, 1: 1}).reason == "session"
-    assert router.decisions == {"prefix": 0, "session": 2, "load": 3}
+    assert router.decisions == {"prefix": 0, "session": 2, "load": 3, "adapter": 0}
 
 
 def test_routing_options_are_validated() -> None:
