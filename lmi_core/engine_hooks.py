@@ -1,23 +1,49 @@
-"""The built-in worker hooks: run requests, read stats and shut down through the ``Engine`` protocol.
+"""The built-in worker hooks: run requests, read stats, manage LoRA adapters and shut down through
+the ``Engine`` protocol (``AdapterEngine`` for adapters).
 
 Registered ``trylast`` in ``DEFAULT_PLUGINS`` (datasette's pattern), so every engine that
-``load_engine`` returns is driven by these three hooks unless a plugin implements one itself: a
-plugin's ``handle_request`` or ``engine_stats`` that returns a value wins (both are ``firstresult``);
+``load_engine`` returns is driven by these hooks unless a plugin implements one itself: a plugin's
+``handle_request``, ``engine_stats``, ``load_adapter`` or ``unload_adapter`` that returns a value wins
+(all are ``firstresult``); an engine that is not an ``AdapterEngine`` refuses adapters with a 400;
 every ``shutdown_engine`` runs, a plugin's before this one. A backend plugin therefore needs only
 ``register_backends`` and ``load_engine``. Standard library and pluggy only (worker side).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 
-from lmi_core.engine import Engine, EngineStats, GenerationEvent, GenerationRequest
+from lmi_core.engine import AdapterEngine, Engine, EngineStats, GenerationEvent, GenerationRequest, LoraAdapter
+from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
+
+
+def no_adapters(engine: Engine, name: str) -> EngineError:
+    return EngineError(
+        f"LoRA adapter {name!r}: this backend ({type(engine).__name__}) does not serve LoRA adapters",
+        status=400,
+    )
 
 
 @hookimpl(trylast=True)
 def handle_request(engine: Engine, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+    if request.adapter is not None and not isinstance(engine, AdapterEngine):
+        raise no_adapters(engine, request.adapter.name)
     return engine.generate(request)
+
+
+@hookimpl(trylast=True)
+def load_adapter(engine: Engine, adapter: LoraAdapter) -> Awaitable[None]:
+    if not isinstance(engine, AdapterEngine):
+        raise no_adapters(engine, adapter.name)
+    return engine.load_adapter(adapter)
+
+
+@hookimpl(trylast=True)
+def unload_adapter(engine: Engine, name: str) -> Awaitable[None]:
+    if not isinstance(engine, AdapterEngine):
+        raise no_adapters(engine, name)
+    return engine.unload_adapter(name)
 
 
 @hookimpl(trylast=True)

@@ -9,7 +9,7 @@ override the rest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -17,7 +17,14 @@ import pluggy
 if TYPE_CHECKING:
     from lmi_core.backends import BackendSpec
     from lmi_core.config import ModelConfig
-    from lmi_core.engine import Engine, EngineStats, GenerationEvent, GenerationRequest, WorkerContext
+    from lmi_core.engine import (
+        Engine,
+        EngineStats,
+        GenerationEvent,
+        GenerationRequest,
+        LoraAdapter,
+        WorkerContext,
+    )
     from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 
 hookspec = pluggy.HookspecMarker("lmi")
@@ -65,6 +72,16 @@ def handle_request(
 @hookspec(firstresult=True)
 def engine_stats(engine: Engine) -> EngineStats | None:
     """Return the engine's counters; raise if the engine is unhealthy (built-in: ``engine.stats()``)."""
+
+
+@hookspec(firstresult=True)
+def load_adapter(engine: Engine, adapter: LoraAdapter) -> Awaitable[None] | None:
+    """Return an awaitable that makes LoRA ``adapter`` resident in ``engine`` (built-in: the engine's own)."""
+
+
+@hookspec(firstresult=True)
+def unload_adapter(engine: Engine, name: str) -> Awaitable[None] | None:
+    """Return an awaitable that drops LoRA adapter ``name`` from ``engine`` (built-in: the engine's own)."""
 
 
 @hookspec

@@ -32,6 +32,7 @@ from lmi_core.engine import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    LoraAdapter,
     Token,
     WorkerContext,
 )
@@ -73,6 +74,8 @@ class RankServer:
         self.engine: Engine | None = None
         self.context: WorkerContext | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Adapter loads/unloads in flight: held here so that the loop does not drop them half-way.
+        self.adapter_tasks: set[asyncio.Task[None]] = set()
         self.writer: asyncio.StreamWriter | None = None
         self._outgoing: list[bytes] = []
         self._tokens: list[list[Any]] = []  # [request id, Token] since the last write
@@ -130,6 +133,8 @@ class RankServer:
                 task = self.tasks.get(message["id"])
                 if task is not None:
                     task.cancel()
+            elif kind == wire.ADAPTER:
+                self.on_adapter(message)
             elif kind == wire.INIT:
                 asyncio.get_running_loop().create_task(self.on_init(message))
             elif kind == wire.SHUTDOWN:
@@ -173,6 +178,28 @@ class RankServer:
         self.tasks[rid] = task
         task.add_done_callback(lambda _: self.tasks.pop(rid, None))
 
+    def on_adapter(self, message: dict[str, Any]) -> None:
+        """Load or unload a LoRA adapter in a task (reading one takes a while); no reply."""
+        task = asyncio.get_running_loop().create_task(self.run_adapter(message))
+        self.adapter_tasks.add(task)
+        task.add_done_callback(self.adapter_tasks.discard)
+
+    async def run_adapter(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        try:
+            adapter = LoraAdapter.from_wire(message["adapter"])
+            if self.engine is None:
+                raise EngineError("engine not loaded", status=503)
+            if op == "load":
+                await self.pm.hook.load_adapter(engine=self.engine, adapter=adapter)
+            elif op == "unload":
+                await self.pm.hook.unload_adapter(engine=self.engine, name=adapter.name)
+            else:
+                raise ValueError(f"unknown adapter op {op!r}")
+            logger.info("rank %d: adapter %s: %s done", self.rank, adapter.name, op)
+        except Exception as exc:  # logged only: the request that uses the adapter gets the error
+            logger.error("rank %d: adapter %s failed: %s: %s", self.rank, op, exc.__class__.__name__, exc)
+
     async def run_request(self, rid: str, request: GenerationRequest) -> None:
         # In MPI mode every rank runs the request (same batches everywhere); rank 0 answers.
         answer = self.rank == 0
@@ -211,7 +238,7 @@ class RankServer:
                 self.send({"t": wire.ERROR, "id": rid, "error": error.to_wire()})
 
     def close(self) -> None:
-        for task in list(self.tasks.values()):
+        for task in [*self.tasks.values(), *self.adapter_tasks]:
             task.cancel()
         if self.engine is not None:
             with contextlib.suppress(Exception):

@@ -66,10 +66,15 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 
 @torch.inference_mode()
 def prefill(
-    model: Any, prompts: list[list[int]], device: torch.device, all_logits: bool = False
+    model: Any,
+    prompts: list[list[int]],
+    device: torch.device,
+    all_logits: bool = False,
+    adapter_names: list[str] | None = None,
 ) -> tuple[Batch, torch.Tensor]:
     """Run the prompts as one left-padded batch; return the batch and each row's last logits [B, V]
-    or, with ``all_logits`` (prompt log-probs), every position's [B, T, V]."""
+    or, with ``all_logits`` (prompt log-probs), every position's [B, T, V]. ``adapter_names``: each
+    row's LoRA adapter for a PEFT model (``lmi_hf.adapters``); None: the model as it is."""
     length = max(len(p) for p in prompts)
     pad = 0
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
@@ -82,13 +87,14 @@ def prefill(
         past_key_values=DynamicCache(config=model.config),
         use_cache=True,
         logits_to_keep=0 if all_logits else 1,  # 0: all positions
+        **_adapters(adapter_names),
     )
     batch = Batch(out.past_key_values, mask, input_ids[:, -1])
     return batch, out.logits if all_logits else out.logits[:, -1, :]
 
 
 @torch.inference_mode()
-def decode(model: Any, batch: Batch) -> torch.Tensor:
+def decode(model: Any, batch: Batch, adapter_names: list[str] | None = None) -> torch.Tensor:
     """One decode step for every sequence in ``batch``; returns the next-token logits [B, V]."""
     ones = torch.ones((batch.size, 1), dtype=batch.attention_mask.dtype, device=batch.attention_mask.device)
     batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
@@ -99,7 +105,12 @@ def decode(model: Any, batch: Batch) -> torch.Tensor:
         position_ids=positions,
         past_key_values=batch.cache,
         use_cache=True,
+        **_adapters(adapter_names),
     )
     batch.cache = out.past_key_values
     logits: torch.Tensor = out.logits[:, -1, :]
     return logits
+
+
+def _adapters(names: list[str] | None) -> dict[str, Any]:
+    return {} if names is None else {"adapter_names": names}

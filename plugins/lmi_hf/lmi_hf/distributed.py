@@ -42,13 +42,22 @@ IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def encode_plan(plan: StepPlan) -> bytes:
-    body: bytes = msgpack.packb([plan.admit, plan.cancel, plan.stop], use_bin_type=True)
+    fields = [plan.admit, plan.cancel, plan.stop, plan.unload, plan.evict, plan.load, plan.fail]
+    body: bytes = msgpack.packb(fields, use_bin_type=True)
     return body
 
 
 def decode_plan(body: bytes) -> StepPlan:
-    admit, cancel, stop = msgpack.unpackb(body, raw=False)
-    return StepPlan(admit=[(rid, seed) for rid, seed in admit], cancel=list(cancel), stop=bool(stop))
+    admit, cancel, stop, unload, evict, load, fail = msgpack.unpackb(body, raw=False)
+    return StepPlan(
+        admit=[(rid, seed) for rid, seed in admit],
+        cancel=list(cancel),
+        stop=bool(stop),
+        unload=list(unload),
+        evict=list(evict),
+        load=[(name, path) for name, path in load],
+        fail=[(rid, message) for rid, message in fail],
+    )
 
 
 class MpiCoordinator:

@@ -29,11 +29,13 @@ from lmi_core.engine import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    LoraAdapter,
     Token,
     WorkerContext,
 )
 from lmi_core.errors import BadRequestError, EngineError, EngineOutOfMemoryError
 from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
+from lmi_hf.adapters import AdapterSet, LoraOptions
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.grammar import GrammarCompiler, TokenConstraint
 from lmi_hf.sampling import make_generator, select_token
@@ -52,11 +54,17 @@ Emit = Callable[[GenerationEvent | EngineError], None]
 
 @dataclass
 class StepPlan:
-    """What changes before a step: requests admitted (with their sampling seeds) and cancelled."""
+    """What changes before a step: requests admitted (with their sampling seeds) and cancelled;
+    LoRA adapters dropped (asked for, and LRU evictions) and installed before the admissions, and
+    waiting requests that fail (message: their adapter cannot be read)."""
 
     admit: list[tuple[str, int]] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)
     stop: bool = False
+    unload: list[str] = field(default_factory=list)
+    evict: list[str] = field(default_factory=list)
+    load: list[tuple[str, str]] = field(default_factory=list)
+    fail: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Coordinator(Protocol):
@@ -133,6 +141,7 @@ class HFEngine:
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
         self._lock = threading.Condition()
+        self.lora = AdapterSet(model, LoraOptions.from_options(context.options), wake=self._wake)
         self._submitted: dict[str, Sequence] = {}  # arrived, not yet running
         self._order: list[str] = []  # arrival order of _submitted
         self._running: list[Sequence] = []  # aligned with the rows of _batch
@@ -187,6 +196,7 @@ class HFEngine:
         check_logit_bias(request.params, self.vocab_size)
         budget = token_budget(len(prompt_ids), self.max_model_len, request.params)
         constraint = None
+        self.lora.check(request.adapter)
         if request.params.structured is not None:  # compiled off the loop: other requests keep streaming
             constraint = await asyncio.to_thread(self.grammars.compile, request.params.structured)
         self._loop = asyncio.get_running_loop()
@@ -226,7 +236,18 @@ class HFEngine:
                 return
             self._submitted[seq.request.request_id] = seq
             self._order.append(seq.request.request_id)
+            self.lora.prefetch(seq.request.adapter)  # read on the reader thread while it waits
             self._lock.notify()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        await self.lora.load(adapter)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.lora.unload(name)
 
     def cancel(self, seq: Sequence) -> None:
         with self._lock:
@@ -239,12 +260,20 @@ class HFEngine:
             self._lock.notify()
         self._thread.join(timeout=5)
         self._prompts.shutdown(wait=False, cancel_futures=True)
+        self.lora.shutdown()
 
     def stats(self) -> EngineStats:
         if self.error:
             raise RuntimeError(self.error)
         with self._lock:
-            return dataclasses.replace(self._totals, running=len(self._running), waiting=len(self._submitted))
+            return dataclasses.replace(
+                self._totals,
+                running=len(self._running),
+                waiting=len(self._submitted),
+                adapters=list(self.lora.names),
+                lora_loads_total=self.lora.loads_total,
+                lora_evictions_total=self.lora.evictions_total,
+            )
 
     # -- scheduler thread ------------------------------------------------------------------------
 
@@ -256,23 +285,29 @@ class HFEngine:
         return str(self.tokenizer.decode([token]))
 
     def _make_plan(self) -> StepPlan:
-        """Leader only: wait for work, then pick admissions and cancellations."""
+        """Leader only: wait for work, then pick admissions, cancellations and adapter changes
+        (waiting requests whose adapter is still being read wait here, not in a busy loop)."""
         with self._lock:
-            while not (self._stopping or self._running or self._order):
+            while True:
+                while not (self._stopping or self._running or self._order or self.lora.pending):
+                    self._lock.wait()
+                plan = StepPlan(stop=self._stopping)
+                plan.cancel = [s.request.request_id for s in self._running if s.cancelled]
+                plan.cancel += [rid for rid in self._order if self._submitted[rid].cancelled]
+                waiting = [rid for rid in self._order if not self._submitted[rid].cancelled]
+                lora = self.lora.plan(
+                    [self._submitted[rid].request.adapter for rid in waiting],
+                    [s.request.adapter for s in self._running],
+                    self.max_batch_size - len(self._running),
+                )
+                for i in lora.admit:
+                    seed = self._submitted[waiting[i]].request.params.seed
+                    plan.admit.append((waiting[i], seed if seed is not None else random.getrandbits(63)))
+                plan.fail = [(waiting[i], message) for i, message in lora.fail]
+                plan.unload, plan.evict, plan.load = lora.unload, lora.evict, lora.load
+                if self._running or plan != StepPlan():
+                    return plan
                 self._lock.wait()
-            plan = StepPlan(stop=self._stopping)
-            plan.cancel = [s.request.request_id for s in self._running if s.cancelled]
-            plan.cancel += [rid for rid in self._order if self._submitted[rid].cancelled]
-            room = self.max_batch_size - len(self._running)
-            for rid in self._order:
-                seq = self._submitted[rid]
-                if room <= 0:
-                    break
-                if not seq.cancelled:
-                    seed = seq.request.params.seed
-                    plan.admit.append((rid, seed if seed is not None else random.getrandbits(63)))
-                    room -= 1
-            return plan
 
     def _take(self, rid: str) -> Sequence:
         """The submitted sequence ``rid``; a follower rank waits until its copy has arrived."""
@@ -317,9 +352,23 @@ class HFEngine:
                     self._dropped.add(rid)
         if cancelled:
             self._evict(running & cancelled, reason="cancelled")
+        self.lora.apply(plan.unload, plan.evict, plan.load)
+        for rid, message in plan.fail:
+            with self._lock:
+                if rid not in self._submitted:  # a follower that has not received it yet
+                    self._dropped.add(rid)
+                    continue
+                self._order.remove(rid)
+                self._fail(self._submitted.pop(rid), EngineError(message, status=400))
         if not plan.admit:
             return
         new = [self._take(rid) for rid, _ in plan.admit]
+        for seq in new:  # an adapter that failed to install fails its requests, not the group
+            if not self.lora.resident(seq.request.adapter):
+                assert seq.request.adapter is not None
+                self._fail(seq, self.lora.install_errors[seq.request.adapter.name])
+        self.lora.used(s.request.adapter for s in new)
+        new = [s for s in new if not s.done]
         for seq, (_, seed) in zip(new, plan.admit, strict=True):
             if not seq.request.params.greedy:
                 seq.generator = make_generator(seed)
@@ -333,7 +382,8 @@ class HFEngine:
 
     def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
         try:
-            batch, logits = prefill(self.model, [s.prompt_ids for s in new], self.device, all_logits)
+            names = self.lora.forward_args(s.request.adapter for s in new)
+            batch, logits = prefill(self.lora.model, [s.prompt_ids for s in new], self.device, all_logits, names)
         except Exception as exc:
             for seq in new:
                 self._fail(seq, exc)
@@ -363,7 +413,8 @@ class HFEngine:
     def _step(self) -> None:
         assert self._batch is not None
         try:
-            logits = decode(self.model, self._batch)
+            names = self.lora.forward_args(s.request.adapter for s in self._running)
+            logits = decode(self.lora.model, self._batch, names)
         except Exception as exc:
             for seq in self._running:
                 self._fail(seq, exc)
@@ -472,7 +523,9 @@ class HFEngine:
         seq.done = True
         message = f"{exc.__class__.__name__}: {exc}"
         error: EngineError
-        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        if isinstance(exc, EngineError):  # the engine's own, with its status (a bad adapter: 400)
+            error = exc
+        elif isinstance(exc, torch.OutOfMemoryError | MemoryError):
             error = EngineOutOfMemoryError(message)
         else:
             error = EngineError(message)
