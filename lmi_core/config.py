@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import boolean, integer
+from lmi_core.option_values import integer
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -174,6 +174,13 @@ class LoraSettings:
     max_cpu_loras: int = 4  # adapters a worker keeps loaded (LRU beyond), >= max_loras
 
 
+def true_or_false(value: str) -> bool:
+    """DJL's booleans (``Boolean.parseBoolean``, but strict): every backend reads the same value."""
+    if value.strip().lower() not in ("true", "false"):
+        raise ValueError("true or false")
+    return value.strip().lower() == "true"
+
+
 def lora_settings(options: Mapping[str, str]) -> LoraSettings:
     """``option.enable_lora``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``; a bad value is a
     ``ConfigError`` naming its key."""
@@ -187,7 +194,7 @@ def lora_settings(options: Mapping[str, str]) -> LoraSettings:
         except ValueError as exc:
             raise ConfigError(f"option.{key}", raw, str(exc)) from None
 
-    enabled = read("enable_lora", boolean, False)
+    enabled = read("enable_lora", true_or_false, False)
     max_loras = read("max_loras", integer(1), LoraSettings.max_loras)
     rank = read("max_lora_rank", integer(1), LoraSettings.max_lora_rank)
     if rank not in LORA_RANKS:

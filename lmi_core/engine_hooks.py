@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable
 
-from lmi_core.engine import AdapterEngine, Engine, EngineStats, GenerationEvent, GenerationRequest, LoraAdapter
+from lmi_core.engine import (
+    AdapterEngine,
+    Engine,
+    EngineStats,
+    GenerationEvent,
+    GenerationRequest,
+    LoraAdapter,
+)
 from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
 

@@ -13,8 +13,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.adapters import adapter_registry
+from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
 from lmi_core.http import openai_api
