@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -400,7 +401,9 @@ class AdapterSet:
             return
         del self._resident[name]
         if self._resident:
-            self.model.delete_adapter(name)
+            with warnings.catch_warnings():  # "active adapter deleted": every forward names its adapters
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(name)
         else:
             self._base = self.model = self.model.unload()  # the base model, its LoRA layers removed
         logger.info("LoRA adapter %s dropped (%d resident)", name, len(self._resident))
