@@ -14,6 +14,7 @@ import concurrent.futures
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,11 @@ def text(server: ServerProcess, prompt: str, adapter: str | None) -> str:
     return str(response.json()["generated_text"])
 
 
-def stream_all(server: ServerProcess, prompt: str, adapter: str | None, new_tokens: int) -> int:
-    """A streamed request; the number of token lines, asserting that none is an error."""
+def stream_all(
+    server: ServerProcess, prompt: str, adapter: str | None, new_tokens: int, started: threading.Event
+) -> int:
+    """A streamed request; the number of token lines, asserting that none is an error. ``started``
+    is set at its first line."""
     body: dict[str, Any] = {
         "inputs": prompt,
         "parameters": {"max_new_tokens": new_tokens, "ignore_eos_token": True},
@@ -158,6 +162,7 @@ def stream_all(server: ServerProcess, prompt: str, adapter: str | None, new_toke
             if line:
                 assert '"error"' not in line, line
                 count += 1
+                started.set()
     return count
 
 
@@ -194,9 +199,14 @@ def test_adapters_load_at_run_time_while_requests_stream(
 ) -> None:
     for missing in ("B", "C"):
         assert completion(server, "hi", missing).status_code == 404
-    streams = [lambda a=a: stream_all(server, PROMPTS[1], a, 48) for a in ("A", None, "A", None)]
+    events = [threading.Event() for _ in range(4)]
+    streams = [
+        lambda a=a, e=e: stream_all(server, PROMPTS[1], a, 96, e)
+        for a, e in zip(("A", None, "A", None), events, strict=True)
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(streams)) as executor:
         running = [executor.submit(call) for call in streams]
+        assert all(e.wait(TIMEOUT) for e in events)  # every stream has begun
         djl = httpx.post(
             f"{server.url}/models/demo/adapters",
             params={"name": "B", "src": str(adapter_dirs["B"])},
@@ -209,7 +219,7 @@ def test_adapters_load_at_run_time_while_requests_stream(
             timeout=30,
         )
         assert vllm.status_code == 200 and vllm.text == "Success: LoRA adapter 'C' added successfully."
-        assert [f.result() for f in running] == [48] * len(streams)  # every stream finished, no error
+        assert [f.result() for f in running] == [96] * len(streams)  # every stream finished, no error
     for name in ("B", "C"):
         assert tokens(server, PROMPTS[0], name) == expected[(PROMPTS[0], name)]
 
@@ -240,22 +250,22 @@ def test_three_adapters_in_two_slots_evict_and_stay_right(
     assert re.search(r'^lmi_lora_requests_total\{adapter="C",model="demo"\} [1-9]', counted, re.MULTILINE)
 
 
-def test_a_killed_worker_comes_back_serving_the_adapters(
+def test_killed_workers_come_back_serving_the_adapters(
     server: ServerProcess, expected: dict[tuple[str, str | None], list[int]]
 ) -> None:
+    # Both workers: whichever the router picks afterwards is a restarted one.
     loads = metric(server, "lmi_lora_loads_total")
-    first = workers(server)[0]
-    os.kill(first["pids"][0], signal.SIGKILL)
+    for worker in workers(server):
+        os.kill(worker["pids"][0], signal.SIGKILL)
     wait_for(
-        lambda: all(w["status"] == "READY" for w in workers(server)) and workers(server)[0]["restarts"] == 1,
-        timeout=120,
-        what="the worker to restart",
+        lambda: all(w["status"] == "READY" and w["restarts"] == 1 for w in workers(server)),
+        timeout=180,
+        what="the workers to restart",
     )
-    # Idle workers tie: a request goes to the lowest id, the restarted worker 0.
-    for name in ("A", "B", "C", None):
+    # Before any request: the restarted engines are sent the preloaded adapters (the total moves on).
+    wait_for(lambda: metric(server, "lmi_lora_loads_total") > loads, timeout=30, what="the preloads")
+    for name in NAMES:
         assert tokens(server, PROMPTS[1], name) == expected[(PROMPTS[1], name)]
-    # The restarted engine was given the preloaded adapters again: the total moved on, not back.
-    wait_for(lambda: metric(server, "lmi_lora_loads_total") > loads, timeout=30, what="reloads counted")
 
 
 def test_unloaded_adapters_are_404s(server: ServerProcess) -> None:
