@@ -352,6 +352,8 @@ class WorkerPool:
                 worker.send_adapter(op, adapter)
                 if op == "load":
                     self.router.sent_adapter(worker.worker_id, adapter.name)
+                else:
+                    self.router.dropped_adapter(worker.worker_id, adapter.name)
 
     # -- status ------------------------------------------------------------------------------------
 

@@ -208,6 +208,10 @@ class Router:
         """Remember that ``worker_id`` was sent ``adapter`` (a request for it, or a preload)."""
         self._sent.setdefault(worker_id, {})[adapter] = time.monotonic() if now is None else now
 
+    def dropped_adapter(self, worker_id: int, adapter: str) -> None:
+        """``worker_id`` was told to unload ``adapter``."""
+        self._sent.get(worker_id, {}).pop(adapter, None)
+
     def recent_adapters(self, worker_id: int, now: float | None = None) -> set[str]:
         """The adapters sent to ``worker_id`` within ``ADAPTER_MEMORY`` seconds (older ones dropped)."""
         sent = self._sent.get(worker_id)

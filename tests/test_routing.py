@@ -235,5 +235,8 @@ def test_the_router_remembers_where_it_sent_an_adapter_until_the_heartbeat_can_s
     assert router.recent_adapters(first.worker_id) == {"a"}
     assert router.recent_adapters(first.worker_id, now=time.monotonic() + ADAPTER_MEMORY + 1) == set()
     router.sent_adapter(1, "b")
+    router.sent_adapter(1, "c")
+    router.dropped_adapter(1, "c")  # told to unload it
+    assert router.recent_adapters(1) == {"b"}
     router.forget(1)  # restarted: its engine holds nothing
     assert router.recent_adapters(1) == set()
