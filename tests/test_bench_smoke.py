@@ -24,3 +24,12 @@ def test_stack_benchmark_runs_and_prints_its_ratios(
             f"TTFT p50/p99 {figures['ttft_p50_ms']:.2f}/{figures['ttft_p99_ms']:.2f} ms"
         )
     assert figures["http_tok_s"] > 0 and figures["ttft_p50_ms"] > 0
+
+
+def test_lora_benchmark_runs_and_prints_its_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.bench_lora import lora_vs_base
+
+    figures = lora_vs_base(tmp_path, requests=10, concurrency=16, tokens=4, rounds=1)
+    with capsys.disabled():
+        print(f"\nlora smoke: 4 adapters + base = {figures['ratio']:.3f} of base-only tokens/s")
+    assert figures["base_tok_s"] > 0 and figures["mixed_tok_s"] > 0

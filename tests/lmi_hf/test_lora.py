@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from lmi_core.config import build_model_config
-from lmi_core.engine import Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
+from lmi_core.engine import AdapterEngine, Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import EngineError
 from lmi_core.launchers import free_ports, mpirun_argv
 from lmi_hf.adapters import LoraOptions, plan_adapters
-from lmi_hf.engine import HFEngine
+from lmi_hf.distributed import decode_plan, encode_plan
+from lmi_hf.engine import HFEngine, StepPlan
 from tests.lmi_hf.engines import running_engine
 from tests.lora_adapters import build_adapter
 
@@ -138,6 +139,7 @@ async def test_three_adapters_through_a_cache_of_two(
 async def test_load_pin_and_unload(
     lora_engine: HFEngine, adapters: dict[str, LoraAdapter], expected: dict[tuple[str, str | None], list[int]]
 ) -> None:
+    assert isinstance(lora_engine, AdapterEngine)  # the worker's built-in hooks forward to it
     pinned = LoraAdapter("A", adapters["A"].path, pinned=True)
     await lora_engine.load_adapter(pinned)
     assert lora_engine.stats().adapters == ["A"] and lora_engine.stats().lora_loads_total == 1
@@ -170,6 +172,9 @@ def bad_adapters(demo_model: Path, good: LoraAdapter, root: Path) -> dict[str, t
     wrong_target = root / "wrong-target"
     shutil.copytree(good.path, wrong_target)
     (wrong_target / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["qkv_proj"]}))
+    no_layer = root / "no-layer"  # passes the reader's checks; PEFT refuses it as it installs
+    shutil.copytree(good.path, no_layer)
+    (no_layer / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [99]}))
     big = build_adapter(demo_model, root / "big", seed=4, rank=32)
     return {
         "missing": (LoraAdapter("missing", str(root / "nothing-here")), "no such directory"),
@@ -177,6 +182,7 @@ def bad_adapters(demo_model: Path, good: LoraAdapter, root: Path) -> dict[str, t
         "no-config": (LoraAdapter("no-config", str(no_config)), "no adapter_config.json"),
         "wrong-target": (LoraAdapter("wrong-target", str(wrong_target)), "lacks: qkv_proj"),
         "big": (LoraAdapter("big", str(big)), "rank 32 is above option.max_lora_rank=16"),
+        "no-layer": (LoraAdapter("no-layer", str(no_layer)), "not found in the base model"),
     }
 
 
@@ -202,7 +208,9 @@ async def test_a_bad_adapter_fails_only_its_requests_with_a_400(
     assert lora_engine.stats().running == lora_engine.stats().waiting == 0
 
 
-async def test_an_adapter_without_enable_lora_is_a_400(demo_model: Path, adapters: dict[str, LoraAdapter]) -> None:
+async def test_an_adapter_without_enable_lora_is_a_400(
+    demo_model: Path, adapters: dict[str, LoraAdapter]
+) -> None:
     with running_engine(demo_model, {}) as engine:
         with pytest.raises(EngineError) as info:
             await run(engine, "Hello", adapters["A"])
@@ -234,7 +242,9 @@ def test_the_plan_evicts_the_least_recent_unused_unpinned_adapter() -> None:
     busy = plan_adapters([lora("N"), lora("Q")], ["U"], resident, {"P"}, {"N"}, {}, [], [], 8, options)
     assert busy.admit == [1] and busy.load == []
     one = dataclasses.replace(OPTIONS, max_cpu_loras=1)
-    assert plan_adapters([lora("N")], [], ["P"], {"P"}, {"N"}, {}, [], [], 8, one).load == [("N", "/adapters/N")]
+    assert plan_adapters([lora("N")], [], ["P"], {"P"}, {"N"}, {}, [], [], 8, one).load == [
+        ("N", "/adapters/N")
+    ]
 
 
 def test_the_plan_fails_a_bad_adapter_and_waits_for_one_being_read() -> None:
@@ -244,6 +254,14 @@ def test_the_plan_fails_a_bad_adapter_and_waits_for_one_being_read() -> None:
 
 
 # -- MPI mode -----------------------------------------------------------------------------------------
+
+
+def test_the_step_plan_carries_adapter_changes_to_the_other_ranks() -> None:
+    plan = StepPlan(
+        admit=[("r1", 7)], unload=["old"], evict=["lru"], load=[("A", "/a")], fail=[("r2", "bad adapter")]
+    )
+    assert decode_plan(encode_plan(plan)) == plan
+
 
 RANK_SCRIPT = """
 import asyncio, json, sys

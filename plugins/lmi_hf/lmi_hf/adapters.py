@@ -6,7 +6,11 @@ step); reading and checking an adapter's files runs on a reader thread, never on
 inside a step; an adapter is never evicted while it is pinned or a running or waiting request uses
 it; the running batch holds at most ``max_loras`` distinct adapters. Requests for different adapters
 and for the base model run in one forward pass: PEFT's mixed-adapter batches (``adapter_names``, one
-per row, ``__base__`` for the base model).
+per row, ``__base__`` for the base model). That costs per step about one small LoRA matmul pair per
+adapter per targeted layer: 4 adapters + base at c=16 ran at 0.40-0.75x the base-only tokens/s of the
+same engine (``benchmarks/bench_lora.py``, demo model and a 512x4 one, the shared 2-core machine).
+A request names its adapter and path; a resident adapter of that name is used as it is (a new path
+takes effect after an unload).
 """
 
 from __future__ import annotations
@@ -186,10 +190,10 @@ def plan_adapters(
         if name in cache and name not in in_use:
             cache.remove(name)
             plan.unload.append(name)
-    for adapter in loads:
-        if adapter.name not in cache and adapter.name in ready and make_room():
-            cache.append(adapter.name)
-            plan.load.append((adapter.name, adapter.path))
+    for asked in loads:
+        if asked.name not in cache and asked.name in ready and make_room():
+            cache.append(asked.name)
+            plan.load.append((asked.name, asked.path))
     for i, adapter in enumerate(waiting):
         if room <= 0:
             break
@@ -317,10 +321,13 @@ class AdapterSet:
 
     # -- scheduler thread ----------------------------------------------------------------------
 
-    def plan(self, waiting: list[LoraAdapter | None], running: list[LoraAdapter | None], room: int) -> AdapterPlan:
+    def plan(
+        self, waiting: list[LoraAdapter | None], running: list[LoraAdapter | None], room: int
+    ) -> AdapterPlan:
         """Leader: the adapter side of the next step (``plan_adapters`` on the current state)."""
         if not self.options.enabled:
             return AdapterPlan(admit=list(range(min(room, len(waiting)))))
+        self._settle()  # a load or unload that raced with the step that did it
         for adapter in waiting:
             if adapter is not None and adapter.name not in self._resident:
                 self.prefetch(adapter)  # evicted since it arrived: read it again
@@ -345,6 +352,8 @@ class AdapterSet:
     def apply(self, unload: list[str], evict: list[str], load: list[tuple[str, str]]) -> None:
         """Every rank: drop and install adapters as the step's plan says (before its admissions).
         An adapter that fails to install is not resident: the engine fails its admitted requests."""
+        if not (unload or evict or load or self._waiters):
+            return  # the usual step: nothing to change
         self.install_errors = {}
         for name in [*unload, *evict]:
             self._drop(name)
@@ -367,8 +376,12 @@ class AdapterSet:
             if adapter is not None and adapter.name in self._resident:
                 self._resident.move_to_end(adapter.name)
 
-    def resident(self, adapter: LoraAdapter | None) -> bool:
-        return adapter is None or adapter.name in self._resident
+    def missing(self, adapter: LoraAdapter | None) -> EngineError | None:
+        """Why an admitted request cannot run: its adapter failed to install (None: it can run)."""
+        if adapter is None or adapter.name in self._resident:
+            return None
+        error = self.install_errors.get(adapter.name)
+        return error or bad_adapter(adapter.name, adapter.path, "not loaded")
 
     def forward_args(self, adapters: Iterable[LoraAdapter | None]) -> list[str] | None:
         """PEFT's ``adapter_names`` for these rows; None while the model has no adapter."""
@@ -382,10 +395,12 @@ class AdapterSet:
 
         with self._lock:
             future = self._reads.pop(name, None)
-        if future is None:  # a follower rank whose copy of the request has not arrived yet
-            future = Future()
-            future.set_result(read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears))
-        parsed = future.result()  # a follower waits for its own read; the leader's is done
+        # The leader's read is done; a follower waits for its own, or reads here when its copy of the
+        # request has not arrived yet (the other ranks wait in the step's collectives meanwhile).
+        if future is not None:
+            parsed = future.result()
+        else:
+            parsed = read_adapter(LoraAdapter(name, path), self.options.max_lora_rank, self._linears)
         if self.model is self._base:
             self.model = PeftModel(self._base, parsed.config, adapter_name=name)
         else:

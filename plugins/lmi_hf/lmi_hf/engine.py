@@ -3,7 +3,8 @@
 Requests are submitted from the worker's asyncio loop; the scheduler thread admits them at step
 boundaries (up to ``max_rolling_batch_size``), decodes all running sequences in one forward pass per
 step, and sends token events back to the loop. Each step starts from a ``StepPlan`` (which requests
-join, which are cancelled): in MPI mode rank 0 makes the plan and every rank applies the same one.
+join, which are cancelled, which LoRA adapters load or leave: ``lmi_hf.adapters``): in MPI mode rank 0
+makes the plan and every rank applies the same one.
 """
 
 from __future__ import annotations
@@ -363,15 +364,15 @@ class HFEngine:
         if not plan.admit:
             return
         new = [self._take(rid) for rid, _ in plan.admit]
-        for seq in new:  # an adapter that failed to install fails its requests, not the group
-            if not self.lora.resident(seq.request.adapter):
-                assert seq.request.adapter is not None
-                self._fail(seq, self.lora.install_errors[seq.request.adapter.name])
-        self.lora.used(s.request.adapter for s in new)
-        new = [s for s in new if not s.done]
         for seq, (_, seed) in zip(new, plan.admit, strict=True):
             if not seq.request.params.greedy:
                 seq.generator = make_generator(seed)
+        for seq in new:  # an adapter that failed to install fails its requests, not the group
+            error = self.lora.missing(seq.request.adapter)
+            if error is not None:
+                self._fail(seq, error)
+        self.lora.used(s.request.adapter for s in new)
+        new = [s for s in new if not s.done]
         # Requests that want prompt log-probs prefill apart with every position's logits; the others
         # keep logits_to_keep=1 (a [T, V] tensor per prompt is 64 MB at T=128, V=128k in fp32).
         scoring = [s for s in new if s.request.params.prompt_logprobs is not None]
@@ -383,7 +384,9 @@ class HFEngine:
     def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
         try:
             names = self.lora.forward_args(s.request.adapter for s in new)
-            batch, logits = prefill(self.lora.model, [s.prompt_ids for s in new], self.device, all_logits, names)
+            batch, logits = prefill(
+                self.lora.model, [s.prompt_ids for s in new], self.device, all_logits, names
+            )
         except Exception as exc:
             for seq in new:
                 self._fail(seq, exc)
