@@ -24,8 +24,9 @@ Worker process (standard library, msgpack and pluggy only; enforced by tests/tes
     ``launch_spec``     what a launcher produces
 
 Server (the HTTP server process)
-    ``cli``, ``config``, ``server``, ``pool``, ``supervisor``, ``connection``, ``process``, ``devices``,
-    ``demo_model``, and ``http`` (starlette + uvicorn: the LMI and OpenAI APIs, management, metrics)
+    ``cli``, ``config``, ``server``, ``pool``, ``adapters`` (a model's LoRA registry), ``supervisor``,
+    ``connection``, ``process``, ``devices``, ``demo_model``, and ``http`` (starlette + uvicorn: the
+    LMI and OpenAI APIs, management, LoRA adapters, metrics)
 """
 
 from __future__ import annotations

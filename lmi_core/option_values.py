@@ -84,6 +84,8 @@ def close_matches(key: str, known: Iterable[str]) -> str:
 
 # Model options the HTTP layer reads (tool calling), the same on every backend: not engine options.
 SERVER_OPTIONS = frozenset({"enable_auto_tool_choice", "tool_call_parser"})
+# LoRA options, checked by the core (``config.lora_settings``) and read by every backend's engine.
+LORA_OPTIONS = frozenset({"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"})
 
 
 def parse_backend_options(

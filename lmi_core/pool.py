@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import pluggy
 
+from lmi_core.adapters import AdapterRegistry, Op, adapter_registry
 from lmi_core.backends import installed_backends
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.deadlines import Deadlines, client_timeout, deadlines
 from lmi_core.devices import AllocationPlan, DeviceGroup
-from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import (
     EngineFailedError,
     ModelNotReadyError,
@@ -152,6 +153,8 @@ class WorkerPool:
         self._closing = False
         self._scaler: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        # LoRA adapters (option.enable_lora), None without; the adapters directory is registered here.
+        self.adapters: AdapterRegistry | None = adapter_registry(config, self._adapter_changed)
 
     @property
     def name(self) -> str:
@@ -288,6 +291,7 @@ class WorkerPool:
         elif worker.state is WorkerState.READY:
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
+            self._give_adapters(worker)
         elif worker.state is WorkerState.FAILED:
             self.last_failure = worker.last_error
             self._replace_at = now + self._backoff
@@ -344,6 +348,24 @@ class WorkerPool:
             except Exception:  # a bug here must not silently end scaling for good
                 logger.exception("model %s: scaling failed", self.name)
 
+    # -- LoRA adapters -----------------------------------------------------------------------------
+
+    def _give_adapters(self, worker: SupervisedWorker) -> None:
+        """A worker that just (re)started gets the preloaded and pinned adapters, before any request."""
+        for adapter in self.adapters.resident() if self.adapters is not None else ():
+            worker.send_adapter("load", adapter)
+            self.router.sent_adapter(worker.worker_id, adapter.name)
+
+    def _adapter_changed(self, op: Op, adapter: LoraAdapter) -> None:
+        """The registry's callback: load a (pre)loaded adapter into every ready worker, or drop one."""
+        for worker in self.workers.values():
+            if worker.state is WorkerState.READY:
+                worker.send_adapter(op, adapter)
+                if op == "load":
+                    self.router.sent_adapter(worker.worker_id, adapter.name)
+                else:
+                    self.router.dropped_adapter(worker.worker_id, adapter.name)
+
     # -- status ------------------------------------------------------------------------------------
 
     @property
@@ -388,14 +410,20 @@ class WorkerPool:
 
     def _load(self, worker: SupervisedWorker) -> WorkerLoad:
         """The worker's load as the router sees it: in flight, and KV use where its engine reports it."""
-        extra = worker.ranks[0].last_stats.extra if worker.ranks else {}
+        stats = worker.ranks[0].last_stats if worker.ranks else None
+        extra = stats.extra if stats is not None else {}
         kv_tokens = extra.get("kv_cache_tokens")
+        adapters: frozenset[str] = frozenset()
+        if self.adapters is not None:  # held: in its last heartbeat, or sent to it just now
+            held = stats.adapters if stats is not None else []
+            adapters = frozenset(held).union(self.router.recent_adapters(worker.worker_id))
         return WorkerLoad(
             worker.worker_id,
             worker.in_flight,
             self.capacity,
             extra.get("kv_cache_usage"),
             int(kv_tokens) if kv_tokens else None,
+            adapters,
         )
 
     def _pick(self, query: RouteQuery) -> Assignment | None:

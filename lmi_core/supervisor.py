@@ -23,7 +23,14 @@ import pluggy
 from lmi_core import wire
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.connection import RankConnection
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, WorkerContext
+from lmi_core.engine import (
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    LoraAdapter,
+    WorkerContext,
+)
 from lmi_core.errors import (
     EngineError,
     RequestTimeoutError,
@@ -407,6 +414,14 @@ class SupervisedWorker:
                 # its step plan; a follower that cancelled on its own would leave the batches.
                 with contextlib.suppress(Exception):
                     ranks[0].send({"t": wire.CANCEL, "id": rid})
+
+    def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
+        """Tell every rank to load or drop ``adapter`` (no reply: a failed load is the worker's log).
+        A rank whose connection is gone is restarting: it gets the registry's adapters when READY."""
+        message = {"t": wire.ADAPTER, "op": op, "adapter": adapter.to_wire()}
+        for conn in self.ranks:
+            with contextlib.suppress(WorkerFailedError):
+                conn.send(message)
 
     def describe(self) -> WorkerSnapshot:
         """This worker now: its processes, devices, load and crashes."""

@@ -22,7 +22,7 @@ import pytest
 from lmi_core import pool as pool_module
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.devices import plan_allocation
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
@@ -61,6 +61,7 @@ class FakeWorker:
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.broken = asyncio.Event()
         self.release = asyncio.Event()
+        self.adapter_messages: list[tuple[str, str]] = []  # (op, adapter) of the ADAPTER messages sent
         self._task: asyncio.Task[None] | None = None
         FakeWorker.created.append(self)
 
@@ -112,6 +113,9 @@ class FakeWorker:
         if self.broken.is_set():
             raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
         yield Finished("length", 1, 1)
+
+    def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
+        self.adapter_messages.append((op, adapter.name))
 
     def describe(self) -> WorkerSnapshot:
         return WorkerSnapshot(
@@ -363,4 +367,45 @@ async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker
     moved = await served(shared["a"] + "later?", "s")
     assert (moved.worker_id, moved.reason, moved.moved_from) == (1, "load", 0)
     assert pool.router.index.cached(0) == 0
+    await pool.stop()
+
+
+async def test_adapters_are_sent_to_every_worker_and_again_to_a_restarted_one() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, retry_threshold=0, options={"enable_lora": "true"})
+    await pool.start()
+    assert pool.adapters is not None
+    pool.adapters.add("a", "/a")
+    pool.adapters.add("b", "/b", preload=False)  # not sent: loaded on first use
+    pool.adapters.update("a", pin=True)
+    pool.adapters.add("c", "/c")
+    pool.adapters.remove("c")
+    expected = [("load", "a"), ("load", "a"), ("load", "c"), ("unload", "c")]
+    assert [w.adapter_messages for w in FakeWorker.created] == [expected, expected]
+    pool.workers[0].fail("crashed")
+    await until(lambda: len(FakeWorker.created) == 3 and FakeWorker.created[2].state is WorkerState.READY)
+    assert FakeWorker.created[2].adapter_messages == [("load", "a")]  # the preloaded/pinned ones, at READY
+    await pool.stop()
+
+
+async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, routing="least_loaded", options={"enable_lora": "true"})
+    await pool.start()
+    assert pool.adapters is not None
+    pool.adapters.add("b", "/b", preload=False)
+    adapter = pool.adapters.get("b").lora
+    hints = [RouteHint() for _ in range(3)]
+    streams = [
+        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), h) for h in hints
+    ]
+    for stream in streams:  # all three in flight at once
+        await anext(stream)
+    decisions = [h.served[0] for h in hints]
+    # The first goes to the least loaded worker; the others follow it (load permitting: 1 and 2 in
+    # flight against 0 is within routing_imbalance_abs=8), though the other worker is idle.
+    assert [d.worker_id for d in decisions] == [0, 0, 0]
+    assert [d.reason for d in decisions] == ["load", "adapter", "adapter"]
+    FakeWorker.gate.set()
+    for stream in streams:
+        async for _ in stream:
+            pass
     await pool.stop()

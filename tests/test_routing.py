@@ -6,16 +6,17 @@ request staying in flight for ``hold`` later arrivals (``None``: forever, a floo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from lmi_core.config import ModelConfig, build_model_config
-from lmi_core.engine import GenerationRequest
+from lmi_core.engine import GenerationRequest, LoraAdapter
 from lmi_core.errors import ConfigError
 from lmi_core.prefix_index import PrefixIndex, block_hashes, render_messages
-from lmi_core.routing import Decision, RouteHint, Router, RoutingPolicy, WorkerLoad, choose
+from lmi_core.routing import ADAPTER_MEMORY, Decision, RouteHint, Router, RoutingPolicy, WorkerLoad, choose
 
 CAPACITY = 32
 
@@ -180,7 +181,7 @@ def test_a_session_sticks_to_its_worker_and_moves_when_it_is_gone_or_overloaded(
     assert route("next", {0: 0}) == Decision(0, "load", 0, moved_from=1)  # worker 1 is not a candidate
     assert route("again", {0: 5, 1: 0}) == Decision(1, "load", 0, moved_from=0)  # 5 - 0 > 2: overloaded
     assert route("stays", {0: 0, 1: 1}).reason == "session"
-    assert router.decisions == {"prefix": 0, "session": 2, "load": 3}
+    assert router.decisions == {"prefix": 0, "session": 2, "load": 3, "adapter": 0}
 
 
 def test_routing_options_are_validated() -> None:
@@ -193,3 +194,49 @@ def test_routing_options_are_validated() -> None:
         build_model_config({"option.model_id": "m", "option.routing": "random"}, environ={})
     with pytest.raises(ConfigError, match=r"option\.routing_imbalance_rel"):
         build_model_config({"option.model_id": "m", "option.routing_imbalance_rel": "0.5"}, environ={})
+
+
+# -- LoRA adapters ---------------------------------------------------------------------------------
+
+
+def holding(worker_id: int, in_flight: int, *adapters: str) -> WorkerLoad:
+    return WorkerLoad(worker_id, in_flight, CAPACITY, adapters=frozenset(adapters))
+
+
+@pytest.mark.parametrize("mode", ["prefix_aware", "least_loaded"])
+def test_a_request_goes_to_a_worker_holding_its_adapter_load_permitting(mode: str) -> None:
+    rules = policy(mode=mode, imbalance_abs=2)
+    index = PrefixIndex(100)
+    workers = [holding(0, 0), holding(1, 1, "a"), holding(2, 2, "b")]
+    assert choose(rules, index, workers, (), adapter="a") == Decision(1, "adapter")
+    assert choose(rules, index, workers, (), adapter="b") == Decision(2, "adapter")
+    assert choose(rules, index, workers, ()) == Decision(0, "load")  # the base model: any worker
+    assert choose(rules, index, workers, (), adapter="c") == Decision(0, "load")  # nobody holds it
+    # The holder is 3 busier than the idlest (> imbalance_abs=2, and > 1.5x): the idlest loads it.
+    busy = [holding(0, 0), holding(1, 3, "a")]
+    assert choose(rules, index, busy, (), adapter="a") == Decision(0, "load")
+
+
+def test_among_holders_the_prefix_still_counts_and_a_session_still_sticks() -> None:
+    rules, index = policy(), PrefixIndex(100)
+    hashes = block_hashes(family("t", 1), rules.block_chars)
+    index.record(2, hashes)
+    workers = [holding(0, 0), holding(1, 0, "a"), holding(2, 0, "a")]
+    assert choose(rules, index, workers, hashes, adapter="a").worker_id == 2  # holder with the prefix
+    assert choose(rules, index, workers, hashes, pinned=0, adapter="a") == Decision(0, "session")
+
+
+def test_the_router_remembers_where_it_sent_an_adapter_until_the_heartbeat_can_say() -> None:
+    router = Router(policy(mode="least_loaded"))
+    request = GenerationRequest("r", prompt="x", adapter=LoraAdapter("a", "/a"))
+    first = router.route(
+        router.query(request, None), [WorkerLoad(0, 0, CAPACITY), WorkerLoad(1, 0, CAPACITY)]
+    )
+    assert router.recent_adapters(first.worker_id) == {"a"}
+    assert router.recent_adapters(first.worker_id, now=time.monotonic() + ADAPTER_MEMORY + 1) == set()
+    router.sent_adapter(1, "b")
+    router.sent_adapter(1, "c")
+    router.dropped_adapter(1, "c")  # told to unload it
+    assert router.recent_adapters(1) == {"b"}
+    router.forget(1)  # restarted: its engine holds nothing
+    assert router.recent_adapters(1) == set()

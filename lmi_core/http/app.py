@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ConfigError, ServiceError
-from lmi_core.http import liveness, lmi_api, management, openai_api, openapi
+from lmi_core.http import adapters, liveness, lmi_api, management, openai_api, openapi
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, error_response
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
@@ -137,6 +137,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         *openai_api.routes,
         *openapi.routes,
         *management.routes,
+        *adapters.routes,
         *liveness.routes,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]

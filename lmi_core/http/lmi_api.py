@@ -12,8 +12,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import lmi_core
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import BadRequestError, ServiceError
+from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
@@ -71,16 +72,22 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
     body = {k: v for k, v in body.items() if k != "model_name"}
     state: AppState = request.app.state.lmi
     if "messages" in body and state.native_chat is not None:
-        return await state.native_chat(request, pool, body)
+        chat_adapter = body.pop("adapters", None)
+        if chat_adapter is not None and not isinstance(chat_adapter, str):
+            raise BadRequestError("adapters of a chat request must be one adapter name", param="adapters")
+        named = adapter_for(pool, chat_adapter, "adapters") if chat_adapter else None
+        adapter = named or header_adapter(request, pool)
+        return await state.native_chat(request, pool, body, adapter)
     lmi = parse_model(LmiRequest, body)
+    adapters = _adapters(request, pool, lmi)
     params = lmi.parameters.sampling()
     if (constrained := lmi.parameters.constraint("parameters.")) is not None:
         await check(*constrained)
     if isinstance(lmi.inputs, list):
         if lmi.stream:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
-        return JSONResponse(await _batch(request, pool, lmi))
-    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params)
+        return JSONResponse(await _batch(request, pool, lmi, adapters))
+    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params, adapter=adapters[0])
     events = state.instrument(pool, generation, "/invocations", route_hint(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
@@ -88,11 +95,21 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
     return JSONResponse(lmi_result(result, lmi, lmi.inputs))
 
 
-async def _batch(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[dict[str, Any]]:
+def _adapters(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[LoraAdapter | None]:
+    """Each prompt's LoRA adapter: the body's ``adapters``, else SageMaker's header, else none."""
+    if lmi.adapters is None:
+        return [header_adapter(request, pool)] * len(lmi.prompts)
+    return [adapter_for(pool, n, "adapters") if n else None for n in lmi.adapter_names()]
+
+
+async def _batch(
+    request: Request, pool: ServedModel, lmi: LmiRequest, adapters: list[LoraAdapter | None]
+) -> list[dict[str, Any]]:
     """DJL batch: every input runs at once in the engine's continuous batch; results in input order."""
     state: AppState = request.app.state.lmi
     generations = [
-        GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling()) for p in lmi.prompts
+        GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling(), adapter=a)
+        for p, a in zip(lmi.prompts, adapters, strict=True)
     ]
 
     hint = route_hint(request)

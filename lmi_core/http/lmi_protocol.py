@@ -84,6 +84,28 @@ class LmiRequest(BaseModel):
     inputs: str | list[str]
     parameters: LmiParameters = Field(default_factory=LmiParameters)
     stream: bool = False
+    # LoRA adapters by name (DJL's schema): one for every input, or a list matching a list of inputs.
+    adapters: str | list[str] | None = None
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapter_names(cls, value: Any) -> Any:
+        names = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(n, str) and n for n in names):
+            raise ValueError("adapters must be an adapter name or a list of them")
+        return value
+
+    def adapter_names(self) -> list[str | None]:
+        """The adapter of each prompt (None: the base model); a list must match a list of inputs."""
+        if self.adapters is None or isinstance(self.adapters, str):
+            return [self.adapters] * len(self.prompts)
+        if not isinstance(self.inputs, list) or len(self.adapters) != len(self.inputs):
+            raise BadRequestError(
+                f"adapters has {len(self.adapters)} names for {len(self.prompts)} input(s): "
+                "a list of adapters must match a list of inputs",
+                param="adapters",
+            )
+        return list(self.adapters)
 
     @field_validator("inputs", mode="before")
     @classmethod

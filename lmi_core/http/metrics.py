@@ -4,8 +4,10 @@ Request, latency and token metrics are counted in the server as each request run
 complete whatever the number of workers or ranks (a worker that dies loses none of them). The
 engines' own gauges (running, waiting) and counters (finished, cancelled) are read at scrape time
 from the last heartbeat of every worker's rank 0 and summed over the model's workers; ``lmi_workers``
-counts workers by the status the management API shows (``UNLOADING`` while one retires). Every
-metric has a ``model`` label; it is always a loaded model's name, never a client-supplied string.
+counts workers by the status the management API shows (``UNLOADING`` while one retires). The LoRA
+load and eviction totals are the engines' too, but kept monotonic across worker restarts and
+retirements (``LoraTotals``). Every metric has a ``model`` label; it is always a loaded model's name,
+never a client-supplied string (so is ``adapter``: a registered adapter's name).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
+from lmi_core.pool import PoolSnapshot
 from lmi_core.routing import ROUTED, RouteHint
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
@@ -44,11 +47,42 @@ class RequestLabels:
 _current: contextvars.ContextVar[RequestLabels | None] = contextvars.ContextVar("lmi_request", default=None)
 
 
+class LoraTotals:
+    """The engines' LoRA load/eviction counters made monotonic: a worker restart or retirement
+    resets its engine's counts, so each engine life's last seen values are banked. Counts an engine
+    made after the last scrape before it died are lost (at most one scrape interval's)."""
+
+    def __init__(self) -> None:
+        # (model, pool loaded_at, worker id) -> (restarts, loads, evictions) last seen.
+        self._seen: dict[tuple[str, float, int], tuple[int, int, int]] = {}
+        self._banked: dict[str, tuple[int, int]] = {}
+
+    def update(self, model: str, pool: PoolSnapshot) -> tuple[int, int]:
+        """The model's (loads, evictions) totals with ``pool``'s workers as they are now."""
+        loads, evictions = self._banked.get(model, (0, 0))
+        for worker in pool.workers:
+            key = (model, pool.loaded_at, worker.worker_id)
+            stats = worker.engine_stats
+            previous = self._seen.get(key)
+            if previous is not None and previous[0] != worker.restarts:  # a new engine life
+                loads, evictions = loads + previous[1], evictions + previous[2]
+                self._banked[model] = (loads, evictions)
+            self._seen[key] = (worker.restarts, stats.lora_loads_total, stats.lora_evictions_total)
+        live = {(model, pool.loaded_at, w.worker_id) for w in pool.workers}
+        for key in [k for k in self._seen if k[0] == model and k not in live]:  # retired, or unloaded
+            _, gone_loads, gone_evictions = self._seen.pop(key)
+            loads, evictions = loads + gone_loads, evictions + gone_evictions
+            self._banked[model] = (loads, evictions)
+        current = [self._seen[k] for k in live]
+        return loads + sum(c[1] for c in current), evictions + sum(c[2] for c in current)
+
+
 class EngineCollector(Collector):
     """Scrape-time gauges from the models' snapshots and the engines' heartbeat counters."""
 
     def __init__(self, server: ModelService) -> None:
         self.server = server
+        self.lora = LoraTotals()
 
     def collect(self) -> Iterator[Metric]:
         model = ["model"]
@@ -67,6 +101,10 @@ class EngineCollector(Collector):
             labels=model,
         )
         workers = GaugeMetricFamily("lmi_workers", "Workers by state", labels=[*model, "state"])
+        lora_loads = CounterMetricFamily("lmi_lora_loads", "LoRA adapters the engines loaded", labels=model)
+        lora_evictions = CounterMetricFamily(
+            "lmi_lora_evictions", "LoRA adapters the engines evicted (least recently used)", labels=model
+        )
         for name in self.server.names():
             snapshot = self.server.describe(name).pool
             if snapshot is None:  # waiting to load, or failed: no workers to count
@@ -79,7 +117,11 @@ class EngineCollector(Collector):
             states = collections.Counter(worker_status(w) for w in snapshot.workers)
             for state, count in sorted(states.items()):
                 workers.add_metric([name, state], count)
-        yield from (running, waiting, finished, cancelled, workers)
+            if self.server.get(name).adapters is not None:
+                loads, evictions = self.lora.update(name, snapshot)
+                lora_loads.add_metric([name], loads)
+                lora_evictions.add_metric([name], evictions)
+        yield from (running, waiting, finished, cancelled, workers, lora_loads, lora_evictions)
         yield from prefix_cache_metrics(self.server)
 
 
@@ -143,6 +185,7 @@ class Metrics:
             "Requests dispatched, by why that worker: prefix, session, load",
             "reason",
         )
+        self.lora_requests = counter("lmi_lora_requests", "Generations by LoRA adapter", "adapter")
         self.registry.register(EngineCollector(server))
 
     def observe(self, model: str, event: str, value: float) -> None:
@@ -167,6 +210,8 @@ class Metrics:
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
+        if request.adapter is not None:
+            self.lora_requests.labels(model, request.adapter.name).inc()
         events = pool.generate(request, hint)
         try:
             async for event in events:

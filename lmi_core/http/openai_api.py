@@ -29,11 +29,13 @@ from lmi_core.engine import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    LoraAdapter,
     PromptLogprob,
     StructuredOutput,
     Token,
 )
-from lmi_core.errors import BadRequestError, EngineError, ModelNotFoundError, ServiceError
+from lmi_core.errors import BadRequestError, EngineError, ServiceError
+from lmi_core.http.adapters import header_adapter, model_or_adapter
 from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import (
@@ -88,6 +90,7 @@ class Call:
     # The output constraint of every generation and the request field that set it.
     constraint: tuple[StructuredOutput, str] | None = None
     tools: ToolPlan | None = None  # chat with tools: how the output becomes tool calls
+    adapter: LoraAdapter | None = None  # the LoRA adapter every generation runs with
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -100,7 +103,15 @@ class Call:
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.pool.name}
+        model = self.adapter.name if self.adapter is not None else self.pool.name  # vLLM names the adapter
+        return {"id": self.id, "object": kind, "created": self.created, "model": model}
+
+    def with_adapter(self, adapter: LoraAdapter | None) -> Call:
+        """This call with every generation on ``adapter`` (None: the base model)."""
+        self.adapter = adapter
+        for generation in self.generations:
+            generation.adapter = adapter
+        return self
 
 
 def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
@@ -506,41 +517,44 @@ def with_ignored(response: Response, names: list[str]) -> Response:
     return response
 
 
-async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedModel, Any]:
-    """The parsed body and the model it names (404 if unknown; the only model if it names none)."""
+async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedModel, LoraAdapter | None, Any]:
+    """The parsed body, the model it names (404 if unknown; the only model if it names none) and the
+    LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
     state: AppState = request.app.state.lmi
     body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
     if body.model is None:
         if len(state.server.served()) != 1:
             raise BadRequestError("model is required: this server has several models", param="model")
-        return state.server.default(), body
-    try:
-        return state.server.get(body.model), body
-    except ModelNotFoundError as exc:
-        exc.param = "model"
-        raise
+        pool = state.server.default()
+        return pool, header_adapter(request, pool), body
+    pool, adapter = model_or_adapter(request, body.model)
+    return pool, adapter, body
 
 
 @openai_errors
 async def completions(request: Request) -> Response:
-    pool, body = await _body(request, CompletionRequest)
+    pool, adapter, body = await _body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
-    return with_ignored(await run_call(request, completion_call(pool, body), "/v1/completions", SSE), ignored)
+    call = completion_call(pool, body).with_adapter(adapter)
+    return with_ignored(await run_call(request, call, "/v1/completions", SSE), ignored)
 
 
 @openai_errors
 async def chat_completions(request: Request) -> Response:
-    pool, body = await _body(request, ChatCompletionRequest)
+    pool, adapter, body = await _body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
-    response = await run_call(request, chat_call(pool, body), "/v1/chat/completions", SSE)
-    return with_ignored(response, ignored)
+    call = chat_call(pool, body).with_adapter(adapter)
+    return with_ignored(await run_call(request, call, "/v1/chat/completions", SSE), ignored)
 
 
-async def native_chat(request: Request, pool: ServedModel, body: dict[str, Any]) -> Response:
+async def native_chat(
+    request: Request, pool: ServedModel, body: dict[str, Any], adapter: LoraAdapter | None = None
+) -> Response:
     """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
-    return with_ignored(await run_call(request, chat_call(pool, chat), "/invocations", JSON_LINES), ignored)
+    call = chat_call(pool, chat).with_adapter(adapter)
+    return with_ignored(await run_call(request, call, "/invocations", JSON_LINES), ignored)
 
 
 def max_model_len(pool: ServedModel) -> int | None:
@@ -561,29 +575,36 @@ def max_model_len(pool: ServedModel) -> int | None:
     return None
 
 
-def _model_card(pool: ServedModel) -> dict[str, Any]:
-    # vLLM's card: root is the model the name serves, parent the base of an adapter (none here).
+def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:
+    # vLLM's card: root is what the name serves (the adapter's path), parent the base of an adapter.
     return {
-        "id": pool.name,
+        "id": adapter.name if adapter is not None else pool.name,
         "object": "model",
         "created": int(pool.loaded_at),
         "owned_by": "lmi-core",
-        "root": pool.config.model_id,
-        "parent": None,
+        "root": adapter.path if adapter is not None else pool.config.model_id,
+        "parent": pool.name if adapter is not None else None,
         "max_model_len": max_model_len(pool),
     }
+
+
+def _cards(pool: ServedModel) -> list[dict[str, Any]]:
+    """The model's card, then one per registered adapter."""
+    adapters = pool.adapters.entries() if pool.adapters is not None else []
+    return [_model_card(pool), *(_model_card(pool, entry.lora) for entry in adapters)]
 
 
 @openai_errors
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.lmi
-    return JSONResponse({"object": "list", "data": [_model_card(p) for p in state.server.served()]})
+    return JSONResponse({"object": "list", "data": [c for p in state.server.served() for c in _cards(p)]})
 
 
 @openai_errors
 async def retrieve_model(request: Request) -> Response:
-    state: AppState = request.app.state.lmi
-    return JSONResponse(_model_card(state.server.get(request.path_params["model"])))
+    name = request.path_params["model"]
+    pool, adapter = model_or_adapter(request, name)
+    return JSONResponse(_model_card(pool, adapter if adapter is not None and adapter.name == name else None))
 
 
 routes = [

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmi_core.adapters import AdapterRegistry
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import GenerationEvent, GenerationRequest
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
 from lmi_core.pool import PoolSnapshot
 from lmi_core.registry import Health, ModelSnapshot
 from lmi_core.routing import RouteHint
@@ -33,6 +34,9 @@ class ServedModel(Protocol):
 
     @property
     def config(self) -> ModelConfig: ...  # the model's configuration (context length, strictness)
+
+    @property
+    def adapters(self) -> AdapterRegistry | None: ...  # its LoRA adapters; None without option.enable_lora
 
     # ``hint``: the request's session in, the worker chosen out (before the first event).
     def generate(
@@ -64,7 +68,7 @@ class ModelService(Protocol):
     async def unload(self, name: str) -> None: ...
 
 
-NativeChat = Callable[[Request, ServedModel, dict[str, Any]], Awaitable[Response]]
+NativeChat = Callable[[Request, ServedModel, dict[str, Any], LoraAdapter | None], Awaitable[Response]]
 Instrument = Callable[
     [ServedModel, GenerationRequest, str, RouteHint | None], AsyncGenerator[GenerationEvent, None]
 ]

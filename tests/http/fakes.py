@@ -13,8 +13,9 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from lmi_core.adapters import adapter_registry
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, Token
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
 from lmi_core.http import openai_api
 from lmi_core.http.app import build_app
@@ -92,10 +93,19 @@ def model(
 class FakeModel:
     """A served model whose every generation yields ``tokens`` (then ``Finished``) or raises ``error``."""
 
-    def __init__(self, name: str, tokens: Sequence[str] = ("Hel", "lo"), error: ServiceError | None = None):
+    def __init__(
+        self,
+        name: str,
+        tokens: Sequence[str] = ("Hel", "lo"),
+        error: ServiceError | None = None,
+        options: dict[str, str] | None = None,
+    ):
         self.name = name
         self.loaded_at = 1_700_000_000.0
-        self.config = ModelConfig(name=name, model_id=f"/models/{name}")
+        self.config = ModelConfig(name=name, model_id=f"/models/{name}", options=options or {})
+        # Real registry, no workers: the changes it would send them are recorded instead.
+        self.adapter_changes: list[tuple[str, LoraAdapter]] = []
+        self.adapters = adapter_registry(self.config, lambda op, a: self.adapter_changes.append((op, a)))
         self.tokens = tokens
         self.error = error
         self.requests: list[GenerationRequest] = []

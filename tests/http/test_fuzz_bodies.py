@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
-ROUTES = ["/invocations", "/predictions/demo", "/v1/completions", "/v1/chat/completions", "/models"]
+ROUTES = [
+    "/invocations",
+    "/predictions/demo",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/models",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+]
 CASES = 2_000
 pytestmark = pytest.mark.slow  # about 1 min on the shared 2-core machine
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import SERVER_OPTIONS
+from lmi_core.option_values import LORA_OPTIONS, SERVER_OPTIONS
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -45,7 +45,7 @@ def validate_hf_options(options: dict[str, str], dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError("option.dtype", dtype, f"one of {', '.join(DTYPES)}")
     for key, value in options.items():
-        if key in SERVER_OPTIONS:
+        if key in SERVER_OPTIONS or key in LORA_OPTIONS:  # checked by the core
             continue
         if key not in HF_OPTIONS:
             allowed = ", ".join(f"option.{k}" for k in sorted(HF_OPTIONS))
