@@ -74,7 +74,7 @@ def test_an_adapter_for_a_model_without_lora_is_a_400_before_vllm() -> None:
 
     request = GenerationRequest("r", prompt="hi", adapter=LoraAdapter("a", "/a"))
     with pytest.raises(BadRequestError, match="enable_lora") as raised:
-        VllmEngine.generate(SimpleNamespace(lora_enabled=False), request)  # type: ignore[arg-type]
+        VllmEngine.prepare(SimpleNamespace(lora_enabled=False), request)  # type: ignore[arg-type]
     assert raised.value.param == "adapter"
 
 
