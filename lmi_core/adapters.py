@@ -20,9 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from lmi_core.config import LoraSettings, ModelConfig
+from lmi_core.config import ModelConfig
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import BadRequestError, ConfigError, NotFoundError, ServiceError
+from lmi_core.option_values import LoraSettings
 
 logger = logging.getLogger(__name__)
 

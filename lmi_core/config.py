@@ -11,14 +11,13 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import integer
+from lmi_core.option_values import LoraSettings, lora_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -159,53 +158,6 @@ class ModelConfig(_Strict):
         """Ranks per worker: tensor x pipeline parallel degree (``max`` resolved to devices)."""
         tp = self.tensor_parallel_degree
         return (tp if isinstance(tp, int) else 1) * self.pipeline_parallel_degree
-
-
-# vLLM's MaxLoRARanks (vllm/config/lora.py): the ranks its LoRA kernels are built for.
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA for one model. The keys stay in ``options`` too: every backend reads them (vLLM's own
-    engine arguments have these names and meanings)."""
-
-    enabled: bool = False
-    max_loras: int = 4  # adapters active in one batch
-    max_lora_rank: int = 16  # the largest ``r`` an adapter may have
-    max_cpu_loras: int = 4  # adapters a worker keeps loaded (LRU beyond), >= max_loras
-
-
-def true_or_false(value: str) -> bool:
-    """DJL's booleans (``Boolean.parseBoolean``, but strict): every backend reads the same value."""
-    if value.strip().lower() not in ("true", "false"):
-        raise ValueError("true or false")
-    return value.strip().lower() == "true"
-
-
-def lora_settings(options: Mapping[str, str]) -> LoraSettings:
-    """``option.enable_lora``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``; a bad value is a
-    ``ConfigError`` naming its key."""
-
-    def read(key: str, convert: Any, default: Any) -> Any:
-        raw = options.get(key)
-        if raw is None:
-            return default
-        try:
-            return convert(str(raw))
-        except ValueError as exc:
-            raise ConfigError(f"option.{key}", raw, str(exc)) from None
-
-    enabled = read("enable_lora", true_or_false, False)
-    max_loras = read("max_loras", integer(1), LoraSettings.max_loras)
-    rank = read("max_lora_rank", integer(1), LoraSettings.max_lora_rank)
-    if rank not in LORA_RANKS:
-        raise ConfigError("option.max_lora_rank", options["max_lora_rank"], f"one of {LORA_RANKS}")
-    cpu = read("max_cpu_loras", integer(1), max_loras)
-    if cpu < max_loras:
-        allowed = f"at least max_loras ({max_loras})"
-        raise ConfigError("option.max_cpu_loras", options["max_cpu_loras"], allowed)
-    return LoraSettings(enabled, max_loras, rank, cpu)
 
 
 # serving.properties key -> ModelConfig field.

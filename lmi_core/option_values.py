@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from lmi_core.errors import ConfigError
@@ -84,7 +85,8 @@ def close_matches(key: str, known: Iterable[str]) -> str:
 
 # Model options the HTTP layer reads (tool calling), the same on every backend: not engine options.
 SERVER_OPTIONS = frozenset({"enable_auto_tool_choice", "tool_call_parser"})
-# LoRA options, checked by the core (``config.lora_settings``) and read by every backend's engine.
+# LoRA options, checked by the core (``lora_settings`` in ``build_model_config``) and read by every
+# backend's engine with the same defaults.
 LORA_OPTIONS = frozenset({"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"})
 
 
@@ -116,3 +118,50 @@ def parse_backend_options(
             raise
         except ValueError as exc:
             raise ConfigError(name, value, str(exc)) from None
+
+
+# vLLM's MaxLoRARanks (vllm/config/lora.py): the ranks its LoRA kernels are built for.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA for one model. The keys stay in ``options`` too: every backend reads them (vLLM's own
+    engine arguments have these names and meanings)."""
+
+    enabled: bool = False
+    max_loras: int = 4  # adapters active in one batch
+    max_lora_rank: int = 16  # the largest ``r`` an adapter may have
+    max_cpu_loras: int = 4  # adapters a worker keeps loaded (LRU beyond), >= max_loras
+
+
+def true_or_false(value: str) -> bool:
+    """DJL's booleans (``Boolean.parseBoolean``, but strict): every backend reads the same value."""
+    if value.strip().lower() not in ("true", "false"):
+        raise ValueError("true or false")
+    return value.strip().lower() == "true"
+
+
+def lora_settings(options: Mapping[str, str]) -> LoraSettings:
+    """``option.enable_lora``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``; a bad value is a
+    ``ConfigError`` naming its key."""
+
+    def read(key: str, convert: Any, default: Any) -> Any:
+        raw = options.get(key)
+        if raw is None:
+            return default
+        try:
+            return convert(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"option.{key}", raw, str(exc)) from None
+
+    enabled = read("enable_lora", true_or_false, False)
+    max_loras = read("max_loras", integer(1), LoraSettings.max_loras)
+    rank = read("max_lora_rank", integer(1), LoraSettings.max_lora_rank)
+    if rank not in LORA_RANKS:
+        raise ConfigError("option.max_lora_rank", options["max_lora_rank"], f"one of {LORA_RANKS}")
+    cpu = read("max_cpu_loras", integer(1), max_loras)
+    if cpu < max_loras:
+        allowed = f"at least max_loras ({max_loras})"
+        raise ConfigError("option.max_cpu_loras", options["max_cpu_loras"], allowed)
+    return LoraSettings(enabled, max_loras, rank, cpu)

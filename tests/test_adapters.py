@@ -17,9 +17,10 @@ from lmi_core.adapters import (
     missing_targets,
     safetensors_keys,
 )
-from lmi_core.config import LoraSettings, ModelConfig, build_model_config, lora_settings
+from lmi_core.config import ModelConfig, build_model_config
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import BadRequestError, ConfigError, NotFoundError, ServiceError
+from lmi_core.option_values import LoraSettings, lora_settings
 
 BASE_TENSORS = [
     "model.embed_tokens.weight",

@@ -21,7 +21,8 @@ from lmi_core.config import build_model_config
 from lmi_core.engine import AdapterEngine, Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import EngineError
 from lmi_core.launchers import free_ports, mpirun_argv
-from lmi_hf.adapters import LoraOptions, plan_adapters
+from lmi_core.option_values import LoraSettings
+from lmi_hf.adapters import plan_adapters
 from lmi_hf.distributed import decode_plan, encode_plan
 from lmi_hf.engine import HFEngine, StepPlan
 from tests.lmi_hf.engines import running_engine
@@ -135,7 +136,7 @@ async def test_three_adapters_through_a_cache_of_two(
     assert all(len(step - {"__base__"}) <= 2 for step in steps)  # max_loras
 
 
-@pytest.mark.parametrize("lora_engine", [{"max_cpu_loras": "1"}], indirect=True)
+@pytest.mark.parametrize("lora_engine", [{"max_cpu_loras": "1", "max_loras": "1"}], indirect=True)
 async def test_load_pin_and_unload(
     lora_engine: HFEngine, adapters: dict[str, LoraAdapter], expected: dict[tuple[str, str | None], list[int]]
 ) -> None:
@@ -224,7 +225,7 @@ def lora(name: str) -> LoraAdapter:
     return LoraAdapter(name, f"/adapters/{name}")
 
 
-OPTIONS = LoraOptions(enabled=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2)
+OPTIONS = LoraSettings(enabled=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2)
 
 
 def test_the_plan_keeps_max_loras_per_batch_and_admits_past_a_request_that_must_wait() -> None:
@@ -234,7 +235,7 @@ def test_the_plan_keeps_max_loras_per_batch_and_admits_past_a_request_that_must_
 
 
 def test_the_plan_evicts_the_least_recent_unused_unpinned_adapter() -> None:
-    options = LoraOptions(enabled=True, max_loras=4, max_cpu_loras=3)
+    options = LoraSettings(enabled=True, max_loras=4, max_cpu_loras=3)
     resident = ["P", "U", "Q"]  # P pinned, U used by a running request, Q free
     plan = plan_adapters([lora("N")], ["U"], resident, {"P"}, {"N"}, {}, [], [], 8, options)
     assert plan.evict == ["Q"] and plan.load == [("N", "/adapters/N")] and plan.admit == [0]

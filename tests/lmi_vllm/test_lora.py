@@ -204,6 +204,12 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
     assert WORKER_EXTENSION == QUALNAME
     with pytest.raises(ConfigError, match=r"option\.max_lora_rank"):
         engine_kwargs(worker_context(enable_lora="true", max_lora_rank="4"))  # not a rank vLLM builds
+    defaults, _, _ = engine_kwargs(worker_context(enable_lora="true"))
+    assert (defaults["max_loras"], defaults["max_lora_rank"], defaults["max_cpu_loras"]) == (
+        4,
+        16,
+        4,
+    )  # lmi's
 
 
 @pytest.mark.vllm

@@ -32,32 +32,12 @@ import torch
 
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import EngineError
+from lmi_core.option_values import LoraSettings
 
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for rows that run the base model
 WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class LoraOptions:
-    """``option.enable_lora``, ``max_loras`` (distinct adapters in one batch), ``max_lora_rank``,
-    ``max_cpu_loras`` (adapters kept resident; ``max_loras`` by default). Checked by the server."""
-
-    enabled: bool = False
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_cpu_loras: int = 4
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> LoraOptions:
-        max_loras = int(options.get("max_loras") or 4)
-        return cls(
-            enabled=str(options.get("enable_lora", "false")).lower() == "true",
-            max_loras=max_loras,
-            max_lora_rank=int(options.get("max_lora_rank") or 16),
-            max_cpu_loras=int(options.get("max_cpu_loras") or max_loras),
-        )
 
 
 @dataclass
@@ -162,7 +142,7 @@ def plan_adapters(
     loads: list[LoraAdapter],
     unloads: list[str],
     room: int,
-    options: LoraOptions,
+    options: LoraSettings,
 ) -> AdapterPlan:
     """Admit waiting requests in arrival order as long as the batch has ``room``, skipping (not
     blocking on) one whose adapter is still being read, would exceed ``max_loras`` distinct adapters
@@ -222,7 +202,7 @@ class AdapterSet:
     adapter is resident (PEFT cannot run a ``PeftModel`` with no adapter: it is unwrapped again).
     """
 
-    def __init__(self, model: Any, options: LoraOptions, wake: Callable[[], None]) -> None:
+    def __init__(self, model: Any, options: LoraSettings, wake: Callable[[], None]) -> None:
         self.options = options
         self.model = model
         self._base = model

@@ -35,8 +35,9 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import BadRequestError, EngineError, EngineFailedError, EngineOutOfMemoryError
+from lmi_core.option_values import lora_settings
 from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
-from lmi_hf.adapters import AdapterSet, LoraOptions
+from lmi_hf.adapters import AdapterSet
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.grammar import GrammarCompiler, TokenConstraint
 from lmi_hf.sampling import make_generator, position_seed, select_token
@@ -150,7 +151,7 @@ class HFEngine:
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
         self._lock = threading.Condition()
-        self.lora = AdapterSet(model, LoraOptions.from_options(context.options), wake=self._wake)
+        self.lora = AdapterSet(model, lora_settings(context.options), wake=self._wake)
         self._submitted: dict[str, Sequence] = {}  # arrived, not yet running
         self._order: list[str] = []  # arrival order of _submitted
         self._running: list[Sequence] = []  # aligned with the rows of _batch

@@ -48,7 +48,7 @@ from lmi_core import (
     WorkerContext,
 )
 from lmi_core.engine import LoraAdapter
-from lmi_core.option_values import dtype
+from lmi_core.option_values import dtype, lora_settings
 from lmi_core.request_checks import (
     check_logit_bias,
     check_token_ids,
@@ -105,6 +105,14 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
+    lora = lora_settings(context.options)
+    if lora.enabled:  # lmi's defaults (max_loras 4), not vLLM's (1): the server plans by lmi's
+        kwargs.update(
+            enable_lora=True,
+            max_loras=lora.max_loras,
+            max_lora_rank=lora.max_lora_rank,
+            max_cpu_loras=lora.max_cpu_loras,
+        )
     if kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
         # Pinning that leaves the batch slots free, and on CPU the fix of vLLM-CPU's LoRA ops (base-
         # model tokens batched with adapter tokens got the last slot's adapter without it).
