@@ -24,7 +24,7 @@ from starlette.routing import Route
 from lmi_core.adapters import AdapterRegistry, RegisteredAdapter, check_name
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import BadRequestError, ModelNotFoundError, NotFoundError, ServiceError
-from lmi_core.http.common import read_json
+from lmi_core.http.common import query_and_body, read_json
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState, ServedModel
 
@@ -127,17 +127,6 @@ class ListParams(BaseModel):
     next_page_token: int = Field(0, ge=0)
 
 
-async def _params(request: Request) -> dict[str, Any]:
-    """Query parameters, overridden by a JSON body's fields when there is one."""
-    params: dict[str, Any] = dict(request.query_params)
-    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
-        body = await read_json(request, _state(request).config.max_request_size)
-        if not isinstance(body, dict):
-            raise BadRequestError("request body must be a JSON object", param="body")
-        params.update(body)
-    return params
-
-
 def describe(entry: RegisteredAdapter) -> dict[str, Any]:
     """DJL's ``DescribeAdapterResponse`` (and list item)."""
     return {"name": entry.name, "src": entry.src, "preload": entry.preload, "pin": entry.pin}
@@ -167,7 +156,9 @@ async def _register(
 
 async def register_adapter(request: Request) -> Response:
     adapters = registry(_model(request))
-    params = parse_model(RegisterParams, await _params(request))
+    params = parse_model(
+        RegisterParams, await query_and_body(request, _state(request).config.max_request_size)
+    )
     preload = _flag(params.preload, "preload")
     pin = _flag(params.pin, "pin") or False
     await _register(
@@ -184,7 +175,7 @@ async def describe_adapter(request: Request) -> Response:
 async def update_adapter(request: Request) -> Response:
     adapters = registry(_model(request))
     name = request.path_params["adapter_name"]
-    params = parse_model(UpdateParams, await _params(request))
+    params = parse_model(UpdateParams, await query_and_body(request, _state(request).config.max_request_size))
     entry = adapters.get(name)
     if params.src is not None and params.src != entry.src:
         raise BadRequestError("Updating adapter path is not supported.", param="src")

@@ -74,6 +74,18 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
     return value
 
 
+async def query_and_body(request: Request, limit: int) -> dict[str, Any]:
+    """A management call's parameters: the query's, overridden by a JSON body's fields (DJL accepts
+    either)."""
+    params: dict[str, Any] = dict(request.query_params)
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        body = await read_json(request, limit)
+        if not isinstance(body, dict):
+            raise BadRequestError("request body must be a JSON object", param="body")
+        params.update(body)
+    return params
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
     """DJL's error body: ``{"code", "type", "message"}`` (plus ``param`` when a field is at fault)."""
     body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from lmi_core.config import load_model_config
 from lmi_core.errors import BadRequestError, ServiceError, WorkerFailedError
-from lmi_core.http.common import read_json
+from lmi_core.http.common import query_and_body
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState
 from lmi_core.pool import ModelStatus, PoolSnapshot
@@ -208,20 +208,11 @@ async def describe_model(request: Request) -> Response:
     return JSONResponse([{"workflowName": name, "models": [model_description(model)]}])
 
 
-async def _params(request: Request) -> dict[str, Any]:
-    """Query parameters, overridden by a JSON body's fields (DJL accepts either)."""
-    params: dict[str, Any] = dict(request.query_params)
-    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
-        body = await read_json(request, _state(request).config.max_request_size)
-        if not isinstance(body, dict):
-            raise BadRequestError("request body must be a JSON object", param="body")
-        params.update(body)
-    return params
-
-
 async def register_model(request: Request) -> Response:
     state = _state(request)
-    params = parse_model(RegisterParams, await _params(request))
+    params = parse_model(
+        RegisterParams, await query_and_body(request, _state(request).config.max_request_size)
+    )
     # environ={}: the server's OPTION_* variables configure its startup model, not this one.
     config = load_model_config(_model_dir(params.url), name=params.model_name, environ={})
     overrides = {

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmi_core.engine import WorkerContext
+from lmi_core.engine import Finished, GenerationRequest, Token, WorkerContext
 from lmi_hf.engine import HFEngine, load_model
 
 
@@ -26,3 +26,14 @@ def running_engine(model: Path, options: dict[str, str], max_batch_size: int = 4
         yield engine
     finally:
         engine.shutdown()
+
+
+async def run_request(engine: HFEngine, request: GenerationRequest) -> tuple[list[Token], Finished]:
+    """``request``'s tokens and its ``Finished``, straight from the engine."""
+    tokens: list[Token] = []
+    async for event in engine.generate(request):
+        if isinstance(event, Token):
+            tokens.append(event)
+        else:
+            return tokens, event
+    raise AssertionError("no Finished event")

@@ -11,6 +11,7 @@ import pytest
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.errors import BadRequestError, EngineError
 from lmi_hf.engine import HFEngine, load_model
+from tests.lmi_hf.engines import run_request
 
 PROMPTS = [
     "Hello",
@@ -38,13 +39,7 @@ async def run(
     request = GenerationRequest(
         request_id=f"r{id(params)}{prompt}", prompt=prompt, messages=messages, params=SamplingParams(**params)
     )
-    tokens: list[Token] = []
-    async for event in engine.generate(request):
-        if isinstance(event, Token):
-            tokens.append(event)
-        else:
-            return tokens, event
-    raise AssertionError("no Finished event")
+    return await run_request(engine, request)
 
 
 def reference(engine: HFEngine, prompt: str, max_new_tokens: int) -> list[int]:

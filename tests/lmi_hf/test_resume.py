@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lmi_core.engine import Finished, GenerationRequest, SamplingParams, StructuredOutput, Token
+from lmi_core.engine import GenerationRequest, SamplingParams, StructuredOutput
 from lmi_hf.engine import HFEngine
+from tests.lmi_hf.engines import run_request as run
 from tests.lmi_hf.engines import running_engine
 
 PROMPT = "The quick brown fox jumps over the lazy dog and"
@@ -21,16 +22,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog and"
 def engine(demo_model: Path) -> Iterator[HFEngine]:
     with running_engine(demo_model, {}) as engine:
         yield engine
-
-
-async def run(engine: HFEngine, request: GenerationRequest) -> tuple[list[Token], Finished]:
-    tokens: list[Token] = []
-    async for event in engine.generate(request):
-        if isinstance(event, Token):
-            tokens.append(event)
-        else:
-            return tokens, event
-    raise AssertionError("no Finished event")
 
 
 CASES = {

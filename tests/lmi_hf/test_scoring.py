@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token
+from lmi_core.engine import GenerationRequest, SamplingParams
 from lmi_core.errors import BadRequestError
 from lmi_hf.engine import HFEngine
+from tests.lmi_hf.engines import run_request as run
 from tests.lmi_hf.engines import running_engine
 
 PROMPTS = ["Hello world, this is", "one two three four five six", "gpu"]
@@ -21,16 +22,6 @@ PROMPTS = ["Hello world, this is", "one two three four five six", "gpu"]
 def engine(demo_model: Path) -> Iterator[HFEngine]:
     with running_engine(demo_model, {"max_model_len": "64"}) as engine:
         yield engine
-
-
-async def run(engine: HFEngine, request: GenerationRequest) -> tuple[list[Token], Finished]:
-    tokens: list[Token] = []
-    async for event in engine.generate(request):
-        if isinstance(event, Token):
-            tokens.append(event)
-        else:
-            return tokens, event
-    raise AssertionError("no Finished event")
 
 
 def direct_logprobs(engine: HFEngine, ids: list[int]) -> list[float]:
