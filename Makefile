@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
 CLIENTS_VENV ?= .venv-clients
+LITSERVE_VENV ?= .venv-litserve
 DEMO ?= demo-model
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm lint bench setup setup-vllm setup-clients clean
+.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm lint bench setup setup-vllm setup-clients setup-litserve clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +52,14 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
 		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py $(ARGS)
+
+# LitServe, the baseline of benchmarks/bench_litserve.py, in a venv of its own (it pins fastapi).
+setup-litserve: $(LITSERVE_VENV)/.installed
+
+$(LITSERVE_VENV)/.installed:
+	python3 -m venv $(LITSERVE_VENV)
+	$(LITSERVE_VENV)/bin/pip install -q litserve==0.2.19
+	touch $@
 
 setup-clients: $(CLIENTS_VENV)/.installed
 

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_vllm import ENGINE_PROCESS_PREFIX, MODEL, Engine, lmi_server, vllm_server
-from benchmarks.common import ROOT, Server, process_cpu
+from benchmarks.common import ROOT, Server, heartbeat_summary, process_cpu
 from lmi_core.demo_model import build_demo_model
 
 # vLLM's result keys -> table heading (ms unless a rate)
@@ -125,6 +125,8 @@ def main() -> None:
             rows[name] = {
                 s: {k: statistics.median(r[k] for r in rs) for k in METRICS} for s, rs in runs.items()
             }
+        heartbeats = heartbeat_summary(lmi.url)
+    print(f"lmi worker heartbeats over the run: {heartbeats}")
     print(f"SLO for goodput: TTFT <= {args.slo_ttft} ms and TPOT <= {args.slo_tpot} ms")
     print("| level | metric | lmi | vLLM | lmi / vLLM |\n| --- | --- | --- | --- | --- |")
     for name, by_server in rows.items():

@@ -239,3 +239,30 @@ def percentile(values: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def heartbeat_summary(url: str) -> str:
+    """How promptly lmi's workers answered health-check pings so far (``lmi_worker_heartbeat_seconds``):
+    the count, the mean, and the slowest bucket reached; a busy worker loop shows here first."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if family.name != "lmi_worker_heartbeat_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    if not count:
+        return "no heartbeat observed"
+    slowest = min(bound for bound, seen in buckets.items() if seen >= count)
+    within = {bound: buckets[bound] / count for bound in (0.005, 0.05) if bound in buckets}
+    shares = ", ".join(f"{share:.1%} within {bound * 1000:g} ms" for bound, share in within.items())
+    mean = total / count * 1000
+    return f"{count:.0f} pings, mean {mean:.2f} ms, {shares}, all within {slowest * 1000:g} ms"

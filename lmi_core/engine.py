@@ -310,6 +310,20 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class LoopEngine(Engine, Protocol):
+    """An engine whose asyncio machinery runs on the worker's own event loop once loaded.
+
+    ``load_engine`` runs in a thread, where nothing can be scheduled on the worker's loop; an engine
+    that wants its output handling there (no cross-thread hand-off per token: ``lmi_vllm``) starts it
+    in ``start_on_loop``, which the worker awaits once on its loop before it reports "loaded".
+    """
+
+    async def start_on_loop(self) -> None:
+        """Start on the running loop (and warm up); raising fails the load like ``load_engine``."""
+        ...
+
+
+@runtime_checkable
 class AdapterEngine(Engine, Protocol):
     """An engine that serves LoRA adapters (``GenerationRequest.adapter``) and can be told to load
     one ahead of its first request (``preload``, ``pin``) or to drop one (unregistered)."""

@@ -1,5 +1,6 @@
-"""The built-in worker hooks: run requests, read stats, manage LoRA adapters and shut down through
-the ``Engine`` protocol (``AdapterEngine`` for adapters).
+"""The built-in worker hooks: start engines on the worker's loop, run requests, read stats, manage
+LoRA adapters and shut down through the ``Engine`` protocol (``LoopEngine`` for the start,
+``AdapterEngine`` for adapters).
 
 Registered ``trylast`` in ``DEFAULT_PLUGINS`` (datasette's pattern), so every engine that
 ``load_engine`` returns is driven by these hooks unless a plugin implements one itself: a plugin's
@@ -19,6 +20,7 @@ from lmi_core.engine import (
     EngineStats,
     GenerationEvent,
     GenerationRequest,
+    LoopEngine,
     LoraAdapter,
 )
 from lmi_core.errors import EngineError
@@ -30,6 +32,11 @@ def no_adapters(engine: Engine, name: str) -> EngineError:
         f"LoRA adapter {name!r}: this backend ({type(engine).__name__}) does not serve LoRA adapters",
         status=400,
     )
+
+
+@hookimpl(trylast=True)
+def start_engine(engine: Engine) -> Awaitable[None] | None:
+    return engine.start_on_loop() if isinstance(engine, LoopEngine) else None
 
 
 @hookimpl(trylast=True)

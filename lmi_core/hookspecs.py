@@ -63,6 +63,11 @@ def load_engine(context: WorkerContext) -> Engine | None:
 
 
 @hookspec(firstresult=True)
+def start_engine(engine: Engine) -> Awaitable[None] | None:
+    """Return an awaitable that starts ``engine`` on the worker's loop before it reports loaded."""
+
+
+@hookspec(firstresult=True)
 def handle_request(
     engine: Engine, request: GenerationRequest
 ) -> AsyncGenerator[GenerationEvent, None] | None:

@@ -251,7 +251,14 @@ class WorkerPool:
         slot = WorkerSlot(
             worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads, group.ranks
         )
-        worker = SupervisedWorker(self.config, self.server, slot, self.pm, on_change=self._on_worker_change)
+        worker = SupervisedWorker(
+            self.config,
+            self.server,
+            slot,
+            self.pm,
+            on_change=self._on_worker_change,
+            on_heartbeat=lambda seconds: self.observe(self.name, "heartbeat", seconds),
+        )
         worker.first_start.add_done_callback(_retrieve)
         self.workers[worker_id] = worker
         self._idle_since[worker_id] = time.monotonic()
@@ -515,7 +522,11 @@ class WorkerPool:
         query = self.router.query(request, hint)
         worker, decision = await self._acquire(query, limits)
         self.observe(self.name, "queue_time", time.monotonic() - started)
-        delivered: list[Token] = []  # what the client has: a migrated request resumes after it
+        # What the client has, ids only (a Token holds its text and log-probs): a migrated request
+        # resumes after them. The first token carries the prompt's length, the last whether it ended.
+        delivered: list[int] = []
+        first: Token | None = None
+        last: Token | None = None
         attempt = request
         for migration in itertools.count():
             if hint is not None:
@@ -524,7 +535,9 @@ class WorkerPool:
             try:
                 async for event in events:
                     if isinstance(event, Token):
-                        delivered.append(event)
+                        delivered.append(event.id)
+                        first = first or event
+                        last = event
                     yield event
                 return
             except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
@@ -535,8 +548,8 @@ class WorkerPool:
             finally:
                 await events.aclose()
                 self._release(worker)
-            if delivered and delivered[-1].last:  # died between its last token and the finish
-                yield finished_after(delivered, request)
+            if first is not None and last is not None and last.last:  # died after its last token
+                yield finished_after(first, last, len(delivered), request)
                 return
             self.observe(self.name, "migration", 1)
             logger.warning(
@@ -546,22 +559,23 @@ class WorkerPool:
                 len(delivered),
                 failure,
             )
-            attempt = dataclasses.replace(request, resume_ids=[t.id for t in delivered])
+            attempt = dataclasses.replace(request, resume_ids=list(delivered))
             # The total deadline still holds; the queue deadline was for the first wait only.
             worker, decision = await self._acquire(
                 query, dataclasses.replace(limits, queue=limits.total), True
             )
 
 
-def finished_after(tokens: list[Token], request: GenerationRequest) -> Finished:
-    """The ``Finished`` a worker that died right after a request's last token did not send: EOS if
-    that token was one (engines mark EOS special), the length if the budget is spent, else a stop."""
+def finished_after(first: Token, last: Token, count: int, request: GenerationRequest) -> Finished:
+    """The ``Finished`` a worker that died right after a request's last token (of ``count``) did not
+    send: EOS if that token was one (engines mark EOS special), the length if the budget is spent,
+    else a stop."""
     reason: FinishReason = "stop_sequence"
-    if tokens[-1].special:
+    if last.special:
         reason = "eos_token"
-    elif len(tokens) >= request.params.max_new_tokens:
+    elif count >= request.params.max_new_tokens:
         reason = "length"
-    return Finished(reason, tokens[0].prompt_tokens or 0, len(tokens))
+    return Finished(reason, first.prompt_tokens or 0, count)
 
 
 def new_request_id() -> str:

@@ -94,8 +94,10 @@ class SupervisedWorker:
         slot: WorkerSlot,
         pm: pluggy.PluginManager,
         on_change: Callable[[SupervisedWorker], None] = lambda worker: None,
+        on_heartbeat: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.model = model
+        self.on_heartbeat = on_heartbeat  # each rank's ping round trip, in seconds
         self.server = server
         self.slot = slot
         self.pm = pm
@@ -307,8 +309,10 @@ class SupervisedWorker:
         while True:
             await asyncio.sleep(interval)
             for conn in self.ranks:
+                sent = time.monotonic()
                 try:
                     await conn.ping(timeout)
+                    self.on_heartbeat(time.monotonic() - sent)
                 except TimeoutError:
                     return f"rank {conn.rank} did not answer a health check within {timeout:g} s (hung)"
                 except WorkerFailedError as exc:

@@ -150,6 +150,7 @@ class RankServer:
             engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
             if engine is None:
                 raise EngineError(f"no installed plugin loads backend {self.context.backend!r}")
+            await self.start(engine)
         except BaseException as exc:  # a failed load must reach the server, whatever it is
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
@@ -158,6 +159,17 @@ class RankServer:
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
         self.send({"t": wire.LOADED, "rank": self.rank})
+
+    async def start(self, engine: Engine) -> None:
+        """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""
+        try:
+            started = self.pm.hook.start_engine(engine=engine)
+            if started is not None:
+                await started
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.pm.hook.shutdown_engine(engine=engine)
+            raise
 
     def on_ping(self, message: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"t": wire.PONG, "id": message["id"], "loading": self.engine is None}

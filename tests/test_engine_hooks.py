@@ -157,3 +157,71 @@ async def test_a_cancelled_task_closes_the_relayed_stream() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert stream.closed and counts.stats() == EngineStats(cancelled_total=1)
+
+
+# -- start_engine: a LoopEngine starts on the worker's loop before "loaded" --------------------------
+
+
+class LoopBound:
+    """An engine that starts on a loop and serves only from that one; its start may fail."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.shut_down = False
+
+    async def start_on_loop(self) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise RuntimeError("warmup failed")
+        self.loop = asyncio.get_running_loop()
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        assert self.loop is asyncio.get_running_loop()
+        yield Finished("length", 1, 0)
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class LoopBoundPlugin:
+    def __init__(self, engine: LoopBound) -> None:
+        self.engine = engine
+
+    @hookimpl
+    def load_engine(self, context: WorkerContext) -> LoopBound:
+        assert not _loop_running()  # in the load thread
+        return self.engine
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_the_worker_starts_a_loop_engine_on_its_loop_before_it_reports_loaded(fail: bool) -> None:
+    from lmi_core import wire
+    from lmi_core.worker import RankServer
+
+    engine = LoopBound(fail)
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(LoopBoundPlugin(engine))
+    worker = RankServer(0, pm)
+    sent: list[dict[str, Any]] = []
+    worker.send = sent.append  # type: ignore[method-assign]
+    context = WorkerContext(model_id="none", model_dir=None, backend="loop", options={})
+    await worker.on_init({"context": context.to_wire()})
+    if fail:  # the load fails with the start's error, and the engine is released
+        assert [m["t"] for m in sent] == [wire.ERROR]
+        assert "warmup failed" in sent[0]["error"]["message"]
+        assert worker.engine is None and engine.shut_down
+    else:
+        assert [m["t"] for m in sent] == [wire.LOADED]
+        assert engine.loop is asyncio.get_running_loop() and worker.engine is engine

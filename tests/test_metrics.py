@@ -155,6 +155,15 @@ def test_failures_and_unknown_routes_are_counted_without_client_strings(server: 
     assert not any("x" * 50 in str(labels) or "/no/such" in str(labels) for _, labels in after)
 
 
+def test_heartbeat_round_trips_are_observed(server: ServerProcess) -> None:
+    # Every 0.3 s each of the two workers is pinged: its round trips land in the histogram.
+    count = ("lmi_worker_heartbeat_seconds_count", frozenset({"model": MODEL}.items()))
+    before = scrape(server.url).get(count, 0.0)
+    wait_for(lambda: scrape(server.url).get(count, 0.0) >= before + 4, 10, "pings observed")
+    total = scrape(server.url)[("lmi_worker_heartbeat_seconds_sum", frozenset({"model": MODEL}.items()))]
+    assert 0 < total < scrape(server.url)[count] * 3  # each under the 3 s health-check timeout
+
+
 @pytest.mark.slow
 def test_worker_restart_is_counted(server: ServerProcess) -> None:
     assert metric(server.url, "lmi_worker_restarts_total", model=MODEL) == 0

@@ -26,7 +26,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAd
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.pool import WorkerPool, new_request_id
+from lmi_core.pool import WorkerPool, finished_after, new_request_id
 from lmi_core.routing import Decision, RouteHint
 from lmi_core.supervisor import WorkerSnapshot, WorkerState
 
@@ -50,6 +50,7 @@ class FakeWorker:
         slot: WorkerSlot,
         pm: pluggy.PluginManager,
         on_change: Callable[[FakeWorker], None],
+        on_heartbeat: Callable[[float], None],
     ) -> None:
         self.slot = slot
         self.on_change = on_change
@@ -409,3 +410,18 @@ async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
         async for _ in stream:
             pass
     await pool.stop()
+
+
+@pytest.mark.parametrize(
+    ("special", "count", "reason"),
+    [(True, 3, "eos_token"), (False, 8, "length"), (False, 3, "stop_sequence")],
+)
+def test_the_finish_of_a_worker_that_died_after_its_last_token(
+    special: bool, count: int, reason: str
+) -> None:
+    from lmi_core.engine import SamplingParams
+
+    first = Token(1, "a", None, prompt_tokens=5)
+    last = Token(2, "b", None, special=special, last=True)
+    request = GenerationRequest("r", prompt="p", params=SamplingParams(max_new_tokens=8))
+    assert finished_after(first, last, count, request) == Finished(reason, 5, count)

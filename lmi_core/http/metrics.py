@@ -164,6 +164,10 @@ class Metrics:
             "lmi_time_per_output_token_seconds", "Mean time between output tokens", TOKEN_BUCKETS
         )
         self.e2e_latency = histogram("lmi_e2e_request_latency_seconds", "Time to the last token, per request")
+        # A worker's loop that answers pings late is busy with work that belongs off it.
+        self.heartbeat = histogram(
+            "lmi_worker_heartbeat_seconds", "Round trip of a health-check ping to a rank", TOKEN_BUCKETS
+        )
         self.prompt_tokens = counter("lmi_prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("lmi_generation_tokens", "Tokens generated, also when cancelled")
         self.finished = counter(
@@ -196,6 +200,8 @@ class Metrics:
             self.worker_restarts.labels(model).inc(value)
         elif event == "migration":
             self.migrations.labels(model).inc(value)
+        elif event == "heartbeat":
+            self.heartbeat.labels(model).observe(value)
         elif event.startswith(ROUTED):
             self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
 

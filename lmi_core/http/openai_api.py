@@ -425,6 +425,14 @@ async def merge(
 ) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
     """The events of every stream as they come, tagged with the stream's index; closing it (or a
     failure of one stream) closes them all, which cancels their generations."""
+    if len(streams) == 1:  # n=1, nearly every request: no task and no queue hop per token
+        (stream,) = streams
+        try:
+            async for event in stream:
+                yield 0, event
+        finally:
+            await stream.aclose()
+        return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncGenerator[GenerationEvent, None]) -> None:

@@ -6,16 +6,19 @@ skipped, and the pure tests of ``lmi_vllm`` still run from the source tree.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 REPO = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("lmi_vllm") is None:  # not installed: test the source tree
@@ -116,11 +119,22 @@ def worker_context(demo_model: Path) -> Callable[..., Any]:
     return make
 
 
-@pytest.fixture(scope="module")
-def engine(pm: Any, worker_context: Callable[..., Any]) -> Iterator[Any]:
-    """One loaded vLLM engine per module (loading takes 16-35 s on CPU)."""
-    loaded = pm.hook.load_engine(context=worker_context())
+@contextlib.asynccontextmanager
+async def started_engine(pm: Any, context: Any) -> AsyncIterator[Any]:
+    """An engine loaded as a worker loads it: ``load_engine`` in a thread, ``start_engine`` on this
+    loop (the engine then lives on it: a module's tests share one loop, ``loop_scope="module"``)."""
+    loaded = await asyncio.to_thread(pm.hook.load_engine, context=context)
     try:
+        started = pm.hook.start_engine(engine=loaded)
+        if started is not None:
+            await started
         yield loaded
     finally:
         pm.hook.shutdown_engine(engine=loaded)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(pm: Any, worker_context: Callable[..., Any]) -> AsyncIterator[Any]:
+    """One loaded vLLM engine per module (loading takes 16-35 s on CPU)."""
+    async with started_engine(pm, worker_context()) as loaded:
+        yield loaded

@@ -10,9 +10,10 @@ import pytest
 
 from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, StructuredOutput, Token
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
+from tests.lmi_vllm.conftest import started_engine
 from tests.other_engine import FINISHED, STATS, OtherEngine
 
-pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]  # the engine fixture's loop
 
 # Matches the engine fixture's max_model_len (conftest.MAX_MODEL_LEN).
 MAX_MODEL_LEN = 512
@@ -52,6 +53,16 @@ async def test_loaded_engine_reports_stats(pm: Any, engine: Any) -> None:
     stats = pm.hook.engine_stats(engine=engine)
     assert isinstance(stats, EngineStats)
     assert stats.running == 0 and stats.waiting == 0
+
+
+async def test_vllm_prometheus_logger_is_dropped_and_lmi_counts_still_come(pm: Any, engine: Any) -> None:
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    loggers = engine.llm.logger_manager.stat_loggers
+    assert loggers and not any(isinstance(logger, PrometheusStatLogger) for logger in loggers)
+    before = engine._scheduler.prefix_cache_queries
+    await run(pm, engine, max_new_tokens=2)
+    assert engine._scheduler.prefix_cache_queries > before  # lmi's SchedulerCounts logger records
 
 
 async def test_greedy_is_deterministic_and_stops_at_max_new_tokens(pm: Any, engine: Any) -> None:
@@ -187,11 +198,8 @@ async def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(
     # vLLM's own TP workers; on a single-NUMA host the plugin binds each rank to its own CPUs.
     context = worker_context()
     context.tensor_parallel_degree = 2
-    tp2 = pm.hook.load_engine(context=context)
-    try:
+    async with started_engine(pm, context) as tp2:
         tokens, finished = await run(pm, tp2, max_new_tokens=12, ignore_eos=True)
-    finally:
-        pm.hook.shutdown_engine(engine=tp2)
     expected, _ = await run(pm, engine, max_new_tokens=12, ignore_eos=True)
     assert [t.id for t in tokens] == [t.id for t in expected]
     assert finished.finish_reason == "length"

@@ -13,7 +13,7 @@ import pytest
 from lmi_core.engine import GenerationRequest, SamplingParams
 from lmi_core.errors import EngineError
 
-pytestmark = [pytest.mark.vllm, pytest.mark.asyncio]
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]  # the engine fixture's loop
 
 
 def engine_core_pids() -> list[int]:

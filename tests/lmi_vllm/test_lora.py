@@ -7,15 +7,17 @@ transformers + peft (float32 on both sides: the tokens agree exactly, measured o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from lmi_core.engine import Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import ConfigError, EngineError
 from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
+from tests.lmi_vllm.conftest import started_engine
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog", "Hello, my name is")
 NEW_TOKENS = 16
@@ -122,16 +124,12 @@ def expected(demo_model: Path, adapters: dict[str, Path]) -> dict[tuple[str | No
     return out
 
 
-@pytest.fixture(scope="module")
-def lora_engine(pm: Any, worker_context: Callable[..., Any]) -> Iterator[Any]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def lora_engine(pm: Any, worker_context: Callable[..., Any]) -> AsyncIterator[Any]:
     """A vLLM engine with LoRA: 2 adapters per batch, 3 held in memory, rank up to 8."""
-    loaded = pm.hook.load_engine(
-        context=worker_context(enable_lora="true", max_loras="2", max_cpu_loras="3", max_lora_rank="8")
-    )
-    try:
+    context = worker_context(enable_lora="true", max_loras="2", max_cpu_loras="3", max_lora_rank="8")
+    async with started_engine(pm, context) as loaded:
         yield loaded
-    finally:
-        pm.hook.shutdown_engine(engine=loaded)
 
 
 async def generate(
@@ -213,7 +211,7 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
 
 
 @pytest.mark.vllm
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_scope="module")  # the lora_engine fixture's loop
 async def test_mixed_concurrent_requests_match_peft(
     pm: Any, lora_engine: Any, adapters: dict[str, Path], expected: dict[tuple[str | None, str], list[int]]
 ) -> None:
@@ -231,7 +229,7 @@ async def test_mixed_concurrent_requests_match_peft(
 
 
 @pytest.mark.vllm
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_scope="module")  # the lora_engine fixture's loop
 async def test_more_adapters_than_memory_slots_evict_and_stay_right(
     pm: Any, lora_engine: Any, adapters: dict[str, Path], expected: dict[tuple[str | None, str], list[int]]
 ) -> None:
@@ -246,7 +244,7 @@ async def test_more_adapters_than_memory_slots_evict_and_stay_right(
 
 
 @pytest.mark.vllm
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_scope="module")  # the lora_engine fixture's loop
 async def test_pinned_adapter_survives_eviction_and_unload_drops_it(
     pm: Any, lora_engine: Any, adapters: dict[str, Path], expected: dict[tuple[str | None, str], list[int]]
 ) -> None:
@@ -276,7 +274,7 @@ async def test_pinned_adapter_survives_eviction_and_unload_drops_it(
 
 
 @pytest.mark.vllm
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_scope="module")  # the lora_engine fixture's loop
 @pytest.mark.parametrize(
     ("name", "reason"), [("missing", "No adapter found"), ("big", "greater than max_lora_rank")]
 )

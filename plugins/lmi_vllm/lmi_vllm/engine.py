@@ -1,12 +1,16 @@
-"""The vLLM engine inside an lmi-core worker: ``AsyncLLM`` on its own event-loop thread.
+"""The vLLM engine inside an lmi-core worker: ``AsyncLLM`` on the worker's own event loop.
 
-Why a private loop thread rather than the worker's loop: ``load_engine`` runs in a worker thread
-(``asyncio.to_thread``), where nothing async can run on the worker's loop; on a loop of our own the
-engine can be built *and* run a warmup request before the worker reports "loaded", so a broken engine
-fails the load rather than the first client. It also keeps vLLM's output processing (detokenization of
-every running request) off the worker's loop, which must stay free to answer heartbeats. Requests
-cross over with ``run_coroutine_threadsafe`` and come back through an ``asyncio.Queue`` on the
-caller's loop, whichever loop that is.
+``load_engine`` builds ``AsyncLLM`` in the worker's load thread with no event loop running there, so
+vLLM defers its output handler and its socket reader; ``start_on_loop`` (the ``LoopEngine``
+contract) then warms the engine up on the worker's loop, where both start, before the worker reports
+"loaded": a broken engine still fails the load, not the first client. From then on vLLM's outputs
+reach lmi's request streams with no thread in between. An earlier design ran ``AsyncLLM`` on a
+private loop thread and handed every request's output of every engine step across with
+``call_soon_threadsafe``: at concurrency 16 that hand-off was 27% of the worker's busy samples, and
+the two threads' GIL hand-offs came on top. vLLM's per-step output processing (detokenizing the
+batch, at most ``max_num_seqs`` requests, in chunks of ``VLLM_V1_OUTPUT_PROC_CHUNK_SIZE`` with a
+yield between them) is bounded, so heartbeats are still answered; prompts are tokenized on a
+thread of their own because their cost grows with the prompt.
 
 LoRA (``option.enable_lora``): a request's adapter is added to vLLM (``add_lora``) on the engine loop
 before the request is submitted, unless vLLM holds it already; a bad adapter then fails that request
@@ -25,7 +29,6 @@ import glob
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,12 +67,9 @@ logger = logging.getLogger(__name__)
 HEALTH_INTERVAL = 1.0
 # lmi_vllm.worker_extension.QUALNAME (that module imports vLLM: only vLLM's workers import it).
 WORKER_EXTENSION = "lmi_vllm.worker_extension.LmiWorkerExtension"
-# The private loop only moves vLLM's outputs; silence this long means it is wedged.
-LOOP_STALL_LIMIT = 60.0
 SHUTDOWN_TIMEOUT = 60.0
 ABORT_TIMEOUT = 5.0
 
-_END = object()
 # SamplingParams fields vLLM has no equivalent of (typical sampling is not in vLLM).
 UNSUPPORTED = ("typical_p",)
 
@@ -181,6 +181,18 @@ def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
     return factory
 
 
+def drop_prometheus_logger(llm: Any) -> None:
+    """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
+    server process, and vLLM's registry here is never read, yet recording into it every engine step
+    was 5.4% of the worker's busy samples at concurrency 1. vLLM's log lines and lmi's own
+    ``SchedulerCounts`` logger stay."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    loggers = getattr(getattr(llm, "logger_manager", None), "stat_loggers", None)
+    if isinstance(loggers, list):  # where vLLM keeps them; another layout leaves them be
+        loggers[:] = [logger for logger in loggers if not isinstance(logger, PrometheusStatLogger)]
+
+
 def numa_nodes() -> int:
     """The host's NUMA nodes (1 where sysfs does not say)."""
     return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
@@ -210,17 +222,10 @@ def _environ(name: str, value: str | None) -> Iterator[None]:
         del os.environ[name]
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
-
-
 class VllmEngine:
     """An ``AsyncLLM`` and the counters lmi reports; build it with ``VllmEngine.start``."""
 
-    def __init__(
-        self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, counts: SchedulerCounts
-    ) -> None:
+    def __init__(self, llm: Any, counts: SchedulerCounts, warmup: bool) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -252,19 +257,17 @@ class VllmEngine:
         self._lora_slots = (
             (lora_config.max_loras, lora_config.max_cpu_loras) if lora_config is not None else (0, 0)
         )
-        self._lora_locks: dict[int, asyncio.Lock] = {}  # used on the engine loop only
+        self._lora_locks: dict[int, asyncio.Lock] = {}
         self._vllm_sampling_params = VllmSamplingParams
         self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
-        self._loop = loop
-        self._thread = thread
         self._scheduler = counts
+        self._warmup = warmup
         self.requests = RequestCounts()
         self._closed = False
         self._health_error: str | None = None
-        self._last_tick = time.monotonic()
+        self._health_task: asyncio.Task[None] | None = None  # started by start_on_loop
         self.aborted_total = 0
-        self._health_task = self._submit(self._watch_health())
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -294,69 +297,57 @@ class VllmEngine:
             # Eager means no torch.compile, yet vLLM still compiles a sampler kernel (logprob ranks)
             # with inductor on first use: 6-30 s of C++ compilation on CPU. Read by vLLM's processes.
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
+        from vllm import envs as vllm_envs
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         counts = SchedulerCounts()
-        loop = asyncio.new_event_loop()
-        # Daemon: a worker that exits must not wait for vLLM's loop.
-        thread = threading.Thread(target=_run_loop, args=(loop,), name="lmi-vllm-loop", daemon=True)
-        thread.start()
-
-        async def build() -> Any:
-            # Built on its own loop so that AsyncLLM starts its output handler there at once.
-            return AsyncLLM.from_engine_args(
+        started = time.monotonic()
+        # Built with no event loop running in this thread: AsyncLLM then starts its output handler
+        # and socket reader on the loop of its first request, the worker's (start_on_loop).
+        # Only while vLLM spawns its processes: a later engine in this process may have one rank.
+        vllm_envs.disable_envs_cache()  # read the environment as it is now (start_on_loop caches it)
+        with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
+            llm = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**kwargs), stat_loggers=[_stat_logger_factory(counts)]
             )
-
-        started = time.monotonic()
-        try:
-            # Only while vLLM spawns its processes: a later engine in this process may have one rank.
-            with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
-                llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
-        except BaseException:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            raise
-        engine = cls(llm, loop, thread, counts)
+        drop_prometheus_logger(llm)
+        engine = cls(llm, counts, warmup)
         if context.options.get("max_input_length"):  # checked by validate_config in the server
             engine.max_input_length = min(int(context.options["max_input_length"]), engine.max_input_length)
         logger.info("vLLM engine built in %.1f s (%s)", time.monotonic() - started, kwargs["model"])
-        if warmup:
-            engine.warmup()
         return engine
 
-    def warmup(self) -> None:
-        """Run one tiny request with logprobs, so that vLLM's lazy compiles happen now."""
+    async def start_on_loop(self) -> None:
+        """On the worker's loop: start vLLM's output handling and the health watch here, and run one
+        tiny request with logprobs (unless ``option.warmup=false``) so that lazy compiles happen now."""
+        from vllm import envs as vllm_envs
+
+        # vLLM reads its settings from os.environ on every access unless cached, which its engine
+        # processes do once started and its API server does not: 6% of this worker's busy samples
+        # at concurrency 16 were those reads (vllm.envs.__getattr__) in its output processing.
+        vllm_envs.enable_envs_cache()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        if not self._warmup:
+            return
         started = time.monotonic()
         ids = list(self.tokenizer.encode("warmup")) or [0]
         params = self._vllm_sampling_params(
             max_tokens=2, temperature=0.0, logprobs=1, output_kind=self._delta
         )
-
-        async def run() -> None:
-            async for _ in self.llm.generate(self.engine_input(ids), params, "lmi-vllm-warmup"):
-                pass
-
-        self._submit(run()).result()
+        async for _ in self.llm.generate(self.engine_input(ids), params, "lmi-vllm-warmup"):
+            pass
         logger.info("vLLM warmup request took %.1f s", time.monotonic() - started)
 
     def shutdown(self) -> None:
-        """Stop vLLM's engine processes and the loop thread."""
+        """Stop vLLM's engine processes, its output handler and the health watch."""
         if self._closed:
             return
         self._closed = True
-
-        async def stop() -> None:
+        if self._health_task is not None:
             self._health_task.cancel()
-            self.llm.shutdown()
-
         self._prompts.shutdown(wait=False, cancel_futures=True)
-        try:
-            self._submit(stop()).result(timeout=SHUTDOWN_TIMEOUT)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self.llm.shutdown(timeout=SHUTDOWN_TIMEOUT)
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids))
@@ -367,15 +358,11 @@ class VllmEngine:
             return self._tokens_input(ids, prompt=text)
         return {"prompt_token_ids": ids}
 
-    def _submit(self, coro: Any) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
     # -- health and stats ------------------------------------------------------------------------
 
     async def _watch_health(self) -> None:
-        """On the engine loop: keep ``check_health``'s verdict and a liveness tick for ``stats``."""
+        """Keep ``check_health``'s verdict for ``stats`` (vLLM's check is async, stats are not)."""
         while True:
-            self._last_tick = time.monotonic()
             try:
                 await self.llm.check_health()
                 if self.lora_enabled:  # vLLM loads and evicts adapters at scheduling time too
@@ -385,18 +372,15 @@ class VllmEngine:
             await asyncio.sleep(HEALTH_INTERVAL)
 
     def check_health(self) -> None:
-        """Raise ``EngineError`` when vLLM's engine is dead or its loop thread is stuck or gone."""
+        """Raise ``EngineError`` when vLLM's engine is dead or its output handler has stopped."""
         if self._closed:
             raise EngineError("vLLM engine is shut down", status=503)
-        if not self._thread.is_alive():
-            raise EngineError("vLLM engine loop thread exited", status=500)
         if self._health_error is not None or self.llm.errored:
             raise EngineError(
                 f"vLLM engine is dead: {self._health_error or 'engine core exited'}", status=500
             )
-        stalled = time.monotonic() - self._last_tick
-        if stalled > LOOP_STALL_LIMIT:
-            raise EngineError(f"vLLM engine loop has not run for {stalled:.0f} s", status=500)
+        if not self.llm.is_running:
+            raise EngineError("vLLM's output handler has stopped", status=500)
 
     def stats(self) -> EngineStats:
         """Counters for the worker's heartbeat; raises if the engine is unhealthy."""
@@ -536,7 +520,7 @@ class VllmEngine:
     async def _stream(
         self, request: GenerationRequest, text: str, ids: list[int], params: Any, budget: int
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """The request's events from the engine loop; aborts the request in vLLM unless it finished."""
+        """The request's events from vLLM; aborts the request in vLLM unless it finished."""
         rid = request.request_id
         top_n = request.params.top_logprobs
         score_only = budget == 0
@@ -544,20 +528,14 @@ class VllmEngine:
         first_text = str(self.tokenizer.decode(ids[:1])) if request.params.prompt_logprobs is not None else ""
         resumed = request.resume_ids
         prompt = self.engine_input(ids + resumed, None) if resumed else self.engine_input(ids, text)
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def put(item: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
-                caller.call_soon_threadsafe(queue.put_nowait, item)
-
-        async def pump() -> None:
-            # On the engine loop: turn vLLM's outputs into lmi events there, hand them over in batches.
-            generated = len(resumed)
-            scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
-            try:
-                lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
-                async for output in self.llm.generate(prompt, params, rid, lora_request=lora):
+        generated = len(resumed)
+        scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
+        finished = False
+        try:
+            lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
+            outputs = self.llm.generate(prompt, params, rid, lora_request=lora)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored
                     events = output_events(
                         output,
@@ -573,31 +551,19 @@ class VllmEngine:
                         else None,
                     )
                     generated += len(events) - (1 if output.finished else 0)
-                    put(events)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                put(exc)
-            else:
-                put(_END)
-
-        future = self._submit(pump())
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if item is _END:
-                    raise EngineError("vLLM ended the request without a finish reason")
-                if isinstance(item, BaseException):
-                    raise map_error(item) from item
-                for event in item:
-                    finished = finished or isinstance(event, Finished)
-                    yield event
+                    for event in events:
+                        finished = finished or isinstance(event, Finished)
+                        yield event
+            if not finished:
+                raise EngineError("vLLM ended the request without a finish reason")
+        except (ServiceError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise map_error(exc) from exc
         finally:
             if not finished:
                 # Closed early (client gone, cancelled) or failed: free the sequence in vLLM now.
                 await self.abort(rid)
-                future.cancel()
 
     # -- LoRA adapters (AdapterEngine) ---------------------------------------------------------------
 
@@ -607,16 +573,16 @@ class VllmEngine:
             raise EngineError(
                 f"cannot load LoRA adapter {adapter.name!r}: option.enable_lora is off", status=400
             )
-        await asyncio.wrap_future(self._submit(self._ensure_adapter(adapter)))
+        await self._ensure_adapter(adapter)
 
     async def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` from vLLM, pinned or not; unknown names are ignored."""
         lora_id = self._lora_ids.get(name)
         if self.lora_enabled and lora_id is not None:
-            await asyncio.wrap_future(self._submit(self._remove_adapter(lora_id)))
+            await self._remove_adapter(lora_id)
 
     async def _ensure_adapter(self, adapter: LoraAdapter) -> Any:
-        """On the engine loop: ``adapter``'s ``LoRARequest``, added to vLLM first unless it is resident."""
+        """``adapter``'s ``LoRARequest``, added to vLLM first unless it is resident."""
         lora_id, replaced = self._lora_ids.assign(adapter.name, adapter.path)
         if replaced is not None:  # re-registered with new weights: the old id must not linger
             await self._remove_adapter(replaced)
@@ -635,7 +601,7 @@ class VllmEngine:
         return lora
 
     async def _set_pinned(self, adapter: LoraAdapter, lora_id: int) -> None:
-        """On the engine loop: pin or unpin ``lora_id`` in vLLM's memory cache of adapters (not with
+        """Pin or unpin ``lora_id`` in vLLM's memory cache of adapters (not with
         vLLM's pin_lora, which also takes a batch slot for good: lmi_vllm.worker_extension)."""
         if adapter.pinned and not can_pin(len(self._lora_pinned), *self._lora_slots):
             max_loras, max_cpu_loras = self._lora_slots
@@ -655,19 +621,17 @@ class VllmEngine:
             self._lora_pinned.discard(lora_id)
 
     async def _remove_adapter(self, lora_id: int) -> None:
-        """On the engine loop: remove ``lora_id`` from vLLM (not counted as an eviction)."""
+        """Remove ``lora_id`` from vLLM (not counted as an eviction)."""
         self._lora_resident.removed(lora_id)
         self._lora_pinned.discard(lora_id)
         await self.llm.remove_lora(lora_id)
         self._lora_resident.observe(await self.llm.list_loras())
 
     async def abort(self, request_id: str) -> None:
-        """Abort ``request_id`` in vLLM (from the caller's loop)."""
+        """Abort ``request_id`` in vLLM."""
         self.aborted_total += 1
         try:
-            await asyncio.wait_for(
-                asyncio.wrap_future(self._submit(self.llm.abort(request_id))), ABORT_TIMEOUT
-            )
+            await asyncio.wait_for(self.llm.abort(request_id), ABORT_TIMEOUT)
         except Exception as exc:  # the engine may be dead already: nothing left to free
             logger.warning("vLLM abort of %s failed: %s", request_id, exc)
 
