@@ -181,6 +181,15 @@ def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
     return factory
 
 
+def set_envs_cache(enabled: bool) -> None:
+    """Turn vLLM's cache of its environment settings on or off (a vLLM without one is left be)."""
+    from vllm import envs
+
+    switch = getattr(envs, "enable_envs_cache" if enabled else "disable_envs_cache", None)
+    if switch is not None:
+        switch()
+
+
 def drop_prometheus_logger(llm: Any) -> None:
     """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
     server process, and vLLM's registry here is never read, yet recording into it every engine step
@@ -297,7 +306,6 @@ class VllmEngine:
             # Eager means no torch.compile, yet vLLM still compiles a sampler kernel (logprob ranks)
             # with inductor on first use: 6-30 s of C++ compilation on CPU. Read by vLLM's processes.
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
-        from vllm import envs as vllm_envs
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -306,7 +314,7 @@ class VllmEngine:
         # Built with no event loop running in this thread: AsyncLLM then starts its output handler
         # and socket reader on the loop of its first request, the worker's (start_on_loop).
         # Only while vLLM spawns its processes: a later engine in this process may have one rank.
-        vllm_envs.disable_envs_cache()  # read the environment as it is now (start_on_loop caches it)
+        set_envs_cache(False)  # read the environment as it is now (start_on_loop caches it)
         with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
             llm = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**kwargs), stat_loggers=[_stat_logger_factory(counts)]
@@ -321,12 +329,10 @@ class VllmEngine:
     async def start_on_loop(self) -> None:
         """On the worker's loop: start vLLM's output handling and the health watch here, and run one
         tiny request with logprobs (unless ``option.warmup=false``) so that lazy compiles happen now."""
-        from vllm import envs as vllm_envs
-
         # vLLM reads its settings from os.environ on every access unless cached, which its engine
         # processes do once started and its API server does not: 6% of this worker's busy samples
         # at concurrency 16 were those reads (vllm.envs.__getattr__) in its output processing.
-        vllm_envs.enable_envs_cache()
+        set_envs_cache(True)
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         if not self._warmup:
             return
