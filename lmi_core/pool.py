@@ -536,7 +536,8 @@ class WorkerPool:
                 async for event in events:
                     if isinstance(event, Token):
                         delivered.append(event.id)
-                        first = first or event
+                        if first is None:
+                            first = event
                         last = event
                     yield event
                 return

@@ -12,8 +12,8 @@ batch, at most ``max_num_seqs`` requests, in chunks of ``VLLM_V1_OUTPUT_PROC_CHU
 yield between them) is bounded, so heartbeats are still answered; prompts are tokenized on a
 thread of their own because their cost grows with the prompt.
 
-LoRA (``option.enable_lora``): a request's adapter is added to vLLM (``add_lora``) on the engine loop
-before the request is submitted, unless vLLM holds it already; a bad adapter then fails that request
+LoRA (``option.enable_lora``): a request's adapter is added to vLLM (``add_lora``) before the request
+is submitted, unless vLLM holds it already; a bad adapter then fails that request
 with a 400 instead of failing vLLM's engine core mid-batch, where the weights would otherwise load.
 
 This module imports vLLM only inside functions: the plugin's hooks import it to recognise the engine.
@@ -311,10 +311,10 @@ class VllmEngine:
 
         counts = SchedulerCounts()
         started = time.monotonic()
+        set_envs_cache(False)  # read the environment as it is now (start_on_loop caches it)
         # Built with no event loop running in this thread: AsyncLLM then starts its output handler
         # and socket reader on the loop of its first request, the worker's (start_on_loop).
-        # Only while vLLM spawns its processes: a later engine in this process may have one rank.
-        set_envs_cache(False)  # read the environment as it is now (start_on_loop caches it)
+        # The binding only while vLLM spawns its processes: a later engine here may have one rank.
         with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
             llm = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**kwargs), stat_loggers=[_stat_logger_factory(counts)]
