@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Server, model_dir, run_concurrent
 from lmi_core.config import build_model_config
 from lmi_core.demo_model import build_demo_model
-from lmi_core.launchers import free_ports, mpirun_argv
+from lmi_core.launch.launchers import free_ports, mpirun_argv
 
 MODES = {
     "python": {},
@@ -64,7 +64,7 @@ def rank_job(model: str, n: int) -> None:
     from mpi4py import MPI
 
     from lmi_core.engine import WorkerContext
-    from lmi_core.worker import mpi_rank_and_size
+    from lmi_core.worker.rank_server import mpi_rank_and_size
     from lmi_hf.distributed import MpiCoordinator, init_distributed
     from lmi_hf.engine import StepPlan
 

@@ -154,7 +154,7 @@ def backends(args: argparse.Namespace) -> int:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from lmi_core.preflight import doctor as run_doctor
+    from lmi_core.launch.preflight import doctor as run_doctor
 
     return run_doctor(_models(args)[0])
 

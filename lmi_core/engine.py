@@ -292,7 +292,7 @@ class EngineStats:
 class Engine(Protocol):
     """A loaded engine as the worker drives it (``load_engine`` returns one).
 
-    The built-in worker hooks (``lmi_core.engine_hooks``) call these methods, so a backend plugin
+    The built-in worker hooks (``lmi_core.worker.engine_hooks``) call these methods, so a backend plugin
     implements only ``register_backends`` and ``load_engine``.
     """
 

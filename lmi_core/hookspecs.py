@@ -2,9 +2,9 @@
 
 Server-side hooks run in the HTTP server process; worker-side hooks run inside a worker process.
 Built-in behaviour is written as plugins on these same hooks: the launchers of both modes
-(``lmi_core.launchers``) and the worker hooks that drive any ``Engine`` (``lmi_core.engine_hooks``,
-``trylast``), so a backend plugin implements ``register_backends`` and ``load_engine`` and may
-override the rest.
+(``lmi_core.launch.launchers``) and the worker hooks that drive any ``Engine``
+(``lmi_core.worker.engine_hooks``, ``trylast``), so a backend plugin implements
+``register_backends`` and ``load_engine`` and may override the rest.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def unload_adapter(engine: Engine, name: str) -> Awaitable[None] | None:
 
 @hookspec
 def register_tool_parsers() -> dict[str, Callable[[], Any]]:
-    """Name the tool-call parsers (``lmi_core.tool_parsers.ToolParser`` factories) this plugin adds."""
+    """Name the tool-call parsers (``lmi_core.http.tool_parsers.ToolParser`` factories) this plugin adds."""
 
 
 @hookspec

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from lmi_core.placement import RankPlace
+    from lmi_core.launch.placement import RankPlace
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class WorkerSlot:
     socket_base: str
     devices: tuple[str, ...] = ()
     threads: int | None = None
-    # Multi-host MPI jobs: where each rank runs and what it sees there (lmi_core.placement).
+    # Multi-host MPI jobs: where each rank runs and what it sees there (lmi_core.launch.placement).
     ranks: tuple[RankPlace, ...] = ()
 
 

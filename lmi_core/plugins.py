@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 # Built-in behaviour registered exactly like third-party plugins (datasette's pattern): the
 # launchers of both modes (server side) and the Engine-protocol worker hooks (worker side).
-DEFAULT_PLUGINS: tuple[str, ...] = ("lmi_core.launchers", "lmi_core.engine_hooks")
+DEFAULT_PLUGINS: tuple[str, ...] = ("lmi_core.launch.launchers", "lmi_core.worker.engine_hooks")
 
 ENTRY_POINT_GROUP = "lmi"
 

@@ -32,8 +32,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "plugins" / "lmi_hf")]
 
-from lmi_core import devices  # noqa: E402
 from lmi_core.errors import ConfigError  # noqa: E402
+from lmi_core.launch import devices  # noqa: E402
 from tests.conftest import ServerProcess, link_model, ping, wait_for  # noqa: E402
 
 Result = Literal["PASS", "FAIL", "SKIP"]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmi_core.devices import cpu_count
+from lmi_core.launch.devices import cpu_count
 from tests.conftest import ServerProcess, link_model, wait_for
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ import pytest
 
 from lmi_core.config import build_model_config
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
-from lmi_core.launchers import free_ports, mpirun_argv
+from lmi_core.launch.launchers import free_ports, mpirun_argv
 from lmi_hf.engine import HFEngine, StepPlan, load_model
 from tests.conftest import ServerProcess, descendants, ping, processes_matching, stream_lines, wait_for
 
@@ -186,7 +186,7 @@ def test_tp_degree_that_does_not_divide_the_heads_fails_before_any_process(tp_mo
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from lmi_core.engine import WorkerContext
-from lmi_core.worker import mpi_rank_and_size
+from lmi_core.worker.rank_server import mpi_rank_and_size
 from lmi_hf.batch import prefill
 from lmi_hf.distributed import MpiCoordinator, init_distributed
 from lmi_hf.engine import StepPlan, load_model

@@ -22,7 +22,7 @@ HEAVY = ["starlette", "uvicorn", "pydantic", "prometheus_client", "torch", "lmi_
 # plugin, as entry points or LMI_EXTRA_PLUGINS), and look at the worker hooks.
 SCRIPT = """
 import json, sys
-import lmi_core.worker
+import lmi_core.worker.rank_server
 from lmi_core.plugins import new_plugin_manager
 pm = new_plugin_manager()
 names = [getattr(p, "__name__", "") for p in pm.get_plugins()]
@@ -44,7 +44,7 @@ def test_worker_with_every_plugin_imports_no_server_or_gpu_package() -> None:
     ).stdout
     report = json.loads(out)
     assert set(PLUGINS) <= set(report["plugins"])
-    assert report["hooks"] == ["lmi_core.engine_hooks"]  # no plugin needs its own handle_request
+    assert report["hooks"] == ["lmi_core.worker.engine_hooks"]  # no plugin needs its own handle_request
     modules = set(report["modules"])
     loaded = [m for m in HEAVY if m in modules or any(n.startswith(m + ".") for n in modules)]
     assert loaded == []

@@ -1,6 +1,6 @@
 """LoRA adapters over HTTP: DJL's and vLLM's management routes, and which adapter a request names.
 
-One registry per model (``ServedModel.adapters``, ``lmi_core.adapters``), two management dialects:
+One registry per model (``ServedModel.adapters``, ``lmi_core.serving.adapters``), two management dialects:
 DJL's ``/models/{model}/adapters[/{name}[/update]]`` (and ``/adapters...`` for the only model) with
 DJL's bodies and errors, vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` with vLLM's
 plain-text successes and ``{"error": {...}}`` failures. A request picks an adapter by OpenAI's
@@ -21,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from lmi_core.adapters import AdapterRegistry, RegisteredAdapter, check_name
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import BadRequestError, ModelNotFoundError, NotFoundError, ServiceError
 from lmi_core.http.common import query_and_body, read_json
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState, ServedModel
+from lmi_core.serving.adapters import AdapterRegistry, RegisteredAdapter, check_name
 
 # SageMaker's per-request adapter (multi-adapter inference components).
 ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"

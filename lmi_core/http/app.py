@@ -28,7 +28,7 @@ from lmi_core.http.request_timeout import RequestTimeoutMiddleware
 from lmi_core.http.routing import RoutingMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
-from lmi_core.server import ModelServer
+from lmi_core.serving.server import ModelServer
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
-from lmi_core.pool import ModelStatus, new_request_id
+from lmi_core.serving.pool import ModelStatus, new_request_id
 
 
 async def ping(request: Request) -> Response:

@@ -25,9 +25,9 @@ from lmi_core.errors import BadRequestError, ServiceError, WorkerFailedError
 from lmi_core.http.common import query_and_body
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState
-from lmi_core.pool import ModelStatus, PoolSnapshot
-from lmi_core.registry import Health, ModelSnapshot
-from lmi_core.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.serving.pool import ModelStatus, PoolSnapshot
+from lmi_core.serving.registry import Health, ModelSnapshot
+from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 # Names end up in URLs and worker socket paths: no separators, and short (Unix socket path limit).
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

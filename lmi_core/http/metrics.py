@@ -29,8 +29,8 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
-from lmi_core.pool import PoolSnapshot
-from lmi_core.routing import ROUTED, RouteHint
+from lmi_core.serving.pool import PoolSnapshot
+from lmi_core.serving.routing import ROUTED, RouteHint
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))

@@ -49,9 +49,9 @@ from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_calls import ToolPlan, ToolStream
+from lmi_core.http.tool_parsers import ParserFactory, parser_registry
 from lmi_core.plugins import get_plugin_manager
-from lmi_core.pool import new_request_id
-from lmi_core.tool_parsers import ParserFactory, parser_registry
+from lmi_core.serving.pool import new_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmi_core.deadlines import client_timeout, parse_client_timeout
 from lmi_core.errors import BadRequestError
 from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.serving.deadlines import client_timeout, parse_client_timeout
 
 HEADER = b"x-request-timeout"
 

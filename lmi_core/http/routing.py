@@ -11,7 +11,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmi_core.routing import RouteHint
+from lmi_core.serving.routing import RouteHint
 
 # The client's session: lmi's own header, then SageMaker's stateful-session header.
 SESSION_HEADERS = (b"x-session-id", b"x-amzn-sagemaker-session-id")

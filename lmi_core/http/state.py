@@ -15,12 +15,12 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lmi_core.adapters import AdapterRegistry
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
-from lmi_core.pool import PoolSnapshot
-from lmi_core.registry import Health, ModelSnapshot
-from lmi_core.routing import RouteHint
+from lmi_core.serving.adapters import AdapterRegistry
+from lmi_core.serving.pool import PoolSnapshot
+from lmi_core.serving.registry import Health, ModelSnapshot
+from lmi_core.serving.routing import RouteHint
 
 
 class ServedModel(Protocol):

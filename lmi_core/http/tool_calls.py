@@ -4,7 +4,7 @@
 from the tools' parameter schemas (so any model calls a listed tool with valid arguments);
 ``auto`` lets the model choose and reads its text with the model's ``option.tool_call_parser``
 (needs ``option.enable_auto_tool_choice=true``); ``none`` (the default without tools) is plain chat.
-Streamed and whole responses come from the same parser (``lmi_core.tool_parsers``), so the streamed
+Streamed and whole responses come from the same parser (``lmi_core.http.tool_parsers``), so the streamed
 ``tool_calls`` deltas joined equal the whole response's calls.
 """
 
@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmi_core.engine import StructuredOutput
 from lmi_core.errors import BadRequestError
-from lmi_core.tool_parsers import NamedCallParser, Parsed, ParserFactory, ToolCall, ToolParser, join_calls
+from lmi_core.http.tool_parsers import (
+    NamedCallParser,
+    Parsed,
+    ParserFactory,
+    ToolCall,
+    ToolParser,
+    join_calls,
+)
 
 ToolMode = Literal["required", "named", "auto"]
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -133,7 +140,7 @@ class ToolPlan:
         if self.mode == "named":
             return NamedCallParser(self.name)
         if self.mode == "required":
-            from lmi_core.tool_parsers import JsonArrayParser
+            from lmi_core.http.tool_parsers import JsonArrayParser
 
             return JsonArrayParser()
         assert self.factory is not None

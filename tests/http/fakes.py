@@ -13,7 +13,6 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from lmi_core.adapters import adapter_registry
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
@@ -21,10 +20,11 @@ from lmi_core.http import openai_api
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
-from lmi_core.pool import ModelStatus, PoolSnapshot
-from lmi_core.registry import Health, ModelSnapshot, ModelState, health_of
-from lmi_core.routing import Decision, RouteHint
-from lmi_core.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.serving.adapters import adapter_registry
+from lmi_core.serving.pool import ModelStatus, PoolSnapshot
+from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
+from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
 def worker(

@@ -11,9 +11,9 @@ from starlette.testclient import TestClient
 
 from lmi_core.engine import EngineStats, LoraAdapter
 from lmi_core.http.metrics import LoraTotals
-from lmi_core.supervisor import WorkerSnapshot
+from lmi_core.serving.supervisor import WorkerSnapshot
 from tests.http.fakes import FakeModel, FakeModels, client, model, pool, worker
-from tests.test_adapters import write_adapter
+from tests.serving.test_adapters import write_adapter
 
 LORA = {"enable_lora": "true"}
 

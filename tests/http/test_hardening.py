@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from lmi_core.pool import ModelStatus
-from lmi_core.registry import ModelState
+from lmi_core.serving.pool import ModelStatus
+from lmi_core.serving.registry import ModelState
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 DEEP = b"[" * 10_000 + b"]" * 10_000

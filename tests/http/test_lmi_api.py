@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from lmi_core.pool import ModelStatus
-from lmi_core.registry import ModelSnapshot, ModelState
-from lmi_core.supervisor import WorkerState
+from lmi_core.serving.pool import ModelStatus
+from lmi_core.serving.registry import ModelSnapshot, ModelState
+from lmi_core.serving.supervisor import WorkerState
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmi_core.pool import ModelStatus
-from lmi_core.registry import ModelState
-from lmi_core.supervisor import WorkerState
+from lmi_core.serving.pool import ModelStatus
+from lmi_core.serving.registry import ModelState
+from lmi_core.serving.supervisor import WorkerState
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 

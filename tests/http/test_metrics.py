@@ -5,9 +5,9 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmi_core.engine import EngineStats
-from lmi_core.pool import ModelStatus
-from lmi_core.registry import ModelState
-from lmi_core.supervisor import WorkerState
+from lmi_core.serving.pool import ModelStatus
+from lmi_core.serving.registry import ModelState
+from lmi_core.serving.supervisor import WorkerState
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 

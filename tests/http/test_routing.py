@@ -7,7 +7,7 @@ does; with real workers and real decisions: ``tests/test_routing_http.py``.
 from __future__ import annotations
 
 from lmi_core.http.routing import response_headers
-from lmi_core.routing import Decision, RouteHint
+from lmi_core.serving.routing import Decision, RouteHint
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 

@@ -12,7 +12,7 @@ from lmi_core.errors import BadRequestError
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest
 from lmi_core.http.tool_calls import ToolStream
-from lmi_core.tool_parsers import BUILTIN_PARSERS
+from lmi_core.http.tool_parsers import BUILTIN_PARSERS
 
 TOOL = {
     "type": "function",

@@ -20,7 +20,7 @@ import pytest
 from lmi_core.config import build_model_config
 from lmi_core.engine import AdapterEngine, Finished, GenerationRequest, LoraAdapter, SamplingParams, Token
 from lmi_core.errors import EngineError
-from lmi_core.launchers import free_ports, mpirun_argv
+from lmi_core.launch.launchers import free_ports, mpirun_argv
 from lmi_core.option_values import LoraSettings
 from lmi_hf.adapters import plan_adapters
 from lmi_hf.distributed import decode_plan, encode_plan
@@ -267,7 +267,7 @@ def test_the_step_plan_carries_adapter_changes_to_the_other_ranks() -> None:
 RANK_SCRIPT = """
 import asyncio, json, sys
 from lmi_core.engine import GenerationRequest, LoraAdapter, SamplingParams, Token, WorkerContext
-from lmi_core.worker import mpi_rank_and_size
+from lmi_core.worker.rank_server import mpi_rank_and_size
 from lmi_hf.distributed import load_distributed
 
 rank, size = mpi_rank_and_size()

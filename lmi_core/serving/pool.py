@@ -1,0 +1,591 @@
+"""One model's worker pool: bounded FIFO queue, routed dispatch, scaling, readiness.
+
+Each worker takes up to ``option.max_rolling_batch_size`` requests at once (the engine batches
+them); requests beyond that wait here in arrival order, at most ``job_queue_size`` of them, and a
+request beyond that is refused with 503 at once. Accepted requests are never dropped: they get a
+worker, or a terminal error naming why not. Which ready worker with free capacity a request gets is
+the router's choice (``routing``: its session's worker, the one that saw its prefix, or the least
+loaded); queued requests keep arrival order whatever the router chooses.
+
+Scaling: ``min_workers`` workers start at load and are kept (a FAILED worker is replaced after a
+back-off that doubles while replacements keep failing); while requests wait and no worker is
+starting, one more starts, up to ``max_workers``; a worker idle longer than ``max_idle_time``
+retires while more than ``min_workers`` remain. Every decision is taken in ``_reconcile``, which
+never awaits, so the scaler, ``resize`` and dispatch cannot interleave halfway through one. A
+retiring worker gets no new request, finishes its in-flight ones (up to ``drain_timeout``), then
+stops; its device group is free again only once its process is gone. Worker ids are never reused.
+
+``describe`` returns a ``PoolSnapshot`` (frozen, no wire names): the HTTP layer renders it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+import pluggy
+
+from lmi_core.backends import installed_backends
+from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, LoraAdapter, Token
+from lmi_core.errors import (
+    EngineFailedError,
+    ModelNotReadyError,
+    QueueFullError,
+    QueueTimeoutError,
+    RequestTimeoutError,
+    WorkerFailedError,
+)
+from lmi_core.launch.devices import AllocationPlan, DeviceGroup
+from lmi_core.launch_spec import WorkerSlot
+from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
+from lmi_core.serving.deadlines import Deadlines, client_timeout, deadlines
+from lmi_core.serving.routing import (
+    ROUTED,
+    Decision,
+    RouteHint,
+    RouteQuery,
+    Router,
+    RoutingPolicy,
+    WorkerLoad,
+)
+from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+class ModelStatus(str, enum.Enum):
+    """Whether a model can serve (``/ping`` and the management API render it, in DJL's words)."""
+
+    READY = "READY"  # a worker serves (or none is needed: scaled to zero, a request starts one)
+    PENDING = "PENDING"  # loading, or every worker is (re)starting
+    FAILED = "FAILED"  # no worker can serve and none is starting
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """One model's pool at one instant (``WorkerPool.describe``): plain data, no wire names."""
+
+    name: str
+    status: ModelStatus
+    backend: str
+    mode: str
+    tensor_parallel_degree: int | str
+    pipeline_parallel_degree: int
+    min_workers: int
+    max_workers: int
+    max_idle_seconds: float
+    queue_size: int
+    queued: int  # requests waiting for a worker
+    max_rolling_batch_size: int
+    loaded_at: float  # time.time() of the registration
+    last_failure: str | None  # the last worker failure's reason, even if it recovered since
+    # The device slices the model may use, one per worker it may have; () each on CPU.
+    groups: tuple[tuple[str, ...], ...]
+    workers: tuple[WorkerSnapshot, ...]
+
+    @property
+    def ready_workers(self) -> int:
+        """Workers that take requests: READY and not retiring."""
+        return sum(1 for w in self.workers if w.state is WorkerState.READY and not w.retiring)
+
+
+# (model name, event name, value) callbacks for metrics.
+Observer = Callable[[str, str, float], None]
+
+# How often the scaler looks at idle workers and due replacements when nothing else wakes it.
+SCALE_INTERVAL = 1.0
+# Back-off before replacing a FAILED worker: doubles per failure, reset when a worker turns READY.
+REPLACE_BACKOFF_MIN = 1.0
+REPLACE_BACKOFF_MAX = 60.0
+# Poll period while waiting for in-flight requests to finish (draining) or workers to settle.
+POLL = 0.05
+
+
+Assignment = tuple[SupervisedWorker, Decision]
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # A worker's failed first start is reported by its state; mark the exception seen so asyncio
+    # does not log it as never retrieved when nobody awaits ``first_start`` (scaled-up workers).
+    if not future.cancelled():
+        future.exception()
+
+
+class WorkerPool:
+    """The workers of one model and the queue in front of them."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        server: ServerConfig,
+        pm: pluggy.PluginManager,
+        plan: AllocationPlan,
+        socket_prefix: str,
+        observe: Observer = lambda model, event, value: None,
+    ) -> None:
+        self.config = config
+        self.server = server
+        self.pm = pm
+        self.socket_prefix = socket_prefix
+        self.observe = observe
+        self.groups: tuple[DeviceGroup, ...] = plan.groups
+        self.threads = plan.threads_per_worker
+        self.min_workers = plan.min_workers
+        self.max_workers = plan.max_workers
+        self.workers: dict[int, SupervisedWorker] = {}
+        self.queue_size = config.job_queue_size or server.job_queue_size
+        self.capacity = config.max_rolling_batch_size
+        self.loaded_at = time.time()
+        self.last_failure: str | None = None
+        self.router = Router(RoutingPolicy.from_config(config))
+        backend = installed_backends(pm).get(config.backend)
+        self.resumes_streams = backend is not None and backend.resumes_streams
+        self._queue: deque[tuple[asyncio.Future[Assignment], RouteQuery]] = deque()
+        self._retiring: dict[int, asyncio.Task[None]] = {}
+        self._idle_since: dict[int, float] = {}
+        self._next_id = 0
+        self._replace_at = 0.0
+        self._backoff = REPLACE_BACKOFF_MIN
+        self._changed = asyncio.Event()
+        self._started = False
+        self._closing = False
+        self._scaler: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        # LoRA adapters (option.enable_lora), None without; the adapters directory is registered here.
+        self.adapters: AdapterRegistry | None = adapter_registry(config, self._adapter_changed)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a worker."""
+        return len(self._queue)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def devices(self) -> set[str]:
+        """Every device this model holds or may scale onto: other models keep off them."""
+        held = {d for w in self.workers.values() for d in w.slot.devices}
+        return held | {d for g in self.groups for d in g.devices}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start ``min_workers`` workers and wait until each has loaded or failed; raise if none loaded."""
+        self._started = True
+        self._reconcile()
+        first = list(self.workers.values())
+        results = await asyncio.gather(*(w.first_start for w in first), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and len(errors) == len(first):
+            raise errors[0]
+        # Only now: a worker failing during the first load must fail the load, not be replaced.
+        self._scaler = asyncio.get_running_loop().create_task(self._scale_loop())
+
+    async def resize(self, plan: AllocationPlan, wait: bool = True) -> None:
+        """Adopt new worker bounds and device groups; start or retire workers to fit them.
+
+        With ``wait``, return once no worker is starting or retiring any more. Before ``start`` it
+        only sets what ``start`` will use.
+        """
+        if self._closing:
+            raise ModelNotReadyError(f"model {self.name} is shutting down")
+        self.groups, self.threads = plan.groups, plan.threads_per_worker
+        self.min_workers, self.max_workers = plan.min_workers, plan.max_workers
+        if self._started:
+            self._reconcile()
+        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self._serving())):
+            await asyncio.sleep(POLL)
+
+    async def stop(self) -> None:
+        """Refuse new requests, let queued and in-flight ones finish (up to ``drain_timeout``), stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        self._closing = True
+        if self._scaler is not None:
+            self._scaler.cancel()
+        deadline = time.monotonic() + self.server.drain_timeout
+        # Only a serving pool can drain; a loading or failed one stops at once.
+        while (
+            (self._queue or any(w.in_flight for w in self.workers.values()))
+            and self.status is ModelStatus.READY
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(POLL)
+        self._fail_waiting(f"model {self.name} was unloaded")
+        for worker in list(self.workers.values()):
+            if worker.worker_id not in self._retiring:
+                self._retire(worker, deadline)
+        await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+
+    # -- scaling -----------------------------------------------------------------------------------
+
+    def _serving(self) -> list[SupervisedWorker]:
+        """Workers that count toward the bounds: neither retiring nor FAILED."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.worker_id not in self._retiring and w.state is not WorkerState.FAILED
+        ]
+
+    def _free_group(self) -> DeviceGroup | None:
+        """A device group no worker holds (a retiring worker holds its group until it has stopped)."""
+        if len(self.workers) >= len(self.groups):
+            return None
+        held = {d for w in self.workers.values() for d in w.slot.devices}
+        return next((g for g in self.groups if held.isdisjoint(g.devices)), None)
+
+    def _add_worker(self, group: DeviceGroup) -> SupervisedWorker:
+        worker_id = self._next_id
+        self._next_id += 1
+        slot = WorkerSlot(
+            worker_id, f"{self.socket_prefix}-w{worker_id}", group.devices, self.threads, group.ranks
+        )
+        worker = SupervisedWorker(
+            self.config,
+            self.server,
+            slot,
+            self.pm,
+            on_change=self._on_worker_change,
+            on_heartbeat=lambda seconds: self.observe(self.name, "heartbeat", seconds),
+        )
+        worker.first_start.add_done_callback(_retrieve)
+        self.workers[worker_id] = worker
+        self._idle_since[worker_id] = time.monotonic()
+        worker.run()
+        return worker
+
+    def _retire(self, worker: SupervisedWorker, deadline: float | None = None) -> None:
+        """Give ``worker`` no new request; stop it once its in-flight ones finish (or at ``deadline``)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.server.drain_timeout
+        task = asyncio.get_running_loop().create_task(self._drain_and_stop(worker, deadline))
+        self._retiring[worker.worker_id] = task
+
+    async def _drain_and_stop(self, worker: SupervisedWorker, deadline: float) -> None:
+        try:
+            # Only a READY worker can finish requests (a failed one has failed them already).
+            while worker.in_flight and worker.state is WorkerState.READY and time.monotonic() < deadline:
+                await asyncio.sleep(POLL)
+            await worker.stop()
+        finally:
+            if not worker.first_start.done():  # unblocks start() when a loading model is unloaded
+                stopped = ModelNotReadyError(f"worker {worker.worker_id} stopped while loading")
+                worker.first_start.set_exception(stopped)
+            del self.workers[worker.worker_id]
+            del self._retiring[worker.worker_id]
+            self.router.forget(worker.worker_id)
+            self._idle_since.pop(worker.worker_id, None)
+            self._dispatch()
+            self._changed.set()
+
+    def _on_worker_change(self, worker: SupervisedWorker) -> None:
+        now = time.monotonic()
+        if worker.state is not WorkerState.READY:
+            self.router.forget(worker.worker_id)  # a restarted engine starts with an empty cache
+        if worker.state is WorkerState.STARTING and worker.restarts:
+            self.observe(self.name, "worker_restart", 1)
+        elif worker.state is WorkerState.READY:
+            self._idle_since[worker.worker_id] = now
+            self._backoff = REPLACE_BACKOFF_MIN
+            self._give_adapters(worker)
+        elif worker.state is WorkerState.FAILED:
+            self.last_failure = worker.last_error
+            self._replace_at = now + self._backoff
+            self._backoff = min(2 * self._backoff, REPLACE_BACKOFF_MAX)
+        self._dispatch()
+        self._changed.set()
+
+    def _reconcile(self) -> None:
+        """Fit the workers to the bounds and the load. Never awaits, so decisions cannot interleave."""
+        if self._closing:
+            return
+        now = time.monotonic()
+        may_start = now >= self._replace_at  # no new worker while a failure's back-off runs
+        if may_start:
+            for worker in self.workers.values():
+                if worker.state is WorkerState.FAILED and worker.worker_id not in self._retiring:
+                    self._retire(worker)  # frees its device group for the replacement below
+        serving = self._serving()
+        # Above max_workers (after a resize): retire starting workers first, then the least loaded.
+        surplus = sorted(serving, key=lambda w: (w.state is WorkerState.READY, w.in_flight, -w.worker_id))
+        for worker in surplus[: max(0, len(serving) - self.max_workers)]:
+            self._retire(worker)
+            serving.remove(worker)
+        while may_start and len(serving) < self.min_workers and (group := self._free_group()) is not None:
+            serving.append(self._add_worker(group))
+        starting = any(w.state is WorkerState.STARTING for w in serving)
+        if self._queue:
+            if may_start and not starting and len(serving) < self.max_workers:
+                group = self._free_group()
+                if group is not None:
+                    logger.info("model %s: %d request(s) waiting; adding a worker", self.name, self.waiting)
+                    self._add_worker(group)
+            return
+        idle = [
+            w
+            for w in serving
+            if w.state is WorkerState.READY
+            and w.in_flight == 0
+            and now - self._idle_since[w.worker_id] > self.config.max_idle_time
+        ]
+        # Youngest first: dispatch prefers low ids, so the oldest workers stay warm.
+        for worker in sorted(idle, key=lambda w: -w.worker_id)[: max(0, len(serving) - self.min_workers)]:
+            logger.info("model %s: retiring worker %d (idle)", self.name, worker.worker_id)
+            self._retire(worker)
+
+    async def _scale_loop(self) -> None:
+        # Not only cancellation ends it: Python 3.11's wait_for can swallow a cancel that races a wakeup.
+        while not self._closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=SCALE_INTERVAL)
+            self._changed.clear()
+            try:
+                self._reconcile()
+            except Exception:  # a bug here must not silently end scaling for good
+                logger.exception("model %s: scaling failed", self.name)
+
+    # -- LoRA adapters -----------------------------------------------------------------------------
+
+    def _give_adapters(self, worker: SupervisedWorker) -> None:
+        """A worker that just (re)started gets the preloaded and pinned adapters, before any request."""
+        for adapter in self.adapters.resident() if self.adapters is not None else ():
+            worker.send_adapter("load", adapter)
+            self.router.sent_adapter(worker.worker_id, adapter.name)
+
+    def _adapter_changed(self, op: Op, adapter: LoraAdapter) -> None:
+        """The registry's callback: load a (pre)loaded adapter into every ready worker, or drop one."""
+        for worker in self.workers.values():
+            if worker.state is WorkerState.READY:
+                worker.send_adapter(op, adapter)
+                if op == "load":
+                    self.router.sent_adapter(worker.worker_id, adapter.name)
+                else:
+                    self.router.dropped_adapter(worker.worker_id, adapter.name)
+
+    # -- status ------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> ModelStatus:
+        """``READY``, ``PENDING`` (no worker loaded yet), ``FAILED`` (no worker can serve)."""
+        serving = self._serving()
+        if any(w.state is WorkerState.READY for w in serving):
+            return ModelStatus.READY
+        if any(w.state is WorkerState.STARTING for w in serving):
+            return ModelStatus.PENDING
+        failed = any(w.state is WorkerState.FAILED for w in self.workers.values())
+        # Scaled to zero (min_workers=0): a request starts a worker.
+        if not serving and self.min_workers == 0 and not failed:
+            return ModelStatus.READY
+        return ModelStatus.FAILED
+
+    def describe(self) -> PoolSnapshot:
+        """The pool now: bounds, queue, device slices, and every worker (retiring ones marked)."""
+        return PoolSnapshot(
+            name=self.name,
+            status=self.status,
+            backend=self.config.backend,
+            mode=self.config.mode,
+            tensor_parallel_degree=self.config.tensor_parallel_degree,
+            pipeline_parallel_degree=self.config.pipeline_parallel_degree,
+            min_workers=self.min_workers,
+            max_workers=self.max_workers,
+            max_idle_seconds=self.config.max_idle_time,
+            queue_size=self.queue_size,
+            queued=self.waiting,
+            max_rolling_batch_size=self.capacity,
+            loaded_at=self.loaded_at,
+            last_failure=self.last_failure,
+            groups=tuple(g.devices for g in self.groups),
+            workers=tuple(
+                dataclasses.replace(w.describe(), retiring=w.worker_id in self._retiring)
+                for w in self.workers.values()
+            ),
+        )
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _load(self, worker: SupervisedWorker) -> WorkerLoad:
+        """The worker's load as the router sees it: in flight, and KV use where its engine reports it."""
+        stats = worker.ranks[0].last_stats if worker.ranks else None
+        extra = stats.extra if stats is not None else {}
+        kv_tokens = extra.get("kv_cache_tokens")
+        adapters: frozenset[str] = frozenset()
+        if self.adapters is not None:  # held: in its last heartbeat, or sent to it just now
+            held = stats.adapters if stats is not None else []
+            adapters = frozenset(held).union(self.router.recent_adapters(worker.worker_id))
+        return WorkerLoad(
+            worker.worker_id,
+            worker.in_flight,
+            self.capacity,
+            extra.get("kv_cache_usage"),
+            int(kv_tokens) if kv_tokens else None,
+            adapters,
+        )
+
+    def _pick(self, query: RouteQuery) -> Assignment | None:
+        """The router's choice among the ready workers with free capacity (none: None); reserves it."""
+        ready = [w for w in self._serving() if w.accepting and w.in_flight < self.capacity]
+        if not ready:
+            return None
+        decision = self.router.route(query, [self._load(w) for w in ready])
+        self.observe(self.name, ROUTED + decision.reason, 1)
+        worker = self.workers[decision.worker_id]
+        worker.in_flight += 1
+        return worker, decision
+
+    def _dispatch(self) -> None:
+        """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
+        while self._queue and (assignment := self._pick(self._queue[0][1])) is not None:
+            self._queue.popleft()[0].set_result(assignment)
+        if self._queue and self.status is ModelStatus.FAILED:
+            self._fail_waiting(self._unservable())
+
+    def _unservable(self) -> str:
+        return f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})"
+
+    def _fail_waiting(self, message: str) -> None:
+        while self._queue:
+            self._queue.popleft()[0].set_exception(ModelNotReadyError(message))
+
+    def _release(self, worker: SupervisedWorker) -> None:
+        worker.in_flight -= 1
+        if worker.in_flight == 0 and worker.worker_id in self.workers:
+            self._idle_since[worker.worker_id] = time.monotonic()
+        self._dispatch()
+        self._changed.set()
+
+    def _abandon(self, future: asyncio.Future[Assignment]) -> None:
+        """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._release(future.result()[0])  # it was handed a worker just as it gave up
+            return
+        future.cancel()
+        for entry in self._queue:
+            if entry[0] is future:
+                self._queue.remove(entry)
+                break
+
+    async def _acquire(self, query: RouteQuery, limits: Deadlines, migrating: bool = False) -> Assignment:
+        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order.
+
+        A ``migrating`` request was admitted before every waiting one: it goes to the head of the
+        queue and is never refused for a full queue.
+        """
+        if self._closing and not migrating:
+            raise ModelNotReadyError(f"model {self.name} is shutting down")
+        if not self._queue and (assignment := self._pick(query)) is not None:
+            return assignment
+        if self.status is ModelStatus.FAILED:
+            raise ModelNotReadyError(self._unservable())
+        if len(self._queue) >= self.queue_size and not migrating:
+            raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
+        future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
+        if migrating:
+            self._queue.appendleft((future, query))
+        else:
+            self._queue.append((future, query))
+        self._changed.set()  # the scaler may add a worker
+        try:
+            await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
+        except asyncio.CancelledError:
+            self._abandon(future)
+            raise
+        if not future.done():
+            self._abandon(future)
+            if limits.queue < limits.total:
+                raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
+            raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
+        return future.result()
+
+    async def generate(
+        self, request: GenerationRequest, hint: RouteHint | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Queue ``request``, run it on the worker the router picks, yield its events.
+
+        ``hint`` carries the request's session in, and gets the routing decision appended before the
+        first event is yielded (so a response can name its worker before it starts).
+        """
+        started = time.monotonic()
+        config = self.config
+        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
+        query = self.router.query(request, hint)
+        worker, decision = await self._acquire(query, limits)
+        self.observe(self.name, "queue_time", time.monotonic() - started)
+        # What the client has, ids only (a Token holds its text and log-probs): a migrated request
+        # resumes after them. The first token carries the prompt's length, the last whether it ended.
+        delivered: list[int] = []
+        first: Token | None = None
+        last: Token | None = None
+        attempt = request
+        for migration in itertools.count():
+            if hint is not None:
+                hint.served.append(decision)
+            events = worker.generate(attempt, limits.total, limits.total_source)
+            try:
+                async for event in events:
+                    if isinstance(event, Token):
+                        delivered.append(event.id)
+                        if first is None:
+                            first = event
+                        last = event
+                    yield event
+                return
+            except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
+                movable = self.resumes_streams or not delivered
+                if not movable or migration >= config.max_migrations or time.monotonic() >= limits.total:
+                    raise
+                failure = exc
+            finally:
+                await events.aclose()
+                self._release(worker)
+            if first is not None and last is not None and last.last:  # died after its last token
+                yield finished_after(first, last, len(delivered), request)
+                return
+            self.observe(self.name, "migration", 1)
+            logger.warning(
+                "model %s: request %s moves on after %d token(s): %s",
+                self.name,
+                request.request_id,
+                len(delivered),
+                failure,
+            )
+            attempt = dataclasses.replace(request, resume_ids=list(delivered))
+            # The total deadline still holds; the queue deadline was for the first wait only.
+            worker, decision = await self._acquire(
+                query, dataclasses.replace(limits, queue=limits.total), True
+            )
+
+
+def finished_after(first: Token, last: Token, count: int, request: GenerationRequest) -> Finished:
+    """The ``Finished`` a worker that died right after a request's last token (of ``count``) did not
+    send: EOS if that token was one (engines mark EOS special), the length if the budget is spent,
+    else a stop."""
+    reason: FinishReason = "stop_sequence"
+    if last.special:
+        reason = "eos_token"
+    elif count >= request.params.max_new_tokens:
+        reason = "length"
+    return Finished(reason, first.prompt_tokens or 0, count)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

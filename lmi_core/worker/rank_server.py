@@ -1,0 +1,378 @@
+"""The worker process: ``python -m lmi_core.worker --socket BASE``.
+
+Binds ``BASE.<rank>`` (rank from the MPI launcher's environment, 0 in Python mode), prints a ready
+line, accepts the server's connection, loads the engine through the ``load_engine`` hook when the
+server sends ``init``, and serves requests concurrently through ``handle_request``. The asyncio loop
+only moves messages: engines compute in their own threads, so heartbeat pings are answered while a
+batch runs. The worker exits when the server's connection closes or the server process dies.
+Standard library, msgpack and pluggy only (plus whatever the engine plugin imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pluggy
+
+from lmi_core.engine import (
+    Engine,
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    LoraAdapter,
+    Token,
+    WorkerContext,
+)
+from lmi_core.errors import EngineError, ServiceError
+from lmi_core.plugins import new_plugin_manager
+from lmi_core.worker import wire
+
+logger = logging.getLogger("lmi_core.worker")
+
+ACCEPT_TIMEOUT = 120.0
+WRITE_HIGH_WATER = 256 * 1024
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to kill this process when its parent dies (no orphaned workers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def mpi_rank_and_size() -> tuple[int, int]:
+    """This process's rank and world size, from Open MPI / PMI environment variables."""
+    for rank_var, size_var in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ):
+        if rank_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1"))
+    return 0, 1
+
+
+class RankServer:
+    """Serves one server connection: init, requests, cancels and pings."""
+
+    def __init__(self, rank: int, pm: pluggy.PluginManager) -> None:
+        self.rank = rank
+        self.pm = pm
+        self.engine: Engine | None = None
+        self.context: WorkerContext | None = None
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Adapter loads/unloads in flight: held here so that the loop does not drop them half-way.
+        self.adapter_tasks: set[asyncio.Task[None]] = set()
+        self.writer: asyncio.StreamWriter | None = None
+        self._outgoing: list[bytes] = []
+        self._tokens: list[list[Any]] = []  # [request id, Token] since the last write
+        self.load_error: str | None = None
+        self.stream_interval = 1  # option.stream_interval: tokens per send of a request, by default
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a frame; frames queued in one loop iteration leave in one write (one syscall)."""
+        self._schedule_flush()
+        self._outgoing.append(wire.encode(message))
+
+    def send_tokens(self, rid: str, tokens: list[Token]) -> None:
+        """Queue tokens: the tokens of every request queued in one loop iteration (an engine step
+        delivers all its requests' outputs in one) leave as one ``toks`` frame, ahead of the other
+        frames of that write, so a request's ``done`` or ``err`` still follows its last token."""
+        if tokens:
+            self._schedule_flush()
+            self._tokens.extend([rid, token.to_wire()] for token in tokens)
+
+    def _schedule_flush(self) -> None:
+        if not self._outgoing and not self._tokens:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        assert self.writer is not None
+        frames, self._outgoing = self._outgoing, []
+        if self._tokens:
+            frames.insert(0, wire.encode({"t": wire.TOKENS, "tokens": self._tokens}))
+            self._tokens = []
+        if not self.writer.is_closing():
+            self.writer.write(b"".join(frames))
+
+    async def drain(self) -> None:
+        """Wait only when the socket is backed up, not after every token."""
+        assert self.writer is not None
+        if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.writer.drain()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        while True:
+            try:
+                message = await wire.read_message(reader)
+            except (wire.ProtocolError, ConnectionError) as exc:
+                logger.error("rank %d: connection error: %s", self.rank, exc)
+                return
+            if message is None:
+                return
+            kind = message["t"]
+            if kind == wire.PING:
+                self.on_ping(message)
+            elif kind == wire.REQUEST:
+                self.on_request(message)
+            elif kind == wire.CANCEL:
+                task = self.tasks.get(message["id"])
+                if task is not None:
+                    task.cancel()
+            elif kind == wire.ADAPTER:
+                self.on_adapter(message)
+            elif kind == wire.INIT:
+                asyncio.get_running_loop().create_task(self.on_init(message))
+            elif kind == wire.SHUTDOWN:
+                return
+            await self.drain()
+
+    async def on_init(self, message: dict[str, Any]) -> None:
+        self.context = WorkerContext.from_wire(message["context"])
+        self.context.rank = self.rank
+        try:
+            self.stream_interval = stream_interval(self.context.options)
+            # Loading takes seconds to minutes: off the loop, so pings are still answered.
+            engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
+            if engine is None:
+                raise EngineError(f"no installed plugin loads backend {self.context.backend!r}")
+            await self.start(engine)
+        except BaseException as exc:  # a failed load must reach the server, whatever it is
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
+            self.send({"t": wire.ERROR, "error": EngineError(self.load_error, status=500).to_wire()})
+            return
+        self.engine = engine
+        logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
+        self.send({"t": wire.LOADED, "rank": self.rank})
+
+    async def start(self, engine: Engine) -> None:
+        """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""
+        try:
+            started = self.pm.hook.start_engine(engine=engine)
+            if started is not None:
+                await started
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.pm.hook.shutdown_engine(engine=engine)
+            raise
+
+    def on_ping(self, message: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"t": wire.PONG, "id": message["id"], "loading": self.engine is None}
+        if self.engine is not None:
+            try:
+                stats: EngineStats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
+            except Exception as exc:
+                unhealthy = EngineError(f"engine unhealthy: {exc}", status=500)
+                self.send({"t": wire.ERROR, "error": unhealthy.to_wire()})
+                return
+            reply["stats"] = stats.to_wire()
+        self.send(reply)
+
+    def on_request(self, message: dict[str, Any]) -> None:
+        rid = message["id"]
+        request = GenerationRequest.from_wire(message["request"])
+        task = asyncio.get_running_loop().create_task(self.run_request(rid, request))
+        self.tasks[rid] = task
+        task.add_done_callback(lambda _: self.tasks.pop(rid, None))
+
+    def on_adapter(self, message: dict[str, Any]) -> None:
+        """Load or unload a LoRA adapter in a task (reading one takes a while); no reply."""
+        task = asyncio.get_running_loop().create_task(self.run_adapter(message))
+        self.adapter_tasks.add(task)
+        task.add_done_callback(self.adapter_tasks.discard)
+
+    async def run_adapter(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        try:
+            adapter = LoraAdapter.from_wire(message["adapter"])
+            if self.engine is None:
+                raise EngineError("engine not loaded", status=503)
+            if op == "load":
+                await self.pm.hook.load_adapter(engine=self.engine, adapter=adapter)
+            elif op == "unload":
+                await self.pm.hook.unload_adapter(engine=self.engine, name=adapter.name)
+            else:
+                raise ValueError(f"unknown adapter op {op!r}")
+            logger.info("rank %d: adapter %s: %s done", self.rank, adapter.name, op)
+        except Exception as exc:  # logged only: the request that uses the adapter gets the error
+            logger.error("rank %d: adapter %s failed: %s: %s", self.rank, op, exc.__class__.__name__, exc)
+
+    async def run_request(self, rid: str, request: GenerationRequest) -> None:
+        # In MPI mode every rank runs the request (same batches everywhere); rank 0 answers.
+        answer = self.rank == 0
+        try:
+            if self.engine is None:
+                raise EngineError("engine not loaded", status=503)
+            events: AsyncGenerator[GenerationEvent, None] = self.pm.hook.handle_request(
+                engine=self.engine, request=request
+            )
+            # Closed here, not left to the garbage collector: a cancel that lands outside the engine's
+            # generator (in drain) must still run its cleanup (free the sequence) at once.
+            interval = request.params.stream_interval or self.stream_interval
+            held: list[Token] = []  # sent every ``interval`` tokens, the rest with the finish
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if not answer:
+                        continue
+                    if isinstance(event, Finished):
+                        self.send_tokens(rid, held)
+                        self.send({"t": wire.DONE, "id": rid, "finished": event.to_wire()})
+                        continue
+                    held.append(event)
+                    if len(held) >= interval:
+                        self.send_tokens(rid, held)
+                        held = []
+                    await self.drain()
+        except asyncio.CancelledError:
+            pass  # the server cancelled it and already answered the client
+        except ServiceError as exc:
+            if answer:
+                self.send({"t": wire.ERROR, "id": rid, "error": exc.to_wire()})
+        except Exception as exc:
+            logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
+            if answer:
+                error = EngineError(f"{exc.__class__.__name__}: {exc}")
+                self.send({"t": wire.ERROR, "id": rid, "error": error.to_wire()})
+
+    def close(self) -> None:
+        for task in [*self.tasks.values(), *self.adapter_tasks]:
+            task.cancel()
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.pm.hook.shutdown_engine(engine=self.engine)
+
+
+def stream_interval(options: dict[str, Any]) -> int:
+    """``option.stream_interval``: how many tokens of a request the worker sends at a time (>= 1)."""
+    value = options.get("stream_interval", 1)
+    try:
+        interval = int(str(value))  # 1.5 is refused, not rounded
+    except (TypeError, ValueError):
+        interval = 0
+    if interval < 1:
+        raise EngineError(f"option.stream_interval must be a whole number >= 1, not {value!r}", status=500)
+    return interval
+
+
+def bind(address: str) -> socket.socket:
+    kind, target = wire.parse_address(address)
+    if kind == "unix":
+        assert isinstance(target, str)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # owner-only socket file
+        try:
+            sock.bind(target)
+        finally:
+            os.umask(old)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(target)
+    sock.listen(1)
+    return sock
+
+
+async def run(address: str, parent_pid: int | None, rank: int, parent: int) -> None:
+    listener = bind(address)
+    # The host names a rank on another node in the server log (its address may be 0.0.0.0).
+    host = socket.gethostname()
+    print(f"{wire.READY_LINE} {address} rank {rank} host {host} pid {os.getpid()}", flush=True)
+    loop = asyncio.get_running_loop()
+    # From the start: a server that dies before it connects must not leave this rank waiting.
+    watcher = loop.create_task(watch_parent(parent_pid, parent))
+    try:
+        await accept_and_serve(listener, address, rank)
+    finally:
+        watcher.cancel()
+
+
+async def accept_and_serve(listener: socket.socket, address: str, rank: int) -> None:
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    try:
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT)
+    except TimeoutError:
+        logger.error("rank %d: no server connected within %.0f s; exiting", rank, ACCEPT_TIMEOUT)
+        return
+    finally:
+        listener.close()
+        if address.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                os.unlink(address[5:])
+    reader, writer = await asyncio.open_connection(sock=conn)
+    worker = RankServer(rank, new_plugin_manager())
+    try:
+        await worker.serve(reader, writer)
+    finally:
+        worker.close()
+
+
+async def watch_parent(parent_pid: int | None, parent: int) -> None:
+    """Exit when the server (``parent_pid``) or the launching process (``parent``, mpirun's daemon for
+    a rank) is gone: backs up PR_SET_PDEATHSIG. An orphan is re-parented to init or to a subreaper,
+    so a changed parent pid is the sign, not a parent pid of 1."""
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent or (parent_pid is not None and not _alive(parent_pid)):
+            logger.error("parent process %s is gone; exiting", parent_pid or parent)
+            os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmi_core.worker")
+    parser.add_argument("--socket", required=True, help="unix socket path prefix; rank r binds PREFIX.r")
+    parser.add_argument("--tcp", help="HOST:PORT: rank r listens on TCP PORT+r instead (multi-node)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process dies")
+    args = parser.parse_args(argv)
+    set_parent_death_signal()
+    parent = os.getppid()
+    rank, _ = mpi_rank_and_size()
+    logging.basicConfig(
+        level=os.environ.get("LMI_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        address = f"tcp:{host}:{int(port) + rank}"
+    else:
+        address = f"unix:{args.socket}.{rank}"
+    try:
+        asyncio.run(run(address, args.parent_pid, rank, parent))
+    except KeyboardInterrupt:
+        pass
+    # Engine threads (torch, vLLM) may not be daemons; the server is gone, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

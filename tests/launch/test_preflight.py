@@ -1,0 +1,146 @@
+"""The multi-host preflight's checks (a pure function of the probes' reports) and the probe itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmi_core.config import build_model_config
+from lmi_core.errors import PreflightError
+from lmi_core.launch import preflight
+from lmi_core.launch.placement import used_hosts
+
+LOCAL: dict[str, Any] = {
+    "hostname": "server",
+    "resolves_to": "10.0.0.1",
+    "python": "3.11.7",
+    "versions": {"lmi-core": "0.1.0", "torch": "2.5.1"},
+    "gpus": 4,
+    "cpus": 32,
+    "interfaces": ["lo", "eth0"],
+    "env": {},
+    "model_readable": None,
+    "ports_taken": [],
+}
+REQUEST = {"model": "/models/m", "rank_ports": [5000, 5001, 5002, 5003], "master_port": 6000}
+HOSTS = [("node1", 4), ("node2", 4)]
+
+
+def report(**changes: Any) -> dict[str, Any]:
+    out = copy.deepcopy(LOCAL)
+    out["model_readable"] = True
+    out.update(changes)
+    return out
+
+
+def test_healthy_hosts_pass() -> None:
+    assert preflight.checks(HOSTS, {"node1": report(), "node2": report()}, LOCAL, REQUEST) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"python": "3.10.12"}, "node2: python: 3.10.12 (the server runs 3.11.7)"),
+        ({"versions": {"lmi-core": "0.0.9", "torch": "2.5.1"}}, "node2: versions: lmi-core 0.0.9"),
+        ({"versions": {"lmi-core": "0.1.0"}}, "node2: versions: torch missing (the server has 2.5.1)"),
+        ({"model_readable": False}, "node2: model: /models/m is not readable there"),
+        ({"ports_taken": [6000]}, "node2: ports: MASTER_PORT 6000 is in use"),
+        ({"ports_taken": [5002]}, "node2: ports: rank port 5002 is in use"),
+        ({"env": {"GLOO_SOCKET_IFNAME": "ib0"}}, "node2: interface: GLOO_SOCKET_IFNAME=ib0: no ib0"),
+        ({"env": {"NCCL_SOCKET_IFNAME": "=eth"}}, "node2: interface: NCCL_SOCKET_IFNAME==eth: no =eth"),
+        ({"resolves_to": "127.0.1.1"}, "node2: interface: its hostname server resolves to 127.0.1.1"),
+        ({"gpus": 8}, "node2: slots: 4 slots but 8 GPUs (give it slots=8)"),
+    ],
+)
+def test_each_failure_is_one_line_naming_the_host_and_the_check(changes: dict[str, Any], line: str) -> None:
+    failures = preflight.checks(HOSTS, {"node1": report(), "node2": report(**changes)}, LOCAL, REQUEST)
+    assert len(failures) == 1 and failures[0].startswith(line), failures
+
+
+def test_interface_names_nccl_prefixes_and_exclusions() -> None:
+    ok = {"NCCL_SOCKET_IFNAME": "eth", "GLOO_SOCKET_IFNAME": "eth0,lo"}
+    assert preflight.checks(HOSTS, {"node1": report(env=ok), "node2": report()}, LOCAL, REQUEST) == []
+    assert not preflight._interface_missing("NCCL_SOCKET_IFNAME", "^docker,lo", ["lo"])
+    assert preflight._interface_missing("GLOO_SOCKET_IFNAME", "eth", ["eth0"]) == ["eth"]
+
+
+def test_a_gloo_interface_silences_the_loopback_warning() -> None:
+    fixed = report(resolves_to="127.0.1.1", env={"GLOO_SOCKET_IFNAME": "eth0"})
+    assert preflight.checks(HOSTS, {"node1": report(), "node2": fixed}, LOCAL, REQUEST) == []
+
+
+def test_loopback_is_fine_when_every_rank_is_on_one_host() -> None:
+    alone = report(resolves_to="127.0.1.1")
+    assert preflight.checks([("node1", 4)], {"node1": alone}, LOCAL, REQUEST) == []
+
+
+def test_an_unreachable_host_is_named() -> None:
+    reports = {"node1": "unreachable by ssh: ssh: connect to host node1 port 22: Connection refused"}
+    reports["node2"] = report()  # type: ignore[assignment]
+    (line,) = preflight.checks(HOSTS, reports, LOCAL, REQUEST)
+    assert line == f"node1: reachable: {reports['node1']}"
+
+
+def test_ports_of_each_host_are_its_ranks_and_rank_0s_master_port() -> None:
+    assert preflight._ports_for(REQUEST, [("a", 1), ("b", 3)], "a") == [5000, 6000]
+    assert preflight._ports_for(REQUEST, [("a", 1), ("b", 3)], "b") == [5001, 5002, 5003]
+
+
+def test_used_hosts_stop_at_the_world_size() -> None:
+    assert used_hosts([("a", 2), ("b", 2), ("c", 2)], 3) == [("a", 2), ("b", 1)]
+
+
+def test_the_probe_reports_this_host(tmp_path: Path) -> None:
+    request = json.dumps({"model": str(tmp_path), "ports": []})
+    run = subprocess.run(
+        [sys.executable, "-m", "lmi_core.launch.preflight", "--probe", request],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith(preflight.PROBE_PREFIX)]
+    found = json.loads(line.removeprefix(preflight.PROBE_PREFIX))
+    assert found["model_readable"] is True and found["cpus"] >= 1 and "lo" in found["interfaces"]
+    assert found["versions"]["lmi-core"] == preflight._versions()["lmi-core"]
+
+
+async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An agent that fails like ssh does (exit 255, its message on stderr), for every host.
+    agent = tmp_path / "ssh"
+    agent.write_text('#!/bin/sh\necho "ssh: connect to host $1 port 22: No route to host" >&2\nexit 255\n')
+    agent.chmod(0o755)
+    monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", str(agent))
+    monkeypatch.setattr(preflight, "is_local", lambda host: False)  # no name lookup (DNS) for x and y
+    config = build_model_config(
+        {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
+        name="m",
+        environ={},
+    )
+    with pytest.raises(PreflightError) as info:
+        await preflight.plan_across_hosts(config, set(), None)
+    assert info.value.failures == [
+        f"{h}: reachable: unreachable by {agent}: ssh: connect to host {h} port 22: No route to host"
+        for h in ("x", "y")
+    ]
+
+
+def test_this_machine_is_probed_in_process_like_mpirun_starts_it_without_ssh() -> None:
+    assert preflight.is_local("localhost") and preflight.is_local(socket.gethostname())
+    assert preflight.is_local("127.0.0.1")  # (no lookup of an unknown name: it would ask DNS)
+
+
+def test_doctor_without_a_host_list_has_nothing_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmi_core.cli import main
+
+    (tmp_path / "serving.properties").write_text("option.mpi_mode=true\n")
+    assert main(["doctor", "--model-dir", str(tmp_path)]) == 0
+    assert "every rank runs on this host" in capsys.readouterr().out

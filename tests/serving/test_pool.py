@@ -1,0 +1,427 @@
+"""WorkerPool scaling and dispatch, on fake workers (no processes: fast and deterministic).
+
+The fake stands in for ``supervisor.SupervisedWorker`` with the same surface the pool uses: a state machine
+(STARTING -> READY | FAILED, STOPPED), ``in_flight`` counted by the pool, and ``generate`` that
+yields one token, then holds the request until the test opens ``gate``. The real workers are
+exercised end to end in ``test_management.py``; the last test here checks that the thread count a
+CPU worker is given reaches torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pluggy
+import pytest
+
+from lmi_core.config import ModelConfig, ServerConfig
+from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
+from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
+from lmi_core.launch.devices import plan_allocation
+from lmi_core.launch_spec import WorkerSlot, worker_env
+from lmi_core.plugins import new_plugin_manager
+from lmi_core.serving import pool as pool_module
+from lmi_core.serving.pool import WorkerPool, finished_after, new_request_id
+from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+
+
+class FakeWorker:
+    """A worker without a process: loads after ``load_time``, or fails if ``fail_loads``.
+
+    Its requests finish when the test opens the class-wide ``gate`` or this worker's ``release``.
+    """
+
+    load_time = 0.05
+    fail_loads = False
+    gate: asyncio.Event
+    created: list[FakeWorker]
+    served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        server: ServerConfig,
+        slot: WorkerSlot,
+        pm: pluggy.PluginManager,
+        on_change: Callable[[FakeWorker], None],
+        on_heartbeat: Callable[[float], None],
+    ) -> None:
+        self.slot = slot
+        self.on_change = on_change
+        self.state = WorkerState.STARTING
+        self.in_flight = 0
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.ranks: list[Any] = []
+        self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.broken = asyncio.Event()
+        self.release = asyncio.Event()
+        self.adapter_messages: list[tuple[str, str]] = []  # (op, adapter) of the ADAPTER messages sent
+        self._task: asyncio.Task[None] | None = None
+        FakeWorker.created.append(self)
+
+    @property
+    def worker_id(self) -> int:
+        return self.slot.worker_id
+
+    @property
+    def accepting(self) -> bool:
+        return self.state is WorkerState.READY and not self.broken.is_set()
+
+    def run(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        await asyncio.sleep(self.load_time)
+        if self.fail_loads:
+            self.fail("load failed")
+            self.first_start.set_exception(RuntimeError("load failed"))
+        else:
+            self._set(WorkerState.READY)
+            self.first_start.set_result(None)
+
+    def _set(self, state: WorkerState) -> None:
+        self.state = state
+        self.on_change(self)
+
+    def fail(self, reason: str) -> None:
+        self.last_error = reason
+        self.broken.set()  # as the real worker does: its in-flight requests fail at once
+        self._set(WorkerState.FAILED)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._set(WorkerState.STOPPED)
+
+    async def generate(
+        self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        FakeWorker.served.append((self.worker_id, request.request_id))
+        yield Token(1, "x", 0.0)
+        waits = {asyncio.ensure_future(e.wait()) for e in (FakeWorker.gate, self.release, self.broken)}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.broken.is_set():
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
+        yield Finished("length", 1, 1)
+
+    def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
+        self.adapter_messages.append((op, adapter.name))
+
+    def describe(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            self.worker_id, self.state, (), (), None, self.in_flight, self.restarts, 0.0, self.last_error, {}
+        )
+
+
+@pytest.fixture(autouse=True)
+def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(pool_module, "SupervisedWorker", FakeWorker)
+    monkeypatch.setattr(pool_module, "SCALE_INTERVAL", 0.02)
+    monkeypatch.setattr(pool_module, "REPLACE_BACKOFF_MIN", 0.2)
+    monkeypatch.setattr(FakeWorker, "fail_loads", False)
+    monkeypatch.setattr(FakeWorker, "load_time", 0.05)
+    FakeWorker.gate = asyncio.Event()
+    FakeWorker.created = []
+    FakeWorker.served = []
+    yield
+
+
+def make_pool(min_workers: int, max_workers: int, **options: Any) -> WorkerPool:
+    server = ServerConfig(drain_timeout=options.pop("drain_timeout", 5.0))
+    config = ModelConfig(name="m", model_id="fake", **{"max_rolling_batch_size": 1, **options})
+    plan = plan_allocation([], 1, 1, min_workers, max_workers, cpu_count=4)
+    return WorkerPool(config, server, new_plugin_manager(load_entry_points=False), plan, "/nonexistent/m")
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def run(pool: WorkerPool, request_id: str | None = None) -> list[GenerationEvent]:
+    request = GenerationRequest(request_id or new_request_id(), prompt="hi")
+    return [event async for event in pool.generate(request)]
+
+
+def states(pool: WorkerPool) -> dict[int, str]:
+    return {w.worker_id: "UNLOADING" if w.retiring else w.state.value for w in pool.describe().workers}
+
+
+async def test_scales_up_under_pressure_retires_idle_workers_and_never_reuses_ids() -> None:
+    pool = make_pool(1, 2, max_idle_time=0.3)
+    await pool.start()
+    assert states(pool) == {0: "READY"}
+    requests = [asyncio.ensure_future(run(pool)) for _ in range(3)]
+    await until(lambda: states(pool) == {0: "READY", 1: "READY"}, what="a second worker under pressure")
+    await until(lambda: pool.waiting == 1 and all(w.in_flight == 1 for w in pool.workers.values()))
+    FakeWorker.gate.set()
+    assert all(isinstance(events[-1], Finished) for events in await asyncio.gather(*requests))
+    assert len(pool.workers) == 2  # not retired before max_idle_time
+    await until(lambda: len(pool.workers) == 1, what="idle retirement")
+    assert list(pool.workers) == [0]  # the younger worker retires; the oldest stays warm
+    FakeWorker.gate.clear()
+    requests = [asyncio.ensure_future(run(pool)) for _ in range(2)]
+    await until(lambda: states(pool) == {0: "READY", 2: "READY"}, what="scale-up with a fresh id")
+    FakeWorker.gate.set()
+    await asyncio.gather(*requests)
+    await pool.stop()
+    assert [w.worker_id for w in FakeWorker.created] == [0, 1, 2]
+
+
+async def test_least_loaded_dispatch_then_first_come_first_served() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=2)
+    await pool.start()
+    running = [asyncio.ensure_future(run(pool, f"r{i}")) for i in range(4)]
+    await until(lambda: len(FakeWorker.served) == 4)
+    # Least loaded first, ties to the lower id: 0, 1, then 0 and 1 again.
+    assert FakeWorker.served == [(0, "r0"), (1, "r1"), (0, "r2"), (1, "r3")]
+    waiting = []
+    for i in range(4, 7):
+        waiting.append(asyncio.ensure_future(run(pool, f"r{i}")))
+        await until(lambda i=i: pool.waiting == i - 3)
+    FakeWorker.gate.set()
+    await asyncio.gather(*running, *waiting)
+    assert [rid for _, rid in FakeWorker.served[4:]] == ["r4", "r5", "r6"]  # arrival order
+    await pool.stop()
+
+
+async def test_scale_down_under_load_drains_the_retiring_worker_and_sends_it_nothing_new() -> None:
+    pool = make_pool(2, 2)
+    await pool.start()
+    busy = [asyncio.ensure_future(run(pool, f"busy{i}")) for i in range(2)]
+    queued = asyncio.ensure_future(run(pool, "queued"))
+    await until(lambda: pool.waiting == 1)
+    await pool.resize(plan_allocation([], 1, 1, 1, 1, cpu_count=4), wait=False)
+    assert states(pool) == {0: "READY", 1: "UNLOADING"}  # the younger one, equally loaded
+    assert pool.workers[1].state is WorkerState.READY and pool.workers[1].in_flight == 1
+    pool.workers[1].release.set()
+    assert isinstance((await busy[1])[-1], Finished)  # the retiring worker finishes its request...
+    await until(lambda: list(pool.workers) == [0], what="the retired worker to stop")
+    assert FakeWorker.created[1].state is WorkerState.STOPPED
+    assert pool.waiting == 1  # ...but is given no new one
+    FakeWorker.gate.set()
+    await asyncio.gather(busy[0], queued)
+    assert FakeWorker.served[-1] == (0, "queued")
+    await pool.stop()
+
+
+async def test_resize_up_starts_workers_and_waits_for_them() -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    await pool.resize(plan_allocation([], 1, 1, 3, 3, cpu_count=4))
+    assert states(pool) == {0: "READY", 1: "READY", 2: "READY"}
+    assert [w.slot.threads for w in pool.workers.values()] == [4, 1, 1]  # 4 cores: 4 per 1, then 1 per 3
+    await pool.stop()
+
+
+async def test_failed_worker_fails_waiting_requests_and_is_replaced_with_a_new_id() -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    waiting = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.waiting == 1)
+    pool.workers[0].fail("engine crashed")
+    with pytest.raises(WorkerFailedError):
+        await busy
+    with pytest.raises(ModelNotReadyError, match="engine crashed"):
+        await waiting  # failed at once, not after predict_timeout
+    assert pool.status == "FAILED"
+    with pytest.raises(ModelNotReadyError):
+        await run(pool)
+    await until(lambda: states(pool) == {1: "READY"}, what="a replacement worker")
+    assert pool.status == "READY" and pool.last_failure == "engine crashed"
+    FakeWorker.gate.set()
+    assert isinstance((await run(pool))[-1], Finished)
+    await pool.stop()
+
+
+async def test_replacements_back_off_while_they_keep_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    monkeypatch.setattr(FakeWorker, "fail_loads", True)
+    pool.workers[0].fail("crashed")
+    await asyncio.sleep(1.0)
+    # Back-off 0.2, 0.4, 0.8 s (+ load time): three replacements in a second, not fifty.
+    assert 2 <= len(FakeWorker.created) - 1 <= 4
+    await pool.stop()
+
+
+async def test_a_model_whose_workers_all_fail_to_load_fails_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeWorker, "fail_loads", True)
+    pool = make_pool(1, 1)
+    with pytest.raises(RuntimeError, match="load failed"):
+        await pool.start()
+    await pool.stop()
+    assert len(FakeWorker.created) == 1  # no replacement during the first load
+
+
+async def test_stop_while_loading_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeWorker, "load_time", 60.0)
+    pool = make_pool(1, 1)
+    starting = asyncio.ensure_future(pool.start())
+    await until(lambda: len(pool.workers) == 1)
+    await asyncio.wait_for(pool.stop(), timeout=2.0)
+    with pytest.raises(ModelNotReadyError, match="stopped while loading"):
+        await asyncio.wait_for(starting, timeout=2.0)
+
+
+async def test_stop_drains_in_flight_requests_and_refuses_new_ones() -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.workers[0].in_flight == 1)
+    stopping = asyncio.ensure_future(pool.stop())
+    await until(lambda: pool.closing)
+    with pytest.raises(ModelNotReadyError, match="shutting down"):
+        await run(pool)
+    assert not stopping.done()
+    FakeWorker.gate.set()
+    assert isinstance((await busy)[-1], Finished)
+    await stopping
+    assert pool.workers == {}
+
+
+async def test_abandoned_waits_leave_no_trace() -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    cancelled = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.waiting == 1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert pool.waiting == 0
+    pool.config.predict_timeout = 0.2  # for the next request only: busy's deadline is set
+    with pytest.raises(RequestTimeoutError, match="waited longer"):
+        await run(pool)
+    assert pool.waiting == 0 and pool.workers[0].in_flight == 1
+    busy.cancel()
+    await until(lambda: pool.workers[0].in_flight == 0)
+    await pool.stop()
+
+
+async def test_a_full_queue_refuses_at_once() -> None:
+    pool = make_pool(1, 1, job_queue_size=1)
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    waiting = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.waiting == 1)
+    with pytest.raises(QueueFullError):
+        await run(pool)
+    FakeWorker.gate.set()
+    await asyncio.gather(busy, waiting)
+    await pool.stop()
+
+
+async def test_scaled_to_zero_a_request_starts_a_worker() -> None:
+    pool = make_pool(0, 1, max_idle_time=0.1)
+    await pool.start()
+    assert pool.workers == {} and pool.status == "READY"
+    FakeWorker.gate.set()
+    assert isinstance((await run(pool))[-1], Finished)
+    await until(lambda: pool.workers == {}, what="retirement back to zero")
+    await pool.stop()
+
+
+def test_the_thread_count_of_a_cpu_worker_reaches_torch() -> None:
+    # 1, not more: torch caps OMP_NUM_THREADS at the core count, and its default is the core count.
+    env = worker_env(WorkerSlot(0, "/nonexistent/w0", (), threads=1))
+    code = "import torch; print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 1
+
+
+async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, retry_threshold=0)
+    await pool.start()
+    FakeWorker.gate.set()
+
+    async def served(prompt: str, session: str | None = None) -> Decision:
+        hint = RouteHint(session)
+        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), hint)
+        await anext(events)
+        assert len(hint.served) == 1  # the worker is known once the first event is
+        async for _ in events:
+            pass
+        return hint.served[0]
+
+    shared = {name: f"{name}: " + "a long shared context. " * 10 for name in ("a", "b")}
+    first = [(await served(shared[n] + "?", "s" if n == "a" else None)).worker_id for n in ("a", "b")]
+    assert first == [0, 1]
+    assert (await served(shared["b"] + "again?")).reason == "prefix"
+    assert (await served("short", "s")) == Decision(0, "session")
+    pool.workers[0].fail("crashed")  # retry_threshold=0: FAILED at once
+    moved = await served(shared["a"] + "later?", "s")
+    assert (moved.worker_id, moved.reason, moved.moved_from) == (1, "load", 0)
+    assert pool.router.index.cached(0) == 0
+    await pool.stop()
+
+
+async def test_adapters_are_sent_to_every_worker_and_again_to_a_restarted_one() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, retry_threshold=0, options={"enable_lora": "true"})
+    await pool.start()
+    assert pool.adapters is not None
+    pool.adapters.add("a", "/a")
+    pool.adapters.add("b", "/b", preload=False)  # not sent: loaded on first use
+    pool.adapters.update("a", pin=True)
+    pool.adapters.add("c", "/c")
+    pool.adapters.remove("c")
+    expected = [("load", "a"), ("load", "a"), ("load", "c"), ("unload", "c")]
+    assert [w.adapter_messages for w in FakeWorker.created] == [expected, expected]
+    pool.workers[0].fail("crashed")
+    await until(lambda: len(FakeWorker.created) == 3 and FakeWorker.created[2].state is WorkerState.READY)
+    assert FakeWorker.created[2].adapter_messages == [("load", "a")]  # the preloaded/pinned ones, at READY
+    await pool.stop()
+
+
+async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4, routing="least_loaded", options={"enable_lora": "true"})
+    await pool.start()
+    assert pool.adapters is not None
+    pool.adapters.add("b", "/b", preload=False)
+    adapter = pool.adapters.get("b").lora
+    hints = [RouteHint() for _ in range(3)]
+    streams = [
+        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), h) for h in hints
+    ]
+    for stream in streams:  # all three in flight at once
+        await anext(stream)
+    decisions = [h.served[0] for h in hints]
+    # The first goes to the least loaded worker; the others follow it (load permitting: 1 and 2 in
+    # flight against 0 is within routing_imbalance_abs=8), though the other worker is idle.
+    assert [d.worker_id for d in decisions] == [0, 0, 0]
+    assert [d.reason for d in decisions] == ["load", "adapter", "adapter"]
+    FakeWorker.gate.set()
+    for stream in streams:
+        async for _ in stream:
+            pass
+    await pool.stop()
+
+
+@pytest.mark.parametrize(
+    ("special", "count", "reason"),
+    [(True, 3, "eos_token"), (False, 8, "length"), (False, 3, "stop_sequence")],
+)
+def test_the_finish_of_a_worker_that_died_after_its_last_token(
+    special: bool, count: int, reason: str
+) -> None:
+    from lmi_core.engine import SamplingParams
+
+    first = Token(1, "a", None, prompt_tokens=5)
+    last = Token(2, "b", None, special=special, last=True)
+    request = GenerationRequest("r", prompt="p", params=SamplingParams(max_new_tokens=8))
+    assert finished_after(first, last, count, request) == Finished(reason, 5, count)

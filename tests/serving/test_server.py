@@ -1,0 +1,131 @@
+"""ModelServer: device planning across models on a fake GPU inventory, registration and scaling.
+
+``register`` claims a model's name and devices without starting workers, so no GPU and no process
+is needed: ``ModelServer._gpus`` is pre-set to a fake inventory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lmi_core.config import ModelConfig, ServerConfig, build_model_config
+from lmi_core.errors import ConfigError, ModelNotFoundError, ServiceError
+from lmi_core.http.app import create_app
+from lmi_core.launch.devices import Gpu, omp_threads
+from lmi_core.serving.server import ModelServer
+
+
+def fake_gpus(n: int) -> list[Gpu]:
+    return [Gpu(i, f"GPU-{i}", "NVIDIA H100", 80 << 30, 79 << 30) for i in range(n)]
+
+
+def model(name: str, **properties: str) -> ModelConfig:
+    props = {"option.model_id": f"/models/{name}", "option.rolling_batch": "disable", **properties}
+    return build_model_config({k.replace("__", "."): v for k, v in props.items()}, name=name, environ={})
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ModelServer]:
+    server = ModelServer(ServerConfig(runtime_dir=str(tmp_path)))
+    server._gpus = fake_gpus(8)
+    yield server
+    await server.shutdown()
+
+
+def slices(server: ModelServer, name: str) -> list[tuple[str, ...]]:
+    return [g.devices for g in server.get(name).groups]
+
+
+async def test_models_get_disjoint_gpus_unless_they_name_them(server: ModelServer) -> None:
+    await server.register(model("a", option__tensor_parallel_degree="4", maxWorkers="1"))
+    await server.register(model("b", option__tensor_parallel_degree="2"))
+    assert slices(server, "a") == [("0", "1", "2", "3")]
+    assert slices(server, "b") == [("4", "5"), ("6", "7")]  # what a left, not 0..3 again
+    with pytest.raises(ConfigError, match=r"0,1,2,3,4,5,6,7 used by other models"):
+        await server.register(model("c"))
+    await server.register(model("c", load_on_devices="0;1", option__tensor_parallel_degree="2"))
+    assert slices(server, "c") == [("0", "1")]  # shared on purpose
+
+
+async def test_unloading_a_model_frees_its_gpus(server: ModelServer) -> None:
+    await server.register(model("a", option__tensor_parallel_degree="max"))
+    assert slices(server, "a") == [tuple(str(i) for i in range(8))]
+    await server.unload("a")
+    await server.register(model("b", option__tensor_parallel_degree="4"))
+    assert slices(server, "b") == [("0", "1", "2", "3"), ("4", "5", "6", "7")]
+
+
+async def test_concurrent_registrations_cannot_share_a_gpu() -> None:
+    server = ModelServer(ServerConfig())  # GPUs not discovered yet: both plans await the inventory
+    gpus = asyncio.get_running_loop().create_future()
+
+    async def discover() -> list[Gpu]:
+        return await gpus
+
+    server.gpus = discover  # type: ignore[method-assign]
+    tp4 = {"option__tensor_parallel_degree": "4", "maxWorkers": "1"}
+    first = asyncio.ensure_future(server.register(model("a", **tp4)))
+    second = asyncio.ensure_future(server.register(model("b", **tp4)))
+    await asyncio.sleep(0)
+    gpus.set_result(fake_gpus(8))
+    await asyncio.gather(first, second)
+    assert set(slices(server, "a")[0]).isdisjoint(slices(server, "b")[0])
+    await server.shutdown()
+
+
+async def test_a_name_is_registered_once(server: ModelServer) -> None:
+    await server.register(model("a"))
+    with pytest.raises(ServiceError, match="already registered") as raised:
+        await server.register(model("a"))
+    assert raised.value.status == 409
+
+
+async def test_scale_replans_within_the_gpus_left(server: ModelServer) -> None:
+    await server.register(model("a", option__tensor_parallel_degree="2", minWorkers="1", maxWorkers="1"))
+    await server.register(model("b", option__tensor_parallel_degree="2", maxWorkers="2"))
+    pool = await server.scale("a", None, 2, wait=False)
+    assert (pool.min_workers, pool.max_workers) == (1, 2)
+    assert slices(server, "a") == [("0", "1"), ("6", "7")]  # its own, then the one b left
+    with pytest.raises(ConfigError, match="maxWorkers=3: expected at most 2"):
+        await server.scale("a", None, 3, wait=False)
+    pool = await server.scale("a", 2, None, wait=False)
+    assert (pool.min_workers, pool.max_workers) == (2, 2)
+    pool = await server.scale("a", None, 1, wait=False)
+    assert (pool.min_workers, pool.max_workers) == (1, 1)  # an omitted min follows max down
+    with pytest.raises(ModelNotFoundError):
+        await server.scale("nope", 1, 1)
+
+
+async def test_describe_lists_one_worker_group_per_gpu_slice(server: ModelServer) -> None:
+    await server.register(model("b", option__tensor_parallel_degree="2", minWorkers="1", maxWorkers="2"))
+    transport = httpx.ASGITransport(app=create_app(ServerConfig(), server=server))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmi") as client:
+        [workflow] = (await client.get("/models/b")).json()
+        listed = (await client.get("/models")).json()
+    [described] = workflow["models"]
+    assert described["status"] == "PENDING" and listed["models"][0]["status"] == "PENDING"
+    keys = ("device", "devices", "minWorkers", "maxWorkers")
+    groups = [tuple(g[k] for k in keys) for g in described["workerGroups"]]
+    assert groups == [
+        ({"deviceType": "gpu", "deviceId": "0"}, ["0", "1"], 1, 1),  # filled first: kept by minWorkers
+        ({"deviceType": "gpu", "deviceId": "2"}, ["2", "3"], 0, 1),
+    ]
+
+
+async def test_cpu_threads_split_among_workers_unless_omp_num_threads_is_set(
+    server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server._gpus = []
+    monkeypatch.setattr("lmi_core.launch.devices.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plan = await server.plan(model("a", minWorkers="1", maxWorkers="4"))
+    assert plan.on_cpu and plan.threads_per_worker == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert (await server.plan(model("a", maxWorkers="4"))).threads_per_worker == 3
+    with pytest.raises(ConfigError, match="OMP_NUM_THREADS"):
+        omp_threads({"OMP_NUM_THREADS": "many"})
