@@ -61,11 +61,12 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             base = int(sock.getsockname()[1])
-        if base + count <= 65536 and all(_port_free(host, base + i) for i in range(1, count)):
+        if base + count <= 65536 and all(port_free(host, base + i) for i in range(1, count)):
             return base
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now (``0.0.0.0``: on every interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))

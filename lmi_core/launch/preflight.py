@@ -24,8 +24,8 @@ from typing import Any
 
 from lmi_core.config import ModelConfig
 from lmi_core.errors import PreflightError
-from lmi_core.launch.devices import AllocationPlan, DeviceGroup, _check_tp_pp, _worker_bounds, discover_gpus
-from lmi_core.launch.launchers import free_ports, parse_hostfile, parse_hosts
+from lmi_core.launch.devices import AllocationPlan, DeviceGroup, check_tp_pp, discover_gpus, worker_bounds
+from lmi_core.launch.launchers import free_ports, parse_hostfile, parse_hosts, port_free
 from lmi_core.launch.placement import HostInventory, host_slots, place_ranks, used_hosts
 
 logger = logging.getLogger(__name__)
@@ -58,15 +58,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def probe(request: Mapping[str, Any]) -> dict[str, Any]:
     """What this host offers: versions, Python, GPUs, cores, interfaces, model access, free ports."""
     hostname = socket.gethostname()
@@ -85,7 +76,7 @@ def probe(request: Mapping[str, Any]) -> dict[str, Any]:
         "interfaces": [name for _, name in socket.if_nameindex()],
         "env": {name: os.environ[name] for name in INTERFACE_VARS if name in os.environ},
         "model_readable": None if not model else os.access(model, os.R_OK),
-        "ports_taken": [p for p in request.get("ports", []) if not _port_free(int(p))],
+        "ports_taken": [p for p in request.get("ports", []) if not port_free("0.0.0.0", int(p))],
     }
 
 
@@ -277,7 +268,7 @@ async def plan_across_hosts(config: ModelConfig, taken: set[str], omp_threads: i
     found = job_hosts(config)
     assert found is not None
     key, hosts = found
-    _check_tp_pp(config.tensor_parallel_degree, config.pipeline_parallel_degree)
+    check_tp_pp(config.tensor_parallel_degree, config.pipeline_parallel_degree)
     reports, failures = await run(config)
     if failures:
         raise PreflightError(failures)
@@ -291,7 +282,7 @@ async def plan_across_hosts(config: ModelConfig, taken: set[str], omp_threads: i
     pp = config.pipeline_parallel_degree
     world_size = job_world_size(config, hosts)
     places = place_ranks(hosts, world_size, inventory, omp_threads, key, taken)
-    lo, hi = _worker_bounds(
+    lo, hi = worker_bounds(
         config.min_workers, config.max_workers or 1, 1, "one mpirun job spans every listed host"
     )
     ids = tuple(d for p in places for d in p.device_ids)

@@ -138,7 +138,7 @@ def test_python_mode_ignores_mpi_hosts() -> None:
 
 def test_free_ports_are_consecutive_and_free() -> None:
     base = launchers.free_ports(4)
-    assert all(launchers._port_free("127.0.0.1", base + i) for i in range(4))
+    assert all(launchers.port_free("127.0.0.1", base + i) for i in range(4))
 
 
 def test_interface_variables_reach_remote_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
