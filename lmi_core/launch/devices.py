@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lmi_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lmi_core.launch.placement import RankPlace
+    from lmi_core.launch_spec import RankPlace
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from lmi_core.errors import ConfigError
+from lmi_core.launch_spec import RankPlace
 
 RANK_ENV = "LMI_RANK_ENV"
 
@@ -30,28 +31,6 @@ class HostInventory:
 
     gpus: int
     cpus: int
-
-
-@dataclass(frozen=True)
-class RankPlace:
-    """One rank of a multi-host job."""
-
-    rank: int
-    host: str
-    local_rank: int
-    devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES on its host: every GPU of the job there; () on CPU
-    threads: int | None  # OMP_NUM_THREADS; None: leave it to the engine (GPU hosts)
-
-    def env(self) -> dict[str, str]:
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)}
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        return env
-
-    @property
-    def device_ids(self) -> tuple[str, ...]:
-        """This rank's GPU in server-wide terms (``host:index``), for the allocation bookkeeping."""
-        return (f"{self.host}:{self.devices[self.local_rank]}",) if self.devices else ()
 
 
 def host_slots(slots: Sequence[str]) -> list[tuple[str, int]]:

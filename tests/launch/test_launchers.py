@@ -12,7 +12,7 @@ import pytest
 from lmi_core.config import ModelConfig, build_model_config
 from lmi_core.errors import ConfigError
 from lmi_core.launch import launchers
-from lmi_core.launch_spec import WorkerSlot
+from lmi_core.launch_spec import RankPlace, WorkerSlot
 
 SLOT = WorkerSlot(worker_id=1, socket_base="/run/lmi/m-w1", devices=("2", "3"), threads=4)
 
@@ -150,8 +150,6 @@ def test_interface_variables_reach_remote_ranks(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_ranks_placed_on_other_hosts_get_their_own_hosts_devices_and_threads() -> None:
-    from lmi_core.launch.placement import RankPlace
-
     ranks = (RankPlace(0, "a", 0, ("0", "1"), None), RankPlace(1, "a", 1, ("0", "1"), None))
     slot = WorkerSlot(0, "/run/lmi/m-w0", ("a:0", "a:1"), None, ranks)
     spec = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:2"}), slot)

@@ -16,7 +16,8 @@ from lmi_core.errors import ConfigError
 from lmi_core.launch import preflight
 from lmi_core.launch.devices import Gpu
 from lmi_core.launch.launchers import parse_hosts
-from lmi_core.launch.placement import HostInventory, RankPlace, host_slots, place_ranks, rank_env
+from lmi_core.launch.placement import HostInventory, host_slots, place_ranks, rank_env
+from lmi_core.launch_spec import RankPlace
 from lmi_core.serving.server import ModelServer
 
 GPU4, GPU8 = HostInventory(gpus=4, cpus=64), HostInventory(gpus=8, cpus=96)
