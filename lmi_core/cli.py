@@ -39,6 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     from lmi_core.backends import resolve_model
     from lmi_core.http.app import create_app
     from lmi_core.http.security import ListenerFilter
+    from lmi_core.launch.hosts import job_hosts
     from lmi_core.plugins import get_plugin_manager
 
     address = f"http://{args.host}:{args.port}" if args.host or args.port else None
@@ -56,6 +57,8 @@ def serve(args: argparse.Namespace) -> int:
     pm = get_plugin_manager()
     for model in models:
         resolve_model(model, pm)  # fail fast on a bad backend or option, before binding the port
+        if model.mode == "mpi":
+            job_hosts(model)  # and on a bad host list (the load reads it again, in ModelServer.plan)
     listeners = [_address(config.inference_address)]
     if config.management_address:
         management = _address(config.management_address, "management_address")
@@ -154,9 +157,11 @@ def backends(args: argparse.Namespace) -> int:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    from lmi_core.launch.hosts import job_hosts
     from lmi_core.launch.preflight import doctor as run_doctor
 
-    return run_doctor(_models(args)[0])
+    config = _models(args)[0]
+    return run_doctor(config, job_hosts(config))
 
 
 def demo_model(args: argparse.Namespace) -> int:

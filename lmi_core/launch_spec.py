@@ -5,10 +5,29 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from lmi_core.launch.placement import RankPlace
+
+@dataclass(frozen=True)
+class RankPlace:
+    """One rank of a multi-host job: its host and what it sees there (``lmi_core.launch.placement``)."""
+
+    rank: int
+    host: str
+    local_rank: int
+    devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES on its host: every GPU of the job there; () on CPU
+    threads: int | None  # OMP_NUM_THREADS; None: leave it to the engine (GPU hosts)
+
+    def env(self) -> dict[str, str]:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        """This rank's GPU in server-wide terms (``host:index``), for the allocation bookkeeping."""
+        return (f"{self.host}:{self.devices[self.local_rank]}",) if self.devices else ()
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Starting workers: launchers of both modes, processes, devices, multi-host placement and preflight."""
+"""Starting workers: launchers of both modes, processes, devices; multi-host hosts, placement, preflight."""

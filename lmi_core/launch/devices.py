@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lmi_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lmi_core.launch.placement import RankPlace
+    from lmi_core.launch_spec import RankPlace
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def _positions(load_on_devices: str, devices: Sequence[str]) -> list[int]:
     return positions
 
 
-def _check_tp_pp(tensor_parallel_degree: int | str, pipeline_parallel_degree: int) -> None:
+def check_tp_pp(tensor_parallel_degree: int | str, pipeline_parallel_degree: int) -> None:
+    """A ``ConfigError`` unless tp is a positive integer or ``max`` and pp a positive integer."""
     tp_ok = tensor_parallel_degree == "max" or (
         isinstance(tensor_parallel_degree, int)
         and not isinstance(tensor_parallel_degree, bool)
@@ -196,7 +197,7 @@ def _check_tp_pp(tensor_parallel_degree: int | str, pipeline_parallel_degree: in
         raise ConfigError("option.pipeline_parallel_degree", pipeline_parallel_degree, "a positive integer")
 
 
-def _worker_bounds(min_workers: int | None, max_workers: int, limit: int | None, why: str) -> tuple[int, int]:
+def worker_bounds(min_workers: int | None, max_workers: int, limit: int | None, why: str) -> tuple[int, int]:
     """Validate resolved ``max_workers`` (against ``limit`` when there is one) and ``min_workers``."""
     if max_workers < 1:
         raise ConfigError("maxWorkers", max_workers, "at least 1")
@@ -228,14 +229,14 @@ def plan_allocation(
     bounds default to filling the GPUs (min = max = number of groups); on CPU to one worker, with
     ``tensor_parallel_degree="max"`` meaning 1.
     """
-    _check_tp_pp(tensor_parallel_degree, pipeline_parallel_degree)
+    check_tp_pp(tensor_parallel_degree, pipeline_parallel_degree)
     pp = pipeline_parallel_degree
     if not devices:
         if load_on_devices.strip() != "*":
             _positions(load_on_devices, devices)  # raises: there is nothing to name
         tp = 1 if tensor_parallel_degree == "max" else int(tensor_parallel_degree)
         default_max = min_workers if min_workers else 1
-        lo, hi = _worker_bounds(min_workers, default_max if max_workers is None else max_workers, None, "")
+        lo, hi = worker_bounds(min_workers, default_max if max_workers is None else max_workers, None, "")
         cpus = (os.cpu_count() or 1) if cpu_count is None else cpu_count
         return AllocationPlan(
             groups=tuple(DeviceGroup(i, ()) for i in range(hi)),
@@ -280,7 +281,7 @@ def plan_allocation(
         )
     count = n // per_worker
     why = f"{n} GPUs / {per_worker} per worker = {count} workers"
-    lo, hi = _worker_bounds(
+    lo, hi = worker_bounds(
         min_workers, count if max_workers is None else max_workers, count, f"{why}; {note}"
     )
     return AllocationPlan(

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmi_core.errors import ConfigError
 from lmi_core.hookspecs import hookimpl
-from lmi_core.launch.placement import RANK_ENV, host_slots, rank_env
+from lmi_core.launch.placement import RANK_ENV, rank_env
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot, unix_address, worker_argv, worker_env
 
 if TYPE_CHECKING:
@@ -61,74 +60,18 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             base = int(sock.getsockname()[1])
-        if base + count <= 65536 and all(_port_free(host, base + i) for i in range(1, count)):
+        if base + count <= 65536 and all(port_free(host, base + i) for i in range(1, count)):
             return base
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now (``0.0.0.0``: on every interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
         except OSError:
             return False
     return True
-
-
-def parse_hosts(hosts: str) -> list[str]:
-    """Open MPI ``--host`` syntax (``h1:2,h2:2``; a repeated name is one more slot) -> one entry per slot."""
-    slots: list[str] = []
-    for item in filter(None, (h.strip() for h in hosts.split(","))):
-        name, _, count = item.partition(":")
-        if not name or (count and not count.isdigit()):
-            raise ConfigError(
-                "option.mpi_hosts", hosts, "HOST[:SLOTS][,HOST[:SLOTS]...] such as node1:4,node2:4"
-            )
-        slots += [name] * int(count or 1)
-    return slots
-
-
-def parse_hostfile(path: str) -> list[str]:
-    """An Open MPI hostfile (``HOST slots=N`` lines, ``#`` comments) -> one entry per slot."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("option.mpi_hostfile", path, f"a readable hostfile ({exc.strerror})") from None
-    slots: list[str] = []
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        counts = [f.partition("=")[2] for f in fields[1:] if f.startswith("slots=")]
-        if len(counts) != 1 or not counts[0].isdigit():
-            raise ConfigError("option.mpi_hostfile", path, f"'HOST slots=N' lines (got {line.strip()!r})")
-        slots += [fields[0]] * int(counts[0])
-    return slots
-
-
-def rank_hosts(config: ModelConfig) -> list[str] | None:
-    """The host of each rank when ranks run on other hosts (``option.mpi_hosts``/``mpi_hostfile``).
-
-    ``--map-by slot`` fills each host's slots in list order, so rank r runs on the r-th slot; the
-    server connects to ``host(r):PORT+r``. None: every rank on this host, Unix sockets.
-    """
-    if config.mpi_hostfile:
-        key, value, listed = "option.mpi_hostfile", config.mpi_hostfile, parse_hostfile(config.mpi_hostfile)
-    elif config.mpi_hosts:
-        key, value, listed = "option.mpi_hosts", config.mpi_hosts, parse_hosts(config.mpi_hosts)
-    else:
-        return None
-    slots = [host for host, count in host_slots(listed) for _ in range(count)]  # a,b,a fills a first
-    if len(slots) < config.world_size:
-        raise ConfigError(
-            key, value, f"at least {config.world_size} slots (tp x pp ranks); it lists {len(slots)}"
-        )
-    return slots[: config.world_size]
-
-
-@hookimpl
-def validate_config(config: ModelConfig) -> None:
-    if config.mode == "mpi":
-        rank_hosts(config)
 
 
 # Passed to every rank with -x: ranks on other hosts get no other variable of the server's environment.
@@ -163,24 +106,28 @@ def mpirun_argv(config: ModelConfig, env: dict[str, str]) -> list[str]:
 
 
 def mpi_worker(config: ModelConfig, slot: WorkerSlot) -> LaunchSpec:
-    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts."""
-    hosts = rank_hosts(config)
+    """MPI mode: ``mpirun -np tp*pp`` ranks; rank r binds ``<base>.<r>``, or TCP ``PORT+r`` on other hosts.
+
+    Across hosts (``option.mpi_hosts``/``mpi_hostfile``) the slot's ranks say where each rank runs
+    (placed by ``ModelServer.plan``): the host list is not read again at each start.
+    """
+    if (config.mpi_hosts or config.mpi_hostfile) and not slot.ranks:
+        raise ValueError(f"{config.name}: a multi-host worker slot needs its ranks placed (ModelServer.plan)")
+    hosts = [place.host for place in slot.ranks]
     master_addr = os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
     extra = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(free_ports())}
-    if slot.ranks:
+    if hosts:
         # Each rank's devices and threads are its own host's (placement), set by the rank itself.
         extra |= {RANK_ENV: rank_env(slot.ranks), "CUDA_VISIBLE_DEVICES": ""}
     env = worker_env(slot, extra)
     argv = mpirun_argv(config, env)
-    python = config.python_executable or sys.executable
-    if slot.ranks:
-        argv += [python, "-m", "lmi_core.launch.placement"]
-    if hosts is None:
+    if not hosts:
         argv += worker_argv(config.python_executable, slot.socket_base, "--parent-pid", str(os.getpid()))
         addresses = [unix_address(slot.socket_base, r) for r in range(config.world_size)]
     else:
         # The server's pid means nothing on another host: remote ranks die with their Open MPI daemon.
         port = free_ports(config.world_size, "0.0.0.0")
+        argv += [config.python_executable or sys.executable, "-m", "lmi_core.launch.placement"]
         argv += worker_argv(config.python_executable, slot.socket_base, "--tcp", f"0.0.0.0:{port}")
         addresses = [f"tcp:{host}:{port + r}" for r, host in enumerate(hosts)]
     label = f"{config.name}/w{slot.worker_id}"

@@ -2,8 +2,9 @@
 
 Invariant: ``place_ranks`` follows ``mpirun --map-by slot`` exactly (each host's slots filled in the
 order the hosts are first listed), and every rank's devices and thread count come from *its own
-host's* inventory, never from the server's host. It is a pure function; the inventory comes from
-the preflight probe (``lmi_core.launch.preflight``).
+host's* inventory, never from the server's host. ``place_ranks`` and ``plan_across_hosts`` (the
+model's ``AllocationPlan``) are pure functions of the parsed hosts (``lmi_core.launch.hosts``) and
+the inventory the preflight probes found (``lmi_core.launch.preflight``).
 
 A rank receives its share through ``LMI_RANK_ENV`` (a JSON list, one ``{variable: value}`` per
 rank, forwarded with ``-x`` like every ``LMI_*``): ``python -m lmi_core.launch.placement WORKER-ARGV``
@@ -18,8 +19,15 @@ import os
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmi_core.errors import ConfigError
+from lmi_core.launch.devices import AllocationPlan, DeviceGroup, worker_bounds
+from lmi_core.launch.hosts import JobHosts, used_hosts
+from lmi_core.launch_spec import RankPlace
+
+if TYPE_CHECKING:
+    from lmi_core.config import ModelConfig
 
 RANK_ENV = "LMI_RANK_ENV"
 
@@ -30,51 +38,6 @@ class HostInventory:
 
     gpus: int
     cpus: int
-
-
-@dataclass(frozen=True)
-class RankPlace:
-    """One rank of a multi-host job."""
-
-    rank: int
-    host: str
-    local_rank: int
-    devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES on its host: every GPU of the job there; () on CPU
-    threads: int | None  # OMP_NUM_THREADS; None: leave it to the engine (GPU hosts)
-
-    def env(self) -> dict[str, str]:
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)}
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        return env
-
-    @property
-    def device_ids(self) -> tuple[str, ...]:
-        """This rank's GPU in server-wide terms (``host:index``), for the allocation bookkeeping."""
-        return (f"{self.host}:{self.devices[self.local_rank]}",) if self.devices else ()
-
-
-def host_slots(slots: Sequence[str]) -> list[tuple[str, int]]:
-    """One entry per slot (``parse_hosts``) -> ``(host, slots)`` in first-listed order.
-
-    Open MPI merges a repeated name into one node: ``a,b,a`` is ``a:2,b:1``, and ``--map-by slot``
-    puts ranks 0 and 1 on ``a``.
-    """
-    counts: dict[str, int] = {}
-    for host in slots:
-        counts[host] = counts.get(host, 0) + 1
-    return list(counts.items())
-
-
-def used_hosts(hosts: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
-    """The hosts ``--map-by slot`` puts ``world_size`` ranks on, with the number of ranks on each."""
-    used, left = [], world_size
-    for host, slots in hosts:
-        if left <= 0:
-            break
-        used.append((host, min(slots, left)))
-        left -= slots
-    return used
 
 
 def place_ranks(
@@ -117,6 +80,31 @@ def place_ranks(
         first = len(places)
         places += [RankPlace(first + local, host, local, devices, threads) for local in range(count)]
     return tuple(places)
+
+
+def plan_across_hosts(
+    config: ModelConfig,
+    job: JobHosts,
+    inventory: Mapping[str, HostInventory],
+    taken: Collection[str],
+    omp_threads: int | None,
+) -> AllocationPlan:
+    """The allocation of a multi-host job: one worker, its ranks placed from ``inventory`` (what the
+    preflight's probes found on each host), never from the server's host."""
+    places = place_ranks(job.hosts, job.world_size, inventory, omp_threads, job.key, taken)
+    lo, hi = worker_bounds(
+        config.min_workers, config.max_workers or 1, 1, "one mpirun job spans every listed host"
+    )
+    ids = tuple(d for p in places for d in p.device_ids)
+    return AllocationPlan(
+        groups=tuple(DeviceGroup(i, ids, places) for i in range(hi)),
+        min_workers=lo,
+        max_workers=hi,
+        world_size=job.world_size,
+        tensor_parallel_degree=job.world_size // config.pipeline_parallel_degree,
+        on_cpu=not ids,
+        threads_per_worker=None,  # per rank, from its own host: see RankPlace.threads
+    )
 
 
 def rank_env(places: Sequence[RankPlace]) -> str:

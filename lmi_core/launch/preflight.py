@@ -2,11 +2,12 @@
 
 Invariant: every problem this finds is one line ``HOST: CHECK: detail``, and all of them are known
 before ``mpirun`` runs, so a bad host is named at once instead of surfacing minutes later as a gloo
-timeout. The probe on each host is this module (``python -m lmi_core.launch.preflight --probe JSON``),
-started through the same agent ``mpirun`` uses to start its daemons (``ssh`` unless
+timeout. It probes the hosts it is given (a ``hosts.JobHosts``) and reads no host list itself. The
+probe on each host is this module (``python -m lmi_core.launch.preflight --probe JSON``), started
+through the same agent ``mpirun`` uses to start its daemons (``ssh`` unless
 ``PRTE_MCA_plm_ssh_agent`` / ``OMPI_MCA_plm_rsh_agent`` says otherwise); ``checks`` is a pure
 function of what the probes report. The inventory (GPUs, cores per host) feeds the allocation
-(``lmi_core.launch.placement``).
+(``lmi_core.launch.placement.plan_across_hosts``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 from lmi_core.config import ModelConfig
 from lmi_core.errors import PreflightError
-from lmi_core.launch.devices import AllocationPlan, DeviceGroup, _check_tp_pp, _worker_bounds, discover_gpus
-from lmi_core.launch.launchers import free_ports, parse_hostfile, parse_hosts
-from lmi_core.launch.placement import HostInventory, host_slots, place_ranks, used_hosts
+from lmi_core.launch.devices import discover_gpus
+from lmi_core.launch.hosts import JobHosts
+from lmi_core.launch.launchers import free_ports, port_free
+from lmi_core.launch.placement import HostInventory
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +60,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def probe(request: Mapping[str, Any]) -> dict[str, Any]:
     """What this host offers: versions, Python, GPUs, cores, interfaces, model access, free ports."""
     hostname = socket.gethostname()
@@ -85,7 +78,7 @@ def probe(request: Mapping[str, Any]) -> dict[str, Any]:
         "interfaces": [name for _, name in socket.if_nameindex()],
         "env": {name: os.environ[name] for name in INTERFACE_VARS if name in os.environ},
         "model_readable": None if not model else os.access(model, os.R_OK),
-        "ports_taken": [p for p in request.get("ports", []) if not _port_free(int(p))],
+        "ports_taken": [p for p in request.get("ports", []) if not port_free("0.0.0.0", int(p))],
     }
 
 
@@ -97,21 +90,6 @@ def agent() -> list[str]:
     names = ("PRTE_MCA_plm_ssh_agent", "OMPI_MCA_plm_rsh_agent")  # Open MPI 5 and 4 spellings
     raw = next((os.environ[n] for n in names if os.environ.get(n)), "ssh")
     return shlex.split(raw.split(":")[0]) or ["ssh"]
-
-
-def job_hosts(config: ModelConfig) -> tuple[str, list[tuple[str, int]]] | None:
-    """``(setting, [(host, slots)])`` of a multi-host job, None when every rank runs here."""
-    if config.mpi_hostfile:
-        return "option.mpi_hostfile", host_slots(parse_hostfile(config.mpi_hostfile))
-    if config.mpi_hosts:
-        return "option.mpi_hosts", host_slots(parse_hosts(config.mpi_hosts))
-    return None
-
-
-def job_world_size(config: ModelConfig, hosts: Sequence[tuple[str, int]]) -> int:
-    """tp x pp, with ``tensor_parallel_degree=max`` meaning every listed slot."""
-    tp, pp = config.tensor_parallel_degree, config.pipeline_parallel_degree
-    return (tp if isinstance(tp, int) else sum(n for _, n in hosts) // pp) * pp
 
 
 def probe_request(config: ModelConfig, world_size: int) -> dict[str, Any]:
@@ -251,14 +229,10 @@ def checks(
 Reports = dict[str, "dict[str, Any] | str"]
 
 
-async def run(config: ModelConfig) -> tuple[Reports, list[str]]:
-    """Probe every host of ``config``'s job: ``(reports, failures)``."""
-    found = job_hosts(config)
-    if found is None:
-        return {}, []
-    used = used_hosts(found[1], job_world_size(config, found[1]))
-    world_size = sum(n for _, n in used)
-    request = probe_request(config, world_size)
+async def probe_hosts(config: ModelConfig, job: JobHosts) -> tuple[Reports, list[str]]:
+    """Probe every host ``job`` runs ranks on: ``(reports, failures)``."""
+    used = job.used()
+    request = probe_request(config, job.world_size)
     python = config.python_executable or sys.executable
     results = await asyncio.gather(
         *(
@@ -271,48 +245,29 @@ async def run(config: ModelConfig) -> tuple[Reports, list[str]]:
     return reports, checks(used, reports, local, request)
 
 
-async def plan_across_hosts(config: ModelConfig, taken: set[str], omp_threads: int | None) -> AllocationPlan:
-    """The preflight, then the allocation from the hosts' own inventories; ``PreflightError`` lists
-    every failure (one line per host and check) before any rank starts."""
-    found = job_hosts(config)
-    assert found is not None
-    key, hosts = found
-    _check_tp_pp(config.tensor_parallel_degree, config.pipeline_parallel_degree)
-    reports, failures = await run(config)
+async def run(config: ModelConfig, job: JobHosts) -> dict[str, HostInventory]:
+    """The preflight of a load: what each host of ``job`` offers, or ``PreflightError`` listing every
+    failure (one line per host and check) before any rank starts."""
+    reports, failures = await probe_hosts(config, job)
     if failures:
         raise PreflightError(failures)
+    inventory = {}
     for host, report in reports.items():
-        assert isinstance(report, dict)
+        assert isinstance(report, dict)  # a string is a failure
         logger.info(
             "preflight %s: ok (%s, %d GPUs, %d cores, Python %s)",
             host, report["hostname"], report["gpus"], report["cpus"], report["python"],
         )  # fmt: skip
-    inventory = {h: HostInventory(r["gpus"], r["cpus"]) for h, r in reports.items() if isinstance(r, dict)}
-    pp = config.pipeline_parallel_degree
-    world_size = job_world_size(config, hosts)
-    places = place_ranks(hosts, world_size, inventory, omp_threads, key, taken)
-    lo, hi = _worker_bounds(
-        config.min_workers, config.max_workers or 1, 1, "one mpirun job spans every listed host"
-    )
-    ids = tuple(d for p in places for d in p.device_ids)
-    return AllocationPlan(
-        groups=tuple(DeviceGroup(i, ids, places) for i in range(hi)),
-        min_workers=lo,
-        max_workers=hi,
-        world_size=world_size,
-        tensor_parallel_degree=world_size // pp,
-        on_cpu=not ids,
-        threads_per_worker=None,  # per rank, from its own host: see placement.RankPlace.threads
-    )
+        inventory[host] = HostInventory(report["gpus"], report["cpus"])
+    return inventory
 
 
-def doctor(config: ModelConfig) -> int:
+def doctor(config: ModelConfig, job: JobHosts | None) -> int:
     """``lmi doctor``: print each host's result and every failure; 0 when all pass, else 1."""
-    found = job_hosts(config)
-    if found is None:
+    if job is None:
         print("lmi doctor: every rank runs on this host (no option.mpi_hosts / option.mpi_hostfile)")
         return 0
-    reports, failures = asyncio.run(run(config))
+    reports, failures = asyncio.run(probe_hosts(config, job))
     for host, report in reports.items():
         if isinstance(report, dict) and not any(f.startswith(f"{host}: ") for f in failures):
             print(f"{host}: ok ({report['gpus']} GPUs, {report['cpus']} cores, Python {report['python']})")

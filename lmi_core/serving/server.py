@@ -26,7 +26,7 @@ import pluggy
 from lmi_core.backends import resolve_model
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ModelNotFoundError, ModelNotReadyError, ServiceError
-from lmi_core.launch import devices, preflight
+from lmi_core.launch import devices, hosts, placement, preflight
 from lmi_core.plugins import get_plugin_manager
 from lmi_core.serving.pool import Observer, PoolSnapshot, WorkerPool
 from lmi_core.serving.registry import Health, ModelEntry, ModelSnapshot, ModelState
@@ -74,9 +74,12 @@ class ModelServer:
         Nothing awaits after the GPU inventory is known, so a caller that claims the plan's devices
         right after this returns cannot race another plan.
         """
-        if config.mode == "mpi" and preflight.job_hosts(config) is not None:
+        job = hosts.job_hosts(config) if config.mode == "mpi" else None  # the one read of the host list
+        if job is not None:
             # Ranks on other hosts: their GPUs and cores, probed there, not this host's.
-            return await preflight.plan_across_hosts(config, self._taken(config.name), devices.omp_threads())
+            inventory = await preflight.run(config, job)
+            taken = self._taken(exclude=config.name)  # after the probes: another load may have claimed GPUs
+            return placement.plan_across_hosts(config, job, inventory, taken, devices.omp_threads())
         gpus = await self.gpus()
         plan = devices.plan_allocation(
             devices.visible_ids(gpus),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from lmi_core.config import ModelConfig, build_model_config
-from lmi_core.errors import ConfigError
 from lmi_core.launch import launchers
-from lmi_core.launch_spec import WorkerSlot
+from lmi_core.launch_spec import RankPlace, WorkerSlot
 
 SLOT = WorkerSlot(worker_id=1, socket_base="/run/lmi/m-w1", devices=("2", "3"), threads=4)
 
@@ -22,6 +22,12 @@ def mpi_config(tp: int = 2, **properties: str) -> ModelConfig:
     config = build_model_config(props, name="m", environ={})
     config.mode = "mpi"
     return config
+
+
+def placed(*hosts: str) -> WorkerSlot:
+    """``SLOT`` with its ranks placed on ``hosts`` (rank r on ``hosts[r]``), as ``ModelServer.plan`` does."""
+    ranks = tuple(RankPlace(r, host, hosts[:r].count(host), (), 4) for r, host in enumerate(hosts))
+    return dataclasses.replace(SLOT, devices=(), ranks=ranks)
 
 
 def after(argv: list[str], flag: str) -> list[str]:
@@ -79,7 +85,8 @@ def test_master_addr_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) 
 
 def test_host_list_gives_tcp_ranks_in_slot_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    spec = launchers.mpi_worker(mpi_config(4, **{"option.mpi_hosts": "node1:2,node2:2"}), SLOT)
+    config = mpi_config(4, **{"option.mpi_hosts": "node1:2,node2:2"})
+    spec = launchers.mpi_worker(config, placed("node1", "node1", "node2", "node2"))
     argv = spec.argv
     assert after(argv, "--host") == ["node1:2,node2:2"] and after(argv, "--map-by") == ["slot"]
     (tcp,) = after(argv, "--tcp")
@@ -95,63 +102,42 @@ def test_host_list_gives_tcp_ranks_in_slot_order(monkeypatch: pytest.MonkeyPatch
     assert spec.env["MASTER_ADDR"] == "node1"  # rank 0's host runs the rendezvous
 
 
-def test_hostfile_slots(tmp_path: Path) -> None:
+def test_hostfile_goes_to_mpirun_and_ranks_to_their_placed_hosts(tmp_path: Path) -> None:
     hostfile = tmp_path / "hosts"
-    hostfile.write_text("# cluster\na slots=1\n\nb slots=4 max_slots=8  # big node\n")
+    hostfile.write_text("a slots=1\nb slots=4\n")
     config = mpi_config(4, **{"option.mpi_hostfile": str(hostfile)})
-    assert launchers.rank_hosts(config) == ["a", "b", "b", "b"]
-    assert after(launchers.mpi_worker(config, SLOT).argv, "--hostfile") == [str(hostfile)]
+    hostfile.unlink()  # placed at plan time: a start reads the list no more
+    spec = launchers.mpi_worker(config, placed("a", "b", "b", "b"))
+    assert after(spec.argv, "--hostfile") == [str(hostfile)] and after(spec.argv, "--map-by") == ["slot"]
+    assert [address.split(":")[1] for address in spec.rank_addresses] == ["a", "b", "b", "b"]
 
 
-def test_repeated_host_names_are_slots() -> None:
-    assert launchers.parse_hosts("a,a,b") == ["a", "a", "b"]
-
-
-@pytest.mark.parametrize(
-    ("properties", "key", "detail"),
-    [
-        ({"option.mpi_hosts": "a:1"}, "option.mpi_hosts", "at least 2 slots"),
-        ({"option.mpi_hosts": "a:two"}, "option.mpi_hosts", "HOST[:SLOTS]"),
-        ({"option.mpi_hostfile": "/nonexistent/hosts"}, "option.mpi_hostfile", "a readable hostfile"),
-    ],
-)
-def test_bad_host_settings_are_config_errors(properties: dict[str, str], key: str, detail: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        launchers.validate_config(mpi_config(2, **properties))
-    assert info.value.key == key and detail in str(info.value)
-
-
-def test_hostfile_lines_need_a_slot_count(tmp_path: Path) -> None:
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("a\n")
-    with pytest.raises(ConfigError, match="'HOST slots=N' lines"):
-        launchers.rank_hosts(mpi_config(1, **{"option.mpi_hostfile": str(hostfile)}))
+def test_a_multi_host_slot_without_placed_ranks_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs its ranks placed"):
+        launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:1,b:1"}), SLOT)
 
 
 def test_python_mode_ignores_mpi_hosts() -> None:
     config = mpi_config(2, **{"option.mpi_hosts": "a:1"})
     config.mode = "python"
-    launchers.validate_config(config)  # no error: the hosts matter only to mpirun
     (spec,) = launchers.launch_workers(config, [SLOT])
     assert spec.mode == "python" and "mpirun" not in spec.argv[0]
 
 
 def test_free_ports_are_consecutive_and_free() -> None:
     base = launchers.free_ports(4)
-    assert all(launchers._port_free("127.0.0.1", base + i) for i in range(4))
+    assert all(launchers.port_free("127.0.0.1", base + i) for i in range(4))
 
 
 def test_interface_variables_reach_remote_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without GLOO_SOCKET_IFNAME a rank whose host name resolves to 127.0.1.1 binds gloo to loopback.
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
-    argv = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:1,b:1"}), SLOT).argv
+    argv = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:1,b:1"}), placed("a", "b")).argv
     assert {"GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"} <= set(after(argv, "-x"))
 
 
 def test_ranks_placed_on_other_hosts_get_their_own_hosts_devices_and_threads() -> None:
-    from lmi_core.launch.placement import RankPlace
-
     ranks = (RankPlace(0, "a", 0, ("0", "1"), None), RankPlace(1, "a", 1, ("0", "1"), None))
     slot = WorkerSlot(0, "/run/lmi/m-w0", ("a:0", "a:1"), None, ranks)
     spec = launchers.mpi_worker(mpi_config(2, **{"option.mpi_hosts": "a:2"}), slot)

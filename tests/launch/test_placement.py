@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,8 +14,9 @@ from lmi_core.config import ModelConfig, ServerConfig, build_model_config
 from lmi_core.errors import ConfigError
 from lmi_core.launch import preflight
 from lmi_core.launch.devices import Gpu
-from lmi_core.launch.launchers import parse_hosts
-from lmi_core.launch.placement import HostInventory, RankPlace, host_slots, place_ranks, rank_env
+from lmi_core.launch.hosts import JobHosts, host_slots, job_hosts, parse_hosts
+from lmi_core.launch.placement import HostInventory, place_ranks, plan_across_hosts, rank_env
+from lmi_core.launch_spec import RankPlace
 from lmi_core.serving.server import ModelServer
 
 GPU4, GPU8 = HostInventory(gpus=4, cpus=64), HostInventory(gpus=8, cpus=96)
@@ -68,7 +68,6 @@ def test_ranks_fill_each_hosts_slots_in_list_order(
 
 
 def test_a_repeated_host_name_is_merged_like_open_mpi_does() -> None:
-    assert host_slots(parse_hosts("a,b,a")) == [("a", 2), ("b", 1)]
     places = place_ranks(host_slots(parse_hosts("a,b,a")), 3, {"a": CPU2, "b": CPU2})
     assert [p.host for p in places] == ["a", "a", "b"]
 
@@ -107,17 +106,13 @@ def test_each_rank_applies_its_own_entry_before_the_worker_starts() -> None:
     assert json.loads(rank_env(places))[1] == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "7"}
 
 
-def report(gpus: int, cpus: int) -> dict[str, Any]:
-    return {"gpus": gpus, "cpus": cpus, "hostname": "n", "python": "3"}
-
-
 @pytest.mark.parametrize("head_gpus", [4, 0])
 async def test_the_server_plans_a_multi_host_job_from_the_hosts_not_from_itself(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, head_gpus: int
 ) -> None:
     # The documented example: TP 8 over node1:4,node2:4, on a 4-GPU head node and on a CPU-only one.
-    async def probed(config: ModelConfig) -> tuple[dict[str, Any], list[str]]:
-        return {"node1": report(4, 64), "node2": report(4, 64)}, []
+    async def probed(config: ModelConfig, job: JobHosts) -> dict[str, HostInventory]:
+        return {"node1": GPU4, "node2": GPU4}
 
     monkeypatch.setattr(preflight, "run", probed)
     server = ModelServer(ServerConfig(runtime_dir=str(tmp_path)))
@@ -135,8 +130,8 @@ async def test_the_server_plans_a_multi_host_job_from_the_hosts_not_from_itself(
 async def test_remote_cpu_hosts_get_their_own_thread_counts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    async def probed(config: ModelConfig) -> tuple[dict[str, Any], list[str]]:
-        return {"a": report(0, 8), "b": report(0, 32)}, []
+    async def probed(config: ModelConfig, job: JobHosts) -> dict[str, HostInventory]:
+        return {"a": HostInventory(0, 8), "b": HostInventory(0, 32)}
 
     monkeypatch.setattr(preflight, "run", probed)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -147,3 +142,16 @@ async def test_remote_cpu_hosts_get_their_own_thread_counts(
     config.mode = "mpi"
     plan = await server.plan(config)
     assert plan.on_cpu and [p.threads for p in plan.groups[0].ranks] == [4, 4, 16, 16]
+
+
+def test_a_host_list_is_one_worker() -> None:
+    properties = {"option.tensor_parallel_degree": "2", "option.mpi_hosts": "a:1,b:1", "maxWorkers": "2"}
+    config = build_model_config({"option.model_id": "/models/m", **properties}, name="m", environ={})
+    job = job_hosts(config)
+    assert job is not None
+    with pytest.raises(ConfigError, match=r"at most 1 \(one mpirun job spans every listed host\)"):
+        plan_across_hosts(config, job, {"a": GPU4, "b": GPU4}, (), None)
+    config.max_workers = None
+    plan = plan_across_hosts(config, job, {"a": GPU4, "b": GPU4}, (), None)
+    assert (plan.min_workers, plan.max_workers, plan.tensor_parallel_degree) == (1, 1, 2)
+    assert plan.groups[0].devices == ("a:0", "b:0")

@@ -15,7 +15,7 @@ import pytest
 from lmi_core.config import build_model_config
 from lmi_core.errors import PreflightError
 from lmi_core.launch import preflight
-from lmi_core.launch.placement import used_hosts
+from lmi_core.launch.hosts import job_hosts
 
 LOCAL: dict[str, Any] = {
     "hostname": "server",
@@ -93,10 +93,6 @@ def test_ports_of_each_host_are_its_ranks_and_rank_0s_master_port() -> None:
     assert preflight._ports_for(REQUEST, [("a", 1), ("b", 3)], "b") == [5001, 5002, 5003]
 
 
-def test_used_hosts_stop_at_the_world_size() -> None:
-    assert used_hosts([("a", 2), ("b", 2), ("c", 2)], 3) == [("a", 2), ("b", 1)]
-
-
 def test_the_probe_reports_this_host(tmp_path: Path) -> None:
     request = json.dumps({"model": str(tmp_path), "ports": []})
     run = subprocess.run(
@@ -123,8 +119,10 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
         name="m",
         environ={},
     )
+    job = job_hosts(config)
+    assert job is not None
     with pytest.raises(PreflightError) as info:
-        await preflight.plan_across_hosts(config, set(), None)
+        await preflight.run(config, job)
     assert info.value.failures == [
         f"{h}: reachable: unreachable by {agent}: ssh: connect to host {h} port 22: No route to host"
         for h in ("x", "y")
@@ -144,3 +142,14 @@ def test_doctor_without_a_host_list_has_nothing_to_check(
     (tmp_path / "serving.properties").write_text("option.mpi_mode=true\n")
     assert main(["doctor", "--model-dir", str(tmp_path)]) == 0
     assert "every rank runs on this host" in capsys.readouterr().out
+
+
+def test_doctor_refuses_a_bad_host_list_before_probing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmi_core.cli import main
+
+    properties = "option.mpi_mode=true\noption.tensor_parallel_degree=2\noption.mpi_hosts=a:1\n"
+    (tmp_path / "serving.properties").write_text(properties)
+    assert main(["doctor", "--model-dir", str(tmp_path)]) == 2
+    assert "option.mpi_hosts='a:1': expected at least 2 slots" in capsys.readouterr().err

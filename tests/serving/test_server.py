@@ -16,7 +16,11 @@ import pytest
 from lmi_core.config import ModelConfig, ServerConfig, build_model_config
 from lmi_core.errors import ConfigError, ModelNotFoundError, ServiceError
 from lmi_core.http.app import create_app
+from lmi_core.launch import hosts, preflight
 from lmi_core.launch.devices import Gpu, omp_threads
+from lmi_core.launch.hosts import JobHosts
+from lmi_core.launch.placement import HostInventory
+from lmi_core.launch_spec import WorkerSlot
 from lmi_core.serving.server import ModelServer
 
 
@@ -129,3 +133,69 @@ async def test_cpu_threads_split_among_workers_unless_omp_num_threads_is_set(
     assert (await server.plan(model("a", maxWorkers="4"))).threads_per_worker == 3
     with pytest.raises(ConfigError, match="OMP_NUM_THREADS"):
         omp_threads({"OMP_NUM_THREADS": "many"})
+
+
+# -- multi-host MPI models: the host list is read once per plan ------------------------------------
+
+
+def multi_host(name: str, **properties: str) -> ModelConfig:
+    config = model(name, option__mpi_mode="true", option__tensor_parallel_degree="2", **properties)
+    config.mode = "mpi"
+    return config
+
+
+async def test_a_multi_host_model_reads_its_hostfile_once_for_its_load_and_starts(
+    server: ModelServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    reads: list[str] = []
+
+    def parse_hostfile(path: str) -> list[str]:
+        reads.append(path)
+        return read_hostfile(path)
+
+    async def probed(config: ModelConfig, job: JobHosts) -> dict[str, HostInventory]:
+        return {host: HostInventory(gpus=1, cpus=8) for host, _ in job.used()}
+
+    read_hostfile = hosts.parse_hostfile
+    monkeypatch.setattr(hosts, "parse_hostfile", parse_hostfile)
+    monkeypatch.setattr(preflight, "run", probed)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\nb slots=1\n")
+    entry = await server.register(multi_host("m", option__mpi_hostfile=str(hostfile)))
+    assert entry.pool is not None
+    (group,) = entry.pool.groups
+    slot = WorkerSlot(0, f"{tmp_path}/m-w0", group.devices, None, group.ranks)
+    for _ in range(2):  # a worker's first start and its restart
+        (spec,) = server.pm.hook.launch_workers(config=entry.config, allocation=[slot])
+        assert [address.split(":")[1] for address in spec.rank_addresses] == ["a", "b"]
+    assert reads == [str(hostfile)]
+
+
+async def test_a_bad_host_list_is_refused_at_registration(tmp_path: Path) -> None:
+    (tmp_path / "serving.properties").write_text(
+        "option.model_id=/models/m\noption.rolling_batch=disable\noption.mpi_mode=true\n"
+        "option.tensor_parallel_degree=2\noption.mpi_hosts=a:two\n"
+    )
+    server = ModelServer(ServerConfig(runtime_dir=str(tmp_path)))
+    transport = httpx.ASGITransport(app=create_app(ServerConfig(), server=server))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmi") as client:
+        response = await client.post("/models", params={"url": str(tmp_path), "model_name": "m"})
+    assert response.status_code == 400, response.text
+    assert "option.mpi_hosts='a:two': expected HOST[:SLOTS]" in response.text
+    assert server.names() == []
+    await server.shutdown()
+
+
+async def test_concurrent_multi_host_registrations_cannot_share_a_gpu(
+    server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def probed(config: ModelConfig, job: JobHosts) -> dict[str, HostInventory]:
+        await asyncio.sleep(0)  # both preflights are in flight before either model is registered
+        return {host: HostInventory(gpus=1, cpus=8) for host, _ in job.used()}
+
+    monkeypatch.setattr(preflight, "run", probed)
+    first = asyncio.ensure_future(server.register(multi_host("a", option__mpi_hosts="x:1,y:1")))
+    second = asyncio.ensure_future(server.register(multi_host("b", option__mpi_hosts="x:1,y:1")))
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert not isinstance(results[0], BaseException)
+    assert isinstance(results[1], ConfigError) and "x:0 are taken" in str(results[1])
