@@ -1,4 +1,5 @@
-"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect, streaming."""
+"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect, fan-in of
+concurrent generations (``merge``), streaming."""
 
 from __future__ import annotations
 
@@ -128,6 +129,57 @@ async def collect(events: AsyncGenerator[T, None]) -> list[T]:
     finally:
         await events.aclose()
     return out
+
+
+_END = object()
+
+
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
+    """The events of every stream as they come, tagged with the stream's index; closing it (or a
+    failure of one stream) closes them all, which cancels their generations."""
+    if len(streams) == 1:  # n=1, nearly every request: no task and no queue hop per token
+        (stream,) = streams
+        try:
+            async for event in stream:
+                yield 0, event
+        finally:
+            await stream.aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            await stream.aclose()
+            queue.put_nowait((index, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+async def collect_each(streams: list[AsyncGenerator[T, None]]) -> list[list[T]]:
+    """Every event of each stream, run concurrently (``merge``), in a list per stream."""
+    results: list[list[T]] = [[] for _ in streams]
+    for index, event in await collect(merge(streams)):
+        results[index].append(event)
+    return results
 
 
 class ClosingStreamingResponse(StreamingResponse):

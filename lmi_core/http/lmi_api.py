@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -15,7 +14,7 @@ import lmi_core
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.adapters import adapter_for, header_adapter
-from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
+from lmi_core.http.common import collect, collect_each, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.routing import route_hint
@@ -113,20 +112,9 @@ async def _batch(
     ]
 
     hint = route_hint(request)
-
-    async def run_all() -> list[list[GenerationEvent]]:
-        tasks = [
-            asyncio.ensure_future(collect(state.instrument(pool, g, "/invocations", hint)))
-            for g in generations
-        ]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:  # one failed (or the client left): cancel the rest, which cancels their generations
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-
-    results = await until_disconnected(request, run_all())
+    streams = [state.instrument(pool, g, "/invocations", hint) for g in generations]
+    # One failed (or the client left): merge closes the rest, which cancels their generations.
+    results = await until_disconnected(request, collect_each(streams))
     return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
 
 

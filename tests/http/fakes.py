@@ -120,8 +120,8 @@ class FakeModel:
             hint.served.append(Decision(0, "load"))
         if self.error is not None:
             raise self.error
-        for i, text in enumerate(self.tokens):
-            yield Token(i, text, -0.5, last=i == len(self.tokens) - 1)
+        for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
+            yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
         yield Finished("length", 3, len(self.tokens), request.prompt or "")
 
 

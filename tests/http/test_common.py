@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
 from starlette.applications import Starlette
@@ -12,7 +13,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from lmi_core.errors import ModelNotReadyError, QueueFullError, ServiceError
-from lmi_core.http.common import error_response, read_json, stream_response
+from lmi_core.http.common import collect_each, error_response, read_json, stream_response
 from lmi_core.http.openai_protocol import error_for_path
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
@@ -129,3 +130,28 @@ def test_stream_response_streams_every_event() -> None:
 def test_stream_response_gives_an_error_before_the_first_event_its_status_code() -> None:
     response = streaming([QueueFullError("the queue is full"), "never"]).get("/stream")
     assert response.status_code == 503 and response.json()["message"] == "the queue is full"
+
+
+async def test_collect_each_keeps_each_stream_s_events_and_one_failure_closes_the_rest() -> None:
+    closed: list[str] = []
+
+    async def stream(name: str, count: int, fail: bool = False) -> AsyncGenerator[str, None]:
+        try:
+            for i in range(count):
+                await asyncio.sleep(0)
+                yield f"{name}{i}"
+            if fail:
+                raise QueueFullError("gone")
+            await asyncio.Event().wait()  # never ends by itself: only closing stops it
+        finally:
+            closed.append(name)
+
+    async def finite(name: str, count: int) -> AsyncGenerator[str, None]:
+        for i in range(count):
+            await asyncio.sleep(0)
+            yield f"{name}{i}"
+
+    assert await collect_each([finite("a", 2), finite("b", 3)]) == [["a0", "a1"], ["b0", "b1", "b2"]]
+    with pytest.raises(QueueFullError):
+        await collect_each([stream("a", 1), stream("b", 2, fail=True), stream("c", 3)])
+    assert sorted(closed) == ["a", "b", "c"]
