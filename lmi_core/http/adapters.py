@@ -13,7 +13,6 @@ adapter and are never touched.
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -193,22 +192,6 @@ async def unregister_adapter(request: Request) -> Response:
 # -- vLLM's routes -------------------------------------------------------------------------------
 
 
-def vllm_errors(handler: Any) -> Any:
-    """vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``, its own types."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            response: Response = await handler(request)
-            return response
-        except ServiceError as exc:
-            kind = "BadRequestError" if exc.type == BadRequestError.type else exc.type
-            error = {"message": str(exc), "type": kind, "param": exc.param, "code": exc.status}
-            return JSONResponse({"error": error}, status_code=exc.status)
-
-    return wrapped
-
-
 def invalid_input(message: str, status: int = 400, kind: str = "InvalidUserInput") -> ServiceError:
     return ServiceError(message, status=status, type=kind)
 
@@ -242,7 +225,6 @@ def _base(request: Request, name: str | None) -> ServedModel:
     return server.served()[0]
 
 
-@vllm_errors
 async def load_lora_adapter(request: Request) -> Response:
     body = parse_model(LoadLoraRequest, await read_json(request, _state(request).config.max_request_size))
     model = _base(request, body.model)
@@ -273,7 +255,6 @@ async def load_lora_adapter(request: Request) -> Response:
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@vllm_errors
 async def unload_lora_adapter(request: Request) -> Response:
     body = parse_model(UnloadLoraRequest, await read_json(request, _state(request).config.max_request_size))
     adapters = registry(_base(request, body.model))

@@ -13,17 +13,16 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.errors import ConfigError, ServiceError
-from lmi_core.http import adapters, liveness, lmi_api, management, openai_api, openapi
+from lmi_core.errors import BadRequestError, ConfigError, ServiceError
+from lmi_core.http import adapters, errors, liveness, lmi_api, management, openai_api, openapi
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
-from lmi_core.http.common import ClientDisconnected, error_response
+from lmi_core.http.common import ClientDisconnected
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
-from lmi_core.http.openai_protocol import error_for_path
 from lmi_core.http.request_timeout import RequestTimeoutMiddleware
 from lmi_core.http.routing import RoutingMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
@@ -62,13 +61,13 @@ class RequestIdMiddleware:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_response(exc)
+    return errors.render(exc, errors.dialect_for(request.url.path))
 
 
 async def _config_error(request: Request, exc: Exception) -> Response:
-    param = getattr(exc, "key", None)
-    body = {"code": 400, "type": "BadRequestException", "message": str(exc), "param": param}
-    return JSONResponse(body, status_code=400)
+    """A bad setting in a request (a model registered over the management API): 400 naming its key."""
+    assert isinstance(exc, ConfigError)
+    return errors.render(BadRequestError(str(exc), param=exc.key), errors.dialect_for(request.url.path))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -77,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     error = ServiceError(
         exc.detail, status=exc.status_code, type=HTTPStatus(exc.status_code).phrase.replace(" ", "")
     )
-    response = error_for_path(request.url.path, error)
+    response = errors.render(error, errors.dialect_for(request.url.path))
     response.headers.update(exc.headers or {})
     return response
 

@@ -1,4 +1,4 @@
-"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect, fan-in of
+"""Shared HTTP plumbing: JSON bodies with a size cap, cancellation on disconnect, fan-in of
 concurrent generations (``merge``), streaming."""
 
 from __future__ import annotations
@@ -10,21 +10,17 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lmi_core.errors import (
     BadRequestError,
     PayloadTooLargeError,
-    QueueFullError,
-    ServiceError,
     UnsupportedMediaTypeError,
 )
 from lmi_core.http.json_guard import MAX_DEPTH, check_body
 
 T = TypeVar("T")
-
-RETRY_AFTER_SECONDS = "1"
 
 
 class ClientDisconnected(Exception):
@@ -85,19 +81,6 @@ async def query_and_body(request: Request, limit: int) -> dict[str, Any]:
             raise BadRequestError("request body must be a JSON object", param="body")
         params.update(body)
     return params
-
-
-def error_response(exc: ServiceError) -> JSONResponse:
-    """DJL's error body: ``{"code", "type", "message"}`` (plus ``param`` when a field is at fault)."""
-    body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}
-    if exc.param:
-        body["param"] = exc.param
-    return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
-
-
-def error_headers(exc: ServiceError) -> dict[str, str] | None:
-    """``Retry-After`` on a full queue: the client should come back, not give up."""
-    return {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

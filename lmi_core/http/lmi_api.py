@@ -13,6 +13,7 @@ from starlette.routing import Route
 import lmi_core
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import BadRequestError, ServiceError
+from lmi_core.http import errors
 from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import collect, collect_each, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
@@ -185,7 +186,7 @@ async def lmi_lines(
                 "token": {"id": -1, "text": "", "log_prob": -1.0, "special_token": True},
                 "generated_text": "".join(texts),
                 "details": {"finish_reason": "error", "generated_tokens": count},
-                "error": {"code": exc.status, "type": exc.type, "message": str(exc)},
+                "error": errors.body(exc, "djl"),
             }
         )
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
-from lmi_core.errors import BadRequestError, EngineError, ServiceError
+from lmi_core.errors import BadRequestError, EngineError
 from lmi_core.http.adapters import header_adapter, model_or_adapter
 from lmi_core.http.common import collect_each, merge, read_json, stream_response, until_disconnected
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    error_for_path,
     ignored_fields,
 )
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -50,7 +48,6 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Chat without max_tokens runs until the model stops or its context is full (engines clamp to it).
 UNLIMITED = 2**31 - 1
 
-Handler = Callable[[Request], Awaitable[Response]]
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
 
 
@@ -167,19 +164,6 @@ async def run_call(request: Request, call: Call, route: str, framing: Framing) -
 # -- handlers ------------------------------------------------------------------------------------
 
 
-def openai_errors(handler: Handler) -> Handler:
-    """Answer a failed request in OpenAI's error shape (with ``Retry-After`` on a full queue)."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except ServiceError as exc:
-            return error_for_path(request.url.path, exc)
-
-    return wrapped
-
-
 def unknown_fields(pool: ServedModel, body: OpenAIRequest) -> list[str]:
     """The fields of ``body`` this server does not know: a 400 naming the first for a model with
     ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
@@ -219,7 +203,6 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedMode
     return pool, adapter, body
 
 
-@openai_errors
 async def completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
@@ -227,7 +210,6 @@ async def completions(request: Request) -> Response:
     return with_ignored(await run_call(request, call, "/v1/completions", SSE), ignored)
 
 
-@openai_errors
 async def chat_completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
@@ -282,13 +264,11 @@ def _cards(pool: ServedModel) -> list[dict[str, Any]]:
     return [_model_card(pool), *(_model_card(pool, entry.lora) for entry in adapters)]
 
 
-@openai_errors
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.lmi
     return JSONResponse({"object": "list", "data": [c for p in state.server.served() for c in _cards(p)]})
 
 
-@openai_errors
 async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model"]
     pool, adapter = model_or_adapter(request, name)

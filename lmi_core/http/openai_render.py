@@ -27,7 +27,7 @@ from lmi_core.engine import (
     Token,
 )
 from lmi_core.errors import ServiceError
-from lmi_core.http.openai_protocol import openai_error
+from lmi_core.http import errors
 from lmi_core.http.state import ServedModel
 from lmi_core.http.tool_calls import ToolPlan, ToolStream
 
@@ -268,7 +268,7 @@ async def render_chunks(
                     reason = tools[index].plan.finish_reason(_finish_reason(event), tools[index].has_calls)
                     yield chunk(_tool_delta(index, {}, reason))
     except ServiceError as exc:
-        yield openai_error(exc)  # headers are sent: the error becomes the last chunk
+        yield errors.body(exc, "openai")  # headers are sent: the error becomes the last chunk
         return
     if call.include_usage:
         yield {**call.envelope(chunk=True), "choices": [], "usage": _usage(call, finished)}

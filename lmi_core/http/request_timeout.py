@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmi_core.errors import BadRequestError
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http import errors
 from lmi_core.serving.deadlines import client_timeout, parse_client_timeout
 
 HEADER = b"x-request-timeout"
@@ -30,7 +30,7 @@ class RequestTimeoutMiddleware:
             error = BadRequestError(
                 "x-request-timeout must be a positive number of seconds", param="x-request-timeout"
             )
-            await error_for_path(scope.get("path", ""), error)(scope, receive, send)
+            await errors.render(error, errors.dialect_for(scope.get("path", "")))(scope, receive, send)
             return
         token = client_timeout.set(seconds)
         try:

@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmi_core.errors import AuthenticationError, NotFoundError
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http import errors
 
 OPEN_PATHS = frozenset({"/ping", "/health", "/live"})
 # Served by both listeners when management has its own address.
@@ -33,7 +33,8 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no guessing by timing
-                response = error_for_path(scope["path"], AuthenticationError("missing or invalid API key"))
+                error = AuthenticationError("missing or invalid API key")
+                response = errors.render(error, errors.dialect_for(scope["path"]))
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
@@ -71,7 +72,8 @@ class ListenerFilter:
         mine = path in SHARED_PATHS or is_management_path(path) == self.management
         if scope["type"] == "http" and not mine:
             listener = "management" if self.management else "inference"
-            response = error_for_path(path, NotFoundError(f"{path} is not served on the {listener} address"))
+            error = NotFoundError(f"{path} is not served on the {listener} address")
+            response = errors.render(error, errors.dialect_for(path))
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -1,4 +1,4 @@
-"""The shared HTTP plumbing: JSON bodies (size cap, bad JSON, 64-bit ints), error shapes, streaming."""
+"""The shared HTTP plumbing: JSON bodies (size cap, bad JSON, 64-bit ints), fan-in, streaming."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from lmi_core.errors import ModelNotReadyError, QueueFullError, ServiceError
-from lmi_core.http.common import collect_each, error_response, read_json, stream_response
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.errors import QueueFullError, ServiceError
+from lmi_core.http import errors
+from lmi_core.http.common import collect_each, read_json, stream_response
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 LIMIT = 64
@@ -26,7 +26,7 @@ async def echo(request: Request) -> Response:
 
 async def _error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_for_path(request.url.path, exc)
+    return errors.render(exc, errors.dialect_for(request.url.path))
 
 
 def plumbing(*routes: Route) -> TestClient:
@@ -74,19 +74,6 @@ def test_read_json_refuses_integers_beyond_64_bits() -> None:
     for value in (2**64, -(2**63) - 1):
         response = http.post("/echo", content=f'{{"seed": {value}}}'.encode())
         assert response.status_code == 400 and "64 bits" in response.json()["message"]
-
-
-def test_error_shapes_follow_the_path() -> None:
-    error = ModelNotReadyError("model a is loading", param="model")
-    djl = error_for_path("/invocations", error)
-    openai = error_for_path("/v1/completions", error)
-    assert djl.status_code == openai.status_code == 503
-    assert djl.body == error_response(error).body
-    assert b'"type":"ServiceUnavailableException"' in djl.body and b'"param":"model"' in djl.body
-    assert b'"error":{' in openai.body and b'"code":503' in openai.body
-    full = error_response(QueueFullError("the queue is full"))
-    assert full.status_code == 503 and full.headers["retry-after"] == "1"
-    assert "retry-after" not in djl.headers
 
 
 def test_the_app_answers_unknown_routes_and_models_in_the_path_s_shape() -> None:
