@@ -15,13 +15,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import BadRequestError, ConfigError, ServiceError
 from lmi_core.http import adapters, errors, liveness, lmi_api, management, openai_api, openapi
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
-from lmi_core.http.common import ClientDisconnected
+from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response_start
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.request_timeout import RequestTimeoutMiddleware
 from lmi_core.http.routing import RoutingMiddleware
@@ -36,27 +36,18 @@ REQUEST_ID_HEADER = "x-request-id"
 Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Echo the client's ``x-request-id`` (or a new one) on every response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         request_id = headers.get(REQUEST_ID_HEADER.encode()) or uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode(errors="replace")
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id)]
-            await send(message)
+        def add_id(message: Message) -> None:
+            message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id)]
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive, on_response_start(send, add_id))
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:

@@ -1,8 +1,9 @@
 """Shared HTTP plumbing: JSON bodies with a size cap, cancellation on disconnect, fan-in of
-concurrent generations (``merge``), streaming."""
+concurrent generations (``merge``), streaming, and the middlewares' ASGI prologue."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.errors import (
     BadRequestError,
@@ -163,6 +164,34 @@ async def collect_each(streams: list[AsyncGenerator[T, None]]) -> list[list[T]]:
     for index, event in await collect(merge(streams)):
         results[index].append(event)
     return results
+
+
+class HttpMiddleware(abc.ABC):
+    """An ASGI middleware of HTTP requests: they go to ``handle``; lifespan events pass through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @abc.abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
+def on_response_start(send: Send, hook: Callable[[Message], None]) -> Send:
+    """``send`` that first shows ``hook`` the response's start message: its status, and its headers,
+    which ``hook`` may extend."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            hook(message)
+        await send(message)
+
+    return wrapped
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
+from lmi_core.http.common import HttpMiddleware, on_response_start
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 from lmi_core.serving.pool import PoolSnapshot
@@ -252,29 +253,24 @@ class Metrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """Count every HTTP request by model, route template (never the raw path) and status code."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         labels = RequestLabels()
         token = _current.set(labels)
         status = 500  # unless a response starts: an exception escaped the app
 
-        async def send_status(message: Message) -> None:
+        def started(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+            status = message["status"]
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, on_response_start(send, started))
         finally:
             _current.reset(token)
             route = getattr(scope.get("route"), "path", "unmatched")

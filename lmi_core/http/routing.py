@@ -9,8 +9,9 @@ every inference response that reached one, streamed or not, errors after dispatc
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from lmi_core.http.common import HttpMiddleware, on_response_start
 from lmi_core.serving.routing import RouteHint
 
 # The client's session: lmi's own header, then SageMaker's stateful-session header.
@@ -38,24 +39,16 @@ def response_headers(hint: RouteHint) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-class RoutingMiddleware:
+class RoutingMiddleware(HttpMiddleware):
     """Give every request a ``RouteHint`` and write its headers onto the response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         session = next((headers[h] for h in SESSION_HEADERS if h in headers), None)
         hint = RouteHint(session.decode(errors="replace") if session else None)
         scope.setdefault("state", {})[_KEY] = hint
 
-        async def send_with_worker(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *response_headers(hint)]
-            await send(message)
+        def add_workers(message: Message) -> None:
+            message["headers"] = [*message.get("headers", []), *response_headers(hint)]
 
-        await self.app(scope, receive, send_with_worker)
+        await self.app(scope, receive, on_response_start(send, add_workers))

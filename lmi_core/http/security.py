@@ -16,21 +16,22 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmi_core.errors import AuthenticationError, NotFoundError
 from lmi_core.http import errors
+from lmi_core.http.common import HttpMiddleware
 
 OPEN_PATHS = frozenset({"/ping", "/health", "/live"})
 # Served by both listeners when management has its own address.
 SHARED_PATHS = frozenset({"/ping", "/health", "/live", "/openapi.json"})
 
 
-class ApiKeyMiddleware:
+class ApiKeyMiddleware(HttpMiddleware):
     """Refuse requests without ``Authorization: Bearer <api_key>`` (401), except on ``/ping``."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
+        super().__init__(app)
         self.expected = f"Bearer {api_key}".encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no guessing by timing
                 error = AuthenticationError("missing or invalid API key")
@@ -60,17 +61,16 @@ def is_management_path(path: str) -> bool:
     return path in ("/models", "/metrics") or path.startswith(("/models/", "/server/"))
 
 
-class ListenerFilter:
+class ListenerFilter(HttpMiddleware):
     """One listener's view of the app: only management routes, or only the others (404 otherwise)."""
 
     def __init__(self, app: ASGIApp, management: bool) -> None:
-        self.app = app
+        super().__init__(app)
         self.management = management
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        mine = path in SHARED_PATHS or is_management_path(path) == self.management
-        if scope["type"] == "http" and not mine:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path not in SHARED_PATHS and is_management_path(path) != self.management:
             listener = "management" if self.management else "inference"
             error = NotFoundError(f"{path} is not served on the {listener} address")
             response = errors.render(error, errors.dialect_for(path))
