@@ -22,9 +22,8 @@ from lmi_core.errors import BadRequestError, ConfigError, ServiceError
 from lmi_core.http import adapters, errors, liveness, lmi_api, management, openai_api, openapi
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response_start
+from lmi_core.http.context import RequestContextMiddleware
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
-from lmi_core.http.request_timeout import RequestTimeoutMiddleware
-from lmi_core.http.routing import RoutingMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.serving.server import ModelServer
@@ -143,13 +142,14 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     )
     app.state.lmi = state
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
-    # an unexpected error (innermost) is a JSON error that is counted and carries an id too.
+    # the request context (x-session-id and x-request-timeout in, x-lmi-worker out) is built once
+    # the key is checked; an unexpected error (innermost) is a JSON error that is counted, carries an
+    # id and names its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
-    app.add_middleware(RequestTimeoutMiddleware)
+    app.add_middleware(RequestContextMiddleware)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RoutingMiddleware)  # x-session-id in, x-lmi-worker out
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]
     if origins:

@@ -16,9 +16,9 @@ from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http import errors
 from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import collect, collect_each, read_json, stream_response, until_disconnected
+from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
-from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.serving.pool import ModelStatus, new_request_id
@@ -88,7 +88,7 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
         return JSONResponse(await _batch(request, pool, lmi, adapters))
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params, adapter=adapters[0])
-    events = state.instrument(pool, generation, "/invocations", route_hint(request))
+    events = state.instrument(pool, generation, "/invocations", request_context(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))
@@ -112,8 +112,8 @@ async def _batch(
         for p, a in zip(lmi.prompts, adapters, strict=True)
     ]
 
-    hint = route_hint(request)
-    streams = [state.instrument(pool, g, "/invocations", hint) for g in generations]
+    context = request_context(request)
+    streams = [state.instrument(pool, g, "/invocations", context) for g in generations]
     # One failed (or the client left): merge closes the rest, which cancels their generations.
     results = await until_disconnected(request, collect_each(streams))
     return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]

@@ -13,10 +13,8 @@ never a client-supplied string (so is ``adapter``: a registered adapter's name).
 from __future__ import annotations
 
 import collections
-import contextvars
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,24 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
 from lmi_core.http.common import HttpMiddleware, on_response_start
+from lmi_core.http.context import context_of
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 from lmi_core.serving.pool import PoolSnapshot
-from lmi_core.serving.routing import ROUTED, RouteHint
+from lmi_core.serving.routing import ROUTED, RequestContext
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
-
-
-@dataclass
-class RequestLabels:
-    """Per HTTP request: the model it ran on, filled in when its generation starts."""
-
-    model: str = ""
-
-
-# Shared by reference with every task the request spawns (tasks copy the context, not the object).
-_current: contextvars.ContextVar[RequestLabels | None] = contextvars.ContextVar("lmi_request", default=None)
 
 
 class LoraTotals:
@@ -207,19 +195,18 @@ class Metrics:
             self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
 
     async def instrument(
-        self, pool: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None = None
+        self, pool: ServedModel, request: GenerationRequest, route: str, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name
-        labels = _current.get()
-        if labels is not None:
-            labels.model = model
+        if context is not None:  # the HTTP request's model label
+            context.model = model
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
         if request.adapter is not None:
             self.lora_requests.labels(model, request.adapter.name).inc()
-        events = pool.generate(request, hint)
+        events = pool.generate(request, context)
         try:
             async for event in events:
                 now = time.monotonic()
@@ -261,8 +248,6 @@ class MetricsMiddleware(HttpMiddleware):
         self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        labels = RequestLabels()
-        token = _current.set(labels)
         status = 500  # unless a response starts: an exception escaped the app
 
         def started(message: Message) -> None:
@@ -272,6 +257,8 @@ class MetricsMiddleware(HttpMiddleware):
         try:
             await self.app(scope, receive, on_response_start(send, started))
         finally:
-            _current.reset(token)
+            # The context is built inside (after the API key check): none for a refused request.
+            context = context_of(scope)
+            model = context.model if context is not None else ""
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(labels.model, route, str(status)).inc()
+            self.metrics.requests.labels(model, route, str(status)).inc()

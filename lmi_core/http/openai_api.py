@@ -22,6 +22,7 @@ from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
 from lmi_core.http.adapters import header_adapter, model_or_adapter
 from lmi_core.http.common import collect_each, merge, read_json, stream_response, until_disconnected
+from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import (
     ChatCompletionRequest,
@@ -29,7 +30,6 @@ from lmi_core.http.openai_protocol import (
     ignored_fields,
 )
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
-from lmi_core.http.routing import route_hint
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
@@ -146,8 +146,8 @@ async def run_call(request: Request, call: Call, route: str, framing: Framing) -
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
-    hint = route_hint(request)
-    streams = [state.instrument(call.pool, g, route, hint) for g in call.generations]
+    context = request_context(request)
+    streams = [state.instrument(call.pool, g, route, context) for g in call.generations]
     try:
         if call.stream:
             frame, media_type = framing

@@ -20,7 +20,7 @@ from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot
-from lmi_core.serving.routing import RouteHint
+from lmi_core.serving.routing import RequestContext
 
 
 class ServedModel(Protocol):
@@ -38,9 +38,9 @@ class ServedModel(Protocol):
     @property
     def adapters(self) -> AdapterRegistry | None: ...  # its LoRA adapters; None without option.enable_lora
 
-    # ``hint``: the request's session in, the worker chosen out (before the first event).
+    # ``context``: the HTTP request's session and timeout in, the worker chosen out (before the first event).
     def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
@@ -70,14 +70,14 @@ class ModelService(Protocol):
 
 NativeChat = Callable[[Request, ServedModel, dict[str, Any], LoraAdapter | None], Awaitable[Response]]
 Instrument = Callable[
-    [ServedModel, GenerationRequest, str, RouteHint | None], AsyncGenerator[GenerationEvent, None]
+    [ServedModel, GenerationRequest, str, RequestContext | None], AsyncGenerator[GenerationEvent, None]
 ]
 
 
 def _plain(
-    model: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None
+    model: ServedModel, request: GenerationRequest, route: str, context: RequestContext | None
 ) -> AsyncGenerator[GenerationEvent, None]:
-    return model.generate(request, hint)
+    return model.generate(request, context)
 
 
 @dataclass

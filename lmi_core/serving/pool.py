@@ -48,11 +48,11 @@ from lmi_core.errors import (
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
-from lmi_core.serving.deadlines import Deadlines, client_timeout, deadlines
+from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.routing import (
     ROUTED,
     Decision,
-    RouteHint,
+    RequestContext,
     RouteQuery,
     Router,
     RoutingPolicy,
@@ -517,17 +517,18 @@ class WorkerPool:
         return future.result()
 
     async def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the worker the router picks, yield its events.
 
-        ``hint`` carries the request's session in, and gets the routing decision appended before the
-        first event is yielded (so a response can name its worker before it starts).
+        ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
+        appended before the first event is yielded (so a response can name its worker before it starts).
         """
         started = time.monotonic()
         config = self.config
-        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
-        query = self.router.query(request, hint)
+        client = context.client_timeout if context is not None else None
+        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client)
+        query = self.router.query(request, context)
         worker, decision = await self._acquire(query, limits)
         self.observe(self.name, "queue_time", time.monotonic() - started)
         # What the client has, ids only (a Token holds its text and log-probs): a migrated request
@@ -537,8 +538,8 @@ class WorkerPool:
         last: Token | None = None
         attempt = request
         for migration in itertools.count():
-            if hint is not None:
-                hint.served.append(decision)
+            if context is not None:
+                context.served.append(decision)
             events = worker.generate(attempt, limits.total, limits.total_source)
             try:
                 async for event in events:

@@ -89,11 +89,15 @@ class Decision:
 
 
 @dataclass
-class RouteHint:
-    """What the HTTP side knows about a request (its session) and learns (the workers that served it)."""
+class RequestContext:
+    """One HTTP request as the pool sees it, built once at the HTTP edge and passed with each of its
+    generations: what the client asked (its session, its timeout) and what the server learns (the
+    workers that served it; the model it ran on, the metrics' ``model`` label)."""
 
     session_id: str | None = None
+    client_timeout: float | None = None  # x-request-timeout's seconds: lowers the total deadline
     served: list[Decision] = field(default_factory=list)  # appended by the pool at dispatch
+    model: str = ""  # set when its first generation starts
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,8 @@ class Router:
         self._epochs: dict[int, int] = {}
         self._sent: dict[int, dict[str, float]] = {}  # worker -> adapter -> monotonic time sent
 
-    def query(self, request: GenerationRequest, hint: RouteHint | None) -> RouteQuery:
-        session = hint.session_id if hint is not None else None
+    def query(self, request: GenerationRequest, context: RequestContext | None) -> RouteQuery:
+        session = context.session_id if context is not None else None
         adapter = request.adapter.name if request.adapter is not None else None
         if self.policy.mode == "least_loaded":
             return RouteQuery((), session, adapter)  # no hashing: nothing reads it

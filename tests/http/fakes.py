@@ -23,7 +23,7 @@ from lmi_core.http.state import AppState
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
-from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -109,15 +109,15 @@ class FakeModel:
         self.tokens = tokens
         self.error = error
         self.requests: list[GenerationRequest] = []
-        self.hints: list[RouteHint | None] = []
+        self.contexts: list[RequestContext | None] = []
 
     async def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
-        self.hints.append(hint)
-        if hint is not None:  # as the pool does: the worker is known before the first event
-            hint.served.append(Decision(0, "load"))
+        self.contexts.append(context)
+        if context is not None:  # as the pool does: the worker is known before the first event
+            context.served.append(Decision(0, "load"))
         if self.error is not None:
             raise self.error
         for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length

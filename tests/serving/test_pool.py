@@ -27,7 +27,7 @@ from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
 from lmi_core.serving.pool import WorkerPool, finished_after, new_request_id
-from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -305,8 +305,13 @@ async def test_abandoned_waits_leave_no_trace() -> None:
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert pool.waiting == 0
+    waiting = pool.generate(
+        GenerationRequest(new_request_id(), prompt="hi"), RequestContext(client_timeout=0.2)
+    )
+    with pytest.raises(RequestTimeoutError, match=r"waited longer than x-request-timeout=0\.2 s"):
+        await anext(waiting)  # the client's timeout, below option.predict_timeout, is the deadline
     pool.config.predict_timeout = 0.2  # for the next request only: busy's deadline is set
-    with pytest.raises(RequestTimeoutError, match="waited longer"):
+    with pytest.raises(RequestTimeoutError, match=r"waited longer than option\.predict_timeout"):
         await run(pool)
     assert pool.waiting == 0 and pool.workers[0].in_flight == 1
     busy.cancel()
@@ -351,13 +356,13 @@ async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker
     FakeWorker.gate.set()
 
     async def served(prompt: str, session: str | None = None) -> Decision:
-        hint = RouteHint(session)
-        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), hint)
+        context = RequestContext(session)
+        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), context)
         await anext(events)
-        assert len(hint.served) == 1  # the worker is known once the first event is
+        assert len(context.served) == 1  # the worker is known once the first event is
         async for _ in events:
             pass
-        return hint.served[0]
+        return context.served[0]
 
     shared = {name: f"{name}: " + "a long shared context. " * 10 for name in ("a", "b")}
     first = [(await served(shared[n] + "?", "s" if n == "a" else None)).worker_id for n in ("a", "b")]
@@ -394,13 +399,13 @@ async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
     assert pool.adapters is not None
     pool.adapters.add("b", "/b", preload=False)
     adapter = pool.adapters.get("b").lora
-    hints = [RouteHint() for _ in range(3)]
+    contexts = [RequestContext() for _ in range(3)]
     streams = [
-        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), h) for h in hints
+        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), c) for c in contexts
     ]
     for stream in streams:  # all three in flight at once
         await anext(stream)
-    decisions = [h.served[0] for h in hints]
+    decisions = [c.served[0] for c in contexts]
     # The first goes to the least loaded worker; the others follow it (load permitting: 1 and 2 in
     # flight against 0 is within routing_imbalance_abs=8), though the other worker is idle.
     assert [d.worker_id for d in decisions] == [0, 0, 0]
