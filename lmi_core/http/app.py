@@ -81,10 +81,11 @@ def create_app(
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> Starlette:
-    """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
-    server = server or ModelServer(config)
-    metrics = Metrics(server)
-    server.observe = metrics.observe
+    """The application serving ``models`` (loaded at startup, before /ping turns 200); a ``server``
+    given (tests) keeps the pool observer it was built with."""
+    metrics = Metrics()
+    server = server or ModelServer(config, observe=metrics)
+    metrics.collect_from(server)
     state = AppState(
         config=config,
         server=server,

@@ -30,7 +30,7 @@ from lmi_core.http.context import context_of
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 from lmi_core.serving.pool import PoolSnapshot
-from lmi_core.serving.routing import ROUTED, RequestContext
+from lmi_core.serving.routing import Reason, RequestContext
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
@@ -135,9 +135,12 @@ def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
 
 
 class Metrics:
-    """The registry and every metric of one app."""
+    """The registry and every metric of one app; the pools' observer (``serving.observer.PoolObserver``).
 
-    def __init__(self, server: ModelService) -> None:
+    Built before the server (``ModelServer(observe=metrics)``); ``collect_from`` then adds the
+    scrape-time gauges of the server's models."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -147,14 +150,14 @@ class Metrics:
             return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
 
         self.requests = counter("lmi_http_requests", "HTTP requests by route and status", "route", "status")
-        self.queue_time = histogram("lmi_request_queue_time_seconds", "Arrival until a worker took it")
+        self.queue_seconds = histogram("lmi_request_queue_time_seconds", "Arrival until a worker took it")
         self.time_to_first_token = histogram("lmi_time_to_first_token_seconds", "Time to the first token")
         self.time_per_output_token = histogram(
             "lmi_time_per_output_token_seconds", "Mean time between output tokens", TOKEN_BUCKETS
         )
         self.e2e_latency = histogram("lmi_e2e_request_latency_seconds", "Time to the last token, per request")
         # A worker's loop that answers pings late is busy with work that belongs off it.
-        self.heartbeat = histogram(
+        self.heartbeat_seconds = histogram(
             "lmi_worker_heartbeat_seconds", "Round trip of a health-check ping to a rank", TOKEN_BUCKETS
         )
         self.prompt_tokens = counter("lmi_prompt_tokens", "Prompt tokens processed")
@@ -179,20 +182,27 @@ class Metrics:
             "reason",
         )
         self.lora_requests = counter("lmi_lora_requests", "Generations by LoRA adapter", "adapter")
+
+    def collect_from(self, server: ModelService) -> None:
+        """Add the engines' and pools' scrape-time metrics of ``server``'s models."""
         self.registry.register(EngineCollector(server))
 
-    def observe(self, model: str, event: str, value: float) -> None:
-        """The pool's callback (``ModelServer(observe=...)``)."""
-        if event == "queue_time":
-            self.queue_time.labels(model).observe(value)
-        elif event == "worker_restart":
-            self.worker_restarts.labels(model).inc(value)
-        elif event == "migration":
-            self.migrations.labels(model).inc(value)
-        elif event == "heartbeat":
-            self.heartbeat.labels(model).observe(value)
-        elif event.startswith(ROUTED):
-            self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
+    # -- PoolObserver --------------------------------------------------------------------------------
+
+    def queue_time(self, model: str, seconds: float) -> None:
+        self.queue_seconds.labels(model).observe(seconds)
+
+    def worker_restart(self, model: str) -> None:
+        self.worker_restarts.labels(model).inc()
+
+    def migration(self, model: str) -> None:
+        self.migrations.labels(model).inc()
+
+    def heartbeat(self, model: str, seconds: float) -> None:
+        self.heartbeat_seconds.labels(model).observe(seconds)
+
+    def routed(self, model: str, reason: Reason) -> None:
+        self.routing_decisions.labels(model, reason).inc()
 
     async def instrument(
         self, pool: ServedModel, request: GenerationRequest, route: str, context: RequestContext | None = None

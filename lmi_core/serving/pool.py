@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import pluggy
@@ -49,8 +49,8 @@ from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, deadlines
+from lmi_core.serving.observer import NoObserver, PoolObserver
 from lmi_core.serving.routing import (
-    ROUTED,
     Decision,
     RequestContext,
     RouteQuery,
@@ -99,9 +99,6 @@ class PoolSnapshot:
         return sum(1 for w in self.workers if w.state is WorkerState.READY and not w.retiring)
 
 
-# (model name, event name, value) callbacks for metrics.
-Observer = Callable[[str, str, float], None]
-
 # How often the scaler looks at idle workers and due replacements when nothing else wakes it.
 SCALE_INTERVAL = 1.0
 # Back-off before replacing a FAILED worker: doubles per failure, reset when a worker turns READY.
@@ -131,13 +128,13 @@ class WorkerPool:
         pm: pluggy.PluginManager,
         plan: AllocationPlan,
         socket_prefix: str,
-        observe: Observer = lambda model, event, value: None,
+        observe: PoolObserver | None = None,
     ) -> None:
         self.config = config
         self.server = server
         self.pm = pm
         self.socket_prefix = socket_prefix
-        self.observe = observe
+        self.observe = observe if observe is not None else NoObserver()
         self.groups: tuple[DeviceGroup, ...] = plan.groups
         self.threads = plan.threads_per_worker
         self.min_workers = plan.min_workers
@@ -265,7 +262,7 @@ class WorkerPool:
             slot,
             self.pm,
             on_change=self._on_worker_change,
-            on_heartbeat=lambda seconds: self.observe(self.name, "heartbeat", seconds),
+            on_heartbeat=lambda seconds: self.observe.heartbeat(self.name, seconds),
         )
         worker.first_start.add_done_callback(_retrieve)
         self.workers[worker_id] = worker
@@ -302,7 +299,7 @@ class WorkerPool:
         if worker.state is not WorkerState.READY:
             self.router.forget(worker.worker_id)  # a restarted engine starts with an empty cache
         if worker.state is WorkerState.STARTING and worker.restarts:
-            self.observe(self.name, "worker_restart", 1)
+            self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
@@ -447,7 +444,7 @@ class WorkerPool:
         if not ready:
             return None
         decision = self.router.route(query, [self._load(w) for w in ready])
-        self.observe(self.name, ROUTED + decision.reason, 1)
+        self.observe.routed(self.name, decision.reason)
         worker = self.workers[decision.worker_id]
         worker.in_flight += 1
         return worker, decision
@@ -530,7 +527,7 @@ class WorkerPool:
         limits = deadlines(started, config.predict_timeout, config.queue_timeout, client)
         query = self.router.query(request, context)
         worker, decision = await self._acquire(query, limits)
-        self.observe(self.name, "queue_time", time.monotonic() - started)
+        self.observe.queue_time(self.name, time.monotonic() - started)
         # What the client has, ids only (a Token holds its text and log-probs): a migrated request
         # resumes after them. The first token carries the prompt's length, the last whether it ended.
         delivered: list[int] = []
@@ -561,7 +558,7 @@ class WorkerPool:
             if first is not None and last is not None and last.last:  # died after its last token
                 yield finished_after(first, last, len(delivered), request)
                 return
-            self.observe(self.name, "migration", 1)
+            self.observe.migration(self.name)
             logger.warning(
                 "model %s: request %s moves on after %d token(s): %s",
                 self.name,

@@ -34,8 +34,6 @@ from lmi_core.serving.prefix_index import (
 
 Reason = Literal["prefix", "session", "load", "adapter"]
 REASONS: tuple[Reason, ...] = ("prefix", "session", "load", "adapter")
-# The pool's observer event for a decision: ROUTED + reason (lmi_routing_decisions_total{reason}).
-ROUTED = "routed_"
 # Sessions remembered per model (least recently used forgotten first): ~100 bytes each, so 6 MiB.
 MAX_SESSIONS = 65536
 # How long a worker counts as holding an adapter it was sent without its heartbeat listing it yet:

@@ -28,7 +28,8 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import ModelNotFoundError, ModelNotReadyError, ServiceError
 from lmi_core.launch import devices, preflight
 from lmi_core.plugins import get_plugin_manager
-from lmi_core.serving.pool import Observer, PoolSnapshot, WorkerPool
+from lmi_core.serving.observer import NoObserver, PoolObserver
+from lmi_core.serving.pool import PoolSnapshot, WorkerPool
 from lmi_core.serving.registry import Health, ModelEntry, ModelSnapshot, ModelState
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,11 @@ class ModelServer:
         self,
         server: ServerConfig,
         pm: pluggy.PluginManager | None = None,
-        observe: Observer = lambda model, event, value: None,
+        observe: PoolObserver | None = None,
     ) -> None:
         self.server = server
         self.pm = pm or get_plugin_manager()
-        self.observe = observe
+        self.observe = observe if observe is not None else NoObserver()  # every pool's (metrics)
         self._models: dict[str, ModelEntry] = {}
         self._own_runtime_dir = server.runtime_dir is None
         # Private 0700 directory for the worker sockets (mkdtemp creates it owner-only).

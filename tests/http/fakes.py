@@ -180,7 +180,8 @@ class FakeModels:
 
 def app(models: FakeModels, **config: Any) -> Starlette:
     """The real routes, error handlers and middleware over ``models``."""
-    metrics = Metrics(models)
+    metrics = Metrics()
+    metrics.collect_from(models)
     server_config = ServerConfig(**config)
     state = AppState(server_config, models, native_chat=openai_api.native_chat, instrument=metrics.instrument)
     return build_app(state, metrics)

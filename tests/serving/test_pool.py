@@ -26,8 +26,9 @@ from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
+from lmi_core.serving.observer import PoolObserver
 from lmi_core.serving.pool import WorkerPool, finished_after, new_request_id
-from lmi_core.serving.routing import Decision, RequestContext
+from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -54,6 +55,7 @@ class FakeWorker:
     ) -> None:
         self.slot = slot
         self.on_change = on_change
+        self.on_heartbeat = on_heartbeat
         self.state = WorkerState.STARTING
         self.in_flight = 0
         self.restarts = 0
@@ -137,11 +139,14 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def make_pool(min_workers: int, max_workers: int, **options: Any) -> WorkerPool:
+def make_pool(
+    min_workers: int, max_workers: int, observe: PoolObserver | None = None, **options: Any
+) -> WorkerPool:
     server = ServerConfig(drain_timeout=options.pop("drain_timeout", 5.0))
     config = ModelConfig(name="m", model_id="fake", **{"max_rolling_batch_size": 1, **options})
     plan = plan_allocation([], 1, 1, min_workers, max_workers, cpu_count=4)
-    return WorkerPool(config, server, new_plugin_manager(load_entry_points=False), plan, "/nonexistent/m")
+    pm = new_plugin_manager(load_entry_points=False)
+    return WorkerPool(config, server, pm, plan, "/nonexistent/m", observe)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -430,3 +435,42 @@ def test_the_finish_of_a_worker_that_died_after_its_last_token(
     last = Token(2, "b", None, special=special, last=True)
     request = GenerationRequest("r", prompt="p", params=SamplingParams(max_new_tokens=8))
     assert finished_after(first, last, count, request) == Finished(reason, 5, count)
+
+
+class Recorder:
+    """A ``PoolObserver`` that lists the events it gets."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    def queue_time(self, model: str, seconds: float) -> None:
+        self.events.append(("queue_time", model, seconds >= 0))
+
+    def worker_restart(self, model: str) -> None:
+        self.events.append(("worker_restart", model, None))
+
+    def migration(self, model: str) -> None:
+        self.events.append(("migration", model, None))
+
+    def heartbeat(self, model: str, seconds: float) -> None:
+        self.events.append(("heartbeat", model, seconds))
+
+    def routed(self, model: str, reason: Reason) -> None:
+        self.events.append(("routed", model, reason))
+
+
+async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
+    recorder = Recorder()
+    pool = make_pool(1, 1, recorder, max_rolling_batch_size=2)
+    await pool.start()
+    FakeWorker.gate.set()
+    await run(pool)
+    assert recorder.events == [("routed", "m", "load"), ("queue_time", "m", True)]
+    recorder.events.clear()
+    worker = FakeWorker.created[0]
+    worker.on_heartbeat(0.25)
+    worker.restarts = 1
+    worker._set(WorkerState.STARTING)
+    assert recorder.events == [("heartbeat", "m", 0.25), ("worker_restart", "m", None)]
+    worker._set(WorkerState.READY)
+    await pool.stop()
