@@ -90,7 +90,6 @@ def create_app(
         config=config,
         server=server,
         startup_models=list(models or []),
-        native_chat=openai_api.native_chat,
         instrument=metrics.instrument,
     )
     server.expect(state.startup_models)

@@ -7,6 +7,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,6 +23,11 @@ from lmi_core.errors import (
 from lmi_core.http.json_guard import MAX_DEPTH, check_body
 
 T = TypeVar("T")
+
+
+def new_request_id() -> str:
+    """The id of one generation (a request with ``n`` choices starts ``n``), unique across workers."""
+    return uuid.uuid4().hex
 
 
 class ClientDisconnected(Exception):

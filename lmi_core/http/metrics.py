@@ -205,7 +205,7 @@ class Metrics:
         self.routing_decisions.labels(model, reason).inc()
 
     async def instrument(
-        self, pool: ServedModel, request: GenerationRequest, route: str, context: RequestContext | None = None
+        self, pool: ServedModel, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name

@@ -21,7 +21,14 @@ from starlette.routing import Route
 from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
 from lmi_core.http.adapters import header_adapter, model_or_adapter
-from lmi_core.http.common import collect_each, merge, read_json, stream_response, until_disconnected
+from lmi_core.http.common import (
+    collect_each,
+    merge,
+    new_request_id,
+    read_json,
+    stream_response,
+    until_disconnected,
+)
 from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import (
@@ -34,7 +41,6 @@ from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
 from lmi_core.plugins import get_plugin_manager
-from lmi_core.serving.pool import new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +147,13 @@ def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Ca
 # -- running -------------------------------------------------------------------------------------
 
 
-async def run_call(request: Request, call: Call, route: str, framing: Framing) -> Response:
+async def run_call(request: Request, call: Call, framing: Framing) -> Response:
     """Run ``call``'s generations; stream them in ``framing`` or answer once."""
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
     context = request_context(request)
-    streams = [state.instrument(call.pool, g, route, context) for g in call.generations]
+    streams = [state.instrument(call.pool, g, context) for g in call.generations]
     try:
         if call.stream:
             frame, media_type = framing
@@ -195,9 +201,7 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedMode
     state: AppState = request.app.state.lmi
     body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
     if body.model is None:
-        if len(state.server.served()) != 1:
-            raise BadRequestError("model is required: this server has several models", param="model")
-        pool = state.server.default()
+        pool = state.server.default("model")
         return pool, header_adapter(request, pool), body
     pool, adapter = model_or_adapter(request, body.model)
     return pool, adapter, body
@@ -207,14 +211,14 @@ async def completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
     call = completion_call(pool, body).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, "/v1/completions", SSE), ignored)
+    return with_ignored(await run_call(request, call, SSE), ignored)
 
 
 async def chat_completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
     call = chat_call(pool, body).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, "/v1/chat/completions", SSE), ignored)
+    return with_ignored(await run_call(request, call, SSE), ignored)
 
 
 async def native_chat(
@@ -224,7 +228,7 @@ async def native_chat(
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
     call = chat_call(pool, chat).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, "/invocations", JSON_LINES), ignored)
+    return with_ignored(await run_call(request, call, JSON_LINES), ignored)
 
 
 def max_model_len(pool: ServedModel) -> int | None:

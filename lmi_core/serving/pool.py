@@ -27,7 +27,6 @@ import enum
 import itertools
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -583,7 +582,3 @@ def finished_after(first: Token, last: Token, count: int, request: GenerationReq
     elif count >= request.params.max_new_tokens:
         reason = "length"
     return Finished(reason, first.prompt_tokens or 0, count)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

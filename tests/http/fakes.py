@@ -16,7 +16,6 @@ from starlette.testclient import TestClient
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
-from lmi_core.http import openai_api
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
@@ -24,6 +23,7 @@ from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
 from lmi_core.serving.routing import Decision, RequestContext
+from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -154,10 +154,8 @@ class FakeModels:
     def served(self) -> list[FakeModel]:
         return list(self.served_models.values())
 
-    def default(self) -> FakeModel:
-        if len(self.served_models) == 1:
-            return next(iter(self.served_models.values()))
-        raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
+    def default(self, param: str) -> FakeModel:
+        return only_model(self.served(), param)
 
     async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None:
         self.calls.append(("load", (config, wait, keep_failed)))
@@ -183,7 +181,7 @@ def app(models: FakeModels, **config: Any) -> Starlette:
     metrics = Metrics()
     metrics.collect_from(models)
     server_config = ServerConfig(**config)
-    state = AppState(server_config, models, native_chat=openai_api.native_chat, instrument=metrics.instrument)
+    state = AppState(server_config, models, instrument=metrics.instrument)
     return build_app(state, metrics)
 
 

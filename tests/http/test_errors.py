@@ -102,3 +102,19 @@ def test_the_app_answers_every_route_in_its_dialect(tmp_path: Path) -> None:
     assert config.status_code == 400 and config.json()["param"] == "foo"
     assert set(config.json()) == {"code", "type", "message", "param"}
     assert config.json()["message"].startswith("invalid configuration foo='bar'")
+
+
+def test_a_request_naming_no_model_on_a_server_of_several_is_one_400_naming_its_field() -> None:
+    http = client(FakeModels(model("a", pool("a", worker(0))), model("b", pool("b", worker(0)))))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    answers = {
+        "model_name": [http.post("/invocations", json={"inputs": "hi"}).json(), http.get("/adapters").json()],
+        "model": [
+            http.post("/v1/chat/completions", json=chat).json()["error"],
+            http.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).json()["error"],
+        ],
+    }
+    for param, errors in answers.items():
+        for error in errors:
+            assert error["param"] == param
+            assert error["message"] == f"{param} is required: the server serves 2 models, not one"

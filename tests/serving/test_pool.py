@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
 from lmi_core.serving.observer import PoolObserver
-from lmi_core.serving.pool import WorkerPool, finished_after, new_request_id
+from lmi_core.serving.pool import WorkerPool, finished_after
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
@@ -158,7 +159,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str =
 
 
 async def run(pool: WorkerPool, request_id: str | None = None) -> list[GenerationEvent]:
-    request = GenerationRequest(request_id or new_request_id(), prompt="hi")
+    request = GenerationRequest(request_id or uuid.uuid4().hex, prompt="hi")
     return [event async for event in pool.generate(request)]
 
 
@@ -311,7 +312,7 @@ async def test_abandoned_waits_leave_no_trace() -> None:
         await cancelled
     assert pool.waiting == 0
     waiting = pool.generate(
-        GenerationRequest(new_request_id(), prompt="hi"), RequestContext(client_timeout=0.2)
+        GenerationRequest(uuid.uuid4().hex, prompt="hi"), RequestContext(client_timeout=0.2)
     )
     with pytest.raises(RequestTimeoutError, match=r"waited longer than x-request-timeout=0\.2 s"):
         await anext(waiting)  # the client's timeout, below option.predict_timeout, is the deadline
@@ -362,7 +363,7 @@ async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker
 
     async def served(prompt: str, session: str | None = None) -> Decision:
         context = RequestContext(session)
-        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), context)
+        events = pool.generate(GenerationRequest(uuid.uuid4().hex, prompt=prompt), context)
         await anext(events)
         assert len(context.served) == 1  # the worker is known once the first event is
         async for _ in events:
@@ -406,7 +407,7 @@ async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
     adapter = pool.adapters.get("b").lora
     contexts = [RequestContext() for _ in range(3)]
     streams = [
-        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), c) for c in contexts
+        pool.generate(GenerationRequest(uuid.uuid4().hex, prompt="hi", adapter=adapter), c) for c in contexts
     ]
     for stream in streams:  # all three in flight at once
         await anext(stream)
