@@ -55,7 +55,7 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 
 
 async def _config_error(request: Request, exc: Exception) -> Response:
-    """A bad setting in a request (a model registered over the management API): 400 naming its key."""
+    """A bad setting in a management request (registering or scaling a model): a 400 naming its key."""
     assert isinstance(exc, ConfigError)
     return errors.render(BadRequestError(str(exc), param=exc.key), errors.dialect_for(request.url.path))
 

@@ -1,5 +1,5 @@
-"""Shared HTTP plumbing: JSON bodies with a size cap, cancellation on disconnect, fan-in of
-concurrent generations (``merge``), streaming, and the middlewares' ASGI prologue."""
+"""Shared HTTP plumbing: request ids, JSON bodies with a size cap, cancellation on disconnect, fan-in
+of concurrent generations (``merge``), streaming, and the middlewares' ASGI prologue."""
 
 from __future__ import annotations
 
@@ -15,11 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmi_core.errors import (
-    BadRequestError,
-    PayloadTooLargeError,
-    UnsupportedMediaTypeError,
-)
+from lmi_core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from lmi_core.http.json_guard import MAX_DEPTH, check_body
 
 T = TypeVar("T")

@@ -31,11 +31,7 @@ from lmi_core.http.common import (
 )
 from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import parse_model
-from lmi_core.http.openai_protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ignored_fields,
-)
+from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
