@@ -13,7 +13,6 @@ adapter and are never touched.
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +34,12 @@ ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.lmi
     return state
+
+
+def _named(request: Request, name: str | None, param: str) -> ServedModel:
+    """The model ``name``, or when the request names none the only one (a 400 naming ``param`` if not)."""
+    server = _state(request).server
+    return server.get(name) if name is not None else server.default(param)
 
 
 def registry(model: ServedModel) -> AdapterRegistry:
@@ -80,17 +85,8 @@ def model_or_adapter(request: Request, name: str) -> tuple[ServedModel, LoraAdap
 
 
 def _model(request: Request) -> ServedModel:
-    """The path's model, or for ``/adapters...`` the only one (DJL's rule and message)."""
-    server = _state(request).server
-    name = request.path_params.get("model_name")
-    if name is not None:
-        return server.get(name)
-    served = server.served()
-    if len(served) != 1:
-        raise BadRequestError(
-            "The adapter must be prefixed with a model unless there is only a single startup model used."
-        )
-    return served[0]
+    """The path's model, or for ``/adapters...`` the only one (DJL's rule)."""
+    return _named(request, request.path_params.get("model_name"), "model_name")
 
 
 def _flag(value: Any, param: str) -> bool | None:
@@ -193,22 +189,6 @@ async def unregister_adapter(request: Request) -> Response:
 # -- vLLM's routes -------------------------------------------------------------------------------
 
 
-def vllm_errors(handler: Any) -> Any:
-    """vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``, its own types."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            response: Response = await handler(request)
-            return response
-        except ServiceError as exc:
-            kind = "BadRequestError" if exc.type == BadRequestError.type else exc.type
-            error = {"message": str(exc), "type": kind, "param": exc.param, "code": exc.status}
-            return JSONResponse({"error": error}, status_code=exc.status)
-
-    return wrapped
-
-
 def invalid_input(message: str, status: int = 400, kind: str = "InvalidUserInput") -> ServiceError:
     return ServiceError(message, status=status, type=kind)
 
@@ -233,19 +213,9 @@ class UnloadLoraRequest(BaseModel):
     model: str | None = None
 
 
-def _base(request: Request, name: str | None) -> ServedModel:
-    server = _state(request).server
-    if name is not None:
-        return server.get(name)
-    if len(server.served()) != 1:
-        raise BadRequestError("model is required: this server has several models", param="model")
-    return server.served()[0]
-
-
-@vllm_errors
 async def load_lora_adapter(request: Request) -> Response:
     body = parse_model(LoadLoraRequest, await read_json(request, _state(request).config.max_request_size))
-    model = _base(request, body.model)
+    model = _named(request, body.model, "model")
     adapters = registry(model)
     name, path = body.lora_name, body.lora_path
     if not name or not path:
@@ -273,10 +243,9 @@ async def load_lora_adapter(request: Request) -> Response:
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@vllm_errors
 async def unload_lora_adapter(request: Request) -> Response:
     body = parse_model(UnloadLoraRequest, await read_json(request, _state(request).config.max_request_size))
-    adapters = registry(_base(request, body.model))
+    adapters = registry(_named(request, body.model, "model"))
     name = body.lora_name
     if not name:
         raise invalid_input("'lora_name' needs to be provided to unload a LoRA adapter.")

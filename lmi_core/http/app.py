@@ -13,19 +13,17 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.errors import ConfigError, ServiceError
-from lmi_core.http import adapters, liveness, lmi_api, management, openai_api, openapi
+from lmi_core.errors import BadRequestError, ConfigError, ServiceError
+from lmi_core.http import adapters, errors, liveness, lmi_api, management, openai_api, openapi
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
-from lmi_core.http.common import ClientDisconnected, error_response
+from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response_start
+from lmi_core.http.context import RequestContextMiddleware
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
-from lmi_core.http.openai_protocol import error_for_path
-from lmi_core.http.request_timeout import RequestTimeoutMiddleware
-from lmi_core.http.routing import RoutingMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.serving.server import ModelServer
@@ -37,38 +35,29 @@ REQUEST_ID_HEADER = "x-request-id"
 Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Echo the client's ``x-request-id`` (or a new one) on every response."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         request_id = headers.get(REQUEST_ID_HEADER.encode()) or uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode(errors="replace")
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id)]
-            await send(message)
+        def add_id(message: Message) -> None:
+            message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id)]
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive, on_response_start(send, add_id))
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_response(exc)
+    return errors.render(exc, errors.dialect_for(request.url.path))
 
 
 async def _config_error(request: Request, exc: Exception) -> Response:
-    param = getattr(exc, "key", None)
-    body = {"code": 400, "type": "BadRequestException", "message": str(exc), "param": param}
-    return JSONResponse(body, status_code=400)
+    """A bad setting in a management request (registering or scaling a model): a 400 naming its key."""
+    assert isinstance(exc, ConfigError)
+    return errors.render(BadRequestError(str(exc), param=exc.key), errors.dialect_for(request.url.path))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -77,7 +66,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     error = ServiceError(
         exc.detail, status=exc.status_code, type=HTTPStatus(exc.status_code).phrase.replace(" ", "")
     )
-    response = error_for_path(request.url.path, error)
+    response = errors.render(error, errors.dialect_for(request.url.path))
     response.headers.update(exc.headers or {})
     return response
 
@@ -92,15 +81,15 @@ def create_app(
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> Starlette:
-    """The application serving ``models`` (loaded at startup, before /ping turns 200)."""
-    server = server or ModelServer(config)
-    metrics = Metrics(server)
-    server.observe = metrics.observe
+    """The application serving ``models`` (loaded at startup, before /ping turns 200); a ``server``
+    given (tests) keeps the pool observer it was built with."""
+    metrics = Metrics()
+    server = server or ModelServer(config, observe=metrics)
+    metrics.collect_from(server)
     state = AppState(
         config=config,
         server=server,
         startup_models=list(models or []),
-        native_chat=openai_api.native_chat,
         instrument=metrics.instrument,
     )
     server.expect(state.startup_models)
@@ -153,13 +142,14 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     )
     app.state.lmi = state
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
-    # an unexpected error (innermost) is a JSON error that is counted and carries an id too.
+    # the request context (x-session-id and x-request-timeout in, x-lmi-worker out) is built once
+    # the key is checked; an unexpected error (innermost) is a JSON error that is counted, carries an
+    # id and names its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
-    app.add_middleware(RequestTimeoutMiddleware)
+    app.add_middleware(RequestContextMiddleware)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RoutingMiddleware)  # x-session-id in, x-lmi-worker out
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]
     if origins:

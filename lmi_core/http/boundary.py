@@ -1,8 +1,8 @@
 """The last line of defence: an exception no handler expected still gets a JSON answer.
 
 Invariant: whatever a route raises before its response starts, the client gets a JSON error in the
-route's own shape (OpenAI's under ``/v1``, DJL's elsewhere) with ``connection: close``, and the
-exception is logged with its traceback. Without this, starlette answered a plain-text 500 and
+route's own dialect (``errors.dialect_for``) with ``connection: close``, and the exception is logged
+with its traceback. Without this, starlette answered a plain-text 500 and
 uvicorn then dropped the keep-alive connection without saying so, so the client's next request on
 it was reset. After the response has started nothing can be answered any more: the exception goes
 on to uvicorn, which closes the connection (the client sees a truncated body, which it is).
@@ -12,37 +12,30 @@ from __future__ import annotations
 
 import logging
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from lmi_core.errors import ServiceError
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http import errors
+from lmi_core.http.common import HttpMiddleware, on_response_start
 
 logger = logging.getLogger(__name__)
 
 
-class ErrorBoundaryMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class ErrorBoundaryMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        def start(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+            started = True
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, on_response_start(send, start))
         except Exception as exc:
             if started:
                 raise
             logger.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
             error = ServiceError(f"internal error: {exc.__class__.__name__}", status=500)
-            response = error_for_path(scope.get("path", ""), error)
+            response = errors.render(error, errors.dialect_for(scope.get("path", "")))
             response.headers["connection"] = "close"
             await response(scope, receive, send)

@@ -1,29 +1,29 @@
-"""Shared HTTP plumbing: JSON bodies with a size cap, error bodies, cancellation on disconnect, streaming."""
+"""Shared HTTP plumbing: request ids, JSON bodies with a size cap, cancellation on disconnect, fan-in
+of concurrent generations (``merge``), streaming, and the middlewares' ASGI prologue."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmi_core.errors import (
-    BadRequestError,
-    PayloadTooLargeError,
-    QueueFullError,
-    ServiceError,
-    UnsupportedMediaTypeError,
-)
+from lmi_core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from lmi_core.http.json_guard import MAX_DEPTH, check_body
 
 T = TypeVar("T")
 
-RETRY_AFTER_SECONDS = "1"
+
+def new_request_id() -> str:
+    """The id of one generation (a request with ``n`` choices starts ``n``), unique across workers."""
+    return uuid.uuid4().hex
 
 
 class ClientDisconnected(Exception):
@@ -86,19 +86,6 @@ async def query_and_body(request: Request, limit: int) -> dict[str, Any]:
     return params
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
-    """DJL's error body: ``{"code", "type", "message"}`` (plus ``param`` when a field is at fault)."""
-    body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}
-    if exc.param:
-        body["param"] = exc.param
-    return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
-
-
-def error_headers(exc: ServiceError) -> dict[str, str] | None:
-    """``Retry-After`` on a full queue: the client should come back, not give up."""
-    return {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
-
-
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first; then cancel it (and so the engine's request)."""
     task = asyncio.ensure_future(work)
@@ -128,6 +115,85 @@ async def collect(events: AsyncGenerator[T, None]) -> list[T]:
     finally:
         await events.aclose()
     return out
+
+
+_END = object()
+
+
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
+    """The events of every stream as they come, tagged with the stream's index; closing it (or a
+    failure of one stream) closes them all, which cancels their generations."""
+    if len(streams) == 1:  # n=1, nearly every request: no task and no queue hop per token
+        (stream,) = streams
+        try:
+            async for event in stream:
+                yield 0, event
+        finally:
+            await stream.aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            await stream.aclose()
+            queue.put_nowait((index, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+async def collect_each(streams: list[AsyncGenerator[T, None]]) -> list[list[T]]:
+    """Every event of each stream, run concurrently (``merge``), in a list per stream."""
+    results: list[list[T]] = [[] for _ in streams]
+    for index, event in await collect(merge(streams)):
+        results[index].append(event)
+    return results
+
+
+class HttpMiddleware(abc.ABC):
+    """An ASGI middleware of HTTP requests: they go to ``handle``; lifespan events pass through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @abc.abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
+def on_response_start(send: Send, hook: Callable[[Message], None]) -> Send:
+    """``send`` that first shows ``hook`` the response's start message: its status, and its headers,
+    which ``hook`` may extend."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            hook(message)
+        await send(message)
+
+    return wrapped
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -14,14 +13,23 @@ from starlette.routing import Route
 import lmi_core
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import BadRequestError, ServiceError
+from lmi_core.http import errors
 from lmi_core.http.adapters import adapter_for, header_adapter
-from lmi_core.http.common import collect, read_json, stream_response, until_disconnected
+from lmi_core.http.common import (
+    collect,
+    collect_each,
+    new_request_id,
+    read_json,
+    stream_response,
+    until_disconnected,
+)
+from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
-from lmi_core.http.routing import route_hint
+from lmi_core.http.openai_api import native_chat
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
-from lmi_core.serving.pool import ModelStatus, new_request_id
+from lmi_core.serving.pool import ModelStatus
 
 
 async def ping(request: Request) -> Response:
@@ -49,7 +57,7 @@ def _model_for(request: Request, body: Any) -> ServedModel:
     name = request.query_params.get("model_name") or request.headers.get("model_name")
     if name is None and isinstance(body, dict) and isinstance(body.get("model_name"), str):
         name = body["model_name"]
-    return state.server.get(name) if name else state.server.default()
+    return state.server.get(name) if name else state.server.default("model_name")
 
 
 async def invocations(request: Request) -> Response:
@@ -71,13 +79,13 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
         raise BadRequestError("request body must be a JSON object", param="body")
     body = {k: v for k, v in body.items() if k != "model_name"}
     state: AppState = request.app.state.lmi
-    if "messages" in body and state.native_chat is not None:
+    if "messages" in body:
         chat_adapter = body.pop("adapters", None)
         if chat_adapter is not None and not isinstance(chat_adapter, str):
             raise BadRequestError("adapters of a chat request must be one adapter name", param="adapters")
         named = adapter_for(pool, chat_adapter, "adapters") if chat_adapter else None
         adapter = named or header_adapter(request, pool)
-        return await state.native_chat(request, pool, body, adapter)
+        return await native_chat(request, pool, body, adapter)
     lmi = parse_model(LmiRequest, body)
     adapters = _adapters(request, pool, lmi)
     params = lmi.parameters.sampling()
@@ -88,7 +96,7 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
         return JSONResponse(await _batch(request, pool, lmi, adapters))
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params, adapter=adapters[0])
-    events = state.instrument(pool, generation, "/invocations", route_hint(request))
+    events = state.instrument(pool, generation, request_context(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
     result = await until_disconnected(request, collect(events))
@@ -112,21 +120,10 @@ async def _batch(
         for p, a in zip(lmi.prompts, adapters, strict=True)
     ]
 
-    hint = route_hint(request)
-
-    async def run_all() -> list[list[GenerationEvent]]:
-        tasks = [
-            asyncio.ensure_future(collect(state.instrument(pool, g, "/invocations", hint)))
-            for g in generations
-        ]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:  # one failed (or the client left): cancel the rest, which cancels their generations
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-
-    results = await until_disconnected(request, run_all())
+    context = request_context(request)
+    streams = [state.instrument(pool, g, context) for g in generations]
+    # One failed (or the client left): merge closes the rest, which cancels their generations.
+    results = await until_disconnected(request, collect_each(streams))
     return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
 
 
@@ -197,7 +194,7 @@ async def lmi_lines(
                 "token": {"id": -1, "text": "", "log_prob": -1.0, "special_token": True},
                 "generated_text": "".join(texts),
                 "details": {"finish_reason": "error", "generated_tokens": count},
-                "error": {"code": exc.status, "type": exc.type, "message": str(exc)},
+                "error": errors.body(exc, "djl"),
             }
         )
 

@@ -13,10 +13,8 @@ never a client-supplied string (so is ``adapter``: a registered adapter's name).
 from __future__ import annotations
 
 import collections
-import contextvars
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,24 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
+from lmi_core.http.common import HttpMiddleware, on_response_start
+from lmi_core.http.context import context_of
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 from lmi_core.serving.pool import PoolSnapshot
-from lmi_core.serving.routing import ROUTED, RouteHint
+from lmi_core.serving.routing import Reason, RequestContext
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
-
-
-@dataclass
-class RequestLabels:
-    """Per HTTP request: the model it ran on, filled in when its generation starts."""
-
-    model: str = ""
-
-
-# Shared by reference with every task the request spawns (tasks copy the context, not the object).
-_current: contextvars.ContextVar[RequestLabels | None] = contextvars.ContextVar("lmi_request", default=None)
 
 
 class LoraTotals:
@@ -146,9 +135,12 @@ def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
 
 
 class Metrics:
-    """The registry and every metric of one app."""
+    """The registry and every metric of one app; the pools' observer (``serving.observer.PoolObserver``).
 
-    def __init__(self, server: ModelService) -> None:
+    Built before the server (``ModelServer(observe=metrics)``); ``collect_from`` then adds the
+    scrape-time gauges of the server's models."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -158,14 +150,14 @@ class Metrics:
             return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
 
         self.requests = counter("lmi_http_requests", "HTTP requests by route and status", "route", "status")
-        self.queue_time = histogram("lmi_request_queue_time_seconds", "Arrival until a worker took it")
+        self.queue_seconds = histogram("lmi_request_queue_time_seconds", "Arrival until a worker took it")
         self.time_to_first_token = histogram("lmi_time_to_first_token_seconds", "Time to the first token")
         self.time_per_output_token = histogram(
             "lmi_time_per_output_token_seconds", "Mean time between output tokens", TOKEN_BUCKETS
         )
         self.e2e_latency = histogram("lmi_e2e_request_latency_seconds", "Time to the last token, per request")
         # A worker's loop that answers pings late is busy with work that belongs off it.
-        self.heartbeat = histogram(
+        self.heartbeat_seconds = histogram(
             "lmi_worker_heartbeat_seconds", "Round trip of a health-check ping to a rank", TOKEN_BUCKETS
         )
         self.prompt_tokens = counter("lmi_prompt_tokens", "Prompt tokens processed")
@@ -190,35 +182,41 @@ class Metrics:
             "reason",
         )
         self.lora_requests = counter("lmi_lora_requests", "Generations by LoRA adapter", "adapter")
+
+    def collect_from(self, server: ModelService) -> None:
+        """Add the engines' and pools' scrape-time metrics of ``server``'s models."""
         self.registry.register(EngineCollector(server))
 
-    def observe(self, model: str, event: str, value: float) -> None:
-        """The pool's callback (``ModelServer(observe=...)``)."""
-        if event == "queue_time":
-            self.queue_time.labels(model).observe(value)
-        elif event == "worker_restart":
-            self.worker_restarts.labels(model).inc(value)
-        elif event == "migration":
-            self.migrations.labels(model).inc(value)
-        elif event == "heartbeat":
-            self.heartbeat.labels(model).observe(value)
-        elif event.startswith(ROUTED):
-            self.routing_decisions.labels(model, event.removeprefix(ROUTED)).inc(value)
+    # -- PoolObserver --------------------------------------------------------------------------------
+
+    def queue_time(self, model: str, seconds: float) -> None:
+        self.queue_seconds.labels(model).observe(seconds)
+
+    def worker_restart(self, model: str) -> None:
+        self.worker_restarts.labels(model).inc()
+
+    def migration(self, model: str) -> None:
+        self.migrations.labels(model).inc()
+
+    def heartbeat(self, model: str, seconds: float) -> None:
+        self.heartbeat_seconds.labels(model).observe(seconds)
+
+    def routed(self, model: str, reason: Reason) -> None:
+        self.routing_decisions.labels(model, reason).inc()
 
     async def instrument(
-        self, pool: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None = None
+        self, pool: ServedModel, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
         model = pool.name
-        labels = _current.get()
-        if labels is not None:
-            labels.model = model
+        if context is not None:  # the HTTP request's model label
+            context.model = model
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
         if request.adapter is not None:
             self.lora_requests.labels(model, request.adapter.name).inc()
-        events = pool.generate(request, hint)
+        events = pool.generate(request, context)
         try:
             async for event in events:
                 now = time.monotonic()
@@ -252,30 +250,25 @@ class Metrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """Count every HTTP request by model, route template (never the raw path) and status code."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        labels = RequestLabels()
-        token = _current.set(labels)
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500  # unless a response starts: an exception escaped the app
 
-        async def send_status(message: Message) -> None:
+        def started(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+            status = message["status"]
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, on_response_start(send, started))
         finally:
-            _current.reset(token)
+            # The context is built inside (after the API key check): none for a refused request.
+            context = context_of(scope)
+            model = context.model if context is not None else ""
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(labels.model, route, str(status)).inc()
+            self.metrics.requests.labels(model, route, str(status)).inc()

@@ -1,5 +1,4 @@
-"""Request bodies of the OpenAI-compatible API (pydantic), their mapping to engine parameters, and
-OpenAI-style error bodies.
+"""Request bodies of the OpenAI-compatible API (pydantic) and their mapping to engine parameters.
 
 Unknown fields are ignored as vLLM does (clients replay whole transcripts: ``refusal``,
 ``tool_calls``...): ``ignored_fields`` lists them for a response header and a log line, and a model
@@ -14,11 +13,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.responses import JSONResponse
 
 from lmi_core.engine import SamplingParams
-from lmi_core.errors import BadRequestError, ServiceError
-from lmi_core.http.common import error_headers, error_response
+from lmi_core.errors import BadRequestError
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
 
@@ -253,37 +250,3 @@ class ChatCompletionRequest(ToolFields, _Common):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
-
-
-# -- errors --------------------------------------------------------------------------------------
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
-
-
-def openai_error(exc: ServiceError) -> dict[str, Any]:
-    """OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``; code = HTTP status (vLLM)."""
-    fallback = "server_error" if exc.status >= 500 else "invalid_request_error"
-    return {
-        "error": {
-            "message": str(exc),
-            "type": ERROR_TYPES.get(exc.status, fallback),
-            "param": exc.param,
-            "code": exc.status,
-        }
-    }
-
-
-def error_for_path(path: str, exc: ServiceError) -> JSONResponse:
-    """An error in the shape the route's clients parse: OpenAI's under ``/v1``, DJL's elsewhere."""
-    if path.startswith("/v1/"):
-        return JSONResponse(openai_error(exc), status_code=exc.status, headers=error_headers(exc))
-    return error_response(exc)

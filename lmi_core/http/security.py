@@ -15,25 +15,27 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmi_core.errors import AuthenticationError, NotFoundError
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.http import errors
+from lmi_core.http.common import HttpMiddleware
 
 OPEN_PATHS = frozenset({"/ping", "/health", "/live"})
 # Served by both listeners when management has its own address.
 SHARED_PATHS = frozenset({"/ping", "/health", "/live", "/openapi.json"})
 
 
-class ApiKeyMiddleware:
+class ApiKeyMiddleware(HttpMiddleware):
     """Refuse requests without ``Authorization: Bearer <api_key>`` (401), except on ``/ping``."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
+        super().__init__(app)
         self.expected = f"Bearer {api_key}".encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no guessing by timing
-                response = error_for_path(scope["path"], AuthenticationError("missing or invalid API key"))
+                error = AuthenticationError("missing or invalid API key")
+                response = errors.render(error, errors.dialect_for(scope["path"]))
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
@@ -59,19 +61,19 @@ def is_management_path(path: str) -> bool:
     return path in ("/models", "/metrics") or path.startswith(("/models/", "/server/"))
 
 
-class ListenerFilter:
+class ListenerFilter(HttpMiddleware):
     """One listener's view of the app: only management routes, or only the others (404 otherwise)."""
 
     def __init__(self, app: ASGIApp, management: bool) -> None:
-        self.app = app
+        super().__init__(app)
         self.management = management
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        mine = path in SHARED_PATHS or is_management_path(path) == self.management
-        if scope["type"] == "http" and not mine:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path not in SHARED_PATHS and is_management_path(path) != self.management:
             listener = "management" if self.management else "inference"
-            response = error_for_path(path, NotFoundError(f"{path} is not served on the {listener} address"))
+            error = NotFoundError(f"{path} is not served on the {listener} address")
+            response = errors.render(error, errors.dialect_for(path))
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

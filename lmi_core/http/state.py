@@ -8,19 +8,16 @@ starting a worker process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from starlette.requests import Request
-from starlette.responses import Response
+from typing import Protocol
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
+from lmi_core.engine import GenerationEvent, GenerationRequest
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot
-from lmi_core.serving.routing import RouteHint
+from lmi_core.serving.routing import RequestContext
 
 
 class ServedModel(Protocol):
@@ -38,9 +35,9 @@ class ServedModel(Protocol):
     @property
     def adapters(self) -> AdapterRegistry | None: ...  # its LoRA adapters; None without option.enable_lora
 
-    # ``hint``: the request's session in, the worker chosen out (before the first event).
+    # ``context``: the HTTP request's session and timeout in, the worker chosen out (before the first event).
     def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]: ...
 
 
@@ -57,7 +54,7 @@ class ModelService(Protocol):
 
     def served(self) -> Sequence[ServedModel]: ...  # the models that take requests
 
-    def default(self) -> ServedModel: ...  # the only served model, else a 400
+    def default(self, param: str) -> ServedModel: ...  # the only served model, else a 400 naming ``param``
 
     async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None: ...
 
@@ -68,16 +65,15 @@ class ModelService(Protocol):
     async def unload(self, name: str) -> None: ...
 
 
-NativeChat = Callable[[Request, ServedModel, dict[str, Any], LoraAdapter | None], Awaitable[Response]]
 Instrument = Callable[
-    [ServedModel, GenerationRequest, str, RouteHint | None], AsyncGenerator[GenerationEvent, None]
+    [ServedModel, GenerationRequest, RequestContext | None], AsyncGenerator[GenerationEvent, None]
 ]
 
 
 def _plain(
-    model: ServedModel, request: GenerationRequest, route: str, hint: RouteHint | None
+    model: ServedModel, request: GenerationRequest, context: RequestContext | None
 ) -> AsyncGenerator[GenerationEvent, None]:
-    return model.generate(request, hint)
+    return model.generate(request, context)
 
 
 @dataclass
@@ -85,7 +81,5 @@ class AppState:
     config: ServerConfig
     server: ModelService
     startup_models: list[ModelConfig] = field(default_factory=list)
-    # A chat request on the native API (a body with ``messages``), answered by the OpenAI layer.
-    native_chat: NativeChat | None = None
     # Wraps every generation (metrics); by default runs it as is.
     instrument: Instrument = _plain

@@ -1,18 +1,14 @@
 """A request's deadlines, as pure arithmetic on ``time.monotonic()`` instants.
 
 Invariant: a request has a total deadline (``option.predict_timeout``, lowered, never raised, by the
-client's ``x-request-timeout``) and, while it waits for a worker, a queue deadline never later than
-the total one. ``client_timeout`` carries the client's seconds from the HTTP edge to the pool (a
-context variable, so every route and the n choices of one request see it without new parameters).
+client's ``x-request-timeout``, which reaches the pool in ``routing.RequestContext.client_timeout``)
+and, while it waits for a worker, a queue deadline never later than the total one.
 """
 
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass
-
-client_timeout: ContextVar[float | None] = ContextVar("client_timeout", default=None)
 
 
 @dataclass(frozen=True)

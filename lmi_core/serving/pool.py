@@ -27,9 +27,8 @@ import enum
 import itertools
 import logging
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import pluggy
@@ -48,11 +47,11 @@ from lmi_core.errors import (
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
-from lmi_core.serving.deadlines import Deadlines, client_timeout, deadlines
+from lmi_core.serving.deadlines import Deadlines, deadlines
+from lmi_core.serving.observer import NoObserver, PoolObserver
 from lmi_core.serving.routing import (
-    ROUTED,
     Decision,
-    RouteHint,
+    RequestContext,
     RouteQuery,
     Router,
     RoutingPolicy,
@@ -99,9 +98,6 @@ class PoolSnapshot:
         return sum(1 for w in self.workers if w.state is WorkerState.READY and not w.retiring)
 
 
-# (model name, event name, value) callbacks for metrics.
-Observer = Callable[[str, str, float], None]
-
 # How often the scaler looks at idle workers and due replacements when nothing else wakes it.
 SCALE_INTERVAL = 1.0
 # Back-off before replacing a FAILED worker: doubles per failure, reset when a worker turns READY.
@@ -131,13 +127,13 @@ class WorkerPool:
         pm: pluggy.PluginManager,
         plan: AllocationPlan,
         socket_prefix: str,
-        observe: Observer = lambda model, event, value: None,
+        observe: PoolObserver | None = None,
     ) -> None:
         self.config = config
         self.server = server
         self.pm = pm
         self.socket_prefix = socket_prefix
-        self.observe = observe
+        self.observe = observe if observe is not None else NoObserver()
         self.groups: tuple[DeviceGroup, ...] = plan.groups
         self.threads = plan.threads_per_worker
         self.min_workers = plan.min_workers
@@ -265,7 +261,7 @@ class WorkerPool:
             slot,
             self.pm,
             on_change=self._on_worker_change,
-            on_heartbeat=lambda seconds: self.observe(self.name, "heartbeat", seconds),
+            on_heartbeat=lambda seconds: self.observe.heartbeat(self.name, seconds),
         )
         worker.first_start.add_done_callback(_retrieve)
         self.workers[worker_id] = worker
@@ -302,7 +298,7 @@ class WorkerPool:
         if worker.state is not WorkerState.READY:
             self.router.forget(worker.worker_id)  # a restarted engine starts with an empty cache
         if worker.state is WorkerState.STARTING and worker.restarts:
-            self.observe(self.name, "worker_restart", 1)
+            self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
@@ -447,7 +443,7 @@ class WorkerPool:
         if not ready:
             return None
         decision = self.router.route(query, [self._load(w) for w in ready])
-        self.observe(self.name, ROUTED + decision.reason, 1)
+        self.observe.routed(self.name, decision.reason)
         worker = self.workers[decision.worker_id]
         worker.in_flight += 1
         return worker, decision
@@ -517,19 +513,20 @@ class WorkerPool:
         return future.result()
 
     async def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the worker the router picks, yield its events.
 
-        ``hint`` carries the request's session in, and gets the routing decision appended before the
-        first event is yielded (so a response can name its worker before it starts).
+        ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
+        appended before the first event is yielded (so a response can name its worker before it starts).
         """
         started = time.monotonic()
         config = self.config
-        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client_timeout.get())
-        query = self.router.query(request, hint)
+        client = context.client_timeout if context is not None else None
+        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client)
+        query = self.router.query(request, context)
         worker, decision = await self._acquire(query, limits)
-        self.observe(self.name, "queue_time", time.monotonic() - started)
+        self.observe.queue_time(self.name, time.monotonic() - started)
         # What the client has, ids only (a Token holds its text and log-probs): a migrated request
         # resumes after them. The first token carries the prompt's length, the last whether it ended.
         delivered: list[int] = []
@@ -537,8 +534,8 @@ class WorkerPool:
         last: Token | None = None
         attempt = request
         for migration in itertools.count():
-            if hint is not None:
-                hint.served.append(decision)
+            if context is not None:
+                context.served.append(decision)
             events = worker.generate(attempt, limits.total, limits.total_source)
             try:
                 async for event in events:
@@ -560,7 +557,7 @@ class WorkerPool:
             if first is not None and last is not None and last.last:  # died after its last token
                 yield finished_after(first, last, len(delivered), request)
                 return
-            self.observe(self.name, "migration", 1)
+            self.observe.migration(self.name)
             logger.warning(
                 "model %s: request %s moves on after %d token(s): %s",
                 self.name,
@@ -585,7 +582,3 @@ def finished_after(first: Token, last: Token, count: int, request: GenerationReq
     elif count >= request.params.max_new_tokens:
         reason = "length"
     return Finished(reason, first.prompt_tokens or 0, count)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

@@ -34,8 +34,6 @@ from lmi_core.serving.prefix_index import (
 
 Reason = Literal["prefix", "session", "load", "adapter"]
 REASONS: tuple[Reason, ...] = ("prefix", "session", "load", "adapter")
-# The pool's observer event for a decision: ROUTED + reason (lmi_routing_decisions_total{reason}).
-ROUTED = "routed_"
 # Sessions remembered per model (least recently used forgotten first): ~100 bytes each, so 6 MiB.
 MAX_SESSIONS = 65536
 # How long a worker counts as holding an adapter it was sent without its heartbeat listing it yet:
@@ -89,11 +87,15 @@ class Decision:
 
 
 @dataclass
-class RouteHint:
-    """What the HTTP side knows about a request (its session) and learns (the workers that served it)."""
+class RequestContext:
+    """One HTTP request as the pool sees it, built once at the HTTP edge and passed with each of its
+    generations: what the client asked (its session, its timeout) and what the server learns (the
+    workers that served it; the model it ran on, the metrics' ``model`` label)."""
 
     session_id: str | None = None
+    client_timeout: float | None = None  # x-request-timeout's seconds: lowers the total deadline
     served: list[Decision] = field(default_factory=list)  # appended by the pool at dispatch
+    model: str = ""  # set when its first generation starts
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,8 @@ class Router:
         self._epochs: dict[int, int] = {}
         self._sent: dict[int, dict[str, float]] = {}  # worker -> adapter -> monotonic time sent
 
-    def query(self, request: GenerationRequest, hint: RouteHint | None) -> RouteQuery:
-        session = hint.session_id if hint is not None else None
+    def query(self, request: GenerationRequest, context: RequestContext | None) -> RouteQuery:
+        session = context.session_id if context is not None else None
         adapter = request.adapter.name if request.adapter is not None else None
         if self.policy.mode == "least_loaded":
             return RouteQuery((), session, adapter)  # no hashing: nothing reads it

@@ -19,19 +19,32 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import pluggy
 
 from lmi_core.backends import resolve_model
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.errors import ModelNotFoundError, ModelNotReadyError, ServiceError
+from lmi_core.errors import BadRequestError, ModelNotFoundError, ModelNotReadyError, ServiceError
 from lmi_core.launch import devices, hosts, placement, preflight
 from lmi_core.plugins import get_plugin_manager
-from lmi_core.serving.pool import Observer, PoolSnapshot, WorkerPool
+from lmi_core.serving.observer import NoObserver, PoolObserver
+from lmi_core.serving.pool import PoolSnapshot, WorkerPool
 from lmi_core.serving.registry import Health, ModelEntry, ModelSnapshot, ModelState
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def only_model(served: Sequence[T], param: str) -> T:
+    """The one model of ``served``; a 400 naming ``param`` (the field that names a model) otherwise."""
+    if len(served) == 1:
+        return served[0]
+    raise BadRequestError(
+        f"{param} is required: the server serves {len(served)} models, not one", param=param
+    )
 
 
 class ModelServer:
@@ -41,11 +54,11 @@ class ModelServer:
         self,
         server: ServerConfig,
         pm: pluggy.PluginManager | None = None,
-        observe: Observer = lambda model, event, value: None,
+        observe: PoolObserver | None = None,
     ) -> None:
         self.server = server
         self.pm = pm or get_plugin_manager()
-        self.observe = observe
+        self.observe = observe if observe is not None else NoObserver()  # every pool's (metrics)
         self._models: dict[str, ModelEntry] = {}
         self._own_runtime_dir = server.runtime_dir is None
         # Private 0700 directory for the worker sockets (mkdtemp creates it owner-only).
@@ -231,12 +244,10 @@ class ModelServer:
         """The pools of the models that have one, in registration order."""
         return [entry.pool for entry in self._models.values() if entry.pool is not None]
 
-    def default(self) -> WorkerPool:
-        """The model a request names none of: the only one, else a 400."""
-        served = self.served()
-        if len(served) == 1:
-            return served[0]
-        raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
+    def default(self, param: str) -> WorkerPool:
+        """The model a request names none of: the only one, else a 400 naming ``param``, the field
+        that names a model."""
+        return only_model(self.served(), param)
 
     def _pool_of(self, entry: ModelEntry) -> WorkerPool:
         """``entry``'s pool, or a 503 saying why it has none."""

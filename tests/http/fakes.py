@@ -16,14 +16,14 @@ from starlette.testclient import TestClient
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotFoundError, ServiceError
-from lmi_core.http import openai_api
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
-from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.routing import Decision, RequestContext
+from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -109,19 +109,19 @@ class FakeModel:
         self.tokens = tokens
         self.error = error
         self.requests: list[GenerationRequest] = []
-        self.hints: list[RouteHint | None] = []
+        self.contexts: list[RequestContext | None] = []
 
     async def generate(
-        self, request: GenerationRequest, hint: RouteHint | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
-        self.hints.append(hint)
-        if hint is not None:  # as the pool does: the worker is known before the first event
-            hint.served.append(Decision(0, "load"))
+        self.contexts.append(context)
+        if context is not None:  # as the pool does: the worker is known before the first event
+            context.served.append(Decision(0, "load"))
         if self.error is not None:
             raise self.error
-        for i, text in enumerate(self.tokens):
-            yield Token(i, text, -0.5, last=i == len(self.tokens) - 1)
+        for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
+            yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
         yield Finished("length", 3, len(self.tokens), request.prompt or "")
 
 
@@ -154,10 +154,8 @@ class FakeModels:
     def served(self) -> list[FakeModel]:
         return list(self.served_models.values())
 
-    def default(self) -> FakeModel:
-        if len(self.served_models) == 1:
-            return next(iter(self.served_models.values()))
-        raise ServiceError("Parameter model_name is required.", status=400, type="BadRequestException")
+    def default(self, param: str) -> FakeModel:
+        return only_model(self.served(), param)
 
     async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None:
         self.calls.append(("load", (config, wait, keep_failed)))
@@ -180,9 +178,10 @@ class FakeModels:
 
 def app(models: FakeModels, **config: Any) -> Starlette:
     """The real routes, error handlers and middleware over ``models``."""
-    metrics = Metrics(models)
+    metrics = Metrics()
+    metrics.collect_from(models)
     server_config = ServerConfig(**config)
-    state = AppState(server_config, models, native_chat=openai_api.native_chat, instrument=metrics.instrument)
+    state = AppState(server_config, models, instrument=metrics.instrument)
     return build_app(state, metrics)
 
 

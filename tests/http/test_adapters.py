@@ -111,7 +111,7 @@ def test_a_model_without_lora_says_so(src: str) -> None:
     ):
         assert response.status_code == 400 and "LoRA is not enabled" in response.text
     several = http.get("/adapters")
-    assert several.status_code == 400 and "prefixed with a model" in several.json()["message"]
+    assert several.status_code == 400 and several.json()["param"] == "model_name"
 
 
 def test_vllm_load_and_unload_answer_as_vllm(http: TestClient, src: str, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The shared HTTP plumbing: JSON bodies (size cap, bad JSON, 64-bit ints), error shapes, streaming."""
+"""The shared HTTP plumbing: JSON bodies (size cap, bad JSON, 64-bit ints), fan-in, streaming."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
 from starlette.applications import Starlette
@@ -11,9 +12,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from lmi_core.errors import ModelNotReadyError, QueueFullError, ServiceError
-from lmi_core.http.common import error_response, read_json, stream_response
-from lmi_core.http.openai_protocol import error_for_path
+from lmi_core.errors import QueueFullError, ServiceError
+from lmi_core.http import errors
+from lmi_core.http.common import collect_each, read_json, stream_response
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 LIMIT = 64
@@ -25,7 +26,7 @@ async def echo(request: Request) -> Response:
 
 async def _error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_for_path(request.url.path, exc)
+    return errors.render(exc, errors.dialect_for(request.url.path))
 
 
 def plumbing(*routes: Route) -> TestClient:
@@ -75,19 +76,6 @@ def test_read_json_refuses_integers_beyond_64_bits() -> None:
         assert response.status_code == 400 and "64 bits" in response.json()["message"]
 
 
-def test_error_shapes_follow_the_path() -> None:
-    error = ModelNotReadyError("model a is loading", param="model")
-    djl = error_for_path("/invocations", error)
-    openai = error_for_path("/v1/completions", error)
-    assert djl.status_code == openai.status_code == 503
-    assert djl.body == error_response(error).body
-    assert b'"type":"ServiceUnavailableException"' in djl.body and b'"param":"model"' in djl.body
-    assert b'"error":{' in openai.body and b'"code":503' in openai.body
-    full = error_response(QueueFullError("the queue is full"))
-    assert full.status_code == 503 and full.headers["retry-after"] == "1"
-    assert "retry-after" not in djl.headers
-
-
 def test_the_app_answers_unknown_routes_and_models_in_the_path_s_shape() -> None:
     http = client(FakeModels(model("a", pool("a", worker(0)))))
     djl = http.get("/no/such/route")
@@ -129,3 +117,28 @@ def test_stream_response_streams_every_event() -> None:
 def test_stream_response_gives_an_error_before_the_first_event_its_status_code() -> None:
     response = streaming([QueueFullError("the queue is full"), "never"]).get("/stream")
     assert response.status_code == 503 and response.json()["message"] == "the queue is full"
+
+
+async def test_collect_each_keeps_each_stream_s_events_and_one_failure_closes_the_rest() -> None:
+    closed: list[str] = []
+
+    async def stream(name: str, count: int, fail: bool = False) -> AsyncGenerator[str, None]:
+        try:
+            for i in range(count):
+                await asyncio.sleep(0)
+                yield f"{name}{i}"
+            if fail:
+                raise QueueFullError("gone")
+            await asyncio.Event().wait()  # never ends by itself: only closing stops it
+        finally:
+            closed.append(name)
+
+    async def finite(name: str, count: int) -> AsyncGenerator[str, None]:
+        for i in range(count):
+            await asyncio.sleep(0)
+            yield f"{name}{i}"
+
+    assert await collect_each([finite("a", 2), finite("b", 3)]) == [["a0", "a1"], ["b0", "b1", "b2"]]
+    with pytest.raises(QueueFullError):
+        await collect_each([stream("a", 1), stream("b", 2, fail=True), stream("c", 3)])
+    assert sorted(closed) == ["a", "b", "c"]

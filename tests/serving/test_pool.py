@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -26,8 +27,9 @@ from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
-from lmi_core.serving.pool import WorkerPool, finished_after, new_request_id
-from lmi_core.serving.routing import Decision, RouteHint
+from lmi_core.serving.observer import PoolObserver
+from lmi_core.serving.pool import WorkerPool, finished_after
+from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 
@@ -54,6 +56,7 @@ class FakeWorker:
     ) -> None:
         self.slot = slot
         self.on_change = on_change
+        self.on_heartbeat = on_heartbeat
         self.state = WorkerState.STARTING
         self.in_flight = 0
         self.restarts = 0
@@ -137,11 +140,14 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def make_pool(min_workers: int, max_workers: int, **options: Any) -> WorkerPool:
+def make_pool(
+    min_workers: int, max_workers: int, observe: PoolObserver | None = None, **options: Any
+) -> WorkerPool:
     server = ServerConfig(drain_timeout=options.pop("drain_timeout", 5.0))
     config = ModelConfig(name="m", model_id="fake", **{"max_rolling_batch_size": 1, **options})
     plan = plan_allocation([], 1, 1, min_workers, max_workers, cpu_count=4)
-    return WorkerPool(config, server, new_plugin_manager(load_entry_points=False), plan, "/nonexistent/m")
+    pm = new_plugin_manager(load_entry_points=False)
+    return WorkerPool(config, server, pm, plan, "/nonexistent/m", observe)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -153,7 +159,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str =
 
 
 async def run(pool: WorkerPool, request_id: str | None = None) -> list[GenerationEvent]:
-    request = GenerationRequest(request_id or new_request_id(), prompt="hi")
+    request = GenerationRequest(request_id or uuid.uuid4().hex, prompt="hi")
     return [event async for event in pool.generate(request)]
 
 
@@ -305,8 +311,13 @@ async def test_abandoned_waits_leave_no_trace() -> None:
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert pool.waiting == 0
+    waiting = pool.generate(
+        GenerationRequest(uuid.uuid4().hex, prompt="hi"), RequestContext(client_timeout=0.2)
+    )
+    with pytest.raises(RequestTimeoutError, match=r"waited longer than x-request-timeout=0\.2 s"):
+        await anext(waiting)  # the client's timeout, below option.predict_timeout, is the deadline
     pool.config.predict_timeout = 0.2  # for the next request only: busy's deadline is set
-    with pytest.raises(RequestTimeoutError, match="waited longer"):
+    with pytest.raises(RequestTimeoutError, match=r"waited longer than option\.predict_timeout"):
         await run(pool)
     assert pool.waiting == 0 and pool.workers[0].in_flight == 1
     busy.cancel()
@@ -351,13 +362,13 @@ async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker
     FakeWorker.gate.set()
 
     async def served(prompt: str, session: str | None = None) -> Decision:
-        hint = RouteHint(session)
-        events = pool.generate(GenerationRequest(new_request_id(), prompt=prompt), hint)
+        context = RequestContext(session)
+        events = pool.generate(GenerationRequest(uuid.uuid4().hex, prompt=prompt), context)
         await anext(events)
-        assert len(hint.served) == 1  # the worker is known once the first event is
+        assert len(context.served) == 1  # the worker is known once the first event is
         async for _ in events:
             pass
-        return hint.served[0]
+        return context.served[0]
 
     shared = {name: f"{name}: " + "a long shared context. " * 10 for name in ("a", "b")}
     first = [(await served(shared[n] + "?", "s" if n == "a" else None)).worker_id for n in ("a", "b")]
@@ -394,13 +405,13 @@ async def test_requests_for_an_adapter_follow_the_worker_that_has_it() -> None:
     assert pool.adapters is not None
     pool.adapters.add("b", "/b", preload=False)
     adapter = pool.adapters.get("b").lora
-    hints = [RouteHint() for _ in range(3)]
+    contexts = [RequestContext() for _ in range(3)]
     streams = [
-        pool.generate(GenerationRequest(new_request_id(), prompt="hi", adapter=adapter), h) for h in hints
+        pool.generate(GenerationRequest(uuid.uuid4().hex, prompt="hi", adapter=adapter), c) for c in contexts
     ]
     for stream in streams:  # all three in flight at once
         await anext(stream)
-    decisions = [h.served[0] for h in hints]
+    decisions = [c.served[0] for c in contexts]
     # The first goes to the least loaded worker; the others follow it (load permitting: 1 and 2 in
     # flight against 0 is within routing_imbalance_abs=8), though the other worker is idle.
     assert [d.worker_id for d in decisions] == [0, 0, 0]
@@ -425,3 +436,42 @@ def test_the_finish_of_a_worker_that_died_after_its_last_token(
     last = Token(2, "b", None, special=special, last=True)
     request = GenerationRequest("r", prompt="p", params=SamplingParams(max_new_tokens=8))
     assert finished_after(first, last, count, request) == Finished(reason, 5, count)
+
+
+class Recorder:
+    """A ``PoolObserver`` that lists the events it gets."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    def queue_time(self, model: str, seconds: float) -> None:
+        self.events.append(("queue_time", model, seconds >= 0))
+
+    def worker_restart(self, model: str) -> None:
+        self.events.append(("worker_restart", model, None))
+
+    def migration(self, model: str) -> None:
+        self.events.append(("migration", model, None))
+
+    def heartbeat(self, model: str, seconds: float) -> None:
+        self.events.append(("heartbeat", model, seconds))
+
+    def routed(self, model: str, reason: Reason) -> None:
+        self.events.append(("routed", model, reason))
+
+
+async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
+    recorder = Recorder()
+    pool = make_pool(1, 1, recorder, max_rolling_batch_size=2)
+    await pool.start()
+    FakeWorker.gate.set()
+    await run(pool)
+    assert recorder.events == [("routed", "m", "load"), ("queue_time", "m", True)]
+    recorder.events.clear()
+    worker = FakeWorker.created[0]
+    worker.on_heartbeat(0.25)
+    worker.restarts = 1
+    worker._set(WorkerState.STARTING)
+    assert recorder.events == [("heartbeat", "m", 0.25), ("worker_restart", "m", None)]
+    worker._set(WorkerState.READY)
+    await pool.stop()

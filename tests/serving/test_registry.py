@@ -107,4 +107,4 @@ async def test_a_duplicate_that_fails_leaves_the_registered_model_alone(server: 
     with pytest.raises(ServiceError, match="already registered"):
         await server.load(model("a"))
     assert server.health("a").status is ModelStatus.PENDING  # still loading, not FAILED
-    assert [p.name for p in server.served()] == ["a"] and server.default().name == "a"
+    assert [p.name for p in server.served()] == ["a"] and server.default("model").name == "a"

@@ -19,7 +19,7 @@ from lmi_core.serving.prefix_index import PrefixIndex, block_hashes, render_mess
 from lmi_core.serving.routing import (
     ADAPTER_MEMORY,
     Decision,
-    RouteHint,
+    RequestContext,
     Router,
     RoutingPolicy,
     WorkerLoad,
@@ -54,7 +54,7 @@ def simulate(
         for ends, worker in [r for r in running if r[0] <= arrival]:
             running.remove((ends, worker))
             in_flight[worker] -= 1
-        query = router.query(GenerationRequest("r", prompt=prompt), RouteHint(session))
+        query = router.query(GenerationRequest("r", prompt=prompt), RequestContext(session))
         decision = router.route(query, [WorkerLoad(w, n, CAPACITY) for w, n in in_flight.items()])
         in_flight[decision.worker_id] += 1
         if hold is not None:
@@ -176,10 +176,10 @@ def test_a_restarted_worker_is_forgotten_and_its_sessions_move() -> None:
 
 def test_a_session_sticks_to_its_worker_and_moves_when_it_is_gone_or_overloaded() -> None:
     router = Router(policy(imbalance_abs=2, imbalance_rel=1.5))
-    hint = RouteHint("s")
+    context = RequestContext("s")
 
     def route(prompt: str, loads: dict[int, int]) -> Decision:
-        query = router.query(GenerationRequest("r", prompt=prompt), hint)
+        query = router.query(GenerationRequest("r", prompt=prompt), context)
         return router.route(query, [WorkerLoad(w, n, CAPACITY) for w, n in loads.items()])
 
     assert route("first", {0: 1, 1: 0}).worker_id == 1

@@ -1,0 +1,44 @@
+"""What a model's pool reports as it serves, for metrics: one typed method per event.
+
+Invariant: ``WorkerPool`` tells its ``PoolObserver`` of every event below, with its model's name, on
+the event loop; an observer's methods never await and never raise (they run inside dispatch).
+``http.metrics.Metrics`` implements the protocol, and ``ModelServer(observe=...)`` hands it to
+every pool it creates.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lmi_core.serving.routing import Reason
+
+
+class PoolObserver(Protocol):
+    def queue_time(self, model: str, seconds: float) -> None: ...  # arrival until a worker took it
+
+    def worker_restart(self, model: str) -> None: ...  # a failed worker starts again
+
+    def migration(self, model: str) -> None: ...  # a request moves to another worker mid-request
+
+    def heartbeat(self, model: str, seconds: float) -> None: ...  # one rank's ping round trip
+
+    def routed(self, model: str, reason: Reason) -> None: ...  # a dispatch, and why that worker
+
+
+class NoObserver:
+    """A pool observer that records nothing (a server without metrics)."""
+
+    def queue_time(self, model: str, seconds: float) -> None:
+        pass
+
+    def worker_restart(self, model: str) -> None:
+        pass
+
+    def migration(self, model: str) -> None:
+        pass
+
+    def heartbeat(self, model: str, seconds: float) -> None:
+        pass
+
+    def routed(self, model: str, reason: Reason) -> None:
+        pass
