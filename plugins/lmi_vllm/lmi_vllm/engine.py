@@ -40,12 +40,12 @@ from lmi_core import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    LoraAdapter,
     RequestCounts,
     SamplingParams,
     ServiceError,
     WorkerContext,
 )
-from lmi_core.engine import LoraAdapter
 from lmi_core.request_checks import (
     check_logit_bias,
     check_token_ids,
