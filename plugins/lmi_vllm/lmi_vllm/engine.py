@@ -251,16 +251,17 @@ class VllmEngine:
             finished_total=self.requests.finished_total,
             cancelled_total=self.requests.cancelled_total,
             extra={
-                "kv_cache_usage": 0.0 if idle else self._scheduler.kv_cache_usage,
                 "inflight": float(self.requests.in_flight),
                 "unfinished_in_vllm": float(self.llm.get_num_unfinished_requests()),
-                "kv_cache_tokens": float(self._scheduler.kv_cache_tokens),
-                "prefix_cache_queries": float(self._scheduler.prefix_cache_queries),
-                "prefix_cache_hits": float(self._scheduler.prefix_cache_hits),
             },
             adapters=self._lora_ids.names(self._lora_resident.resident),
             lora_loads_total=self._lora_resident.loads_total,
             lora_evictions_total=self._lora_resident.evictions_total,
+            kv_cache_usage=0.0 if idle else self._scheduler.kv_cache_usage,
+            # 0 until vLLM's engine core has measured its cache (before the first step): not known.
+            kv_cache_tokens=self._scheduler.kv_cache_tokens or None,
+            prefix_cache_hits=self._scheduler.prefix_cache_hits,
+            prefix_cache_queries=self._scheduler.prefix_cache_queries,
         )
 
     # -- requests --------------------------------------------------------------------------------
