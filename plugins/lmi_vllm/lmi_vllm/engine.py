@@ -129,7 +129,6 @@ class VllmEngine:
         self._closed = False
         self._health_error: str | None = None
         self._health_task: asyncio.Task[None] | None = None  # started by start_on_loop
-        self.aborted_total = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -489,7 +488,6 @@ class VllmEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` in vLLM."""
-        self.aborted_total += 1
         try:
             await asyncio.wait_for(self.llm.abort(request_id), ABORT_TIMEOUT)
         except Exception as exc:  # the engine may be dead already: nothing left to free
