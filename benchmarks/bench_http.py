@@ -31,7 +31,8 @@ def prompts(n: int) -> list[str]:
 
 
 async def in_process_hf(model: Path, texts: list[str], concurrency: int, tokens: int) -> float:
-    from lmi_hf.engine import HFEngine, load_model
+    from lmi_hf.engine import HFEngine
+    from lmi_hf.loading import load_model
 
     context = WorkerContext(
         model_id=str(model), model_dir=str(model), backend="hf", options={}, max_batch_size=32

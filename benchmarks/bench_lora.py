@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmi_core.demo_model import build_demo_model
 from lmi_core.engine import GenerationRequest, LoraAdapter, SamplingParams, Token, WorkerContext
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
 from tests.lora_adapters import build_adapter
 
 PROMPTS = ["Hello", "The quick brown fox", "one two three four", "Large language model serving is"]

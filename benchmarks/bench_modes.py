@@ -66,7 +66,7 @@ def rank_job(model: str, n: int) -> None:
     from lmi_core.engine import WorkerContext
     from lmi_core.worker.rank_server import mpi_rank_and_size
     from lmi_hf.distributed import MpiCoordinator, init_distributed
-    from lmi_hf.engine import StepPlan
+    from lmi_hf.step import StepPlan
 
     rank, size = mpi_rank_and_size()
     group = init_distributed(WorkerContext(model, None, "hf", {}, mode="mpi", rank=rank, world_size=size))

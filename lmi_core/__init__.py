@@ -1,19 +1,26 @@
 """lmi-core: a large-model inference server that runs engines as supervised worker processes.
 
-This package re-exports the plugin API: every name an engine plugin imports (``__all__``). Importing
-it stays light (standard library and pluggy: no pydantic, no HTTP stack), because worker processes,
-which may run in another virtual environment than the server, import it too.
+This package re-exports the plugin API (``__all__``): the hooks' marker, the engine contract and its
+protocols, the events, stats and errors. Beside it, the backend kit is public too: modules a plugin
+imports by name for the work every backend repeats. Importing either stays light (standard library and
+pluggy: no pydantic, no HTTP stack), because worker processes, which may run in another virtual
+environment than the server, import them too.
 
 The modules, in three groups:
 
-Plugin API (what a backend plugin uses)
+Plugin API (what a backend plugin uses; its names are in ``__all__``)
     ``hookspecs``       the hooks (``hookimpl``); a backend implements ``register_backends`` and
                         ``load_engine``, and ``validate_config`` where it checks options
-    ``engine``          the ``Engine`` protocol, requests, events, stats, ``WorkerContext``; their codecs
-    ``request_counts``  ``RequestCounts``: an engine's finished / cancelled counters while relaying events
+    ``engine``          the ``Engine``, ``LoopEngine`` and ``AdapterEngine`` protocols, requests,
+                        events, stats, ``WorkerContext``, ``LoraAdapter``; their codecs
     ``backends``        ``BackendSpec`` and backend selection
     ``errors``          what an engine raises (``BadRequestError``, ``EngineError``, ...), ``ConfigError``
-    ``option_values``   converters for a plugin's ``option.*`` strings
+
+Backend kit (public: imported by module, ``from lmi_core.request_checks import token_budget``)
+    ``option_values``   converters for a plugin's ``option.*`` strings, LoRA settings, ``importable``
+    ``request_checks``  the checks every engine applies to a tokenized request (400s naming the field)
+    ``request_counts``  ``RequestCounts``: an engine's finished / cancelled counters while relaying events
+    ``grammars``        a ``StructuredOutput`` as llguidance grammar text (imports llguidance on first use)
 
 Worker process (standard library, msgpack and pluggy only; enforced by tests/test_worker_imports.py)
     ``worker``          ``python -m lmi_core.worker``: one rank's server, drives the engine through hooks
@@ -33,12 +40,15 @@ from __future__ import annotations
 
 from lmi_core.backends import BackendSpec
 from lmi_core.engine import (
+    AdapterEngine,
     Engine,
     EngineStats,
     Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    LoopEngine,
+    LoraAdapter,
     PromptLogprob,
     SamplingParams,
     StructuredOutput,
@@ -49,6 +59,7 @@ from lmi_core.errors import (
     BadRequestError,
     ConfigError,
     EngineError,
+    EngineFailedError,
     EngineOutOfMemoryError,
     ServiceError,
 )
@@ -56,17 +67,21 @@ from lmi_core.hookspecs import hookimpl
 from lmi_core.request_counts import RequestCounts
 
 __all__ = [
+    "AdapterEngine",
     "BackendSpec",
     "BadRequestError",
     "ConfigError",
     "Engine",
     "EngineError",
+    "EngineFailedError",
     "EngineOutOfMemoryError",
     "EngineStats",
     "FinishReason",
     "Finished",
     "GenerationEvent",
     "GenerationRequest",
+    "LoopEngine",
+    "LoraAdapter",
     "PromptLogprob",
     "RequestCounts",
     "SamplingParams",

@@ -9,9 +9,11 @@ virtual environment than the server.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args, runtime_checkable
+
+T = TypeVar("T")
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
@@ -265,12 +267,21 @@ class EngineStats:
     # Requests the engine ended with a ``Finished``, and those it stopped early (closed, failed).
     finished_total: int = 0
     cancelled_total: int = 0
-    # Engine-specific gauges (vLLM: kv_cache_usage), shown as they are.
+    # Engine-specific numbers, for display only: nothing in lmi-core reads them.
     extra: dict[str, float] = field(default_factory=dict)
     # LoRA: the adapters resident in the engine now, and how many it has loaded and evicted so far.
     adapters: list[str] = field(default_factory=list)
     lora_loads_total: int = 0
     lora_evictions_total: int = 0
+    # Router facts, None where the engine does not know them (docs/plugins.md, "Engine stats").
+    # The fraction of the KV cache in use now, 0.0 to 1.0: the router's kv_weight term.
+    kv_cache_usage: float | None = None
+    # The KV cache's capacity in tokens: sizes the router's per-worker prefix LRU.
+    kv_cache_tokens: int | None = None
+    # Prompt tokens found in / looked up in the prefix cache since the engine started (counters;
+    # lmi_prefix_cache_hits_total and lmi_prefix_cache_queries_total).
+    prefix_cache_hits: int | None = None
+    prefix_cache_queries: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -286,7 +297,16 @@ class EngineStats:
             adapters=[str(a) for a in data.get("adapters") or []],
             lora_loads_total=int(data.get("lora_loads_total", 0)),
             lora_evictions_total=int(data.get("lora_evictions_total", 0)),
+            kv_cache_usage=_optional(float, data.get("kv_cache_usage")),
+            kv_cache_tokens=_optional(int, data.get("kv_cache_tokens")),
+            prefix_cache_hits=_optional(int, data.get("prefix_cache_hits")),
+            prefix_cache_queries=_optional(int, data.get("prefix_cache_queries")),
         )
+
+
+def _optional(kind: Callable[[Any], T], value: Any) -> T | None:
+    """``kind(value)``, or None for a fact the engine does not know."""
+    return None if value is None else kind(value)
 
 
 class Engine(Protocol):

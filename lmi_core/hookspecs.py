@@ -54,6 +54,11 @@ def launch_workers(config: ModelConfig, allocation: list[WorkerSlot]) -> list[La
     """Return the command line, environment and rank addresses of each worker in ``allocation``."""
 
 
+@hookspec
+def register_tool_parsers() -> dict[str, Callable[[], Any]]:
+    """Name the tool-call parsers (``lmi_core.http.tool_parsers.ToolParser`` factories) this plugin adds."""
+
+
 # -- worker side ---------------------------------------------------------------------------------
 
 
@@ -87,11 +92,6 @@ def load_adapter(engine: Engine, adapter: LoraAdapter) -> Awaitable[None] | None
 @hookspec(firstresult=True)
 def unload_adapter(engine: Engine, name: str) -> Awaitable[None] | None:
     """Return an awaitable that drops LoRA adapter ``name`` from ``engine`` (built-in: the engine's own)."""
-
-
-@hookspec
-def register_tool_parsers() -> dict[str, Callable[[], Any]]:
-    """Name the tool-call parsers (``lmi_core.http.tool_parsers.ToolParser`` factories) this plugin adds."""
 
 
 @hookspec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -52,7 +52,6 @@ class LaunchSpec:
     mode: Literal["python", "mpi"] = "python"
     # Label used to tag the worker's output lines in the server log.
     label: str = "worker"
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def unix_address(socket_base: str, rank: int) -> str:

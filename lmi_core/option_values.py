@@ -1,13 +1,15 @@
-"""Converters for backend plugins' ``option.*`` strings.
+"""Converters for backend plugins' ``option.*`` strings, and ``importable``.
 
-Each takes the raw string and returns the typed value, or raises ``ValueError`` whose message says
-what is allowed; ``parse_backend_options`` runs a backend's converters over its ``option.*`` keys and
-turns those errors into a ``ConfigError`` naming the key. Standard library only.
+Each converter takes the raw string and returns the typed value, or raises ``ValueError`` whose
+message says what is allowed; ``parse_backend_options`` runs a backend's converters over its
+``option.*`` keys and turns those errors into a ``ConfigError`` naming the key. ``importable`` tells a
+plugin whether its engine's package is installed, without importing it. Standard library only.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,18 @@ DTYPES: dict[str, str] = {
     "float32": "float32",
     "float": "float32",
 }
+
+
+def importable(name: str) -> bool:
+    """Whether this interpreter can import the top-level package ``name``, without importing it (an
+    engine's import takes seconds: the server's hooks and the config checks only ask)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    # origin None: a namespace package (a directory of that name on sys.path, such as tests/lmi_vllm
+    # when tests/ is on it), not the package.
+    return spec is not None and spec.origin is not None
 
 
 def boolean(value: str) -> bool:

@@ -216,7 +216,8 @@ class Reference:
 
     def __init__(self, model_dir: Path, device: Literal["cpu", "cuda"], dtype: str | None) -> None:
         from lmi_core.engine import WorkerContext
-        from lmi_hf.engine import HFEngine, load_model
+        from lmi_hf.engine import HFEngine
+        from lmi_hf.loading import load_model
 
         options = {"dtype": dtype} if dtype else {}
         self.context = WorkerContext(

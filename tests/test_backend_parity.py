@@ -9,7 +9,6 @@ wide margin) must give the same tokens on both engines.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,22 +20,16 @@ from typing import Any
 import httpx
 import pytest
 
+from lmi_core.option_values import importable
 from tests.conftest import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _vllm_importable() -> bool:
-    # origin None: a namespace package (tests/lmi_vllm where tests/ is on sys.path), not vLLM.
-    spec = importlib.util.find_spec("vllm")
-    return spec is not None and spec.origin is not None
-
 
 VLLM = pytest.param(
     "vllm",
     marks=[
         pytest.mark.vllm,
-        pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not installed (scripts/setup-vllm.sh)"),
+        pytest.mark.skipif(not importable("vllm"), reason="vLLM is not installed (scripts/setup-vllm.sh)"),
     ],
 )
 BACKENDS = ["hf", VLLM]
@@ -487,7 +480,7 @@ def test_bad_parameter_is_a_400_naming_it(
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not installed (scripts/setup-vllm.sh)")
+@pytest.mark.skipif(not importable("vllm"), reason="vLLM is not installed (scripts/setup-vllm.sh)")
 def test_hf_and_vllm_greedy_outputs_are_identical(servers: Servers) -> None:
     hf, vllm = servers.get("hf"), servers.get("vllm")
     for prompt in GREEDY_PROMPTS:

@@ -25,7 +25,9 @@ import pytest
 from lmi_core.config import build_model_config
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.launch.launchers import free_ports, mpirun_argv
-from lmi_hf.engine import HFEngine, StepPlan, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
+from lmi_hf.step import StepPlan
 from tests.conftest import ServerProcess, descendants, ping, processes_matching, stream_lines, wait_for
 
 PROMPTS = [
@@ -189,7 +191,8 @@ from lmi_core.engine import WorkerContext
 from lmi_core.worker.rank_server import mpi_rank_and_size
 from lmi_hf.batch import prefill
 from lmi_hf.distributed import MpiCoordinator, init_distributed
-from lmi_hf.engine import StepPlan, load_model
+from lmi_hf.loading import load_model
+from lmi_hf.step import StepPlan
 
 rank, size = mpi_rank_and_size()
 context = WorkerContext(sys.argv[1], None, "hf", {}, mode="mpi", rank=rank, world_size=size)

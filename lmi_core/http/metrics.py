@@ -115,8 +115,9 @@ class EngineCollector(Collector):
 
 
 def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
-    """The prefix-cache counters of the engines that report them (vLLM), per worker, in prompt
-    tokens; they reset with a worker, like the engine counters above."""
+    """The prefix-cache counters of the engines that report them (``EngineStats.prefix_cache_queries``
+    and ``prefix_cache_hits``; vLLM does), per worker, in prompt tokens; they reset with a worker, like
+    the engine counters above."""
     labels = ["model", "worker"]
     hits = CounterMetricFamily(
         "lmi_prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=labels
@@ -127,10 +128,10 @@ def prefix_cache_metrics(server: ModelService) -> Iterator[Metric]:
     for name in server.names():
         snapshot = server.describe(name).pool
         for worker in snapshot.workers if snapshot is not None else ():
-            extra = worker.engine_stats.extra
-            if "prefix_cache_queries" in extra:
-                hits.add_metric([name, str(worker.worker_id)], extra.get("prefix_cache_hits", 0))
-                queries.add_metric([name, str(worker.worker_id)], extra["prefix_cache_queries"])
+            stats = worker.engine_stats
+            if stats.prefix_cache_queries is not None:
+                hits.add_metric([name, str(worker.worker_id)], stats.prefix_cache_hits or 0)
+                queries.add_metric([name, str(worker.worker_id)], stats.prefix_cache_queries)
     yield from (hits, queries)
 
 

@@ -422,8 +422,6 @@ class WorkerPool:
     def _load(self, worker: SupervisedWorker) -> WorkerLoad:
         """The worker's load as the router sees it: in flight, and KV use where its engine reports it."""
         stats = worker.ranks[0].last_stats if worker.ranks else None
-        extra = stats.extra if stats is not None else {}
-        kv_tokens = extra.get("kv_cache_tokens")
         adapters: frozenset[str] = frozenset()
         if self.adapters is not None:  # held: in its last heartbeat, or sent to it just now
             held = stats.adapters if stats is not None else []
@@ -432,8 +430,8 @@ class WorkerPool:
             worker.worker_id,
             worker.in_flight,
             self.capacity,
-            extra.get("kv_cache_usage"),
-            int(kv_tokens) if kv_tokens else None,
+            None if stats is None else stats.kv_cache_usage,
+            None if stats is None else stats.kv_cache_tokens,
             adapters,
         )
 

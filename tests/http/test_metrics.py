@@ -52,3 +52,18 @@ def test_models_without_workers_have_no_gauges() -> None:
     )
     running = [dict(labels) for name, labels in scrape(models) if name == "lmi_requests_running"]
     assert [labels["model"] for labels in running] == ["p"]
+
+
+def test_prefix_cache_counters_come_from_the_engines_typed_stats_per_worker() -> None:
+    # A third-party engine's stats as the server receives them (through the heartbeat's codec);
+    # worker 1's engine knows nothing of a prefix cache and has no sample, not a zero.
+    reported = EngineStats(prefix_cache_hits=120, prefix_cache_queries=500, extra={"prefix_cache_hits": 7.0})
+    snapshot = pool("a", worker(0, stats=EngineStats.from_wire(reported.to_wire())), worker(1))
+    samples = scrape(FakeModels(model("a", snapshot)))
+
+    def value(name: str, worker_id: str) -> float | None:
+        return samples.get((name, frozenset({"model": "a", "worker": worker_id}.items())))
+
+    assert value("lmi_prefix_cache_hits_total", "0") == 120  # the typed field, not extra's display value
+    assert value("lmi_prefix_cache_queries_total", "0") == 500
+    assert value("lmi_prefix_cache_queries_total", "1") is None

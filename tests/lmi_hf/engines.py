@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmi_core.engine import Finished, GenerationRequest, Token, WorkerContext
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
 
 
 @contextlib.contextmanager

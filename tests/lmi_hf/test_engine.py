@@ -10,7 +10,8 @@ import pytest
 
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.errors import BadRequestError, EngineError
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
 from tests.lmi_hf.engines import run_request
 
 PROMPTS = [

@@ -23,7 +23,8 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import BadRequestError
-from lmi_hf.engine import HFEngine, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
 
 PHONE = StructuredOutput("regex", r"[0-9]{3}-[0-9]{2}")
 SCHEMA = {

@@ -24,7 +24,8 @@ from lmi_core.launch.launchers import free_ports, mpirun_argv
 from lmi_core.option_values import LoraSettings
 from lmi_hf.adapters import plan_adapters
 from lmi_hf.distributed import decode_plan, encode_plan
-from lmi_hf.engine import HFEngine, StepPlan
+from lmi_hf.engine import HFEngine
+from lmi_hf.step import StepPlan
 from tests.lmi_hf.engines import running_engine
 from tests.lora_adapters import build_adapter
 

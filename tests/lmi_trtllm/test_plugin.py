@@ -30,6 +30,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
+from lmi_core.option_values import importable
 from lmi_core.plugins import new_plugin_manager
 from lmi_trtllm import plugin
 from lmi_trtllm.convert import (
@@ -41,12 +42,12 @@ from lmi_trtllm.convert import (
     token_logprob,
 )
 from lmi_trtllm.engine import FollowerEngine, TrtllmEngine
-from lmi_trtllm.options import llm_kwargs, parse_options, tensorrt_llm_importable
+from lmi_trtllm.options import llm_kwargs, parse_options
 from tests.conftest import ServerProcess
 from tests.other_engine import FINISHED, STATS, OtherEngine
 
 needs_no_tensorrt_llm = pytest.mark.skipif(
-    tensorrt_llm_importable(), reason="checks the behaviour where tensorrt_llm is not installed"
+    importable("tensorrt_llm"), reason="checks the behaviour where tensorrt_llm is not installed"
 )
 
 
@@ -87,7 +88,7 @@ def test_installed_plugin_registers_the_trtllm_backend() -> None:
 
 
 @pytest.mark.parametrize(
-    ("importable", "others", "picked"),
+    ("installed", "others", "picked"),
     [
         (True, ("slow",), "trtllm"),  # preferred over hf ...
         (True, ("fast", "slow"), "fast"),  # ... but not over vllm
@@ -95,9 +96,9 @@ def test_installed_plugin_registers_the_trtllm_backend() -> None:
     ],
 )
 def test_auto_picks_trtllm_only_when_tensorrt_llm_is_importable(
-    monkeypatch: pytest.MonkeyPatch, importable: bool, others: tuple[str, ...], picked: str
+    monkeypatch: pytest.MonkeyPatch, installed: bool, others: tuple[str, ...], picked: str
 ) -> None:
-    monkeypatch.setattr(plugin, "tensorrt_llm_importable", lambda: importable)
+    monkeypatch.setattr(plugin, "importable", lambda name: installed and name == "tensorrt_llm")
     assert select_backend(manager(*others), None, "auto").name == picked
 
 

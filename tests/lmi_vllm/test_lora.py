@@ -184,7 +184,7 @@ def test_cpu_ops_give_tokens_without_an_adapter_no_lora_term() -> None:
 
 @pytest.mark.vllm
 def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]) -> None:
-    from lmi_vllm.engine import engine_kwargs
+    from lmi_vllm.start import engine_kwargs
 
     kwargs, _, _ = engine_kwargs(
         worker_context(enable_lora="true", max_loras="3", max_lora_rank="32", max_cpu_loras="5")
@@ -196,7 +196,7 @@ def test_lora_options_become_vllm_engine_args(worker_context: Callable[..., Any]
         5,
     )
     assert kwargs["worker_extension_cls"] == "lmi_vllm.worker_extension.LmiWorkerExtension"
-    from lmi_vllm.engine import WORKER_EXTENSION
+    from lmi_vllm.start import WORKER_EXTENSION
     from lmi_vllm.worker_extension import QUALNAME
 
     assert WORKER_EXTENSION == QUALNAME

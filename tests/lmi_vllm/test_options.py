@@ -10,7 +10,8 @@ import pytest
 from lmi_core.errors import ConfigError, EngineError
 from lmi_core.serving.server import resolve_model
 from lmi_vllm import options as opts
-from lmi_vllm.engine import cpu_bind_lists, finish_reason, output_events, split_text
+from lmi_vllm.convert import finish_reason, output_events, split_text
+from lmi_vllm.start import cpu_bind_lists
 
 
 def model_config(**options: str) -> Any:

@@ -15,13 +15,14 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pluggy
 import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
+from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
@@ -379,6 +380,55 @@ async def test_routing_follows_prefixes_and_sessions_and_forgets_a_failed_worker
     moved = await served(shared["a"] + "later?", "s")
     assert (moved.worker_id, moved.reason, moved.moved_from) == (1, "load", 0)
     assert pool.router.index.cached(0) == 0
+    await pool.stop()
+
+
+def heartbeat(worker: FakeWorker, stats: EngineStats) -> None:
+    """``worker``'s rank 0 reports ``stats``, decoded as the server's connection decodes a pong."""
+    worker.ranks = [SimpleNamespace(last_stats=EngineStats.from_wire(stats.to_wire()))]
+
+
+# 64-character blocks (routing_block_chars): 10 distinct ones, and a prompt sharing only the first 3.
+PROMPT = "".join(chr(ord("A") + i) * 64 for i in range(10))
+SHARES_3_OF_10 = PROMPT[: 3 * 64] + "".join(chr(ord("a") + i) * 64 for i in range(7))
+
+
+@pytest.mark.parametrize(("kv_cache_usage", "worker_id", "reason"), [(None, 0, "prefix"), (0.9, 1, "load")])
+async def test_a_third_party_engines_kv_cache_usage_reaches_the_router(
+    kv_cache_usage: float | None, worker_id: int, reason: str
+) -> None:
+    pool = make_pool(2, 2, max_rolling_batch_size=4)
+    await pool.start()
+    FakeWorker.gate.set()
+    heartbeat(pool.workers[0], EngineStats(kv_cache_usage=kv_cache_usage))
+    heartbeat(pool.workers[1], EngineStats(kv_cache_usage=0.0 if kv_cache_usage is not None else None))
+
+    async def served(prompt: str) -> Decision:
+        hint = RequestContext()
+        async for _ in pool.generate(GenerationRequest(uuid.uuid4().hex, prompt=prompt), hint):
+            pass
+        return hint.served[0]
+
+    assert (await served(PROMPT)).worker_id == 0
+    # Worker 0 holds 3 of the 10 blocks: a 0.3 match, unless its KV cache is 90% full
+    # (0.3 - routing_kv_weight 0.5 x 0.9 < 0 for the idle, empty worker 1).
+    decision = await served(SHARES_3_OF_10)
+    assert (decision.worker_id, decision.reason) == (worker_id, reason)
+    await pool.stop()
+
+
+@pytest.mark.parametrize(("kv_cache_tokens", "blocks"), [(None, 10), (32, 2)])
+async def test_a_third_party_engines_kv_cache_tokens_size_the_routers_prefix_memory(
+    kv_cache_tokens: int | None, blocks: int
+) -> None:
+    pool = make_pool(1, 1, max_rolling_batch_size=4)
+    await pool.start()
+    FakeWorker.gate.set()
+    # 32 tokens x 4 characters: 2 blocks; not reported: the default budget (routing_cache_blocks).
+    heartbeat(pool.workers[0], EngineStats(kv_cache_tokens=kv_cache_tokens))
+    async for _ in pool.generate(GenerationRequest(uuid.uuid4().hex, prompt=PROMPT)):
+        pass
+    assert pool.router.index.cached(0) == blocks
     await pool.stop()
 
 

@@ -150,6 +150,10 @@ stats = st.builds(
     finished_total=st.integers(0, 2**40),
     cancelled_total=st.integers(0, 2**40),
     extra=st.dictionaries(st.text(max_size=10), st.floats(allow_nan=False), max_size=3),
+    kv_cache_usage=st.none() | st.floats(0.0, 1.0),
+    kv_cache_tokens=st.none() | st.integers(0, 2**40),
+    prefix_cache_hits=st.none() | st.integers(0, 2**40),
+    prefix_cache_queries=st.none() | st.integers(0, 2**40),
 )
 
 

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from lmi_core.errors import ConfigError
-from lmi_hf.engine import HFEngine, StepPlan, load_model
+from lmi_hf.engine import HFEngine
+from lmi_hf.loading import load_model
+from lmi_hf.step import StepPlan
 
 if TYPE_CHECKING:
     from lmi_core.engine import WorkerContext

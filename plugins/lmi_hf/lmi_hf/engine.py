@@ -5,6 +5,9 @@ boundaries (up to ``max_rolling_batch_size``), decodes all running sequences in 
 step, and sends token events back to the loop. Each step starts from a ``StepPlan`` (which requests
 join, which are cancelled, which LoRA adapters load or leave: ``lmi_hf.adapters``): in MPI mode rank 0
 makes the plan and every rank applies the same one.
+
+Beside it: ``lmi_hf.loading`` loads the model, ``lmi_hf.prompt`` encodes a request's prompt (on a prompt
+thread), ``lmi_hf.step`` holds what a step works on (the plan, the coordinator, a request's state).
 """
 
 from __future__ import annotations
@@ -14,13 +17,10 @@ import dataclasses
 import logging
 import random
 import threading
-import time
-from collections import Counter
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from collections.abc import Sequence as SequenceOf  # `Sequence` here is a request in the batch
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -34,14 +34,16 @@ from lmi_core.engine import (
     Token,
     WorkerContext,
 )
-from lmi_core.errors import BadRequestError, EngineError, EngineFailedError, EngineOutOfMemoryError
+from lmi_core.errors import EngineError, EngineFailedError, EngineOutOfMemoryError
 from lmi_core.option_values import lora_settings
-from lmi_core.request_checks import check_logit_bias, check_token_ids, token_budget, truncate_prompt
+from lmi_core.request_checks import check_logit_bias, token_budget
 from lmi_hf.adapters import AdapterSet
 from lmi_hf.batch import Batch, decode, prefill
-from lmi_hf.grammar import GrammarCompiler, TokenConstraint
+from lmi_hf.grammar import GrammarCompiler
+from lmi_hf.prompt import encode_prompt
 from lmi_hf.sampling import make_generator, position_seed, select_token
 from lmi_hf.scoring import prompt_logprobs
+from lmi_hf.step import Coordinator, Emit, LocalCoordinator, Sequence, StepPlan
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -50,78 +52,6 @@ logger = logging.getLogger(__name__)
 # so a 30 MB prompt on the worker's event loop stopped its heartbeats and got it killed as hung. They
 # run on these threads instead (bounded: a burst of huge prompts queues here, not in 32 threads).
 PROMPT_THREADS = 2
-
-Emit = Callable[[GenerationEvent | EngineError], None]
-
-
-@dataclass
-class StepPlan:
-    """What changes before a step: requests admitted (with their sampling seeds) and cancelled;
-    LoRA adapters dropped (asked for, and LRU evictions) and installed before the admissions, and
-    waiting requests that fail (message: their adapter cannot be read)."""
-
-    admit: list[tuple[str, int]] = field(default_factory=list)
-    cancel: list[str] = field(default_factory=list)
-    stop: bool = False
-    unload: list[str] = field(default_factory=list)
-    evict: list[str] = field(default_factory=list)
-    load: list[tuple[str, str]] = field(default_factory=list)
-    fail: list[tuple[str, str]] = field(default_factory=list)
-
-
-class Coordinator(Protocol):
-    """Who decides each step: this process alone, or rank 0 for every rank of an MPI job."""
-
-    @property
-    def leader(self) -> bool:
-        """Whether this process makes the plans (the others receive them)."""
-        ...
-
-    def exchange(self, plan: StepPlan) -> StepPlan:
-        """The step's plan for every rank: the leader's ``plan``, sent to or received from the others."""
-        ...
-
-
-class LocalCoordinator:
-    """Python mode: this process alone decides each step."""
-
-    def exchange(self, plan: StepPlan) -> StepPlan:
-        return plan
-
-    @property
-    def leader(self) -> bool:
-        return True
-
-
-@dataclass
-class Sequence:
-    """One request's state inside the engine."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    prompt_text: str
-    max_new_tokens: int
-    emit: Emit
-    detokenizer: IncrementalDetokenizer
-    stop: StopMatcher
-    generator: torch.Generator | None = None
-    seed: int = 0  # a sampled request's seed (its generator is re-seeded per position)
-    constraint: TokenConstraint | None = None  # the output's grammar, when constrained
-    generated: int = 0
-    cancelled: bool = False
-    done: bool = False
-    # How often each token was generated (frequency/presence/repetition penalties, min_tokens).
-    output_counts: Counter[int] = field(default_factory=Counter)
-    # Tokens that end the generation (EOS unless ignored, plus stop_token_ids): min_tokens masks them.
-    stop_ids: frozenset[int] = frozenset()
-    prompt_logprobs: list[Any] | None = None
-    # Tokens generated before a stream migrated here (GenerationRequest.resume_ids), replayed through
-    # the detokenizer, stop matcher and grammar; the model sees prompt + these as its input.
-    resumed: list[int] = field(default_factory=list)
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.prompt_ids + self.resumed if self.resumed else self.prompt_ids
 
 
 class HFEngine:
@@ -168,36 +98,10 @@ class HFEngine:
     # -- asyncio side ----------------------------------------------------------------------------
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
-        """The prompt's token ids and text (the chat template applied, ``truncate`` applied); a 400
-        naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
-        if request.prompt_ids is not None:
-            if not request.prompt_ids:
-                raise BadRequestError("the prompt is empty", param="inputs")
-            check_token_ids(request.prompt_ids, self.vocab_size)
-            ids, text, param = list(request.prompt_ids), self._decode(request.prompt_ids), "inputs"
-        elif request.messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise BadRequestError("this model's tokenizer has no chat template", param="messages")
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # a template that rejects these messages (raise_exception)
-                raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
-            ids, param = self.tokenizer.encode(text, add_special_tokens=False), "messages"
-        elif not request.prompt:
-            raise BadRequestError("the prompt is empty", param="inputs")
-        else:
-            text, param = request.prompt, "inputs"
-            ids = self.tokenizer.encode(text)
-        ids = truncate_prompt(ids, request.params)
-        if len(ids) > self.max_input_length:
-            raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
-                f"(option.max_input_length; this model's context is {self.max_model_len})",
-                param=param,
-            )
-        return ids, text
+        """``request``'s prompt ids and text within this engine's limits (``lmi_hf.prompt``)."""
+        return encode_prompt(
+            request, self.tokenizer, self._decode, self.vocab_size, self.max_input_length, self.max_model_len
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
@@ -225,7 +129,7 @@ class HFEngine:
             constraint=constraint,
         )
         if request.resume_ids:  # its cost grows with the tokens replayed: off the event loop
-            await loop.run_in_executor(self._prompts, self._replay, seq, request.resume_ids)
+            await loop.run_in_executor(self._prompts, seq.replay, request.resume_ids, self.vocab_size)
         self.submit(seq)
         try:
             while True:
@@ -238,20 +142,6 @@ class HFEngine:
         finally:
             if not seq.done:
                 self.cancel(seq)
-
-    def _replay(self, seq: Sequence, tokens: list[int]) -> None:
-        """Put ``seq`` where it was after ``tokens`` (delivered by another worker): their text went
-        to the client already, so only the state they leave is kept (held-back bytes, a partial stop
-        match, the grammar's position, the penalty counts)."""
-        check_token_ids(tokens, self.vocab_size)
-        for token in tokens:
-            if seq.constraint is not None:
-                seq.constraint.accept(token)
-            seq.output_counts[token] += 1
-            if token not in seq.request.params.stop_token_ids:
-                seq.stop.feed(seq.detokenizer.add(token))
-        seq.generated = len(tokens)
-        seq.resumed = list(tokens)
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -587,48 +477,3 @@ class HFEngine:
 def _deliver(events: list[tuple[Emit, GenerationEvent | EngineError]]) -> None:
     for emit, event in events:
         emit(event)
-
-
-def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[Any, Any]:
-    """Load tokenizer and model for ``context`` on its device (CPU, one GPU, or several GPUs).
-
-    ``tensor_parallel``: this process is one rank of an initialized ``torch.distributed`` group and
-    loads only its shard (the model's own ``tp_plan``).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    options = context.options
-    started = time.monotonic()
-    trust = context.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(context.model_id, trust_remote_code=trust)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust}
-    dtype = context.dtype
-    if dtype and dtype != "auto":
-        kwargs["dtype"] = _DTYPES[dtype]
-    elif context.device == "cpu":
-        kwargs["dtype"] = torch.float32
-    if tensor_parallel:
-        from transformers.distributed.configuration_utils import DistributedConfig
-
-        # Places each shard itself (on LOCAL_RANK's GPU): exclusive with device_map.
-        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
-    elif context.device == "cuda" and torch.cuda.is_available():
-        kwargs["device_map"] = options.get("device_map") or (
-            "auto" if torch.cuda.device_count() > 1 else "cuda"
-        )
-    if options.get("attn_implementation"):
-        kwargs["attn_implementation"] = options["attn_implementation"]
-    model = AutoModelForCausalLM.from_pretrained(context.model_id, **kwargs)
-    model.eval()
-    logger.info("loaded %s in %.1f s (%s)", context.model_id, time.monotonic() - started, kwargs)
-    return model, tokenizer
-
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}

@@ -44,7 +44,8 @@ def validate_config(config: ModelConfig) -> None:
 def load_engine(context: WorkerContext) -> HFEngine | None:
     if context.backend != NAME:
         return None
-    from lmi_hf.engine import HFEngine, load_model
+    from lmi_hf.engine import HFEngine
+    from lmi_hf.loading import load_model
 
     if context.mode == "mpi" and context.world_size > 1:
         from lmi_hf.distributed import load_distributed

@@ -34,10 +34,11 @@ from lmi_core import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    LoraAdapter,
     RequestCounts,
     WorkerContext,
 )
-from lmi_core.engine import LoraAdapter
+from lmi_core.option_values import importable
 from lmi_trtllm.convert import (
     StreamState,
     delta_events,
@@ -47,14 +48,14 @@ from lmi_trtllm.convert import (
     map_error,
     sampling_kwargs,
 )
-from lmi_trtllm.options import INSTALL_HINT, llm_kwargs, tensorrt_llm_importable
+from lmi_trtllm.options import INSTALL_HINT, llm_kwargs
 
 logger = logging.getLogger(__name__)
 
 
 def require_tensorrt_llm() -> None:
     """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here."""
-    if not tensorrt_llm_importable():
+    if not importable("tensorrt_llm"):
         raise EngineError(
             f"the trtllm backend needs the tensorrt_llm package, which this worker's Python "
             f"({sys.executable}) cannot import: {INSTALL_HINT}",

@@ -8,7 +8,6 @@ here is a ``ConfigError`` naming it, so a typo fails the start instead of being 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from lmi_core.option_values import (
     close_matches,
     dtype,
     fraction,
+    importable,
     integer,
     nonempty,
     parse_backend_options,
@@ -104,16 +104,6 @@ def _guided_backend(value: str) -> str:
     return value
 
 
-def tensorrt_llm_importable() -> bool:
-    """Whether this interpreter can import TensorRT-LLM (without importing it: that takes seconds)."""
-    try:
-        spec = importlib.util.find_spec("tensorrt_llm")
-    except (ImportError, ValueError):
-        return False
-    # origin None: a namespace package (a directory named tensorrt_llm on sys.path), not the package.
-    return spec is not None and spec.origin is not None
-
-
 def parse_options(options: Mapping[str, Any]) -> TrtllmOptions:
     """Convert the backend's ``option.*`` strings (keys without the prefix); raise ``ConfigError``."""
     parsed = TrtllmOptions()
@@ -176,7 +166,7 @@ def _unknown_key_hint(key: str) -> str:
 def check_config(config: ModelConfig) -> None:
     """Server-side checks of a model served by trtllm: selection, parallelism, options."""
     chosen_by_auto = config.backend_name is None and (config.rolling_batch or "auto").lower() == "auto"
-    if chosen_by_auto and not tensorrt_llm_importable():
+    if chosen_by_auto and not importable("tensorrt_llm"):
         # The backend is registered even without TensorRT-LLM (so that naming it explicitly reaches the
         # worker's clear install message); auto prefers any other backend and must not settle on it.
         raise ConfigError(

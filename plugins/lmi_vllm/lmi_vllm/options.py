@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import importlib.util
 import json
 import logging
 import types
@@ -33,6 +32,7 @@ from lmi_core.option_values import (
     close_matches,
     dtype,
     fraction,
+    importable,
     integer,
     nonempty,
     parse_backend_options,
@@ -106,16 +106,6 @@ class VllmOptions:
     warmup: bool = True
 
 
-def vllm_importable() -> bool:
-    """Whether this interpreter can import vLLM (without importing it)."""
-    try:
-        spec = importlib.util.find_spec("vllm")
-    except (ImportError, ValueError):
-        return False
-    # origin None: a namespace package (a directory named vllm on sys.path), not vLLM.
-    return spec is not None and spec.origin is not None
-
-
 @functools.cache
 def engine_arg_fields() -> dict[str, Any]:
     """The fields of vLLM's ``AsyncEngineArgs``, by name, with their declared types (imports vLLM)."""
@@ -131,7 +121,7 @@ def parse_options(options: Mapping[str, Any], *, pass_through: bool | None = Non
     Unchecked pass-through keys are kept as strings. Raises ``ConfigError`` naming the bad key.
     """
     if pass_through is None:
-        pass_through = vllm_importable()
+        pass_through = importable("vllm")
     fields = engine_arg_fields() if pass_through else None
     parsed = VllmOptions()
 
