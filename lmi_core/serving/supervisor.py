@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import signal
 import time
@@ -39,6 +40,7 @@ from lmi_core.errors import (
 from lmi_core.launch.process import WorkerProcess
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.serving.connection import RankConnection
+from lmi_core.serving.request_stream import RequestStream, StallTimer
 from lmi_core.worker import wire
 
 logger = logging.getLogger(__name__)
@@ -355,10 +357,10 @@ class SupervisedWorker:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that fails the request's stream with a
-        ``RequestTimeoutError``: no per-token cost. So is ``option.stall_timeout``: a timer that
-        re-arms itself from the last event's time (one float store per batch of events) and, once no
-        event came for that long, ends the request and fails this worker (its engine is wedged even if
-        it still answers pings: a hung all-reduce, a stuck kernel).
+        ``RequestTimeoutError``: no per-token cost. So is ``option.stall_timeout`` (a ``StallTimer``:
+        one float store per batch of events): once no event came for that long, it ends the request
+        and fails this worker (its engine is wedged even if it still answers pings: a hung
+        all-reduce, a stuck kernel).
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
@@ -368,28 +370,17 @@ class SupervisedWorker:
         message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
         finished = False
         loop = asyncio.get_running_loop()
-        timer = stall_timer = None
+        timer = None
         if deadline is not None:
             source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
             timeout = RequestTimeoutError(f"request took longer than {source}")
             timer = loop.call_at(loop.time() + deadline - time.monotonic(), stream.fail, timeout)
-        stall = self.model.stall_timeout
-        progress = loop.time()
-        stalled = self._stalled
-
-        def check_stall() -> None:
-            nonlocal stall_timer
-            assert stall is not None
-            if loop.time() - progress < stall:
-                stall_timer = loop.call_at(progress + stall, check_stall)
-                return
+        stall_timer = None
+        if (stall := self.model.stall_timeout) is not None:
             reason = f"request {rid} got no token within option.stall_timeout={stall:g} s (engine stalled)"
-            stream.fail(WorkerStalledError(reason))
-            if not stalled.done():
-                stalled.set_result(reason)
-
-        if stall is not None:
-            stall_timer = loop.call_at(progress + stall, check_stall)
+            stall_timer = StallTimer(
+                stall, functools.partial(self._request_stalled, stream, self._stalled, reason)
+            )
         try:
             for conn in ranks:
                 conn.send(message_out)
@@ -399,7 +390,8 @@ class SupervisedWorker:
                 except EngineError:
                     finished = True  # the engine's error ends the request in the worker too
                     raise
-                progress = loop.time()
+                if stall_timer is not None:
+                    stall_timer.progress()
                 for item in batch:
                     if isinstance(item, Finished):
                         finished = True
@@ -418,6 +410,12 @@ class SupervisedWorker:
                 # its step plan; a follower that cancelled on its own would leave the batches.
                 with contextlib.suppress(Exception):
                     ranks[0].send({"t": wire.CANCEL, "id": rid})
+
+    def _request_stalled(self, stream: RequestStream, stalled: asyncio.Future[str], reason: str) -> None:
+        """End the request, and fail the worker start it ran on (``stalled``: a restart replaces it)."""
+        stream.fail(WorkerStalledError(reason))
+        if not stalled.done():
+            stalled.set_result(reason)
 
     def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
         """Tell every rank to load or drop ``adapter`` (no reply: a failed load is the worker's log).
