@@ -47,7 +47,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
-from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
+from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, client_timeout, deadlines
 from lmi_core.serving.routing import (
     ROUTED,
@@ -59,6 +59,7 @@ from lmi_core.serving.routing import (
     WorkerLoad,
 )
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
+from lmi_core.worker.wire import AdapterOp
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ class WorkerPool:
             worker.send_adapter("load", adapter)
             self.router.sent_adapter(worker.worker_id, adapter.name)
 
-    def _adapter_changed(self, op: Op, adapter: LoraAdapter) -> None:
+    def _adapter_changed(self, op: AdapterOp, adapter: LoraAdapter) -> None:
         """The registry's callback: load a (pre)loaded adapter into every ready worker, or drop one."""
         for worker in self.workers.values():
             if worker.state is WorkerState.READY:

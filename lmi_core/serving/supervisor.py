@@ -112,7 +112,6 @@ class SupervisedWorker:
         self.failures = 0  # consecutive; reset by a request that completes
         self.last_error: str | None = None
         self.started_at = time.time()
-        self.last_used = time.monotonic()
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set (with the reason) by a request that saw no token within option.stall_timeout.
         self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -231,9 +230,9 @@ class SupervisedWorker:
                     rank, address, deadline, alive=lambda: process.returncode is None, label=label
                 )
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
-            context = self._context(len(spec.rank_addresses))
+            init = wire.Init(self._context(len(spec.rank_addresses)))
             for conn in self.ranks:
-                conn.send({"t": wire.INIT, "context": context.to_wire()})
+                conn.send(init)
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
@@ -241,10 +240,11 @@ class SupervisedWorker:
         finally:
             exited.cancel()
 
-    async def _loaded(self, conn: RankConnection) -> None:
-        error = await conn.control.get()
-        if error is not None:
-            raise LoadError(f"model load failed on rank {conn.rank}: {error}")
+    async def _loaded(self, conn: RankConnection) -> wire.Loaded:
+        report = await conn.control.get()
+        if not isinstance(report, wire.Loaded):
+            raise LoadError(f"model load failed on rank {conn.rank}: {report}")
+        return report
 
     async def _unless_exited(
         self, awaitable: Awaitable[T], exited: asyncio.Future[int], deadline: float
@@ -321,8 +321,8 @@ class SupervisedWorker:
                     return str(exc)
 
     async def _unhealthy(self, conn: RankConnection) -> str:
-        error = await conn.control.get()
-        return f"rank {conn.rank} reported: {error}"
+        report = await conn.control.get()  # an error (a rank loads once: no second Loaded)
+        return f"rank {conn.rank} reported: {report}"
 
     async def _teardown(self, reason: str) -> str:
         """Fail in-flight requests (via the connections), kill the process group, reap it; return
@@ -367,7 +367,7 @@ class SupervisedWorker:
         ranks = list(self.ranks)
         rid = request.request_id
         stream = ranks[0].open_stream(rid)
-        message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
+        message_out = wire.Req(rid, request)
         finished = False
         loop = asyncio.get_running_loop()
         timer = None
@@ -403,13 +403,12 @@ class SupervisedWorker:
             for handle in (timer, stall_timer):
                 if handle is not None:
                     handle.cancel()
-            self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:
                 # Rank 0 alone: in MPI mode it decides cancellations and tells the other ranks in
                 # its step plan; a follower that cancelled on its own would leave the batches.
                 with contextlib.suppress(Exception):
-                    ranks[0].send({"t": wire.CANCEL, "id": rid})
+                    ranks[0].send(wire.Cancel(rid))
 
     def _request_stalled(self, stream: RequestStream, stalled: asyncio.Future[str], reason: str) -> None:
         """End the request, and fail the worker start it ran on (``stalled``: a restart replaces it)."""
@@ -417,10 +416,10 @@ class SupervisedWorker:
         if not stalled.done():
             stalled.set_result(reason)
 
-    def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
+    def send_adapter(self, op: wire.AdapterOp, adapter: LoraAdapter) -> None:
         """Tell every rank to load or drop ``adapter`` (no reply: a failed load is the worker's log).
         A rank whose connection is gone is restarting: it gets the registry's adapters when READY."""
-        message = {"t": wire.ADAPTER, "op": op, "adapter": adapter.to_wire()}
+        message = wire.Adapter(op, adapter)
         for conn in self.ranks:
             with contextlib.suppress(WorkerFailedError):
                 conn.send(message)
