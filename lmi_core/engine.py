@@ -335,3 +335,12 @@ class AdapterEngine(Engine, Protocol):
     async def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (pinned or not); unknown names are ignored."""
         ...
+
+
+@runtime_checkable
+class ContextEngine(Engine, Protocol):
+    """An engine that knows its context length: the most tokens (prompt plus generated) a request may
+    hold. The worker reports it once, in its ``loaded`` message, and the server shows it
+    (``max_model_len`` on ``/v1/models``); an engine without the attribute reports none."""
+
+    max_model_len: int

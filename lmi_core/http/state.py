@@ -38,6 +38,9 @@ class ServedModel(Protocol):
     @property
     def adapters(self) -> AdapterRegistry | None: ...  # its LoRA adapters; None without option.enable_lora
 
+    @property
+    def max_model_len(self) -> int | None: ...  # its engine's context length; None: not reported (yet)
+
     # ``hint``: the request's session in, the worker chosen out (before the first event).
     def generate(
         self, request: GenerationRequest, hint: RouteHint | None = None

@@ -147,6 +147,9 @@ class WorkerPool:
         self.queue_size = config.job_queue_size or server.job_queue_size
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
+        # The engine's context length, as the last worker that loaded reported it (its workers all
+        # load the same engine); None until one has, or when the engine does not say.
+        self.max_model_len: int | None = None
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
@@ -305,6 +308,7 @@ class WorkerPool:
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe(self.name, "worker_restart", 1)
         elif worker.state is WorkerState.READY:
+            self.max_model_len = worker.max_model_len
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
             self._give_adapters(worker)

@@ -27,6 +27,7 @@ from typing import Any
 import pluggy
 
 from lmi_core.engine import (
+    ContextEngine,
     Engine,
     EngineStats,
     Finished,
@@ -164,7 +165,8 @@ class RankServer:
             return
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
-        self.send(wire.Loaded(self.rank))
+        limit = engine.max_model_len if isinstance(engine, ContextEngine) else None
+        self.send(wire.Loaded(self.rank, limit))
 
     async def start(self, engine: Engine) -> None:
         """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""

@@ -240,17 +240,19 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The engine loaded on ``rank``."""
+    """The engine loaded on ``rank``. ``max_model_len``: its context length (prompt plus generated
+    tokens), when the engine knows it (``engine.ContextEngine``); told once, here."""
 
     rank: int
+    max_model_len: int | None = None
     t: ClassVar[str] = "loaded"
 
     def to_frame(self) -> bytes:
-        return encode({"t": self.t, "rank": self.rank})
+        return encode({"t": self.t, "rank": self.rank, "max_model_len": self.max_model_len})
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Loaded:
-        return cls(_field(frame, "rank", int))
+        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int))
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> No
         {"t": "tok", "id": "r", "token": [1, "x", None, False, None, False]},  # one frame per token: gone
         {"t": "done", "finished": Finished("length", 1, 1).to_wire()},  # no id
         {"t": "loaded", "rank": "0"},
+        {"t": "loaded", "rank": 0, "max_model_len": "64"},
         {"t": "pong", "id": "0"},
         # Well-formed, but what the server sends, not a rank.
         wire.Req("r", GenerationRequest("r", "x")),
@@ -112,8 +113,8 @@ async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
 
 async def test_loaded_and_errors_outside_a_request_reach_control(tmp_path: Path) -> None:
     conn, _, rank = await _pair(tmp_path)
-    rank.write(wire.Loaded(0).to_frame())
-    assert await conn.control.get() == wire.Loaded(0)
+    rank.write(wire.Loaded(0, 4096).to_frame())
+    assert await conn.control.get() == wire.Loaded(0, 4096)
     rank.write(wire.Err(EngineError("engine unhealthy: gone", status=500)).to_frame())
     error = await conn.control.get()
     assert isinstance(error, EngineError) and str(error) == "engine unhealthy: gone"

@@ -232,5 +232,22 @@ async def test_the_worker_starts_a_loop_engine_on_its_loop_before_it_reports_loa
         assert "warmup failed" in str(sent[0].error)
         assert worker.engine is None and engine.shut_down
     else:
-        assert sent == [wire.Loaded(0)]
+        assert sent == [wire.Loaded(0, None)]  # an engine without max_model_len does not report one
         assert engine.loop is asyncio.get_running_loop() and worker.engine is engine
+
+
+class KnowsItsContext(LoopBound):
+    """A ``ContextEngine``."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=False)
+        self.max_model_len = 321
+
+
+async def test_the_loaded_message_carries_the_engines_context_length() -> None:
+    from lmi_core.engine import ContextEngine
+    from lmi_core.worker import wire
+
+    assert isinstance(KnowsItsContext(), ContextEngine) and not isinstance(LoopBound(False), ContextEngine)
+    _, sent = await init(KnowsItsContext())
+    assert sent == [wire.Loaded(0, 321)]
