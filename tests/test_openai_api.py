@@ -272,9 +272,11 @@ async def test_async_client_runs_requests_concurrently(server: ServerProcess) ->
     await client.close()
 
 
-def test_models(client: openai.OpenAI) -> None:
+def test_models(client: openai.OpenAI, server: ServerProcess) -> None:
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).owned_by == "lmi-core"
+    # The context the HF engine loaded with (option.max_model_len), as its worker reported it.
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == CONTEXT
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 

@@ -53,6 +53,13 @@ def test_lmi_api(server: ServerProcess) -> None:
     assert plain.json()["generated_text"].startswith(result["generated_text"][:5])
 
 
+def test_v1_models_shows_the_context_length_the_engine_computed(server: ServerProcess) -> None:
+    # No option.max_model_len: the HF engine takes the model config's max_position_embeddings
+    # (the demo model's 512) and its worker reports it when it loads.
+    (card,) = httpx.get(f"{server.url}/v1/models").json()["data"]
+    assert (card["id"], card["max_model_len"]) == ("demo", 512)
+
+
 def test_streamed_texts_join_to_the_generated_text(server: ServerProcess) -> None:
     body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 25, "details": True}}
     lines = list(stream_lines(server, body))

@@ -9,9 +9,7 @@ shape; chat on ``/invocations`` (DJL behaviour) streams JSON lines and keeps DJL
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -227,24 +225,6 @@ async def native_chat(
     return with_ignored(await run_call(request, call, JSON_LINES), ignored)
 
 
-def max_model_len(pool: ServedModel) -> int | None:
-    """The context the engines use: ``option.max_model_len``, else the local model's config.json."""
-    configured = pool.config.options.get("max_model_len")
-    if configured and configured.isdigit():
-        return int(configured)
-    for directory in (pool.config.model_id, pool.config.model_dir):
-        path = Path(directory or "") / "config.json"
-        if directory and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return None
-            data = data.get("text_config") or data  # multimodal configs nest the language model's
-            value = data.get("max_position_embeddings")
-            return int(value) if isinstance(value, int) else None
-    return None
-
-
 def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:
     # vLLM's card: root is what the name serves (the adapter's path), parent the base of an adapter.
     return {
@@ -254,7 +234,7 @@ def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[s
         "owned_by": "lmi-core",
         "root": adapter.path if adapter is not None else pool.config.model_id,
         "parent": pool.name if adapter is not None else None,
-        "max_model_len": max_model_len(pool),
+        "max_model_len": pool.max_model_len,
     }
 
 

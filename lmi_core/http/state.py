@@ -35,6 +35,9 @@ class ServedModel(Protocol):
     @property
     def adapters(self) -> AdapterRegistry | None: ...  # its LoRA adapters; None without option.enable_lora
 
+    @property
+    def max_model_len(self) -> int | None: ...  # its engine's context length; None: not reported (yet)
+
     # ``context``: the HTTP request's session and timeout in, the worker chosen out (before the first event).
     def generate(
         self, request: GenerationRequest, context: RequestContext | None = None

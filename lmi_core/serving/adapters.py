@@ -24,6 +24,7 @@ from lmi_core.config import ModelConfig
 from lmi_core.engine import LoraAdapter
 from lmi_core.errors import BadRequestError, ConfigError, NotFoundError, ServiceError
 from lmi_core.option_values import LoraSettings
+from lmi_core.worker.wire import AdapterOp
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_HEADER = 100 * 1024 * 1024
 
 Source = Literal["directory", "djl", "vllm"]
-Op = Literal["load", "unload"]
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class AdapterRegistry:
     def __init__(
         self,
         model: ModelConfig,
-        on_change: Callable[[Op, LoraAdapter], None] = lambda op, adapter: None,
+        on_change: Callable[[AdapterOp, LoraAdapter], None] = lambda op, adapter: None,
     ) -> None:
         self.model = model.name
         self.settings = model.lora
@@ -266,7 +266,7 @@ class AdapterRegistry:
 
 
 def adapter_registry(
-    config: ModelConfig, on_change: Callable[[Op, LoraAdapter], None] = lambda op, adapter: None
+    config: ModelConfig, on_change: Callable[[AdapterOp, LoraAdapter], None] = lambda op, adapter: None
 ) -> AdapterRegistry | None:
     """The registry of a model with ``option.enable_lora``, its directory's adapters registered; else None."""
     if not config.lora.enabled:

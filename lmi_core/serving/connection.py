@@ -2,10 +2,10 @@
 
 Invariant: what leaves this module is typed, never a raw frame. A request's ``RequestStream`` gets its
 ``Token``/``Finished`` events and then at most one exception (the engine's ``EngineError``, or the
-connection's ``WorkerFailedError``); a ``toks`` frame (every request's tokens of one worker write) is
-split among the streams here; ``control`` holds ``None`` (engine loaded) or the error a rank
-reported outside any request. A frame whose payload does not decode fails the connection like a
-frame that is not msgpack.
+connection's ``WorkerFailedError``); a ``toks`` message (every request's tokens of one worker write)
+is split among the streams here; ``control`` holds the rank's ``wire.Loaded`` or the error it
+reported outside any request. A frame that ``wire.parse`` refuses, or a message a rank never sends,
+fails the connection like a frame that is not msgpack.
 """
 
 from __future__ import annotations
@@ -16,57 +16,13 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
 
-from lmi_core.engine import EngineStats, Finished, Token
-from lmi_core.errors import EngineError, ServiceError, WorkerFailedError
+from lmi_core.engine import EngineStats
+from lmi_core.errors import ServiceError, WorkerFailedError
 from lmi_core.serving.request_stream import RequestStream
 from lmi_core.worker import wire
 
 logger = logging.getLogger(__name__)
-
-Message = dict[str, Any]
-T = TypeVar("T")
-
-
-def payload(message: Message, key: str, decode: Callable[[Any], T]) -> T:
-    """``decode(message[key])``; a missing or malformed payload is a ``ProtocolError``."""
-    try:
-        return decode(message[key])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise wire.ProtocolError(f"bad {message['t']!r} message: {exc!r}") from None
-
-
-def decode_tokens(message: Message) -> list[tuple[str, Token]]:
-    """A ``toks`` frame as (request id, token) pairs, in order."""
-
-    def decode(items: Any) -> list[tuple[str, Token]]:
-        pairs = [(rid, Token.from_wire(token)) for rid, token in items]
-        if not all(isinstance(rid, str) for rid, _ in pairs):
-            raise ValueError("a request id that is not a string")
-        return pairs
-
-    return payload(message, "tokens", decode)
-
-
-def decode_stream_item(message: Message) -> Finished | EngineError:
-    """A request-scoped message as what it carries: the finish, or the engine's error."""
-    kind = message["t"]
-    if kind == wire.DONE:
-        return payload(message, "finished", Finished.from_wire)
-    if kind == wire.ERROR:
-        return payload(message, "error", EngineError.from_wire)
-    raise wire.ProtocolError(f"unexpected {kind!r} message for a request")
-
-
-def decode_control(message: Message) -> EngineError | None:
-    """A message tied to no request: None for ``loaded``, else the error the rank reported."""
-    kind = message["t"]
-    if kind == wire.LOADED:
-        return None
-    if kind == wire.ERROR:
-        return payload(message, "error", EngineError.from_wire)
-    raise wire.ProtocolError(f"unexpected {kind!r} message without a request id")
 
 
 class RankConnection:
@@ -81,12 +37,11 @@ class RankConnection:
         self._reader = reader
         self._writer = writer
         self._streams: dict[str, RequestStream] = {}
-        self._pings: dict[int, asyncio.Future[Message]] = {}
+        self._pings: dict[int, asyncio.Future[None]] = {}
         self._ping_ids = itertools.count()
-        # None: the engine loaded; an error: init failed, the engine is unhealthy, or the connection broke.
-        self.control: asyncio.Queue[ServiceError | None] = asyncio.Queue()
+        # Loaded: the engine loaded; an error: init failed, the engine is unhealthy, or the connection broke.
+        self.control: asyncio.Queue[wire.Loaded | ServiceError] = asyncio.Queue()
         self.last_stats = EngineStats()  # from the last pong that carried stats (not while loading)
-        self.last_pong = time.monotonic()
         self.closed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -112,10 +67,10 @@ class RankConnection:
                     raise WorkerFailedError(f"rank {rank} did not listen on {address} in time") from None
                 await asyncio.sleep(0.05)
 
-    def send(self, message: Message) -> None:
+    def send(self, message: wire.ServerMessage) -> None:
         if self.closed.done():
             raise self.closed.result()
-        self._writer.write(wire.encode(message))
+        self._writer.write(message.to_frame())
 
     def open_stream(self, request_id: str) -> RequestStream:
         stream = RequestStream()
@@ -127,13 +82,13 @@ class RankConnection:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    async def ping(self, timeout: float) -> Message:
+    async def ping(self, timeout: float) -> None:
         """Round-trip a ping; raises ``TimeoutError`` if the rank does not answer in time."""
         ping_id = next(self._ping_ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pings[ping_id] = future
         try:
-            self.send({"t": wire.PING, "id": ping_id})
+            self.send(wire.Ping(ping_id))
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
             self._pings.pop(ping_id, None)
@@ -154,34 +109,31 @@ class RankConnection:
             error = WorkerFailedError(f"{self.label}: connection closed by the server")
         self.fail(error)
 
-    def _dispatch(self, message: Message) -> None:
-        kind = message["t"]
-        rid = message.get("id")
-        if kind == wire.PONG:
-            self.last_pong = time.monotonic()
-            if "stats" in message:  # absent while the engine loads
-                self.last_stats = payload(message, "stats", EngineStats.from_wire)
-            future = self._pings.get(rid) if isinstance(rid, int) else None
-            if future is not None and not future.done():
-                future.set_result(message)
-        elif kind == wire.TOKENS:
-            for token_rid, token in decode_tokens(message):  # all decoded first: a bad frame fails whole
-                token_stream = self._streams.get(token_rid)
+    def _dispatch(self, message: wire.Message) -> None:
+        if isinstance(message, wire.Toks):
+            for rid, token in message.tokens:
+                token_stream = self._streams.get(rid)
                 if token_stream is not None:  # else cancelled meanwhile
                     token_stream.put(token)
-        elif rid is None:
-            self.control.put_nowait(decode_control(message))
-        elif isinstance(rid, str):
-            item = decode_stream_item(message)  # also for a closed stream: a bad frame is never ignored
-            stream = self._streams.get(rid)
-            if stream is None:
-                pass
-            elif isinstance(item, Exception):
-                stream.fail(item)
-            else:
-                stream.put(item)
+        elif isinstance(message, wire.Done):
+            stream = self._streams.get(message.id)
+            if stream is not None:
+                stream.put(message.finished)
+        elif isinstance(message, wire.Err):
+            if message.id is None:
+                self.control.put_nowait(message.error)
+            elif (stream := self._streams.get(message.id)) is not None:
+                stream.fail(message.error)
+        elif isinstance(message, wire.Pong):
+            if message.stats is not None:  # None while the engine loads
+                self.last_stats = message.stats
+            future = self._pings.get(message.id)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif isinstance(message, wire.Loaded):
+            self.control.put_nowait(message)
         else:
-            raise wire.ProtocolError(f"bad {kind!r} message: request id {rid!r}")
+            raise wire.ProtocolError(f"unexpected {message.t!r} message from a rank")
 
     def fail(self, error: WorkerFailedError) -> None:
         if self.closed.done():

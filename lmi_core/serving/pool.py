@@ -46,7 +46,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
-from lmi_core.serving.adapters import AdapterRegistry, Op, adapter_registry
+from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.observer import NoObserver, PoolObserver
 from lmi_core.serving.routing import (
@@ -58,6 +58,7 @@ from lmi_core.serving.routing import (
     WorkerLoad,
 )
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
+from lmi_core.worker.wire import AdapterOp
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,9 @@ class WorkerPool:
         self.queue_size = config.job_queue_size or server.job_queue_size
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
+        # The engine's context length, as the last worker that loaded reported it (its workers all
+        # load the same engine); None until one has, or when the engine does not say.
+        self.max_model_len: int | None = None
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
@@ -300,6 +304,7 @@ class WorkerPool:
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
+            self.max_model_len = worker.max_model_len
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
             self._give_adapters(worker)
@@ -367,7 +372,7 @@ class WorkerPool:
             worker.send_adapter("load", adapter)
             self.router.sent_adapter(worker.worker_id, adapter.name)
 
-    def _adapter_changed(self, op: Op, adapter: LoraAdapter) -> None:
+    def _adapter_changed(self, op: AdapterOp, adapter: LoraAdapter) -> None:
         """The registry's callback: load a (pre)loaded adapter into every ready worker, or drop one."""
         for worker in self.workers.values():
             if worker.state is WorkerState.READY:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import signal
 import time
@@ -39,6 +40,7 @@ from lmi_core.errors import (
 from lmi_core.launch.process import WorkerProcess
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
 from lmi_core.serving.connection import RankConnection
+from lmi_core.serving.request_stream import RequestStream, StallTimer
 from lmi_core.worker import wire
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,8 @@ class SupervisedWorker:
         self.failures = 0  # consecutive; reset by a request that completes
         self.last_error: str | None = None
         self.started_at = time.time()
-        self.last_used = time.monotonic()
+        # Rank 0's engine's context length, as its last load reported it (None: the engine did not say).
+        self.max_model_len: int | None = None
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set (with the reason) by a request that saw no token within option.stall_timeout.
         self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -229,20 +232,21 @@ class SupervisedWorker:
                     rank, address, deadline, alive=lambda: process.returncode is None, label=label
                 )
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
-            context = self._context(len(spec.rank_addresses))
+            init = wire.Init(self._context(len(spec.rank_addresses)))
             for conn in self.ranks:
-                conn.send({"t": wire.INIT, "context": context.to_wire()})
+                conn.send(init)
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
-            await self._unless_exited(loaded, exited, deadline)
+            self.max_model_len = (await self._unless_exited(loaded, exited, deadline))[0].max_model_len
         finally:
             exited.cancel()
 
-    async def _loaded(self, conn: RankConnection) -> None:
-        error = await conn.control.get()
-        if error is not None:
-            raise LoadError(f"model load failed on rank {conn.rank}: {error}")
+    async def _loaded(self, conn: RankConnection) -> wire.Loaded:
+        report = await conn.control.get()
+        if not isinstance(report, wire.Loaded):
+            raise LoadError(f"model load failed on rank {conn.rank}: {report}")
+        return report
 
     async def _unless_exited(
         self, awaitable: Awaitable[T], exited: asyncio.Future[int], deadline: float
@@ -319,8 +323,8 @@ class SupervisedWorker:
                     return str(exc)
 
     async def _unhealthy(self, conn: RankConnection) -> str:
-        error = await conn.control.get()
-        return f"rank {conn.rank} reported: {error}"
+        report = await conn.control.get()  # an error (a rank loads once: no second Loaded)
+        return f"rank {conn.rank} reported: {report}"
 
     async def _teardown(self, reason: str) -> str:
         """Fail in-flight requests (via the connections), kill the process group, reap it; return
@@ -355,41 +359,30 @@ class SupervisedWorker:
         """Send ``request`` to every rank and yield rank 0's events until done or ``deadline``.
 
         The deadline (``time.monotonic()`` based) is a timer that fails the request's stream with a
-        ``RequestTimeoutError``: no per-token cost. So is ``option.stall_timeout``: a timer that
-        re-arms itself from the last event's time (one float store per batch of events) and, once no
-        event came for that long, ends the request and fails this worker (its engine is wedged even if
-        it still answers pings: a hung all-reduce, a stuck kernel).
+        ``RequestTimeoutError``: no per-token cost. So is ``option.stall_timeout`` (a ``StallTimer``:
+        one float store per batch of events): once no event came for that long, it ends the request
+        and fails this worker (its engine is wedged even if it still answers pings: a hung
+        all-reduce, a stuck kernel).
         """
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
         stream = ranks[0].open_stream(rid)
-        message_out = {"t": wire.REQUEST, "id": rid, "request": request.to_wire()}
+        message_out = wire.Req(rid, request)
         finished = False
         loop = asyncio.get_running_loop()
-        timer = stall_timer = None
+        timer = None
         if deadline is not None:
             source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
             timeout = RequestTimeoutError(f"request took longer than {source}")
             timer = loop.call_at(loop.time() + deadline - time.monotonic(), stream.fail, timeout)
-        stall = self.model.stall_timeout
-        progress = loop.time()
-        stalled = self._stalled
-
-        def check_stall() -> None:
-            nonlocal stall_timer
-            assert stall is not None
-            if loop.time() - progress < stall:
-                stall_timer = loop.call_at(progress + stall, check_stall)
-                return
+        stall_timer = None
+        if (stall := self.model.stall_timeout) is not None:
             reason = f"request {rid} got no token within option.stall_timeout={stall:g} s (engine stalled)"
-            stream.fail(WorkerStalledError(reason))
-            if not stalled.done():
-                stalled.set_result(reason)
-
-        if stall is not None:
-            stall_timer = loop.call_at(progress + stall, check_stall)
+            stall_timer = StallTimer(
+                stall, functools.partial(self._request_stalled, stream, self._stalled, reason)
+            )
         try:
             for conn in ranks:
                 conn.send(message_out)
@@ -399,7 +392,8 @@ class SupervisedWorker:
                 except EngineError:
                     finished = True  # the engine's error ends the request in the worker too
                     raise
-                progress = loop.time()
+                if stall_timer is not None:
+                    stall_timer.progress()
                 for item in batch:
                     if isinstance(item, Finished):
                         finished = True
@@ -411,18 +405,23 @@ class SupervisedWorker:
             for handle in (timer, stall_timer):
                 if handle is not None:
                     handle.cancel()
-            self.last_used = time.monotonic()
             ranks[0].close_stream(rid)
             if not finished:
                 # Rank 0 alone: in MPI mode it decides cancellations and tells the other ranks in
                 # its step plan; a follower that cancelled on its own would leave the batches.
                 with contextlib.suppress(Exception):
-                    ranks[0].send({"t": wire.CANCEL, "id": rid})
+                    ranks[0].send(wire.Cancel(rid))
 
-    def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
+    def _request_stalled(self, stream: RequestStream, stalled: asyncio.Future[str], reason: str) -> None:
+        """End the request, and fail the worker start it ran on (``stalled``: a restart replaces it)."""
+        stream.fail(WorkerStalledError(reason))
+        if not stalled.done():
+            stalled.set_result(reason)
+
+    def send_adapter(self, op: wire.AdapterOp, adapter: LoraAdapter) -> None:
         """Tell every rank to load or drop ``adapter`` (no reply: a failed load is the worker's log).
         A rank whose connection is gone is restarting: it gets the registry's adapters when READY."""
-        message = {"t": wire.ADAPTER, "op": op, "adapter": adapter.to_wire()}
+        message = wire.Adapter(op, adapter)
         for conn in self.ranks:
             with contextlib.suppress(WorkerFailedError):
                 conn.send(message)

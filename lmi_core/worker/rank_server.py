@@ -4,7 +4,8 @@ Binds ``BASE.<rank>`` (rank from the MPI launcher's environment, 0 in Python mod
 line, accepts the server's connection, loads the engine through the ``load_engine`` hook when the
 server sends ``init``, and serves requests concurrently through ``handle_request``. The asyncio loop
 only moves messages: engines compute in their own threads, so heartbeat pings are answered while a
-batch runs. The worker exits when the server's connection closes or the server process dies.
+batch runs. The worker exits when the server's connection closes (or brings a frame the worker cannot
+read: one log line, then the close) or the server process dies.
 Standard library, msgpack and pluggy only (plus whatever the engine plugin imports).
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import pluggy
 
 from lmi_core.engine import (
+    ContextEngine,
     Engine,
     EngineStats,
     Finished,
@@ -78,14 +80,13 @@ class RankServer:
         self.adapter_tasks: set[asyncio.Task[None]] = set()
         self.writer: asyncio.StreamWriter | None = None
         self._outgoing: list[bytes] = []
-        self._tokens: list[list[Any]] = []  # [request id, Token] since the last write
-        self.load_error: str | None = None
+        self._tokens: list[tuple[str, Token]] = []  # (request id, token) since the last write
         self.stream_interval = 1  # option.stream_interval: tokens per send of a request, by default
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: wire.WorkerMessage) -> None:
         """Queue a frame; frames queued in one loop iteration leave in one write (one syscall)."""
         self._schedule_flush()
-        self._outgoing.append(wire.encode(message))
+        self._outgoing.append(message.to_frame())
 
     def send_tokens(self, rid: str, tokens: list[Token]) -> None:
         """Queue tokens: the tokens of every request queued in one loop iteration (an engine step
@@ -93,7 +94,7 @@ class RankServer:
         frames of that write, so a request's ``done`` or ``err`` still follows its last token."""
         if tokens:
             self._schedule_flush()
-            self._tokens.extend([rid, token.to_wire()] for token in tokens)
+            self._tokens += [(rid, token) for token in tokens]
 
     def _schedule_flush(self) -> None:
         if not self._outgoing and not self._tokens:
@@ -103,7 +104,7 @@ class RankServer:
         assert self.writer is not None
         frames, self._outgoing = self._outgoing, []
         if self._tokens:
-            frames.insert(0, wire.encode({"t": wire.TOKENS, "tokens": self._tokens}))
+            frames.insert(0, wire.Toks(self._tokens).to_frame())
             self._tokens = []
         if not self.writer.is_closing():
             self.writer.write(b"".join(frames))
@@ -115,34 +116,41 @@ class RankServer:
             await self.writer.drain()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Handle the server's messages until it closes the connection or sends ``shutdown``. A frame
+        that does not parse, or one the server never sends, closes the connection (one log line):
+        the server then fails this worker and starts another, rather than talk on to a peer whose
+        frames it cannot read."""
         self.writer = writer
-        while True:
-            try:
-                message = await wire.read_message(reader)
-            except (wire.ProtocolError, ConnectionError) as exc:
-                logger.error("rank %d: connection error: %s", self.rank, exc)
-                return
-            if message is None:
-                return
-            kind = message["t"]
-            if kind == wire.PING:
-                self.on_ping(message)
-            elif kind == wire.REQUEST:
-                self.on_request(message)
-            elif kind == wire.CANCEL:
-                task = self.tasks.get(message["id"])
-                if task is not None:
-                    task.cancel()
-            elif kind == wire.ADAPTER:
-                self.on_adapter(message)
-            elif kind == wire.INIT:
-                asyncio.get_running_loop().create_task(self.on_init(message))
-            elif kind == wire.SHUTDOWN:
-                return
-            await self.drain()
+        try:
+            while (message := await wire.read_message(reader)) is not None:
+                if isinstance(message, wire.Shutdown):
+                    return
+                self.dispatch(message)
+                await self.drain()
+        except (wire.ProtocolError, ConnectionError) as exc:
+            logger.error("rank %d: closing the connection: %s", self.rank, exc)
+        finally:
+            self._flush()  # the replies already queued leave first
+            writer.close()
 
-    async def on_init(self, message: dict[str, Any]) -> None:
-        self.context = WorkerContext.from_wire(message["context"])
+    def dispatch(self, message: wire.Message) -> None:
+        if isinstance(message, wire.Req):
+            self.on_request(message)
+        elif isinstance(message, wire.Cancel):
+            task = self.tasks.get(message.id)
+            if task is not None:
+                task.cancel()
+        elif isinstance(message, wire.Ping):
+            self.on_ping(message)
+        elif isinstance(message, wire.Adapter):
+            self.on_adapter(message)
+        elif isinstance(message, wire.Init):
+            asyncio.get_running_loop().create_task(self.on_init(message))
+        else:
+            raise wire.ProtocolError(f"unexpected {message.t!r} message from the server")
+
+    async def on_init(self, message: wire.Init) -> None:
+        self.context = message.context
         self.context.rank = self.rank
         try:
             self.stream_interval = stream_interval(self.context.options)
@@ -152,13 +160,13 @@ class RankServer:
                 raise EngineError(f"no installed plugin loads backend {self.context.backend!r}")
             await self.start(engine)
         except BaseException as exc:  # a failed load must reach the server, whatever it is
-            self.load_error = f"{exc.__class__.__name__}: {exc}"
             logger.error("rank %d: engine load failed:\n%s", self.rank, traceback.format_exc())
-            self.send({"t": wire.ERROR, "error": EngineError(self.load_error, status=500).to_wire()})
+            self.send(wire.Err(EngineError(f"{exc.__class__.__name__}: {exc}", status=500)))
             return
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
-        self.send({"t": wire.LOADED, "rank": self.rank})
+        limit = engine.max_model_len if isinstance(engine, ContextEngine) else None
+        self.send(wire.Loaded(self.rank, limit))
 
     async def start(self, engine: Engine) -> None:
         """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""
@@ -171,43 +179,36 @@ class RankServer:
                 self.pm.hook.shutdown_engine(engine=engine)
             raise
 
-    def on_ping(self, message: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"t": wire.PONG, "id": message["id"], "loading": self.engine is None}
+    def on_ping(self, message: wire.Ping) -> None:
+        stats: EngineStats | None = None  # none while the engine loads
         if self.engine is not None:
             try:
-                stats: EngineStats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
+                stats = self.pm.hook.engine_stats(engine=self.engine) or EngineStats()
             except Exception as exc:
-                unhealthy = EngineError(f"engine unhealthy: {exc}", status=500)
-                self.send({"t": wire.ERROR, "error": unhealthy.to_wire()})
+                self.send(wire.Err(EngineError(f"engine unhealthy: {exc}", status=500)))
                 return
-            reply["stats"] = stats.to_wire()
-        self.send(reply)
+        self.send(wire.Pong(message.id, stats))
 
-    def on_request(self, message: dict[str, Any]) -> None:
-        rid = message["id"]
-        request = GenerationRequest.from_wire(message["request"])
-        task = asyncio.get_running_loop().create_task(self.run_request(rid, request))
+    def on_request(self, message: wire.Req) -> None:
+        rid = message.id
+        task = asyncio.get_running_loop().create_task(self.run_request(rid, message.request))
         self.tasks[rid] = task
         task.add_done_callback(lambda _: self.tasks.pop(rid, None))
 
-    def on_adapter(self, message: dict[str, Any]) -> None:
+    def on_adapter(self, message: wire.Adapter) -> None:
         """Load or unload a LoRA adapter in a task (reading one takes a while); no reply."""
-        task = asyncio.get_running_loop().create_task(self.run_adapter(message))
+        task = asyncio.get_running_loop().create_task(self.run_adapter(message.op, message.adapter))
         self.adapter_tasks.add(task)
         task.add_done_callback(self.adapter_tasks.discard)
 
-    async def run_adapter(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
+    async def run_adapter(self, op: wire.AdapterOp, adapter: LoraAdapter) -> None:
         try:
-            adapter = LoraAdapter.from_wire(message["adapter"])
             if self.engine is None:
                 raise EngineError("engine not loaded", status=503)
             if op == "load":
                 await self.pm.hook.load_adapter(engine=self.engine, adapter=adapter)
-            elif op == "unload":
-                await self.pm.hook.unload_adapter(engine=self.engine, name=adapter.name)
             else:
-                raise ValueError(f"unknown adapter op {op!r}")
+                await self.pm.hook.unload_adapter(engine=self.engine, name=adapter.name)
             logger.info("rank %d: adapter %s: %s done", self.rank, adapter.name, op)
         except Exception as exc:  # logged only: the request that uses the adapter gets the error
             logger.error("rank %d: adapter %s failed: %s: %s", self.rank, op, exc.__class__.__name__, exc)
@@ -231,7 +232,7 @@ class RankServer:
                         continue
                     if isinstance(event, Finished):
                         self.send_tokens(rid, held)
-                        self.send({"t": wire.DONE, "id": rid, "finished": event.to_wire()})
+                        self.send(wire.Done(rid, event))
                         continue
                     held.append(event)
                     if len(held) >= interval:
@@ -242,12 +243,11 @@ class RankServer:
             pass  # the server cancelled it and already answered the client
         except ServiceError as exc:
             if answer:
-                self.send({"t": wire.ERROR, "id": rid, "error": exc.to_wire()})
+                self.send(wire.Err(exc, rid))
         except Exception as exc:
             logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
             if answer:
-                error = EngineError(f"{exc.__class__.__name__}: {exc}")
-                self.send({"t": wire.ERROR, "id": rid, "error": error.to_wire()})
+                self.send(wire.Err(EngineError(f"{exc.__class__.__name__}: {exc}"), rid))
 
     def close(self) -> None:
         for task in [*self.tasks.values(), *self.adapter_tasks]:

@@ -1,51 +1,54 @@
-"""The worker wire protocol: length-prefixed msgpack frames, multiplexed by request id.
+"""The worker wire protocol: length-prefixed msgpack frames of typed messages, multiplexed by request id.
 
 A frame is a 4-byte big-endian length followed by a msgpack map. Every map has ``t`` (the message
 type); request-scoped messages also carry ``id``. Many requests are in flight on one connection and
-their chunks interleave. No pickle, ever: a frame decodes to plain data or raises ``ProtocolError``.
-The values inside a frame are encoded by their own classes (``lmi_core.engine``: ``Token``,
-``Finished``, ``EngineStats``, ``GenerationRequest``, ``WorkerContext``; ``lmi_core.errors``:
-``ServiceError.to_wire`` / ``EngineError.from_wire``). Standard library and msgpack only: this module
-is imported by worker processes.
+their chunks interleave. No pickle, ever.
+
+Invariant: a message is one of the frozen dataclasses below, both ways. A sender builds one and
+writes its ``to_frame()``; a receiver gets one from ``read_message``, whose ``parse`` checks every
+field (type and presence) and raises ``ProtocolError`` for anything else, so no end reads a raw map
+and a malformed frame is one clean error, never a ``KeyError`` deep in a handler. The values inside a
+message are encoded by their own classes (``lmi_core.engine``: ``Token``, ``Finished``,
+``EngineStats``, ``GenerationRequest``, ``WorkerContext``, ``LoraAdapter``; ``lmi_core.errors``:
+``ServiceError.to_wire`` / ``EngineError.from_wire``); the messages call those codecs. Standard library
+and msgpack only: this module is imported by worker processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar, cast, get_args
 
 import msgpack
+
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, LoraAdapter, Token, WorkerContext
+from lmi_core.errors import EngineError, ServiceError
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
-# Server -> worker.
-INIT = "init"  # {"context": WorkerContext}
-REQUEST = "req"  # {"id", "request": GenerationRequest}
-CANCEL = "cancel"  # {"id"}
-# {"op": "load" | "unload", "adapter": LoraAdapter}: no reply. A load that fails is logged by the
-# worker; the request that later uses the adapter gets the engine's error.
-ADAPTER = "adapter"
-PING = "ping"  # {"id"}
-SHUTDOWN = "shutdown"
-# Worker -> server.
-LOADED = "loaded"  # init succeeded
-# {"tokens": [[id, Token], ...]}: every token the worker produced for any request since its last write,
-# in order; one frame per write (per engine step), not one per token (RankServer.send_token).
-TOKENS = "toks"
-DONE = "done"  # {"id", "finished": Finished}
-ERROR = "err"  # {"id" (absent: init failed or engine unhealthy), "error": ServiceError}
-PONG = "pong"  # {"id", "loading", "stats": EngineStats (absent while loading)}
-
 READY_LINE = "lmi-worker listening on"
+
+Frame = dict[str, Any]  # a decoded frame: the msgpack map, before ``parse``
+T = TypeVar("T")
+AdapterOp = Literal["load", "unload"]
+
+# What the payload codecs raise for a value of the wrong shape (a missing key, a list too short, a
+# string where a number goes, an infinite float made an int).
+DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 
 
 class ProtocolError(Exception):
-    """A frame that cannot be decoded: truncated, oversized, or not a msgpack map."""
+    """A frame that cannot be decoded: truncated, oversized, not a msgpack map, or not a message."""
 
 
-def encode(message: dict[str, Any], max_size: int = DEFAULT_MAX_FRAME) -> bytes:
+# -- frames ----------------------------------------------------------------------------------------
+
+
+def encode(message: Frame, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     """Serialize ``message`` into one frame."""
     try:
         body: bytes = msgpack.packb(message, use_bin_type=True)
@@ -56,7 +59,7 @@ def encode(message: dict[str, Any], max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes) -> Frame:
     """Deserialize one frame body; anything but a msgpack map with a string ``t`` is an error."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -72,10 +75,8 @@ def check_length(length: int, max_size: int) -> None:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_size}-byte limit")
 
 
-async def read_message(
-    reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME
-) -> dict[str, Any] | None:
-    """Read one message; None at a clean end of stream, ``ProtocolError`` inside a frame."""
+async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME) -> Frame | None:
+    """Read one frame; None at a clean end of stream, ``ProtocolError`` inside a frame."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -89,6 +90,257 @@ async def read_message(
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError(f"truncated frame: {len(exc.partial)} of {length} bytes") from None
     return decode_body(body)
+
+
+async def read_message(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME) -> Message | None:
+    """Read and ``parse`` one message; None at a clean end of stream, else ``ProtocolError``."""
+    frame = await read_frame(reader, max_size)
+    return None if frame is None else parse(frame)
+
+
+# -- field checks ------------------------------------------------------------------------------------
+
+
+def _bad(frame: Frame, problem: str) -> ProtocolError:
+    return ProtocolError(f"bad {frame.get('t')!r} message: {problem}")
+
+
+def _field(frame: Frame, key: str, kind: type[T]) -> T:
+    """``frame[key]``, which must be a ``kind`` (a bool is no int)."""
+    value = frame.get(key)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if key not in frame:
+        raise _bad(frame, f"no {key!r}")
+    raise _bad(frame, f"{key!r} is {type(value).__name__}, not {kind.__name__}")
+
+
+def _optional(frame: Frame, key: str, kind: type[T]) -> T | None:
+    """``frame[key]`` when present and not nil, then a ``kind``; else None."""
+    return None if frame.get(key) is None else _field(frame, key, kind)
+
+
+def _payload(frame: Frame, key: str, decode: Callable[[Any], T]) -> T:
+    """``decode(frame[key])`` with the value's own codec; a missing or malformed one is an error."""
+    if key not in frame:
+        raise _bad(frame, f"no {key!r}")
+    try:
+        return decode(frame[key])
+    except DECODE_ERRORS as exc:
+        raise _bad(frame, f"{key!r}: {exc!r}") from None
+
+
+def _token_pairs(items: Any) -> list[tuple[str, Token]]:
+    pairs = [(rid, Token.from_wire(token)) for rid, token in items]
+    if not all(isinstance(rid, str) for rid, _ in pairs):
+        raise ValueError("a request id that is not a string")
+    return pairs
+
+
+# -- server -> worker ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Init:
+    """Load the engine with ``context``; the worker answers ``Loaded`` or an ``Err`` without id."""
+
+    context: WorkerContext
+    t: ClassVar[str] = "init"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "context": self.context.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Init:
+        return cls(_payload(frame, "context", WorkerContext.from_wire))
+
+
+@dataclass(frozen=True)
+class Req:
+    """Generate ``request``; its events come back under ``id`` (``Toks``, then ``Done`` or ``Err``)."""
+
+    id: str
+    request: GenerationRequest
+    t: ClassVar[str] = "req"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id, "request": self.request.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Req:
+        return cls(_field(frame, "id", str), _payload(frame, "request", GenerationRequest.from_wire))
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop request ``id`` (its client is gone); no reply."""
+
+    id: str
+    t: ClassVar[str] = "cancel"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Cancel:
+        return cls(_field(frame, "id", str))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Load or unload a LoRA adapter. No reply: a load that fails is logged by the worker, and the
+    request that later uses the adapter gets the engine's error."""
+
+    op: AdapterOp
+    adapter: LoraAdapter
+    t: ClassVar[str] = "adapter"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "op": self.op, "adapter": self.adapter.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Adapter:
+        op = _field(frame, "op", str)
+        if op not in get_args(AdapterOp):
+            raise _bad(frame, f"unknown op {op!r}")
+        return cls(cast(AdapterOp, op), _payload(frame, "adapter", LoraAdapter.from_wire))
+
+
+@dataclass(frozen=True)
+class Ping:
+    """A heartbeat; the worker answers ``Pong`` with the same ``id``."""
+
+    id: int
+    t: ClassVar[str] = "ping"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Ping:
+        return cls(_field(frame, "id", int))
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Close the connection (the worker then exits)."""
+
+    t: ClassVar[str] = "shutdown"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Shutdown:
+        return cls()
+
+
+# -- worker -> server ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The engine loaded on ``rank``. ``max_model_len``: its context length (prompt plus generated
+    tokens), when the engine knows it (``engine.ContextEngine``); told once, here."""
+
+    rank: int
+    max_model_len: int | None = None
+    t: ClassVar[str] = "loaded"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "rank": self.rank, "max_model_len": self.max_model_len})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Loaded:
+        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int))
+
+
+@dataclass(frozen=True)
+class Toks:
+    """Every token the worker produced for any request since its last write, in order: one frame per
+    write (per engine step), not one per token (``RankServer.send_tokens``). Each ``Token`` travels
+    as a list (``Token.to_wire``)."""
+
+    tokens: list[tuple[str, Token]]  # (request id, token)
+    t: ClassVar[str] = "toks"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "tokens": [[rid, token.to_wire()] for rid, token in self.tokens]})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Toks:
+        return cls(_payload(frame, "tokens", _token_pairs))  # all decoded first: a bad frame fails whole
+
+
+@dataclass(frozen=True)
+class Done:
+    """Request ``id`` finished; its last event."""
+
+    id: str
+    finished: Finished
+    t: ClassVar[str] = "done"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id, "finished": self.finished.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Done:
+        return cls(_field(frame, "id", str), _payload(frame, "finished", Finished.from_wire))
+
+
+@dataclass(frozen=True)
+class Err:
+    """``error`` ended request ``id``; without an id, the engine failed to load or is unhealthy. It
+    arrives as an ``EngineError`` with the sent error's status, type, message and param."""
+
+    error: ServiceError
+    id: str | None = None
+    t: ClassVar[str] = "err"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id, "error": self.error.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Err:
+        return cls(_payload(frame, "error", EngineError.from_wire), _optional(frame, "id", str))
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The answer to ``Ping`` ``id``, with the engine's counters (None while the engine loads)."""
+
+    id: int
+    stats: EngineStats | None = None
+    t: ClassVar[str] = "pong"
+
+    def to_frame(self) -> bytes:
+        stats = self.stats.to_wire() if self.stats is not None else None
+        return encode({"t": self.t, "id": self.id, "stats": stats})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Pong:
+        stats = _payload(frame, "stats", EngineStats.from_wire) if frame.get("stats") is not None else None
+        return cls(_field(frame, "id", int), stats)
+
+
+ServerMessage = Init | Req | Cancel | Adapter | Ping | Shutdown
+WorkerMessage = Loaded | Toks | Done | Err | Pong
+Message = ServerMessage | WorkerMessage
+
+_PARSERS: dict[str, Callable[[Frame], Message]] = {
+    kind.t: kind.from_frame
+    for kind in (Init, Req, Cancel, Adapter, Ping, Shutdown, Loaded, Toks, Done, Err, Pong)
+}
+
+
+def parse(frame: Frame) -> Message:
+    """The message a decoded frame holds; ``ProtocolError`` for an unknown type or a missing or
+    mistyped field. Which messages an end accepts is its own dispatch's business."""
+    kind = frame.get("t")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    return parser(frame)
 
 
 def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:

@@ -207,6 +207,16 @@ def test_v1_models_lists_adapters_with_their_parent(http: TestClient, src: str) 
     assert card["id"] == "a1" and card["parent"] == "m"
 
 
+def test_v1_models_shows_the_context_length_the_engine_reported(
+    models: FakeModels, http: TestClient, src: str
+) -> None:
+    models.served_models["n"] = FakeModel("n", max_model_len=321)  # its engine reported 321
+    http.post("/models/m/adapters", params={"name": "a1", "src": src})
+    cards = http.get("/v1/models").json()["data"]
+    assert [(c["id"], c["max_model_len"]) for c in cards] == [("m", None), ("a1", None), ("n", 321)]
+    assert http.get("/v1/models/n").json()["max_model_len"] == 321
+
+
 def test_requests_by_adapter_are_counted(http: TestClient, src: str) -> None:
     http.post("/models/m/adapters", params={"name": "a1", "src": src})
     for _ in range(2):

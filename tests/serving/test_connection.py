@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmi_core.engine import EngineStats, Finished, Token
+from lmi_core.engine import EngineStats, Finished, GenerationRequest, Token
 from lmi_core.errors import EngineError, WorkerFailedError
 from lmi_core.serving.connection import RankConnection
 from lmi_core.serving.request_stream import RequestStream
@@ -39,14 +39,14 @@ async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> No
     conn, _, rank = await _pair(tmp_path)
     a, b = conn.open_stream("a"), conn.open_stream("b")
     done = Finished("length", 3, 1, "x")
-    tokens = [["b", Token(1, "one", None).to_wire()], ["a", Token(2, "two", -0.5).to_wire()]]
     for message in (
-        {"t": "toks", "tokens": tokens},  # one worker write: every request's tokens in one frame
-        {"t": "toks", "tokens": [["b", Token(3, "three", None).to_wire()]]},
-        {"t": "done", "id": "b", "finished": done.to_wire()},
-        {"t": "err", "id": "a", "error": EngineError("boom", status=400, param="inputs").to_wire()},
+        # One worker write: every request's tokens in one frame.
+        wire.Toks([("b", Token(1, "one", None)), ("a", Token(2, "two", -0.5))]),
+        wire.Toks([("b", Token(3, "three", None))]),
+        wire.Done("b", done),
+        wire.Err(EngineError("boom", status=400, param="inputs"), "a"),
     ):
-        rank.write(wire.encode(message))
+        rank.write(message.to_frame())
     await asyncio.sleep(0.1)  # all four frames are in before anyone takes
     assert (await next_item(b)) == [Token(1, "one", None), Token(3, "three", None), done]
     assert (await next_item(a)) == [Token(2, "two", -0.5)]
@@ -70,14 +70,22 @@ async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> No
         {"t": "pong", "id": 0, "stats": [1, 2]},
         {"t": "toks", "token": [1, "x", None, False, None, False]},  # no token list
         {"t": "tok", "id": "r", "token": [1, "x", None, False, None, False]},  # one frame per token: gone
+        {"t": "done", "finished": Finished("length", 1, 1).to_wire()},  # no id
+        {"t": "loaded", "rank": "0"},
+        {"t": "loaded", "rank": 0, "max_model_len": "64"},
+        {"t": "pong", "id": "0"},
+        # Well-formed, but what the server sends, not a rank.
+        wire.Req("r", GenerationRequest("r", "x")),
+        wire.Ping(0),
+        wire.Shutdown(),
     ],
 )
 async def test_a_frame_whose_payload_does_not_decode_fails_the_connection(
-    tmp_path: Path, message: dict
+    tmp_path: Path, message: dict | wire.Message
 ) -> None:
     conn, _, rank = await _pair(tmp_path)
     stream = conn.open_stream("r")
-    rank.write(wire.encode(message))
+    rank.write(wire.encode(message) if isinstance(message, dict) else message.to_frame())
     failure = await next_item(stream)
     assert isinstance(failure, WorkerFailedError) and "bad frame" in str(failure)
     assert await conn.control.get() is failure  # a load in progress sees it too
@@ -88,12 +96,29 @@ async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
     conn, reader, rank = await _pair(tmp_path)
     pinged = asyncio.ensure_future(conn.ping(timeout=5))
     ping = await wire.read_message(reader)
-    assert ping is not None and ping["t"] == "ping"
-    rank.write(wire.encode({"t": "pong", "id": ping["id"], "stats": {"running": 3}}))
+    assert isinstance(ping, wire.Ping)
+    rank.write(wire.Pong(ping.id, None).to_frame())  # loading: no stats yet
+    await pinged
+    assert conn.last_stats == EngineStats()
+    pinged = asyncio.ensure_future(conn.ping(timeout=5))
+    ping = await wire.read_message(reader)
+    assert isinstance(ping, wire.Ping)
+    rank.write(wire.Pong(ping.id, EngineStats(running=3)).to_frame())
     await pinged
     assert conn.last_stats == EngineStats(running=3)
     with pytest.raises(TimeoutError):
         await conn.ping(timeout=0.05)  # nobody answers this one
+    await conn.close()
+
+
+async def test_loaded_and_errors_outside_a_request_reach_control(tmp_path: Path) -> None:
+    conn, _, rank = await _pair(tmp_path)
+    rank.write(wire.Loaded(0, 4096).to_frame())
+    assert await conn.control.get() == wire.Loaded(0, 4096)
+    rank.write(wire.Err(EngineError("engine unhealthy: gone", status=500)).to_frame())
+    error = await conn.control.get()
+    assert isinstance(error, EngineError) and str(error) == "engine unhealthy: gone"
+    assert not conn.closed.done()
     await conn.close()
 
 

@@ -42,6 +42,7 @@ class FakeWorker:
 
     load_time = 0.05
     fail_loads = False
+    max_model_len: int | None = 2048  # what its engine reports when it loads
     gate: asyncio.Event
     created: list[FakeWorker]
     served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
@@ -187,6 +188,14 @@ async def test_scales_up_under_pressure_retires_idle_workers_and_never_reuses_id
     await asyncio.gather(*requests)
     await pool.stop()
     assert [w.worker_id for w in FakeWorker.created] == [0, 1, 2]
+
+
+async def test_the_pool_shows_the_context_length_its_workers_engine_reported() -> None:
+    pool = make_pool(1, 1)
+    assert pool.max_model_len is None  # before any worker has loaded
+    await pool.start()
+    assert pool.max_model_len == 2048
+    await pool.stop()
 
 
 async def test_least_loaded_dispatch_then_first_come_first_served() -> None:

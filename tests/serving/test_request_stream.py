@@ -1,4 +1,4 @@
-"""The single-slot collector between a rank's socket and a request's consumer."""
+"""The single-slot collector between a rank's socket and a request's consumer, and its stall timer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from lmi_core.engine import Finished, Token
 from lmi_core.errors import WorkerFailedError
-from lmi_core.serving.request_stream import RequestStream
+from lmi_core.serving.request_stream import RequestStream, StallTimer
 
 
 async def test_a_consumer_that_falls_behind_takes_the_backlog_in_one_batch() -> None:
@@ -44,3 +44,44 @@ async def test_the_error_comes_after_the_events_and_the_first_error_wins() -> No
     assert raised.value is first
     with pytest.raises(WorkerFailedError):  # and stays ended
         await stream.take()
+
+
+async def test_the_stall_timer_re_arms_from_the_last_event_and_fires_once_none_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])  # the loop's clock, for its timers too
+
+    async def at(seconds: float) -> None:
+        """Move the clock ``seconds`` on and let the loop run the timers that are due."""
+        now[0] += seconds
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    start = now[0]
+    fired: list[float] = []
+    timer = StallTimer(10.0, lambda: fired.append(now[0] - start))
+    await at(6)
+    timer.progress()  # an event at 6 s
+    await at(6)  # 12 s: the timer armed at start finds an event 6 s ago and re-arms for 16 s
+    assert fired == []
+    timer.progress()  # 12 s
+    await at(5)  # 17 s: re-arms for 22 s
+    await at(5)  # 22 s: 10 s without an event
+    assert fired == [pytest.approx(22)]
+    await at(30)
+    assert fired == [pytest.approx(22)]  # once
+    timer.cancel()
+
+
+async def test_a_cancelled_stall_timer_never_fires(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    now = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+    fired: list[bool] = []
+    StallTimer(1.0, lambda: fired.append(True)).cancel()
+    now[0] += 5
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert fired == []

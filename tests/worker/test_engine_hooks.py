@@ -205,23 +205,49 @@ def _loop_running() -> bool:
     return True
 
 
-@pytest.mark.parametrize("fail", [False, True])
-async def test_the_worker_starts_a_loop_engine_on_its_loop_before_it_reports_loaded(fail: bool) -> None:
+async def init(engine: LoopBound) -> tuple[Any, list[Any]]:
+    """A ``RankServer`` that loaded ``engine`` (``init``), and the messages it sent."""
     from lmi_core.worker import wire
     from lmi_core.worker.rank_server import RankServer
 
-    engine = LoopBound(fail)
     pm = new_plugin_manager(load_entry_points=False)
     pm.register(LoopBoundPlugin(engine))
     worker = RankServer(0, pm)
-    sent: list[dict[str, Any]] = []
+    sent: list[wire.WorkerMessage] = []
     worker.send = sent.append  # type: ignore[method-assign]
-    context = WorkerContext(model_id="none", model_dir=None, backend="loop", options={})
-    await worker.on_init({"context": context.to_wire()})
+    await worker.on_init(
+        wire.Init(WorkerContext(model_id="none", model_dir=None, backend="loop", options={}))
+    )
+    return worker, sent
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_the_worker_starts_a_loop_engine_on_its_loop_before_it_reports_loaded(fail: bool) -> None:
+    from lmi_core.worker import wire
+
+    engine = LoopBound(fail)
+    worker, sent = await init(engine)
     if fail:  # the load fails with the start's error, and the engine is released
-        assert [m["t"] for m in sent] == [wire.ERROR]
-        assert "warmup failed" in sent[0]["error"]["message"]
+        assert len(sent) == 1 and isinstance(sent[0], wire.Err) and sent[0].id is None
+        assert "warmup failed" in str(sent[0].error)
         assert worker.engine is None and engine.shut_down
     else:
-        assert [m["t"] for m in sent] == [wire.LOADED]
+        assert sent == [wire.Loaded(0, None)]  # an engine without max_model_len does not report one
         assert engine.loop is asyncio.get_running_loop() and worker.engine is engine
+
+
+class KnowsItsContext(LoopBound):
+    """A ``ContextEngine``."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=False)
+        self.max_model_len = 321
+
+
+async def test_the_loaded_message_carries_the_engines_context_length() -> None:
+    from lmi_core.engine import ContextEngine
+    from lmi_core.worker import wire
+
+    assert isinstance(KnowsItsContext(), ContextEngine) and not isinstance(LoopBound(False), ContextEngine)
+    _, sent = await init(KnowsItsContext())
+    assert sent == [wire.Loaded(0, 321)]

@@ -104,11 +104,11 @@ async def started(engine: Any) -> tuple[RankServer, asyncio.StreamReader, asynci
     return worker, reader, writer
 
 
-def adapter_message(op: str, adapter: LoraAdapter = ADAPTER) -> bytes:
-    return wire.encode({"t": wire.ADAPTER, "op": op, "adapter": adapter.to_wire()})
+def adapter_message(op: wire.AdapterOp, adapter: LoraAdapter = ADAPTER) -> bytes:
+    return wire.Adapter(op, adapter).to_frame()
 
 
-async def next_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def next_message(reader: asyncio.StreamReader) -> wire.Message:
     message = await asyncio.wait_for(wire.read_message(reader), 5)
     assert message is not None
     return message
@@ -118,11 +118,11 @@ async def test_a_slow_load_runs_in_a_task_while_pings_and_requests_are_answered(
     engine = LoraEngine()
     worker, reader, writer = await started(engine)
     writer.write(adapter_message("load"))
-    writer.write(wire.encode({"t": wire.PING, "id": 1}))
-    body = GenerationRequest("r", "x", params=SamplingParams(max_new_tokens=1)).to_wire()
-    writer.write(wire.encode({"t": wire.REQUEST, "id": "r", "request": body}))
-    kinds = [(await next_message(reader))["t"] for _ in range(3)]
-    assert sorted(kinds) == sorted([wire.PONG, wire.TOKENS, wire.DONE])
+    writer.write(wire.Ping(1).to_frame())
+    request = GenerationRequest("r", "x", params=SamplingParams(max_new_tokens=1))
+    writer.write(wire.Req("r", request).to_frame())
+    kinds = [(await next_message(reader)).t for _ in range(3)]
+    assert sorted(kinds) == sorted([wire.Pong.t, wire.Toks.t, wire.Done.t])
     assert engine.calls == [("load", "a")] and len(worker.adapter_tasks) == 1  # still loading
     engine.release.set()
     writer.write(adapter_message("unload"))
@@ -137,13 +137,12 @@ async def test_a_failed_load_is_logged_and_the_worker_goes_on(caplog: pytest.Log
     worker, reader, writer = await started(PlainEngine())
     with caplog.at_level(logging.ERROR, logger="lmi_core.worker"):
         writer.write(adapter_message("load"))
-        writer.write(wire.encode({"t": wire.PING, "id": 7}))
-        assert (await next_message(reader))["t"] == wire.PONG
+        writer.write(wire.Ping(7).to_frame())
+        assert isinstance(await next_message(reader), wire.Pong)
         while worker.adapter_tasks:
             await asyncio.sleep(0.01)
     assert "adapter load failed: EngineError" in caplog.text and "does not serve LoRA" in caplog.text
     # A request for an adapter on this engine: that request's 400, not a crash of the worker.
-    body = GenerationRequest("r", "x", adapter=ADAPTER).to_wire()
-    writer.write(wire.encode({"t": wire.REQUEST, "id": "r", "request": body}))
+    writer.write(wire.Req("r", GenerationRequest("r", "x", adapter=ADAPTER)).to_frame())
     error = await next_message(reader)
-    assert error["t"] == wire.ERROR and error["id"] == "r" and error["error"]["status"] == 400
+    assert isinstance(error, wire.Err) and error.id == "r" and error.error.status == 400
