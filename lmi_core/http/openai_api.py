@@ -12,13 +12,14 @@ import functools
 import logging
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
-from lmi_core.http.adapters import header_adapter, model_or_adapter
+from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
     collect_each,
     merge,
@@ -164,7 +165,7 @@ async def run_call(request: Request, call: Call, framing: Framing) -> Response:
 # -- handlers ------------------------------------------------------------------------------------
 
 
-def unknown_fields(pool: ServedModel, body: OpenAIRequest) -> list[str]:
+def unknown_fields(pool: ServedModel, body: BaseModel) -> list[str]:
     """The fields of ``body`` this server does not know: a 400 naming the first for a model with
     ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
 
@@ -194,9 +195,6 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedMode
     LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
     state: AppState = request.app.state.lmi
     body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
-    if body.model is None:
-        pool = state.server.default("model")
-        return pool, header_adapter(request, pool), body
     pool, adapter = model_or_adapter(request, body.model)
     return pool, adapter, body
 

@@ -27,9 +27,11 @@ import enum
 import itertools
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pluggy
 
@@ -46,6 +48,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
+from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.observer import NoObserver, PoolObserver
@@ -61,6 +64,8 @@ from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, Worker
 from lmi_core.worker.wire import AdapterOp
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ModelStatus(str, enum.Enum):
@@ -573,6 +578,44 @@ class WorkerPool:
             worker, decision = await self._acquire(
                 query, dataclasses.replace(limits, queue=limits.total), True
             )
+
+    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
+        """Run ``operation`` on one of the workers and return its result.
+
+        One that ``takes_slot`` waits for a place like a generation; a light one (tokenize) goes at
+        once to the least loaded ready worker, without a place, and waits in the queue only while no
+        worker is ready. When its worker fails under it, it runs again on another (an operation is
+        idempotent), at most ``max_migrations`` times, within its total deadline.
+        """
+        config = self.config
+        client = context.client_timeout if context is not None else None
+        limits = deadlines(time.monotonic(), config.predict_timeout, config.queue_timeout, client)
+        attempt = 0
+        while True:
+            light = None if operation.takes_slot else self._least_loaded()
+            if light is not None:
+                worker, decision = light, Decision(light.worker_id, "load")
+            else:  # the queue deadline holds for the first wait only, as for a migrated generation
+                wait = limits if attempt == 0 else dataclasses.replace(limits, queue=limits.total)
+                worker, decision = await self._acquire(RouteQuery(), wait, migrating=attempt > 0)
+            if context is not None:
+                context.served.append(decision)
+            try:
+                return await worker.perform(uuid.uuid4().hex, operation, limits.total, limits.total_source)
+            except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault: try another
+                if attempt >= config.max_migrations or time.monotonic() >= limits.total:
+                    raise
+                logger.warning("model %s: %s moves to another worker: %s", self.name, operation.op, exc)
+                self.observe.migration(self.name)
+            finally:
+                if light is None:
+                    self._release(worker)
+            attempt += 1
+
+    def _least_loaded(self) -> SupervisedWorker | None:
+        """The ready worker with the fewest requests in flight (its capacity not counted), if any."""
+        ready = [w for w in self._serving() if w.accepting]
+        return min(ready, key=lambda w: (w.in_flight, w.worker_id), default=None)
 
 
 def finished_after(first: Token, last: Token, count: int, request: GenerationRequest) -> Finished:
