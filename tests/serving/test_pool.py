@@ -30,8 +30,9 @@ from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.operations import Operation, Tokenize, TokenizeResult
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
+from lmi_core.serving.dispatch import finished_after
 from lmi_core.serving.observer import PoolObserver
-from lmi_core.serving.pool import WorkerPool, finished_after
+from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
