@@ -4,7 +4,8 @@ Invariant: every error this server answers goes through ``render`` (a response) 
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
 request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, the rest of
 ``/v1`` OpenAI's error object, every other route DJL's. The status code is the error's in every
-dialect, and a full queue adds ``Retry-After``.
+dialect, and an error that says when to come back (a full queue, a tenant over its budget) adds
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from lmi_core.errors import BadRequestError, QueueFullError, ServiceError
+from lmi_core.errors import BadRequestError, ServiceError
 
 Dialect = Literal["djl", "openai", "vllm"]
 
-RETRY_AFTER_SECONDS = "1"
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
 VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
 
@@ -30,6 +30,7 @@ OPENAI_TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
@@ -76,7 +77,7 @@ def body(exc: ServiceError, dialect: Dialect) -> dict[str, Any]:
 
 
 def render(exc: ServiceError, dialect: Dialect) -> JSONResponse:
-    """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` on a full queue (the
-    client should come back, not give up)."""
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
+    """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` when the error says when
+    to come back (the client should retry then, not give up)."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse(body(exc, dialect), status_code=exc.status, headers=headers)

@@ -95,7 +95,13 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
         if lmi.stream:
             raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
         return JSONResponse(await _batch(request, pool, lmi, adapters))
-    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params, adapter=adapters[0])
+    generation = GenerationRequest(
+        new_request_id(),
+        prompt=lmi.inputs,
+        params=params,
+        adapter=adapters[0],
+        priority=lmi.parameters.priority,
+    )
     events = state.instrument(pool, generation, request_context(request))
     if lmi.stream:
         return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
@@ -116,7 +122,13 @@ async def _batch(
     """DJL batch: every input runs at once in the engine's continuous batch; results in input order."""
     state: AppState = request.app.state.lmi
     generations = [
-        GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling(), adapter=a)
+        GenerationRequest(
+            new_request_id(),
+            prompt=p,
+            params=lmi.parameters.sampling(),
+            adapter=a,
+            priority=lmi.parameters.priority,
+        )
         for p, a in zip(lmi.prompts, adapters, strict=True)
     ]
 

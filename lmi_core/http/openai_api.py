@@ -66,6 +66,7 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=None if isinstance(prompt, str) else prompt,
             params=body.sampling(max_tokens, body.logprobs, i, prompt_logprobs=scored),
+            priority=body.priority,
         )
         for prompt in body.prompts
         for i in range(body.n)
@@ -97,6 +98,7 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
             new_request_id(),
             messages=messages,
             params=body.sampling(limit or UNLIMITED, logprobs, i, strict_max_tokens=limit is not None),
+            priority=body.priority,
         )
         for i in range(body.n)
     ]

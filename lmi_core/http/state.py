@@ -19,6 +19,7 @@ from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot
 from lmi_core.serving.routing import RequestContext
+from lmi_core.serving.tenants import Tenants
 
 T = TypeVar("T")
 
@@ -92,3 +93,5 @@ class AppState:
     startup_models: list[ModelConfig] = field(default_factory=list)
     # Wraps every generation (metrics); by default runs it as is.
     instrument: Instrument = _plain
+    # Who each request is for (API keys, budgets, shares); by default one tenant, no budget.
+    tenants: Tenants = field(default_factory=Tenants)
