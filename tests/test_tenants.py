@@ -29,6 +29,7 @@ SLOW = {"inputs": "slow", "parameters": {"max_new_tokens": 10}}  # 0.5 s on the 
 # 10 s: while it runs, the requests whose order or refusal is asserted are sent (each send waits
 # until /metrics shows it placed, a few scrapes on a busy machine).
 LONG = {"inputs": "slow", "parameters": {"max_new_tokens": 200}}
+ONE_WORKER = "minWorkers=1\nmaxWorkers=1\n"  # no scale-up: requests contend for one worker's places
 AUTH = {"Authorization": f"Bearer {KEYS['a']}"}
 
 
@@ -115,7 +116,7 @@ class Ends:
 def test_stub_a_flooding_tenant_is_refused_past_max_concurrency_and_the_other_is_served_first(
     tmp_path: Path,
 ) -> None:
-    properties = "option.backend=stall\noption.max_rolling_batch_size=1\n"
+    properties = f"option.backend=stall\noption.max_rolling_batch_size=1\n{ONE_WORKER}"
     server = serve(tmp_path, None, properties, tenants_yaml("a", "b", a="max_concurrency: 3"))
     try:
         ends = Ends(server)
@@ -139,7 +140,7 @@ def test_stub_a_flooding_tenant_is_refused_past_max_concurrency_and_the_other_is
 
 
 def test_stub_a_tenants_file_reload_mid_traffic_loses_nothing(tmp_path: Path) -> None:
-    properties = "option.backend=stall\noption.max_rolling_batch_size=2\n"
+    properties = f"option.backend=stall\noption.max_rolling_batch_size=2\n{ONE_WORKER}"
     server = serve(tmp_path, None, properties, tenants_yaml("a", "b"))
     try:
         assert post(server, "c", SLOW).status_code == 401  # not a tenant yet
@@ -161,7 +162,7 @@ def test_stub_a_tenants_file_reload_mid_traffic_loses_nothing(tmp_path: Path) ->
 
 @pytest.fixture
 def hf(tmp_path: Path, demo_model: Path) -> Any:
-    properties = "option.max_rolling_batch_size=1\n"
+    properties = f"option.max_rolling_batch_size=1\n{ONE_WORKER}"
     server = serve(tmp_path, demo_model, properties, tenants_yaml("a", "b", a="max_concurrency: 5"))
     yield server
     server.stop()

@@ -214,3 +214,13 @@ def test_metric_labels_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     tenants = Tenants(path, trust_header=True)
     labels = [tenants.identify(None, name).label for name in ("x", "y", "z")]  # type: ignore[union-attr]
     assert labels == ["x", "y", OTHER]
+
+
+def test_lmi_serve_refuses_to_start_with_a_bad_tenants_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmi_core.cli import main
+
+    path = write(tmp_path / "t.yaml", FILE.replace("max_concurrency: 4", "max_concurrency: 0"))
+    assert main(["serve", "--model-id", str(tmp_path), "--tenants-file", path]) == 2
+    assert f"tenants_file {path}, line 7: tenants.a.max_concurrency=0" in capsys.readouterr().err
