@@ -3,9 +3,9 @@ management has its own.
 
 With an API key set (the server's ``api_key``, or a tenant's in the tenants file), every route
 except ``/ping`` (load balancers' health checks carry no secret) needs ``Authorization: Bearer
-KEY``; that includes ``/metrics`` (Prometheus sends bearer tokens) and the management routes. Every
-request that passes gets its tenant (``serving.tenants``) here, the one place a request's key is
-read. CORS is off unless allowed origins are configured.
+KEY`` (or ``x-api-key: KEY``); that includes ``/metrics`` (Prometheus sends bearer tokens) and the
+management routes. Every request that passes gets its tenant (``serving.tenants``) here, the one
+place a request's key is read. CORS is off unless allowed origins are configured.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ _TENANT = "lmi_tenant"
 
 
 def presented_key(headers: dict[bytes, bytes]) -> str | None:
-    """The API key a request presents (``Authorization: Bearer KEY``); None: none."""
+    """The API key a request presents: ``Authorization: Bearer KEY``, else ``x-api-key: KEY`` (the
+    header Anthropic's clients and LiteLLM's key budgets use); None: none."""
     scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
-    return key.decode("latin-1") if scheme.lower() == b"bearer" and key else None
+    if scheme.lower() == b"bearer" and key:
+        return key.decode("latin-1")
+    other = headers.get(b"x-api-key")
+    return other.decode("latin-1") if other else None
 
 
 def tenant_of(scope: Scope) -> Tenant | None:
@@ -70,7 +74,7 @@ def allow_cors(app: Starlette, origins: Sequence[str]) -> None:
         CORSMiddleware,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-Id"],
         expose_headers=["X-Request-Id", "Retry-After"],
     )
 

@@ -53,6 +53,16 @@ def test_a_tenants_key_names_its_tenant_and_other_keys_are_refused(tmp_path: Pat
     assert http.get("/ping").status_code == 200  # open paths stay open
 
 
+def test_a_key_may_come_as_x_api_key_and_bearer_wins_over_it(tmp_path: Path) -> None:
+    fake = FakeModel("m")
+    http = client(models(fake), tenants_file=tenants_file(tmp_path), api_key="server-key")
+    assert http.post("/invocations", json={"inputs": "x"}, headers={"x-api-key": KEY_A}).status_code == 200
+    both = {**bearer("server-key"), "x-api-key": KEY_A}
+    assert http.post("/invocations", json={"inputs": "x"}, headers=both).status_code == 200
+    assert [c.tenant.name for c in fake.contexts if c is not None and c.tenant] == ["a", "default"]
+    assert http.post("/invocations", json={"inputs": "x"}, headers={"x-api-key": "wrong"}).status_code == 401
+
+
 def test_tenant_keys_alone_turn_the_key_check_on(tmp_path: Path) -> None:
     http = client(models(FakeModel("m")), tenants_file=tenants_file(tmp_path))
     assert http.post("/invocations", json={"inputs": "x"}).status_code == 401
