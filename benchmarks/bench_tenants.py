@@ -112,7 +112,7 @@ async def traffic(url: str, streams: dict[str, int], seconds: float, tokens: int
 def scenario(
     root: Path, name: str, tenants: Path | None, streams: dict[str, int], args: argparse.Namespace
 ) -> tuple[dict[str, Traffic], float, float]:
-    """One server: (per tenant traffic, wall seconds, server CPU seconds per token served)."""
+    """One server: (per tenant traffic, wall seconds, the server process's CPU seconds)."""
     properties = {
         "option.model_id": MODEL,
         "option.served_model_name": MODEL,
@@ -134,8 +134,7 @@ def scenario(
         seen = asyncio.run(traffic(server.url, streams, seconds, args.tokens))
         wall = time.monotonic() - started
         cpu = process_cpu(server.proc.pid)[server.proc.pid][1] - before
-    served = sum(t.tokens for t in seen.values())
-    return seen, wall, cpu / max(1, served)
+    return seen, wall, cpu
 
 
 def machinery_us_per_token(tokens: int, requests: int = 20_000) -> float:
@@ -164,14 +163,14 @@ class Totals:
     wall: float = 0.0
     cpu: float = 0.0  # the server process's CPU seconds
 
-    def add(self, seen: dict[str, Traffic], wall: float, cpu_per_token: float) -> None:
+    def add(self, seen: dict[str, Traffic], wall: float, cpu: float) -> None:
         for tenant, traffic in seen.items():
             total = self.seen.setdefault(tenant, Traffic())
             total.tokens += traffic.tokens
             total.refused += traffic.refused
             total.ttfts += traffic.ttfts
         self.wall += wall
-        self.cpu += cpu_per_token * sum(t.tokens for t in seen.values())
+        self.cpu += cpu
 
     @property
     def cpu_per_token(self) -> float:
