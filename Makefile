@@ -9,7 +9,7 @@ LITSERVE_VENV ?= .venv-litserve
 DEMO ?= demo-model
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm lint bench setup setup-vllm setup-clients setup-litserve clean
+.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm test-image image lint bench setup setup-vllm setup-clients setup-litserve clean
 
 setup: $(VENV)/.installed
 
@@ -79,6 +79,15 @@ test-clients-vllm: $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed
 	LMI_CLIENTS_VENV=$(abspath $(CLIENTS_VENV)) LMI_VLLM_VENV=$(abspath $(VLLM_VENV)) \
 		$(VLLM_VENV)/bin/python -m pytest -q -m "clients and vllm" -o addopts="-p no:cacheprovider" \
 		tests/clients $(ARGS)
+
+# The container image (Dockerfile) with buildah, no daemon: FLAVOUR=cpu (default) or cuda, BASE=...
+FLAVOUR ?= cpu
+image:
+	bash scripts/build-image.sh $(FLAVOUR)
+
+# Build the CPU image and smoke-test it: tini, non-root, the demo model, /health, a drain on SIGTERM.
+test-image: image
+	bash scripts/image-smoke.sh localhost/lmi-core:0.1.0-$(FLAVOUR)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(CLIENTS_VENV) $(DEMO)
