@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import (
     BadRequestError,
@@ -49,6 +49,9 @@ from lmi_trtllm.convert import (
     sampling_kwargs,
 )
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs
+
+if TYPE_CHECKING:  # names for tests/lmi_trtllm/test_api_manifest.py; imported in load_engine only
+    from tensorrt_llm.llmapi import LLM, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ class FollowerEngine:
 class TrtllmEngine:
     """Rank 0: the ``LLM`` and the counters lmi reports."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: LLM) -> None:
         from tensorrt_llm import SamplingParams as TrtSamplingParams
         from tensorrt_llm.sampling_params import GuidedDecodingParams
 
@@ -264,7 +267,7 @@ class TrtllmEngine:
         """The request's events from ``generate_async`` (``source``: the prompt text or its token ids);
         aborts the request unless it finished."""
         try:
-            result = self.llm.generate_async(
+            result: RequestOutput = self.llm.generate_async(
                 source, sampling_params=params, streaming=True, lora_request=lora
             )
         except Exception as exc:
@@ -272,6 +275,7 @@ class TrtllmEngine:
         prompt_tokens = len(result.prompt_token_ids)
         state = StreamState()
         finished = False
+        output: RequestOutput  # the same object, updated: GenerationResult.__anext__ returns self
         try:
             async for output in result:
                 events = delta_events(
