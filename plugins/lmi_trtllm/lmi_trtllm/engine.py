@@ -49,6 +49,7 @@ from lmi_trtllm.convert import (
     sampling_kwargs,
 )
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs
+from lmi_trtllm.versions import SUPPORTED, installed_version, supported
 
 if TYPE_CHECKING:  # names for tests/lmi_trtllm/test_api_manifest.py; imported in load_engine only
     from tensorrt_llm.llmapi import LLM, RequestOutput
@@ -57,11 +58,23 @@ logger = logging.getLogger(__name__)
 
 
 def require_tensorrt_llm() -> None:
-    """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here."""
+    """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here, or
+    is a release outside ``SUPPORTED`` (found without importing it: that takes seconds)."""
     if not importable("tensorrt_llm"):
         raise EngineError(
             f"the trtllm backend needs the tensorrt_llm package, which this worker's Python "
             f"({sys.executable}) cannot import: {INSTALL_HINT}",
+            status=500,
+        )
+    version = installed_version()
+    if version is None:
+        logger.warning("cannot tell which TensorRT-LLM is installed; lmi_trtllm supports %s", SUPPORTED)
+    elif not supported(version):
+        raise EngineError(
+            f"the trtllm backend supports tensorrt-llm{SUPPORTED} (the API it was checked against, "
+            f"docs/trtllm.md), but this worker's Python ({sys.executable}) has tensorrt-llm {version}: "
+            f"install a supported release (pip install 'tensorrt-llm{SUPPORTED}'), or point "
+            "option.pythonExecutable at a Python that has one",
             status=500,
         )
 
