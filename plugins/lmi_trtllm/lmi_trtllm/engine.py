@@ -97,10 +97,8 @@ def load(context: WorkerContext) -> TrtllmEngine | FollowerEngine:
     if "kv_cache_config" in kwargs:
         kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
     if "lora_config" in kwargs:
-        try:  # tensorrt_llm.lora_helper since 1.0; tensorrt_llm.lora_manager before
-            from tensorrt_llm.lora_helper import LoraConfig
-        except ImportError:
-            from tensorrt_llm.lora_manager import LoraConfig
+        from tensorrt_llm.lora_helper import LoraConfig  # its module in the supported releases
+
         kwargs["lora_config"] = LoraConfig(**kwargs["lora_config"])
     if context.mode == "mpi" and context.world_size > 1:
         from mpi4py import MPI
