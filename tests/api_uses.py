@@ -87,7 +87,6 @@ class ModuleInfo:
     """One file of the plugin."""
 
     path: Path
-    dotted: str
     tree: ast.Module
     imports: dict[str, Api] = field(default_factory=dict)  # names imported from the engine
     plugin_imports: dict[str, tuple[str, str]] = field(default_factory=dict)  # local -> (module, name)
@@ -112,7 +111,7 @@ class Collector:
         package = package.resolve()
         for path in sorted(package.rglob("*.py")):
             dotted = ".".join(path.relative_to(package.parent).with_suffix("").parts)
-            self.modules[dotted] = ModuleInfo(path, dotted, ast.parse(path.read_text(), str(path)))
+            self.modules[dotted] = ModuleInfo(path, ast.parse(path.read_text(), str(path)))
         self.plugin = package.name
         for info in self.modules.values():
             self._index(info)
