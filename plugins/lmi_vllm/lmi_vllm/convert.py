@@ -27,6 +27,9 @@ from lmi_core import (
 )
 from lmi_core.request_checks import check_token_ids
 
+# lmi's regex and grammar constraints -> the StructuredOutputsParams field that takes each.
+STRUCTURED_FIELDS: dict[str, str] = {"regex": "regex", "grammar": "grammar"}
+
 
 def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
     """vLLM ``StructuredOutputsParams`` keyword arguments for lmi's ``constraint``."""
@@ -34,7 +37,7 @@ def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
         return {"choice": json.loads(constraint.spec)}
     if constraint.kind == "json":
         return {"json": constraint.spec, "disable_any_whitespace": constraint.compact_json}
-    return {constraint.kind: constraint.spec}  # regex, grammar: the same names in vLLM
+    return {STRUCTURED_FIELDS[constraint.kind]: constraint.spec}
 
 
 def resume_check(

@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from collections.abc import Sequence as SequenceOf
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import (
     BadRequestError,
@@ -76,6 +76,9 @@ from lmi_vllm.start import (
     stat_logger_factory,
 )
 
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
+
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL = 1.0
@@ -89,7 +92,7 @@ UNSUPPORTED = ("typical_p",)
 class VllmEngine:
     """An ``AsyncLLM`` and the counters lmi reports; build it with ``VllmEngine.start``."""
 
-    def __init__(self, llm: Any, counts: SchedulerCounts, warmup: bool) -> None:
+    def __init__(self, llm: AsyncLLM, counts: SchedulerCounts, warmup: bool) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 

@@ -13,11 +13,14 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import EngineError, WorkerContext
 from lmi_core.option_values import dtype, lora_settings
 from lmi_vllm.options import parse_options
+
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def set_envs_cache(enabled: bool) -> None:
         switch()
 
 
-def drop_prometheus_logger(llm: Any) -> None:
+def drop_prometheus_logger(llm: AsyncLLM) -> None:
     """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
     server process, and vLLM's registry here is never read, yet recording into it every engine step
     was 5.4% of the worker's busy samples at concurrency 1. vLLM's log lines and lmi's own
