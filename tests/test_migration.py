@@ -149,7 +149,8 @@ def test_a_non_streaming_request_continues_on_the_restarted_worker(one: ServerPr
             target=lambda: result.update(r=httpx.post(f"{one.url}/v1/completions", json=body, timeout=120))
         )
         thread.start()
-        wait_for(lambda: workers(one)[old["id"]]["inFlight"] == 1 or not thread.is_alive(), what="the request")
+        started = thread.is_alive
+        wait_for(lambda s=started: workers(one)[old["id"]]["inFlight"] == 1 or not s(), what="the request")
         # Freeze the worker first: once it is stopped, a request still unanswered is surely mid-generation.
         pid = workers(one)[old["id"]]["pids"][0]
         os.kill(pid, signal.SIGSTOP)
