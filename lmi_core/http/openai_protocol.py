@@ -205,6 +205,11 @@ class ChatMessage(OpenAIBody):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # An assistant's earlier thinking, under either name this server answers with (vLLM renamed
+    # reasoning_content to reasoning); templates read reasoning_content (DeepSeek-V3.2's tool turns
+    # need it sent back).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -231,7 +236,17 @@ class ChatMessage(OpenAIBody):
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
+        thinking = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if thinking is not None:
+            message["reasoning_content"] = thinking
         return template_message(message)
+
+
+# apply_chat_template's own arguments and the variables the engine sets: chat_template_kwargs may not
+# replace them (the engine passes them itself; "tokenize" would turn the prompt into token ids).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "tokenize", "add_generation_prompt", "chat_template", "return_dict"}
+)
 
 
 class ChatCompletionRequest(ToolFields, _Common):
@@ -241,6 +256,18 @@ class ChatCompletionRequest(ToolFields, _Common):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extensions: variables for the chat template (over option.default_chat_template_kwargs),
+    # and whether the answer carries the thinking a reasoning parser separates.
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(value or {}))
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is set by the server, not by chat_template_kwargs")
+        return value
 
     def check_supported(self) -> None:
         super().check_supported()
