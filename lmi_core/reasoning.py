@@ -22,18 +22,21 @@ Built in, after the formats vLLM's parsers of the same names read:
 ``deepseek_v3``  DeepSeek-V3.1/V3.2: the same format when ``thinking`` (or ``enable_thinking``) is
                  true; its template thinks only when asked, so by default the output is all answer.
 
-A plugin adds more with the ``register_reasoning_parsers`` hook. Standard library only.
+A plugin adds more with the ``register_reasoning_parsers`` hook. The text helpers every streaming
+parser needs (``partial_suffix``, ``merge_parsers``) are here too, below the tool-call parsers that
+share them. Standard library only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from lmi_core.errors import ConfigError
 
 OPTION = "reasoning_parser"
+F = TypeVar("F")
 
 
 @dataclass
@@ -134,18 +137,25 @@ BUILTIN_PARSERS: dict[str, ReasoningParserFactory] = {
 }
 
 
+def merge_parsers(
+    kind: str, builtin: Mapping[str, F], plugin_parsers: Iterable[Mapping[str, F]]
+) -> dict[str, F]:
+    """``builtin`` parsers and those plugins register (a ``register_*_parsers`` hook's results); a
+    plugin may not replace a built-in one (a ``ValueError`` naming ``kind`` and the name)."""
+    registry = dict(builtin)
+    for parsers in plugin_parsers:
+        for name, factory in parsers.items():
+            if name in builtin:
+                raise ValueError(f"{kind} {name!r} is built in; a plugin cannot replace it")
+            registry[name] = factory
+    return registry
+
+
 def parser_registry(
     plugin_parsers: Iterable[Mapping[str, ReasoningParserFactory]],
 ) -> dict[str, ReasoningParserFactory]:
-    """The built-in parsers and those plugins register (``register_reasoning_parsers``); a plugin may
-    not replace a built-in one."""
-    registry = dict(BUILTIN_PARSERS)
-    for parsers in plugin_parsers:
-        for name, factory in parsers.items():
-            if name in BUILTIN_PARSERS:
-                raise ValueError(f"reasoning parser {name!r} is built in; a plugin cannot replace it")
-            registry[name] = factory
-    return registry
+    """The built-in parsers and those plugins register (``register_reasoning_parsers``)."""
+    return merge_parsers("reasoning parser", BUILTIN_PARSERS, plugin_parsers)
 
 
 def model_parser(

@@ -72,18 +72,12 @@ def cuts(text: str) -> st.SearchStrategy[list[str]]:
     )
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole output", "one character per delta"])
 @pytest.mark.parametrize(("name", "text", "reasoning", "content"), CASES)
-def test_the_whole_output_at_once(name: str, text: str, reasoning: str, content: str) -> None:
+def test_the_real_formats(name: str, text: str, reasoning: str, content: str, whole: bool) -> None:
     parser = BUILTIN_PARSERS[name]({})
     assert parser is not None
-    assert parse(parser, [text])[:2] == (reasoning, content)
-
-
-@pytest.mark.parametrize(("name", "text", "reasoning", "content"), CASES)
-def test_one_character_per_delta(name: str, text: str, reasoning: str, content: str) -> None:
-    parser = BUILTIN_PARSERS[name]({})
-    assert parser is not None
-    assert parse(parser, list(text))[:2] == (reasoning, content)
+    assert parse(parser, [text] if whole else list(text))[:2] == (reasoning, content)
 
 
 @given(st.data())

@@ -36,7 +36,6 @@ from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_c
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
-from lmi_core.option_values import default_chat_template_kwargs
 from lmi_core.plugins import get_plugin_manager
 from lmi_core.reasoning import ReasoningParserFactory, model_parser
 from lmi_core.reasoning import parser_registry as reasoning_registry
@@ -96,10 +95,7 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
     messages = [m.for_template() for m in body.messages]
     limit = body.token_limit
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    template_kwargs = {
-        **default_chat_template_kwargs(pool.config.options),
-        **(body.chat_template_kwargs or {}),
-    }
+    template_kwargs = body.template_kwargs(pool.config.options)
     generations = [
         GenerationRequest(
             new_request_id(),

@@ -10,6 +10,7 @@ ignored parameter is a wrong answer the client cannot see.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +19,7 @@ from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
+from lmi_core.option_values import default_chat_template_kwargs
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
 MAX_TOKENS = 2**31 - 1
@@ -245,21 +247,24 @@ class ChatMessage(OpenAIBody):
 # apply_chat_template's own arguments and the variables the engine sets: chat_template_kwargs may not
 # replace them (the engine passes them itself; "tokenize" would turn the prompt into token ids).
 RESERVED_TEMPLATE_KWARGS = frozenset(
-    {"conversation", "messages", "tools", "tokenize", "add_generation_prompt", "chat_template", "return_dict"}
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "return_dict",
+    }
 )
 
 
-class ChatCompletionRequest(ToolFields, _Common):
-    """``POST /v1/chat/completions`` (and a body with ``messages`` on ``/invocations``)."""
+class TemplateFields(BaseModel):
+    """vLLM's ``chat_template_kwargs``: extra variables for the model's chat template (mixed into the
+    pydantic model of every body with ``messages``: chat, ``/tokenize``'s chat form)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # vLLM's extensions: variables for the chat template (over option.default_chat_template_kwargs),
-    # and whether the answer carries the thinking a reasoning parser separates.
     chat_template_kwargs: dict[str, Any] | None = None
-    include_reasoning: bool = True
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -268,6 +273,22 @@ class ChatCompletionRequest(ToolFields, _Common):
         if reserved:
             raise ValueError(f"{reserved[0]!r} is set by the server, not by chat_template_kwargs")
         return value
+
+    def template_kwargs(self, options: Mapping[str, str]) -> dict[str, Any]:
+        """The variables the template gets: the model's ``option.default_chat_template_kwargs``
+        (``options``) with this request's over them."""
+        return {**default_chat_template_kwargs(options), **(self.chat_template_kwargs or {})}
+
+
+class ChatCompletionRequest(TemplateFields, ToolFields, _Common):
+    """``POST /v1/chat/completions`` (and a body with ``messages`` on ``/invocations``)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extension: whether the answer carries the thinking a reasoning parser separates.
+    include_reasoning: bool = True
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from lmi_core.reasoning import partial_suffix
+from lmi_core.reasoning import merge_parsers, partial_suffix
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -405,10 +405,4 @@ BUILTIN_PARSERS: dict[str, ParserFactory] = {
 def parser_registry(plugin_parsers: list[dict[str, ParserFactory]]) -> dict[str, ParserFactory]:
     """The built-in parsers and those plugins register (``register_tool_parsers``); a plugin may not
     replace a built-in one."""
-    registry = dict(BUILTIN_PARSERS)
-    for parsers in plugin_parsers:
-        for name, factory in parsers.items():
-            if name in BUILTIN_PARSERS:
-                raise ValueError(f"tool call parser {name!r} is built in; a plugin cannot replace it")
-            registry[name] = factory
-    return registry
+    return merge_parsers("tool call parser", BUILTIN_PARSERS, plugin_parsers)
