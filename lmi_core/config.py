@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import LoraSettings, lora_settings
+from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -263,6 +263,7 @@ def build_model_config(
     if low is not None and high is not None and low > high:
         raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
+    default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
     return config
 
 

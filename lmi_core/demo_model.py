@@ -16,6 +16,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# The thinking variant (``thinking=True``), shaped like Qwen3's: an assistant turn sent back with its
+# ``reasoning_content`` shows it in a ``<think>`` block, and ``enable_thinking=false`` closes an empty
+# block in the prompt, so that the model answers at once.
+THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'assistant' and message['reasoning_content'] %}"
+    "<think>{{ message['reasoning_content'] }}</think>\n"
+    "{% endif %}"
+    "{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+THINK_TOKENS = ["<think>", "</think>"]  # whole tokens, as in Qwen3's and DeepSeek-R1's vocabularies
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 WORDS = [
     "the",
@@ -109,12 +125,15 @@ def build_demo_model(
     intermediate_size: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    thinking: bool = False,
 ) -> Path:
     """Write a random Llama, its tokenizer and a ``serving.properties`` into ``path``.
 
     The defaults make the tiny demo model. ``scripts/gpu_check.py`` builds a ~1B-parameter one with
     the same tokenizer on ``device="cuda"`` in ``dtype="bfloat16"``: initialising 1B weights on the
-    GPU takes about a second, on CPU in fp32 tens of seconds and 4 GB.
+    GPU takes about a second, on CPU in fp32 tens of seconds and 4 GB. ``thinking``: a reasoning
+    model's tokenizer, with ``<think>`` and ``</think>`` as tokens (in place of the last two merges,
+    so the vocabulary keeps its size) and ``THINKING_CHAT_TEMPLATE``.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -127,7 +146,7 @@ def build_demo_model(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - (len(THINK_TOKENS) if thinking else 0),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -142,6 +161,9 @@ def build_demo_model(
         model_max_length=max_position_embeddings,
     )
     fast.chat_template = CHAT_TEMPLATE
+    if thinking:
+        fast.add_tokens(THINK_TOKENS)  # not special: their text stays in the decoded output
+        fast.chat_template = THINKING_CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)

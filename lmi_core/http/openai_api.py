@@ -8,6 +8,7 @@ shape; chat on ``/invocations`` (DJL behaviour) streams JSON lines and keeps DJL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -36,6 +37,8 @@ from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
 from lmi_core.plugins import get_plugin_manager
+from lmi_core.reasoning import ReasoningParserFactory, model_parser
+from lmi_core.reasoning import parser_registry as reasoning_registry
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +95,13 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
     messages = [m.for_template() for m in body.messages]
     limit = body.token_limit
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    template_kwargs = body.template_kwargs(pool.config.options)
     generations = [
         GenerationRequest(
             new_request_id(),
             messages=messages,
             params=body.sampling(limit or UNLIMITED, logprobs, i, strict_max_tokens=limit is not None),
+            chat_template_kwargs=template_kwargs or None,
         )
         for i in range(body.n)
     ]
@@ -122,6 +127,13 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
                 message = f"tool_choice {call.tools.mode} constrains the output: it excludes {constraint[1]}"
                 raise BadRequestError(message, param=constraint[1])
             constraint = (call.tools.constraint, "tools")
+    factory = model_parser(pool.config.options, reasoning_parsers())
+    thinking = factory(template_kwargs) if factory is not None else None
+    if factory is not None and thinking is not None:  # this request's output begins with thinking
+        call.reasoning = functools.partial(factory, template_kwargs)
+        call.include_reasoning = body.include_reasoning
+        if constraint is not None:  # the answer is constrained, the thinking before it is free
+            constraint = (dataclasses.replace(constraint[0], starts_after=thinking.end), constraint[1])
     return constrain(call, constraint)
 
 
@@ -129,6 +141,12 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
 def tool_parsers() -> dict[str, ParserFactory]:
     """The built-in tool-call parsers and the plugins' (``register_tool_parsers``)."""
     return parser_registry(get_plugin_manager().hook.register_tool_parsers())
+
+
+@functools.cache
+def reasoning_parsers() -> dict[str, ReasoningParserFactory]:
+    """The built-in reasoning parsers and the plugins' (``register_reasoning_parsers``)."""
+    return reasoning_registry(get_plugin_manager().hook.register_reasoning_parsers())
 
 
 def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Call:
