@@ -55,6 +55,13 @@ class Call:
     constraint: tuple[StructuredOutput, str] | None = None
     tools: ToolPlan | None = None  # chat with tools: how the output becomes tool calls
     adapter: LoraAdapter | None = None  # the LoRA adapter every generation runs with
+    # The API the request came in on, where it is not chat's own (Responses, Messages): the dialect
+    # of an error once streaming began, and the field an engine's prompt error names.
+    dialect: errors.Dialect = "openai"
+    prompt_field: str | None = None
+    # Each generation's end as the engine reported it, recorded as it is rendered (the Messages API
+    # reads the engine's own reason: a stop sequence, not only OpenAI's "stop").
+    finished: dict[int, Finished] = field(default_factory=dict)
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -63,7 +70,7 @@ class Call:
 
     @property
     def prompt_param(self) -> str:
-        return "messages" if self.chat else "prompt"
+        return self.prompt_field or ("messages" if self.chat else "prompt")
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -189,7 +196,7 @@ def _finish_reason(event: Finished) -> str:
 
 def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str, Any]:
     """The non-streamed response object."""
-    choices, finished = [], {}
+    choices, finished = [], call.finished
     prompt_logprobs = None
     for index, events in enumerate(results):
         tokens = [e for e in events if isinstance(e, Token)]
@@ -236,7 +243,7 @@ async def render_chunks(
         return {**call.envelope(chunk=True), "choices": [choice], **usage}
 
     offsets = [len(text) for text in call.echo]
-    finished: dict[int, Finished] = {}
+    finished = call.finished
     plan = call.tools
     tools = [ToolStream(plan) for _ in call.echo] if plan is not None else None
     for index, text in enumerate(call.echo):
@@ -268,7 +275,7 @@ async def render_chunks(
                     reason = tools[index].plan.finish_reason(_finish_reason(event), tools[index].has_calls)
                     yield chunk(_tool_delta(index, {}, reason))
     except ServiceError as exc:
-        yield errors.body(exc, "openai")  # headers are sent: the error becomes the last chunk
+        yield errors.body(exc, call.dialect)  # headers are sent: the error becomes the last chunk
         return
     if call.include_usage:
         yield {**call.envelope(chunk=True), "choices": [], "usage": _usage(call, finished)}
@@ -284,6 +291,13 @@ async def sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[by
     async for obj in chunks:
         yield b"data: " + _json(obj) + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+async def named_sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
+    """Server-sent events named by their ``type`` (the Responses and Messages APIs' framing, as vLLM
+    writes it: ``event: <type>`` then ``data: <json>``); no ``[DONE]``, the last event says the end."""
+    async for event in events:
+        yield b"event: " + event["type"].encode() + b"\ndata: " + _json(event) + b"\n\n"
 
 
 async def jsonlines(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
