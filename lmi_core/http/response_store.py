@@ -50,6 +50,10 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def ids(self) -> list[str]:
+        """The stored responses' ids, least recently used first."""
+        return list(self._entries)
+
     def put(self, response_id: str, entry: StoredResponse) -> None:
         self._entries[response_id] = (self.clock() + self.ttl, entry)
         self._entries.move_to_end(response_id)

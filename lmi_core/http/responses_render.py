@@ -5,9 +5,10 @@ fed to it as one delta, a stream's chat deltas one by one, so the streamed items
 response's. A streamed response is OpenAI's event sequence: ``response.created``, ``in_progress``,
 then per item ``output_item.added`` (a message also ``content_part.added``), its deltas
 (``output_text.delta``, ``reasoning_text.delta``, ``function_call_arguments.delta``), its ``..done``
-events and ``output_item.done``, and last ``response.completed`` (``response.incomplete`` when the
-output hit ``max_output_tokens`` or was cancelled, ``response.failed`` after an ``error`` event);
-``sequence_number`` counts every event from 0. Reasoning comes from chat's ``reasoning_content``
+events and ``output_item.done``, and last ``response.completed``, whose response says
+``incomplete`` when the output hit ``max_output_tokens`` and ``cancelled`` when it was cancelled (as
+vLLM ends every stream: the openai SDK's stream helper requires that event), or ``response.failed``
+after an ``error`` event; ``sequence_number`` counts every event from 0. Reasoning comes from chat's ``reasoning_content``
 (or ``reasoning``), tool calls from chat's ``tool_calls``: the chat path's parsers, not new ones.
 """
 
@@ -309,5 +310,4 @@ class ResponseRender:
         if status != "cancelled" and finish == "length":
             status = "incomplete"
         final = self._end(status, items.output, chat_usage)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        yield numbered({"type": kind, "response": final})
+        yield numbered({"type": "response.completed", "response": final})

@@ -100,6 +100,7 @@ class FakeModel:
         error: ServiceError | None = None,
         options: dict[str, str] | None = None,
         max_model_len: int | None = None,
+        finish: str = "length",
     ):
         self.name = name
         self.loaded_at = 1_700_000_000.0
@@ -109,6 +110,7 @@ class FakeModel:
         self.adapter_changes: list[tuple[str, LoraAdapter]] = []
         self.adapters = adapter_registry(self.config, lambda op, a: self.adapter_changes.append((op, a)))
         self.tokens = tokens
+        self.finish = finish  # the engine's finish reason
         self.error = error
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
@@ -124,7 +126,7 @@ class FakeModel:
             raise self.error
         for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
             yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
-        yield Finished("length", 3, len(self.tokens), request.prompt or "")
+        yield Finished(self.finish, 3, len(self.tokens), request.prompt or "")
 
 
 class FakeModels:
