@@ -172,8 +172,8 @@ class CountTokensRequest(JsonBody):
             if kind not in ROLE_BLOCKS[role]:
                 allowed = ", ".join(sorted(ROLE_BLOCKS[role]))
                 raise BadRequestError(
-                    f"content block type {str(kind)[:40]!r} is not one a {role} message holds "
-                    f"here ({allowed})",
+                    f"invalid request field '{param}.{j}.type': {str(kind)[:40]!r} is not a block a {role} "
+                    f"message holds here ({allowed})",
                     param=f"{param}.{j}.type",
                 )
             block = parse_model(BLOCKS[kind], raw, prefix=f"{param}.{j}.")
@@ -191,7 +191,10 @@ class CountTokensRequest(JsonBody):
         parallel = None if choice.disable_parallel_tool_use is None else not choice.disable_parallel_tool_use
         if choice.type == "tool":
             if not choice.name:
-                raise BadRequestError('tool_choice of type "tool" needs a name', param="tool_choice.name")
+                raise BadRequestError(
+                    "invalid request field 'tool_choice.name': a tool_choice of type tool names the tool",
+                    param="tool_choice.name",
+                )
             return {"type": "function", "function": {"name": choice.name}}, parallel
         if not tools and choice.type in ("auto", "none"):  # only server tools: nothing to choose from
             return None, None

@@ -8,8 +8,9 @@ then per item ``output_item.added`` (a message also ``content_part.added``), its
 events and ``output_item.done``, and last ``response.completed``, whose response says
 ``incomplete`` when the output hit ``max_output_tokens`` and ``cancelled`` when it was cancelled (as
 vLLM ends every stream: the openai SDK's stream helper requires that event), or ``response.failed``
-after an ``error`` event; ``sequence_number`` counts every event from 0. Reasoning comes from chat's ``reasoning_content``
-(or ``reasoning``), tool calls from chat's ``tool_calls``: the chat path's parsers, not new ones.
+after an ``error`` event; ``sequence_number`` counts every event from 0. Reasoning comes from
+chat's ``reasoning_content`` (or ``reasoning``), tool calls from chat's ``tool_calls``: the chat
+path's parsers, not new ones.
 """
 
 from __future__ import annotations
