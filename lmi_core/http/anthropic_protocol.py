@@ -163,6 +163,11 @@ class CountTokensRequest(JsonBody):
         blocks = []
         for j, raw in enumerate(content):
             kind = raw.get("type")
+            if not isinstance(kind, str):
+                raise BadRequestError(
+                    f"invalid request field '{param}.{j}.type': a block names its type",
+                    param=f"{param}.{j}.type",
+                )
             if kind in UNSUPPORTED_BLOCKS:
                 raise BadRequestError(
                     f"{UNSUPPORTED_BLOCKS[kind]} blocks are not supported by this server yet "

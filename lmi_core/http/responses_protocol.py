@@ -151,7 +151,7 @@ class ResponsesRequest(JsonBody):
             [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         ):
             kind = raw.get("type", "message")  # a bare {"role", "content"} is a message
-            if kind not in ITEMS:
+            if not isinstance(kind, str) or kind not in ITEMS:
                 raise BadRequestError(
                     f"input item type {str(kind)[:40]!r} is not supported by this server "
                     f"(known: {', '.join(ITEMS)})",
