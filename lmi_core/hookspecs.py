@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         WorkerContext,
     )
     from lmi_core.launch_spec import LaunchSpec, WorkerSlot
+    from lmi_core.operations import Operation
 
 hookspec = pluggy.HookspecMarker("lmi")
 hookimpl = pluggy.HookimplMarker("lmi")
@@ -77,6 +78,11 @@ def handle_request(
     engine: Engine, request: GenerationRequest
 ) -> AsyncGenerator[GenerationEvent, None] | None:
     """Run ``request`` on ``engine`` and return an async generator of its events (built-in: generate)."""
+
+
+@hookspec(firstresult=True)
+def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any] | None:
+    """Return an awaitable of ``operation``'s result on ``engine`` (built-in: its protocol, or a 501)."""
 
 
 @hookspec(firstresult=True)

@@ -25,7 +25,7 @@ from lmi_core.http.openai_protocol import (
     MAX_STOP,
     MAX_TOKENS,
     ChatCompletionRequest,
-    JsonBody,
+    OpenAIBody,
     ignored_fields,
 )
 from lmi_core.http.tool_calls import TOOL_NAME
@@ -34,7 +34,7 @@ BILLING_HEADER = "x-anthropic-billing-header"
 UNSUPPORTED_BLOCKS = {"image": "image", "document": "document", "search_result": "search result"}
 
 
-class Block(JsonBody):
+class Block(OpenAIBody):
     type: str
     cache_control: dict[str, Any] | None = None  # prompt caching hints: the prefix cache is automatic here
 
@@ -85,13 +85,13 @@ ROLE_BLOCKS = {
 }
 
 
-class Message(JsonBody):
+class Message(OpenAIBody):
     # "system": Claude Code's mid-conversation reminders; they stay system messages where they are.
     role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
-class Tool(JsonBody):
+class Tool(OpenAIBody):
     """A client tool (``type`` absent or ``custom``): a function the model may call."""
 
     type: Literal["custom"] | None = None
@@ -100,13 +100,13 @@ class Tool(JsonBody):
     input_schema: dict[str, Any]
 
 
-class ToolChoice(JsonBody):
+class ToolChoice(OpenAIBody):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class Thinking(JsonBody):
+class Thinking(OpenAIBody):
     # Accepted: the model's chat template and reasoning parser decide whether it thinks and how the
     # thinking is split off (thinking blocks); a budget is not enforced.
     type: Literal["enabled", "disabled", "adaptive"]
@@ -122,7 +122,7 @@ class Translation:
     ignored: list[str] = field(default_factory=list)
 
 
-class CountTokensRequest(JsonBody):
+class CountTokensRequest(OpenAIBody):
     """``POST /v1/messages/count_tokens``: the prompt of a Messages request, without sampling."""
 
     model: str | None = None

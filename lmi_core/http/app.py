@@ -29,6 +29,7 @@ from lmi_core.http import (
     openai_api,
     openapi,
     responses_api,
+    tokenize_api,
 )
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response_start
@@ -136,6 +137,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         *openai_api.routes,
         *responses_api.routes,
         *anthropic_api.routes,
+        *tokenize_api.routes,
         *openapi.routes,
         *management.routes,
         *adapters.routes,

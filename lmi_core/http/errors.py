@@ -2,9 +2,9 @@
 
 Invariant: every error this server answers goes through ``render`` (a response) or ``body`` (a
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
-request's path: vLLM's LoRA routes answer vLLM's ``ErrorResponse``, Anthropic's Messages routes
-Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other route DJL's. The
-status code is the error's in every dialect, and a full queue adds ``Retry-After``.
+request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, Anthropic's
+Messages routes Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other
+route DJL's. The status code is the error's in every dialect, and a full queue adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from lmi_core.errors import BadRequestError, QueueFullError, ServiceError
 Dialect = Literal["djl", "openai", "vllm", "anthropic"]
 
 RETRY_AFTER_SECONDS = "1"
-# vLLM's own management routes (LoRA): vLLM's error types, not OpenAI's.
-VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+# vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
+VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
 ANTHROPIC_PREFIX = "/v1/messages"  # /v1/messages and /v1/messages/count_tokens
 
 # OpenAI's error types by status; other statuses: server_error from 500 up, else invalid_request_error.

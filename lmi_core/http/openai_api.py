@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
-from lmi_core.http.adapters import header_adapter, model_or_adapter
+from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
     collect_each,
     merge,
@@ -214,11 +214,7 @@ async def parse_body(request: Request, kind: type[Body]) -> tuple[ServedModel, L
     LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
     state: AppState = request.app.state.lmi
     body: Body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
-    name = getattr(body, "model", None)  # every API's body names its model in ``model``
-    if name is None:
-        pool = state.server.default("model")
-        return pool, header_adapter(request, pool), body
-    pool, adapter = model_or_adapter(request, name)
+    pool, adapter = model_or_adapter(request, getattr(body, "model", None))  # every API names it there
     return pool, adapter, body
 
 

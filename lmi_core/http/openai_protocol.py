@@ -32,9 +32,7 @@ SEED_RANGE = 2**63
 LOGIT_BIAS_RANGE = 100.0  # OpenAI: each bias in [-100, 100]
 
 
-class JsonBody(BaseModel):
-    """A request body of the OpenAI-compatible APIs (and the Responses and Messages APIs)."""
-
+class OpenAIBody(BaseModel):
     # Strict: JSON types as documented (no "1" for 1, no 0 for false), as OpenAI validates them.
     # Extra keys are kept aside (model_extra) so that the handler can ignore or refuse them.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
@@ -54,13 +52,13 @@ def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
     return found
 
 
-class StreamOptions(JsonBody):
+class StreamOptions(OpenAIBody):
     include_usage: bool = False
     # vLLM's extension: the usage so far on every chunk (guidellm counts tokens with it).
     continuous_usage_stats: bool = False
 
 
-class _Common(GuidedFields, JsonBody):
+class _Common(GuidedFields, OpenAIBody):
     """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``);
     the output constraints (``response_format``, ``structured_outputs``, ``guided_*``) from GuidedFields."""
 
@@ -201,7 +199,7 @@ class CompletionRequest(_Common):
 ROLES = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class ChatMessage(JsonBody):
+class ChatMessage(OpenAIBody):
     role: ROLES
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None

@@ -21,7 +21,7 @@ from pydantic import Field
 from lmi_core.engine import StructuredOutput
 from lmi_core.errors import BadRequestError
 from lmi_core.http.lmi_protocol import parse_model
-from lmi_core.http.openai_protocol import MAX_TOKENS, ChatCompletionRequest, JsonBody, ignored_fields
+from lmi_core.http.openai_protocol import MAX_TOKENS, ChatCompletionRequest, OpenAIBody, ignored_fields
 from lmi_core.http.structured import ANY_OBJECT
 from lmi_core.http.tool_calls import TOOL_NAME
 
@@ -30,7 +30,7 @@ TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "re
 UNSUPPORTED_PARTS = {"input_image": "image", "input_file": "file", "input_audio": "audio"}
 
 
-class TextPart(JsonBody):
+class TextPart(OpenAIBody):
     type: str
     text: str | None = None
     refusal: str | None = None  # an earlier answer's refusal part, replayed as text
@@ -38,7 +38,7 @@ class TextPart(JsonBody):
     logprobs: list[Any] | None = None
 
 
-class Item(JsonBody):
+class Item(OpenAIBody):
     id: str | None = None  # an earlier output item's id and status, replayed: no effect
     status: str | None = None
 
@@ -78,7 +78,7 @@ ITEMS: dict[str, type[Item]] = {
 }
 
 
-class FunctionTool(JsonBody):
+class FunctionTool(OpenAIBody):
     """A Responses function tool (flat: ``name`` beside ``type``, not in a ``function`` object)."""
 
     type: Literal["function"]
@@ -98,7 +98,7 @@ class FunctionTool(JsonBody):
         return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 
-class TextFormat(JsonBody):
+class TextFormat(OpenAIBody):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(None, max_length=64)
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -106,7 +106,7 @@ class TextFormat(JsonBody):
     strict: bool | None = None  # always enforced, as on the chat API
 
 
-class TextConfig(JsonBody):
+class TextConfig(OpenAIBody):
     format: TextFormat | None = None
 
 
@@ -120,7 +120,7 @@ class Translation:
     ignored: list[str] = field(default_factory=list)  # unknown fields and hosted tools (``tools.3``)
 
 
-class ResponsesRequest(JsonBody):
+class ResponsesRequest(OpenAIBody):
     """``POST /v1/responses``."""
 
     model: str | None = None

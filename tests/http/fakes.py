@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
@@ -19,6 +19,7 @@ from lmi_core.errors import ModelNotFoundError, ServiceError
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
+from lmi_core.operations import Detokenize, Operation, Tokenize, TokenizeResult
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
@@ -79,6 +80,9 @@ def pool(
     )
 
 
+T = TypeVar("T")
+
+
 def model(
     name: str,
     pool_snapshot: PoolSnapshot | None = None,
@@ -114,6 +118,7 @@ class FakeModel:
         self.error = error
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
+        self.operations: list[Operation[Any]] = []
 
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
@@ -127,6 +132,20 @@ class FakeModel:
         for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
             yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
         yield Finished(self.finish, 3, len(self.tokens), request.prompt or "")
+
+    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
+        """Tokenize: one id per character of the prompt (or of the messages' contents); detokenize:
+        the characters back. Records each operation."""
+        self.operations.append(operation)
+        if self.error is not None:
+            raise self.error
+        if isinstance(operation, Tokenize):
+            request = operation.request
+            text = request.prompt or "".join(str(m.get("content", "")) for m in request.messages or [])
+            strs = list(text) if operation.token_strs else None
+            return cast(T, TokenizeResult([ord(c) for c in text], strs))
+        assert isinstance(operation, Detokenize)
+        return cast(T, "".join(map(chr, operation.ids)))
 
 
 class FakeModels:

@@ -10,13 +10,14 @@ CPU worker is given reaches torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar, TypeVar, cast
 
 import pluggy
 import pytest
@@ -26,12 +27,16 @@ from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRe
 from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
 from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
+from lmi_core.operations import Operation, Tokenize, TokenizeResult
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
+from lmi_core.serving.dispatch import finished_after
 from lmi_core.serving.observer import PoolObserver
-from lmi_core.serving.pool import WorkerPool, finished_after
+from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+
+T = TypeVar("T")
 
 
 class FakeWorker:
@@ -44,6 +49,7 @@ class FakeWorker:
     fail_loads = False
     max_model_len: int | None = 2048  # what its engine reports when it loads
     gate: asyncio.Event
+    operations: asyncio.Event  # opens every operation
     created: list[FakeWorker]
     served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
 
@@ -110,15 +116,30 @@ class FakeWorker:
     ) -> AsyncIterator[GenerationEvent]:
         FakeWorker.served.append((self.worker_id, request.request_id))
         yield Token(1, "x", 0.0)
-        waits = {asyncio.ensure_future(e.wait()) for e in (FakeWorker.gate, self.release, self.broken)}
+        await self._wait_for(FakeWorker.gate, self.release)
+        if self.broken.is_set():
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
+        yield Finished("length", 1, 1)
+
+    async def perform(
+        self, rid: str, operation: Operation[T], deadline: float | None = None, source: str | None = None
+    ) -> T:
+        """Answer once ``operations`` opens (or fail with the worker): the ids of the prompt's characters."""
+        FakeWorker.served.append((self.worker_id, rid))
+        await self._wait_for(FakeWorker.operations)
+        if self.broken.is_set():
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
+        assert isinstance(operation, Tokenize) and operation.request.prompt is not None
+        return cast(T, TokenizeResult([ord(c) for c in operation.request.prompt]))
+
+    async def _wait_for(self, *events: asyncio.Event) -> None:
+        """Until one of ``events`` is set, or this worker fails."""
+        waits = {asyncio.ensure_future(e.wait()) for e in (*events, self.broken)}
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        if self.broken.is_set():
-            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
-        yield Finished("length", 1, 1)
 
     def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
         self.adapter_messages.append((op, adapter.name))
@@ -137,6 +158,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(FakeWorker, "fail_loads", False)
     monkeypatch.setattr(FakeWorker, "load_time", 0.05)
     FakeWorker.gate = asyncio.Event()
+    FakeWorker.operations = asyncio.Event()
     FakeWorker.created = []
     FakeWorker.served = []
     yield
@@ -533,4 +555,50 @@ async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
     worker._set(WorkerState.STARTING)
     assert recorder.events == [("heartbeat", "m", 0.25), ("worker_restart", "m", None)]
     worker._set(WorkerState.READY)
+    await pool.stop()
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SlotTokenize(Tokenize):
+    """A tokenize that holds one of its worker's places, as a pooling operation does."""
+
+    takes_slot: ClassVar[bool] = True
+
+
+def tokenize(text: str, kind: type[Tokenize] = Tokenize) -> Tokenize:
+    return kind(GenerationRequest(uuid.uuid4().hex, prompt=text))
+
+
+async def test_a_light_operation_needs_no_free_place_and_a_slot_one_waits_for_one() -> None:
+    pool = make_pool(1, 1)  # one worker, one place
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.workers[0].in_flight == 1, what="the place taken")
+    FakeWorker.operations.set()
+    assert (await pool.perform(tokenize("hi"))).ids == [104, 105]
+    slot = asyncio.ensure_future(pool.perform(tokenize("ok", SlotTokenize)))
+    await until(lambda: pool.waiting == 1, what="the slot operation queued behind the generation")
+    FakeWorker.gate.set()
+    await busy
+    assert (await slot).ids == [111, 107]
+    await pool.stop()
+
+
+async def test_an_operation_whose_worker_fails_runs_again_on_another() -> None:
+    recorder = Recorder()
+    pool = make_pool(2, 2, recorder)
+    await pool.start()
+    context = RequestContext()
+    first = asyncio.ensure_future(pool.perform(tokenize("hi"), context))
+    await until(lambda: len(FakeWorker.served) == 1, what="the operation sent")
+    failed = FakeWorker.served[0][0]
+    pool.workers[failed].fail("killed")
+    await until(lambda: len(FakeWorker.served) == 2, what="the operation sent again")
+    FakeWorker.operations.set()
+    assert (await first).ids == [104, 105]
+    assert [d.worker_id for d in context.served] == [failed, 1 - failed]
+    assert recorder.events.count(("migration", "m", None)) == 1
     await pool.stop()

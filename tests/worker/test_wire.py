@@ -25,6 +25,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, EngineFailedError, ServiceError
+from lmi_core.operations import Detokenize, Tokenize
 from lmi_core.worker import wire
 from lmi_core.worker.wire import ProtocolError, decode_body, encode, parse, read_frame
 
@@ -209,6 +210,12 @@ contexts = st.builds(
 comparable = st.one_of(
     st.builds(wire.Init, contexts),
     st.builds(wire.Req, ids, requests),
+    st.builds(
+        wire.Op,
+        ids,
+        st.builds(Tokenize, requests, st.none() | st.booleans(), st.booleans(), st.booleans(), st.booleans())
+        | st.builds(Detokenize, st.lists(st.integers(0, 2**31), max_size=5)),
+    ),
     st.builds(wire.Cancel, ids),
     st.builds(wire.Adapter, st.sampled_from(["load", "unload"]), adapters),
     st.builds(wire.Ping, st.integers(0, 2**63)),
@@ -216,6 +223,7 @@ comparable = st.one_of(
     st.builds(wire.Loaded, st.integers(0, 64), st.none() | st.integers(1, 2**31)),
     st.builds(wire.Toks, st.lists(st.tuples(ids, tokens), max_size=4)),
     st.builds(wire.Done, ids, finishes),
+    st.builds(wire.OpResult, ids, st.text() | st.lists(st.integers(0, 2**31) | st.none(), max_size=3)),
     st.builds(wire.Pong, st.integers(0, 2**63), st.none() | stats),
 )
 errors = st.builds(
@@ -297,6 +305,14 @@ ERROR = EngineError("boom").to_wire()
         ({"t": "req", "id": 5, "request": REQUEST}, "'id' is int, not str"),
         ({"t": "req", "id": "r", "request": ["r"]}, "'request'"),
         ({"t": "req", "id": "r", "request": {"request_id": "r", "params": {"top_q": 1}}}, "'request'"),
+        ({"t": "op", "id": "r", "op": "embed", "args": {}}, "unknown operation 'embed'"),
+        ({"t": "op", "id": "r", "args": {"ids": [1]}}, "no 'op'"),
+        ({"t": "op", "op": "detokenize", "args": {"ids": [1]}}, "no 'id'"),
+        ({"t": "op", "id": "r", "op": "detokenize"}, "no 'args'"),
+        ({"t": "op", "id": "r", "op": "detokenize", "args": {"ids": ["x"]}}, "'args'"),
+        ({"t": "op", "id": "r", "op": "tokenize", "args": {"request": ["r"]}}, "'args'"),
+        ({"t": "opres", "id": "r"}, "no 'value'"),
+        ({"t": "opres", "value": 1}, "no 'id'"),
         ({"t": "cancel"}, "no 'id'"),
         ({"t": "cancel", "id": ["r"]}, "'id' is list, not str"),
         ({"t": "adapter", "op": "reload", "adapter": {"name": "a", "path": "/a"}}, "unknown op 'reload'"),
@@ -345,9 +361,12 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
-FIELDS = ["id", "context", "request", "op", "adapter", "rank", "max_model_len", "tokens", "finished", "error"]
-KINDS = [kind.t for kind in (wire.Init, wire.Req, wire.Cancel, wire.Adapter, wire.Ping, wire.Shutdown)]
-KINDS += [kind.t for kind in (wire.Loaded, wire.Toks, wire.Done, wire.Err, wire.Pong)]
+FIELDS = ["id", "context", "request", "op", "args", "adapter", "rank", "max_model_len", "tokens", "finished"]
+FIELDS += ["value", "error"]
+KINDS = [
+    kind.t for kind in (wire.Init, wire.Req, wire.Op, wire.Cancel, wire.Adapter, wire.Ping, wire.Shutdown)
+]
+KINDS += [kind.t for kind in (wire.Loaded, wire.Toks, wire.Done, wire.OpResult, wire.Err, wire.Pong)]
 maps = st.builds(
     lambda kind, rest: {**rest, "t": kind},
     st.sampled_from(KINDS) | st.text(max_size=6),

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lmi_core import prompts
 from lmi_core.engine import (
     EngineStats,
     Finished,
@@ -35,6 +36,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, EngineFailedError, EngineOutOfMemoryError
+from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.option_values import lora_settings
 from lmi_core.request_checks import check_logit_bias, token_budget
 from lmi_hf.adapters import AdapterSet
@@ -77,6 +79,7 @@ class HFEngine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.vocab_size = int(model.config.vocab_size)
+        self.codec = prompts.PromptCodec(tokenizer, self._decode, self.vocab_size, self._prompts)
         self.grammars = GrammarCompiler(tokenizer, model.get_output_embeddings().out_features, self.eos_ids)
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
@@ -102,6 +105,12 @@ class HFEngine:
         return encode_prompt(
             request, self.tokenizer, self._decode, self.vocab_size, self.max_input_length, self.max_model_len
         )
+
+    async def tokenize(self, operation: Tokenize) -> TokenizeResult:
+        return await self.codec.tokenize(operation)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.codec.detokenize(ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""

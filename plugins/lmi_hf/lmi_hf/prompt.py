@@ -1,6 +1,7 @@
-"""A request's prompt as token ids for the HF engine: its chat template and ``truncate`` applied, and
-checked against the model's limits, or a 400 naming the field. It runs on the engine's prompt
-threads, never on the worker's event loop: its cost grows with the prompt.
+"""A request's prompt as token ids for the HF engine: encoded as every engine encodes it
+(``lmi_core.prompts``), then ``truncate`` applied and checked against the model's limits, or a 400
+naming the field. It runs on the engine's prompt threads, never on the worker's event loop: its cost
+grows with the prompt.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from typing import Any
 
 from lmi_core.engine import GenerationRequest
 from lmi_core.errors import BadRequestError
-from lmi_core.request_checks import check_token_ids, truncate_prompt
+from lmi_core.prompts import encode_prompt as encode
+from lmi_core.request_checks import truncate_prompt
 from lmi_hf.text import Decode
 
 
@@ -23,31 +25,12 @@ def encode_prompt(
 ) -> tuple[list[int], str]:
     """The prompt's token ids and text (the chat template applied, ``truncate`` applied); a 400
     naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
-    if request.prompt_ids is not None:
-        if not request.prompt_ids:
-            raise BadRequestError("the prompt is empty", param="inputs")
-        check_token_ids(request.prompt_ids, vocab_size)
-        ids, text, param = list(request.prompt_ids), decode(request.prompt_ids), "inputs"
-    elif request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadRequestError("this model's tokenizer has no chat template", param="messages")
-        try:
-            text = tokenizer.apply_chat_template(
-                request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # a template that rejects these messages (raise_exception)
-            raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
-        ids, param = tokenizer.encode(text, add_special_tokens=False), "messages"
-    elif not request.prompt:
-        raise BadRequestError("the prompt is empty", param="inputs")
-    else:
-        text, param = request.prompt, "inputs"
-        ids = tokenizer.encode(text)
-    ids = truncate_prompt(ids, request.params)
+    prompt = encode(request, tokenizer, decode, vocab_size)
+    ids = truncate_prompt(prompt.ids, request.params)
     if len(ids) > max_input_length:
         raise BadRequestError(
             f"the prompt has {len(ids)} tokens; at most {max_input_length} fit "
             f"(option.max_input_length; this model's context is {max_model_len})",
-            param=param,
+            param=prompt.param,
         )
-    return ids, text
+    return ids, prompt.text

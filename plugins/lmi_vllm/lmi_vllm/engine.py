@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator
+from collections.abc import Sequence as SequenceOf
 from typing import Any
 
 from lmi_core import (
@@ -45,10 +46,11 @@ from lmi_core import (
     SamplingParams,
     ServiceError,
     WorkerContext,
+    prompts,
 )
+from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
     check_logit_bias,
-    check_token_ids,
     refuse_unsupported,
     token_budget,
     truncate_prompt,
@@ -105,6 +107,7 @@ class VllmEngine:
         # Tokenizing and chat templates cost time that grows with the prompt: one thread, off the
         # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
+        self.codec = prompts.PromptCodec(self.tokenizer, self._decode, self.vocab_size, self._prompts)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         from vllm.lora.request import LoRARequest
 
@@ -207,8 +210,8 @@ class VllmEngine:
         self._prompts.shutdown(wait=False, cancel_futures=True)
         self.llm.shutdown(timeout=SHUTDOWN_TIMEOUT)
 
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
+    def _decode(self, ids: SequenceOf[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)))
 
     def engine_input(self, ids: list[int], text: str | None = None) -> Any:
         """The prompt as vLLM's engine input: token ids (and the text they came from)."""
@@ -267,30 +270,9 @@ class VllmEngine:
 
     def prepare_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The prompt text (chat template applied to ``messages``) and its token ids."""
-        if request.messages:
-            param = "messages"
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # no template, or a template that rejects these messages
-                raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
-            # The template writes the special tokens itself (vLLM's chat path does the same).
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        elif request.prompt_ids is not None:
-            param = "inputs"
-            ids = list(request.prompt_ids)
-            check_token_ids(ids, self.vocab_size)
-            text = str(self.tokenizer.decode(ids))
-        elif request.prompt is not None:
-            param = "inputs"
-            text = request.prompt
-            ids = list(self.tokenizer.encode(text))
-        else:
-            raise BadRequestError("the request has neither inputs nor messages", param="inputs")
-        if not ids:
-            raise BadRequestError("the prompt is empty", param=param)
-        ids = truncate_prompt(ids, request.params)
+        prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size)
+        param, text = prompt.param, prompt.text
+        ids = truncate_prompt(prompt.ids, request.params)
         if len(ids) > self.max_input_length:
             raise BadRequestError(
                 f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
@@ -300,6 +282,12 @@ class VllmEngine:
             )
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
+
+    async def tokenize(self, operation: Tokenize) -> TokenizeResult:
+        return await self.codec.tokenize(operation)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.codec.detokenize(ids)
 
     def sampling_params(self, params: SamplingParams, max_tokens: int | None = None) -> Any:
         """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked).

@@ -1,0 +1,108 @@
+"""A request's prompt as token ids, encoded the one way every engine encodes it (backend kit).
+
+Invariant: an engine's generation and its ``Tokenize`` operation (``PromptCodec``) encode a prompt
+through the same ``encode_prompt``, so ``/tokenize`` and ``count_tokens`` give exactly the prompt
+tokens a generation of the same request counts: token ids as they are (checked against the
+vocabulary), chat messages through the tokenizer's chat template (with the request's tools), whose
+text is then encoded without special tokens (the template writes its own, as vLLM's chat path
+does), text with them. Each failure is a 400 naming the request's field. ``tokenizer`` is a Hugging
+Face tokenizer (``apply_chat_template``, ``encode``); no import of transformers here, so any
+backend's environment can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from lmi_core.engine import GenerationRequest
+from lmi_core.errors import BadRequestError
+from lmi_core.operations import Tokenize, TokenizeResult
+from lmi_core.request_checks import check_token_ids
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str
+    param: str  # the request field a problem with the prompt is named after: inputs or messages
+
+
+def encode_prompt(
+    request: GenerationRequest,
+    tokenizer: Any,
+    decode: Callable[[Sequence[int]], str],
+    vocab_size: int,
+    *,
+    add_special_tokens: bool | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> Prompt:
+    """``request``'s prompt; ``decode`` gives the text of a token-id prompt (the engine's own choice
+    of special tokens). ``add_special_tokens=None``: for text, not for a chat template's text."""
+    if request.prompt_ids is not None:
+        check_token_ids(request.prompt_ids, vocab_size)
+        ids, text, param = list(request.prompt_ids), decode(request.prompt_ids), "inputs"
+    elif request.messages is not None:
+        if not tokenizer.chat_template:
+            raise BadRequestError("this model's tokenizer has no chat template", param="messages")
+        try:
+            text = tokenizer.apply_chat_template(
+                request.messages,
+                tools=request.tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+        except Exception as exc:  # a template that rejects these messages (raise_exception)
+            raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
+        ids, param = list(tokenizer.encode(text, add_special_tokens=bool(add_special_tokens))), "messages"
+    elif request.prompt:
+        text, param = request.prompt, "inputs"
+        ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens is not False))
+    else:
+        raise BadRequestError("the prompt is empty", param="inputs")
+    if not ids:
+        raise BadRequestError("the prompt is empty", param=param)
+    return Prompt(ids, str(text), param)
+
+
+@dataclass(frozen=True)
+class PromptCodec:
+    """``TokenizerEngine``'s two methods for an engine with a Hugging Face tokenizer: each runs on the
+    engine's prompt threads (``executor``), never on the worker's event loop."""
+
+    tokenizer: Any
+    decode: Callable[[Sequence[int]], str]  # the engine's text of a token-id prompt
+    vocab_size: int
+    executor: Executor
+
+    async def tokenize(self, operation: Tokenize) -> TokenizeResult:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._tokenize, operation)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._detokenize, ids)
+
+    def _tokenize(self, operation: Tokenize) -> TokenizeResult:
+        prompt = encode_prompt(
+            operation.request,
+            self.tokenizer,
+            self.decode,
+            self.vocab_size,
+            add_special_tokens=operation.add_special_tokens,
+            add_generation_prompt=operation.add_generation_prompt,
+            continue_final_message=operation.continue_final_message,
+        )
+        strs = None
+        if operation.token_strs:
+            strs = [str(s) for s in self.tokenizer.convert_ids_to_tokens(prompt.ids)]
+        return TokenizeResult(prompt.ids, strs)
+
+    def _detokenize(self, ids: list[int]) -> str:
+        """Special tokens included, as vLLM's ``/detokenize``; 400 naming ``tokens`` for an id outside
+        the vocabulary."""
+        check_token_ids(ids, self.vocab_size, "tokens")
+        return str(self.tokenizer.decode(ids))
