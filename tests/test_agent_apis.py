@@ -187,3 +187,17 @@ def test_messages_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
     )
     print(follow.model_dump_json())
     assert follow.stop_reason == "max_tokens" and follow.content[0].type == "text"
+
+
+def test_count_tokens_equals_the_prompt_tokens_of_the_same_request(claude: anthropic.Anthropic) -> None:
+    prompt: dict[str, Any] = {
+        "model": MODEL,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [TOOL],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+    }
+    counted = claude.messages.count_tokens(**prompt)
+    ran = claude.messages.create(max_tokens=100, **prompt)
+    print(counted.model_dump_json(), ran.usage.model_dump_json())
+    assert counted.input_tokens == ran.usage.input_tokens > 0

@@ -205,17 +205,23 @@ class CountTokensRequest(OpenAIBody):
             return None, None
         return {"auto": "auto", "any": "required", "none": "none"}[choice.type], parallel
 
-    def chat_body(self, translation: Translation) -> dict[str, Any]:
-        """The chat request body of this prompt (sampling fields added by ``MessagesRequest``)."""
+    def chat_fields(self) -> dict[str, Any]:
+        """The chat fields beyond the prompt (a count has none: ``MessagesRequest`` adds sampling)."""
+        return {}
+
+    def chat_request(self, translation: Translation) -> ChatCompletionRequest:
+        """The chat request this one runs as: the same prompt (messages, the tools its tool_choice
+        shows the model) for a count and for a generation."""
         choice, parallel = self.chat_tool_choice(translation.tools)
-        body: dict[str, Any] = {"messages": translation.messages}
+        body: dict[str, Any] = {"messages": translation.messages, **self.chat_fields()}
         if translation.tools:
             body.update(tools=translation.tools, tool_choice=choice)
             if parallel is not None:
                 body["parallel_tool_calls"] = parallel
         elif choice is not None:
             body["tool_choice"] = choice  # a choice without tools: chat's 400 names it
-        return body
+        chat: ChatCompletionRequest = parse_model(ChatCompletionRequest, body)
+        return chat
 
 
 class MessagesRequest(CountTokensRequest):
@@ -229,20 +235,17 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(None, ge=0, le=MAX_TOKENS)
     metadata: dict[str, Any] | None = None  # user_id: accepted, no effect
 
-    def chat_request(self, translation: Translation) -> ChatCompletionRequest:
-        body = self.chat_body(translation)
-        body.update(max_completion_tokens=self.max_tokens, stream=self.stream)
+    def chat_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"max_completion_tokens": self.max_tokens, "stream": self.stream}
         if self.stream:  # message_start's input_tokens and message_delta's usage come from chat's
-            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-        optional = {
+            fields["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        sampling = {
             "stop": self.stop_sequences,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
         }
-        body.update({k: v for k, v in optional.items() if v is not None})
-        chat: ChatCompletionRequest = parse_model(ChatCompletionRequest, body)
-        return chat
+        return fields | {k: v for k, v in sampling.items() if v is not None}
 
 
 def _result_text(block: ToolResultBlock, param: str) -> str:

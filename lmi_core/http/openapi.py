@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core import __version__
-from lmi_core.http.anthropic_protocol import MessagesRequest
+from lmi_core.http.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmi_core.http.lmi_protocol import LmiRequest
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lmi_core.http.responses_protocol import ResponsesRequest
@@ -27,6 +27,7 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     ResponsesRequest,
     MessagesRequest,
+    CountTokensRequest,
 )
 
 
@@ -151,13 +152,14 @@ STREAMS = {
 
 
 def _generation_op(
-    summary: str, body: dict[str, Any], result: dict[str, Any], stream: str, error: str
+    summary: str, body: dict[str, Any], result: dict[str, Any], stream: str | None, error: str
 ) -> dict[str, Any]:
+    """A POST that runs the model; ``stream``: the media type of its stream (None: never streamed)."""
+    content = {"application/json": {"schema": result}}
+    if stream is not None:
+        content[stream] = {"schema": STREAMS[stream]}
     responses: dict[str, Any] = {
-        "200": {
-            "description": "The result, or (with `stream: true`) its stream",
-            "content": {"application/json": {"schema": result}, stream: {"schema": STREAMS[stream]}},
-        },
+        "200": {"description": "The result, or (with `stream: true`) its stream", "content": content}
     }
     responses.update({code: _json(_ref(error), text) for code, text in ERRORS.items()})
     return {
@@ -217,6 +219,14 @@ def build_spec() -> dict[str, Any]:
         "security": [],
         "responses": {"200": _json({"type": "object"}, "Alive")},
     }
+    count_tokens = _generation_op(
+        "The prompt tokens of a Messages request",
+        _ref("CountTokensRequest"),
+        _obj(["input_tokens"], input_tokens=INTEGER),
+        None,
+        "AnthropicError",
+    )
+    count_tokens["responses"]["501"] = _json(_ref("AnthropicError"), "The model's engine does not tokenize")
     response_id = {"name": "response_id", "in": "path", "required": True, "schema": STRING}
     metrics = {"description": "Prometheus text format", "content": {"text/plain": {"schema": STRING}}}
     return {
@@ -288,6 +298,7 @@ def build_spec() -> dict[str, Any]:
                     "AnthropicError",
                 )
             },
+            "/v1/messages/count_tokens": {"post": count_tokens},
             "/v1/models": {"get": _get_op("Models", _json(_ref("ModelList"), "The models"), "OpenAIError")},
             "/v1/models/{model}": {
                 "get": {

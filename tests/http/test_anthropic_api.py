@@ -12,6 +12,7 @@ import pytest
 from lmi_core.http.anthropic_protocol import MessagesRequest
 from lmi_core.http.anthropic_render import SIGNATURE, ContentBlocks, MessageRender
 from lmi_core.http.openai_render import Call
+from lmi_core.operations import Tokenize
 from tests.http.fakes import FakeModel, FakeModels, client, model, pool, worker
 
 HERMES = {"enable_auto_tool_choice": "true", "tool_call_parser": "hermes"}
@@ -311,3 +312,21 @@ async def test_chat_reasoning_becomes_a_thinking_block() -> None:
         {"type": "thinking", "thinking": "Let me think.!", "signature": SIGNATURE},
         {"type": "text", "text": "Hi"},
     ]
+
+
+def test_count_tokens_tokenizes_the_prompt_a_message_request_would_run() -> None:
+    fakes = models(**HERMES)
+    http = client(fakes)
+    prompt = {"system": "Be brief.", "messages": USER, "tools": TOOLS, "tool_choice": {"type": "auto"}}
+    counted = http.post("/v1/messages/count_tokens?beta=true", json={"model": "a", **prompt})
+    assert counted.status_code == 200, counted.text
+    assert counted.json() == {"input_tokens": len("Be brief.hi")}  # the fake: one token per character
+    assert http.post("/v1/messages", json={"max_tokens": 5, **prompt}).status_code == 200
+    fake = fakes.served_models["a"]
+    (operation,) = fake.operations
+    assert isinstance(operation, Tokenize)
+    generated = fake.requests[-1]
+    assert (operation.request.messages, operation.request.tools) == (generated.messages, generated.tools)
+    assert generated.tools  # the tools the template shows count too
+    refused = http.post("/v1/messages/count_tokens", json={"messages": said({"type": "image", "source": {}})})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
