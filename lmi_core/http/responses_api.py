@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.errors import BadRequestError, ServiceError
-from lmi_core.http.common import Stopped, stream_response
+from lmi_core.http.common import ClientDisconnected, Stopped, stream_response
 from lmi_core.http.context import request_context
 from lmi_core.http.openai_api import chat_call, parse_body, run_call, unknown_fields, with_ignored
 from lmi_core.http.openai_render import named_sse
@@ -83,11 +83,10 @@ async def create_response(request: Request) -> Response:
             return await stream_response(request, render.events(_stopped()), named_sse, EVENT_STREAM)
         response = JSONResponse(render.response("cancelled", []))
         render.on_end(render.response("cancelled", []))
-    except ServiceError as exc:
-        if entry is not None:
-            entry.response = render.response(
-                "failed", [], error={"code": str(exc.status), "message": str(exc)}
-            )
+    except (ServiceError, ClientDisconnected) as exc:
+        if entry is not None:  # the stored response ended with the request
+            error = {"code": str(exc.status), "message": str(exc)} if isinstance(exc, ServiceError) else None
+            entry.response = render.response("failed" if error else "cancelled", [], error=error)
         raise
     return with_ignored(response, ignored)
 

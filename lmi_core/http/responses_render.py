@@ -268,47 +268,48 @@ class ResponseRender:
         return self._end(status, items.output, chat["usage"])
 
     async def events(self, chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[Event, None]:
-        """The event stream from the chat chunks (``Stopped``: a cancelled response's events)."""
+        """The event stream from the chat chunks (``Stopped``: a cancelled response's events). A stream
+        closed before its end (the client went away, which cancels the generation) ends ``cancelled``."""
         sequence = itertools.count()
 
         def numbered(event: Event) -> Event:
             return {**event, "sequence_number": next(sequence)}
 
-        start = self.response("in_progress", [])
-        yield numbered({"type": "response.created", "response": start})
-        yield numbered({"type": "response.in_progress", "response": start})
         items = OutputItems(self.namespaces)
-        finish, chat_usage, status = None, None, "completed"
+        ended = False
         try:
-            async for chunk in chunks:
-                if "error" in chunk:  # the chat path's error chunk: the stream ends with the error
-                    error = chunk["error"]
-                    yield numbered(
-                        {
-                            "type": "error",
-                            "code": str(error.get("code")),
-                            "message": error["message"],
-                            "param": error.get("param"),
+            start = self.response("in_progress", [])
+            yield numbered({"type": "response.created", "response": start})
+            yield numbered({"type": "response.in_progress", "response": start})
+            finish, chat_usage, status = None, None, "completed"
+            try:
+                async for chunk in chunks:
+                    if "error" in chunk:  # the chat path's error chunk: the stream ends with the error
+                        error = {
+                            "code": str(chunk["error"].get("code")),
+                            "message": chunk["error"]["message"],
                         }
-                    )
-                    failed = self.response(
-                        "failed",
-                        items.output,
-                        error={"code": str(error.get("code")), "message": error["message"]},
-                    )
-                    self.on_end(failed)
-                    yield numbered({"type": "response.failed", "response": failed})
-                    return
-                chat_usage = chunk.get("usage") or chat_usage
-                for choice in chunk["choices"]:
-                    for event in items.add(choice["delta"]):
-                        yield numbered(event)
-                    finish = choice["finish_reason"] or finish
-        except Stopped:
-            status = "cancelled"
-        for event in items.close():
-            yield numbered(event)
-        if status != "cancelled" and finish == "length":
-            status = "incomplete"
-        final = self._end(status, items.output, chat_usage)
-        yield numbered({"type": "response.completed", "response": final})
+                        yield numbered({"type": "error", **error, "param": chunk["error"].get("param")})
+                        ended = True
+                        failed = self.response("failed", items.output, error=error)
+                        self.on_end(failed)
+                        yield numbered({"type": "response.failed", "response": failed})
+                        return
+                    chat_usage = chunk.get("usage") or chat_usage
+                    for choice in chunk["choices"]:
+                        for event in items.add(choice["delta"]):
+                            yield numbered(event)
+                        finish = choice["finish_reason"] or finish
+            except Stopped:
+                status = "cancelled"
+            for event in items.close():
+                yield numbered(event)
+            if status != "cancelled" and finish == "length":
+                status = "incomplete"
+            ended = True
+            yield numbered(
+                {"type": "response.completed", "response": self._end(status, items.output, chat_usage)}
+            )
+        finally:
+            if not ended:
+                self.on_end(self.response("cancelled", items.output))

@@ -366,6 +366,17 @@ async def test_a_cancelled_stream_ends_with_a_cancelled_response() -> None:
     assert found[-1]["response"]["output"][0]["content"][0]["text"] == "Hi"
 
 
+async def test_a_stream_closed_before_its_end_ends_the_response_cancelled() -> None:
+    ended: list[dict[str, Any]] = []
+    rendering = render()
+    rendering.on_end = ended.append
+    stream = rendering.events(chunks({"content": "Hi"}, {"content": " there"}))
+    [await anext(stream) for _ in range(5)]  # created, in_progress, the message's opening, "Hi"
+    await stream.aclose()  # what the server does when the client goes away
+    (final,) = ended
+    assert final["status"] == "cancelled" and final["output"][0]["status"] == "in_progress"
+
+
 # -- the store ---------------------------------------------------------------------------------------
 
 
