@@ -26,7 +26,7 @@ from lmi_core.http.openai_protocol import (
     MAX_TOKENS,
     ChatCompletionRequest,
     OpenAIBody,
-    ignored_fields,
+    parse_part,
 )
 from lmi_core.http.tool_calls import TOOL_NAME
 
@@ -146,8 +146,7 @@ class CountTokensRequest(OpenAIBody):
             if raw.get("type", "custom") != "custom":  # a server tool: nothing here runs it
                 translation.ignored.append(f"tools.{i}")
                 continue
-            tool = parse_model(Tool, raw, prefix=f"tools.{i}.")
-            translation.ignored += ignored_fields(tool, f"tools.{i}.")
+            tool = parse_part(Tool, raw, f"tools.{i}.", translation.ignored)
             function = {"name": tool.name, "description": tool.description, "parameters": tool.input_schema}
             function = {k: v for k, v in function.items() if v is not None}
             translation.tools.append({"type": "function", "function": function})
@@ -181,9 +180,7 @@ class CountTokensRequest(OpenAIBody):
                     f"message holds here ({allowed})",
                     param=f"{param}.{j}.type",
                 )
-            block = parse_model(BLOCKS[kind], raw, prefix=f"{param}.{j}.")
-            translation.ignored += ignored_fields(block, f"{param}.{j}.")
-            blocks.append(block)
+            blocks.append(parse_part(BLOCKS[kind], raw, f"{param}.{j}.", translation.ignored))
         return blocks
 
     def chat_tool_choice(

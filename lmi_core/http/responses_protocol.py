@@ -21,7 +21,7 @@ from pydantic import Field
 from lmi_core.engine import StructuredOutput
 from lmi_core.errors import BadRequestError
 from lmi_core.http.lmi_protocol import parse_model
-from lmi_core.http.openai_protocol import MAX_TOKENS, ChatCompletionRequest, OpenAIBody, ignored_fields
+from lmi_core.http.openai_protocol import MAX_TOKENS, ChatCompletionRequest, OpenAIBody, parse_part
 from lmi_core.http.structured import ANY_OBJECT
 from lmi_core.http.tool_calls import TOOL_NAME
 
@@ -157,9 +157,7 @@ class ResponsesRequest(OpenAIBody):
                     f"(known: {', '.join(ITEMS)})",
                     param=f"input.{i}.type",
                 )
-            item = parse_model(ITEMS[kind], raw, prefix=f"input.{i}.")
-            translation.ignored += ignored_fields(item, f"input.{i}.")
-            items.append(item)
+            items.append(parse_part(ITEMS[kind], raw, f"input.{i}.", translation.ignored))
         translation.messages = chat_messages(items)
         for i, raw in enumerate(self.tools or []):
             if raw.get("type") == "function":
@@ -176,8 +174,7 @@ class ResponsesRequest(OpenAIBody):
 
     @staticmethod
     def _add_tool(translation: Translation, raw: dict[str, Any], prefix: str, namespace: str | None) -> None:
-        tool = parse_model(FunctionTool, raw, prefix=prefix)
-        translation.ignored += ignored_fields(tool, prefix)
+        tool = parse_part(FunctionTool, raw, prefix, translation.ignored)
         name = tool.name
         if namespace is not None:
             name = flat_name(namespace, tool.name)

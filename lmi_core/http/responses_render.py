@@ -19,6 +19,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lmi_core.http.common import Stopped
@@ -35,6 +36,25 @@ def _id(prefix: str) -> str:
 def reasoning_of(delta: dict[str, Any]) -> str:
     """A chat message's or delta's reasoning text, under either of its names."""
     return str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """An output item that holds text: its id prefix, its own fields, its content part (``type``
+    names its events, ``response.<type>.delta`` and ``.done``), and what its text events add."""
+
+    prefix: str
+    fields: dict[str, Any]
+    part: dict[str, Any]
+    extra: dict[str, Any]
+
+
+TEXT_ITEMS = {
+    "message": TextItem(
+        "msg", {"role": "assistant"}, {"type": "output_text", "annotations": []}, {"logprobs": []}
+    ),
+    "reasoning": TextItem("rs", {"summary": []}, {"type": "reasoning_text"}, {}),
+}
 
 
 class OutputItems:
@@ -72,52 +92,40 @@ class OutputItems:
             )
         return events
 
+    def _text(self, kind: str, text: str) -> list[Event]:
+        """``text`` for the open item of ``kind`` (``message`` or ``reasoning``), opened if need be."""
+        shape = TEXT_ITEMS[kind]
+        events: list[Event] = []
+        item = self.open
+        if item is None or item["type"] != kind:
+            fresh = {
+                "id": _id(shape.prefix),
+                "type": kind,
+                **shape.fields,
+                "content": [],
+                "status": "in_progress",
+            }
+            events += self._start(fresh, {**shape.part, "text": ""})
+        self.text += text
+        events.append(
+            {
+                "type": f"response.{shape.part['type']}.delta",
+                **self._where(),
+                "content_index": 0,
+                "delta": text,
+                **shape.extra,
+            }
+        )
+        return events
+
     def add(self, delta: dict[str, Any]) -> list[Event]:
         """Feed a chat delta (or a whole chat message): its reasoning, content and tool calls."""
-        events = []
+        events: list[Event] = []
         reasoning = reasoning_of(delta)
         if reasoning:
-            item = self.open
-            if item is None or item["type"] != "reasoning":
-                fresh = {
-                    "id": _id("rs"),
-                    "type": "reasoning",
-                    "summary": [],
-                    "content": [],
-                    "status": "in_progress",
-                }
-                events += self._start(fresh, {"type": "reasoning_text", "text": ""})
-            self.text += reasoning
-            events.append(
-                {
-                    "type": "response.reasoning_text.delta",
-                    **self._where(),
-                    "content_index": 0,
-                    "delta": reasoning,
-                }
-            )
-        content = delta.get("content")
-        if content:
-            item = self.open
-            if item is None or item["type"] != "message":
-                fresh = {
-                    "id": _id("msg"),
-                    "type": "message",
-                    "role": "assistant",
-                    "content": [],
-                    "status": "in_progress",
-                }
-                events += self._start(fresh, {"type": "output_text", "text": "", "annotations": []})
-            self.text += content
-            events.append(
-                {
-                    "type": "response.output_text.delta",
-                    **self._where(),
-                    "content_index": 0,
-                    "delta": content,
-                    "logprobs": [],
-                }
-            )
+            events += self._text("reasoning", reasoning)
+        if delta.get("content"):
+            events += self._text("message", delta["content"])
         for index, call in enumerate(delta.get("tool_calls") or []):
             events += self._call(call.get("index", index), call)
         return events
@@ -165,14 +173,12 @@ class OutputItems:
             }
             events.append(done)
         else:
-            reasoning = item["type"] == "reasoning"
-            part: dict[str, Any] = {"type": "reasoning_text" if reasoning else "output_text", "text": text}
-            kind = "reasoning_text" if reasoning else "output_text"
-            done = {"type": f"response.{kind}.done", **where, "content_index": 0, "text": text}
-            if not reasoning:
-                part["annotations"] = []
-                done["logprobs"] = []
-            events.append(done)
+            shape = TEXT_ITEMS[item["type"]]
+            part = {**shape.part, "text": text}
+            kind = part["type"]
+            events.append(
+                {"type": f"response.{kind}.done", **where, "content_index": 0, "text": text, **shape.extra}
+            )
             events.append({"type": "response.content_part.done", **where, "content_index": 0, "part": part})
             item["content"] = [part]
         item["status"] = "completed"

@@ -7,6 +7,7 @@ differs from ``ModelServer`` only in where the snapshots come from.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -210,3 +211,19 @@ def app(models: FakeModels, **config: Any) -> Starlette:
 
 def client(models: FakeModels, **config: Any) -> TestClient:
     return TestClient(app(models, **config), raise_server_exceptions=False)
+
+
+def named_events(http: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed Responses or Messages request, each checked to be named by its type
+    (``event: <type>`` then ``data: <json>``)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    found = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        found.append(event)
+    return found

@@ -13,7 +13,7 @@ from lmi_core.http.anthropic_protocol import MessagesRequest
 from lmi_core.http.anthropic_render import SIGNATURE, ContentBlocks, MessageRender
 from lmi_core.http.openai_render import Call
 from lmi_core.operations import Tokenize
-from tests.http.fakes import FakeModel, FakeModels, client, model, pool, worker
+from tests.http.fakes import FakeModel, FakeModels, client, model, named_events, pool, worker
 
 HERMES = {"enable_auto_tool_choice": "true", "tool_call_parser": "hermes"}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -34,16 +34,7 @@ def models(tokens: tuple[str, ...] = ("Hel", "lo"), finish: str = "eos_token", *
 
 
 def events(http: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
-    with http.stream("POST", "/v1/messages", json={"model": "a", **body, "stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        text = response.read().decode()
-    found = []
-    for block in text.strip().split("\n\n"):
-        name, data = block.split("\n")
-        event = json.loads(data.removeprefix("data: "))
-        assert name == f"event: {event['type']}"
-        found.append(event)
-    return found
+    return named_events(http, "/v1/messages", {"model": "a", **body})
 
 
 def test_a_message_answers_anthropic_s_shape_with_the_chat_output() -> None:

@@ -20,7 +20,7 @@ from lmi_core.http.response_store import ResponseStore, ResponseStores, StoredRe
 from lmi_core.http.responses_protocol import ResponsesRequest
 from lmi_core.http.responses_render import OutputItems, ResponseRender
 from lmi_core.serving.routing import RequestContext
-from tests.http.fakes import FakeModel, FakeModels, app, client, model, pool, worker
+from tests.http.fakes import FakeModel, FakeModels, app, client, model, named_events, pool, worker
 
 TOOLS = [
     {
@@ -41,18 +41,7 @@ def models(tokens: tuple[str, ...] = ("Hel", "lo"), **options: str) -> FakeModel
 
 
 def events(http: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The named server-sent events of a streamed response, checked for their framing."""
-    with http.stream("POST", "/v1/responses", json={"model": "a", **body, "stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        text = response.read().decode()
-    found = []
-    for block in text.strip().split("\n\n"):
-        name, data = block.split("\n")
-        event = json.loads(data.removeprefix("data: "))
-        assert name == f"event: {event['type']}"
-        found.append(event)
-    return found
+    return named_events(http, "/v1/responses", {"model": "a", **body})
 
 
 def test_a_string_input_answers_a_response_object_with_the_chat_output() -> None:
