@@ -60,10 +60,9 @@ async def create_response(request: Request) -> Response:
     chat = body.chat_request(messages, translation.tools)
     call = chat_call(pool, chat, body.constraint()).with_adapter(adapter)
     call.prompt_field = "input"
-    stored = store is not None and body.store
-    render = ResponseRender(body, call, translation.namespaces, stored)
+    render = ResponseRender(body, call, translation.namespaces, stored=store is not None and body.store)
     entry = None
-    if store is not None and stored:
+    if store is not None and body.store:
         entry = StoredResponse(render.response("in_progress", []), messages, session or render.id)
         store.put(render.id, entry)
         context = request_context(request)
@@ -80,9 +79,11 @@ async def create_response(request: Request) -> Response:
         response = await run_call(request, call, framing, render.result, entry.stop if entry else None)
     except Stopped:  # cancelled before its first token
         if body.stream:
-            return await stream_response(request, render.events(_stopped()), named_sse, EVENT_STREAM)
-        response = JSONResponse(render.response("cancelled", []))
-        render.on_end(render.response("cancelled", []))
+            response = await stream_response(request, render.events(_stopped()), named_sse, EVENT_STREAM)
+        else:
+            cancelled = render.response("cancelled", [])
+            render.on_end(cancelled)
+            response = JSONResponse(cancelled)
     except (ServiceError, ClientDisconnected) as exc:
         if entry is not None:  # the stored response ended with the request
             error = {"code": str(exc.status), "message": str(exc)} if isinstance(exc, ServiceError) else None
