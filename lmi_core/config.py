@@ -142,6 +142,11 @@ class ModelConfig(_Strict):
     routing_kv_weight: float = Field(0.5, ge=0)
     routing_imbalance_abs: int = Field(8, ge=0)
     routing_imbalance_rel: float = Field(1.5, ge=1)
+    # The Responses API's store (docs/api.md): "off" is stateless; "memory" keeps up to
+    # responses_store_size responses (least recently used dropped first) for responses_store_ttl seconds.
+    responses_store: Literal["off", "memory"] = "off"
+    responses_store_ttl: float = Field(3600.0, gt=0)
+    responses_store_size: int = Field(1000, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # Filled by ``resolve`` from the plugins.
@@ -200,6 +205,9 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.responses_store": "responses_store",
+    "option.responses_store_ttl": "responses_store_ttl",
+    "option.responses_store_size": "responses_store_size",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(

@@ -11,12 +11,13 @@ ignored parameter is a wrong answer the client cannot see.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
+from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
 from lmi_core.option_values import default_chat_template_kwargs
@@ -31,6 +32,7 @@ TOKEN_ID_DIGITS = 9  # a token id below 10**9 (every vocabulary; keeps it 32-bit
 SEED_RANGE = 2**63
 
 
+Part = TypeVar("Part", bound=BaseModel)
 LOGIT_BIAS_RANGE = 100.0  # OpenAI: each bias in [-100, 100]
 
 
@@ -52,6 +54,14 @@ def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
                 if isinstance(item, BaseModel):
                     found += ignored_fields(item, f"{prefix}{name}.{i}.")
     return found
+
+
+def parse_part(cls: type[Part], raw: Any, prefix: str, ignored: list[str]) -> Part:
+    """``raw``, one part of a body (an input item, a block, a tool), as ``cls``: a 400 naming
+    ``prefix`` + its field when it is invalid; its unknown fields appended to ``ignored``."""
+    part: Part = parse_model(cls, raw, prefix=prefix)
+    ignored += ignored_fields(part, prefix)
+    return part
 
 
 class StreamOptions(OpenAIBody):

@@ -61,6 +61,13 @@ class Call:
     reasoning: Callable[[], ReasoningParser | None] | None = None
     include_reasoning: bool = True  # the thinking is shown (reasoning_content and reasoning) or dropped
     adapter: LoraAdapter | None = None  # the LoRA adapter every generation runs with
+    # The API the request came in on, where it is not chat's own (Responses, Messages): the dialect
+    # of an error once streaming began, and the field an engine's prompt error names.
+    dialect: errors.Dialect = "openai"
+    prompt_field: str | None = None
+    # Each generation's end as the engine reported it, recorded as it is rendered (the Messages API
+    # reads the engine's own reason: a stop sequence, not only OpenAI's "stop").
+    finished: dict[int, Finished] = field(default_factory=dict)
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -69,7 +76,7 @@ class Call:
 
     @property
     def prompt_param(self) -> str:
-        return "messages" if self.chat else "prompt"
+        return self.prompt_field or ("messages" if self.chat else "prompt")
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -258,7 +265,7 @@ def _finish_reason(event: Finished) -> str:
 
 def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str, Any]:
     """The non-streamed response object."""
-    choices, finished = [], {}
+    choices, finished = [], call.finished
     prompt_logprobs = None
     for index, events in enumerate(results):
         tokens = [e for e in events if isinstance(e, Token)]
@@ -305,7 +312,7 @@ async def render_chunks(
         return {**call.envelope(chunk=True), "choices": [choice], **usage}
 
     offsets = [len(text) for text in call.echo]
-    finished: dict[int, Finished] = {}
+    finished = call.finished
     streams = [ChoiceStream(call) for _ in call.echo] if call.parsed else None
     # Parsed choices: the tokens whose text a parser holds back, until a delta can carry their logprobs.
     unshown: list[list[Token]] = [[] for _ in call.echo]
@@ -341,7 +348,7 @@ async def render_chunks(
                 reason = streams[index].finish_reason(_finish_reason(event))
                 yield chunk(_delta_choice(index, {}, _unshown_logprobs(unshown[index]), reason))
     except ServiceError as exc:
-        yield errors.body(exc, "openai")  # headers are sent: the error becomes the last chunk
+        yield errors.body(exc, call.dialect)  # headers are sent: the error becomes the last chunk
         return
     if call.include_usage:
         yield {**call.envelope(chunk=True), "choices": [], "usage": _usage(call, finished)}
@@ -367,6 +374,13 @@ async def sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[by
     async for obj in chunks:
         yield b"data: " + _json(obj) + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+async def named_sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
+    """Server-sent events named by their ``type`` (the Responses and Messages APIs' framing, as vLLM
+    writes it: ``event: <type>`` then ``data: <json>``); no ``[DONE]``, the last event says the end."""
+    async for event in events:
+        yield b"event: " + event["type"].encode() + b"\ndata: " + _json(event) + b"\n\n"
 
 
 async def jsonlines(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
