@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import LoraSettings, lora_settings
+from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -148,6 +148,11 @@ class ModelConfig(_Strict):
     routing_kv_weight: float = Field(0.5, ge=0)
     routing_imbalance_abs: int = Field(8, ge=0)
     routing_imbalance_rel: float = Field(1.5, ge=1)
+    # The Responses API's store (docs/api.md): "off" is stateless; "memory" keeps up to
+    # responses_store_size responses (least recently used dropped first) for responses_store_ttl seconds.
+    responses_store: Literal["off", "memory"] = "off"
+    responses_store_ttl: float = Field(3600.0, gt=0)
+    responses_store_size: int = Field(1000, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # Filled by ``resolve`` from the plugins.
@@ -206,6 +211,9 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.responses_store": "responses_store",
+    "option.responses_store_ttl": "responses_store_ttl",
+    "option.responses_store_size": "responses_store_size",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(
@@ -269,6 +277,7 @@ def build_model_config(
     if low is not None and high is not None and low > high:
         raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
+    default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
     return config
 
 

@@ -3,7 +3,8 @@
 Invariant: an engine's generation and its ``Tokenize`` operation (``PromptCodec``) encode a prompt
 through the same ``encode_prompt``, so ``/tokenize`` and ``count_tokens`` give exactly the prompt
 tokens a generation of the same request counts: token ids as they are (checked against the
-vocabulary), chat messages through the tokenizer's chat template (with the request's tools), whose
+vocabulary), chat messages through the tokenizer's chat template (``chat_text``: with the request's
+tools and chat_template_kwargs; TensorRT-LLM, which tokenizes itself, uses it alone), whose
 text is then encoded without special tokens (the template writes its own, as vLLM's chat path
 does), text with them. Each failure is a 400 naming the request's field. ``tokenizer`` is a Hugging
 Face tokenizer (``apply_chat_template``, ``encode``); no import of transformers here, so any
@@ -47,18 +48,7 @@ def encode_prompt(
         check_token_ids(request.prompt_ids, vocab_size)
         ids, text, param = list(request.prompt_ids), decode(request.prompt_ids), "inputs"
     elif request.messages is not None:
-        if not tokenizer.chat_template:
-            raise BadRequestError("this model's tokenizer has no chat template", param="messages")
-        try:
-            text = tokenizer.apply_chat_template(
-                request.messages,
-                tools=request.tools,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
-        except Exception as exc:  # a template that rejects these messages (raise_exception)
-            raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
+        text = chat_text(request, tokenizer, add_generation_prompt, continue_final_message)
         ids, param = list(tokenizer.encode(text, add_special_tokens=bool(add_special_tokens))), "messages"
     elif request.prompt:
         text, param = request.prompt, "inputs"
@@ -68,6 +58,31 @@ def encode_prompt(
     if not ids:
         raise BadRequestError("the prompt is empty", param=param)
     return Prompt(ids, str(text), param)
+
+
+def chat_text(
+    request: GenerationRequest,
+    tokenizer: Any,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """``request.messages`` through the tokenizer's chat template, with the request's tools and its
+    ``chat_template_kwargs`` as template variables; a 400 naming ``messages`` when the model has no
+    template or the template refuses the messages (its ``raise_exception``)."""
+    if not getattr(tokenizer, "chat_template", True):  # a wrapper without the attribute may still have one
+        raise BadRequestError("this model's tokenizer has no chat template", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            request.messages,
+            tools=request.tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(request.chat_template_kwargs or {}),
+        )
+    except Exception as exc:
+        raise BadRequestError(f"cannot apply the model's chat template: {exc}", param="messages") from None
+    return str(text)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""Error bodies in the three dialects a client of this server parses, chosen by path.
+"""Error bodies in the four dialects a client of this server parses, chosen by path.
 
 Invariant: every error this server answers goes through ``render`` (a response) or ``body`` (a
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
-request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, the rest of
-``/v1`` OpenAI's error object, every other route DJL's. The status code is the error's in every
-dialect, and an error that says when to come back (a full queue, a tenant over its budget) adds
-``Retry-After``.
+request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, Anthropic's
+Messages routes Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other
+route DJL's. The status code is the error's in every dialect, and an error that says when to come
+back (a full queue, a tenant over its budget) adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from starlette.responses import JSONResponse
 
 from lmi_core.errors import BadRequestError, ServiceError
 
-Dialect = Literal["djl", "openai", "vllm"]
+Dialect = Literal["djl", "openai", "vllm", "anthropic"]
 
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
 VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
+ANTHROPIC_PREFIX = "/v1/messages"  # /v1/messages and /v1/messages/count_tokens
 
 # OpenAI's error types by status; other statuses: server_error from 500 up, else invalid_request_error.
 OPENAI_TYPES = {
@@ -34,12 +35,27 @@ OPENAI_TYPES = {
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+# Anthropic's error types by status (its API reference); other statuses: api_error. A full queue (503)
+# is its overloaded_error, which its SDK retries.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 def dialect_for(path: str) -> Dialect:
     """The error shape the clients of ``path`` parse."""
     if path in VLLM_PATHS:
         return "vllm"
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return "anthropic"
     return "openai" if path.startswith("/v1/") else "djl"
 
 
@@ -64,10 +80,20 @@ def _vllm(exc: ServiceError) -> dict[str, Any]:
     return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.status}}
 
 
+def _anthropic(exc: ServiceError) -> dict[str, Any]:
+    """Anthropic's ``{"type": "error", "error": {"type", "message"}}``; the message names the field at
+    fault (its envelope has no ``param``)."""
+    return {
+        "type": "error",
+        "error": {"type": ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": str(exc)},
+    }
+
+
 DIALECTS: dict[Dialect, Callable[[ServiceError], dict[str, Any]]] = {
     "djl": _djl,
     "openai": _openai,
     "vllm": _vllm,
+    "anthropic": _anthropic,
 }
 
 

@@ -18,6 +18,7 @@ from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import (
     collect,
     collect_each,
+    merge,
     new_request_id,
     read_json,
     stream_response,
@@ -135,7 +136,7 @@ async def _batch(
     context = request_context(request)
     streams = [state.instrument(pool, g, context) for g in generations]
     # One failed (or the client left): merge closes the rest, which cancels their generations.
-    results = await until_disconnected(request, collect_each(streams))
+    results = await until_disconnected(request, collect_each(merge(streams), len(streams)))
     return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
 
 

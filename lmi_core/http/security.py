@@ -2,10 +2,11 @@
 management has its own.
 
 With an API key set (the server's ``api_key``, or a tenant's in the tenants file), every route
-except ``/ping`` (load balancers' health checks carry no secret) needs ``Authorization: Bearer
-KEY`` (or ``x-api-key: KEY``); that includes ``/metrics`` (Prometheus sends bearer tokens) and the
-management routes. Every request that passes gets its tenant (``serving.tenants``) here, the one
-place a request's key is read. CORS is off unless allowed origins are configured.
+except ``/ping`` (load balancers' health checks carry no secret) needs ``Authorization: Bearer KEY``
+or ``x-api-key: KEY`` (Anthropic's clients send the key that way); that includes ``/metrics``
+(Prometheus sends bearer tokens) and the management routes. Every request that passes gets its
+tenant (``serving.tenants``) here, the one place a request's key is read. CORS is off unless allowed
+origins are configured.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ SHARED_PATHS = frozenset({"/ping", "/health", "/live", "/openapi.json"})
 _TENANT = "lmi_tenant"
 
 
-def presented_key(headers: dict[bytes, bytes]) -> str | None:
-    """The API key a request presents: ``Authorization: Bearer KEY``, else ``x-api-key: KEY`` (the
-    header Anthropic's clients and LiteLLM's key budgets use); None: none."""
+def presented_keys(headers: dict[bytes, bytes]) -> list[str]:
+    """The API keys a request presents: ``Authorization: Bearer KEY``, then ``x-api-key: KEY`` (the
+    header Anthropic's clients send). Either one valid is enough."""
+    keys = []
     scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
     if scheme.lower() == b"bearer" and key:
-        return key.decode("latin-1")
-    other = headers.get(b"x-api-key")
-    return other.decode("latin-1") if other else None
+        keys.append(key.decode("latin-1"))
+    if other := headers.get(b"x-api-key"):
+        keys.append(other.decode("latin-1"))
+    return keys
 
 
 def tenant_of(scope: Scope) -> Tenant | None:
@@ -56,7 +59,7 @@ class ApiKeyMiddleware(HttpMiddleware):
         headers = dict(scope["headers"])
         fairness_id = headers.get(FAIRNESS_HEADER)
         tenant = self.tenants.identify(
-            presented_key(headers), fairness_id.decode("latin-1") if fairness_id else None, self.api_key
+            presented_keys(headers), fairness_id.decode("latin-1") if fairness_id else None, self.api_key
         )
         if tenant is None and scope["path"] not in OPEN_PATHS:
             error = AuthenticationError("missing or invalid API key")
@@ -74,7 +77,14 @@ def allow_cors(app: Starlette, origins: Sequence[str]) -> None:
         CORSMiddleware,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-Id"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-Id",
+            "X-Api-Key",
+            "Anthropic-Version",
+            "Anthropic-Beta",
+        ],
         expose_headers=["X-Request-Id", "Retry-After"],
     )
 

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
+from lmi_core.http.response_store import ResponseStores
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
@@ -95,3 +96,5 @@ class AppState:
     instrument: Instrument = _plain
     # Who each request is for (API keys, budgets, shares); by default one tenant, no budget.
     tenants: Tenants = field(default_factory=Tenants)
+    # The Responses API's stored responses, of the models that keep them (option.responses_store).
+    responses: ResponseStores = field(default_factory=ResponseStores)

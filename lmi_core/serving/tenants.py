@@ -380,12 +380,14 @@ class Tenants:
         """The server's tenants (``tenants_file``, ``trust_tenant_header``): a bad file raises here."""
         return cls(config.tenants_file, config.trust_tenant_header)
 
-    def identify(self, key: str | None, fairness_id: str | None, api_key: str | None = None) -> Tenant | None:
-        """The tenant of a request presenting API ``key`` (None: no key) and fairness header
-        ``fairness_id``, on a server whose own key is ``api_key``; None when a key is needed (the
-        server has one, or some tenant has) and ``key`` is none of them."""
+    def identify(
+        self, keys: Sequence[str], fairness_id: str | None, api_key: str | None = None
+    ) -> Tenant | None:
+        """The tenant of a request presenting API ``keys`` (the first that is valid counts) and
+        fairness header ``fairness_id``, on a server whose own key is ``api_key``; None when a key is
+        needed (the server has one, or some tenant has) and no key presented is one of them."""
         self.reload_if_changed()
-        if key is not None:
+        for key in keys:
             # Constant time against the server's key: no guessing it by timing. A tenant's key is
             # looked up by its digest, which tells nothing of the key.
             if api_key is not None and hmac.compare_digest(key.encode(), api_key.encode()):

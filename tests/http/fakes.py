@@ -7,6 +7,7 @@ differs from ``ModelServer`` only in where the snapshots come from.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -105,6 +106,7 @@ class FakeModel:
         error: ServiceError | None = None,
         options: dict[str, str] | None = None,
         max_model_len: int | None = None,
+        finish: str = "length",
     ):
         self.name = name
         self.loaded_at = 1_700_000_000.0
@@ -114,6 +116,7 @@ class FakeModel:
         self.adapter_changes: list[tuple[str, LoraAdapter]] = []
         self.adapters = adapter_registry(self.config, lambda op, a: self.adapter_changes.append((op, a)))
         self.tokens = tokens
+        self.finish = finish  # the engine's finish reason
         self.error = error
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
@@ -130,7 +133,7 @@ class FakeModel:
             raise self.error
         for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
             yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
-        yield Finished("length", 3, len(self.tokens), request.prompt or "")
+        yield Finished(self.finish, 3, len(self.tokens), request.prompt or "")
 
     async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
         """Tokenize: one id per character of the prompt (or of the messages' contents); detokenize:
@@ -211,3 +214,19 @@ def app(models: FakeModels, **config: Any) -> Starlette:
 
 def client(models: FakeModels, **config: Any) -> TestClient:
     return TestClient(app(models, **config), raise_server_exceptions=False)
+
+
+def named_events(http: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed Responses or Messages request, each checked to be named by its type
+    (``event: <type>`` then ``data: <json>``)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    found = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        found.append(event)
+    return found

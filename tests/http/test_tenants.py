@@ -53,13 +53,15 @@ def test_a_tenants_key_names_its_tenant_and_other_keys_are_refused(tmp_path: Pat
     assert http.get("/ping").status_code == 200  # open paths stay open
 
 
-def test_a_key_may_come_as_x_api_key_and_bearer_wins_over_it(tmp_path: Path) -> None:
+def test_a_key_may_come_as_x_api_key_and_the_first_valid_key_counts(tmp_path: Path) -> None:
     fake = FakeModel("m")
     http = client(models(fake), tenants_file=tenants_file(tmp_path), api_key="server-key")
     assert http.post("/invocations", json={"inputs": "x"}, headers={"x-api-key": KEY_A}).status_code == 200
     both = {**bearer("server-key"), "x-api-key": KEY_A}
     assert http.post("/invocations", json={"inputs": "x"}, headers=both).status_code == 200
-    assert [c.tenant.name for c in fake.contexts if c is not None and c.tenant] == ["a", "default"]
+    wrong_bearer = {**bearer("wrong"), "x-api-key": KEY_A}
+    assert http.post("/invocations", json={"inputs": "x"}, headers=wrong_bearer).status_code == 200
+    assert [c.tenant.name for c in fake.contexts if c is not None and c.tenant] == ["a", "default", "a"]
     assert http.post("/invocations", json={"inputs": "x"}, headers={"x-api-key": "wrong"}).status_code == 401
 
 
@@ -120,6 +122,8 @@ BUDGET = TenantBudgetError("tenant 'a' is over its max_concurrency budget", "max
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
         ("/invocations", {"inputs": "x"}),
         ("/invocations", {"inputs": "x", "stream": True}),
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/responses", {"model": "m", "input": "x"}),
     ],
 )
 def test_a_tenant_over_its_budget_gets_429_with_retry_after_in_the_routes_shape(
@@ -127,7 +131,9 @@ def test_a_tenant_over_its_budget_gets_429_with_retry_after_in_the_routes_shape(
 ) -> None:
     response = client(models(FakeModel("m", error=BUDGET))).post(path, json=body)
     assert response.status_code == 429 and response.headers["retry-after"] == "3"
-    if path.startswith("/v1/"):
+    if path == "/v1/messages":  # Anthropic's envelope has no param: the message names the budget
+        assert response.json()["error"] == {"type": "rate_limit_error", "message": str(BUDGET)}
+    elif path.startswith("/v1/"):
         error = response.json()["error"]
         assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", 429, "max_concurrency")
     else:

@@ -143,48 +143,48 @@ def test_priorities_are_clamped_to_the_tenants_range() -> None:
 
 def test_keys_name_tenants_and_every_request_needs_one_when_some_tenant_has_keys(tmp_path: Path) -> None:
     tenants = Tenants(write(tmp_path / "t.yaml", FILE))
-    assert tenants.identify(KEY_A, None) is not None and tenants.identify(KEY_A, None).name == "a"  # type: ignore[union-attr]
-    assert tenants.identify("unknown", None) is None
-    assert tenants.identify(None, None) is None
-    assert tenants.identify("server-key", None, api_key="server-key") is tenants.default
+    assert tenants.identify([KEY_A], None) is not None and tenants.identify([KEY_A], None).name == "a"  # type: ignore[union-attr]
+    assert tenants.identify(["unknown"], None) is None
+    assert tenants.identify((), None) is None
+    assert tenants.identify(["server-key"], None, api_key="server-key") is tenants.default
 
 
 def test_without_keys_the_tenant_is_default_or_the_trusted_fairness_header(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", "tenants:\n  batch: {weight: 0.5}\n")
     untrusted = Tenants(path)
-    assert untrusted.identify(None, "batch") is untrusted.default
-    assert untrusted.identify(None, None, api_key="k") is None  # a server key is still needed
+    assert untrusted.identify((), "batch") is untrusted.default
+    assert untrusted.identify((), None, api_key="k") is None  # a server key is still needed
     trusted = Tenants.from_config(ServerConfig(tenants_file=path, trust_tenant_header=True))
-    batch = trusted.identify(None, "batch")
+    batch = trusted.identify((), "batch")
     assert batch is not None and batch.spec.weight == 0.5 and batch.label == "batch"
-    flow = trusted.identify(None, "some-flow")
+    flow = trusted.identify((), "some-flow")
     assert flow is not None and flow.name == "some-flow" and flow.label == OTHER
-    assert trusted.identify(None, "some-flow") is flow  # its service and budgets are its own
-    assert trusted.identify(None, None) is trusted.default and trusted.default.label == DEFAULT
+    assert trusted.identify((), "some-flow") is flow  # its service and budgets are its own
+    assert trusted.identify((), None) is trusted.default and trusted.default.label == DEFAULT
 
 
 def test_a_tenant_named_default_configures_the_default_tenant(tmp_path: Path) -> None:
     tenants = Tenants(write(tmp_path / "t.yaml", "tenants:\n  default: {max_concurrency: 1}\n"))
-    assert tenants.identify(None, None) is tenants.default
+    assert tenants.identify((), None) is tenants.default
     assert tenants.default.spec.max_concurrency == 1
 
 
 def test_a_reload_swaps_settings_keeps_whats_in_flight_and_a_bad_file_changes_nothing(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", FILE)
     tenants = Tenants(path)
-    a = tenants.identify(KEY_A, None)
+    a = tenants.identify([KEY_A], None)
     assert a is not None
     lease = a.admit(10, 10, 0.0)
     write(tmp_path / "t.yaml", FILE.replace("weight: 2", "weight: 3").replace("  b:\n", "  c:\n"))
     assert tenants.reload()
-    assert tenants.identify(KEY_A, None) is a and a.spec.weight == 3.0 and a.in_flight == 1
-    assert tenants.identify(KEY_B, None).name == "c"  # type: ignore[union-attr]
+    assert tenants.identify([KEY_A], None) is a and a.spec.weight == 3.0 and a.in_flight == 1
+    assert tenants.identify([KEY_B], None).name == "c"  # type: ignore[union-attr]
     write(tmp_path / "t.yaml", "tenants: [")
     assert not tenants.reload()
-    assert tenants.identify(KEY_A, None) is a and a.spec.weight == 3.0
+    assert tenants.identify([KEY_A], None) is a and a.spec.weight == 3.0
     write(tmp_path / "t.yaml", "tenants: {}\n")
     assert tenants.reload()
-    assert tenants.identify(KEY_A, None) is tenants.default  # no keys any more: no key needed
+    assert tenants.identify([KEY_A], None) is tenants.default  # no keys any more: no key needed
     lease.release(20, 0.0)  # the removed tenant's request still ends cleanly
     assert a.in_flight == 0
 
@@ -193,11 +193,11 @@ def test_a_changed_file_is_reloaded_at_the_next_look(tmp_path: Path, monkeypatch
     monkeypatch.setattr(tenants_module, "RELOAD_CHECK", 0.0)
     path = write(tmp_path / "t.yaml", FILE)
     tenants = Tenants(path)
-    assert tenants.identify("new-key", None) is None
+    assert tenants.identify(["new-key"], None) is None
     replacement = tmp_path / "new.yaml"
     replacement.write_text(FILE + f"  c:\n    api_keys: ['{key_digest('new-key')}']\n")
     os.replace(replacement, path)  # as an editor or a config map swaps it
-    found = tenants.identify("new-key", None)
+    found = tenants.identify(["new-key"], None)
     assert found is not None and found.name == "c"
 
 
@@ -212,7 +212,7 @@ def test_metric_labels_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(tenants_module, "MAX_LABELS", 2)
     path = write(tmp_path / "t.yaml", "tenants:\n  x: {}\n  y: {}\n  z: {}\n")
     tenants = Tenants(path, trust_header=True)
-    labels = [tenants.identify(None, name).label for name in ("x", "y", "z")]  # type: ignore[union-attr]
+    labels = [tenants.identify((), name).label for name in ("x", "y", "z")]  # type: ignore[union-attr]
     assert labels == ["x", "y", OTHER]
 
 

@@ -188,10 +188,18 @@ requests = st.builds(
         seed=st.none() | st.integers(0, 2**32),
         stop_sequences=st.lists(st.text(max_size=5), max_size=3),
         logit_bias=st.lists(st.tuples(st.integers(0, 2**20), floats), max_size=3),
-        structured=st.none() | st.builds(StructuredOutput, st.sampled_from(["json", "regex"]), st.text()),
+        structured=st.none()
+        | st.builds(
+            StructuredOutput,
+            st.sampled_from(["json", "regex"]),
+            st.text(),
+            starts_after=st.none() | st.just("</think>"),
+        ),
         stream_interval=st.none() | st.integers(1, 16),
     ),
     prompt_ids=st.none() | st.lists(st.integers(0, 2**20), max_size=5),
+    chat_template_kwargs=st.none()
+    | st.dictionaries(st.text(max_size=10), st.booleans() | st.text(max_size=5), max_size=3),
     adapter=st.none() | adapters,
     resume_ids=st.lists(st.integers(0, 2**20), max_size=5),
 )

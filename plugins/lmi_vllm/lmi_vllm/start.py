@@ -11,13 +11,16 @@ import contextlib
 import glob
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import EngineError, WorkerContext
 from lmi_core.option_values import dtype, lora_settings
 from lmi_vllm.options import parse_options
+
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,38 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
 STRUCTURED_OUTPUTS_DEFAULTS: dict[str, Any] = {"backend": "guidance", "disable_any_whitespace": True}
 
 
+def vllm_reasoning_parser(options: Mapping[str, Any]) -> str | None:
+    """The vLLM reasoning parser for ``option.reasoning_parser``: vLLM's own of the same name (lmi's
+    built-in names are vLLM's), which its structured-output manager uses to hold a grammar back until
+    the thinking ends. None when unset, or when vLLM has no parser of that name (a plugin's own
+    parser): a constrained request that thinks is then refused (``VllmEngine.sampling_params``)."""
+    name = options.get("reasoning_parser")
+    if not name:
+        return None
+    from vllm.reasoning import ReasoningParserManager
+
+    if name in ReasoningParserManager.list_registered():
+        return str(name)
+    logger.warning(
+        "vLLM has no reasoning parser %r: requests that think cannot have a constrained output", name
+    )
+    return None
+
+
+def structured_outputs_config(engine_args: dict[str, Any], reasoning_parser: str | None) -> Any:
+    """vLLM's structured-outputs config: ``option.structured_outputs_config`` or lmi's defaults, with
+    the reasoning parser (set there, not as vLLM's ``reasoning_parser`` engine argument, which also
+    turns on its thinking-budget state in every step)."""
+    given = engine_args.get("structured_outputs_config")
+    if given is None:
+        from vllm.config import StructuredOutputsConfig
+
+        return StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS, reasoning_parser=reasoning_parser or "")
+    if reasoning_parser and isinstance(given, dict):  # the option's JSON: its own parser wins
+        return {"reasoning_parser": reasoning_parser, **given}
+    return given
+
+
 def stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
     """A vLLM stat logger that keeps the scheduler's running / waiting counts in ``counts``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -132,7 +167,7 @@ def set_envs_cache(enabled: bool) -> None:
         switch()
 
 
-def drop_prometheus_logger(llm: Any) -> None:
+def drop_prometheus_logger(llm: AsyncLLM) -> None:
     """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
     server process, and vLLM's registry here is never read, yet recording into it every engine step
     was 5.4% of the worker's busy samples at concurrency 1. vLLM's log lines and lmi's own
