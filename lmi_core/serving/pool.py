@@ -49,6 +49,7 @@ from lmi_core.errors import (
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.operations import Operation
+from lmi_core.pooling import wrong_task
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.observer import NoObserver, PoolObserver
@@ -151,6 +152,7 @@ class WorkerPool:
         # The engine's context length, as the last worker that loaded reported it (its workers all
         # load the same engine); None until one has, or when the engine does not say.
         self.max_model_len: int | None = None
+        self.task = config.pooling.task  # generations go to text-generation models only
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
@@ -528,6 +530,8 @@ class WorkerPool:
         ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
         appended before the first event is yielded (so a response can name its worker before it starts).
         """
+        if self.task != "text-generation":
+            raise wrong_task(self.name, self.task, "generation")
         started = time.monotonic()
         config = self.config
         client = context.client_timeout if context is not None else None
@@ -587,6 +591,8 @@ class WorkerPool:
         worker is ready. When its worker fails under it, it runs again on another (an operation is
         idempotent), at most ``max_migrations`` times, within its total deadline.
         """
+        if operation.tasks is not None and self.task not in operation.tasks:
+            raise wrong_task(self.name, self.task, operation.op)
         config = self.config
         client = context.client_timeout if context is not None else None
         limits = deadlines(time.monotonic(), config.predict_timeout, config.queue_timeout, client)

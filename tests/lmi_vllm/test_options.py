@@ -30,7 +30,7 @@ def model_config(**options: str) -> Any:
         ("dtype", "int3"),
         ("cpu_kvcache_space", "-1"),
         ("max_input_length", "0"),
-        ("task", "text-embedding"),
+        ("runner", "pooling"),  # reserved: option.task sets it
         ("max_num_seqs", "4"),  # reserved: lmi's option.max_rolling_batch_size sets it
     ],
 )

@@ -305,7 +305,7 @@ ERROR = EngineError("boom").to_wire()
         ({"t": "req", "id": 5, "request": REQUEST}, "'id' is int, not str"),
         ({"t": "req", "id": "r", "request": ["r"]}, "'request'"),
         ({"t": "req", "id": "r", "request": {"request_id": "r", "params": {"top_q": 1}}}, "'request'"),
-        ({"t": "op", "id": "r", "op": "embed", "args": {}}, "unknown operation 'embed'"),
+        ({"t": "op", "id": "r", "op": "classify", "args": {}}, "unknown operation 'classify'"),
         ({"t": "op", "id": "r", "args": {"ids": [1]}}, "no 'op'"),
         ({"t": "op", "op": "detokenize", "args": {"ids": [1]}}, "no 'id'"),
         ({"t": "op", "id": "r", "op": "detokenize"}, "no 'args'"),
