@@ -34,7 +34,7 @@ def _address(url: str, key: str = "inference_address") -> tuple[str, int]:
     return parsed.hostname, parsed.port or 8080
 
 
-def _models(args: argparse.Namespace) -> list[ModelConfig]:
+def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
     """One model per ``--model-dir`` (a model store's subdirectories each), or ``--model-id``'s."""
     model_id = args.model_id or os.environ.get("HF_MODEL_ID")
     directories = [d for given in args.model_dir or [] for d in model_directories(given)]
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         cors_allowed_origins=args.cors_allowed_origins,
     )
-    models = _models(args)
+    models = model_configs(args)
     pm = get_plugin_manager()
     for model in models:
         resolve_model(model, pm)  # fail fast on a bad backend or option, before binding the port
@@ -179,7 +179,7 @@ def doctor(args: argparse.Namespace) -> int:
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.launch.preflight import doctor as run_doctor
 
-    config = _models(args)[0]
+    config = model_configs(args)[0]
     return run_doctor(config, job_hosts(config))
 
 

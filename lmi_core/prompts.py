@@ -116,7 +116,9 @@ def pooling_inputs(operation: Embed, tokenizer: Any, vocab_size: int, limit: int
     param = operation.param
     items: list[str | list[int]] = list(operation.inputs)
     texts = [x for x in items if isinstance(x, str)]
-    encoded = iter(tokenizer(texts, truncation=operation.truncate, max_length=limit)["input_ids"])
+    encoded = iter(
+        tokenizer(texts, truncation=operation.truncate, max_length=limit)["input_ids"] if texts else []
+    )
     rows: list[list[int]] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
