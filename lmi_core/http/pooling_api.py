@@ -55,7 +55,10 @@ async def _parse(request: Request, kind: type[Any]) -> tuple[ServedModel, Any, l
 
 
 async def _perform(request: Request, pool: ServedModel, operation: Embed | Score) -> Any:
-    return await until_disconnected(request, pool.perform(operation, request_context(request)))
+    context = request_context(request)
+    if context is not None:  # the HTTP request's model label (lmi_http_requests), as a generation's
+        context.model = pool.name
+    return await until_disconnected(request, pool.perform(operation, context))
 
 
 def _inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
