@@ -7,7 +7,10 @@ request, one request at a time; in-process ``encode`` of one text at a time), ba
 request; ``encode`` of 32), and batch 1 at concurrency 32 (32 clients of one input each, which the
 server batches across requests, against in-process batch 32: the same work). The client's own CPU time
 per embedding is printed beside, with its share of one core: a client near one full core would be the
-limit, not the server.
+limit, not the server. ``--threads`` is the compute threads of every contender alike (torch's in
+process, ``OMP_NUM_THREADS`` of lmi's worker, vLLM's CPU thread binding): on a shared 2-core machine
+two threads of OpenMP spinning against other processes slowed one in-process ``encode`` of one text
+to a second, so the default is one.
 
     .venv/bin/python benchmarks/bench_embeddings.py [--texts 256] [--rounds 3]
     .venv-vllm/bin/python benchmarks/bench_embeddings.py --vllm   # adds vLLM's server and lmi-core on vLLM
@@ -57,9 +60,11 @@ def client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def in_process(texts: list[str], batch: int) -> Callable[[], None]:
+def in_process(texts: list[str], batch: int, threads: int) -> Callable[[], None]:
+    import torch
     from sentence_transformers import SentenceTransformer
 
+    torch.set_num_threads(threads)
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
 
     def run() -> None:
@@ -95,11 +100,19 @@ def timed(run: Callable[[], None], count: int) -> tuple[float, float]:
     return count / wall, (client_cpu() - cpu) * 1000 / count
 
 
-def servers(base: Path, with_vllm: bool) -> dict[str, Server]:
+def servers(base: Path, with_vllm: bool, threads: int) -> dict[str, Server]:
     source = minilm_dir()
-    found = {"lmi-core (hf)": Server(model_dir(base, MODEL, source, {"option.task": "text-embedding"}))}
+    lmi_env = {"OMP_NUM_THREADS": str(threads)}  # lmi's threads per worker on CPU
+    found = {
+        "lmi-core (hf)": Server(model_dir(base, MODEL, source, {"option.task": "text-embedding"}), lmi_env)
+    }
     if with_vllm:
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "VLLM_RPC_BASE_PATH": str(base)}
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "TORCHDYNAMO_DISABLE": "1",
+            "VLLM_RPC_BASE_PATH": str(base),
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        }
         vllm_properties = {"option.task": "text-embedding", "option.backend": "vllm", "option.dtype": "fp32"}
         found["lmi-core (vllm)"] = Server(
             model_dir(base, "vllm-" + MODEL, source, vllm_properties), env, timeout=600
@@ -113,14 +126,16 @@ def servers(base: Path, with_vllm: bool) -> dict[str, Server]:
     return found
 
 
-def compare(base: Path, count: int, rounds: int, with_vllm: bool) -> dict[str, dict[str, Any]]:
+def compare(
+    base: Path, count: int, rounds: int, with_vllm: bool, threads: int = 1
+) -> dict[str, dict[str, Any]]:
     """Per workload: the in-process embeddings/s (median over rounds) and each server's ratio to it."""
     texts = sentences(count)
-    running = servers(base, with_vllm)
+    running = servers(base, with_vllm, threads)
     try:
         table: dict[str, dict[str, Any]] = {}
         for workload, (batch, clients) in WORKLOADS.items():
-            baseline = in_process(texts, 32 if clients > 1 else batch)
+            baseline = in_process(texts, 32 if clients > 1 else batch, threads)
             runs: dict[str, list[tuple[float, float]]] = {"in-process": []}
             for _ in range(rounds):
                 runs["in-process"].append(timed(baseline, count))
@@ -159,9 +174,11 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=256, help="embeddings per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vllm", action="store_true", help="also vLLM's server and lmi-core on vLLM")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads of each contender")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lmi-bench-embed-"))
-    report(compare(base, args.texts, args.rounds, args.vllm))
+    print(f"{args.texts} embeddings per measurement, {args.rounds} rounds, {args.threads} thread(s) each")
+    report(compare(base, args.texts, args.rounds, args.vllm, args.threads))
 
 
 if __name__ == "__main__":

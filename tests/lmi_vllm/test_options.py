@@ -198,3 +198,28 @@ def test_bad_pass_through_option_names_the_key(key: str, value: str, message: st
 def test_validate_config_checks_pass_through_when_vllm_is_installed(pm: Any) -> None:
     with pytest.raises(ConfigError, match=r"option\.not_a_vllm_field"):
         pm.hook.validate_config(config=model_config(not_a_vllm_field="1"))
+
+
+@pytest.mark.parametrize(
+    ("options", "given", "expected"),
+    [
+        ({}, None, {}),
+        ({"task": "text-embedding"}, None, {"runner": "pooling", "pooler_config": {"use_activation": True}}),
+        (
+            {"task": "embed", "pooling": "mean", "normalize": "false"},
+            {"max_embed_len": 4},
+            {
+                "runner": "pooling",
+                "pooler_config": {"max_embed_len": 4, "seq_pooling_type": "MEAN", "use_activation": False},
+            },
+        ),
+        ({"task": "rerank"}, None, {"runner": "pooling", "pooler_config": None}),
+    ],
+)
+def test_a_pooling_task_runs_vllms_pooling_runner(
+    options: dict[str, str], given: dict[str, Any] | None, expected: dict[str, Any]
+) -> None:
+    from lmi_core.pooling import pooling_settings
+    from lmi_vllm.start import pooling_kwargs
+
+    assert pooling_kwargs(pooling_settings(options), given) == expected
