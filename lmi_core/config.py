@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
 from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
+from lmi_core.pooling import PoolingSettings, pooling_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -159,6 +160,11 @@ class ModelConfig(_Strict):
         return lora_settings(self.options)
 
     @property
+    def pooling(self) -> PoolingSettings:
+        """``option.task``, ``option.pooling``, ``option.normalize`` (validated by ``build_model_config``)."""
+        return pooling_settings(self.options)
+
+    @property
     def world_size(self) -> int:
         """Ranks per worker: tensor x pipeline parallel degree (``max`` resolved to devices)."""
         tp = self.tensor_parallel_degree
@@ -272,6 +278,7 @@ def build_model_config(
         raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
     default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
+    pooling_settings(options)  # and so does a bad task
     return config
 
 
@@ -300,6 +307,21 @@ def load_model_config(
     if name is not None:
         name = re.sub(r"\W", "_", name)
     return build_model_config(properties, model_dir=directory, name=name, environ=environ)
+
+
+def model_directories(path: str | os.PathLike[str]) -> list[str]:
+    """The model directories ``--model-dir`` names: ``path`` itself when it holds a model (a
+    ``serving.properties`` or a ``config.json``), else each subdirectory that does, by name (DJL's
+    model store: one ``lmi serve`` for a chat model, an embedding model and a reranker)."""
+    root = Path(path)
+    if not root.is_dir() or (root / PROPERTIES_FILE).is_file() or (root / "config.json").is_file():
+        return [str(root)]
+    found = [
+        str(child)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and ((child / PROPERTIES_FILE).is_file() or (child / "config.json").is_file())
+    ]
+    return found or [str(root)]
 
 
 def build_server_config(

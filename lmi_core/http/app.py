@@ -28,6 +28,7 @@ from lmi_core.http import (
     management,
     openai_api,
     openapi,
+    pooling_api,
     responses_api,
     tokenize_api,
 )
@@ -138,6 +139,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         *responses_api.routes,
         *anthropic_api.routes,
         *tokenize_api.routes,
+        *pooling_api.routes,
         *openapi.routes,
         *management.routes,
         *adapters.routes,

@@ -1,10 +1,11 @@
-"""Error bodies in the four dialects a client of this server parses, chosen by path.
+"""Error bodies in the five dialects a client of this server parses, chosen by path.
 
 Invariant: every error this server answers goes through ``render`` (a response) or ``body`` (a
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
-request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, Anthropic's
-Messages routes Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other
-route DJL's. The status code is the error's in every dialect, and a full queue adds ``Retry-After``.
+request's path: vLLM's own routes (LoRA, tokenize, score, rerank) answer vLLM's ``ErrorResponse``,
+TEI's ``/embed`` TEI's, Anthropic's Messages routes Anthropic's error envelope, the rest of ``/v1``
+OpenAI's error object, every other route DJL's. The status code is the error's in every dialect, and a
+full queue adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from starlette.responses import JSONResponse
 
 from lmi_core.errors import BadRequestError, QueueFullError, ServiceError
 
-Dialect = Literal["djl", "openai", "vllm", "anthropic"]
+Dialect = Literal["djl", "openai", "vllm", "tei", "anthropic"]
 
 RETRY_AFTER_SECONDS = "1"
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
-VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
+VLLM_PATHS = frozenset(
+    {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/score", "/rerank"}
+)
+# Text Embeddings Inference's routes.
+TEI_PATHS = frozenset({"/embed"})
 ANTHROPIC_PREFIX = "/v1/messages"  # /v1/messages and /v1/messages/count_tokens
 
 # OpenAI's error types by status; other statuses: server_error from 500 up, else invalid_request_error.
@@ -53,6 +58,8 @@ def dialect_for(path: str) -> Dialect:
     """The error shape the clients of ``path`` parse."""
     if path in VLLM_PATHS:
         return "vllm"
+    if path in TEI_PATHS:
+        return "tei"
     if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
         return "anthropic"
     return "openai" if path.startswith("/v1/") else "djl"
@@ -88,11 +95,18 @@ def _anthropic(exc: ServiceError) -> dict[str, Any]:
     }
 
 
+def _tei(exc: ServiceError) -> dict[str, Any]:
+    """TEI's ``ErrorResponse``: ``{"error", "error_type"}`` (Validation, Overloaded, Backend...)."""
+    kind = "Overloaded" if exc.status in (429, 503) else "Backend" if exc.status >= 500 else "Validation"
+    return {"error": str(exc), "error_type": kind}
+
+
 DIALECTS: dict[Dialect, Callable[[ServiceError], dict[str, Any]]] = {
     "djl": _djl,
     "openai": _openai,
     "vllm": _vllm,
     "anthropic": _anthropic,
+    "tei": _tei,
 }
 
 

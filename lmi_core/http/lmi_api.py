@@ -28,6 +28,7 @@ from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.openai_api import native_chat
+from lmi_core.http.pooling_api import pooling_invocation
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.serving.pool import ModelStatus
@@ -79,6 +80,8 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object", param="body")
     body = {k: v for k, v in body.items() if k != "model_name"}
+    if not pool.config.pooling.generates:  # an embedding model: DJL's bare vectors
+        return await pooling_invocation(request, pool, body)
     state: AppState = request.app.state.lmi
     if "messages" in body:
         chat_adapter = body.pop("adapters", None)

@@ -270,6 +270,7 @@ def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[s
         "root": adapter.path if adapter is not None else pool.config.model_id,
         "parent": pool.name if adapter is not None else None,
         "max_model_len": pool.max_model_len,
+        "task": pool.config.pooling.task,  # what the model serves: text-generation, text-embedding, rerank
     }
 
 

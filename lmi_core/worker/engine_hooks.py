@@ -1,6 +1,7 @@
 """The built-in worker hooks: start engines on the worker's loop, run requests, read stats, manage
 LoRA adapters, answer operations and shut down through the ``Engine`` protocol (``LoopEngine`` for
-the start, ``AdapterEngine`` for adapters, ``TokenizerEngine`` for tokenize and detokenize).
+the start, ``AdapterEngine`` for adapters, ``TokenizerEngine`` for tokenize and detokenize,
+``PoolingEngine`` for embed and score).
 
 Registered ``trylast`` in ``DEFAULT_PLUGINS`` (datasette's pattern), so every engine that
 ``load_engine`` returns is driven by these hooks unless a plugin implements one itself: a plugin's
@@ -27,7 +28,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
-from lmi_core.operations import Detokenize, Operation, Tokenize, TokenizerEngine
+from lmi_core.operations import Detokenize, Embed, Operation, PoolingEngine, Score, Tokenize, TokenizerEngine
 
 
 def no_adapters(engine: Engine, name: str) -> EngineError:
@@ -55,6 +56,10 @@ def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any
         return engine.tokenize(operation)
     if isinstance(operation, Detokenize) and isinstance(engine, TokenizerEngine):
         return engine.detokenize(operation.ids)
+    if isinstance(operation, Embed) and isinstance(engine, PoolingEngine):
+        return engine.embed(operation)
+    if isinstance(operation, Score) and isinstance(engine, PoolingEngine):
+        return engine.score(operation)
     message = f"this backend ({type(engine).__name__}) does not {operation.op}"
     raise EngineError(message, status=501, type="NotImplemented")
 
