@@ -1,10 +1,11 @@
-"""Error bodies in the three dialects a client of this server parses, chosen by path.
+"""Error bodies in the four dialects a client of this server parses, chosen by path.
 
 Invariant: every error this server answers goes through ``render`` (a response) or ``body`` (a
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
 request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, the rest of
-``/v1`` OpenAI's error object, every other route DJL's. The status code is the error's in every
-dialect, and a full queue adds ``Retry-After``.
+``/v1`` OpenAI's error object, TGI's routes TGI's ``{"error", "error_type"}``, every other route
+DJL's. The status code is the error's in every dialect, except where DJL answers another on its
+own routes (``DJL_STATUS``: a prompt too long is DJL's 424); a full queue adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from lmi_core.errors import BadRequestError, QueueFullError, ServiceError
+from lmi_core.errors import BadRequestError, PromptTooLongError, QueueFullError, ServiceError
 
-Dialect = Literal["djl", "openai", "vllm"]
+Dialect = Literal["djl", "openai", "vllm", "tgi"]
 
 RETRY_AFTER_SECONDS = "1"
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
 VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
+# TGI's routes (``lmi_core.http.tgi_api``): TGI's error body, which huggingface_hub raises by type.
+TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
+# DJL's status where it differs from the error's own, by error type (docs/api.md, "Status codes").
+DJL_STATUS = {PromptTooLongError.type: 424}
 
 # OpenAI's error types by status; other statuses: server_error from 500 up, else invalid_request_error.
 OPENAI_TYPES = {
@@ -39,12 +44,19 @@ def dialect_for(path: str) -> Dialect:
     """The error shape the clients of ``path`` parse."""
     if path in VLLM_PATHS:
         return "vllm"
+    if path in TGI_PATHS:
+        return "tgi"
     return "openai" if path.startswith("/v1/") else "djl"
+
+
+def status(exc: ServiceError, dialect: Dialect) -> int:
+    """The HTTP status of ``exc`` on a route of ``dialect``."""
+    return DJL_STATUS.get(exc.type, exc.status) if dialect == "djl" else exc.status
 
 
 def _djl(exc: ServiceError) -> dict[str, Any]:
     """DJL's ``{"code", "type", "message"}``, plus ``param`` when a field is at fault."""
-    body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}
+    body: dict[str, Any] = {"code": status(exc, "djl"), "type": exc.type, "message": str(exc)}
     if exc.param:
         body["param"] = exc.param
     return body
@@ -63,10 +75,20 @@ def _vllm(exc: ServiceError) -> dict[str, Any]:
     return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.status}}
 
 
+def _tgi(exc: ServiceError) -> dict[str, Any]:
+    """TGI's ``{"error", "error_type"}``: ``validation`` for a bad request, ``overloaded`` for a full
+    queue, else ``generation``."""
+    kind = "validation" if exc.status in (400, 413, 415, 422) else "generation"
+    if isinstance(exc, QueueFullError):
+        kind = "overloaded"
+    return {"error": str(exc), "error_type": kind}
+
+
 DIALECTS: dict[Dialect, Callable[[ServiceError], dict[str, Any]]] = {
     "djl": _djl,
     "openai": _openai,
     "vllm": _vllm,
+    "tgi": _tgi,
 }
 
 
@@ -79,4 +101,4 @@ def render(exc: ServiceError, dialect: Dialect) -> JSONResponse:
     """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` on a full queue (the
     client should come back, not give up)."""
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
-    return JSONResponse(body(exc, dialect), status_code=exc.status, headers=headers)
+    return JSONResponse(body(exc, dialect), status_code=status(exc, dialect), headers=headers)

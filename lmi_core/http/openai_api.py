@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,8 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.http import errors
 from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
     collect_each,
@@ -29,6 +31,7 @@ from lmi_core.http.common import (
     until_disconnected,
 )
 from lmi_core.http.context import request_context
+from lmi_core.http.formatters import OutputFormatter
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -142,8 +145,11 @@ def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Ca
 # -- running -------------------------------------------------------------------------------------
 
 
-async def run_call(request: Request, call: Call, framing: Framing) -> Response:
-    """Run ``call``'s generations; stream them in ``framing`` or answer once."""
+async def run_call(
+    request: Request, call: Call, framing: Framing, output: OutputFormatter | None = None
+) -> Response:
+    """Run ``call``'s generations; stream them in ``framing`` or answer once; each response object
+    through the model's custom ``output`` formatter when it has one (the native API)."""
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
@@ -152,10 +158,19 @@ async def run_call(request: Request, call: Call, framing: Framing) -> Response:
     try:
         if call.stream:
             frame, media_type = framing
-            events = merge(streams)
-            return await stream_response(request, events, lambda e: frame(render_chunks(call, e)), media_type)
+
+            def render(
+                events: AsyncGenerator[tuple[int, GenerationEvent], None],
+            ) -> AsyncGenerator[bytes, None]:
+                chunks = render_chunks(call, events)
+                if output is not None:
+                    chunks = output.each(chunks, lambda exc: errors.body(exc, "openai"))
+                return frame(chunks)
+
+            return await stream_response(request, merge(streams), render, media_type)
         results = await until_disconnected(request, collect_each(streams))
-        return JSONResponse(render_result(call, results))
+        result = render_result(call, results)
+        return JSONResponse(await output(result) if output is not None else result)
     except EngineError as exc:
         if exc.param == "inputs":  # the engine's name for the prompt
             exc.param = call.prompt_param
@@ -214,13 +229,22 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def native_chat(
-    request: Request, pool: ServedModel, body: dict[str, Any], adapter: LoraAdapter | None = None
+    request: Request,
+    pool: ServedModel,
+    body: dict[str, Any],
+    adapter: LoraAdapter | None = None,
+    framing: Framing = JSON_LINES,
+    stream: bool | None = None,
+    output: OutputFormatter | None = None,
 ) -> Response:
-    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
+    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines
+    (or in ``framing``; ``stream`` overrides the request's: DJL's chat output formatters)."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
     call = chat_call(pool, chat).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, JSON_LINES), ignored)
+    if stream is not None:
+        call.stream = stream
+    return with_ignored(await run_call(request, call, framing, output), ignored)
 
 
 def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:

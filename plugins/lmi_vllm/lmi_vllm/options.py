@@ -56,7 +56,7 @@ RESERVED: dict[str, str] = {
 }
 
 # DJL keys accepted for compatibility; they change nothing here.
-IGNORED = frozenset({"enable_streaming", "output_formatter", "rolling_batch", "mpi_mode"})
+IGNORED = frozenset({"enable_streaming", "rolling_batch", "mpi_mode"})
 
 TASKS = ("auto", "generate", "text-generation")
 
