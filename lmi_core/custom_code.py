@@ -53,6 +53,8 @@ def entry_point_file(model_dir: str | None, entry_point: str | None) -> str | No
     if entry_point is None or entry_point in DJL_HANDLERS:
         path = Path(model_dir or "", DEFAULT_FILE)
         return str(path.resolve()) if model_dir and path.is_file() else None
+    if "://" in entry_point:
+        raise ConfigError("option.entryPoint", entry_point, "a local .py file (lmi-core downloads no code)")
     if not entry_point.endswith(".py"):
         handlers = ", ".join(sorted(DJL_HANDLERS))
         raise ConfigError(

@@ -184,9 +184,12 @@ def test_formatters_run_on_every_streamed_line(server: ServerProcess) -> None:
     assert "generated_text" in lines[-1]
 
 
-def test_the_input_formatter_gets_the_engines_tokenizer(server: ServerProcess) -> None:
+def test_the_input_formatter_gets_the_engines_tokenizer(server: ServerProcess, demo_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    count = len(AutoTokenizer.from_pretrained(demo_model).encode("hello world"))
     result = invoke(server, "fmt", {"inputs": "x", "count_tokens": True, "parameters": {"details": True}})
-    assert result.json()["details"]["inputs"].split() == ["tokens", "2"]  # "hello world": 2 demo tokens
+    assert result.json()["details"]["inputs"] == f"tokens {count}"
 
 
 def test_formatters_apply_to_chat_on_the_native_api(server: ServerProcess) -> None:
@@ -368,6 +371,15 @@ def test_sse_chat_output_formatter_streams_openai_events(server: ServerProcess, 
 # -- TGI mode ------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub refuses every HTTP request in offline mode (HF_HUB_OFFLINE, set for the suite),
+    a local TGI server's included: its client needs it off; it reaches no hub for a URL model."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 def test_tgi_mode_answers_tgis_shapes_on_invocations(server: ServerProcess) -> None:
     result = invoke(server, "tgi", {"inputs": "hello", "parameters": {"max_new_tokens": 3}}).json()
     assert isinstance(result, list) and result[0]["details"]["generated_tokens"] == 3  # details by default
@@ -379,8 +391,10 @@ def test_tgi_mode_answers_tgis_shapes_on_invocations(server: ServerProcess) -> N
     assert events[-1]["generated_text"] and events[-1]["details"]["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("path", ["/invocations", "/generate", "/"])
+@pytest.mark.parametrize("path", ["/invocations", "/"])
+@pytest.mark.usefixtures("hub_online")
 def test_huggingface_hub_text_generation(server: ServerProcess, path: str) -> None:
+    """TGI mode's /invocations and TGI's compatibility route, streamed and not, with details."""
     from huggingface_hub import InferenceClient
 
     client = InferenceClient(model=f"{server.url}{path}?model_name=tgi")
@@ -397,17 +411,21 @@ def test_huggingface_hub_text_generation(server: ServerProcess, path: str) -> No
     assert streamed[-1].details.finish_reason == "length"
 
 
-def test_generate_stream_and_tgi_errors(server: ServerProcess) -> None:
+@pytest.mark.usefixtures("hub_online")
+def test_tgis_generate_routes_and_errors(server: ServerProcess) -> None:
     from huggingface_hub import InferenceClient
     from huggingface_hub.errors import ValidationError
 
-    client = InferenceClient(model=f"{server.url}/generate_stream?model_name=tgi")
-    assert len(list(client.text_generation("hello", max_new_tokens=3, stream=True))) == 3
+    generate = InferenceClient(model=f"{server.url}/generate?model_name=tgi")
+    output = generate.text_generation("hello", max_new_tokens=3, details=True)
+    assert output.details.generated_tokens == 3 and output.generated_text
+    stream = InferenceClient(model=f"{server.url}/generate_stream?model_name=tgi")
+    streamed = list(stream.text_generation("hello", max_new_tokens=3, stream=True, details=True))
+    assert "".join(s.token.text for s in streamed) == output.generated_text
     with pytest.raises(ValidationError):
-        InferenceClient(model=f"{server.url}/generate?model_name=tgi").text_generation("hi", max_new_tokens=0)
-    grammar = {"type": "regex", "value": "[0-9]{3}"}
-    text = InferenceClient(model=f"{server.url}/generate?model_name=tgi").text_generation(
-        "number:", max_new_tokens=3, grammar=grammar
+        generate.text_generation("hi", max_new_tokens=0)
+    text = generate.text_generation(
+        "number:", max_new_tokens=3, grammar={"type": "regex", "value": "[0-9]{3}"}
     )
     assert text.isdigit() and len(text) == 3
 
