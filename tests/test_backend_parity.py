@@ -433,10 +433,17 @@ def test_djl_batch_inputs_give_a_list_in_order(server: ServerProcess) -> None:
 
 def test_top_k_minus_one_is_no_top_k_as_in_djl(server: ServerProcess) -> None:
     """DJL's client (and vLLM) write "no top-k" as -1: the same draw as top_k 0, on every backend."""
-    sampled = {"do_sample": True, "temperature": 1.5, "seed": 3, "max_new_tokens": 8, "ignore_eos_token": True}
-    assert generate(server, PROMPT, top_k=-1, **sampled)["generated_text"] == generate(
-        server, PROMPT, top_k=0, **sampled
-    )["generated_text"]
+    sampled = {
+        "do_sample": True,
+        "temperature": 1.5,
+        "seed": 3,
+        "max_new_tokens": 8,
+        "ignore_eos_token": True,
+    }
+    assert (
+        generate(server, PROMPT, top_k=-1, **sampled)["generated_text"]
+        == generate(server, PROMPT, top_k=0, **sampled)["generated_text"]
+    )
 
 
 def test_decoder_input_details_give_the_prompts_tokens(server: ServerProcess) -> None:
@@ -450,7 +457,9 @@ def test_decoder_input_details_give_the_prompts_tokens(server: ServerProcess) ->
 
 def test_prompt_too_long_is_djls_424_natively_and_a_400_on_openai_routes(server: ServerProcess) -> None:
     native = post(server, "/invocations", {"inputs": TOO_LONG}, status=424)
-    assert native["code"] == 424 and native["param"] == "inputs" and native["type"] == "PromptTooLongException"
+    assert (
+        native["code"] == 424 and native["param"] == "inputs" and native["type"] == "PromptTooLongException"
+    )
     error = post(server, "/v1/completions", {"prompt": TOO_LONG, "max_tokens": 4}, status=400)["error"]
     assert error["param"] == "prompt" and error["type"] == "invalid_request_error"
     chat = [{"role": "user", "content": TOO_LONG}]

@@ -39,7 +39,8 @@ DEFAULT_CAPACITY = 1
 
 @hookimpl
 def register_backends() -> list[BackendSpec]:
-    return [BackendSpec(NAME, description="a model.py handle(inputs) function (DJL's Python engine)")]
+    spec = BackendSpec(NAME, description="a model.py handle(inputs) function (DJL's Python engine)", auto=False)
+    return [spec]
 
 
 @hookimpl
