@@ -39,8 +39,8 @@ DEFAULT_CAPACITY = 1
 
 @hookimpl
 def register_backends() -> list[BackendSpec]:
-    spec = BackendSpec(NAME, description="a model.py handle(inputs) function (DJL's Python engine)", auto=False)
-    return [spec]
+    description = "a model.py handle(inputs) function (DJL's Python engine)"
+    return [BackendSpec(NAME, description=description, auto=False)]
 
 
 @hookimpl
