@@ -107,7 +107,7 @@ WORDS = [
 ]
 
 
-def _corpus(lines: int, seed: int) -> list[str]:
+def corpus(lines: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     text = []
     for _ in range(lines):
@@ -181,7 +181,7 @@ def build_demo_model(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(2000, seed), trainer=trainer)
+    tokenizer.train_from_iterator(corpus(2000, seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

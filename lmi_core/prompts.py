@@ -8,7 +8,8 @@ tools and chat_template_kwargs; TensorRT-LLM, which tokenizes itself, uses it al
 text is then encoded without special tokens (the template writes its own, as vLLM's chat path
 does), text with them. Each failure is a 400 naming the request's field. ``tokenizer`` is a Hugging
 Face tokenizer (``apply_chat_template``, ``encode``); no import of transformers here, so any
-backend's environment can use it.
+backend's environment can use it. A pooling model's inputs and pairs are encoded here too
+(``pooling_inputs``, ``pooling_pairs``), the same way on every backend.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from lmi_core.engine import GenerationRequest
 from lmi_core.errors import BadRequestError
-from lmi_core.operations import Tokenize, TokenizeResult
+from lmi_core.operations import Embed, Score, Tokenize, TokenizeResult
 from lmi_core.request_checks import check_token_ids
 
 
@@ -121,3 +122,52 @@ class PromptCodec:
         the vocabulary."""
         check_token_ids(ids, self.vocab_size, "tokens")
         return str(self.tokenizer.decode(ids))
+
+
+def pooling_inputs(operation: Embed, tokenizer: Any, vocab_size: int, limit: int) -> list[list[int]]:
+    """The token ids of each of an ``Embed``'s inputs (texts with the tokenizer's special tokens, token
+    ids as they are), cut to ``limit`` with ``truncate``, else a 400 naming ``operation.param`` for
+    an input past it, an empty one or an id outside the vocabulary. On a prompt thread."""
+    param = operation.param
+    items: list[str | list[int]] = list(operation.inputs)
+    texts = [x for x in items if isinstance(x, str)]
+    encoded = iter(
+        tokenizer(texts, truncation=operation.truncate, max_length=limit)["input_ids"] if texts else []
+    )
+    rows: list[list[int]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            ids = list(next(encoded))
+        else:
+            check_token_ids(item, vocab_size, param)
+            ids = list(item)[:limit] if operation.truncate else list(item)
+        if not ids:
+            raise BadRequestError(f"input {index} is empty", param=param)
+        if len(ids) > limit:
+            raise BadRequestError(
+                f"input {index} has {len(ids)} tokens; this model reads at most {limit} "
+                "(set truncate to cut it)",
+                param=param,
+            )
+        rows.append(ids)
+    return rows
+
+
+def pooling_pairs(operation: Score, tokenizer: Any, limit: int) -> list[tuple[list[int], list[int] | None]]:
+    """Each pair as one cross-encoder input: its ids and token type ids (the tokenizer's pair
+    encoding); with ``truncate`` the document is cut, never the query (as TEI's and vLLM's rerankers
+    do), else a pair past ``limit`` is a 400 naming ``operation.param``. On a prompt thread."""
+    truncation: str | bool = "only_second" if operation.truncate else False
+    first, second = [a for a, _ in operation.pairs], [b for _, b in operation.pairs]
+    encoded = tokenizer(first, second, truncation=truncation, max_length=limit)
+    types = encoded.get("token_type_ids")
+    pairs: list[tuple[list[int], list[int] | None]] = []
+    for index, ids in enumerate(encoded["input_ids"]):
+        if len(ids) > limit:
+            raise BadRequestError(
+                f"pair {index} has {len(ids)} tokens; this model reads at most {limit} "
+                "(set truncate to cut the document)",
+                param=operation.param,
+            )
+        pairs.append((list(ids), list(types[index]) if types is not None else None))
+    return pairs

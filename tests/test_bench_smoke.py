@@ -54,3 +54,15 @@ def test_tenants_benchmark_runs_and_prints_its_ratios(
             f"CPU per token with / without tenants {figures['cpu_per_token_ratio']:.3f}"
         )
     assert figures["fair_b_tok_s"] > 0 and figures["machinery_us_per_token"] > 0
+
+
+def test_embeddings_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.bench_embeddings import compare, report
+
+    table = compare(tmp_path, count=32, rounds=1, with_vllm=False)
+    with capsys.disabled():
+        print("\nembeddings smoke (ratios to in-process sentence-transformers):")
+        report(table)
+    assert all(row["in_process_per_s"] > 0 and row["ratios"]["lmi-core (hf)"] > 0 for row in table.values())

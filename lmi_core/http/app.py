@@ -28,7 +28,9 @@ from lmi_core.http import (
     management,
     openai_api,
     openapi,
+    pooling_api,
     responses_api,
+    tgi_api,
     tokenize_api,
 )
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
@@ -138,10 +140,12 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
+        *tgi_api.routes,
         *openai_api.routes,
         *responses_api.routes,
         *anthropic_api.routes,
         *tokenize_api.routes,
+        *pooling_api.routes,
         *openapi.routes,
         *management.routes,
         *adapters.routes,

@@ -1,11 +1,13 @@
-"""Error bodies in the four dialects a client of this server parses, chosen by path.
+"""Error bodies in the six dialects a client of this server parses, chosen by path.
 
 Invariant: every error this server answers goes through ``render`` (a response) or ``body`` (a
 streamed error line, once headers are sent), with the dialect ``dialect_for`` picks from the
-request's path: vLLM's own routes (LoRA, tokenize) answer vLLM's ``ErrorResponse``, Anthropic's
-Messages routes Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other
-route DJL's. The status code is the error's in every dialect, and an error that says when to come
-back (a full queue, a tenant over its budget) adds ``Retry-After``.
+request's path: vLLM's own routes (LoRA, tokenize, score, rerank) answer vLLM's ``ErrorResponse``,
+TEI's ``/embed`` TEI's, TGI's routes TGI's ``{"error", "error_type"}``, Anthropic's Messages routes
+Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other route DJL's. The
+status code is the error's in every dialect, except where DJL answers another on its own routes
+(``DJL_STATUS``: a prompt too long is DJL's 424); an error that says when to come back (a full
+queue, a tenant over its budget) adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from lmi_core.errors import BadRequestError, ServiceError
+from lmi_core.errors import BadRequestError, PromptTooLongError, QueueFullError, ServiceError
 
-Dialect = Literal["djl", "openai", "vllm", "anthropic"]
+Dialect = Literal["djl", "openai", "vllm", "tei", "anthropic", "tgi"]
 
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
-VLLM_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
+VLLM_PATHS = frozenset(
+    {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/score", "/rerank"}
+)
+# Text Embeddings Inference's routes.
+TEI_PATHS = frozenset({"/embed"})
 ANTHROPIC_PREFIX = "/v1/messages"  # /v1/messages and /v1/messages/count_tokens
+# TGI's routes (``lmi_core.http.tgi_api``): TGI's error body, which huggingface_hub raises by type.
+TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
+# DJL's status where it differs from the error's own, by error type (docs/api.md, "Status codes").
+DJL_STATUS = {PromptTooLongError.type: 424}
 
 # OpenAI's error types by status; other statuses: server_error from 500 up, else invalid_request_error.
 OPENAI_TYPES = {
@@ -54,14 +64,23 @@ def dialect_for(path: str) -> Dialect:
     """The error shape the clients of ``path`` parse."""
     if path in VLLM_PATHS:
         return "vllm"
+    if path in TEI_PATHS:
+        return "tei"
     if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
         return "anthropic"
+    if path in TGI_PATHS:
+        return "tgi"
     return "openai" if path.startswith("/v1/") else "djl"
+
+
+def status(exc: ServiceError, dialect: Dialect) -> int:
+    """The HTTP status of ``exc`` on a route of ``dialect``."""
+    return DJL_STATUS.get(exc.type, exc.status) if dialect == "djl" else exc.status
 
 
 def _djl(exc: ServiceError) -> dict[str, Any]:
     """DJL's ``{"code", "type", "message"}``, plus ``param`` when a field is at fault."""
-    body: dict[str, Any] = {"code": exc.status, "type": exc.type, "message": str(exc)}
+    body: dict[str, Any] = {"code": status(exc, "djl"), "type": exc.type, "message": str(exc)}
     if exc.param:
         body["param"] = exc.param
     return body
@@ -89,11 +108,28 @@ def _anthropic(exc: ServiceError) -> dict[str, Any]:
     }
 
 
+def _tei(exc: ServiceError) -> dict[str, Any]:
+    """TEI's ``ErrorResponse``: ``{"error", "error_type"}`` (Validation, Overloaded, Backend...)."""
+    kind = "Overloaded" if exc.status in (429, 503) else "Backend" if exc.status >= 500 else "Validation"
+    return {"error": str(exc), "error_type": kind}
+
+
+def _tgi(exc: ServiceError) -> dict[str, Any]:
+    """TGI's ``{"error", "error_type"}``: ``validation`` for a bad request, ``overloaded`` for a full
+    queue or a tenant over its budget (TGI's 429), else ``generation``."""
+    kind = "validation" if exc.status in (400, 413, 415, 422) else "generation"
+    if isinstance(exc, QueueFullError) or exc.status == 429:
+        kind = "overloaded"
+    return {"error": str(exc), "error_type": kind}
+
+
 DIALECTS: dict[Dialect, Callable[[ServiceError], dict[str, Any]]] = {
     "djl": _djl,
     "openai": _openai,
     "vllm": _vllm,
     "anthropic": _anthropic,
+    "tei": _tei,
+    "tgi": _tgi,
 }
 
 
@@ -106,4 +142,4 @@ def render(exc: ServiceError, dialect: Dialect) -> JSONResponse:
     """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` when the error says when
     to come back (the client should retry then, not give up)."""
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse(body(exc, dialect), status_code=exc.status, headers=headers)
+    return JSONResponse(body(exc, dialect), status_code=status(exc, dialect), headers=headers)

@@ -124,6 +124,7 @@ BUDGET = TenantBudgetError("tenant 'a' is over its max_concurrency budget", "max
         ("/invocations", {"inputs": "x", "stream": True}),
         ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}),
         ("/v1/responses", {"model": "m", "input": "x"}),
+        ("/generate", {"inputs": "x"}),
     ],
 )
 def test_a_tenant_over_its_budget_gets_429_with_retry_after_in_the_routes_shape(
@@ -131,7 +132,9 @@ def test_a_tenant_over_its_budget_gets_429_with_retry_after_in_the_routes_shape(
 ) -> None:
     response = client(models(FakeModel("m", error=BUDGET))).post(path, json=body)
     assert response.status_code == 429 and response.headers["retry-after"] == "3"
-    if path == "/v1/messages":  # Anthropic's envelope has no param: the message names the budget
+    if path == "/generate":  # TGI's body: its 429 is "overloaded"
+        assert response.json() == {"error": str(BUDGET), "error_type": "overloaded"}
+    elif path == "/v1/messages":  # Anthropic's envelope has no param: the message names the budget
         assert response.json()["error"] == {"type": "rate_limit_error", "message": str(BUDGET)}
     elif path.startswith("/v1/"):
         error = response.json()["error"]

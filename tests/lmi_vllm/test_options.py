@@ -31,7 +31,7 @@ def model_config(**options: str) -> Any:
         ("dtype", "int3"),
         ("cpu_kvcache_space", "-1"),
         ("max_input_length", "0"),
-        ("task", "text-embedding"),
+        ("runner", "pooling"),  # reserved: option.task sets it
         ("max_num_seqs", "4"),  # reserved: lmi's option.max_rolling_batch_size sets it
     ],
 )
@@ -251,3 +251,28 @@ def test_lmi_s_parser_names_are_vllm_s() -> None:
     assert vllm_reasoning_parser({}) is None
     config = structured_outputs_config({}, "qwen3")
     assert (config.reasoning_parser, config.backend) == ("qwen3", "guidance")
+
+
+@pytest.mark.parametrize(
+    ("options", "given", "expected"),
+    [
+        ({}, None, {}),
+        ({"task": "text-embedding"}, None, {"runner": "pooling", "pooler_config": {"use_activation": True}}),
+        (
+            {"task": "embed", "pooling": "mean", "normalize": "false"},
+            {"max_embed_len": 4},
+            {
+                "runner": "pooling",
+                "pooler_config": {"max_embed_len": 4, "seq_pooling_type": "MEAN", "use_activation": False},
+            },
+        ),
+        ({"task": "rerank"}, None, {"runner": "pooling", "pooler_config": None}),
+    ],
+)
+def test_a_pooling_task_runs_vllms_pooling_runner(
+    options: dict[str, str], given: dict[str, Any] | None, expected: dict[str, Any]
+) -> None:
+    from lmi_core.pooling import pooling_settings
+    from lmi_vllm.start import pooling_kwargs
+
+    assert pooling_kwargs(pooling_settings(options), given) == expected

@@ -51,6 +51,7 @@ from lmi_core import (
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
     check_logit_bias,
+    check_prompt_length,
     refuse_unsupported,
     token_budget,
     truncate_prompt,
@@ -281,13 +282,7 @@ class VllmEngine:
         prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size)
         param, text = prompt.param, prompt.text
         ids = truncate_prompt(prompt.ids, request.params)
-        if len(ids) > self.max_input_length:
-            raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
-                f"(option.max_input_length; max_model_len={self.max_model_len}, one token is left "
-                "for the output)",
-                param=param,
-            )
+        check_prompt_length(len(ids), self.max_input_length, self.max_model_len, param)
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmi_core import EngineError, WorkerContext
 from lmi_core.option_values import dtype, lora_settings
+from lmi_core.pooling import PoolingSettings, pooling_settings
 from lmi_vllm.options import parse_options
 
 if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
@@ -59,6 +60,7 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
+    kwargs.update(pooling_kwargs(pooling_settings(context.options), kwargs.get("pooler_config")))
     lora = lora_settings(context.options)
     if lora.enabled:  # lmi's defaults (max_loras 4), not vLLM's (1): the server plans by lmi's
         kwargs.update(
@@ -80,6 +82,20 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
             else "",
         )
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
+
+
+def pooling_kwargs(settings: PoolingSettings, pooler_config: Any) -> dict[str, Any]:
+    """vLLM's pooling runner for a pooling model (``option.task``; vLLM's ``convert=auto`` then makes a
+    decoder an embedding model); ``option.pooling`` and ``option.normalize`` go into its
+    ``pooler_config`` (over one given as ``option.pooler_config``). Nothing for a text-generation model."""
+    if settings.generates:
+        return {}
+    config = dict(pooler_config or {})
+    if settings.pooling is not None:
+        config["seq_pooling_type"] = settings.pooling.upper()
+    if settings.task == "text-embedding":
+        config["use_activation"] = settings.normalize  # an embedding pooler's activation: normalize
+    return {"runner": "pooling", "pooler_config": config or None}
 
 
 # vLLM's structured-output backend unless option.structured_outputs_config says otherwise: llguidance,
