@@ -171,14 +171,16 @@ def hf(tmp_path: Path, demo_model: Path) -> Any:
 def test_hf_priorities_reorder_a_backlog_and_a_tenant_over_its_budget_alone_gets_429(
     hf: ServerProcess,
 ) -> None:
-    def body(priority: int) -> dict[str, Any]:
+    def body(priority: int, tokens: int = 48) -> dict[str, Any]:
         return {
             "inputs": "Hello",
-            "parameters": {"max_new_tokens": 48, "ignore_eos_token": True, "priority": priority},
+            "parameters": {"max_new_tokens": tokens, "ignore_eos_token": True, "priority": priority},
         }
 
     ends = Ends(hf)
-    for name, priority in (("busy", 0), ("later", 5), ("default", 0), ("urgent", -1), ("sooner", 1)):
+    # The first holds the only place while the others queue behind it: long enough for a fast machine.
+    ends.send("busy", "a", body(0, 400))
+    for name, priority in (("later", 5), ("default", 0), ("urgent", -1), ("sooner", 1)):
         ends.send(name, "a", body(priority))
     refused = post(hf, "a", body(0))  # its 6th in flight
     ends.join()
