@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmi_core.errors import ConfigError
 from lmi_core.option_values import LoraSettings, lora_settings
@@ -87,6 +87,11 @@ class ServerConfig(_Strict):
     health_check_timeout: float = Field(10.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
     api_key: str | None = None
+    # A listener serving only /metrics, with no API key (the endpoint picker sends none); None: no such.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # One listener per worker, at most 8 (an InferencePool's targetPorts): the i-th port's requests
+    # go to each model's i-th worker, and its /metrics shows that worker alone (docs/deploy.md).
+    worker_ports: tuple[int, ...] = ()
     # Comma-separated origins browsers may call from ("*": any); empty: CORS off.
     cors_allowed_origins: str = ""
     runtime_dir: str | None = None
@@ -94,6 +99,21 @@ class ServerConfig(_Strict):
     # Accepted for DJL compatibility; they only name the models directory and the models to load.
     model_store: str | None = None
     load_models: str | None = None
+
+    @field_validator("worker_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        """``8001,8002`` (the environment's and the command line's form) -> (8001, 8002): 1 to 8
+        distinct ports, as many as an InferencePool's ``targetPorts`` may list."""
+        if isinstance(value, str):
+            try:
+                value = tuple(int(p) for p in value.split(",") if p.strip())
+            except ValueError:
+                raise ValueError("comma-separated port numbers") from None
+        ports = tuple(value)
+        if len(ports) > 8 or len(set(ports)) != len(ports) or not all(1 <= p <= 65535 for p in ports):
+            raise ValueError("at most 8 distinct port numbers (1-65535)")
+        return ports
 
 
 TpDegree = int | Literal["max"]
@@ -142,6 +162,8 @@ class ModelConfig(_Strict):
     routing_kv_weight: float = Field(0.5, ge=0)
     routing_imbalance_abs: int = Field(8, ge=0)
     routing_imbalance_rel: float = Field(1.5, ge=1)
+    # /metrics also exports the endpoint picker's series under vLLM's names (docs/deploy.md).
+    gie_metrics: bool = False
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # Filled by ``resolve`` from the plugins.
@@ -200,6 +222,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.gie_metrics": "gie_metrics",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(

@@ -21,17 +21,17 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pluggy
 
+from lmi_core import telemetry
 from lmi_core.engine import (
     ContextEngine,
     Engine,
     EngineStats,
     Finished,
-    GenerationEvent,
     GenerationRequest,
     LoraAdapter,
     Token,
@@ -40,7 +40,7 @@ from lmi_core.engine import (
 from lmi_core.errors import EngineError, ServiceError
 from lmi_core.operations import Operation
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.worker import wire
+from lmi_core.worker import tracing, wire
 
 logger = logging.getLogger("lmi_core.worker")
 
@@ -236,10 +236,12 @@ class RankServer:
         # In MPI mode every rank runs the request (same batches everywhere); rank 0 answers.
         answer = self.rank == 0
         try:
-            if self.engine is None:
+            engine = self.engine
+            if engine is None:
                 raise EngineError("engine not loaded", status=503)
-            events: AsyncGenerator[GenerationEvent, None] = self.pm.hook.handle_request(
-                engine=self.engine, request=request
+            # In a span of this process when the request is traced (its context came in the request).
+            events = tracing.traced_generation(
+                request, self.rank, lambda traced: self.pm.hook.handle_request(engine=engine, request=traced)
             )
             # Closed here, not left to the garbage collector: a cancel that lands outside the engine's
             # generator (in drain) must still run its cleanup (free the sequence) at once.
@@ -278,6 +280,7 @@ class RankServer:
         if self.engine is not None:
             with contextlib.suppress(Exception):
                 self.pm.hook.shutdown_engine(engine=self.engine)
+        telemetry.shutdown()
 
 
 def stream_interval(options: dict[str, Any]) -> int:
