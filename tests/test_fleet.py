@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tests import picker_rules
 from tests.conftest import ServerProcess, free_port, link_model, wait_for
 from tests.lora_adapters import build_adapter
+from tests.test_migration import settled, stream_killing_its_worker
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +152,13 @@ def attributes(pairs: Any) -> dict[str, Any]:
     return out
 
 
+def tracing_to(collector: Collector) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: the spans reach the collector while the test waits
+    }
+
+
 @pytest.fixture
 def collector() -> Iterator[Collector]:
     receiver = Collector()
@@ -164,11 +172,7 @@ def collector() -> Iterator[Collector]:
 def test_one_streamed_chat_is_one_trace_across_the_server_and_its_worker(
     start_server: Callable[..., ServerProcess], demo_model: Path, collector: Collector
 ) -> None:
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: the spans reach the collector while the test waits
-    }
-    server = start_server("--model-dir", str(demo_model), "--model-name", "demo", env=env)
+    server = start_server("--model-dir", str(demo_model), "--model-name", "demo", env=tracing_to(collector))
     body = {
         "model": "demo",
         "messages": [{"role": "user", "content": "Hello there"}],
@@ -227,3 +231,30 @@ def test_one_streamed_chat_is_one_trace_across_the_server_and_its_worker(
     # Probes are not traced.
     assert httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
     assert not any(span.name.endswith("/ping") for _, span in collector.in_trace(TRACE_ID))
+
+
+def test_a_migrated_stream_has_a_migration_span_and_the_next_workers_span(
+    start_server: Callable[..., ServerProcess], demo_model: Path, collector: Collector, tmp_path: Path
+) -> None:
+    model = link_model(demo_model, tmp_path / "demo", properties(minWorkers="2", maxWorkers="2"))
+    server = start_server("--model-dir", str(model), "--model-name", "demo", env=tracing_to(collector))
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 300, "ignore_eos_token": True}, "stream": True}
+    wait_for(lambda: settled(server, 2), 120, "both workers ready")
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traced = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    lines, _, victim = stream_killing_its_worker(server, "/invocations", body, after=5, headers=traced)
+    assert len(lines) == 300 and "error" not in json.loads(lines[-1])  # the client saw no break
+
+    def spans(name: str) -> list[Any]:
+        return [span for _, span in collector.in_trace(trace_id) if span.name == name]
+
+    wait_for(lambda: len(spans("lmi.worker.generate")) >= 1 and len(spans("lmi.migration")) == 1, 30, "spans")
+    (migration,) = spans("lmi.migration")
+    moved = attributes(migration.attributes)
+    assert moved["lmi.migration.from_worker"] == victim and moved["lmi.migration.delivered_tokens"] >= 5
+    assert moved["error.type"] and migration.status.code == migration.status.STATUS_CODE_UNSET
+    routes = [attributes(span.attributes)["lmi.route.worker"] for span in spans("lmi.route")]
+    assert len(routes) == 2 and victim in routes and len(set(routes)) == 2  # the first worker, then the other
+    # The killed worker's span died with it; the next worker's says it resumed.
+    (resumed,) = [s for s in spans("lmi.worker.generate") if any(e.name == "migrated" for e in s.events)]
+    assert attributes(resumed.attributes)["gen_ai.usage.output_tokens"] > 0

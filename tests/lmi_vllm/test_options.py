@@ -198,3 +198,17 @@ def test_bad_pass_through_option_names_the_key(key: str, value: str, message: st
 def test_validate_config_checks_pass_through_when_vllm_is_installed(pm: Any) -> None:
     with pytest.raises(ConfigError, match=r"option\.not_a_vllm_field"):
         pm.hook.validate_config(config=model_config(not_a_vllm_field="1"))
+
+
+@pytest.mark.vllm
+def test_vllm_exports_its_request_spans_where_lmi_does_over_otlp_http(
+    worker_context: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmi_vllm.start import engine_kwargs
+
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert "otlp_traces_endpoint" not in engine_kwargs(worker_context())[0]  # lmi does not trace
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    kwargs, _, _ = engine_kwargs(worker_context())
+    assert kwargs["otlp_traces_endpoint"] == "http://collector:4318/v1/traces"
