@@ -88,6 +88,11 @@ def sampling_kwargs(params: SamplingParams, *, templated: bool = False) -> dict[
     if templated:
         kwargs["add_special_tokens"] = False
     if params.structured is not None:
+        if params.structured.starts_after is not None:  # its guided decoding starts at the first token
+            raise BadRequestError(
+                "a constrained output after the thinking (option.reasoning_parser) is not supported by "
+                "the trtllm backend; turn the thinking off with chat_template_kwargs"
+            )
         kwargs["guided_decoding"] = guided_decoding_kwargs(params.structured)  # GuidedDecodingParams(**it)
     return kwargs
 

@@ -39,6 +39,7 @@ from lmi_core import (
     WorkerContext,
 )
 from lmi_core.option_values import importable
+from lmi_core.prompts import chat_text
 from lmi_trtllm.convert import (
     StreamState,
     delta_events,
@@ -241,14 +242,7 @@ class TrtllmEngine:
     def prompt_text(self, request: GenerationRequest) -> tuple[str, bool]:
         """The prompt text and whether the chat template wrote it (then it holds its special tokens)."""
         if request.messages:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # no template, or a template that rejects these messages
-                message = f"cannot apply the model's chat template: {exc}"
-                raise BadRequestError(message, param="messages") from None
-            return str(text), True
+            return chat_text(request, self.tokenizer), True
         if request.prompt_ids:
             return str(self.tokenizer.decode(request.prompt_ids)), True
         if request.prompt:
