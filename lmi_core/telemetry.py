@@ -2,12 +2,13 @@
 
 Invariant: tracing is off unless the environment asks for it (``OTEL_TRACES_EXPORTER`` = ``otlp`` or
 ``console``, or an ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` with no
-exporter named; ``OTEL_SDK_DISABLED=true`` and ``none`` turn it off), and while it is off nothing here
-imports OpenTelemetry: the SDK (the ``lmi-core[otel]`` extra) is imported on the first traced use
-only. A worker inherits the server's environment, so both decide alike. Spans leave through a batch
-processor on its own thread (``OTEL_BSP_*`` settings). Part of the backend kit: an engine that
-exports spans of its own (vLLM) sends them where ``traces_endpoint`` says. Standard library only at
-import: this module runs in worker processes.
+exporter named; ``OTEL_SDK_DISABLED=true`` and ``none`` turn it off), and while it is off nothing
+here imports OpenTelemetry: the SDK (the ``lmi-core[otel]`` extra) is imported by the first
+``tracer`` call of a process that traces (the server's app, a worker's load). A worker inherits the
+server's environment, so both decide alike. Spans leave through a batch processor on its own thread
+(``OTEL_BSP_*`` settings). Part of the backend kit: an engine that exports spans of its own (vLLM)
+sends them where ``traces_endpoint`` says. Standard library only at import: this module runs in
+worker processes.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Invariant: a worker traces a request only when it came with a ``traceparent`` (the server traced it:
 ``GenerationRequest.traceparent``) and this process traces (``telemetry``: the same environment as
 the server's); an untraced request costs one ``None`` test and no wrapper, and OpenTelemetry is
-imported on the first traced request only. The engine gets the span's own ``traceparent`` to hang its
-spans under (vLLM's ``llm_request``). Standard library only at import: this module runs in worker
-processes.
+imported only in a worker that traces (at load, ``rank_server``). The engine gets the span's own
+``traceparent`` to hang its spans under (vLLM's ``llm_request``). Standard library only at import:
+this module runs in worker processes.
 """
 
 from __future__ import annotations
