@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import uvicorn
@@ -62,6 +62,7 @@ def serve(args: argparse.Namespace) -> int:
     from lmi_core.http.security import ListenerFilter
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.plugins import get_plugin_manager
+    from lmi_core.serving.tenants import Tenants
 
     address = f"http://{args.host}:{args.port}" if args.host or args.port else None
     if address and not args.host:
@@ -75,7 +76,9 @@ def serve(args: argparse.Namespace) -> int:
         cors_allowed_origins=args.cors_allowed_origins,
         metrics_port=args.metrics_port,
         worker_ports=args.worker_ports,
+        tenants_file=args.tenants_file,
     )
+    tenants = Tenants.from_config(config)  # a bad file stops the start here, naming its line
     models = model_configs(args)
     pm = get_plugin_manager()
     for model in models:
@@ -101,7 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         for server in servers:
             server.should_exit = True
 
-    app = create_app(config, models, on_load_failure=on_load_failure)
+    app = create_app(config, models, on_load_failure=on_load_failure, tenants=tenants)
     # One app, one lifespan (the first listener's): the models load once, every listener serves them.
     serving = ListenerFilter(app, management=False) if management is not None else app
     listeners: list[tuple[tuple[str, int], ASGIApp]] = [(inference, serving)]
@@ -126,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in models)
     addresses = ", ".join(f"http://{h}:{p}" for (h, p), _ in listeners)
     logger.info("serving on %s (models: %s)", addresses, names)
-    asyncio.run(_serve_all(servers))
+    asyncio.run(_serve_all(servers, tenants.reload))
     if failures:
         print(f"lmi: error: model failed to load: {failures[0]}", file=sys.stderr)
         return 1
@@ -141,10 +144,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_all(servers: list[uvicorn.Server]) -> None:
+async def _serve_all(servers: list[uvicorn.Server], on_hangup: Callable[[], object] | None = None) -> None:
     """Run the listeners until a signal or one of them stops; then all drain (uvicorn's graceful
-    shutdown: stop accepting, finish in-flight requests up to drain_timeout) and the models stop."""
+    shutdown: stop accepting, finish in-flight requests up to drain_timeout) and the models stop.
+    SIGHUP calls ``on_hangup`` (reread the tenants file) and serving goes on."""
     loop = asyncio.get_running_loop()
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     def on_signal(sig: signal.Signals) -> None:
         logger.info("received %s: draining in-flight requests, then stopping", sig.name)
@@ -248,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated ports of --host, at most 8: the i-th serves the API with each model's "
         "i-th worker preferred, and /metrics of that worker alone (an InferencePool's targetPorts; "
         "env SERVING_WORKER_PORTS)",
+    )
+    p_serve.add_argument(
+        "--tenants-file",
+        help="tenants: API keys, budgets, weights, priorities (YAML or JSON; env SERVING_TENANTS_FILE; "
+        "reread on SIGHUP or change)",
     )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)

@@ -134,6 +134,10 @@ class GenerationRequest:
     # stop sequences, the seeded sampler's position, max_new_tokens all count them), emits only the
     # tokens that follow, and reports them in ``Finished.generated_tokens``.
     resume_ids: list[int] = field(default_factory=list)
+    # Scheduling priority, vLLM's polarity: lower is earlier (0 by default). The server orders its
+    # queue by it, clamped to the tenant's range; an engine with a scheduler of its own may honour it
+    # too (vLLM with ``option.scheduling_policy=priority``).
+    priority: int = 0
     # The W3C ``traceparent`` of the span this generation runs under (OpenTelemetry, docs/tracing.md):
     # the server's request span on the wire, the worker's span once in the engine, which may hang its
     # own spans under it (vLLM's ``llm_request``). None: the request is not traced.
@@ -158,6 +162,7 @@ class GenerationRequest:
             chat_template_kwargs=data.get("chat_template_kwargs"),
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
+            priority=int(data.get("priority", 0)),
             traceparent=_optional(str, data.get("traceparent")),
         )
 

@@ -41,6 +41,7 @@ from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState, Instrument
 from lmi_core.serving.server import ModelServer
+from lmi_core.serving.tenants import Tenants
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -97,9 +98,11 @@ def create_app(
     models: list[ModelConfig] | None = None,
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
+    tenants: Tenants | None = None,
 ) -> Starlette:
     """The application serving ``models`` (loaded at startup, before /ping turns 200); a ``server``
-    given (tests) keeps the pool observer it was built with."""
+    given (tests) keeps the pool observer it was built with. ``tenants``: the caller's (it reloads
+    them on SIGHUP), else read from ``config.tenants_file`` (a bad file raises ``ConfigError``)."""
     metrics = Metrics()
     server = server or ModelServer(config, observe=metrics)
     metrics.collect_from(server)
@@ -109,7 +112,13 @@ def create_app(
         from lmi_core.http.tracing import traced_instrument  # it imports OpenTelemetry: only when on
 
         instrument = traced_instrument(instrument)
-    state = AppState(config=config, server=server, startup_models=list(models or []), instrument=instrument)
+    state = AppState(
+        config=config,
+        server=server,
+        startup_models=list(models or []),
+        instrument=instrument,
+        tenants=tenants if tenants is not None else Tenants.from_config(config),
+    )
     server.expect(state.startup_models)
 
     async def load_startup_models() -> None:
@@ -171,16 +180,16 @@ def build_app(
     app.state.metrics = metrics  # the metrics listener serves its registry (cli)
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
     # the request context (x-session-id and x-request-timeout in, x-lmi-worker out) is built once
-    # the key is checked; a traced request's span sees the status the client gets; an unexpected
-    # error (innermost) is a JSON error that is counted, carries an id and names its worker too.
+    # the key is checked and the tenant known; a traced request's span sees the status the client
+    # gets; an unexpected error (innermost) is a JSON error that is counted, carries an id and names
+    # its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
     if tracer is not None:  # inside the context (it puts its trace there), outside the boundary
         from lmi_core.http.tracing import TracingMiddleware
 
         app.add_middleware(TracingMiddleware, tracer=tracer)
     app.add_middleware(RequestContextMiddleware)
-    if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(ApiKeyMiddleware, tenants=state.tenants, api_key=config.api_key or None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]
