@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml plugins/lmi_hf/pyproject.toml plugins/lmi_trtllm/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch -e '.[mpi,test]' -e plugins/lmi_hf -e plugins/lmi_trtllm
+	$(BIN)/pip install -q -c constraints.txt torch -e '.[mpi,test,otel]' -e plugins/lmi_hf -e plugins/lmi_trtllm
 	touch $@
 
 $(DEMO)/serving.properties: | $(VENV)/.installed

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from lmi_core.config import (
     ModelConfig,
@@ -57,6 +58,7 @@ def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
 def serve(args: argparse.Namespace) -> int:
     from lmi_core.backends import resolve_model
     from lmi_core.http.app import create_app
+    from lmi_core.http.listeners import MetricsListener, WorkerPortListener
     from lmi_core.http.security import ListenerFilter
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.plugins import get_plugin_manager
@@ -72,6 +74,8 @@ def serve(args: argparse.Namespace) -> int:
         management_address=args.management_address,
         api_key=args.api_key,
         cors_allowed_origins=args.cors_allowed_origins,
+        metrics_port=args.metrics_port,
+        worker_ports=args.worker_ports,
         tenants_file=args.tenants_file,
     )
     tenants = Tenants.from_config(config)  # a bad file stops the start here, naming its line
@@ -81,11 +85,17 @@ def serve(args: argparse.Namespace) -> int:
         resolve_model(model, pm)  # fail fast on a bad backend or option, before binding the port
         if model.mode == "mpi":
             job_hosts(model)  # and on a bad host list (the load reads it again, in ModelServer.plan)
-    listeners = [_address(config.inference_address)]
-    if config.management_address:
-        management = _address(config.management_address, "management_address")
-        if management != listeners[0]:
-            listeners.append(management)
+    inference = _address(config.inference_address)
+    address = config.management_address
+    management = _address(address, "management_address") if address else None
+    management = management if management != inference else None  # one listener serves both
+    extra = [("metrics_port", config.metrics_port)] if config.metrics_port else []
+    extra += [("worker_ports", port) for port in config.worker_ports]
+    taken = [inference[1], *([management[1]] if management is not None else [])]
+    for key, port in extra:
+        if port in taken:
+            raise ConfigError(key, port, "a port no other listener of this server uses")
+        taken.append(port)
     failures: list[Exception] = []
     servers: list[uvicorn.Server] = []
 
@@ -95,9 +105,16 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(config, models, on_load_failure=on_load_failure, tenants=tenants)
-    for index, (host, port) in enumerate(listeners):
-        # One app, one lifespan (the first listener's): the models load once, both listeners serve them.
-        listener_app = ListenerFilter(app, management=index == 1) if len(listeners) > 1 else app
+    # One app, one lifespan (the first listener's): the models load once, every listener serves them.
+    serving = ListenerFilter(app, management=False) if management is not None else app
+    listeners: list[tuple[tuple[str, int], ASGIApp]] = [(inference, serving)]
+    if management is not None:
+        listeners.append((management, ListenerFilter(app, management=True)))
+    if config.metrics_port:
+        listeners.append(((inference[0], config.metrics_port), MetricsListener(app.state.metrics.registry)))
+    for slot, port in enumerate(config.worker_ports):
+        listeners.append(((inference[0], port), WorkerPortListener(serving, app.state.lmi.server, slot)))
+    for index, ((host, port), listener_app) in enumerate(listeners):
         uv_config = uvicorn.Config(
             listener_app,
             host=host,
@@ -110,7 +127,8 @@ def serve(args: argparse.Namespace) -> int:
         )
         servers.append(_Server(uv_config))
     names = ", ".join(m.name for m in models)
-    logger.info("serving on %s (models: %s)", " and ".join(f"http://{h}:{p}" for h, p in listeners), names)
+    addresses = ", ".join(f"http://{h}:{p}" for (h, p), _ in listeners)
+    logger.info("serving on %s (models: %s)", addresses, names)
     asyncio.run(_serve_all(servers, tenants.reload))
     if failures:
         print(f"lmi: error: model failed to load: {failures[0]}", file=sys.stderr)
@@ -224,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--cors-allowed-origins",
         help="comma-separated origins browsers may call from, '*' for any (env SERVING_CORS_ALLOWED_ORIGINS)",
+    )
+    p_serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve /metrics, with no API key, on this port of --host (the endpoint picker's "
+        "scrape; env SERVING_METRICS_PORT)",
+    )
+    p_serve.add_argument(
+        "--worker-ports",
+        help="comma-separated ports of --host, at most 8: the i-th serves the API with each model's "
+        "i-th worker preferred, and /metrics of that worker alone (an InferencePool's targetPorts; "
+        "env SERVING_WORKER_PORTS)",
     )
     p_serve.add_argument(
         "--tenants-file",

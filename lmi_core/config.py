@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmi_core import custom_code
 from lmi_core.djl_options import DjlOptions, djl_options
@@ -90,6 +90,11 @@ class ServerConfig(_Strict):
     health_check_timeout: float = Field(10.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
     api_key: str | None = None
+    # A listener serving only /metrics, with no API key (the endpoint picker sends none); None: no such.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # One listener per worker, at most 8 (an InferencePool's targetPorts): the i-th port's requests
+    # go to each model's i-th worker, and its /metrics shows that worker alone (docs/deploy.md).
+    worker_ports: tuple[int, ...] = ()
     # Comma-separated origins browsers may call from ("*": any); empty: CORS off.
     cors_allowed_origins: str = ""
     runtime_dir: str | None = None
@@ -103,6 +108,21 @@ class ServerConfig(_Strict):
     # Accepted for DJL compatibility; they only name the models directory and the models to load.
     model_store: str | None = None
     load_models: str | None = None
+
+    @field_validator("worker_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        """``8001,8002`` (the environment's and the command line's form) -> (8001, 8002): 1 to 8
+        distinct ports, as many as an InferencePool's ``targetPorts`` may list."""
+        if isinstance(value, str):
+            try:
+                value = tuple(int(p) for p in value.split(",") if p.strip())
+            except ValueError:
+                raise ValueError("comma-separated port numbers") from None
+        ports = tuple(value)
+        if len(ports) > 8 or len(set(ports)) != len(ports) or not all(1 <= p <= 65535 for p in ports):
+            raise ValueError("at most 8 distinct port numbers (1-65535)")
+        return ports
 
 
 TpDegree = int | Literal["max"]
@@ -156,6 +176,8 @@ class ModelConfig(_Strict):
     responses_store: Literal["off", "memory"] = "off"
     responses_store_ttl: float = Field(3600.0, gt=0)
     responses_store_size: int = Field(1000, ge=1)
+    # /metrics also exports the endpoint picker's series under vLLM's names (docs/deploy.md).
+    gie_metrics: bool = False
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # The custom code file (DJL's model.py, or option.entryPoint), absolute; None: the model has none.
@@ -226,6 +248,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.gie_metrics": "gie_metrics",
     "option.responses_store": "responses_store",
     "option.responses_store_ttl": "responses_store_ttl",
     "option.responses_store_size": "responses_store_size",

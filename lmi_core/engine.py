@@ -138,6 +138,10 @@ class GenerationRequest:
     # queue by it, clamped to the tenant's range; an engine with a scheduler of its own may honour it
     # too (vLLM with ``option.scheduling_policy=priority``).
     priority: int = 0
+    # The W3C ``traceparent`` of the span this generation runs under (OpenTelemetry, docs/tracing.md):
+    # the server's request span on the wire, the worker's span once in the engine, which may hang its
+    # own spans under it (vLLM's ``llm_request``). None: the request is not traced.
+    traceparent: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,6 +163,7 @@ class GenerationRequest:
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
             priority=int(data.get("priority", 0)),
+            traceparent=_optional(str, data.get("traceparent")),
         )
 
 
@@ -293,6 +298,8 @@ class EngineStats:
     kv_cache_usage: float | None = None
     # The KV cache's capacity in tokens: sizes the router's per-worker prefix LRU.
     kv_cache_tokens: int | None = None
+    # Tokens per KV cache block: with kv_cache_tokens, the endpoint picker's vllm:cache_config_info.
+    kv_block_size: int | None = None
     # Prompt tokens found in / looked up in the prefix cache since the engine started (counters;
     # lmi_prefix_cache_hits_total and lmi_prefix_cache_queries_total).
     prefix_cache_hits: int | None = None
@@ -314,6 +321,7 @@ class EngineStats:
             lora_evictions_total=int(data.get("lora_evictions_total", 0)),
             kv_cache_usage=_optional(float, data.get("kv_cache_usage")),
             kv_cache_tokens=_optional(int, data.get("kv_cache_tokens")),
+            kv_block_size=_optional(int, data.get("kv_block_size")),
             prefix_cache_hits=_optional(int, data.get("prefix_cache_hits")),
             prefix_cache_queries=_optional(int, data.get("prefix_cache_queries")),
         )

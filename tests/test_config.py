@@ -120,3 +120,14 @@ def test_server_env_overrides_properties_and_rejects_bad_values() -> None:
     assert build_server_config(environ={"SERVING_FEATURES": "vllm"}).job_queue_size == 1000
     with pytest.raises(ConfigError, match="bogus"):
         build_server_config({"bogus": "1"}, environ={})
+
+
+def test_worker_ports_are_up_to_8_distinct_ports_and_a_clean_error_names_the_key() -> None:
+    assert build_server_config(environ={"SERVING_WORKER_PORTS": "8001, 8002"}).worker_ports == (8001, 8002)
+    assert build_server_config(environ={}).worker_ports == ()
+    for bad in ("8001,8001", ",".join(str(8001 + i) for i in range(9)), "8001,x", "0"):
+        with pytest.raises(ConfigError, match="SERVING_WORKER_PORTS"):
+            build_server_config(environ={"SERVING_WORKER_PORTS": bad})
+    with pytest.raises(ConfigError, match="SERVING_METRICS_PORT"):
+        build_server_config(environ={"SERVING_METRICS_PORT": "70000"})
+    assert build_model_config({"option.model_id": "m", "option.gie_metrics": "true"}, environ={}).gie_metrics

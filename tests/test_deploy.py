@@ -64,6 +64,28 @@ def test_leaderworkerset_and_its_pod_templates_are_valid(kubernetes_validate: An
     assert run.returncode == 0, run.stderr
 
 
+def test_the_inference_pool_its_lmi_pods_and_its_endpoint_picker_are_valid(kubernetes_validate: Any) -> None:
+    from lmi_core.config import build_server_config
+
+    deployment, pool = documents(DEPLOY / "kubernetes" / "inferencepool.yaml")
+    jsonschema.validate(
+        pool, json.loads((DEPLOY / "kubernetes" / "schemas" / "inferencepool-v1.json").read_text())
+    )
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    picker = documents(DEPLOY / "kubernetes" / "picker" / "endpoint-picker.yaml")
+    assert [d["kind"] for d in picker] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Deployment"]
+    for doc in picker:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # The pool selects the lmi pods, its ports are their worker ports, and its picker is the Service.
+    template = deployment["spec"]["template"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    args = template["spec"]["containers"][0]["args"]
+    ports = build_server_config(environ={}, worker_ports=args[args.index("--worker-ports") + 1]).worker_ports
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == list(ports)
+    assert pool["spec"]["endpointPickerRef"]["name"] == picker[3]["metadata"]["name"]
+    assert pool["spec"]["endpointPickerRef"]["port"]["number"] == picker[3]["spec"]["ports"][0]["port"]
+
+
 def test_the_leader_builds_the_host_list_from_the_groups_pod_names() -> None:
     (lws,) = documents(DEPLOY / "kubernetes" / "lws-mpi.yaml")
     script = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["args"][0]

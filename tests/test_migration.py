@@ -79,13 +79,13 @@ def reference(server: ServerProcess, parameters: dict[str, Any]) -> str:
 
 
 def stream_killing_its_worker(
-    server: ServerProcess, path: str, body: dict[str, Any], after: int
+    server: ServerProcess, path: str, body: dict[str, Any], after: int, headers: dict[str, str] | None = None
 ) -> tuple[list[str], list[float], int]:
     """Stream ``body``; SIGKILL the worker named in ``x-lmi-worker`` after ``after`` lines. Return the
     lines, their arrival times and the worker killed."""
     lines: list[str] = []
     arrivals: list[float] = []
-    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{server.url}{path}", json=body, headers=headers, timeout=120) as response:
         assert response.status_code == 200
         victim = int(response.headers["x-lmi-worker"])
         for line in response.iter_lines():

@@ -194,3 +194,16 @@ def test_bad_configuration_is_reported_before_serving(tmp_path: Path) -> None:
     assert run.returncode == 2
     expected = "option.tensor_parallel_degree='two': expected a positive integer or 'max'"
     assert run.stderr.strip() == f"lmi: error: invalid configuration {expected}"
+
+
+def test_a_listener_port_taken_twice_is_reported_before_serving(tmp_path: Path) -> None:
+    (tmp_path / "serving.properties").write_text("option.model_id=/m\n")
+    ports = ["--port", "8123", "--metrics-port", "9100", "--worker-ports", "9101,8123"]
+    run = subprocess.run(
+        [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(tmp_path), *ports],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "worker_ports=8123" in run.stderr and "a port no other listener of this server uses" in run.stderr

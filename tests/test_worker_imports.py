@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIRS = [ROOT / "plugins" / "lmi_hf", ROOT / "plugins" / "lmi_trtllm", ROOT / "plugins" / "lmi_vllm"]
 PLUGIN_DIRS.append(ROOT / "examples" / "lmi_echo")
 PLUGINS = ["lmi_hf.plugin", "lmi_trtllm.plugin", "lmi_vllm.plugin", "lmi_echo"]
-HEAVY = ["starlette", "uvicorn", "pydantic", "prometheus_client", "torch", "lmi_core.config"]
+# OpenTelemetry too: a worker imports it on its first traced request only (lmi_core.worker.tracing).
+HEAVY = ["starlette", "uvicorn", "pydantic", "prometheus_client", "torch", "lmi_core.config", "opentelemetry"]
 
 # What the worker does before it loads an engine: import itself, build its plugin manager (every
 # plugin, as entry points or LMI_EXTRA_PLUGINS), and look at the worker hooks.

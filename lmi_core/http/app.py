@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from lmi_core import telemetry
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import BadRequestError, ConfigError, ServiceError
 from lmi_core.http import (
@@ -38,9 +39,12 @@ from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response
 from lmi_core.http.context import RequestContextMiddleware
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
-from lmi_core.http.state import AppState
+from lmi_core.http.state import AppState, Instrument
 from lmi_core.serving.server import ModelServer
 from lmi_core.serving.tenants import Tenants
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +106,17 @@ def create_app(
     metrics = Metrics()
     server = server or ModelServer(config, observe=metrics)
     metrics.collect_from(server)
+    tracer = telemetry.tracer("server")  # None: tracing is off (and OpenTelemetry is not imported)
+    instrument: Instrument = metrics.instrument
+    if tracer is not None:
+        from lmi_core.http.tracing import traced_instrument  # it imports OpenTelemetry: only when on
+
+        instrument = traced_instrument(instrument)
     state = AppState(
         config=config,
         server=server,
         startup_models=list(models or []),
-        instrument=metrics.instrument,
+        instrument=instrument,
         tenants=tenants if tenants is not None else Tenants.from_config(config),
     )
     server.expect(state.startup_models)
@@ -131,12 +141,16 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
             await server.shutdown()
+            telemetry.shutdown()  # the spans still buffered
 
-    return build_app(state, metrics, lifespan)
+    return build_app(state, metrics, lifespan, tracer)
 
 
-def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = None) -> Starlette:
-    """The routes, error handlers and middleware over ``state.server``, whatever implements it."""
+def build_app(
+    state: AppState, metrics: Metrics, lifespan: Lifespan | None = None, tracer: Tracer | None = None
+) -> Starlette:
+    """The routes, error handlers and middleware over ``state.server``, whatever implements it; with
+    a ``tracer``, a SERVER span per request (``http.tracing``)."""
     config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
@@ -163,11 +177,17 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
         },
     )
     app.state.lmi = state
+    app.state.metrics = metrics  # the metrics listener serves its registry (cli)
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
     # the request context (x-session-id and x-request-timeout in, x-lmi-worker out) is built once
-    # the key is checked and the tenant known; an unexpected error (innermost) is a JSON error that
-    # is counted, carries an id and names its worker too.
+    # the key is checked and the tenant known; a traced request's span sees the status the client
+    # gets; an unexpected error (innermost) is a JSON error that is counted, carries an id and names
+    # its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
+    if tracer is not None:  # inside the context (it puts its trace there), outside the boundary
+        from lmi_core.http.tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(ApiKeyMiddleware, tenants=state.tenants, api_key=config.api_key or None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

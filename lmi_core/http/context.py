@@ -1,14 +1,14 @@
 """One context per HTTP request: what its headers ask, and the response headers naming who served it.
 
 Invariant: every HTTP request that passes the API key gets one ``RequestContext`` (in
-``scope["state"]``), built here from its tenant (``security``) and its headers: its session
-(``x-session-id``, or SageMaker's) and its ``x-request-timeout`` (a header that is not a positive
-finite number is a 400 naming it, in the route's dialect, before any route runs). Handlers pass it
-with each generation; the pool appends each dispatch decision to it before the generation's first
-event, and the response headers are written from it when the response starts, so ``x-lmi-worker``
-names the worker(s) of every inference response that reached one, streamed or not, errors after
-dispatch included. The metrics middleware, outside this one, reads the model it ran on from it when
-the request is over.
+``scope["state"]``), built here from its tenant (``security``), its headers and its listener: its
+session (``x-session-id``, the endpoint picker's ``x-session-token``, or SageMaker's), the per-worker
+port it came in on, and its ``x-request-timeout`` (a header that is not a positive finite number is a
+400 naming it, in the route's dialect, before any route runs). Handlers pass it with each generation;
+the pool appends each dispatch decision to it before the generation's first event, and the response
+headers are written from it when the response starts, so ``x-lmi-worker`` names the worker(s) of
+every inference response that reached one, streamed or not, errors after dispatch included. The
+metrics middleware, outside this one, reads the model it ran on from it when the request is over.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from lmi_core.http.security import tenant_of
 from lmi_core.serving.deadlines import parse_client_timeout
 from lmi_core.serving.routing import RequestContext
 
-# The client's session: lmi's own header, then SageMaker's stateful-session header.
-SESSION_HEADERS = (b"x-session-id", b"x-amzn-sagemaker-session-id")
+# The client's session: lmi's own header, the endpoint picker's (GIE / llm-d session affinity), then
+# SageMaker's stateful-session header.
+SESSION_HEADERS = (b"x-session-id", b"x-session-token", b"x-amzn-sagemaker-session-id")
 TIMEOUT_HEADER = b"x-request-timeout"
 WORKER_HEADER = b"x-lmi-worker"
 # Present when the session's worker died, retired or was overloaded: its state there is gone.
 MOVED_HEADER = b"x-lmi-session-moved"
 _KEY = "lmi_context"
+_SLOT_KEY = "lmi_worker_slot"
 
 
 def context_of(scope: Scope) -> RequestContext | None:
@@ -41,6 +43,12 @@ def context_of(scope: Scope) -> RequestContext | None:
 
 def request_context(request: Request) -> RequestContext | None:
     return context_of(request.scope)
+
+
+def arrived_on_worker_port(scope: Scope, slot: int) -> None:
+    """Mark a request that came in on per-worker port ``slot`` (``http.listeners``), before it reaches
+    the app: its context will prefer that worker."""
+    scope.setdefault("state", {})[_SLOT_KEY] = slot
 
 
 def parse_context(headers: dict[bytes, bytes]) -> RequestContext:
@@ -77,7 +85,9 @@ class RequestContextMiddleware(HttpMiddleware):
             await errors.render(exc, errors.dialect_for(scope["path"]))(scope, receive, send)
             return
         context.tenant = tenant_of(scope)
-        scope.setdefault("state", {})[_KEY] = context
+        state = scope.setdefault("state", {})
+        context.worker_slot = state.get(_SLOT_KEY)
+        state[_KEY] = context
 
         def add_workers(message: Message) -> None:
             message["headers"] = [*message.get("headers", []), *response_headers(context)]

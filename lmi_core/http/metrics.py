@@ -37,6 +37,7 @@ from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 from lmi_core.errors import DeadlineError
 from lmi_core.http.common import HttpMiddleware, on_response_start
 from lmi_core.http.context import context_of
+from lmi_core.http.gie_metrics import PickerCollector
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
 from lmi_core.serving.observer import TenantOutcome
@@ -190,7 +191,7 @@ class Metrics:
         )
         self.routing_decisions = counter(
             "lmi_routing_decisions",
-            "Requests dispatched, by why that worker: prefix, session, load",
+            "Requests dispatched, by why that worker: prefix, session, port, adapter, load",
             "reason",
         )
         self.lora_requests = counter("lmi_lora_requests", "Generations by LoRA adapter", "adapter")
@@ -214,8 +215,10 @@ class Metrics:
         )
 
     def collect_from(self, server: ModelService) -> None:
-        """Add the engines' and pools' scrape-time metrics of ``server``'s models."""
+        """Add the engines' and pools' scrape-time metrics of ``server``'s models, and the endpoint
+        picker's series when a model asks for them (``option.gie_metrics``)."""
         self.registry.register(EngineCollector(server))
+        self.registry.register(PickerCollector(server, only_when_asked=True))
 
     # -- PoolObserver --------------------------------------------------------------------------------
 

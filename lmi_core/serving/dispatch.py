@@ -50,7 +50,8 @@ from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.fairness import OUTPUT_COST, FairQueue
 from lmi_core.serving.observer import PoolObserver, TenantOutcome
-from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad
+from lmi_core.serving.request_trace import Attributes, AttributeValue, RequestTrace
+from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad, slot_worker
 from lmi_core.serving.supervisor import SupervisedWorker
 from lmi_core.serving.tenants import DEFAULT, Tenant, TenantSpec, estimate_prompt_tokens
 
@@ -264,8 +265,10 @@ class Dispatcher:
         delivered: list[int] = []
         prompt = 0  # prompt tokens served: the estimate once dispatched, the engine's count once known
         try:
-            query = self.router.query(request, context)
-            worker, decision = await self._acquire(query, limits, ticket)
+            query = self._query(request, context)
+            trace = context.trace if context is not None else None
+            ahead = {"lmi.queue.ahead": self.waiting}
+            worker, decision = await self._admit(query, limits, ticket, trace, "lmi.queue", ahead)
             prompt = ticket.prompt
             self.observe.queue_time(self.name, time.monotonic() - started)
             first: Token | None = None
@@ -311,9 +314,15 @@ class Dispatcher:
                     failure,
                 )
                 attempt = dataclasses.replace(request, resume_ids=list(delivered))
+                moved: dict[str, AttributeValue] = {
+                    "lmi.migration.from_worker": worker.worker_id,
+                    "lmi.migration.delivered_tokens": len(delivered),
+                    "error.type": type(failure).__name__,
+                }
                 # The total deadline still holds; the queue deadline was for the first wait only.
-                worker, decision = await self._acquire(
-                    query, dataclasses.replace(limits, queue=limits.total), ticket, True
+                until = dataclasses.replace(limits, queue=limits.total)
+                worker, decision = await self._admit(
+                    query, until, ticket, trace, "lmi.migration", moved, True
                 )
         except Exception:
             outcome = "error"
@@ -329,6 +338,47 @@ class Dispatcher:
             return charged
         self._queue.charge(tenant, reported - charged, time.monotonic())
         return reported
+
+    def _query(self, request: GenerationRequest, context: RequestContext | None) -> RouteQuery:
+        """The request's routing key, naming the worker of the per-worker port it came in on."""
+        query = self.router.query(request, context)
+        if context is None or context.worker_slot is None:
+            return query
+        worker = slot_worker((w.worker_id for w in self.workers.serving()), context.worker_slot)
+        return dataclasses.replace(query, worker=worker)
+
+    async def _admit(
+        self,
+        query: RouteQuery,
+        limits: Deadlines,
+        ticket: Ticket,
+        trace: RequestTrace | None,
+        span: str,
+        attributes: Attributes,
+        migrating: bool = False,
+    ) -> Assignment:
+        """``_acquire``; on a traced request, recorded as the ``span`` of the wait (``lmi.queue``, or
+        ``lmi.migration`` from a failed worker to the next) and the ``lmi.route`` of the decision."""
+        if trace is None:
+            return await self._acquire(query, limits, ticket, migrating)
+        start = time.time_ns()
+        try:
+            worker, decision = await self._acquire(query, limits, ticket, migrating)
+        except BaseException as exc:  # refused, timed out, or the client left while it waited
+            trace.span(span, start, time.time_ns(), attributes, exc)
+            raise
+        now = time.time_ns()
+        trace.span(span, start, now, attributes)
+        route: dict[str, AttributeValue] = {
+            "lmi.route.worker": decision.worker_id,
+            "lmi.route.reason": decision.reason,
+            "lmi.route.prefix_blocks": decision.matched,
+            "lmi.route.worker_in_flight": worker.in_flight,
+        }
+        if decision.moved_from is not None:
+            route["lmi.route.moved_from"] = decision.moved_from
+        trace.span("lmi.route", now, now, route)
+        return worker, decision
 
     async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
         """Run ``operation`` on one of the workers and return its result.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,10 +31,11 @@ from lmi_core.serving.prefix_index import (
     block_hashes,
     render_messages,
 )
+from lmi_core.serving.request_trace import RequestTrace
 from lmi_core.serving.tenants import Tenant
 
-Reason = Literal["prefix", "session", "load", "adapter"]
-REASONS: tuple[Reason, ...] = ("prefix", "session", "load", "adapter")
+Reason = Literal["prefix", "session", "load", "adapter", "port"]
+REASONS: tuple[Reason, ...] = ("prefix", "session", "load", "adapter", "port")
 # Sessions remembered per model (least recently used forgotten first): ~100 bytes each, so 6 MiB.
 MAX_SESSIONS = 65536
 # How long a worker counts as holding an adapter it was sent without its heartbeat listing it yet:
@@ -90,15 +91,25 @@ class Decision:
 @dataclass
 class RequestContext:
     """One HTTP request as the pool sees it, built once at the HTTP edge and passed with each of its
-    generations: what the client asked (its session, its timeout), who it is for (its tenant) and
-    what the server learns (the workers that served it; the model it ran on, the metrics' ``model``
-    label)."""
+    generations: what the client asked (its session, its timeout, the worker port it came in on), who
+    it is for (its tenant) and what the server learns (the workers that served it; the model it ran
+    on, the metrics' ``model`` label); its trace, when tracing is on, gets the pool's spans."""
 
     session_id: str | None = None
     client_timeout: float | None = None  # x-request-timeout's seconds: lowers the total deadline
     tenant: Tenant | None = None  # None: the pool's anonymous tenant (no budget, weight 1)
     served: list[Decision] = field(default_factory=list)  # appended by the pool at dispatch
     model: str = ""  # set when its first generation starts
+    # The per-worker port it came in on (``slot_worker``): that worker is preferred, as a session's is.
+    worker_slot: int | None = None
+    trace: RequestTrace | None = None
+
+
+def slot_worker(worker_ids: Iterable[int], slot: int) -> int | None:
+    """The worker that per-worker port ``slot`` names: the ``slot``-th of a pool's serving workers (not
+    retiring, not FAILED) by id; None when the pool has fewer."""
+    ids = sorted(worker_ids)
+    return ids[slot] if 0 <= slot < len(ids) else None
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class RouteQuery:
     hashes: Sequence[int] = ()
     session_id: str | None = None
     adapter: str | None = None  # the LoRA adapter's name; None: the base model
+    worker: int | None = None  # the worker of the port it came in on: preferred over its session's
 
 
 def routing_key(request: GenerationRequest) -> RoutingKey:
@@ -195,10 +207,14 @@ class Router:
         """Choose among ``candidates``, then remember what the chosen worker was sent."""
         pin = self._sessions.get(query.session_id) if query.session_id is not None else None
         pinned = pin[0] if pin is not None and pin[1] == self._epochs.get(pin[0], 0) else None
+        if query.worker is not None:  # its port's worker, under the same imbalance rule as a session's
+            pin, pinned = None, query.worker
         decision = choose(self.policy, self.index, candidates, query.hashes, pinned, query.adapter)
         worker = decision.worker_id
         if query.adapter is not None:
             self.sent_adapter(worker, query.adapter)
+        if query.worker is not None and decision.reason == "session":
+            decision = dataclasses.replace(decision, reason="port")
         if pin is not None and (pinned is None or worker != pinned):
             decision = Decision(worker, decision.reason, decision.matched, moved_from=pin[0])
         self.decisions[decision.reason] += 1

@@ -21,18 +21,17 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pluggy
 
-from lmi_core import custom_code
+from lmi_core import custom_code, telemetry
 from lmi_core.engine import (
     ContextEngine,
     Engine,
     EngineStats,
     Finished,
-    GenerationEvent,
     GenerationRequest,
     LoraAdapter,
     Token,
@@ -41,7 +40,7 @@ from lmi_core.engine import (
 from lmi_core.errors import EngineError, ServiceError
 from lmi_core.operations import Operation
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.worker import wire
+from lmi_core.worker import tracing, wire
 
 logger = logging.getLogger("lmi_core.worker")
 
@@ -160,6 +159,9 @@ class RankServer:
             self.stream_interval = stream_interval(self.context.options)
             if self.context.entry_point is not None:  # model.py: one that does not import fails the load
                 await asyncio.to_thread(custom_code.load, self.context.entry_point)
+            # The tracer now, when this process traces, not on the first traced request: importing
+            # OpenTelemetry delayed that request's first token by ~400 ms on a loaded 2-core machine.
+            await asyncio.to_thread(telemetry.tracer, "worker")
             # Loading takes seconds to minutes: off the loop, so pings are still answered.
             engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
             if engine is None:
@@ -239,10 +241,12 @@ class RankServer:
         # In MPI mode every rank runs the request (same batches everywhere); rank 0 answers.
         answer = self.rank == 0
         try:
-            if self.engine is None:
+            engine = self.engine
+            if engine is None:
                 raise EngineError("engine not loaded", status=503)
-            events: AsyncGenerator[GenerationEvent, None] = self.pm.hook.handle_request(
-                engine=self.engine, request=request
+            # In a span of this process when the request is traced (its context came in the request).
+            events = tracing.traced_generation(
+                request, self.rank, lambda traced: self.pm.hook.handle_request(engine=engine, request=traced)
             )
             # Closed here, not left to the garbage collector: a cancel that lands outside the engine's
             # generator (in drain) must still run its cleanup (free the sequence) at once.
@@ -281,6 +285,7 @@ class RankServer:
         if self.engine is not None:
             with contextlib.suppress(Exception):
                 self.pm.hook.shutdown_engine(engine=self.engine)
+        telemetry.shutdown()
 
 
 def stream_interval(options: dict[str, Any]) -> int:

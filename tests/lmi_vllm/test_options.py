@@ -276,3 +276,17 @@ def test_a_pooling_task_runs_vllms_pooling_runner(
     from lmi_vllm.start import pooling_kwargs
 
     assert pooling_kwargs(pooling_settings(options), given) == expected
+
+
+@pytest.mark.vllm
+def test_vllm_exports_its_request_spans_where_lmi_does_over_otlp_http(
+    worker_context: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmi_vllm.start import engine_kwargs
+
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert "otlp_traces_endpoint" not in engine_kwargs(worker_context())[0]  # lmi does not trace
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    kwargs, _, _ = engine_kwargs(worker_context())
+    assert kwargs["otlp_traces_endpoint"] == "http://collector:4318/v1/traces"

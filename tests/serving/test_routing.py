@@ -6,6 +6,7 @@ request staying in flight for ``hold`` later arrivals (``None``: forever, a floo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from lmi_core.serving.routing import (
     RoutingPolicy,
     WorkerLoad,
     choose,
+    slot_worker,
 )
 
 CAPACITY = 32
@@ -189,7 +191,26 @@ def test_a_session_sticks_to_its_worker_and_moves_when_it_is_gone_or_overloaded(
     assert route("next", {0: 0}) == Decision(0, "load", 0, moved_from=1)  # worker 1 is not a candidate
     assert route("again", {0: 5, 1: 0}) == Decision(1, "load", 0, moved_from=0)  # 5 - 0 > 2: overloaded
     assert route("stays", {0: 0, 1: 1}).reason == "session"
-    assert router.decisions == {"prefix": 0, "session": 2, "load": 3, "adapter": 0}
+    assert router.decisions == {"prefix": 0, "session": 2, "load": 3, "adapter": 0, "port": 0}
+
+
+def test_a_worker_port_names_its_worker_over_the_session_unless_it_is_overloaded() -> None:
+    router = Router(policy(imbalance_abs=2, imbalance_rel=1.5))
+    context = RequestContext("s")
+
+    def route(loads: dict[int, int], worker: int | None) -> Decision:
+        query = dataclasses.replace(router.query(GenerationRequest("r", prompt="p"), context), worker=worker)
+        return router.route(query, [WorkerLoad(w, n, CAPACITY) for w, n in loads.items()])
+
+    assert route({0: 0, 1: 1}, None) == Decision(0, "load", 0)  # the session is on worker 0
+    assert route({0: 0, 1: 1}, 1) == Decision(1, "port", 0)  # the picker chose worker 1: it wins
+    assert route({0: 0, 1: 1}, None) == Decision(1, "session", 0)  # and the session follows it there
+    assert route({0: 0, 1: 5}, 1) == Decision(0, "load", 0)  # 5 - 0 > 2: overloaded, as a session's
+    assert router.decisions["port"] == 1
+
+
+def test_a_port_slot_names_the_slot_th_serving_worker_by_id() -> None:
+    assert [slot_worker([5, 2, 9], slot) for slot in range(4)] == [2, 5, 9, None]
 
 
 def test_routing_options_are_validated() -> None:

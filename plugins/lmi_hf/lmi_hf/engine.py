@@ -56,6 +56,15 @@ logger = logging.getLogger(__name__)
 PROMPT_THREADS = 2
 
 
+def kv_cache_usage(running: SequenceOf[Sequence], max_batch_size: int, max_model_len: int) -> float:
+    """The HF engine's KV utilisation, 0..1: the tokens its running sequences hold in the cache (prompt
+    plus generated, resumed ones included) over the most it can hold, ``max_batch_size`` full contexts.
+    It has no paged cache to measure: its cache grows with the batch, and this is the share of the
+    batch's room in use (left padding, which the real tensors also hold, is not counted)."""
+    held = sum(len(s.prompt_ids) + s.generated for s in running)
+    return min(1.0, held / max(1, max_batch_size * max_model_len))
+
+
 class HFEngine:
     """A loaded model plus the scheduler thread that batches its requests."""
 
@@ -191,13 +200,15 @@ class HFEngine:
         if self.error:
             raise RuntimeError(self.error)
         with self._lock:
+            running = self._running  # the scheduler thread rebinds it: one list throughout
             return dataclasses.replace(
                 self._totals,
-                running=len(self._running),
+                running=len(running),
                 waiting=len(self._submitted),
                 adapters=list(self.lora.names),
                 lora_loads_total=self.lora.loads_total,
                 lora_evictions_total=self.lora.evictions_total,
+                kv_cache_usage=kv_cache_usage(running, self.max_batch_size, self.max_model_len),
             )
 
     # -- scheduler thread ------------------------------------------------------------------------

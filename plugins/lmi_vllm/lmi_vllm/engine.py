@@ -47,6 +47,7 @@ from lmi_core import (
     ServiceError,
     WorkerContext,
     prompts,
+    telemetry,
 )
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
@@ -166,6 +167,9 @@ class VllmEngine:
                 # vLLM's automatic binding gives each rank a NUMA node of its own and refuses to start
                 # with fewer nodes than ranks (most single-socket hosts): split the CPUs instead.
                 bind = cpu_bind_lists(sorted(os.sched_getaffinity(0)), ranks)
+        if kwargs.get("otlp_traces_endpoint") == telemetry.traces_endpoint(os.environ):
+            # The endpoint is lmi's, an OTLP/HTTP one; vLLM's exporter speaks gRPC unless told.
+            os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
         if kwargs.get("enforce_eager") and "TORCHDYNAMO_DISABLE" not in os.environ:
             # Eager means no torch.compile, yet vLLM still compiles a sampler kernel (logprob ranks)
             # with inductor on first use: 6-30 s of C++ compilation on CPU. Read by vLLM's processes.
@@ -271,6 +275,7 @@ class VllmEngine:
             kv_cache_usage=0.0 if idle else self._scheduler.kv_cache_usage,
             # 0 until vLLM's engine core has measured its cache (before the first step): not known.
             kv_cache_tokens=self._scheduler.kv_cache_tokens or None,
+            kv_block_size=self._scheduler.block_size or None,
             prefix_cache_hits=self._scheduler.prefix_cache_hits,
             prefix_cache_queries=self._scheduler.prefix_cache_queries,
         )
@@ -391,7 +396,11 @@ class VllmEngine:
             lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
             priority = request.priority if self._priority else 0
             gate = reasoning_kwargs(request, self.reasoning_gate)
-            outputs = self.llm.generate(prompt, params, rid, lora_request=lora, priority=priority, **gate)
+            # Traced: vLLM's llm_request span under the worker's (it drops them unless it traces).
+            trace = {"traceparent": request.traceparent} if request.traceparent is not None else None
+            outputs = self.llm.generate(
+                prompt, params, rid, lora_request=lora, trace_headers=trace, priority=priority, **gate
+            )
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored

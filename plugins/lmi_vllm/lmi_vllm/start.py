@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmi_core import EngineError, WorkerContext
+from lmi_core import EngineError, WorkerContext, telemetry
 from lmi_core.option_values import dtype, lora_settings
 from lmi_core.pooling import PoolingSettings, pooling_settings
 from lmi_vllm.options import parse_options
@@ -37,6 +37,7 @@ class SchedulerCounts:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     kv_cache_tokens: int = 0  # the KV cache's capacity (blocks x block size): sizes lmi's prefix index
+    block_size: int = 0  # tokens per KV cache block
     # Prompt tokens looked up in / found in the prefix cache, since the engine started (the
     # scheduler reports them per step; requests resumed after preemption are left out, as vLLM does).
     prefix_cache_queries: int = 0
@@ -55,6 +56,10 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
     }
     if context.dtype is not None:  # checked by validate_config in the server
         kwargs["dtype"] = dtype(context.dtype)
+    if (endpoint := telemetry.traces_endpoint(os.environ)) is not None:
+        # lmi traces (docs/tracing.md): vLLM's own request span, llm_request, goes to the same collector,
+        # under the worker's span (its trace_headers); an option.otlp_traces_endpoint replaces it.
+        kwargs["otlp_traces_endpoint"] = endpoint
     if context.device == "cpu":
         # Eager start takes ~16-35 s on CPU; torch.compile adds 35-60 s. option.enforce_eager=false
         # still turns compilation on.
@@ -159,7 +164,8 @@ def stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
                 counts.kv_cache_usage = scheduler_stats.kv_cache_usage
                 # Read here, not in __init__: the engine core sets num_gpu_blocks once it has measured.
                 blocks = getattr(self.cache_config, "num_gpu_blocks", None) or 0
-                counts.kv_cache_tokens = blocks * getattr(self.cache_config, "block_size", 0)
+                counts.block_size = getattr(self.cache_config, "block_size", 0) or 0
+                counts.kv_cache_tokens = blocks * counts.block_size
                 prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
                 if prefix is not None:
                     counts.prefix_cache_queries += prefix.queries
