@@ -37,6 +37,13 @@ def test_bad_bodies_on_a_kept_alive_connection_leave_it_usable(
         stop = b'{"prompt": "hi", "stop": ["\\udc00"]}'
         lone = http.post("/v1/completions", content=stop, headers=json_type)
         assert lone.status_code == 400 and lone.json()["error"]["param"] == "stop[0]"
+        # Raw ED A0 80 (an encoded surrogate) in a prompt: before, 500 "internal error: ProtocolError".
+        raw = b'{"inputs": "a\xed\xa0\x80b", "parameters": {"max_new_tokens": 2}}'
+        invalid = http.post("/invocations", content=raw, headers=json_type)
+        assert invalid.status_code == 400 and invalid.json()["param"] == "inputs"
+        raw = b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}'
+        invalid = http.post("/v1/completions", content=raw, headers=json_type)
+        assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "prompt"
         assert http.post("/invocations", json=SHORT).status_code == 200  # same connection, not reset
 
 

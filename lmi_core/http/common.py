@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from lmi_core.http.json_guard import MAX_DEPTH, check_body
+from lmi_core.http.json_guard import MAX_DEPTH, check_body, decode_utf8, has_surrogate_escape
 
 T = TypeVar("T")
 
@@ -64,13 +64,14 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
     body = b"".join(chunks)
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
+    text, clean = decode_utf8(body)
     try:
-        value = json.loads(body, parse_int=_int64)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(text, parse_int=_int64)
+    except ValueError as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}", param="body") from None
     except RecursionError:  # the C decoder's own limit (~1,000 levels): a body nested 10,000 deep
         raise BadRequestError(f"request body is nested deeper than {MAX_DEPTH} levels", "body") from None
-    check_body(body, value)
+    check_body(value, scan_text=not clean or has_surrogate_escape(body))
     return value
 
 

@@ -31,7 +31,9 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import (
+    BadRequestError,
     EngineError,
+    PayloadTooLargeError,
     RequestTimeoutError,
     ServiceError,
     WorkerFailedError,
@@ -80,6 +82,20 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def request_frame(request: GenerationRequest) -> bytes:
+    """``request``'s ``req`` frame; a request that cannot be one is the client's fault, never the
+    worker's: 400 naming the value (text that is not UTF-8, an integer over 64 bits), 413 past the
+    frame limit. The HTTP layer refuses such bodies first (``http.json_guard``); this is the last
+    gate, so that no route can fail a request with a 500 or a connection with a half-written frame."""
+    try:
+        return wire.Req(request.request_id, request).to_frame()
+    except wire.FrameTooLargeError as exc:
+        raise PayloadTooLargeError(f"the request is too large for the worker socket: {exc}") from None
+    except wire.ProtocolError as exc:
+        field = exc.field.removeprefix("request.") if exc.field else None
+        raise BadRequestError(f"the request cannot be sent to its worker: {exc}", param=field) from None
 
 
 class LoadError(WorkerFailedError):
@@ -368,8 +384,8 @@ class SupervisedWorker:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
+        message_out = request_frame(request)
         stream = ranks[0].open_stream(rid)
-        message_out = wire.Req(rid, request)
         finished = False
         loop = asyncio.get_running_loop()
         timer = None

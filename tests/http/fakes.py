@@ -25,6 +25,7 @@ from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_
 from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.worker import wire
 
 
 def worker(
@@ -116,6 +117,7 @@ class FakeModel:
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncIterator[GenerationEvent]:
+        wire.Req(request.request_id, request).to_frame()  # as the worker socket would: encodable or not sent
         self.requests.append(request)
         self.contexts.append(context)
         if context is not None:  # as the pool does: the worker is known before the first event

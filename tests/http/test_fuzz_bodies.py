@@ -1,6 +1,7 @@
 """2,000 hostile bodies over every route that reads one, in-process (real routes and middleware,
-a fake model): JSON of any shape (deep, lone surrogates, huge ints, wrong types) and non-JSON bytes.
-No body may get a 5xx; every error is JSON."""
+a fake model): JSON of any shape (deep, lone surrogates, huge ints, wrong types), JSON with raw
+invalid UTF-8 inside its strings, and non-JSON bytes. No body may get a 5xx; every error is JSON; no
+request that reaches the model fails to encode for the worker socket (the fake model encodes it)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,37 @@ def _encode(body: Any) -> bytes:
     return json.dumps(body).encode()  # ensure_ascii: lone surrogates become \\udcxx escapes
 
 
-bodies = st.one_of(shaped.map(_encode), values.map(_encode), deep.map(str.encode), st.binary(max_size=64))
+MARK = "@RAW@"
+# Where a client's raw bytes land: a prompt, a chat message, a stop sequence, a field name, a URL.
+raw_places = st.sampled_from(
+    [
+        {"inputs": MARK},
+        {"prompt": MARK},
+        {"prompt": ["ok", MARK]},
+        {"messages": [{"role": "user", "content": MARK}]},
+        {"inputs": "hi", "parameters": {"stop": [MARK]}},
+        {"stop": MARK, "prompt": "hi"},
+        {"model": MARK, "prompt": "hi"},
+        {MARK: 1, "inputs": "hi"},
+        {"url": MARK},
+    ]
+)
+# ED A0 80 is an encoded surrogate (what CPython's json decodes from bytes with surrogatepass), then a
+# lone continuation byte, an overlong "/", a byte UTF-8 never uses, and any short byte string.
+hostile_bytes = st.sampled_from(
+    [b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\x80", b"\xc0\xaf", b"\xff"]
+) | st.binary(min_size=1, max_size=4)
+
+
+def _raw_in_string(place: dict[str, Any], extra: dict[str, Any], raw: bytes) -> bytes:
+    """A body with ``raw`` bytes inside one of its strings: JSON, except that it is not UTF-8."""
+    return _encode({**extra, **place}).replace(MARK.encode(), b"x" + raw + b"y")
+
+
+raw_strings = st.builds(_raw_in_string, raw_places, shaped, hostile_bytes)
+bodies = st.one_of(
+    shaped.map(_encode), values.map(_encode), deep.map(str.encode), st.binary(max_size=64), raw_strings
+)
 content_types = st.sampled_from(["application/json", "text/plain", "application/octet-stream", ""])
 
 HTTP = client(FakeModels(model("demo", pool("demo", worker(0)))))
