@@ -38,20 +38,30 @@ def _int64(text: str) -> int:
     return value
 
 
+# curl's -d sends this content type unless told otherwise: the README's own quick start did, and got 415.
+FORM = "application/x-www-form-urlencoded"
+
+
 def is_json(content_type: str) -> bool:
     """``application/json`` or a ``+json`` type; no content type at all counts as JSON (curl --data-raw)."""
     return content_type in ("", "application/json") or content_type.endswith("+json")
 
 
+def _unsupported(content_type: str) -> UnsupportedMediaTypeError:
+    return UnsupportedMediaTypeError(
+        f"unsupported content type {content_type!r}: send application/json", param="content-type"
+    )
+
+
 async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
     """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
-    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON.
+
+    A form-encoded body (``curl -d`` without ``-H``) that is JSON is read as JSON, as DJL Serving
+    reads it; one that is not (``inputs=hi``) stays a 415."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
-        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
-        raise UnsupportedMediaTypeError(
-            f"unsupported content type {content_type!r}: send application/json", param="content-type"
-        )
+    if not (is_json(content_type) or content_type == FORM or (allow_text and content_type == "text/plain")):
+        raise _unsupported(content_type)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
@@ -68,6 +78,8 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
     try:
         value = json.loads(text, parse_int=_int64)
     except ValueError as exc:
+        if content_type == FORM:
+            raise _unsupported(content_type) from None
         raise BadRequestError(f"request body is not valid JSON: {exc}", param="body") from None
     except RecursionError:  # the C decoder's own limit (~1,000 levels): a body nested 10,000 deep
         raise BadRequestError(f"request body is nested deeper than {MAX_DEPTH} levels", "body") from None

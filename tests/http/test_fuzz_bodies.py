@@ -85,7 +85,9 @@ raw_strings = st.builds(_raw_in_string, raw_places, shaped, hostile_bytes)
 bodies = st.one_of(
     shaped.map(_encode), values.map(_encode), deep.map(str.encode), st.binary(max_size=64), raw_strings
 )
-content_types = st.sampled_from(["application/json", "text/plain", "application/octet-stream", ""])
+content_types = st.sampled_from(
+    ["application/json", "text/plain", "application/octet-stream", "application/x-www-form-urlencoded", ""]
+)
 
 HTTP = client(FakeModels(model("demo", pool("demo", worker(0)))))
 
