@@ -38,6 +38,7 @@ def _models(args: argparse.Namespace) -> list[ModelConfig]:
 def serve(args: argparse.Namespace) -> int:
     from lmi_core.backends import resolve_model
     from lmi_core.http.app import create_app
+    from lmi_core.http.connections import fd_bound, guarded_protocol
     from lmi_core.http.security import ListenerFilter
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.plugins import get_plugin_manager
@@ -52,6 +53,8 @@ def serve(args: argparse.Namespace) -> int:
         management_address=args.management_address,
         api_key=args.api_key,
         cors_allowed_origins=args.cors_allowed_origins,
+        request_head_timeout=args.request_head_timeout,
+        max_connections=args.max_connections,
     )
     models = _models(args)
     pm = get_plugin_manager()
@@ -73,6 +76,7 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(config, models, on_load_failure=on_load_failure)
+    protocol = guarded_protocol(config.request_head_timeout, fd_bound(config.max_connections, len(listeners)))
     for index, (host, port) in enumerate(listeners):
         # One app, one lifespan (the first listener's): the models load once, both listeners serve them.
         listener_app = ListenerFilter(app, management=index == 1) if len(listeners) > 1 else app
@@ -84,7 +88,7 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on" if index == 0 else "off",
             timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # float works
             access_log=args.access_log,
-            http="httptools",
+            http=protocol,  # httptools', with a request-head deadline and a connection bound
         )
         servers.append(_Server(uv_config))
     names = ", ".join(m.name for m in models)
@@ -190,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--cors-allowed-origins",
         help="comma-separated origins browsers may call from, '*' for any (env SERVING_CORS_ALLOWED_ORIGINS)",
+    )
+    p_serve.add_argument(
+        "--request-head-timeout",
+        type=float,
+        help="seconds a connection has to send a request head before it is closed "
+        "(default 10; env SERVING_REQUEST_HEAD_TIMEOUT)",
+    )
+    p_serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open HTTP connections per listener; more are refused with 503 "
+        "(default 4096; env SERVING_MAX_CONNECTIONS)",
     )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)

@@ -86,6 +86,12 @@ class ServerConfig(_Strict):
     health_check_interval: float = Field(2.0, gt=0)
     health_check_timeout: float = Field(10.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
+    # Seconds a connection has to send a complete request head, from when it opens (and from the first
+    # byte of each later one), else it is closed: an idle or slowloris client holds no descriptor.
+    request_head_timeout: float = Field(10.0, gt=0)
+    # Open HTTP connections per listener; one more is refused (503, closed) at once. Lowered at start
+    # to what the file-descriptor limit leaves room for (http.connections.connection_bound).
+    max_connections: int = Field(4096, ge=1)
     api_key: str | None = None
     # Comma-separated origins browsers may call from ("*": any); empty: CORS off.
     cors_allowed_origins: str = ""
