@@ -308,6 +308,24 @@ def test_bad_parameter_is_a_400_naming_it(client: openai.OpenAI, kwargs: dict[st
     assert info.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [
+        ("hi " * 50_000, "the prompt has at least"),  # refused by the server from its size alone
+        ([5] * 1000, "the prompt has 1000 tokens"),  # counted by the server
+    ],
+)
+def test_a_prompt_that_cannot_fit_is_a_400_naming_the_prompt(
+    client: openai.OpenAI, prompt: str | list[int], refusal: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert info.value.param == "prompt" and refusal in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:  # the template decides: the engine refuses
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 50_000}])
+    assert info.value.param == "messages" and "the prompt has at least" in info.value.message
+
+
 def test_bad_chat_parameters(client: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"messages": []}, "messages"),

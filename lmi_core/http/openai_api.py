@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
-from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http.adapters import header_adapter, model_or_adapter
 from lmi_core.http.common import (
     collect_each,
@@ -155,8 +155,8 @@ async def run_call(request: Request, call: Call, framing: Framing) -> Response:
             return await stream_response(request, events, lambda e: frame(render_chunks(call, e)), media_type)
         results = await until_disconnected(request, collect_each(streams))
         return JSONResponse(render_result(call, results))
-    except EngineError as exc:
-        if exc.param == "inputs":  # the engine's name for the prompt
+    except ServiceError as exc:
+        if exc.param == "inputs":  # the LMI API's name for the prompt, which engines and the pool use
             exc.param = call.prompt_param
         raise
 

@@ -46,6 +46,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
+from lmi_core.request_checks import refuse_unfit_prompt
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.deadlines import Deadlines, deadlines
 from lmi_core.serving.observer import NoObserver, PoolObserver
@@ -58,7 +59,7 @@ from lmi_core.serving.routing import (
     WorkerLoad,
 )
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
-from lmi_core.worker.wire import AdapterOp
+from lmi_core.worker.wire import AdapterOp, Loaded
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +144,9 @@ class WorkerPool:
         self.queue_size = config.job_queue_size or server.job_queue_size
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
-        # The engine's context length, as the last worker that loaded reported it (its workers all
-        # load the same engine); None until one has, or when the engine does not say.
-        self.max_model_len: int | None = None
+        # The engine's limits, as the last worker that loaded reported them (its workers all load the
+        # same engine); each None until one has, or when the engine does not say.
+        self.engine_limits = Loaded(0)
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
@@ -176,6 +177,11 @@ class WorkerPool:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context length (``/v1/models``); None until reported."""
+        return self.engine_limits.max_model_len
 
     @property
     def devices(self) -> set[str]:
@@ -304,7 +310,7 @@ class WorkerPool:
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
-            self.max_model_len = worker.max_model_len
+            self.engine_limits = worker.loaded
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
             self._give_adapters(worker)
@@ -524,6 +530,13 @@ class WorkerPool:
         appended before the first event is yielded (so a response can name its worker before it starts).
         """
         started = time.monotonic()
+        engine = self.engine_limits
+        if engine.max_input_length is not None:
+            # A prompt that cannot fit is refused here, at once, rather than cross the worker socket
+            # to be tokenized first (30 MB of text: over 120 s on the demo model's tokenizer).
+            refuse_unfit_prompt(
+                request, engine.max_input_length, engine.max_token_bytes, engine.max_model_len
+            )
         config = self.config
         client = context.client_timeout if context is not None else None
         limits = deadlines(started, config.predict_timeout, config.queue_timeout, client)

@@ -128,8 +128,8 @@ class SupervisedWorker:
         self.failures = 0  # consecutive; reset by a request that completes
         self.last_error: str | None = None
         self.started_at = time.time()
-        # Rank 0's engine's context length, as its last load reported it (None: the engine did not say).
-        self.max_model_len: int | None = None
+        # Rank 0's report of its last load: the engine's limits (each None where it did not say).
+        self.loaded = wire.Loaded(0)
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set (with the reason) by a request that saw no token within option.stall_timeout.
         self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -254,7 +254,7 @@ class SupervisedWorker:
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
-            self.max_model_len = (await self._unless_exited(loaded, exited, deadline))[0].max_model_len
+            self.loaded = (await self._unless_exited(loaded, exited, deadline))[0]
         finally:
             exited.cancel()
 

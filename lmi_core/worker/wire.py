@@ -277,19 +277,36 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The engine loaded on ``rank``. ``max_model_len``: its context length (prompt plus generated
-    tokens), when the engine knows it (``engine.ContextEngine``); told once, here."""
+    """The engine loaded on ``rank``; what it knows of its limits, told once, here (None: it does not
+    say). ``max_model_len``: its context length, prompt plus generated tokens
+    (``engine.ContextEngine``); ``max_input_length`` and ``max_token_bytes``: the most tokens a prompt
+    may have, and the most bytes of prompt one token stands for (``engine.InputLimitEngine``)."""
 
     rank: int
     max_model_len: int | None = None
+    max_input_length: int | None = None
+    max_token_bytes: int | None = None
     t: ClassVar[str] = "loaded"
 
     def to_frame(self) -> bytes:
-        return encode({"t": self.t, "rank": self.rank, "max_model_len": self.max_model_len})
+        return encode(
+            {
+                "t": self.t,
+                "rank": self.rank,
+                "max_model_len": self.max_model_len,
+                "max_input_length": self.max_input_length,
+                "max_token_bytes": self.max_token_bytes,
+            }
+        )
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Loaded:
-        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int))
+        return cls(
+            _field(frame, "rank", int),
+            _optional(frame, "max_model_len", int),
+            _optional(frame, "max_input_length", int),
+            _optional(frame, "max_token_bytes", int),
+        )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,22 @@ import pluggy
 import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
-from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
+from lmi_core.engine import (
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    LoraAdapter,
+    SamplingParams,
+    Token,
+)
+from lmi_core.errors import (
+    BadRequestError,
+    ModelNotReadyError,
+    QueueFullError,
+    RequestTimeoutError,
+    WorkerFailedError,
+)
 from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.plugins import new_plugin_manager
@@ -32,6 +46,7 @@ from lmi_core.serving.observer import PoolObserver
 from lmi_core.serving.pool import WorkerPool, finished_after
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.worker.wire import Loaded
 
 
 class FakeWorker:
@@ -42,7 +57,7 @@ class FakeWorker:
 
     load_time = 0.05
     fail_loads = False
-    max_model_len: int | None = 2048  # what its engine reports when it loads
+    loaded = Loaded(0, 2048, 2047, 13)  # what its engine reports when it loads
     gate: asyncio.Event
     created: list[FakeWorker]
     served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
@@ -195,6 +210,34 @@ async def test_the_pool_shows_the_context_length_its_workers_engine_reported() -
     assert pool.max_model_len is None  # before any worker has loaded
     await pool.start()
     assert pool.max_model_len == 2048
+    await pool.stop()
+
+
+async def test_a_prompt_that_cannot_fit_is_refused_before_it_reaches_a_worker() -> None:
+    """The limits its workers' engine reported (2047 prompt tokens, 13 bytes a token at most): a
+    prompt of 13 x 2047 + 1 bytes has at least 2048 tokens. Before: it crossed the worker socket and
+    was tokenized whole first (30 MB: over 120 s)."""
+    pool = make_pool(1, 1)
+    await pool.start()
+    huge = "x" * (13 * 2047 + 1)
+    for request, message in (
+        (GenerationRequest("a", huge), "the prompt has at least 2048 tokens; at most 2047 fit"),
+        (GenerationRequest("b", prompt_ids=[1] * 2048), "the prompt has 2048 tokens; at most 2047 fit"),
+    ):
+        with pytest.raises(BadRequestError, match=message) as refused:
+            await anext(pool.generate(request))
+        assert refused.value.param == "inputs" and "this model's context is 2048" in str(refused.value)
+    assert FakeWorker.served == []  # nothing was sent
+    # What may fit goes on: at the bound, chat messages (the template decides), truncate (it cuts).
+    FakeWorker.gate.set()
+    fits = [
+        GenerationRequest("c", "x" * (13 * 2047)),
+        GenerationRequest("d", messages=[{"role": "user", "content": huge}]),
+        GenerationRequest("e", huge, params=SamplingParams(truncate=100)),
+    ]
+    for request in fits:
+        assert [e async for e in pool.generate(request)]
+    assert [rid for _, rid in FakeWorker.served] == ["c", "d", "e"]
     await pool.stop()
 
 

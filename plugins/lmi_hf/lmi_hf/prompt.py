@@ -1,6 +1,7 @@
 """A request's prompt as token ids for the HF engine: its chat template and ``truncate`` applied, and
 checked against the model's limits, or a 400 naming the field. It runs on the engine's prompt
-threads, never on the worker's event loop: its cost grows with the prompt.
+threads, never on the worker's event loop: its cost grows with the prompt. A prompt too long to fit
+whatever its tokens is refused from its size before it is tokenized (``check_prompt_bytes``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 from lmi_core.engine import GenerationRequest
 from lmi_core.errors import BadRequestError
-from lmi_core.request_checks import check_token_ids, truncate_prompt
+from lmi_core.request_checks import check_prompt_bytes, check_token_ids, prompt_too_long, truncate_prompt
 from lmi_hf.text import Decode
 
 
@@ -20,9 +21,16 @@ def encode_prompt(
     vocab_size: int,
     max_input_length: int,
     max_model_len: int,
+    max_token_bytes: int | None,
 ) -> tuple[list[int], str]:
     """The prompt's token ids and text (the chat template applied, ``truncate`` applied); a 400
-    naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
+    naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt.
+    ``max_token_bytes``: the most bytes of text one token stands for (``request_checks``), if known."""
+
+    def check_size(text: str, param: str) -> None:
+        if request.params.truncate is None:  # else only the last tokens count: they must be counted
+            check_prompt_bytes(text, max_token_bytes, max_input_length, max_model_len, param)
+
     if request.prompt_ids is not None:
         if not request.prompt_ids:
             raise BadRequestError("the prompt is empty", param="inputs")
@@ -37,17 +45,15 @@ def encode_prompt(
             )
         except Exception as exc:  # a template that rejects these messages (raise_exception)
             raise BadRequestError(f"cannot apply the model's chat template: {exc}", "messages") from None
+        check_size(text, "messages")
         ids, param = tokenizer.encode(text, add_special_tokens=False), "messages"
     elif not request.prompt:
         raise BadRequestError("the prompt is empty", param="inputs")
     else:
         text, param = request.prompt, "inputs"
+        check_size(text, param)
         ids = tokenizer.encode(text)
     ids = truncate_prompt(ids, request.params)
     if len(ids) > max_input_length:
-        raise BadRequestError(
-            f"the prompt has {len(ids)} tokens; at most {max_input_length} fit "
-            f"(option.max_input_length; this model's context is {max_model_len})",
-            param=param,
-        )
+        raise prompt_too_long(len(ids), max_input_length, max_model_len, param)
     return ids, text

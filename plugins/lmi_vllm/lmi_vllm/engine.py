@@ -48,9 +48,12 @@ from lmi_core import (
 )
 from lmi_core.request_checks import (
     check_logit_bias,
+    check_prompt_bytes,
     check_token_ids,
+    prompt_too_long,
     refuse_unsupported,
     token_budget,
+    tokenizer_token_bytes,
     truncate_prompt,
 )
 from lmi_vllm.convert import (
@@ -102,6 +105,8 @@ class VllmEngine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.max_input_length = self.max_model_len - 1  # option.max_input_length lowers it
+        # The most bytes of prompt one token stands for (None: no bound holds for this tokenizer).
+        self.max_token_bytes = tokenizer_token_bytes(self.tokenizer)
         # Tokenizing and chat templates cost time that grows with the prompt: one thread, off the
         # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
@@ -275,6 +280,7 @@ class VllmEngine:
                 )
             except Exception as exc:  # no template, or a template that rejects these messages
                 raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
+            self.check_size(request, text, param)
             # The template writes the special tokens itself (vLLM's chat path does the same).
             ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         elif request.prompt_ids is not None:
@@ -285,6 +291,7 @@ class VllmEngine:
         elif request.prompt is not None:
             param = "inputs"
             text = request.prompt
+            self.check_size(request, text, param)
             ids = list(self.tokenizer.encode(text))
         else:
             raise BadRequestError("the request has neither inputs nor messages", param="inputs")
@@ -292,14 +299,15 @@ class VllmEngine:
             raise BadRequestError("the prompt is empty", param=param)
         ids = truncate_prompt(ids, request.params)
         if len(ids) > self.max_input_length:
-            raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
-                f"(option.max_input_length; max_model_len={self.max_model_len}, one token is left "
-                "for the output)",
-                param=param,
-            )
+            raise prompt_too_long(len(ids), self.max_input_length, self.max_model_len, param)
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
+
+    def check_size(self, request: GenerationRequest, text: str, param: str) -> None:
+        """Before tokenizing: a prompt that cannot fit whatever its tokens is a 400 at once (unless
+        ``truncate`` keeps only its last tokens, which must then be counted)."""
+        if request.params.truncate is None:
+            check_prompt_bytes(text, self.max_token_bytes, self.max_input_length, self.max_model_len, param)
 
     def sampling_params(self, params: SamplingParams, max_tokens: int | None = None) -> Any:
         """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked).
