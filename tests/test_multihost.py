@@ -46,7 +46,9 @@ def hosts() -> Iterator[TestHosts]:
 def job_env(hosts: TestHosts, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "PRTE_MCA_plm_ssh_agent": f"ssh -F {hosts.ssh_config}",  # mpirun's daemons (and the preflight)
+        # As users reach their hosts: Open MPI's ssh arguments name the ssh config (key, known hosts),
+        # the only way in (netns_hosts); mpirun's daemons and the preflight both go through it.
+        "PRTE_MCA_plm_ssh_args": f"-F {hosts.ssh_config}",
         "GLOO_SOCKET_IFNAME": "eth0",
         "OPTION_MPI_MODE": "true",
         "OPTION_TENSOR_PARALLEL_DEGREE": "2",
