@@ -129,6 +129,9 @@ class ModelConfig(_Strict):
     stall_timeout: float | None = Field(None, gt=0)
     # Times a request moves to another worker when its worker dies or stalls mid-request (0: never).
     max_migrations: int = Field(3, ge=0)
+    # How long a moved request waits for a worker that is up (ready, or restarted with every rank
+    # connected, loading); then it ends with its worker's error. None: SERVING_HEALTH_CHECK_TIMEOUT + 5 s.
+    migration_timeout: float | None = Field(None, gt=0)
     max_idle_time: float = Field(60.0, gt=0)
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
@@ -188,6 +191,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.queue_timeout": "queue_timeout",
     "option.stall_timeout": "stall_timeout",
     "option.max_migrations": "max_migrations",
+    "option.migration_timeout": "migration_timeout",
     "max_idle_time": "max_idle_time",
     "retry_threshold": "retry_threshold",
     "option.dtype": "dtype",

@@ -107,6 +107,9 @@ REPLACE_BACKOFF_MIN = 1.0
 REPLACE_BACKOFF_MAX = 60.0
 # Poll period while waiting for in-flight requests to finish (draining) or workers to settle.
 POLL = 0.05
+# option.migration_timeout's default beyond SERVING_HEALTH_CHECK_TIMEOUT: a restarted worker's
+# processes start and its ranks connect in about 1 s (Python mode on the loaded 2-core test machine).
+MIGRATION_GRACE = 5.0
 
 
 Assignment = tuple[SupervisedWorker, Decision]
@@ -142,6 +145,8 @@ class WorkerPool:
         self.max_workers = plan.max_workers
         self.workers: dict[int, SupervisedWorker] = {}
         self.queue_size = config.job_queue_size or server.job_queue_size
+        # A few seconds beyond the heartbeat's detection of a hung rank, by default.
+        self.migration_timeout = config.migration_timeout or server.health_check_timeout + MIGRATION_GRACE
         self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
         # The engine's limits, as the last worker that loaded reported them (its workers all load the
@@ -489,29 +494,60 @@ class WorkerPool:
                 self._queue.remove(entry)
                 break
 
-    async def _acquire(self, query: RouteQuery, limits: Deadlines, migrating: bool = False) -> Assignment:
+    def _worker_coming(self) -> bool:
+        """Whether a worker is up, or restarted far enough to load: READY (free or busy), or STARTING
+        with every rank connected. A job that cannot reach one of its hosts is neither."""
+        return any(
+            w.state is WorkerState.READY or (w.state is WorkerState.STARTING and w.ranks_up)
+            for w in self._serving()
+        )
+
+    async def _wait_migrating(
+        self, future: asyncio.Future[Assignment], until: float, failure: Exception
+    ) -> None:
+        """Wait for ``future`` until ``until``, but no longer than ``migration_timeout`` at a time
+        while no worker is coming: then the request ends with its worker's failure. A stream never
+        waits on a job that cannot be restarted (before: a partitioned rank host left it open, with
+        no token and no error, until predict_timeout)."""
+        while not future.done() and time.monotonic() < until:
+            await asyncio.wait(
+                {future}, timeout=max(0.0, min(until - time.monotonic(), self.migration_timeout))
+            )
+            if not future.done() and not self._worker_coming():
+                raise WorkerFailedError(
+                    f"{failure}; no worker could take the request within "
+                    f"option.migration_timeout={self.migration_timeout:g} s (none is up or loading)"
+                )
+
+    async def _acquire(
+        self, query: RouteQuery, limits: Deadlines, migrating: Exception | None = None
+    ) -> Assignment:
         """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order.
 
-        A ``migrating`` request was admitted before every waiting one: it goes to the head of the
-        queue and is never refused for a full queue.
+        A ``migrating`` request (its worker failed with that error) was admitted before every waiting
+        one: it goes to the head of the queue, is never refused for a full queue, and waits only while
+        a worker is coming (``_wait_migrating``).
         """
-        if self._closing and not migrating:
+        if self._closing and migrating is None:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
         if not self._queue and (assignment := self._pick(query)) is not None:
             return assignment
         if self.status is ModelStatus.FAILED:
             raise ModelNotReadyError(self._unservable())
-        if len(self._queue) >= self.queue_size and not migrating:
+        if len(self._queue) >= self.queue_size and migrating is None:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
-        if migrating:
+        if migrating is not None:
             self._queue.appendleft((future, query))
         else:
             self._queue.append((future, query))
         self._changed.set()  # the scaler may add a worker
         try:
-            await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
-        except asyncio.CancelledError:
+            if migrating is not None:
+                await self._wait_migrating(future, limits.queue, migrating)
+            else:
+                await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
+        except BaseException:  # cancelled, or no worker is coming
             self._abandon(future)
             raise
         if not future.done():
@@ -584,7 +620,7 @@ class WorkerPool:
             attempt = dataclasses.replace(request, resume_ids=list(delivered))
             # The total deadline still holds; the queue deadline was for the first wait only.
             worker, decision = await self._acquire(
-                query, dataclasses.replace(limits, queue=limits.total), True
+                query, dataclasses.replace(limits, queue=limits.total), failure
             )
 
 

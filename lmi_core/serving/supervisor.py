@@ -123,6 +123,9 @@ class SupervisedWorker:
         self.state = WorkerState.STARTING
         self.process: WorkerProcess | None = None
         self.ranks: list[RankConnection] = []
+        # Every rank of the current start is connected (then it loads, or serves): this start is up.
+        # A job one of whose hosts cannot be reached never gets here (the pool's migration_timeout).
+        self.ranks_up = False
         self.in_flight = 0  # counted by the pool, which reserves capacity before dispatch
         self.restarts = 0
         self.failures = 0  # consecutive; reset by a request that completes
@@ -248,6 +251,7 @@ class SupervisedWorker:
                     rank, address, deadline, alive=lambda: process.returncode is None, label=label
                 )
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
+            self.ranks_up = True
             init = wire.Init(self._context(len(spec.rank_addresses)))
             for conn in self.ranks:
                 conn.send(init)
@@ -345,6 +349,7 @@ class SupervisedWorker:
     async def _teardown(self, reason: str) -> str:
         """Fail in-flight requests (via the connections), kill the process group, reap it; return
         ``reason`` with how the process ended, when ``reason`` does not say it already."""
+        self.ranks_up = False
         for conn in self.ranks:
             conn.fail(WorkerFailedError(f"worker {self.worker_id} failed: {reason}"))
             await conn.close()

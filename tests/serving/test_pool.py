@@ -57,6 +57,7 @@ class FakeWorker:
 
     load_time = 0.05
     fail_loads = False
+    connects = True  # whether its ranks connect when it starts (not when a host is unreachable)
     loaded = Loaded(0, 2048, 2047, 13)  # what its engine reports when it loads
     gate: asyncio.Event
     created: list[FakeWorker]
@@ -79,6 +80,7 @@ class FakeWorker:
         self.restarts = 0
         self.last_error: str | None = None
         self.ranks: list[Any] = []
+        self.ranks_up = False
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.broken = asyncio.Event()
         self.release = asyncio.Event()
@@ -98,20 +100,35 @@ class FakeWorker:
         self._task = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
+        self.ranks_up = FakeWorker.connects
         await asyncio.sleep(self.load_time)
         if self.fail_loads:
             self.fail("load failed")
-            self.first_start.set_exception(RuntimeError("load failed"))
+            if not self.first_start.done():  # a restart's load is not the first
+                self.first_start.set_exception(RuntimeError("load failed"))
         else:
             self._set(WorkerState.READY)
-            self.first_start.set_result(None)
+            if not self.first_start.done():
+                self.first_start.set_result(None)
 
     def _set(self, state: WorkerState) -> None:
         self.state = state
         self.on_change(self)
 
+    def restart(self, reason: str) -> None:
+        """Fail as the real worker does when its supervisor restarts it: its in-flight requests fail
+        at once, and it starts again (STARTING, READY after ``load_time``)."""
+        self.last_error = reason
+        self.ranks_up = False
+        self.broken.set()
+        self.broken = asyncio.Event()
+        self.restarts += 1
+        self._set(WorkerState.STARTING)
+        self.run()
+
     def fail(self, reason: str) -> None:
         self.last_error = reason
+        self.ranks_up = False
         self.broken.set()  # as the real worker does: its in-flight requests fail at once
         self._set(WorkerState.FAILED)
 
@@ -124,14 +141,15 @@ class FakeWorker:
         self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
     ) -> AsyncIterator[GenerationEvent]:
         FakeWorker.served.append((self.worker_id, request.request_id))
+        broken = self.broken  # this start's (a restart makes another)
         yield Token(1, "x", 0.0)
-        waits = {asyncio.ensure_future(e.wait()) for e in (FakeWorker.gate, self.release, self.broken)}
+        waits = {asyncio.ensure_future(e.wait()) for e in (FakeWorker.gate, self.release, broken)}
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        if self.broken.is_set():
+        if broken.is_set():
             raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
         yield Finished("length", 1, 1)
 
@@ -151,6 +169,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(pool_module, "REPLACE_BACKOFF_MIN", 0.2)
     monkeypatch.setattr(FakeWorker, "fail_loads", False)
     monkeypatch.setattr(FakeWorker, "load_time", 0.05)
+    monkeypatch.setattr(FakeWorker, "connects", True)
     FakeWorker.gate = asyncio.Event()
     FakeWorker.created = []
     FakeWorker.served = []
@@ -576,4 +595,27 @@ async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
     worker._set(WorkerState.STARTING)
     assert recorder.events == [("heartbeat", "m", 0.25), ("worker_restart", "m", None)]
     worker._set(WorkerState.READY)
+    await pool.stop()
+
+
+@pytest.mark.parametrize("connects", [False, True])
+async def test_a_moved_request_waits_only_while_a_worker_is_coming(connects: bool) -> None:
+    """Its worker failed mid-stream; the replacement's ranks never connect (a partitioned host) or
+    do and it loads for longer than option.migration_timeout. Before: the stream waited for ever
+    (until predict_timeout) on a job that could not start."""
+    pool = make_pool(1, 1, migration_timeout=0.3, predict_timeout=60)
+    pool.resumes_streams = True  # the engine can continue a stream after its tokens
+    await pool.start()
+    FakeWorker.load_time, FakeWorker.connects = 1.0, connects
+    events = pool.generate(GenerationRequest("r", "hi"))
+    assert isinstance(await anext(events), Token)
+    FakeWorker.created[0].restart("rank 1's host is unreachable")
+    if connects:  # loading: it takes the request once READY, and the stream goes on there
+        FakeWorker.gate.set()
+        rest = [event async for event in events]
+        assert isinstance(rest[0], Token) and FakeWorker.created[0].state is WorkerState.READY
+    else:
+        with pytest.raises(WorkerFailedError, match=r"rank 1's host.*migration_timeout=0.3 s") as failed:
+            await anext(events)
+        assert failed.value.status == 503
     await pool.stop()
