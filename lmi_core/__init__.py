@@ -6,34 +6,21 @@ imports by name for the work every backend repeats. Importing either stays light
 pluggy: no pydantic, no HTTP stack), because worker processes, which may run in another virtual
 environment than the server, import them too.
 
-The modules, in three groups:
+The folders say which process a module runs in (``docs/architecture.md`` has the module map):
 
-Plugin API (what a backend plugin uses; its names are in ``__all__``)
-    ``hookspecs``       the hooks (``hookimpl``); a backend implements ``register_backends`` and
-                        ``load_engine``, and ``validate_config`` where it checks options
-    ``engine``          the ``Engine``, ``LoopEngine`` and ``AdapterEngine`` protocols, requests,
-                        events, stats, ``WorkerContext``, ``LoraAdapter``; their codecs
-    ``backends``        ``BackendSpec`` and backend selection
-    ``errors``          what an engine raises (``BadRequestError``, ``EngineError``, ...), ``ConfigError``
+    lmi_core/           the app shell (cli, config, demo_model, demo_encoder, plugins), the plugin
+                        API (hookspecs, engine, operations, pooling, errors, backends, launch_spec,
+                        reasoning; names in ``__all__``) and the backend kit (option_values,
+                        request_checks, request_counts, prompts, grammars)
+    lmi_core/http/      the server process's HTTP side: routes, protocols, rendering, errors, metrics
+    lmi_core/serving/   the server process's models: server, registry, pool, dispatch, supervisor,
+                        connection, routing; no HTTP
+    lmi_core/launch/    starting workers: launchers, processes, devices, hosts, placement, preflight
+    lmi_core/worker/    the worker process (``python -m lmi_core.worker``): rank_server, wire,
+                        engine_hooks; standard library, msgpack and pluggy only
 
-Backend kit (public: imported by module, ``from lmi_core.request_checks import token_budget``)
-    ``option_values``   converters for a plugin's ``option.*`` strings, LoRA settings, ``importable``
-    ``request_checks``  the checks every engine applies to a tokenized request (400s naming the field)
-    ``request_counts``  ``RequestCounts``: an engine's finished / cancelled counters while relaying events
-    ``grammars``        a ``StructuredOutput`` as llguidance grammar text (imports llguidance on first use)
-
-Worker process (standard library, msgpack and pluggy only; enforced by tests/test_worker_imports.py)
-    ``worker``          ``python -m lmi_core.worker``: one rank's server, drives the engine through hooks
-    ``engine_hooks``    the built-in worker hooks: ``handle_request`` etc. through the ``Engine`` protocol
-    ``plugins``         the plugin manager: built-ins, entry points, ``LMI_PLUGINS``/``LMI_EXTRA_PLUGINS``
-    ``wire``            length-prefixed msgpack frames
-    ``launchers``       the built-in launchers of Python and MPI mode (also loaded by the server)
-    ``launch_spec``     what a launcher produces
-
-Server (the HTTP server process)
-    ``cli``, ``config``, ``server``, ``pool``, ``adapters`` (a model's LoRA registry), ``supervisor``,
-    ``connection``, ``process``, ``devices``, ``demo_model``, and ``http`` (starlette + uvicorn: the
-    LMI and OpenAI APIs, management, LoRA adapters, metrics)
+Imports go down that list (http -> serving -> launch -> worker -> the top-level API and kit), never
+back up, and never in a circle (``tests/test_layout.py``).
 """
 
 from __future__ import annotations

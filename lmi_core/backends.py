@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import pluggy
 
 from lmi_core.errors import ConfigError
+from lmi_core.reasoning import model_parser, parser_registry
 
 if TYPE_CHECKING:  # the worker side imports this module: no pydantic there
     from lmi_core.config import ModelConfig
@@ -86,7 +87,8 @@ def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch:
 
 
 def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
-    """Fill in the backend and the mode, and let the backend check its options."""
+    """Fill in the backend and the mode, and let the backend check its options; the core's own
+    plugin-provided option (``option.reasoning_parser``) must name a parser."""
     spec = select_backend(pm, config.backend_name, config.rolling_batch)
     config.backend = spec.name
     if config.mpi_mode is not None:  # an explicit option.mpi_mode always wins
@@ -99,4 +101,5 @@ def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
             raise ConfigError("option.mpi_mode", mode, "a mode of python or mpi (from the backend plugin)")
         config.mode = mode
     pm.hook.validate_config(config=config)
+    model_parser(config.options, parser_registry(pm.hook.register_reasoning_parsers()))
     return config

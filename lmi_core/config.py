@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import LoraSettings, lora_settings
+from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
+from lmi_core.pooling import PoolingSettings, pooling_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -151,6 +152,11 @@ class ModelConfig(_Strict):
     routing_kv_weight: float = Field(0.5, ge=0)
     routing_imbalance_abs: int = Field(8, ge=0)
     routing_imbalance_rel: float = Field(1.5, ge=1)
+    # The Responses API's store (docs/api.md): "off" is stateless; "memory" keeps up to
+    # responses_store_size responses (least recently used dropped first) for responses_store_ttl seconds.
+    responses_store: Literal["off", "memory"] = "off"
+    responses_store_ttl: float = Field(3600.0, gt=0)
+    responses_store_size: int = Field(1000, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
     # Filled by ``resolve`` from the plugins.
@@ -161,6 +167,11 @@ class ModelConfig(_Strict):
     def lora(self) -> LoraSettings:
         """The ``option.*lora*`` settings (validated by ``build_model_config``)."""
         return lora_settings(self.options)
+
+    @property
+    def pooling(self) -> PoolingSettings:
+        """``option.task``, ``option.pooling``, ``option.normalize`` (validated by ``build_model_config``)."""
+        return pooling_settings(self.options)
 
     @property
     def world_size(self) -> int:
@@ -210,6 +221,9 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.responses_store": "responses_store",
+    "option.responses_store_ttl": "responses_store_ttl",
+    "option.responses_store_size": "responses_store_size",
 }
 # Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
 IGNORED_MODEL_KEYS = frozenset(
@@ -273,6 +287,8 @@ def build_model_config(
     if low is not None and high is not None and low > high:
         raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
+    default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
+    pooling_settings(options)  # and so does a bad task
     return config
 
 
@@ -301,6 +317,21 @@ def load_model_config(
     if name is not None:
         name = re.sub(r"\W", "_", name)
     return build_model_config(properties, model_dir=directory, name=name, environ=environ)
+
+
+def model_directories(path: str | os.PathLike[str]) -> list[str]:
+    """The model directories ``--model-dir`` names: ``path`` itself when it holds a model (a
+    ``serving.properties`` or a ``config.json``), else each subdirectory that does, by name (DJL's
+    model store: one ``lmi serve`` for a chat model, an embedding model and a reranker)."""
+    root = Path(path)
+    if not root.is_dir() or (root / PROPERTIES_FILE).is_file() or (root / "config.json").is_file():
+        return [str(root)]
+    found = [
+        str(child)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and ((child / PROPERTIES_FILE).is_file() or (child / "config.json").is_file())
+    ]
+    return found or [str(root)]
 
 
 def build_server_config(

@@ -9,7 +9,7 @@ Built-in behaviour is written as plugins on these same hooks: the launchers of b
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         WorkerContext,
     )
     from lmi_core.launch_spec import LaunchSpec, WorkerSlot
+    from lmi_core.operations import Operation
 
 hookspec = pluggy.HookspecMarker("lmi")
 hookimpl = pluggy.HookimplMarker("lmi")
@@ -59,6 +60,11 @@ def register_tool_parsers() -> dict[str, Callable[[], Any]]:
     """Name the tool-call parsers (``lmi_core.http.tool_parsers.ToolParser`` factories) this plugin adds."""
 
 
+@hookspec
+def register_reasoning_parsers() -> dict[str, Callable[[Mapping[str, Any]], Any]]:
+    """Name the reasoning parsers (``lmi_core.reasoning.ReasoningParserFactory``) this plugin adds."""
+
+
 # -- worker side ---------------------------------------------------------------------------------
 
 
@@ -77,6 +83,11 @@ def handle_request(
     engine: Engine, request: GenerationRequest
 ) -> AsyncGenerator[GenerationEvent, None] | None:
     """Run ``request`` on ``engine`` and return an async generator of its events (built-in: generate)."""
+
+
+@hookspec(firstresult=True)
+def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any] | None:
+    """Return an awaitable of ``operation``'s result on ``engine`` (built-in: its protocol, or a 501)."""
 
 
 @hookspec(firstresult=True)

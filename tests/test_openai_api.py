@@ -465,3 +465,34 @@ def test_health_is_503_until_the_model_can_serve(start_server: Any, demo_model: 
         time.sleep(0.1)
     assert codes and codes[-1] == 200 and set(codes) <= {200, 503}
     assert httpx.get(f"{starting.url}/ping", timeout=5).status_code == 200
+
+
+# -- tokenize --------------------------------------------------------------------------------------
+
+
+def post(server: ServerProcess, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def test_tokenize_counts_the_prompt_tokens_a_generation_of_the_same_request_counts(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
+    tokens = post(server, "/tokenize", {"model": MODEL, "messages": MESSAGES}).json()
+    assert chat.usage is not None and tokens["count"] == chat.usage.prompt_tokens == len(tokens["tokens"])
+    assert tokens["max_model_len"] == CONTEXT and tokens["token_strs"] is None
+    text = client.completions.create(model=MODEL, prompt="hello world", max_tokens=1)
+    tokens = post(server, "/tokenize", {"prompt": "hello world", "return_token_strs": True}).json()
+    assert text.usage is not None and tokens["count"] == text.usage.prompt_tokens == len(tokens["token_strs"])
+    plain = post(server, "/tokenize", {"prompt": "hello world", "add_special_tokens": False}).json()
+    assert post(server, "/detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": "hello world"}
+    # No length check: a prompt longer than the context is counted, not refused.
+    assert post(server, "/tokenize", {"prompt": "word " * 100}).json()["count"] > CONTEXT
+
+
+def test_tokenize_refuses_bad_input_in_vllms_shape(server: ServerProcess) -> None:
+    response = post(server, "/detokenize", {"tokens": [10**8]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "tokens" and "out of the vocabulary" in response.text
+    response = post(server, "/tokenize", {"model": "nope", "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"

@@ -66,10 +66,14 @@ def header_adapter(request: Request, model: ServedModel) -> LoraAdapter | None:
     return adapter_for(model, name, ADAPTER_HEADER) if name else None
 
 
-def model_or_adapter(request: Request, name: str) -> tuple[ServedModel, LoraAdapter | None]:
+def model_or_adapter(request: Request, name: str | None) -> tuple[ServedModel, LoraAdapter | None]:
     """OpenAI's ``model``: a served model (the header may add an adapter), else a registered adapter
-    of one (vLLM: an adapter is a model whose parent is its base); 404 naming ``model`` otherwise."""
+    of one (vLLM: an adapter is a model whose parent is its base); 404 naming ``model`` otherwise.
+    No name: the only model, else a 400 naming ``model``."""
     server = _state(request).server
+    if name is None:
+        model = server.default("model")
+        return model, header_adapter(request, model)
     try:
         model = server.get(name)
     except ModelNotFoundError as exc:

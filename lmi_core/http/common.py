@@ -173,12 +173,28 @@ async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[
         await asyncio.wait(tasks)
 
 
-async def collect_each(streams: list[AsyncGenerator[T, None]]) -> list[list[T]]:
-    """Every event of each stream, run concurrently (``merge``), in a list per stream."""
-    results: list[list[T]] = [[] for _ in streams]
-    for index, event in await collect(merge(streams)):
+async def collect_each(events: AsyncGenerator[tuple[int, T], None], count: int) -> list[list[T]]:
+    """Every event of ``count`` streams merged into ``events`` (``merge``), in a list per stream."""
+    results: list[list[T]] = [[] for _ in range(count)]
+    for index, event in await collect(events):
         results[index].append(event)
     return results
+
+
+class Stopped(Exception):
+    """A stop flag ended a request's events before they ended (a cancelled stored response)."""
+
+
+async def until_set(events: AsyncGenerator[T, None], flag: asyncio.Event) -> AsyncGenerator[T, None]:
+    """``events`` until ``flag`` is set, checked at each event (a generation stops at its next token);
+    then ``Stopped``, and ``events`` is closed, which cancels its generations."""
+    try:
+        async for event in events:
+            if flag.is_set():
+                raise Stopped()
+            yield event
+    finally:
+        await events.aclose()
 
 
 class HttpMiddleware(abc.ABC):

@@ -18,6 +18,7 @@ from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import (
     collect,
     collect_each,
+    merge,
     new_request_id,
     read_json,
     stream_response,
@@ -27,6 +28,7 @@ from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.openai_api import native_chat
+from lmi_core.http.pooling_api import pooling_invocation
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.serving.pool import ModelStatus
@@ -78,6 +80,8 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object", param="body")
     body = {k: v for k, v in body.items() if k != "model_name"}
+    if not pool.config.pooling.generates:  # an embedding model: DJL's bare vectors
+        return await pooling_invocation(request, pool, body)
     state: AppState = request.app.state.lmi
     if "messages" in body:
         chat_adapter = body.pop("adapters", None)
@@ -123,7 +127,7 @@ async def _batch(
     context = request_context(request)
     streams = [state.instrument(pool, g, context) for g in generations]
     # One failed (or the client left): merge closes the rest, which cancels their generations.
-    results = await until_disconnected(request, collect_each(streams))
+    results = await until_disconnected(request, collect_each(merge(streams), len(streams)))
     return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
 
 

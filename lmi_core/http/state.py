@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
+from lmi_core.http.response_store import ResponseStores
+from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot
 from lmi_core.serving.routing import RequestContext
+
+T = TypeVar("T")
 
 
 class ServedModel(Protocol):
@@ -42,6 +46,9 @@ class ServedModel(Protocol):
     def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]: ...
+
+    # An operation's result (tokenize...), run on one of its workers.
+    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T: ...
 
 
 class ModelService(Protocol):
@@ -86,3 +93,5 @@ class AppState:
     startup_models: list[ModelConfig] = field(default_factory=list)
     # Wraps every generation (metrics); by default runs it as is.
     instrument: Instrument = _plain
+    # The Responses API's stored responses, of the models that keep them (option.responses_store).
+    responses: ResponseStores = field(default_factory=ResponseStores)

@@ -2,8 +2,9 @@
 
 Invariant: what leaves this module is typed, never a raw frame. A request's ``RequestStream`` gets its
 ``Token``/``Finished`` events and then at most one exception (the engine's ``EngineError``, or the
-connection's ``WorkerFailedError``); a ``toks`` message (every request's tokens of one worker write)
-is split among the streams here; ``control`` holds the rank's ``wire.Loaded`` or the error it
+connection's ``WorkerFailedError``); an operation's future gets its result value or one such
+exception; a ``toks`` message (every request's tokens of one worker write) is split among the
+streams here; ``control`` holds the rank's ``wire.Loaded`` or the error it
 reported outside any request. A frame that ``wire.parse`` refuses, or a message a rank never sends,
 fails the connection like a frame that is not msgpack.
 """
@@ -16,6 +17,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lmi_core.engine import EngineStats
 from lmi_core.errors import ServiceError, WorkerFailedError
@@ -37,6 +39,7 @@ class RankConnection:
         self._reader = reader
         self._writer = writer
         self._streams: dict[str, RequestStream] = {}
+        self._results: dict[str, asyncio.Future[Any]] = {}  # operation id -> its raw result
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._ping_ids = itertools.count()
         # Loaded: the engine loaded; an error: init failed, the engine is unhealthy, or the connection broke.
@@ -85,6 +88,18 @@ class RankConnection:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
+    def open_operation(self, request_id: str) -> asyncio.Future[Any]:
+        """The future of operation ``request_id``: its ``OpResult`` value as sent (the caller decodes it
+        with its operation), or the engine's error, or the connection's ``WorkerFailedError``."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.closed.done():
+            future.set_exception(self.closed.result())
+        self._results[request_id] = future
+        return future
+
+    def close_operation(self, request_id: str) -> None:
+        self._results.pop(request_id, None)
+
     async def ping(self, timeout: float) -> None:
         """Round-trip a ping; raises ``TimeoutError`` if the rank does not answer in time."""
         ping_id = next(self._ping_ids)
@@ -122,11 +137,17 @@ class RankConnection:
             stream = self._streams.get(message.id)
             if stream is not None:
                 stream.put(message.finished)
+        elif isinstance(message, wire.OpResult):
+            result = self._results.get(message.id)
+            if result is not None and not result.done():  # else cancelled meanwhile
+                result.set_result(message.value)
         elif isinstance(message, wire.Err):
             if message.id is None:
                 self.control.put_nowait(message.error)
             elif (stream := self._streams.get(message.id)) is not None:
                 stream.fail(message.error)
+            elif (result := self._results.get(message.id)) is not None and not result.done():
+                result.set_exception(message.error)
         elif isinstance(message, wire.Pong):
             if message.stats is not None:  # None while the engine loads
                 self.last_stats = message.stats
@@ -144,7 +165,7 @@ class RankConnection:
         self.closed.set_result(error)
         for stream in self._streams.values():
             stream.fail(error)
-        for future in self._pings.values():
+        for future in [*self._pings.values(), *self._results.values()]:
             if not future.done():
                 future.set_exception(error)
         self.control.put_nowait(error)

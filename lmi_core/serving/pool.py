@@ -1,11 +1,5 @@
-"""One model's worker pool: bounded FIFO queue, routed dispatch, scaling, readiness.
-
-Each worker takes up to ``option.max_rolling_batch_size`` requests at once (the engine batches
-them); requests beyond that wait here in arrival order, at most ``job_queue_size`` of them, and a
-request beyond that is refused with 503 at once. Accepted requests are never dropped: they get a
-worker, or a terminal error naming why not. Which ready worker with free capacity a request gets is
-the router's choice (``routing``: its session's worker, the one that saw its prefix, or the least
-loaded); queued requests keep arrival order whatever the router chooses.
+"""One model's worker pool: its workers' lifecycle, scaling and readiness; its requests go through
+its ``dispatch.Dispatcher`` (the queue, the routed hand-out, migration).
 
 Scaling: ``min_workers`` workers start at load and are kept (a FAILED worker is replaced after a
 back-off that doubles while replacements keep failing); while requests wait and no worker is
@@ -16,6 +10,8 @@ retiring worker gets no new request, finishes its in-flight ones (up to ``drain_
 stops; its device group is free again only once its process is gone. Worker ids are never reused.
 
 ``describe`` returns a ``PoolSnapshot`` (frozen, no wire names): the HTTP layer renders it.
+``generate`` and ``perform`` are the dispatcher's: the pool is what the HTTP layer calls a
+``ServedModel``.
 """
 
 from __future__ import annotations
@@ -24,44 +20,35 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pluggy
 
 from lmi_core.backends import installed_backends
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, LoraAdapter, Token
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
 from lmi_core.errors import (
-    EngineFailedError,
     ModelNotReadyError,
-    QueueFullError,
-    QueueTimeoutError,
-    RequestTimeoutError,
-    WorkerFailedError,
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
+from lmi_core.operations import Operation
+from lmi_core.pooling import wrong_task
 from lmi_core.request_checks import refuse_unfit_prompt
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
-from lmi_core.serving.deadlines import Deadlines, deadlines
+from lmi_core.serving.dispatch import Dispatcher
 from lmi_core.serving.observer import NoObserver, PoolObserver
-from lmi_core.serving.routing import (
-    Decision,
-    RequestContext,
-    RouteQuery,
-    Router,
-    RoutingPolicy,
-    WorkerLoad,
-)
+from lmi_core.serving.routing import RequestContext, Router, RoutingPolicy
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
 from lmi_core.worker.wire import AdapterOp, Loaded
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ModelStatus(str, enum.Enum):
@@ -112,9 +99,6 @@ POLL = 0.05
 MIGRATION_GRACE = 5.0
 
 
-Assignment = tuple[SupervisedWorker, Decision]
-
-
 def _retrieve(future: asyncio.Future[None]) -> None:
     # A worker's failed first start is reported by its state; mark the exception seen so asyncio
     # does not log it as never retrieved when nobody awaits ``first_start`` (scaled-up workers).
@@ -144,19 +128,25 @@ class WorkerPool:
         self.min_workers = plan.min_workers
         self.max_workers = plan.max_workers
         self.workers: dict[int, SupervisedWorker] = {}
-        self.queue_size = config.job_queue_size or server.job_queue_size
-        # A few seconds beyond the heartbeat's detection of a hung rank, by default.
-        self.migration_timeout = config.migration_timeout or server.health_check_timeout + MIGRATION_GRACE
-        self.capacity = config.max_rolling_batch_size
         self.loaded_at = time.time()
         # The engine's limits, as the last worker that loaded reported them (its workers all load the
         # same engine); each None until one has, or when the engine does not say.
         self.engine_limits = Loaded(0)
+        self.task = config.pooling.task  # generations go to text-generation models only
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
-        self.resumes_streams = backend is not None and backend.resumes_streams
-        self._queue: deque[tuple[asyncio.Future[Assignment], RouteQuery]] = deque()
+        self.dispatcher = Dispatcher(
+            self,
+            config,
+            config.job_queue_size or server.job_queue_size,
+            self.router,
+            self.observe,
+            resumes_streams=backend is not None and backend.resumes_streams,
+            adapters=lambda: self.adapters,
+            # A few seconds beyond the heartbeat's detection of a hung rank, by default.
+            migration_timeout=config.migration_timeout or server.health_check_timeout + MIGRATION_GRACE,
+        )
         self._retiring: dict[int, asyncio.Task[None]] = {}
         self._idle_since: dict[int, float] = {}
         self._next_id = 0
@@ -174,10 +164,32 @@ class WorkerPool:
     def name(self) -> str:
         return self.config.name
 
+    def generate(
+        self, request: GenerationRequest, context: RequestContext | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """``request``'s events (``Dispatcher.generate``); a pooling model's is a ``BadRequestError``,
+        and so is a prompt that cannot fit the engine's limits (once a worker has reported them)."""
+        if self.task != "text-generation":
+            raise wrong_task(self.name, self.task, "generation")
+        engine = self.engine_limits
+        if engine.max_input_length is not None:
+            # Refused here, at once, rather than cross the worker socket to be tokenized first (30 MB
+            # of text: over 120 s on the demo model's tokenizer).
+            refuse_unfit_prompt(
+                request, engine.max_input_length, engine.max_token_bytes, engine.max_model_len
+            )
+        return self.dispatcher.generate(request, context)
+
+    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
+        """``operation``'s result (``Dispatcher.perform``); one for another task's models is refused."""
+        if operation.tasks is not None and self.task not in operation.tasks:
+            raise wrong_task(self.name, self.task, operation.op)
+        return await self.dispatcher.perform(operation, context)
+
     @property
     def waiting(self) -> int:
         """Requests queued for a worker."""
-        return len(self._queue)
+        return self.dispatcher.waiting
 
     @property
     def closing(self) -> bool:
@@ -220,7 +232,7 @@ class WorkerPool:
         self.min_workers, self.max_workers = plan.min_workers, plan.max_workers
         if self._started:
             self._reconcile()
-        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self._serving())):
+        while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self.serving())):
             await asyncio.sleep(POLL)
 
     async def stop(self) -> None:
@@ -236,12 +248,12 @@ class WorkerPool:
         deadline = time.monotonic() + self.server.drain_timeout
         # Only a serving pool can drain; a loading or failed one stops at once.
         while (
-            (self._queue or any(w.in_flight for w in self.workers.values()))
+            (self.waiting or any(w.in_flight for w in self.workers.values()))
             and self.status is ModelStatus.READY
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(POLL)
-        self._fail_waiting(f"model {self.name} was unloaded")
+        self.dispatcher.fail_waiting(f"model {self.name} was unloaded")
         for worker in list(self.workers.values()):
             if worker.worker_id not in self._retiring:
                 self._retire(worker, deadline)
@@ -249,7 +261,7 @@ class WorkerPool:
 
     # -- scaling -----------------------------------------------------------------------------------
 
-    def _serving(self) -> list[SupervisedWorker]:
+    def serving(self) -> list[SupervisedWorker]:
         """Workers that count toward the bounds: neither retiring nor FAILED."""
         return [
             w
@@ -305,7 +317,7 @@ class WorkerPool:
             del self._retiring[worker.worker_id]
             self.router.forget(worker.worker_id)
             self._idle_since.pop(worker.worker_id, None)
-            self._dispatch()
+            self.dispatcher.dispatch()
             self._changed.set()
 
     def _on_worker_change(self, worker: SupervisedWorker) -> None:
@@ -323,7 +335,7 @@ class WorkerPool:
             self.last_failure = worker.last_error
             self._replace_at = now + self._backoff
             self._backoff = min(2 * self._backoff, REPLACE_BACKOFF_MAX)
-        self._dispatch()
+        self.dispatcher.dispatch()
         self._changed.set()
 
     def _reconcile(self) -> None:
@@ -336,7 +348,7 @@ class WorkerPool:
             for worker in self.workers.values():
                 if worker.state is WorkerState.FAILED and worker.worker_id not in self._retiring:
                     self._retire(worker)  # frees its device group for the replacement below
-        serving = self._serving()
+        serving = self.serving()
         # Above max_workers (after a resize): retire starting workers first, then the least loaded.
         surplus = sorted(serving, key=lambda w: (w.state is WorkerState.READY, w.in_flight, -w.worker_id))
         for worker in surplus[: max(0, len(serving) - self.max_workers)]:
@@ -345,7 +357,7 @@ class WorkerPool:
         while may_start and len(serving) < self.min_workers and (group := self._free_group()) is not None:
             serving.append(self._add_worker(group))
         starting = any(w.state is WorkerState.STARTING for w in serving)
-        if self._queue:
+        if self.waiting:
             if may_start and not starting and len(serving) < self.max_workers:
                 group = self._free_group()
                 if group is not None:
@@ -393,12 +405,27 @@ class WorkerPool:
                 else:
                     self.router.dropped_adapter(worker.worker_id, adapter.name)
 
+    # -- what the dispatcher reads (dispatch.Workers) ------------------------------------------------
+
+    def unservable(self) -> str | None:
+        if self.status is not ModelStatus.FAILED:
+            return None
+        return f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})"
+
+    def released(self, worker: SupervisedWorker) -> None:
+        if worker.in_flight == 0 and worker.worker_id in self.workers:
+            self._idle_since[worker.worker_id] = time.monotonic()
+        self._changed.set()
+
+    def queued(self) -> None:
+        self._changed.set()
+
     # -- status ------------------------------------------------------------------------------------
 
     @property
     def status(self) -> ModelStatus:
         """``READY``, ``PENDING`` (no worker loaded yet), ``FAILED`` (no worker can serve)."""
-        serving = self._serving()
+        serving = self.serving()
         if any(w.state is WorkerState.READY for w in serving):
             return ModelStatus.READY
         if any(w.state is WorkerState.STARTING for w in serving):
@@ -421,9 +448,9 @@ class WorkerPool:
             min_workers=self.min_workers,
             max_workers=self.max_workers,
             max_idle_seconds=self.config.max_idle_time,
-            queue_size=self.queue_size,
+            queue_size=self.dispatcher.queue_size,
             queued=self.waiting,
-            max_rolling_batch_size=self.capacity,
+            max_rolling_batch_size=self.dispatcher.capacity,
             loaded_at=self.loaded_at,
             last_failure=self.last_failure,
             groups=tuple(g.devices for g in self.groups),
@@ -432,205 +459,3 @@ class WorkerPool:
                 for w in self.workers.values()
             ),
         )
-
-    # -- requests ----------------------------------------------------------------------------------
-
-    def _load(self, worker: SupervisedWorker) -> WorkerLoad:
-        """The worker's load as the router sees it: in flight, and KV use where its engine reports it."""
-        stats = worker.ranks[0].last_stats if worker.ranks else None
-        adapters: frozenset[str] = frozenset()
-        if self.adapters is not None:  # held: in its last heartbeat, or sent to it just now
-            held = stats.adapters if stats is not None else []
-            adapters = frozenset(held).union(self.router.recent_adapters(worker.worker_id))
-        return WorkerLoad(
-            worker.worker_id,
-            worker.in_flight,
-            self.capacity,
-            None if stats is None else stats.kv_cache_usage,
-            None if stats is None else stats.kv_cache_tokens,
-            adapters,
-        )
-
-    def _pick(self, query: RouteQuery) -> Assignment | None:
-        """The router's choice among the ready workers with free capacity (none: None); reserves it."""
-        ready = [w for w in self._serving() if w.accepting and w.in_flight < self.capacity]
-        if not ready:
-            return None
-        decision = self.router.route(query, [self._load(w) for w in ready])
-        self.observe.routed(self.name, decision.reason)
-        worker = self.workers[decision.worker_id]
-        worker.in_flight += 1
-        return worker, decision
-
-    def _dispatch(self) -> None:
-        """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
-        while self._queue and (assignment := self._pick(self._queue[0][1])) is not None:
-            self._queue.popleft()[0].set_result(assignment)
-        if self._queue and self.status is ModelStatus.FAILED:
-            self._fail_waiting(self._unservable())
-
-    def _unservable(self) -> str:
-        return f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})"
-
-    def _fail_waiting(self, message: str) -> None:
-        while self._queue:
-            self._queue.popleft()[0].set_exception(ModelNotReadyError(message))
-
-    def _release(self, worker: SupervisedWorker) -> None:
-        worker.in_flight -= 1
-        if worker.in_flight == 0 and worker.worker_id in self.workers:
-            self._idle_since[worker.worker_id] = time.monotonic()
-        self._dispatch()
-        self._changed.set()
-
-    def _abandon(self, future: asyncio.Future[Assignment]) -> None:
-        """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self._release(future.result()[0])  # it was handed a worker just as it gave up
-            return
-        future.cancel()
-        for entry in self._queue:
-            if entry[0] is future:
-                self._queue.remove(entry)
-                break
-
-    def _worker_coming(self) -> bool:
-        """Whether a worker is up, or restarted far enough to load: READY (free or busy), or STARTING
-        with every rank connected. A job that cannot reach one of its hosts is neither."""
-        return any(
-            w.state is WorkerState.READY or (w.state is WorkerState.STARTING and w.ranks_up)
-            for w in self._serving()
-        )
-
-    async def _wait_migrating(
-        self, future: asyncio.Future[Assignment], until: float, failure: Exception
-    ) -> None:
-        """Wait for ``future`` until ``until``, but no longer than ``migration_timeout`` at a time
-        while no worker is coming: then the request ends with its worker's failure. A stream never
-        waits on a job that cannot be restarted (before: a partitioned rank host left it open, with
-        no token and no error, until predict_timeout)."""
-        while not future.done() and time.monotonic() < until:
-            await asyncio.wait(
-                {future}, timeout=max(0.0, min(until - time.monotonic(), self.migration_timeout))
-            )
-            if not future.done() and not self._worker_coming():
-                raise WorkerFailedError(
-                    f"{failure}; no worker could take the request within "
-                    f"option.migration_timeout={self.migration_timeout:g} s (none is up or loading)"
-                )
-
-    async def _acquire(
-        self, query: RouteQuery, limits: Deadlines, migrating: Exception | None = None
-    ) -> Assignment:
-        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order.
-
-        A ``migrating`` request (its worker failed with that error) was admitted before every waiting
-        one: it goes to the head of the queue, is never refused for a full queue, and waits only while
-        a worker is coming (``_wait_migrating``).
-        """
-        if self._closing and migrating is None:
-            raise ModelNotReadyError(f"model {self.name} is shutting down")
-        if not self._queue and (assignment := self._pick(query)) is not None:
-            return assignment
-        if self.status is ModelStatus.FAILED:
-            raise ModelNotReadyError(self._unservable())
-        if len(self._queue) >= self.queue_size and migrating is None:
-            raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
-        future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
-        if migrating is not None:
-            self._queue.appendleft((future, query))
-        else:
-            self._queue.append((future, query))
-        self._changed.set()  # the scaler may add a worker
-        try:
-            if migrating is not None:
-                await self._wait_migrating(future, limits.queue, migrating)
-            else:
-                await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
-        except BaseException:  # cancelled, or no worker is coming
-            self._abandon(future)
-            raise
-        if not future.done():
-            self._abandon(future)
-            if limits.queue < limits.total:
-                raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
-            raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
-        return future.result()
-
-    async def generate(
-        self, request: GenerationRequest, context: RequestContext | None = None
-    ) -> AsyncGenerator[GenerationEvent, None]:
-        """Queue ``request``, run it on the worker the router picks, yield its events.
-
-        ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
-        appended before the first event is yielded (so a response can name its worker before it starts).
-        """
-        started = time.monotonic()
-        engine = self.engine_limits
-        if engine.max_input_length is not None:
-            # A prompt that cannot fit is refused here, at once, rather than cross the worker socket
-            # to be tokenized first (30 MB of text: over 120 s on the demo model's tokenizer).
-            refuse_unfit_prompt(
-                request, engine.max_input_length, engine.max_token_bytes, engine.max_model_len
-            )
-        config = self.config
-        client = context.client_timeout if context is not None else None
-        limits = deadlines(started, config.predict_timeout, config.queue_timeout, client)
-        query = self.router.query(request, context)
-        worker, decision = await self._acquire(query, limits)
-        self.observe.queue_time(self.name, time.monotonic() - started)
-        # What the client has, ids only (a Token holds its text and log-probs): a migrated request
-        # resumes after them. The first token carries the prompt's length, the last whether it ended.
-        delivered: list[int] = []
-        first: Token | None = None
-        last: Token | None = None
-        attempt = request
-        for migration in itertools.count():
-            if context is not None:
-                context.served.append(decision)
-            events = worker.generate(attempt, limits.total, limits.total_source)
-            try:
-                async for event in events:
-                    if isinstance(event, Token):
-                        delivered.append(event.id)
-                        if first is None:
-                            first = event
-                        last = event
-                    yield event
-                return
-            except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
-                movable = self.resumes_streams or not delivered
-                if not movable or migration >= config.max_migrations or time.monotonic() >= limits.total:
-                    raise
-                failure = exc
-            finally:
-                await events.aclose()
-                self._release(worker)
-            if first is not None and last is not None and last.last:  # died after its last token
-                yield finished_after(first, last, len(delivered), request)
-                return
-            self.observe.migration(self.name)
-            logger.warning(
-                "model %s: request %s moves on after %d token(s): %s",
-                self.name,
-                request.request_id,
-                len(delivered),
-                failure,
-            )
-            attempt = dataclasses.replace(request, resume_ids=list(delivered))
-            # The total deadline still holds; the queue deadline was for the first wait only.
-            worker, decision = await self._acquire(
-                query, dataclasses.replace(limits, queue=limits.total), failure
-            )
-
-
-def finished_after(first: Token, last: Token, count: int, request: GenerationRequest) -> Finished:
-    """The ``Finished`` a worker that died right after a request's last token (of ``count``) did not
-    send: EOS if that token was one (engines mark EOS special), the length if the budget is spent,
-    else a stop."""
-    reason: FinishReason = "stop_sequence"
-    if last.special:
-        reason = "eos_token"
-    elif count >= request.params.max_new_tokens:
-        reason = "length"
-    return Finished(reason, first.prompt_tokens or 0, count)

@@ -41,6 +41,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.process import WorkerProcess
 from lmi_core.launch_spec import LaunchSpec, WorkerSlot
+from lmi_core.operations import Operation
 from lmi_core.serving.connection import RankConnection
 from lmi_core.serving.request_stream import RequestStream, StallTimer
 from lmi_core.worker import wire
@@ -430,6 +431,46 @@ class SupervisedWorker:
             if not finished:
                 # Rank 0 alone: in MPI mode it decides cancellations and tells the other ranks in
                 # its step plan; a follower that cancelled on its own would leave the batches.
+                with contextlib.suppress(Exception):
+                    ranks[0].send(wire.Cancel(rid))
+
+    async def perform(
+        self,
+        rid: str,
+        operation: Operation[T],
+        deadline: float | None = None,
+        deadline_source: str | None = None,
+    ) -> T:
+        """Run ``operation`` as request ``rid`` on rank 0 (on every rank when it says ``all_ranks``) and
+        return rank 0's result; a ``RequestTimeoutError`` at ``deadline``."""
+        if self.state is not WorkerState.READY or not self.ranks:
+            raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
+        ranks = list(self.ranks) if operation.all_ranks else self.ranks[:1]
+        result = ranks[0].open_operation(rid)
+        answered = False
+        try:
+            message = wire.Op(rid, operation)
+            for conn in ranks:
+                conn.send(message)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw = await asyncio.wait_for(result, timeout)
+            except TimeoutError:
+                source = deadline_source or f"option.predict_timeout={self.model.predict_timeout:g} s"
+                raise RequestTimeoutError(f"request took longer than {source}") from None
+            except EngineError:
+                answered = True  # the engine's error ended it in the worker too
+                raise
+            answered = True
+            try:
+                return operation.result_from_wire(raw)
+            except wire.DECODE_ERRORS as exc:
+                failure = WorkerFailedError(f"{ranks[0].label} sent a bad {operation.op} result: {exc!r}")
+                ranks[0].fail(failure)
+                raise failure from None
+        finally:
+            ranks[0].close_operation(rid)
+            if not answered:
                 with contextlib.suppress(Exception):
                     ranks[0].send(wire.Cancel(rid))
 

@@ -1,11 +1,13 @@
 """The built-in worker hooks: start engines on the worker's loop, run requests, read stats, manage
-LoRA adapters and shut down through the ``Engine`` protocol (``LoopEngine`` for the start,
-``AdapterEngine`` for adapters).
+LoRA adapters, answer operations and shut down through the ``Engine`` protocol (``LoopEngine`` for
+the start, ``AdapterEngine`` for adapters, ``TokenizerEngine`` for tokenize and detokenize,
+``PoolingEngine`` for embed and score).
 
 Registered ``trylast`` in ``DEFAULT_PLUGINS`` (datasette's pattern), so every engine that
 ``load_engine`` returns is driven by these hooks unless a plugin implements one itself: a plugin's
-``handle_request``, ``engine_stats``, ``load_adapter`` or ``unload_adapter`` that returns a value wins
-(all are ``firstresult``); an engine that is not an ``AdapterEngine`` refuses adapters with a 400;
+``handle_request``, ``handle_operation``, ``engine_stats``, ``load_adapter`` or ``unload_adapter`` that
+returns a value wins (all are ``firstresult``); an engine that is not an ``AdapterEngine`` refuses
+adapters with a 400, one without an operation's protocol refuses it with a 501;
 every ``shutdown_engine`` runs, a plugin's before this one. A backend plugin therefore needs only
 ``register_backends`` and ``load_engine``. Standard library and pluggy only (worker side).
 """
@@ -13,6 +15,7 @@ every ``shutdown_engine`` runs, a plugin's before this one. A backend plugin the
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable
+from typing import Any
 
 from lmi_core.engine import (
     AdapterEngine,
@@ -25,6 +28,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
+from lmi_core.operations import Detokenize, Embed, Operation, PoolingEngine, Score, Tokenize, TokenizerEngine
 
 
 def no_adapters(engine: Engine, name: str) -> EngineError:
@@ -44,6 +48,20 @@ def handle_request(engine: Engine, request: GenerationRequest) -> AsyncGenerator
     if request.adapter is not None and not isinstance(engine, AdapterEngine):
         raise no_adapters(engine, request.adapter.name)
     return engine.generate(request)
+
+
+@hookimpl(trylast=True)
+def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any]:
+    if isinstance(operation, Tokenize) and isinstance(engine, TokenizerEngine):
+        return engine.tokenize(operation)
+    if isinstance(operation, Detokenize) and isinstance(engine, TokenizerEngine):
+        return engine.detokenize(operation.ids)
+    if isinstance(operation, Embed) and isinstance(engine, PoolingEngine):
+        return engine.embed(operation)
+    if isinstance(operation, Score) and isinstance(engine, PoolingEngine):
+        return engine.score(operation)
+    message = f"this backend ({type(engine).__name__}) does not {operation.op}"
+    raise EngineError(message, status=501, type="NotImplemented")
 
 
 @hookimpl(trylast=True)

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any
 
 import pluggy
@@ -39,6 +39,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, ServiceError
+from lmi_core.operations import Operation
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.worker import wire
 
@@ -137,6 +138,8 @@ class RankServer:
     def dispatch(self, message: wire.Message) -> None:
         if isinstance(message, wire.Req):
             self.on_request(message)
+        elif isinstance(message, wire.Op):
+            self.track(message.id, self.run_operation(message.id, message.operation))
         elif isinstance(message, wire.Cancel):
             task = self.tasks.get(message.id)
             if task is not None:
@@ -194,10 +197,26 @@ class RankServer:
         self.send(wire.Pong(message.id, stats))
 
     def on_request(self, message: wire.Req) -> None:
-        rid = message.id
-        task = asyncio.get_running_loop().create_task(self.run_request(rid, message.request))
+        self.track(message.id, self.run_request(message.id, message.request))
+
+    def track(self, rid: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task that ``Cancel`` with ``rid`` stops."""
+        task = asyncio.get_running_loop().create_task(work)
         self.tasks[rid] = task
         task.add_done_callback(lambda _: self.tasks.pop(rid, None))
+
+    async def run_operation(self, rid: str, operation: Operation[Any]) -> None:
+        """Answer ``operation`` (rank 0; every rank runs one that says ``all_ranks``)."""
+        try:
+            if self.engine is None:
+                raise EngineError("engine not loaded", status=503)
+            result = await self.pm.hook.handle_operation(engine=self.engine, operation=operation)
+            if self.rank == 0:
+                self.send(wire.OpResult(rid, operation.result_to_wire(result)))
+        except asyncio.CancelledError:
+            pass  # the server cancelled it and already answered the client
+        except Exception as exc:
+            self.fail_request(rid, exc)
 
     def on_adapter(self, message: wire.Adapter) -> None:
         """Load or unload a LoRA adapter in a task (reading one takes a while); no reply."""
@@ -245,13 +264,17 @@ class RankServer:
                     await self.drain()
         except asyncio.CancelledError:
             pass  # the server cancelled it and already answered the client
-        except ServiceError as exc:
-            if answer:
-                self.send(wire.Err(exc, rid))
         except Exception as exc:
+            self.fail_request(rid, exc)
+
+    def fail_request(self, rid: str, exc: Exception) -> None:
+        """Answer request ``rid`` with ``exc`` (rank 0): a ``ServiceError`` as it is, anything else as
+        an ``EngineError`` naming it, logged with its traceback."""
+        if not isinstance(exc, ServiceError):
             logger.error("rank %d: request %s failed:\n%s", self.rank, rid, traceback.format_exc())
-            if answer:
-                self.send(wire.Err(EngineError(f"{exc.__class__.__name__}: {exc}"), rid))
+            exc = EngineError(f"{exc.__class__.__name__}: {exc}")
+        if self.rank == 0:
+            self.send(wire.Err(exc, rid))
 
     def close(self) -> None:
         for task in [*self.tasks.values(), *self.adapter_tasks]:

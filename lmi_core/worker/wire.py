@@ -26,6 +26,7 @@ import msgpack
 
 from lmi_core.engine import EngineStats, Finished, GenerationRequest, LoraAdapter, Token, WorkerContext
 from lmi_core.errors import EngineError, ServiceError
+from lmi_core.operations import OPERATIONS, Operation
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -209,6 +210,27 @@ class Req:
 
 
 @dataclass(frozen=True)
+class Op:
+    """Run ``operation`` (``lmi_core.operations``); its result comes back under ``id`` (``OpResult``,
+    or ``Err``). ``Cancel`` with its id stops it."""
+
+    id: str
+    operation: Operation[Any]
+    t: ClassVar[str] = "op"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id, "op": self.operation.op, "args": self.operation.to_wire()})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Op:
+        name = _field(frame, "op", str)
+        kind = OPERATIONS.get(name)
+        if kind is None:
+            raise _bad(frame, f"unknown operation {name!r}")
+        return cls(_field(frame, "id", str), _payload(frame, "args", kind.from_wire))
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Stop request ``id`` (its client is gone); no reply."""
 
@@ -343,6 +365,25 @@ class Done:
 
 
 @dataclass(frozen=True)
+class OpResult:
+    """Operation ``id``'s result, as its operation encodes it (``Operation.result_to_wire``); the
+    server decodes it with the operation it sent (``Operation.result_from_wire``)."""
+
+    id: str
+    value: Any
+    t: ClassVar[str] = "opres"
+
+    def to_frame(self) -> bytes:
+        return encode({"t": self.t, "id": self.id, "value": self.value})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> OpResult:
+        if "value" not in frame:
+            raise _bad(frame, "no 'value'")
+        return cls(_field(frame, "id", str), frame["value"])
+
+
+@dataclass(frozen=True)
 class Err:
     """``error`` ended request ``id``; without an id, the engine failed to load or is unhealthy. It
     arrives as an ``EngineError`` with the sent error's status, type, message and param."""
@@ -377,13 +418,13 @@ class Pong:
         return cls(_field(frame, "id", int), stats)
 
 
-ServerMessage = Init | Req | Cancel | Adapter | Ping | Shutdown
-WorkerMessage = Loaded | Toks | Done | Err | Pong
+ServerMessage = Init | Req | Op | Cancel | Adapter | Ping | Shutdown
+WorkerMessage = Loaded | Toks | Done | OpResult | Err | Pong
 Message = ServerMessage | WorkerMessage
 
 _PARSERS: dict[str, Callable[[Frame], Message]] = {
     kind.t: kind.from_frame
-    for kind in (Init, Req, Cancel, Adapter, Ping, Shutdown, Loaded, Toks, Done, Err, Pong)
+    for kind in (Init, Req, Op, Cancel, Adapter, Ping, Shutdown, Loaded, Toks, Done, OpResult, Err, Pong)
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from lmi_core.engine import EngineStats, Finished, GenerationRequest, SamplingParams, StructuredOutput, Token
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
+from lmi_core.operations import Detokenize, Tokenize
 from tests.lmi_vllm.conftest import started_engine
 from tests.other_engine import FINISHED, STATS, OtherEngine
 
@@ -135,6 +137,21 @@ async def test_chat_messages_use_the_chat_template(pm: Any, engine: Any) -> None
     tokens, finished = await collect(pm.hook.handle_request(engine=engine, request=request))
     assert finished.prompt == "<|user|>\nhello</s>\n<|assistant|>\n"
     assert len(tokens) == 4
+
+
+async def test_tokenize_counts_what_a_generation_of_the_request_counts(pm: Any, engine: Any) -> None:
+    for request in (
+        GenerationRequest("tok-chat", messages=[{"role": "user", "content": "hello"}]),
+        GenerationRequest("tok-text", prompt=PROMPT),
+    ):
+        counted = await pm.hook.handle_operation(engine=engine, operation=Tokenize(request, token_strs=True))
+        generated = dataclasses.replace(request, params=SamplingParams(max_new_tokens=1))
+        _, finished = await collect(pm.hook.handle_request(engine=engine, request=generated))
+        assert len(counted.ids) == finished.prompt_tokens == len(counted.token_strs or [])
+    ids = (await pm.hook.handle_operation(engine=engine, operation=Tokenize(request, False))).ids
+    assert await pm.hook.handle_operation(engine=engine, operation=Detokenize(ids)) == PROMPT
+    with pytest.raises(BadRequestError, match="out of the vocabulary"):
+        await pm.hook.handle_operation(engine=engine, operation=Detokenize([10**8]))
 
 
 async def test_concurrent_requests(pm: Any, engine: Any) -> None:

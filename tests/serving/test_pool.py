@@ -10,13 +10,14 @@ CPU worker is given reaches torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar, TypeVar, cast
 
 import pluggy
 import pytest
@@ -40,13 +41,17 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
+from lmi_core.operations import Operation, Tokenize, TokenizeResult
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
+from lmi_core.serving.dispatch import finished_after
 from lmi_core.serving.observer import PoolObserver
-from lmi_core.serving.pool import WorkerPool, finished_after
+from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 from lmi_core.worker.wire import Loaded
+
+T = TypeVar("T")
 
 
 class FakeWorker:
@@ -60,6 +65,7 @@ class FakeWorker:
     connects = True  # whether its ranks connect when it starts (not when a host is unreachable)
     loaded = Loaded(0, 2048, 2047, 13)  # what its engine reports when it loads
     gate: asyncio.Event
+    operations: asyncio.Event  # opens every operation
     created: list[FakeWorker]
     served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
 
@@ -143,15 +149,31 @@ class FakeWorker:
         FakeWorker.served.append((self.worker_id, request.request_id))
         broken = self.broken  # this start's (a restart makes another)
         yield Token(1, "x", 0.0)
-        waits = {asyncio.ensure_future(e.wait()) for e in (FakeWorker.gate, self.release, broken)}
+        await self._wait_for(broken, FakeWorker.gate, self.release)
+        if broken.is_set():
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
+        yield Finished("length", 1, 1)
+
+    async def perform(
+        self, rid: str, operation: Operation[T], deadline: float | None = None, source: str | None = None
+    ) -> T:
+        """Answer once ``operations`` opens (or fail with the worker): the ids of the prompt's characters."""
+        FakeWorker.served.append((self.worker_id, rid))
+        broken = self.broken
+        await self._wait_for(broken, FakeWorker.operations)
+        if broken.is_set():
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
+        assert isinstance(operation, Tokenize) and operation.request.prompt is not None
+        return cast(T, TokenizeResult([ord(c) for c in operation.request.prompt]))
+
+    async def _wait_for(self, *events: asyncio.Event) -> None:
+        """Until one of ``events`` is set (among them the ``broken`` of the start the caller began on)."""
+        waits = {asyncio.ensure_future(e.wait()) for e in events}
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        if broken.is_set():
-            raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
-        yield Finished("length", 1, 1)
 
     def send_adapter(self, op: str, adapter: LoraAdapter) -> None:
         self.adapter_messages.append((op, adapter.name))
@@ -171,6 +193,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(FakeWorker, "load_time", 0.05)
     monkeypatch.setattr(FakeWorker, "connects", True)
     FakeWorker.gate = asyncio.Event()
+    FakeWorker.operations = asyncio.Event()
     FakeWorker.created = []
     FakeWorker.served = []
     yield
@@ -598,13 +621,58 @@ async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
     await pool.stop()
 
 
+# -- operations ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SlotTokenize(Tokenize):
+    """A tokenize that holds one of its worker's places, as a pooling operation does."""
+
+    takes_slot: ClassVar[bool] = True
+
+
+def tokenize(text: str, kind: type[Tokenize] = Tokenize) -> Tokenize:
+    return kind(GenerationRequest(uuid.uuid4().hex, prompt=text))
+
+
+async def test_a_light_operation_needs_no_free_place_and_a_slot_one_waits_for_one() -> None:
+    pool = make_pool(1, 1)  # one worker, one place
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.workers[0].in_flight == 1, what="the place taken")
+    FakeWorker.operations.set()
+    assert (await pool.perform(tokenize("hi"))).ids == [104, 105]
+    slot = asyncio.ensure_future(pool.perform(tokenize("ok", SlotTokenize)))
+    await until(lambda: pool.waiting == 1, what="the slot operation queued behind the generation")
+    FakeWorker.gate.set()
+    await busy
+    assert (await slot).ids == [111, 107]
+    await pool.stop()
+
+
+async def test_an_operation_whose_worker_fails_runs_again_on_another() -> None:
+    recorder = Recorder()
+    pool = make_pool(2, 2, recorder)
+    await pool.start()
+    context = RequestContext()
+    first = asyncio.ensure_future(pool.perform(tokenize("hi"), context))
+    await until(lambda: len(FakeWorker.served) == 1, what="the operation sent")
+    failed = FakeWorker.served[0][0]
+    pool.workers[failed].fail("killed")
+    await until(lambda: len(FakeWorker.served) == 2, what="the operation sent again")
+    FakeWorker.operations.set()
+    assert (await first).ids == [104, 105]
+    assert [d.worker_id for d in context.served] == [failed, 1 - failed]
+    assert recorder.events.count(("migration", "m", None)) == 1
+
+
 @pytest.mark.parametrize("connects", [False, True])
 async def test_a_moved_request_waits_only_while_a_worker_is_coming(connects: bool) -> None:
     """Its worker failed mid-stream; the replacement's ranks never connect (a partitioned host) or
     do and it loads for longer than option.migration_timeout. Before: the stream waited for ever
     (until predict_timeout) on a job that could not start."""
     pool = make_pool(1, 1, migration_timeout=0.3, predict_timeout=60)
-    pool.resumes_streams = True  # the engine can continue a stream after its tokens
+    pool.dispatcher.resumes_streams = True  # the engine can continue a stream after its tokens
     await pool.start()
     FakeWorker.load_time, FakeWorker.connects = 1.0, connects
     events = pool.generate(GenerationRequest("r", "hi"))

@@ -25,6 +25,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, EngineFailedError, ServiceError
+from lmi_core.operations import Detokenize, Embed, Score, Tokenize
 from lmi_core.worker import wire
 from lmi_core.worker.wire import ProtocolError, decode_body, encode, parse, read_frame
 
@@ -187,10 +188,18 @@ requests = st.builds(
         seed=st.none() | st.integers(0, 2**32),
         stop_sequences=st.lists(st.text(max_size=5), max_size=3),
         logit_bias=st.lists(st.tuples(st.integers(0, 2**20), floats), max_size=3),
-        structured=st.none() | st.builds(StructuredOutput, st.sampled_from(["json", "regex"]), st.text()),
+        structured=st.none()
+        | st.builds(
+            StructuredOutput,
+            st.sampled_from(["json", "regex"]),
+            st.text(),
+            starts_after=st.none() | st.just("</think>"),
+        ),
         stream_interval=st.none() | st.integers(1, 16),
     ),
     prompt_ids=st.none() | st.lists(st.integers(0, 2**20), max_size=5),
+    chat_template_kwargs=st.none()
+    | st.dictionaries(st.text(max_size=10), st.booleans() | st.text(max_size=5), max_size=3),
     adapter=st.none() | adapters,
     resume_ids=st.lists(st.integers(0, 2**20), max_size=5),
 )
@@ -209,6 +218,14 @@ contexts = st.builds(
 comparable = st.one_of(
     st.builds(wire.Init, contexts),
     st.builds(wire.Req, ids, requests),
+    st.builds(
+        wire.Op,
+        ids,
+        st.builds(Tokenize, requests, st.none() | st.booleans(), st.booleans(), st.booleans(), st.booleans())
+        | st.builds(Detokenize, st.lists(st.integers(0, 2**31), max_size=5))
+        | st.builds(Embed, st.lists(st.text(), max_size=3), st.booleans(), st.none() | st.booleans())
+        | st.builds(Score, st.lists(st.tuples(st.text(), st.text()), max_size=3), st.booleans()),
+    ),
     st.builds(wire.Cancel, ids),
     st.builds(wire.Adapter, st.sampled_from(["load", "unload"]), adapters),
     st.builds(wire.Ping, st.integers(0, 2**63)),
@@ -222,6 +239,7 @@ comparable = st.one_of(
     ),
     st.builds(wire.Toks, st.lists(st.tuples(ids, tokens), max_size=4)),
     st.builds(wire.Done, ids, finishes),
+    st.builds(wire.OpResult, ids, st.text() | st.lists(st.integers(0, 2**31) | st.none(), max_size=3)),
     st.builds(wire.Pong, st.integers(0, 2**63), st.none() | stats),
 )
 errors = st.builds(
@@ -303,6 +321,14 @@ ERROR = EngineError("boom").to_wire()
         ({"t": "req", "id": 5, "request": REQUEST}, "'id' is int, not str"),
         ({"t": "req", "id": "r", "request": ["r"]}, "'request'"),
         ({"t": "req", "id": "r", "request": {"request_id": "r", "params": {"top_q": 1}}}, "'request'"),
+        ({"t": "op", "id": "r", "op": "classify", "args": {}}, "unknown operation 'classify'"),
+        ({"t": "op", "id": "r", "args": {"ids": [1]}}, "no 'op'"),
+        ({"t": "op", "op": "detokenize", "args": {"ids": [1]}}, "no 'id'"),
+        ({"t": "op", "id": "r", "op": "detokenize"}, "no 'args'"),
+        ({"t": "op", "id": "r", "op": "detokenize", "args": {"ids": ["x"]}}, "'args'"),
+        ({"t": "op", "id": "r", "op": "tokenize", "args": {"request": ["r"]}}, "'args'"),
+        ({"t": "opres", "id": "r"}, "no 'value'"),
+        ({"t": "opres", "value": 1}, "no 'id'"),
         ({"t": "cancel"}, "no 'id'"),
         ({"t": "cancel", "id": ["r"]}, "'id' is list, not str"),
         ({"t": "adapter", "op": "reload", "adapter": {"name": "a", "path": "/a"}}, "unknown op 'reload'"),
@@ -352,10 +378,12 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
-FIELDS = ["id", "context", "request", "op", "adapter", "rank", "max_model_len", "max_input_length"]
-FIELDS += ["max_token_bytes", "tokens", "finished", "error"]
-KINDS = [kind.t for kind in (wire.Init, wire.Req, wire.Cancel, wire.Adapter, wire.Ping, wire.Shutdown)]
-KINDS += [kind.t for kind in (wire.Loaded, wire.Toks, wire.Done, wire.Err, wire.Pong)]
+FIELDS = ["id", "context", "request", "op", "args", "adapter", "rank", "max_model_len", "max_input_length"]
+FIELDS += ["max_token_bytes", "tokens", "finished", "value", "error"]
+KINDS = [
+    kind.t for kind in (wire.Init, wire.Req, wire.Op, wire.Cancel, wire.Adapter, wire.Ping, wire.Shutdown)
+]
+KINDS += [kind.t for kind in (wire.Loaded, wire.Toks, wire.Done, wire.OpResult, wire.Err, wire.Pong)]
 maps = st.builds(
     lambda kind, rest: {**rest, "t": kind},
     st.sampled_from(KINDS) | st.text(max_size=6),

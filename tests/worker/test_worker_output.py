@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from lmi_core.engine import (
+    Engine,
     EngineStats,
     Finished,
     GenerationEvent,
@@ -45,11 +46,14 @@ class StepEngine:
 _serving: set[asyncio.Task[None]] = set()
 
 
-async def started(options: dict[str, Any] | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A RankServer with a ``StepEngine`` on one end of a socket pair; the test holds the other."""
+async def started(
+    options: dict[str, Any] | None = None, engine: Engine | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A RankServer with ``engine`` (a ``StepEngine`` by default) on one end of a socket pair; the
+    test holds the other."""
     ours, theirs = socket.socketpair()
     worker = RankServer(0, new_plugin_manager(load_entry_points=False))
-    worker.engine = StepEngine()
+    worker.engine = engine or StepEngine()
     worker.stream_interval = stream_interval(options or {})
     worker_reader, worker_writer = await asyncio.open_connection(sock=theirs)
     # Held: asyncio keeps only a weak reference to a task, and a collected one closes the socket.

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lmi_core import prompts
 from lmi_core.engine import (
     EngineStats,
     Finished,
@@ -35,6 +36,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, EngineFailedError, EngineOutOfMemoryError
+from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.option_values import lora_settings
 from lmi_core.request_checks import check_logit_bias, token_budget, tokenizer_token_bytes
 from lmi_hf.adapters import AdapterSet
@@ -79,6 +81,7 @@ class HFEngine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.vocab_size = int(model.config.vocab_size)
+        self.codec = prompts.PromptCodec(tokenizer, self._decode, self.vocab_size, self._prompts)
         self.grammars = GrammarCompiler(tokenizer, model.get_output_embeddings().out_features, self.eos_ids)
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
         self._totals = EngineStats()
@@ -110,6 +113,12 @@ class HFEngine:
             self.max_model_len,
             self.max_token_bytes,
         )
+
+    async def tokenize(self, operation: Tokenize) -> TokenizeResult:
+        return await self.codec.tokenize(operation)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.codec.detokenize(ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
@@ -379,7 +388,7 @@ class HFEngine:
 
     def _allowed(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
         """The tokens each constrained sequence's grammar allows next, by row (one call per step)."""
-        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None and s.constraint.active]
         if not rows:
             return {}
         try:
@@ -403,15 +412,16 @@ class HFEngine:
         token, log_prob, log_probs = select_token(
             logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
         )
-        if seq.constraint is not None:
-            seq.constraint.accept(token)
-        seq.generated += 1
-        seq.output_counts[token] += 1
         # The grammar allows EOS only where it may end, and then it is the end even with ignore_eos.
-        is_eos = token in self.eos_ids and (not params.ignore_eos or seq.constraint is not None)
+        constrained = allowed is not None
+        is_eos = token in self.eos_ids and (not params.ignore_eos or constrained)
         is_stop = token in params.stop_token_ids
         # A stop token's text is not part of the output (vLLM: include_stop_str_in_output=False).
         text = "" if is_stop else seq.detokenizer.add(token)
+        if seq.constraint is not None:  # after the text: a deferred grammar starts after a marker
+            seq.constraint.accept(token, text)
+        seq.generated += 1
+        seq.output_counts[token] += 1
         reason: FinishReason | None = None
         if is_eos:
             reason = "eos_token"

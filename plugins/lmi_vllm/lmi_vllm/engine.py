@@ -31,7 +31,8 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import Sequence as SequenceOf
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import (
     BadRequestError,
@@ -45,11 +46,11 @@ from lmi_core import (
     SamplingParams,
     ServiceError,
     WorkerContext,
+    prompts,
 )
+from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
     check_logit_bias,
-    check_prompt_bytes,
-    check_token_ids,
     prompt_too_long,
     refuse_unsupported,
     token_budget,
@@ -60,12 +61,12 @@ from lmi_vllm.convert import (
     map_error,
     output_events,
     prompt_entries,
+    reasoning_kwargs,
     resume_check,
     structured_outputs_kwargs,
 )
 from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
 from lmi_vllm.start import (
-    STRUCTURED_OUTPUTS_DEFAULTS,
     WORKER_EXTENSION,
     SchedulerCounts,
     cpu_bind_lists,
@@ -75,7 +76,12 @@ from lmi_vllm.start import (
     scoped_environ,
     set_envs_cache,
     stat_logger_factory,
+    structured_outputs_config,
+    vllm_reasoning_parser,
 )
+
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ UNSUPPORTED = ("typical_p",)
 class VllmEngine:
     """An ``AsyncLLM`` and the counters lmi reports; build it with ``VllmEngine.start``."""
 
-    def __init__(self, llm: Any, counts: SchedulerCounts, warmup: bool) -> None:
+    def __init__(self, llm: AsyncLLM, counts: SchedulerCounts, warmup: bool) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -110,6 +116,7 @@ class VllmEngine:
         # Tokenizing and chat templates cost time that grows with the prompt: one thread, off the
         # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
+        self.codec = prompts.PromptCodec(self.tokenizer, self._decode, self.vocab_size, self._prompts)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         from vllm.lora.request import LoRARequest
 
@@ -126,6 +133,8 @@ class VllmEngine:
         )
         self._lora_locks: dict[int, asyncio.Lock] = {}
         self._vllm_sampling_params = VllmSamplingParams
+        # vLLM holds a constrained request's grammar back until the thinking ends (lmi_vllm.convert).
+        self.reasoning_gate = bool(llm.vllm_config.structured_outputs_config.reasoning_parser)
         self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
         self._scheduler = counts
@@ -141,10 +150,8 @@ class VllmEngine:
     def start(cls, context: WorkerContext) -> VllmEngine:
         """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
         kwargs, kv_gib, warmup = engine_kwargs(context)
-        if "structured_outputs_config" not in kwargs:
-            from vllm.config import StructuredOutputsConfig
-
-            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS)
+        reasoning = vllm_reasoning_parser(context.options)
+        kwargs["structured_outputs_config"] = structured_outputs_config(kwargs, reasoning)
         bind: str | None = None
         if context.device == "cpu":
             if kv_gib is not None:
@@ -212,8 +219,8 @@ class VllmEngine:
         self._prompts.shutdown(wait=False, cancel_futures=True)
         self.llm.shutdown(timeout=SHUTDOWN_TIMEOUT)
 
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
+    def _decode(self, ids: SequenceOf[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)))
 
     def engine_input(self, ids: list[int], text: str | None = None) -> Any:
         """The prompt as vLLM's engine input: token ids (and the text they came from)."""
@@ -272,42 +279,20 @@ class VllmEngine:
 
     def prepare_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The prompt text (chat template applied to ``messages``) and its token ids."""
-        if request.messages:
-            param = "messages"
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # no template, or a template that rejects these messages
-                raise BadRequestError(f"cannot apply the model's chat template: {exc}", param=param) from None
-            self.check_size(request, text, param)
-            # The template writes the special tokens itself (vLLM's chat path does the same).
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        elif request.prompt_ids is not None:
-            param = "inputs"
-            ids = list(request.prompt_ids)
-            check_token_ids(ids, self.vocab_size)
-            text = str(self.tokenizer.decode(ids))
-        elif request.prompt is not None:
-            param = "inputs"
-            text = request.prompt
-            self.check_size(request, text, param)
-            ids = list(self.tokenizer.encode(text))
-        else:
-            raise BadRequestError("the request has neither inputs nor messages", param="inputs")
-        if not ids:
-            raise BadRequestError("the prompt is empty", param=param)
-        ids = truncate_prompt(ids, request.params)
+        fits = prompts.PromptLimits(self.max_input_length, self.max_model_len, self.max_token_bytes)
+        prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size, fits=fits)
+        param, text = prompt.param, prompt.text
+        ids = truncate_prompt(prompt.ids, request.params)
         if len(ids) > self.max_input_length:
             raise prompt_too_long(len(ids), self.max_input_length, self.max_model_len, param)
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
 
-    def check_size(self, request: GenerationRequest, text: str, param: str) -> None:
-        """Before tokenizing: a prompt that cannot fit whatever its tokens is a 400 at once (unless
-        ``truncate`` keeps only its last tokens, which must then be counted)."""
-        if request.params.truncate is None:
-            check_prompt_bytes(text, self.max_token_bytes, self.max_input_length, self.max_model_len, param)
+    async def tokenize(self, operation: Tokenize) -> TokenizeResult:
+        return await self.codec.tokenize(operation)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.codec.detokenize(ids)
 
     def sampling_params(self, params: SamplingParams, max_tokens: int | None = None) -> Any:
         """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked).
@@ -320,6 +305,12 @@ class VllmEngine:
         if params.top_logprobs < 0:
             raise BadRequestError("top_logprobs must not be negative", param="top_logprobs")
         refuse_unsupported(params, UNSUPPORTED, "vllm")
+        if params.structured is not None and params.structured.starts_after and not self.reasoning_gate:
+            raise BadRequestError(
+                "a constrained output after the thinking needs vLLM's reasoning parser of the name "
+                "option.reasoning_parser gives, and vLLM has none; turn the thinking off with "
+                "chat_template_kwargs"
+            )
         greedy = params.greedy
         try:
             return self._vllm_sampling_params(
@@ -400,7 +391,8 @@ class VllmEngine:
         finished = False
         try:
             lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
-            outputs = self.llm.generate(prompt, params, rid, lora_request=lora)
+            gate = reasoning_kwargs(request, self.reasoning_gate)
+            outputs = self.llm.generate(prompt, params, rid, lora_request=lora, **gate)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored
