@@ -687,3 +687,17 @@ async def test_a_moved_request_waits_only_while_a_worker_is_coming(connects: boo
             await anext(events)
         assert failed.value.status == 503
     await pool.stop()
+
+
+async def test_a_moved_operation_waits_only_while_a_worker_is_coming() -> None:
+    """As a moved stream: an operation (it takes a place, as pooling does) whose worker restarts
+    and whose ranks never connect ends with its worker's error once option.migration_timeout passes."""
+    pool = make_pool(1, 1, migration_timeout=0.3, predict_timeout=60)
+    await pool.start()
+    FakeWorker.load_time, FakeWorker.connects = 1.0, False
+    operation = asyncio.ensure_future(pool.perform(tokenize("hi", SlotTokenize)))
+    await until(lambda: len(FakeWorker.served) == 1, what="the operation sent")
+    FakeWorker.created[0].restart("rank 1's host is unreachable")
+    with pytest.raises(WorkerFailedError, match=r"rank 1's host.*migration_timeout=0.3 s"):
+        await operation
+    await pool.stop()
