@@ -12,21 +12,16 @@ from lmi_core.engine import Finished, GenerationRequest, SamplingParams
 from lmi_core.errors import BadRequestError, PayloadTooLargeError
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.plugins import new_plugin_manager
-from lmi_core.serving.connection import RankConnection
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerState
 from lmi_core.worker import wire
+from tests.serving.fake_rank import rank_pair
 
 
 async def _ready_worker(
     tmp_path: Path,
 ) -> tuple[SupervisedWorker, asyncio.StreamReader, asyncio.StreamWriter]:
     """A READY worker whose one rank is a socket the test drives (no process)."""
-    path = str(tmp_path / "rank.0")
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
-    server = await asyncio.start_unix_server(lambda r, w: accepted.set_result((r, w)), path)
-    conn = await RankConnection.connect(0, f"unix:{path}", deadline=1e18, alive=lambda: True)
-    reader, writer = await accepted
-    server.close()
+    conn, reader, writer = await rank_pair(tmp_path)
     worker = SupervisedWorker(
         ModelConfig(name="m", model_id="/m"),
         ServerConfig(),
