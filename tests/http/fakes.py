@@ -154,6 +154,7 @@ class FakeModel:
         the characters back; embed: ``[index, length, 0.5, 1]`` per input (cut to ``dimensions``), one
         token per character; score: a pair's score is its second text's length / 100. Records each
         operation; refuses one of another task as the pool does."""
+        wire.Op("fake", operation).to_frame()  # as the worker socket would: encodable or not sent
         self.operations.append(operation)
         task = self.config.pooling.task
         if operation.tasks is not None and task not in operation.tasks:
