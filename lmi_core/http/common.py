@@ -30,14 +30,6 @@ class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
 
 
-def _int64(text: str) -> int:
-    """A JSON integer; one beyond 64 bits fits no field and cannot reach a worker (msgpack): 400."""
-    value = int(text)
-    if not -(2**63) <= value < 2**64:
-        raise BadRequestError(f"integer {text[:40]} does not fit in 64 bits", param="body")
-    return value
-
-
 # curl's -d sends this content type unless told otherwise: the README's own quick start did, and got 415.
 FORM = "application/x-www-form-urlencoded"
 
@@ -76,7 +68,7 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
         return {"inputs": body.decode(errors="replace")}
     text, clean = decode_utf8(body)
     try:
-        value = json.loads(text, parse_int=_int64)
+        value = json.loads(text)
     except ValueError as exc:
         if content_type == FORM:
             raise _unsupported(content_type) from None

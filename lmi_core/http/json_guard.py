@@ -1,13 +1,14 @@
 """What a JSON request body must be before any route reads it: UTF-8 text that the worker socket can carry.
 
 Invariant: a body that leaves ``decode_utf8`` and ``check_body`` has no lone surrogate in any string or
-key and is nested at most ``MAX_DEPTH`` levels (no request schema nests deeper than 5; msgpack refuses
-512). A lone surrogate comes in two ways: a JSON escape (``"\\udc00"``: valid JSON, no valid text),
-or raw bytes that are not UTF-8 (``ED A0 80``, an encoded surrogate, which CPython's ``json.loads``
-of bytes decodes with ``surrogatepass`` and let through to the worker socket's encoder: a 500).
-``decode_utf8`` turns every invalid byte into a lone surrogate (``surrogateescape``), so both are one
-case, and ``check_body`` refuses it with a 400 naming the field by its path. The walk is iterative,
-so a deep body cannot exhaust the interpreter's stack here either.
+key, no integer beyond 64 bits (msgpack's), and is nested at most ``MAX_DEPTH`` levels (no request
+schema nests deeper than 5; msgpack refuses 512). A lone surrogate comes in two ways: a JSON escape
+(``"\\udc00"``: valid JSON, no valid text), or raw bytes that are not UTF-8 (``ED A0 80``, an encoded
+surrogate, which CPython's ``json.loads`` of bytes decodes with ``surrogatepass`` and let through to
+the worker socket's encoder: a 500). ``decode_utf8`` turns every invalid byte into a lone surrogate
+(``surrogateescape``), so both are one case, and ``check_body`` refuses it with a 400 naming the
+field by its path, as it names an integer too large. The walk is iterative, so a deep body cannot
+exhaust the interpreter's stack here either.
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ NOT_TEXT = "is not valid UTF-8 text (invalid bytes, or a lone UTF-16 surrogate)"
 
 
 def check_body(value: Any, scan_text: bool) -> None:
-    """Raise a 400 naming the field if ``value`` is nested too deep or, when ``scan_text``, holds a
-    string or key that is not valid text."""
+    """Raise a 400 naming the field if ``value`` is nested too deep, holds an integer beyond 64 bits
+    (it fits no field and cannot reach a worker) or, when ``scan_text``, a string or key that is not
+    valid text."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
         item, path = stack.pop()
         if len(path) > MAX_DEPTH:
             raise BadRequestError(f"request body is nested deeper than {MAX_DEPTH} levels", param=_path(path))
+        if isinstance(item, int) and not -(2**63) <= item < 2**64:
+            field = _path(path)
+            raise BadRequestError(f"'{field}' is an integer that does not fit in 64 bits", field)
         if isinstance(item, str):
             if scan_text and not _valid_text(item):
                 field = _path(path)

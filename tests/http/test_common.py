@@ -84,6 +84,10 @@ def test_read_json_refuses_integers_beyond_64_bits() -> None:
     for value in (2**64, -(2**63) - 1):
         response = http.post("/echo", content=f'{{"seed": {value}}}'.encode())
         assert response.status_code == 400 and "64 bits" in response.json()["message"]
+        assert response.json()["param"] == "seed"
+    # Named by its path, as a string that is not text is (before: "body", whatever the field).
+    response = http.post("/echo", content=f'{{"tokens": [1, {2**70}]}}'.encode())
+    assert response.status_code == 400 and response.json()["param"] == "tokens[1]"
 
 
 def test_the_app_answers_unknown_routes_and_models_in_the_path_s_shape() -> None:
