@@ -85,17 +85,18 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def request_frame(request: GenerationRequest) -> bytes:
-    """``request``'s ``req`` frame; a request that cannot be one is the client's fault, never the
-    worker's: 400 naming the value (text that is not UTF-8, an integer over 64 bits), 413 past the
-    frame limit. The HTTP layer refuses such bodies first (``http.json_guard``); this is the last
-    gate, so that no route can fail a request with a 500 or a connection with a half-written frame."""
+def request_frame(message: wire.Req | wire.Op) -> bytes:
+    """A request's ``req`` or an operation's ``op`` frame; one that cannot be a frame is the client's
+    fault, never the worker's: 400 naming the value (text that is not UTF-8, an integer over 64
+    bits), 413 past the frame limit. The HTTP layer refuses such bodies first (``http.json_guard``);
+    this is the last gate, so that no route can fail a request with a 500 or a connection with a
+    half-written frame."""
     try:
-        return wire.Req(request.request_id, request).to_frame()
+        return message.to_frame()
     except wire.FrameTooLargeError as exc:
         raise PayloadTooLargeError(f"the request is too large for the worker socket: {exc}") from None
     except wire.ProtocolError as exc:
-        field = exc.field.removeprefix("request.") if exc.field else None
+        field = exc.field.removeprefix("args.").removeprefix("request.") if exc.field else None
         raise BadRequestError(f"the request cannot be sent to its worker: {exc}", param=field) from None
 
 
@@ -390,7 +391,7 @@ class SupervisedWorker:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
-        message_out = request_frame(request)
+        message_out = request_frame(wire.Req(rid, request))
         stream = ranks[0].open_stream(rid)
         finished = False
         loop = asyncio.get_running_loop()
@@ -446,10 +447,10 @@ class SupervisedWorker:
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks) if operation.all_ranks else self.ranks[:1]
+        message = request_frame(wire.Op(rid, operation))  # encoded once, before anything is sent
         result = ranks[0].open_operation(rid)
         answered = False
         try:
-            message = wire.Op(rid, operation)
             for conn in ranks:
                 conn.send(message)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -11,6 +11,7 @@ from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams
 from lmi_core.errors import BadRequestError, PayloadTooLargeError
 from lmi_core.launch_spec import WorkerSlot
+from lmi_core.operations import Detokenize, Operation, Tokenize
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerState
 from lmi_core.worker import wire
@@ -66,6 +67,30 @@ async def test_a_request_that_cannot_be_encoded_is_a_400_and_the_connection_serv
     assert isinstance(message, wire.Req) and message.request.prompt == "hello"
     writer.write(wire.Done("next", Finished("length", 1, 0)).to_frame())
     assert await asyncio.wait_for(running, 5) == [Finished("length", 1, 0)]
+    await worker.ranks[0].close()
+
+
+@pytest.mark.parametrize(
+    ("operation", "param"),
+    [
+        (Tokenize(GenerationRequest("t", "x\udced\udca0\udc80y")), "prompt"),
+        (Detokenize([1, 2**70]), "ids[1]"),
+    ],
+)
+async def test_an_operation_that_cannot_be_encoded_is_a_400_and_the_connection_serves_on(
+    tmp_path: Path, operation: Operation[object], param: str
+) -> None:
+    """As a generation: before, ``RankConnection.send`` raised ``ProtocolError`` (a 500)."""
+    worker, reader, writer = await _ready_worker(tmp_path)
+    with pytest.raises(BadRequestError) as refused:
+        await worker.perform("op", operation)
+    assert refused.value.status == 400 and refused.value.param == param
+    assert worker.accepting and not worker.ranks[0].closed.done()
+    running = asyncio.ensure_future(worker.perform("next", Detokenize([1])))
+    message = await asyncio.wait_for(wire.read_message(reader), 5)
+    assert isinstance(message, wire.Op) and message.id == "next"  # the first sent nothing, not even a cancel
+    writer.write(wire.OpResult("next", "a").to_frame())
+    assert await asyncio.wait_for(running, 5) == "a"
     await worker.ranks[0].close()
 
 
