@@ -260,6 +260,9 @@ def test_sixteen_concurrent_requests_with_different_schemas(server: ServerProces
         ({"guided_regex": "(("}, "guided_regex", "unclosed group"),
         ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar", "nope"),
         ({"guided_grammar": "start: nope"}, "guided_grammar", "nope"),
+        # Neither Lark nor GBNF: once a 500 (GbnfToLarkError), found by tests/test_fuzz_http.py.
+        ({"guided_grammar": "x"}, "guided_grammar", "not a GBNF grammar"),
+        ({"structured_outputs": {"grammar": "root ::= ["}}, "structured_outputs.grammar", "GBNF"),
         ({"guided_json": "{not json"}, "guided_json", ""),
         ({"guided_choice": []}, "guided_choice", ""),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
