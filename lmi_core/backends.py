@@ -26,6 +26,8 @@ class BackendSpec:
     rolling_batch: tuple[str, ...] = ()
     # Lower is preferred by option.rolling_batch=auto.
     auto_priority: int = 100
+    # Whether option.rolling_batch=auto may pick it (the handler backend serves only models that ask).
+    auto: bool = True
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     # Its engine honours GenerationRequest.resume_ids, so a stream whose worker died mid-request can
@@ -72,9 +74,10 @@ def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch:
         raise ConfigError("option.backend", backend, f"an installed backend: {available}")
     choice = (rolling_batch or "auto").lower()
     if choice == "auto":
-        if not specs:
+        candidates = [s for s in specs.values() if s.auto]
+        if not candidates:
             raise ConfigError("option.rolling_batch", choice, f"an installed backend: {available}")
-        return min(specs.values(), key=lambda s: (s.auto_priority, s.name))
+        return min(candidates, key=lambda s: (s.auto_priority, s.name))
     for spec in specs.values():
         if choice in spec.rolling_batch:
             return spec

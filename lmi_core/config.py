@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmi_core import custom_code
+from lmi_core.djl_options import DjlOptions, djl_options
 from lmi_core.errors import ConfigError
 from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
 from lmi_core.pooling import PoolingSettings, pooling_settings
@@ -159,6 +161,8 @@ class ModelConfig(_Strict):
     responses_store_size: int = Field(1000, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
+    # The custom code file (DJL's model.py, or option.entryPoint), absolute; None: the model has none.
+    entry_point: str | None = None
     # Filled by ``resolve`` from the plugins.
     backend: str = ""
     mode: Literal["python", "mpi"] = "python"
@@ -172,6 +176,11 @@ class ModelConfig(_Strict):
     def pooling(self) -> PoolingSettings:
         """``option.task``, ``option.pooling``, ``option.normalize`` (validated by ``build_model_config``)."""
         return pooling_settings(self.options)
+
+    @property
+    def djl(self) -> DjlOptions:
+        """DJL's output format, TGI, session and handler options (validated by ``build_model_config``)."""
+        return djl_options(self.options)
 
     @property
     def world_size(self) -> int:
@@ -225,10 +234,13 @@ MODEL_KEYS: dict[str, str] = {
     "option.responses_store_ttl": "responses_store_ttl",
     "option.responses_store_size": "responses_store_size",
 }
-# Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
-IGNORED_MODEL_KEYS = frozenset(
-    {"option.entryPoint", "option.async_mode", "batch_size", "max_batch_delay", "option.revision"}
-)
+# Keys DJL users commonly set that lmi-core accepts without effect, each with the reason (logged).
+IGNORED_MODEL_KEYS = {
+    "option.async_mode": "every backend runs requests concurrently (DJL's async mode is the only mode)",
+    "batch_size": "requests join the engine's continuous batch; there is no dynamic batching",
+    "max_batch_delay": "requests join the engine's continuous batch; there is no dynamic batching",
+    "option.revision": "the model is read from option.model_id as it is",
+}
 
 
 def _field_error(exc: ValidationError, key_of: Mapping[str, str], raw: Mapping[str, Any]) -> ConfigError:
@@ -256,7 +268,7 @@ def build_model_config(
         if key in MODEL_KEYS:
             values[MODEL_KEYS[key]] = value
         elif key in IGNORED_MODEL_KEYS:
-            continue
+            logger.warning("%s=%s has no effect in lmi-core: %s", key, value, IGNORED_MODEL_KEYS[key])
         elif key.startswith("option."):
             options[key[len("option.") :]] = value
         else:
@@ -277,6 +289,19 @@ def build_model_config(
         values.setdefault("name", name)
     values["model_dir"] = model_dir
     values["options"] = options
+    djl = djl_options(options)  # a bad DJL option fails the start, not the first request
+    named = options.get("entryPoint") or environ.get("DJL_ENTRY_POINT")
+    entry = values["entry_point"] = custom_code.entry_point_file(model_dir, named)
+    # DJL: the entry point's handler function, where it has one, is the model (its Python engine).
+    if (
+        entry is not None
+        and named not in custom_code.DJL_HANDLERS
+        and custom_code.defines(entry, djl.handler)
+    ):
+        backend = values.setdefault("backend_name", "handler")
+        if backend != "handler":
+            allowed = f"handler: {entry} defines {djl.handler}(), which serves the model"
+            raise ConfigError("option.backend", backend, allowed)
     # Name the key the user actually wrote (several keys map to one field: maxWorkers, gpu.maxWorkers).
     key_of = {MODEL_KEYS[k]: k for k in merged if k in MODEL_KEYS}
     try:

@@ -252,6 +252,8 @@ class WorkerContext:
     # option.dtype (lmi / DJL names such as fp16, bf16, auto); None = the engine's default.
     dtype: str | None = None
     trust_remote_code: bool = False
+    # The model's custom code file (DJL's model.py or option.entryPoint), absolute; None: it has none.
+    entry_point: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

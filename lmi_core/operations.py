@@ -1,19 +1,20 @@
-"""Operations a worker answers besides generation: one request in, one result out (tokenize, detokenize,
-and a pooling model's embed and score).
+"""Operations a worker answers besides generation: one request in, one result out (tokenize, detokenize;
+a pooling model's embed and score; a model's custom formatters; a request to a ``handle(inputs)`` model).
 
 A generation streams events; an operation returns one value. Each operation is a dataclass with its
 wire codec and its result's (``to_wire``/``from_wire``, ``result_to_wire``/``result_from_wire``), named
 by ``op`` in ``OPERATIONS``, which the wire message ``Op`` looks up. The server runs one through the
 same pool as generations (``WorkerPool.perform``: deadlines, a failed worker's operation retried on
 another), the worker through the ``handle_operation`` hook, whose built-in implementation dispatches
-to the engine's optional protocol for it (``TokenizerEngine``, ``PoolingEngine``). An engine without it
+to the engine's optional protocol for it (``TokenizerEngine``, ``PoolingEngine``, ``HandlerEngine``), or
+to the model's custom code for the formatters (``lmi_core.custom_code``). An engine without the protocol
 answers 501.
 
-Invariant: an operation is idempotent (it changes no engine state), so the pool may run it again
-after its worker failed; ``all_ranks`` says whether every rank of an MPI worker must run it (in
-lockstep with its generations) or rank 0 alone answers; ``takes_slot`` whether it holds one of the
-worker's ``max_rolling_batch_size`` places while it runs; ``tasks`` which models (``option.task``)
-answer it. Standard library only (worker side).
+Invariant: an operation that says ``idempotent`` (it changes no engine state; all but ``Invoke``) may
+run again after its worker failed, so the pool retries it on another worker; ``all_ranks`` says
+whether every rank of an MPI worker must run it (in lockstep with its generations) or rank 0 alone
+answers; ``takes_slot`` whether it holds one of the worker's ``max_rolling_batch_size`` places while
+it runs; ``tasks`` which models (``option.task``) answer it. Standard library only (worker side).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Operation(ABC, Generic[R]):
     takes_slot: ClassVar[bool] = False
     # The models (``option.task``) that answer it; None: every model. The pool refuses the others.
     tasks: ClassVar[tuple[Task, ...] | None] = None
+    idempotent: ClassVar[bool] = True
 
     @abstractmethod
     def to_wire(self) -> dict[str, Any]: ...
@@ -207,8 +209,106 @@ class ScoreResult:
     prompt_tokens: int
 
 
+@dataclass
+class FormatInput(Operation["FormattedInput"]):
+    """A request body through the model's custom input formatter (DJL's ``@input_formatter``), with
+    the engine's tokenizer. ``code``: the custom code files, the first that has a formatter wins (an
+    adapter's ``model.py``, then the model's; ``lmi_core.custom_code``)."""
+
+    payload: dict[str, Any]
+    code: list[str]
+    op: ClassVar[str] = "format_input"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"payload": self.payload, "code": self.code}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> FormatInput:
+        return cls(dict(data["payload"]), [str(p) for p in data["code"]])
+
+    def result_to_wire(self, result: FormattedInput) -> Any:
+        return [result.payload, result.output_formatter]
+
+    def result_from_wire(self, data: Any) -> FormattedInput:
+        payload, output = data
+        if not isinstance(payload, dict):
+            raise TypeError(f"format_input result is {type(payload).__name__}, not a dict")
+        return FormattedInput(payload, bool(output))
+
+
+@dataclass
+class FormattedInput:
+    payload: dict[str, Any]
+    output_formatter: bool  # the files have an output formatter: each response object goes through it
+
+
+@dataclass
+class FormatOutput(Operation[Any]):
+    """A response object (a whole result, or one streamed line) through the model's custom output
+    formatter (DJL's ``@output_formatter``); ``code`` as ``FormatInput``'s."""
+
+    data: Any
+    code: list[str]
+    op: ClassVar[str] = "format_output"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"data": self.data, "code": self.code}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> FormatOutput:
+        return cls(data["data"], [str(p) for p in data["code"]])
+
+    def result_to_wire(self, result: Any) -> Any:
+        return result
+
+    def result_from_wire(self, data: Any) -> Any:
+        return data
+
+
+@dataclass
+class Invoke(Operation["InvokeResult"]):
+    """One request to a ``handle(inputs)`` model (DJL's Python engine, ``lmi_core.worker.handler``):
+    the HTTP headers as properties, the query parameters then the body (``data``) as content. It holds
+    a place like a generation, and it is not retried on another worker: a handler may keep state."""
+
+    properties: dict[str, str]
+    content: list[tuple[str, bytes]]
+    op: ClassVar[str] = "invoke"
+    takes_slot: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"properties": self.properties, "content": [list(entry) for entry in self.content]}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Invoke:
+        content = [(str(key), bytes(value)) for key, value in data["content"]]
+        return cls({str(k): str(v) for k, v in data["properties"].items()}, content)
+
+    def result_to_wire(self, result: InvokeResult) -> Any:
+        return [result.code, result.message, result.properties, result.body]
+
+    def result_from_wire(self, data: Any) -> InvokeResult:
+        code, message, properties, body = data
+        return InvokeResult(
+            int(code), str(message), {str(k): str(v) for k, v in properties.items()}, bytes(body)
+        )
+
+
+@dataclass
+class InvokeResult:
+    """A handler's ``Output``: status code and reason, headers, body."""
+
+    code: int
+    message: str
+    properties: dict[str, str]
+    body: bytes
+
+
 # The operations the wire knows, by name: ``Op.from_frame`` decodes with ``OPERATIONS[op].from_wire``.
-OPERATIONS: dict[str, type[Operation[Any]]] = {kind.op: kind for kind in (Tokenize, Detokenize, Embed, Score)}
+OPERATIONS: dict[str, type[Operation[Any]]] = {
+    kind.op: kind for kind in (Tokenize, Detokenize, Embed, Score, FormatInput, FormatOutput, Invoke)
+}
 
 
 @runtime_checkable
@@ -239,4 +339,13 @@ class PoolingEngine(Engine, Protocol):
 
     async def score(self, operation: Score) -> ScoreResult:
         """The score of each pair; a ``BadRequestError`` for a pair too long (without ``truncate``)."""
+        ...
+
+
+@runtime_checkable
+class HandlerEngine(Engine, Protocol):
+    """An engine that answers ``Invoke``: a model served by its ``handle(inputs)`` function."""
+
+    async def invoke(self, operation: Invoke) -> InvokeResult:
+        """The handler's response to one request; its failure is the response too (a 424)."""
         ...

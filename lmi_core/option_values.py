@@ -100,10 +100,25 @@ def close_matches(key: str, known: Iterable[str]) -> str:
     return f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
 
 
-# Model options the HTTP layer reads (tool calling, reasoning, chat template defaults), the same on
-# every backend: not engine options (lmi_vllm reads reasoning_parser too, for vLLM's grammar gate).
+# Model options the core reads, the same on every backend, not engine options: tool calling, reasoning
+# and chat template defaults (the HTTP layer; lmi_vllm reads reasoning_parser too, for vLLM's grammar
+# gate), DJL's output formats, TGI mode and sessions (``lmi_core.djl_options``), the custom code file
+# and its handler (``lmi_core.custom_code``).
 SERVER_OPTIONS = frozenset(
-    {"enable_auto_tool_choice", "tool_call_parser", "reasoning_parser", "default_chat_template_kwargs"}
+    {
+        "enable_auto_tool_choice",
+        "tool_call_parser",
+        "reasoning_parser",
+        "default_chat_template_kwargs",
+        "output_formatter",
+        "tgi_compat",
+        "bedrock_compat",
+        "enable_stateful_sessions",
+        "sessions_path",
+        "sessions_expiration",
+        "entryPoint",
+        "handler",
+    }
 )
 # LoRA options, checked by the core (``lora_settings`` in ``build_model_config``) and read by every
 # backend's engine with the same defaults.

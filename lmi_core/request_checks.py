@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lmi_core.engine import GenerationRequest, SamplingParams
-from lmi_core.errors import BadRequestError
+from lmi_core.errors import BadRequestError, PromptTooLongError
 
 # Neutral value of every optional SamplingParams feature: a backend that lacks one refuses a request
 # that sets it to anything else (a silently ignored parameter is a wrong answer the client cannot see).
@@ -71,6 +71,13 @@ def truncate_prompt(ids: list[int], params: SamplingParams) -> list[int]:
     return ids[len(ids) - params.truncate :]
 
 
+def check_prompt_length(length: int, max_input_length: int, max_model_len: int | None, param: str) -> None:
+    """A prompt longer than ``option.max_input_length`` (the context less one token by default) is a
+    ``PromptTooLongError`` naming ``param``."""
+    if length > max_input_length:
+        raise prompt_too_long(length, max_input_length, max_model_len, param)
+
+
 def token_budget(
     prompt_tokens: int, max_model_len: int, params: SamplingParams, param: str = "inputs"
 ) -> int:
@@ -82,7 +89,7 @@ def token_budget(
     """
     room = max_model_len - prompt_tokens
     if room <= 0:
-        raise BadRequestError(
+        raise PromptTooLongError(
             f"the prompt has {prompt_tokens} tokens; this model's context is {max_model_len}", param=param
         )
     if params.max_new_tokens > room and params.strict_max_tokens:
@@ -168,10 +175,12 @@ def tokenizer_token_bytes(tokenizer: Any) -> int | None:
 
 def prompt_too_long(
     tokens: int, max_input_length: int, max_model_len: int | None, param: str, at_least: bool = False
-) -> BadRequestError:
-    """The 400 for a prompt of ``tokens`` tokens (``at_least``: a lower bound, not a count)."""
-    context = f"; this model's context is {max_model_len}" if max_model_len is not None else ""
-    return BadRequestError(
+) -> PromptTooLongError:
+    """The error for a prompt of ``tokens`` tokens (``at_least``: a lower bound, not a count)."""
+    context = ""
+    if max_model_len is not None:
+        context = f"; this model's context is {max_model_len}, one token is left for the output"
+    return PromptTooLongError(
         f"the prompt has {'at least ' if at_least else ''}{tokens} tokens; at most {max_input_length} fit "
         f"(option.max_input_length{context})",
         param=param,
@@ -203,7 +212,6 @@ def refuse_unfit_prompt(
     if request.params.truncate is not None:
         return
     if request.prompt_ids is not None:
-        if len(request.prompt_ids) > max_input_length:
-            raise prompt_too_long(len(request.prompt_ids), max_input_length, max_model_len, "inputs")
+        check_prompt_length(len(request.prompt_ids), max_input_length, max_model_len, "inputs")
     elif request.prompt is not None:
         check_prompt_bytes(request.prompt, max_token_bytes, max_input_length, max_model_len, "inputs")

@@ -76,7 +76,7 @@ def test_list_backends_names_the_distribution_of_each(pm) -> None:
     from lmi_core.backends import list_backends
 
     listed = {b.spec.name: b for b in list_backends(pm)}
-    assert set(listed) == {"fast", "slow"}
+    assert set(listed) == {"fast", "slow", "handler"}  # handler: built in, for handle() models
     assert listed["fast"].spec.default_mode == "mpi"
     assert listed["fast"].distribution is None  # registered by hand, not by an installed package
 

@@ -79,9 +79,10 @@ def test_a_killed_workers_exit_status_is_reported(
 WORDS = " ".join(["hello", "world", "lorem", "ipsum"] * 75_000)  # 1.5 MB, ~750,000 tokens
 HUGE = [
     # Refused by the server from its size, before it crosses the worker socket (before: tokenized whole).
-    ("text", {"inputs": WORDS}, 400),
+    # A prompt too long is DJL's 424 on the native API (PromptTooLongError), a 400 on OpenAI's.
+    ("text", {"inputs": WORDS}, 424),
     # Refused by the engine from its size once templated, before it is tokenized (before: tokenized).
-    ("chat", {"messages": [{"role": "user", "content": WORDS}], "parameters": {"max_new_tokens": 2}}, 400),
+    ("chat", {"messages": [{"role": "user", "content": WORDS}], "parameters": {"max_new_tokens": 2}}, 424),
     # truncate keeps the last 100 tokens, which must be counted: tokenized whole, off the worker's loop.
     ("truncate", {"inputs": WORDS, "parameters": {"truncate": 100, "max_new_tokens": 2}}, 200),
 ]
@@ -127,7 +128,7 @@ def test_a_huge_prompt_neither_restarts_the_worker_nor_cuts_its_neighbours(
     huge_done.set()
     thread.join()
     assert huge.status_code == status, huge.text
-    if status == 400:
+    if status == 424:
         assert huge.json()["param"] == ("messages" if kind == "chat" else "inputs")
         assert "the prompt has at least" in huge.json()["message"]
         assert "at most 8191 fit (option.max_input_length" in huge.json()["message"]

@@ -28,7 +28,11 @@ LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 480, "ignore_eos_token"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("routing")
-    properties = "minWorkers=2\nmaxWorkers=2\noption.routing=prefix_aware\noption.responses_store=memory\n"
+    # DJL's session lifecycle off: SageMaker's session header is a plain routing key, as x-session-id.
+    properties = (
+        "minWorkers=2\nmaxWorkers=2\noption.routing=prefix_aware\noption.responses_store=memory\n"
+        "option.enable_stateful_sessions=false\n"
+    )
     model = link_model(demo_model, base / MODEL, properties)
     env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5", "SERVING_HEALTH_CHECK_TIMEOUT": "3"}
     server = ServerProcess(["--model-dir", str(model)], env, base / "server.log")

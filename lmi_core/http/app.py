@@ -30,6 +30,7 @@ from lmi_core.http import (
     openapi,
     pooling_api,
     responses_api,
+    tgi_api,
     tokenize_api,
 )
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
@@ -135,6 +136,7 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
+        *tgi_api.routes,
         *openai_api.routes,
         *responses_api.routes,
         *anthropic_api.routes,

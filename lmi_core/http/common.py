@@ -45,15 +45,8 @@ def _unsupported(content_type: str) -> UnsupportedMediaTypeError:
     )
 
 
-async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
-    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
-    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON.
-
-    A form-encoded body (``curl -d`` without ``-H``) that is JSON is read as JSON, as DJL Serving
-    reads it; one that is not (``inputs=hi``) stays a 415."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (is_json(content_type) or content_type == FORM or (allow_text and content_type == "text/plain")):
-        raise _unsupported(content_type)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, whatever its type; 413 beyond ``limit`` bytes (before reading, when declared)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
@@ -63,7 +56,19 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
         if size > limit:
             raise PayloadTooLargeError(f"request body exceeds max_request_size={limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
+    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON.
+
+    A form-encoded body (``curl -d`` without ``-H``) that is JSON is read as JSON, as DJL Serving
+    reads it; one that is not (``inputs=hi``) stays a 415."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (is_json(content_type) or content_type == FORM or (allow_text and content_type == "text/plain")):
+        raise _unsupported(content_type)
+    body = await read_body(request, limit)
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     text, clean = decode_utf8(body)

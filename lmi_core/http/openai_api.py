@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, ServiceError
+from lmi_core.http import errors
 from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
     collect_each,
@@ -33,6 +34,7 @@ from lmi_core.http.common import (
     until_set,
 )
 from lmi_core.http.context import request_context
+from lmi_core.http.formatters import OutputFormatter
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -175,10 +177,17 @@ def _same(result: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_call(
-    request: Request, call: Call, framing: Framing, shape: Shape = _same, stop: asyncio.Event | None = None
+    request: Request,
+    call: Call,
+    framing: Framing,
+    shape: Shape = _same,
+    stop: asyncio.Event | None = None,
+    output: OutputFormatter | None = None,
 ) -> Response:
     """Run ``call``'s generations; stream them in ``framing`` or answer once, the chat result in the
-    request's API's ``shape``. ``stop`` set ends the generations at their next event (``Stopped``)."""
+    request's API's ``shape``. ``stop`` set ends the generations at their next event (``Stopped``).
+    Each response object goes through the model's custom ``output`` formatter when it has one (the
+    native API)."""
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
@@ -188,9 +197,19 @@ async def run_call(
     try:
         if call.stream:
             frame, media_type = framing
-            return await stream_response(request, events, lambda e: frame(render_chunks(call, e)), media_type)
+
+            def render(
+                merged: AsyncGenerator[tuple[int, GenerationEvent], None],
+            ) -> AsyncGenerator[bytes, None]:
+                chunks = render_chunks(call, merged)
+                if output is not None:
+                    chunks = output.each(chunks, lambda exc: errors.body(exc, call.dialect))
+                return frame(chunks)
+
+            return await stream_response(request, events, render, media_type)
         results = await until_disconnected(request, collect_each(events, len(streams)))
-        return JSONResponse(shape(render_result(call, results)))
+        result = shape(render_result(call, results))
+        return JSONResponse(await output(result) if output is not None else result)
     except ServiceError as exc:
         if exc.param == "inputs":  # the LMI API's name for the prompt, which engines and the pool use
             exc.param = call.prompt_param
@@ -251,13 +270,22 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def native_chat(
-    request: Request, pool: ServedModel, body: dict[str, Any], adapter: LoraAdapter | None = None
+    request: Request,
+    pool: ServedModel,
+    body: dict[str, Any],
+    adapter: LoraAdapter | None = None,
+    framing: Framing = JSON_LINES,
+    stream: bool | None = None,
+    output: OutputFormatter | None = None,
 ) -> Response:
-    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
+    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines
+    (or in ``framing``; ``stream`` overrides the request's: DJL's chat output formatters)."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
     call = chat_call(pool, chat).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, JSON_LINES), ignored)
+    if stream is not None:
+        call.stream = stream
+    return with_ignored(await run_call(request, call, framing, output=output), ignored)
 
 
 def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:

@@ -36,7 +36,6 @@ HF_OPTIONS: dict[str, tuple[Callable[[str], bool], str]] = {
     ),
     "low_cpu_mem_usage": (_bool, "true or false"),
     "enable_streaming": (lambda v: True, "any value (ignored: every request may stream)"),
-    "output_formatter": (lambda v: True, "any value (ignored)"),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from lmi_core.engine import GenerationRequest
 from lmi_core.prompts import PromptLimits
 from lmi_core.prompts import encode_prompt as encode
-from lmi_core.request_checks import prompt_too_long, truncate_prompt
+from lmi_core.request_checks import check_prompt_length, truncate_prompt
 from lmi_hf.text import Decode
 
 
@@ -31,6 +31,5 @@ def encode_prompt(
     fits = PromptLimits(max_input_length, max_model_len, max_token_bytes)
     prompt = encode(request, tokenizer, decode, vocab_size, fits=fits)
     ids = truncate_prompt(prompt.ids, request.params)
-    if len(ids) > max_input_length:
-        raise prompt_too_long(len(ids), max_input_length, max_model_len, prompt.param)
+    check_prompt_length(len(ids), max_input_length, max_model_len, prompt.param)
     return ids, prompt.text

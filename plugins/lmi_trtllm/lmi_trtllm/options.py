@@ -87,7 +87,7 @@ RESERVED: dict[str, str] = {
 }
 
 # DJL keys accepted for compatibility; they change nothing here.
-IGNORED = frozenset({"enable_streaming", "output_formatter"})
+IGNORED = frozenset({"enable_streaming"})
 
 
 @dataclass

@@ -51,7 +51,7 @@ from lmi_core import (
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
     check_logit_bias,
-    prompt_too_long,
+    check_prompt_length,
     refuse_unsupported,
     token_budget,
     tokenizer_token_bytes,
@@ -283,8 +283,7 @@ class VllmEngine:
         prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size, fits=fits)
         param, text = prompt.param, prompt.text
         ids = truncate_prompt(prompt.ids, request.params)
-        if len(ids) > self.max_input_length:
-            raise prompt_too_long(len(ids), self.max_input_length, self.max_model_len, param)
+        check_prompt_length(len(ids), self.max_input_length, self.max_model_len, param)
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
 

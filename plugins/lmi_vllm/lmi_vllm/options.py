@@ -58,7 +58,7 @@ RESERVED: dict[str, str] = {
 }
 
 # DJL keys accepted for compatibility; they change nothing here.
-IGNORED = frozenset({"enable_streaming", "output_formatter", "rolling_batch", "mpi_mode"})
+IGNORED = frozenset({"enable_streaming", "rolling_batch", "mpi_mode"})
 
 # Keys checked without vLLM: key -> converter (raises ValueError naming what is allowed).
 KNOWN: dict[str, Callable[[str], Any]] = {
