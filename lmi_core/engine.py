@@ -134,6 +134,10 @@ class GenerationRequest:
     # stop sequences, the seeded sampler's position, max_new_tokens all count them), emits only the
     # tokens that follow, and reports them in ``Finished.generated_tokens``.
     resume_ids: list[int] = field(default_factory=list)
+    # Scheduling priority, vLLM's polarity: lower is earlier (0 by default). The server orders its
+    # queue by it, clamped to the tenant's range; an engine with a scheduler of its own may honour it
+    # too (vLLM with ``option.scheduling_policy=priority``).
+    priority: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +158,7 @@ class GenerationRequest:
             chat_template_kwargs=data.get("chat_template_kwargs"),
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
+            priority=int(data.get("priority", 0)),
         )
 
 
