@@ -58,6 +58,7 @@ def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
 def serve(args: argparse.Namespace) -> int:
     from lmi_core.backends import resolve_model
     from lmi_core.http.app import create_app
+    from lmi_core.http.connections import fd_bound, guarded_protocol
     from lmi_core.http.listeners import MetricsListener, WorkerPortListener
     from lmi_core.http.security import ListenerFilter
     from lmi_core.launch.hosts import job_hosts
@@ -76,6 +77,8 @@ def serve(args: argparse.Namespace) -> int:
         cors_allowed_origins=args.cors_allowed_origins,
         metrics_port=args.metrics_port,
         worker_ports=args.worker_ports,
+        request_head_timeout=args.request_head_timeout,
+        max_connections=args.max_connections,
         tenants_file=args.tenants_file,
     )
     tenants = Tenants.from_config(config)  # a bad file stops the start here, naming its line
@@ -114,6 +117,7 @@ def serve(args: argparse.Namespace) -> int:
         listeners.append(((inference[0], config.metrics_port), MetricsListener(app.state.metrics.registry)))
     for slot, port in enumerate(config.worker_ports):
         listeners.append(((inference[0], port), WorkerPortListener(serving, app.state.lmi.server, slot)))
+    protocol = guarded_protocol(config.request_head_timeout, fd_bound(config.max_connections, len(listeners)))
     for index, ((host, port), listener_app) in enumerate(listeners):
         uv_config = uvicorn.Config(
             listener_app,
@@ -123,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on" if index == 0 else "off",
             timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # float works
             access_log=args.access_log,
-            http="httptools",
+            http=protocol,  # httptools', with a request-head deadline and a connection bound
         )
         servers.append(_Server(uv_config))
     names = ", ".join(m.name for m in models)
@@ -254,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated ports of --host, at most 8: the i-th serves the API with each model's "
         "i-th worker preferred, and /metrics of that worker alone (an InferencePool's targetPorts; "
         "env SERVING_WORKER_PORTS)",
+    )
+    p_serve.add_argument(
+        "--request-head-timeout",
+        type=float,
+        help="seconds a connection has to send a request head before it is closed "
+        "(default 10; env SERVING_REQUEST_HEAD_TIMEOUT)",
+    )
+    p_serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open HTTP connections per listener; more are refused with 503 "
+        "(default 4096; env SERVING_MAX_CONNECTIONS)",
     )
     p_serve.add_argument(
         "--tenants-file",

@@ -89,6 +89,12 @@ class ServerConfig(_Strict):
     health_check_interval: float = Field(2.0, gt=0)
     health_check_timeout: float = Field(10.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
+    # Seconds a connection has to send a complete request head, from when it opens (and from the first
+    # byte of each later one), else it is closed: an idle or slowloris client holds no descriptor.
+    request_head_timeout: float = Field(10.0, gt=0)
+    # Open HTTP connections per listener; one more is refused (503, closed) at once. Lowered at start
+    # to what the file-descriptor limit leaves room for (http.connections.connection_bound).
+    max_connections: int = Field(4096, ge=1)
     api_key: str | None = None
     # A listener serving only /metrics, with no API key (the endpoint picker sends none); None: no such.
     metrics_port: int | None = Field(None, ge=1, le=65535)
@@ -152,6 +158,9 @@ class ModelConfig(_Strict):
     stall_timeout: float | None = Field(None, gt=0)
     # Times a request moves to another worker when its worker dies or stalls mid-request (0: never).
     max_migrations: int = Field(3, ge=0)
+    # How long a moved request waits for a worker that is up (ready, or restarted with every rank
+    # connected, loading); then it ends with its worker's error. None: SERVING_HEALTH_CHECK_TIMEOUT + 5 s.
+    migration_timeout: float | None = Field(None, gt=0)
     max_idle_time: float = Field(60.0, gt=0)
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
@@ -230,6 +239,7 @@ MODEL_KEYS: dict[str, str] = {
     "option.queue_timeout": "queue_timeout",
     "option.stall_timeout": "stall_timeout",
     "option.max_migrations": "max_migrations",
+    "option.migration_timeout": "migration_timeout",
     "max_idle_time": "max_idle_time",
     "retry_threshold": "retry_threshold",
     "option.dtype": "dtype",

@@ -387,3 +387,15 @@ class ContextEngine(Engine, Protocol):
     (``max_model_len`` on ``/v1/models``); an engine without the attribute reports none."""
 
     max_model_len: int
+
+
+@runtime_checkable
+class InputLimitEngine(Engine, Protocol):
+    """An engine that knows, before tokenizing, which prompts cannot fit: ``max_input_length`` (prompt
+    tokens at most) and ``max_token_bytes`` (the most UTF-8 bytes of prompt text one token stands
+    for; None where no such bound holds: ``lmi_core.request_checks.max_token_bytes``). The worker
+    reports both once, in its ``loaded`` message, and the server refuses a prompt that cannot fit
+    before it crosses the worker socket (``request_checks.refuse_unfit_prompt``)."""
+
+    max_input_length: int
+    max_token_bytes: int | None

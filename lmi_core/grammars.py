@@ -38,9 +38,13 @@ def _grammar(kind: str, spec: str, compact_json: bool) -> str:
         # JSON string literals are Lark string literals (llguidance's own grammar_from does the same).
         return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices)))
     if kind == "grammar":
-        from llguidance.gbnf_to_lark import any_to_lark  # Lark passes through; GBNF is translated
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark  # Lark passes; GBNF is translated
 
-        return str(LLMatcher.grammar_from_lark(any_to_lark(spec)))
+        try:
+            lark = any_to_lark(spec)
+        except GbnfToLarkError as exc:  # neither Lark nor GBNF ("x"): was a 500 on every route
+            raise ValueError(f"not a GBNF grammar: {exc}") from None
+        return str(LLMatcher.grammar_from_lark(lark))
     raise ValueError(f"unknown constraint kind {kind!r}")
 
 

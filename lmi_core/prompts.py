@@ -23,7 +23,18 @@ from typing import Any
 from lmi_core.engine import GenerationRequest
 from lmi_core.errors import BadRequestError
 from lmi_core.operations import Embed, Score, Tokenize, TokenizeResult
-from lmi_core.request_checks import check_token_ids
+from lmi_core.request_checks import check_prompt_bytes, check_token_ids
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What of a prompt fits an engine: ``max_input_length`` tokens; ``max_token_bytes``, the most
+    bytes of text one token stands for (None: no bound holds, ``request_checks.max_token_bytes``);
+    ``max_model_len``, named in the error."""
+
+    max_input_length: int
+    max_model_len: int | None
+    max_token_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -42,17 +53,27 @@ def encode_prompt(
     add_special_tokens: bool | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    fits: PromptLimits | None = None,
 ) -> Prompt:
     """``request``'s prompt; ``decode`` gives the text of a token-id prompt (the engine's own choice
-    of special tokens). ``add_special_tokens=None``: for text, not for a chat template's text."""
+    of special tokens). ``add_special_tokens=None``: for text, not for a chat template's text.
+    ``fits``: the engine's limits, by which a text too long to fit whatever its tokens is refused
+    before it is tokenized (``check_prompt_bytes``; not with ``truncate``, which keeps the last tokens)."""
+
+    def check_size(text: str, param: str) -> None:
+        if fits is not None and request.params.truncate is None:
+            check_prompt_bytes(text, fits.max_token_bytes, fits.max_input_length, fits.max_model_len, param)
+
     if request.prompt_ids is not None:
         check_token_ids(request.prompt_ids, vocab_size)
         ids, text, param = list(request.prompt_ids), decode(request.prompt_ids), "inputs"
     elif request.messages is not None:
-        text = chat_text(request, tokenizer, add_generation_prompt, continue_final_message)
-        ids, param = list(tokenizer.encode(text, add_special_tokens=bool(add_special_tokens))), "messages"
+        text, param = chat_text(request, tokenizer, add_generation_prompt, continue_final_message), "messages"
+        check_size(text, param)
+        ids = list(tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
     elif request.prompt:
         text, param = request.prompt, "inputs"
+        check_size(text, param)
         ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens is not False))
     else:
         raise BadRequestError("the prompt is empty", param="inputs")

@@ -114,10 +114,17 @@ class TestHosts:
         host_key = self.dir / "host_ed25519"
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
         (self.dir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+        # As users configure a cluster: the hosts' key and their host key are named in this file and
+        # nowhere else (not in ~/.ssh), so only ``ssh -F ssh_config`` reaches them; a plain ``ssh h1``
+        # fails with "Host key verification failed".
+        known_hosts = self.dir / "known_hosts"
+        kind, public = Path(f"{host_key}.pub").read_text().split()[:2]
+        names = ",".join(f"{h},{self.address(h)}" for h in self.names)
+        known_hosts.write_text(f"{names} {kind} {public}\n")
         self.ssh_config.write_text(
             f"Host {' '.join(self.names)}\n"
             f"  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+            f"  StrictHostKeyChecking yes\n  UserKnownHostsFile {known_hosts}\n  LogLevel ERROR\n"
             "  ConnectTimeout 5\n"
         )
         sshd_config = self.dir / "sshd_config"

@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 from lmi_core.http import anthropic_api, lmi_api, openai_api, openapi, responses_api
 from lmi_core.http.openapi import build_spec
 from tests.conftest import ServerProcess
+from tests.http.test_fuzz_bodies import ROUTES, raw_strings
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +88,15 @@ def test_the_document_describes_every_route() -> None:
 
 def test_the_document_is_served(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/openapi.json", headers=AUTH).json() == build_spec()
+
+
+@given(route=st.sampled_from(ROUTES), body=raw_strings)
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_raw_bytes_in_any_string_of_any_route_are_a_4xx(
+    server: ServerProcess, route: str, body: bytes
+) -> None:
+    """What the document cannot describe: JSON whose strings hold bytes that are not UTF-8 (ED A0 80
+    was a 500 on /invocations and /v1/completions). Against the real worker socket."""
+    headers = {**AUTH, "content-type": "application/json"}
+    response = httpx.post(f"{server.url}{route}", content=body, headers=headers, timeout=60)
+    assert response.status_code < 500, (response.status_code, response.text[:300])

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +38,13 @@ def test_bad_bodies_on_a_kept_alive_connection_leave_it_usable(
         stop = b'{"prompt": "hi", "stop": ["\\udc00"]}'
         lone = http.post("/v1/completions", content=stop, headers=json_type)
         assert lone.status_code == 400 and lone.json()["error"]["param"] == "stop[0]"
+        # Raw ED A0 80 (an encoded surrogate) in a prompt: before, 500 "internal error: ProtocolError".
+        raw = b'{"inputs": "a\xed\xa0\x80b", "parameters": {"max_new_tokens": 2}}'
+        invalid = http.post("/invocations", content=raw, headers=json_type)
+        assert invalid.status_code == 400 and invalid.json()["param"] == "inputs"
+        raw = b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}'
+        invalid = http.post("/v1/completions", content=raw, headers=json_type)
+        assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "prompt"
         assert http.post("/invocations", json=SHORT).status_code == 200  # same connection, not reset
 
 
@@ -68,12 +76,31 @@ def test_a_killed_workers_exit_status_is_reported(
     assert "Unknown child process" not in server.log()
 
 
+WORDS = " ".join(["hello", "world", "lorem", "ipsum"] * 75_000)  # 1.5 MB, ~750,000 tokens
+HUGE = [
+    # Refused by the server from its size, before it crosses the worker socket (before: tokenized whole).
+    # A prompt too long is DJL's 424 on the native API (PromptTooLongError), a 400 on OpenAI's.
+    ("text", {"inputs": WORDS}, 424),
+    # Refused by the engine from its size once templated, before it is tokenized (before: tokenized).
+    ("chat", {"messages": [{"role": "user", "content": WORDS}], "parameters": {"max_new_tokens": 2}}, 424),
+    # truncate keeps the last 100 tokens, which must be counted: tokenized whole, off the worker's loop.
+    ("truncate", {"inputs": WORDS, "parameters": {"truncate": 100, "max_new_tokens": 2}}, 200),
+]
+
+
+@pytest.mark.parametrize(("kind", "body", "status"), HUGE, ids=[h[0] for h in HUGE])
 def test_a_huge_prompt_neither_restarts_the_worker_nor_cuts_its_neighbours(
-    start_server: Callable[..., ServerProcess], long_demo_model: Path
+    start_server: Callable[..., ServerProcess],
+    long_demo_model: Path,
+    kind: str,
+    body: dict[str, Any],
+    status: int,
 ) -> None:
     """1.5 MB of prompt (about 7 s of tokenizing here, over the 3 s heartbeat deadline the fixture
-    sets): before, it ran on the worker's event loop, the worker was killed as hung and the
-    neighbouring stream cut. Events are asserted; the neighbour's worst token gap is printed."""
+    sets): once it ran on the worker's event loop, the worker was killed as hung and the neighbouring
+    stream cut. A prompt that cannot fit is now refused from its size, by the server or the engine;
+    one that must be tokenized whole is, off the loop. Events are asserted; the seconds the answer
+    took and the neighbour's worst token gap are printed."""
     server = start_server("--model-dir", str(long_demo_model), "--model-name", "demo")
     (pid,) = server.worker_pids()
     huge_done = threading.Event()
@@ -94,12 +121,18 @@ def test_a_huge_prompt_neither_restarts_the_worker_nor_cuts_its_neighbours(
     thread = threading.Thread(target=neighbour)
     thread.start()
     wait_for(lambda: len(gaps) > 3, what="the neighbour to stream")
-    words = " ".join(["hello", "world", "lorem", "ipsum"] * 75_000)  # 1.5 MB, ~750,000 tokens
-    huge = httpx.post(f"{server.url}/invocations", json={"inputs": words}, timeout=300)
+    before = len(gaps)
+    started = time.monotonic()
+    huge = httpx.post(f"{server.url}/invocations", json=body, timeout=300)
+    took = time.monotonic() - started
     huge_done.set()
     thread.join()
-    assert huge.status_code == 400 and huge.json()["param"] == "inputs"
-    assert "at most 8191 fit (option.max_input_length" in huge.json()["message"]
+    assert huge.status_code == status, huge.text
+    if status == 424:
+        assert huge.json()["param"] == ("messages" if kind == "chat" else "inputs")
+        assert "the prompt has at least" in huge.json()["message"]
+        assert "at most 8191 fit (option.max_input_length" in huge.json()["message"]
     assert outcomes and set(outcomes) == {"100 tokens"}  # every neighbour stream completed
     assert server.worker_pids() == [pid] and "restarting" not in server.log()
-    print(f"worst neighbour token gap during a 1.5 MB prompt: {max(gaps) * 1000:.0f} ms")
+    worst = max(gaps[before:], default=0.0)
+    print(f"1.5 MB {kind} prompt: {status} in {took:.2f} s; worst neighbour token gap {worst * 1000:.0f} ms")

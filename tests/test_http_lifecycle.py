@@ -4,9 +4,11 @@ request size, API key, separate management address and CORS, against real server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,3 +300,92 @@ def test_cors_allows_only_the_configured_origin(guarded: Guarded, plain: ServerP
         httpx.options(f"{plain.url}/v1/completions", headers={"Origin": ORIGIN, **preflight}).status_code
         == 405
     )
+
+
+# -- connections that send no request ------------------------------------------------------------
+
+HEAD_TIMEOUT = "1"
+MAX_CONNECTIONS = 60
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (what it sent before, if anything, is read and dropped)."""
+    sock.setblocking(False)
+    try:
+        while data := sock.recv(4096):
+            del data
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+    return True
+
+
+def ping_over(sock: socket.socket) -> bytes:
+    """The status line of ``GET /ping`` sent over an open socket."""
+    sock.settimeout(30)
+    sock.sendall(b"GET /ping HTTP/1.1\r\nhost: lmi\r\n\r\n")
+    return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def head_timeout(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("head") / "server.log"
+    server = serve(demo_model, log, SERVING_REQUEST_HEAD_TIMEOUT=HEAD_TIMEOUT)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("bounded") / "server.log"
+    server = serve(demo_model, log, SERVING_MAX_CONNECTIONS=str(MAX_CONNECTIONS))
+    yield server
+    server.stop()
+
+
+def test_idle_and_slowloris_connections_are_closed_after_the_head_timeout(
+    head_timeout: ServerProcess,
+) -> None:
+    """Before: 50 idle connections were all still open after 30 s (uvicorn arms no timer until a
+    response), and so was one that trickles its head; each held a file descriptor for ever."""
+    port = head_timeout.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    trickling = socket.create_connection(("127.0.0.1", port))
+    kept_alive = socket.create_connection(("127.0.0.1", port))
+    assert ping_over(kept_alive) == b"HTTP/1.1 200 OK"
+    kept_alive.sendall(b"GET /ping HTTP/1.1\r\n")  # a second request whose head never ends
+
+    def trickle() -> bool:  # a byte of a header that never ends, every 0.1 s while it is open
+        with contextlib.suppress(OSError):
+            trickling.send(b"GET /ping HTTP/1.1\r\nx-slow: a" if not trickled else b"a")
+        trickled.append(1)
+        return closed(trickling)
+
+    trickled: list[int] = []
+    wait_for(trickle, timeout=60, what="the slowloris connection to be closed")
+    wait_for(lambda: all(closed(s) for s in [*idle, kept_alive]), timeout=60, what="idle connections closed")
+    assert httpx.post(f"{head_timeout.url}/invocations", json=SHORT, timeout=60).status_code == 200
+    for sock in [*idle, trickling, kept_alive]:
+        sock.close()
+
+
+def test_connections_over_the_bound_are_refused_at_once_while_requests_still_work(
+    bounded: ServerProcess,
+) -> None:
+    held = [socket.create_connection(("127.0.0.1", bounded.port)) for _ in range(MAX_CONNECTIONS)]
+    assert ping_over(held[0]) == b"HTTP/1.1 200 OK"  # a request on a held connection is served
+    extra = socket.create_connection(("127.0.0.1", bounded.port))
+    extra.settimeout(30)
+    refused = extra.recv(4096)  # sent at once, before any request: never queued
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"SERVING_MAX_CONNECTIONS=60" in refused
+    assert extra.recv(4096) == b""  # and closed
+    held.pop().close()
+
+    def served() -> bool:  # once the server has seen the close, a new connection is served
+        with socket.create_connection(("127.0.0.1", bounded.port)) as sock:
+            return ping_over(sock) == b"HTTP/1.1 200 OK"
+
+    wait_for(served, what="a connection under the bound to be served")
+    for sock in [*held, extra]:
+        sock.close()

@@ -32,6 +32,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, long_demo
     link_model(long_demo_model, root / "demo", scaling)
     link_model(demo_model, root / "wide", "option.max_rolling_batch_size=4\n")
     link_model(demo_model, root / "bad_key", "option.max_rolling_batch_size=4\nfoo=bar\n")
+    link_model(demo_model, root / "bad_option", "option.max_rolling_batch_size=4\noption.no_such_key=1\n")
     (root / "no_weights").mkdir()
     (root / "no_weights" / "serving.properties").write_text("option.model_id=/nonexistent/model\n")
     return root
@@ -185,6 +186,24 @@ def test_bad_serving_properties_is_a_400_with_the_config_error(server: ServerPro
     response = httpx.post(f"{server.url}/models", params={"url": str(models / "bad_key")})
     assert response.json()["message"].startswith("invalid configuration foo='bar': expected a known key")
     assert [m["modelName"] for m in httpx.get(f"{server.url}/models").json()["models"]] == ["demo"]
+
+
+@pytest.mark.parametrize("synchronous", ["true", "false"])
+def test_a_refused_registration_leaves_nothing_behind(
+    server: ServerProcess, models: Path, synchronous: str
+) -> None:
+    """Before: with synchronous=false the 400 left the model listed as FAILED, and the corrected model
+    posted again got 409."""
+    params = {"url": str(models / "bad_option"), "model_name": "fixed", "synchronous": synchronous}
+    refused = httpx.post(f"{server.url}/models", params=params, timeout=60)
+    assert refused.status_code == 400 and refused.json()["param"] == "option.no_such_key"
+    assert [m["modelName"] for m in httpx.get(f"{server.url}/models").json()["models"]] == ["demo"]
+    assert httpx.get(f"{server.url}/models/fixed").status_code == 404
+    corrected = {**params, "url": str(models / "wide")}
+    accepted = httpx.post(f"{server.url}/models", params=corrected, timeout=120)
+    assert accepted.status_code == (200 if synchronous == "true" else 202), accepted.text
+    until(lambda: describe(server, "fixed")["status"] == "Healthy", "the corrected model to load")
+    assert httpx.delete(f"{server.url}/models/fixed", timeout=60).status_code == 200
 
 
 def test_json_body_and_background_registration(server: ServerProcess, models: Path) -> None:

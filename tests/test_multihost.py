@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def hosts() -> Iterator[TestHosts]:
 def job_env(hosts: TestHosts, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "PRTE_MCA_plm_ssh_agent": f"ssh -F {hosts.ssh_config}",  # mpirun's daemons (and the preflight)
+        # As users reach their hosts: Open MPI's ssh arguments name the ssh config (key, known hosts),
+        # the only way in (netns_hosts); mpirun's daemons and the preflight both go through it.
+        "PRTE_MCA_plm_ssh_args": f"-F {hosts.ssh_config}",
         "GLOO_SOCKET_IFNAME": "eth0",
         "OPTION_MPI_MODE": "true",
         "OPTION_TENSOR_PARALLEL_DEGREE": "2",
@@ -238,6 +241,45 @@ def test_a_remote_fault_fails_the_stream_tears_down_every_host_and_restarts(
         f"\n{fault}: stream error after {to_error:.2f} s; old job gone on every host after "
         f"{gone - faulted:.2f} s; serving again after {restarted - faulted:.2f} s"
     )
+
+
+def errors_counted(server: HostServer) -> float:
+    def scrape() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        found = re.search(r'^lmi_requests_finished_total\{.*finish_reason="error".*\} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    return server.hosts.call("h0", scrape)
+
+
+def test_a_partitioned_rank_host_ends_a_migrating_stream_instead_of_leaving_it_open(
+    hosts: TestHosts, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Migration on (the default): the job restarts, but one of its hosts is cut off, so its ranks
+    never all connect and no worker can take the stream. Before, it stayed open with no token and no
+    error (over 30 s); it now ends with the worker's error once option.migration_timeout passes
+    (default: SERVING_HEALTH_CHECK_TIMEOUT + 5 s), counted as failed. The seconds are printed."""
+    log = tmp_path_factory.mktemp("migrating") / "server.log"
+    server = HostServer(hosts, demo_model, log, job_env(hosts))
+    try:
+        server.wait_ready()
+        errors = errors_counted(server)
+        try:
+            lines, waited = server.stream(LONG, 3, lambda: hosts.link("h2", up=False))
+        finally:
+            hosts.link("h2", up=True)
+        print(
+            f"\npartition, migration on: the stream ended {waited:.2f} s after the cut: {lines[-1]['error']}"
+        )
+        assert lines[-1]["details"]["finish_reason"] == "error", lines[-1]
+        assert "option.migration_timeout=8 s" in lines[-1]["error"]["message"], lines[-1]
+        assert errors_counted(server) == errors + 1
+        wait_for(
+            lambda: server.ping() == 200 and set(ranks(hosts)) == {"h1", "h2"}, timeout=180, what="restart"
+        )
+        assert server.generate(PROMPTS[0])
+    finally:
+        server.stop()
 
 
 def test_doctor_names_each_bad_host_and_check_in_one_line(hosts: TestHosts, demo_model: Path) -> None:

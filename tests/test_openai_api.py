@@ -308,6 +308,24 @@ def test_bad_parameter_is_a_400_naming_it(client: openai.OpenAI, kwargs: dict[st
     assert info.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [
+        ("hi " * 50_000, "the prompt has at least"),  # refused by the server from its size alone
+        ([5] * 1000, "the prompt has 1000 tokens"),  # counted by the server
+    ],
+)
+def test_a_prompt_that_cannot_fit_is_a_400_naming_the_prompt(
+    client: openai.OpenAI, prompt: str | list[int], refusal: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert info.value.param == "prompt" and refusal in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:  # the template decides: the engine refuses
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 50_000}])
+    assert info.value.param == "messages" and "the prompt has at least" in info.value.message
+
+
 def test_bad_chat_parameters(client: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"messages": []}, "messages"),
@@ -398,27 +416,27 @@ def test_a_transcript_replayed_from_the_sdk_is_accepted(client: openai.OpenAI) -
 
 
 @pytest.mark.parametrize(
-    ("content_type", "status"),
+    ("content_type", "body", "status"),
     [
-        ("application/x-www-form-urlencoded", 415),
-        ("text/plain", 415),
-        ("application/json; charset=utf-8", 200),
+        # curl -d's default: JSON sent with it is served, as DJL serves it; a real form is not JSON.
+        ("application/x-www-form-urlencoded", {"prompt": "hi", "max_tokens": 1}, 200),
+        ("application/x-www-form-urlencoded", "prompt=hi&max_tokens=1", 415),
+        ("text/plain", {"prompt": "hi", "max_tokens": 1}, 415),
+        ("application/json; charset=utf-8", {"prompt": "hi", "max_tokens": 1}, 200),
     ],
 )
-def test_a_body_that_is_not_json_is_a_415(server: ServerProcess, content_type: str, status: int) -> None:
-    body = json.dumps({"prompt": "hi", "max_tokens": 1})
+def test_a_body_that_is_not_json_is_a_415(
+    server: ServerProcess, content_type: str, body: dict[str, Any] | str, status: int
+) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(
-        f"{server.url}/v1/completions", content=body, headers={"content-type": content_type}, timeout=10
+        f"{server.url}/v1/completions", content=content, headers={"content-type": content_type}, timeout=30
     )
     assert response.status_code == status, response.text
     if status == 415:
         assert response.json()["error"]["code"] == 415
-    native = httpx.post(
-        f"{server.url}/invocations",
-        content=json.dumps({"inputs": "hi"}),
-        headers={"content-type": "application/x-www-form-urlencoded"},
-        timeout=10,
-    )
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    native = httpx.post(f"{server.url}/invocations", content="inputs=hi", headers=form, timeout=10)
     assert native.status_code == 415 and native.json()["code"] == 415
 
 

@@ -135,6 +135,23 @@ def test_prompt_families_stick_to_one_worker_each(server: ServerProcess) -> None
     assert decisions(server)["prefix"] - before.get("prefix", 0) == 4
 
 
+def test_token_id_prompt_families_stick_to_one_worker_each(server: ServerProcess) -> None:
+    """``/v1/completions`` with ``prompt: [ids]`` (lm-eval's default): before, every such prompt had an
+    empty routing key and went to the least-loaded worker (0)."""
+    wait_for(lambda: idle(server), what="both workers idle")
+    before = decisions(server)
+    contexts = {"A": [5 + i % 100 for i in range(120)], "B": [300 + i % 100 for i in range(120)]}
+    served: dict[str, set[str]] = {"A": set(), "B": set()}
+    for question in range(3):
+        for name, ids in contexts.items():
+            body = {"model": MODEL, "prompt": [*ids, 200 + question], "max_tokens": 2}
+            response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            served[name].add(response.headers["x-lmi-worker"])
+    assert all(len(w) == 1 for w in served.values()) and served["A"] != served["B"], served
+    assert decisions(server)["prefix"] - before.get("prefix", 0) == 4
+
+
 def test_the_death_of_its_worker_moves_the_session(server: ServerProcess) -> None:
     wait_for(lambda: idle(server), what="both workers idle")
     home = int(invoke(server, "hi", "s2").headers["x-lmi-worker"])

@@ -260,6 +260,9 @@ def test_sixteen_concurrent_requests_with_different_schemas(server: ServerProces
         ({"guided_regex": "(("}, "guided_regex", "unclosed group"),
         ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar", "nope"),
         ({"guided_grammar": "start: nope"}, "guided_grammar", "nope"),
+        # Neither Lark nor GBNF: once a 500 (GbnfToLarkError), found by tests/test_fuzz_http.py.
+        ({"guided_grammar": "x"}, "guided_grammar", "not a GBNF grammar"),
+        ({"structured_outputs": {"grammar": "root ::= ["}}, "structured_outputs.grammar", "GBNF"),
         ({"guided_json": "{not json"}, "guided_json", ""),
         ({"guided_choice": []}, "guided_choice", ""),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
@@ -387,12 +390,26 @@ def test_streamed_tool_calls_add_up_to_the_non_streamed_ones(server: ServerProce
             "temperature": 1.0,
             "seed": seed,
         }
-        whole = post(server, "/v1/chat/completions", body)["choices"][0]
+        response = post(server, "/v1/chat/completions", body)
+        whole = response["choices"][0]
         expected = [
             (c["function"]["name"], c["function"]["arguments"]) for c in check_calls(whole["message"])
         ]
-        calls, finish = streamed_calls(sse_chunks(server, "/v1/chat/completions", body))
+        usage = {"include_usage": True, "continuous_usage_stats": True}
+        chunks = sse_chunks(server, "/v1/chat/completions", {**body, "stream_options": usage})
+        calls, finish = streamed_calls(chunks)
         assert calls == expected and finish == whole["finish_reason"]
+        # The running usage counts the tokens of a tool-call stream too (it said 0/0/0 in every chunk).
+        # The opening role chunk leaves before the first token, which brings the prompt's count.
+        running = [
+            (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"])
+            for c in chunks
+            if c["choices"] and "role" not in c["choices"][0]["delta"]
+        ]
+        prompt, completion = response["usage"]["prompt_tokens"], response["usage"]["completion_tokens"]
+        assert all(p == prompt for p, _ in running) and running[-1][1] == completion
+        assert [n for _, n in running] == sorted(n for _, n in running)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == response["usage"]
 
 
 def test_auto_tool_choice_reads_the_model_text_with_its_parser(server: ServerProcess) -> None:

@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmi_core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from lmi_core.http.json_guard import MAX_DEPTH, check_body
+from lmi_core.http.json_guard import MAX_DEPTH, check_body, decode_utf8, has_surrogate_escape
 
 T = TypeVar("T")
 
@@ -30,17 +30,19 @@ class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
 
 
-def _int64(text: str) -> int:
-    """A JSON integer; one beyond 64 bits fits no field and cannot reach a worker (msgpack): 400."""
-    value = int(text)
-    if not -(2**63) <= value < 2**64:
-        raise BadRequestError(f"integer {text[:40]} does not fit in 64 bits", param="body")
-    return value
+# curl's -d sends this content type unless told otherwise: the README's own quick start did, and got 415.
+FORM = "application/x-www-form-urlencoded"
 
 
 def is_json(content_type: str) -> bool:
     """``application/json`` or a ``+json`` type; no content type at all counts as JSON (curl --data-raw)."""
     return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
+def _unsupported(content_type: str) -> UnsupportedMediaTypeError:
+    return UnsupportedMediaTypeError(
+        f"unsupported content type {content_type!r}: send application/json", param="content-type"
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -59,23 +61,26 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
     """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
-    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON.
+
+    A form-encoded body (``curl -d`` without ``-H``) that is JSON is read as JSON, as DJL Serving
+    reads it; one that is not (``inputs=hi``) stays a 415."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
-        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
-        raise UnsupportedMediaTypeError(
-            f"unsupported content type {content_type!r}: send application/json", param="content-type"
-        )
+    if not (is_json(content_type) or content_type == FORM or (allow_text and content_type == "text/plain")):
+        raise _unsupported(content_type)
     body = await read_body(request, limit)
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
+    text, clean = decode_utf8(body)
     try:
-        value = json.loads(body, parse_int=_int64)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(text)
+    except ValueError as exc:
+        if content_type == FORM:
+            raise _unsupported(content_type) from None
         raise BadRequestError(f"request body is not valid JSON: {exc}", param="body") from None
     except RecursionError:  # the C decoder's own limit (~1,000 levels): a body nested 10,000 deep
         raise BadRequestError(f"request body is nested deeper than {MAX_DEPTH} levels", "body") from None
-    check_body(body, value)
+    check_body(value, scan_text=not clean or has_surrogate_escape(body))
     return value
 
 

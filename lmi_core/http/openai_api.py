@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter, StructuredOutput
-from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.errors import BadRequestError, ServiceError
 from lmi_core.http import errors
 from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
@@ -212,8 +212,8 @@ async def run_call(
         results = await until_disconnected(request, collect_each(events, len(streams)))
         result = shape(render_result(call, results))
         return JSONResponse(await output(result) if output is not None else result)
-    except EngineError as exc:
-        if exc.param == "inputs":  # the engine's name for the prompt
+    except ServiceError as exc:
+        if exc.param == "inputs":  # the LMI API's name for the prompt, which engines and the pool use
             exc.param = call.prompt_param
         raise
 

@@ -4,30 +4,37 @@ Invariant: every problem this finds is one line ``HOST: CHECK: detail``, and all
 before ``mpirun`` runs, so a bad host is named at once instead of surfacing minutes later as a gloo
 timeout. It probes the hosts it is given (a ``hosts.JobHosts``) and reads no host list itself. The
 probe on each host is this module (``python -m lmi_core.launch.preflight --probe JSON``), started
-through the same agent ``mpirun`` uses to start its daemons (``ssh`` unless
-``PRTE_MCA_plm_ssh_agent`` / ``OMPI_MCA_plm_rsh_agent`` says otherwise); ``checks`` is a pure
-function of what the probes report. The inventory (GPUs, cores per host) feeds the allocation
+exactly as ``mpirun`` starts its daemons there (``launch_agent``: the agent and its arguments, from
+the environment or Open MPI's parameter files, in the spelling of the Open MPI that ``mpirun`` is),
+so a host the preflight reaches is one ``mpirun`` reaches and the other way round; ``checks`` is a
+pure function of what the probes report. The inventory (GPUs, cores per host) feeds the allocation
 (``lmi_core.launch.placement.plan_across_hosts``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from lmi_core.config import ModelConfig
 from lmi_core.errors import PreflightError
 from lmi_core.launch.devices import discover_gpus
 from lmi_core.launch.hosts import JobHosts
-from lmi_core.launch.launchers import free_ports, port_free
+from lmi_core.launch.launchers import find_mpirun, free_ports, port_free
 from lmi_core.launch.placement import HostInventory
 
 logger = logging.getLogger(__name__)
@@ -85,11 +92,109 @@ def probe(request: Mapping[str, Any]) -> dict[str, Any]:
 # -- on the server ----------------------------------------------------------------------------------
 
 
-def agent() -> list[str]:
-    """The command ``mpirun`` starts its remote daemons with (its first alternative)."""
-    names = ("PRTE_MCA_plm_ssh_agent", "OMPI_MCA_plm_rsh_agent")  # Open MPI 5 and 4 spellings
-    raw = next((os.environ[n] for n in names if os.environ.get(n)), "ssh")
-    return shlex.split(raw.split(":")[0]) or ["ssh"]
+@dataclass(frozen=True)
+class McaSpelling:
+    """Where one Open MPI generation reads how to reach a host: its launch agent's MCA names, most
+    binding first (a deprecated synonym wins over the name it stands for: measured with Open MPI
+    5.0.11, whose ``mpirun`` also ignores the ``OMPI_MCA_plm_rsh_*`` spelling), the agent's
+    arguments, the environment prefix, and the parameter files (user's under ``$HOME``, then the
+    installation's ``etc/``; the environment wins over both)."""
+
+    prefix: str
+    agent: tuple[str, ...]
+    args: tuple[str, ...]
+    user_file: str
+    system_file: str
+
+
+OPEN_MPI_5 = McaSpelling(  # PRRTE's plm/ssh
+    "PRTE_MCA_", ("prte_ssh_agent", "pls_ssh_agent", "plm_ssh_agent"), ("plm_ssh_args",),
+    ".prte/mca-params.conf", "prte-mca-params.conf",
+)  # fmt: skip
+OPEN_MPI_4 = McaSpelling(  # ORTE's plm/rsh
+    "OMPI_MCA_", ("orte_rsh_agent", "pls_rsh_agent", "plm_rsh_agent"), ("plm_rsh_args",),
+    ".openmpi/mca-params.conf", "openmpi-mca-params.conf",
+)  # fmt: skip
+DEFAULT_AGENT = "ssh : rsh"
+
+
+def parse_param_file(text: str) -> dict[str, str]:
+    """An MCA parameter file: ``name = value`` lines, ``#`` comments."""
+    params = {}
+    for line in text.splitlines():
+        name, sep, value = line.split("#", 1)[0].partition("=")
+        if sep and name.strip():
+            params[name.strip()] = value.strip()
+    return params
+
+
+def mca_value(
+    names: Sequence[str],
+    spelling: McaSpelling,
+    environ: Mapping[str, str],
+    files: Sequence[Mapping[str, str]],
+) -> str | None:
+    """The value of the first of ``names`` set in the environment, else in the first file that sets one."""
+    for source in ({k.removeprefix(spelling.prefix): v for k, v in environ.items()}, *files):
+        for name in names:
+            if source.get(name):
+                return source[name]
+    return None
+
+
+def agent_command(agent: str, args: str | None, which: Callable[[str], str | None]) -> list[str] | None:
+    """What ``mpirun`` runs to reach a host, before the host's name: the first alternative of
+    ``agent`` (``"ssh : rsh"``) whose command ``which`` finds, split on spaces (Open MPI honours no
+    quotes), ``-x`` after ``ssh`` unless given (no X11 forwarding), then ``args`` split the same way;
+    None when no alternative is found (``mpirun`` refuses to start then)."""
+    for alternative in agent.split(":"):
+        tokens = alternative.split()
+        found = which(tokens[0]) if tokens else None
+        if found is None:
+            continue
+        argv = [found, *tokens[1:]]
+        if os.path.basename(found) == "ssh" and not any(t.lower() == "-x" for t in tokens[1:]):
+            argv.append("-x")
+        return argv + (args.split() if args else [])
+    return None
+
+
+@functools.cache
+def open_mpi_spelling(mpirun: str) -> McaSpelling:
+    """The spelling of the Open MPI ``mpirun`` is (``mpirun --version``); Open MPI 5's when unknown."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return OPEN_MPI_5
+    found = re.search(r"\(Open MPI\) (\d+)\.", out)
+    return OPEN_MPI_4 if found and int(found.group(1)) < 5 else OPEN_MPI_5
+
+
+def launch_agent(
+    python: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[list[str], str]:
+    """``(argv, setting)``: how the ``mpirun`` of ``python``'s environment reaches a host (the host
+    and the command follow), and the setting it comes from, for messages; ``argv`` is empty when no
+    agent alternative exists here."""
+    environ = os.environ if environ is None else environ
+    try:
+        mpirun: str | None = find_mpirun(python)
+    except FileNotFoundError:
+        mpirun = None
+    spelling = open_mpi_spelling(mpirun) if mpirun else OPEN_MPI_5
+    paths = [Path(environ.get("HOME", "~")).expanduser() / spelling.user_file]
+    if mpirun:
+        paths.append(Path(mpirun).resolve().parent.parent / "etc" / spelling.system_file)
+    files = [parse_param_file(p.read_text(errors="replace")) for p in paths if p.is_file()]
+    agent = mca_value(spelling.agent, spelling, environ, files) or DEFAULT_AGENT
+    args = mca_value(spelling.args, spelling, environ, files)
+    setting = f"{spelling.agent[-1]}={agent!r}" + (f" {spelling.args[0]}={args!r}" if args else "")
+    return agent_command(agent, args, shutil.which) or [], setting
+
+
+def shown(argv: Sequence[str]) -> str:
+    """An agent command as ``mpirun`` names it (its program's base name)."""
+    return shlex.join([os.path.basename(argv[0]), *argv[1:]])
 
 
 def probe_request(config: ModelConfig, world_size: int) -> dict[str, Any]:
@@ -141,29 +246,33 @@ async def probe_host(host: str, python: str, request: Mapping[str, Any]) -> dict
     remote = shlex.join(
         ["env", *env, python, "-m", "lmi_core.launch.preflight", "--probe", json.dumps(request)]
     )
-    argv = [*agent(), host, remote]
+    agent, setting = launch_agent(python)
+    if not agent:
+        return f"unreachable: no launch agent of {setting} is installed here (mpirun would not start)"
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *agent,
+            host,
+            remote,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
     except OSError as exc:
-        return f"unreachable: cannot run the agent {argv[0]!r}: {exc.strerror}"
+        return f"unreachable: cannot run the agent {agent[0]!r}: {exc.strerror}"
     try:
         out, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        return f"unreachable: {shlex.join(agent())} gave no answer within {PROBE_TIMEOUT:g} s"
+        return f"unreachable: {shown(agent)} gave no answer within {PROBE_TIMEOUT:g} s"
     for line in out.decode(errors="replace").splitlines():
         if line.startswith(PROBE_PREFIX):
             return dict(json.loads(line[len(PROBE_PREFIX) :]))
     last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
     if proc.returncode == 255:  # ssh's own failure (connection, authentication), not the probe's
-        return f"unreachable by {shlex.join(agent())}: {last}"
+        return f"unreachable by {shown(agent)}: {last}"
     return f"probe failed (exit {proc.returncode}; same Python at {python}?): {last}"
 
 

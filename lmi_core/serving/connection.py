@@ -70,10 +70,13 @@ class RankConnection:
                     raise WorkerFailedError(f"rank {rank} did not listen on {address} in time") from None
                 await asyncio.sleep(0.05)
 
-    def send(self, message: wire.ServerMessage) -> None:
+    def send(self, message: wire.ServerMessage | bytes) -> None:
+        """Write ``message``, or a frame already encoded (``wire.ServerMessage.to_frame``: a request
+        is encoded once for every rank, and before anything is sent, so that a request that cannot
+        be encoded fails alone and never leaves half a frame on the socket)."""
         if self.closed.done():
             raise self.closed.result()
-        self._writer.write(message.to_frame())
+        self._writer.write(message if isinstance(message, bytes) else message.to_frame())
 
     def open_stream(self, request_id: str) -> RequestStream:
         stream = RequestStream()

@@ -16,7 +16,9 @@ which never awaits.
 A generation whose worker fails (its process died, its connection broke, it stalled) **migrates**:
 it goes to the front of the queue and continues on another worker after the tokens the client
 already has (``resume_ids``), up to ``option.max_migrations`` times within its total deadline. An
-operation (``lmi_core.operations``) changes no engine state and simply runs again.
+operation (``lmi_core.operations``) changes no engine state and simply runs again. A moved request
+waits only while a worker is coming (``option.migration_timeout``): it never waits on a job that
+cannot be restarted.
 
 The dispatcher reads its pool's workers through ``Workers``; the pool owns them (lifecycle,
 scaling, health) and tells the dispatcher when one changes.
@@ -52,7 +54,7 @@ from lmi_core.serving.fairness import OUTPUT_COST, FairQueue
 from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.request_trace import Attributes, AttributeValue, RequestTrace
 from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad, slot_worker
-from lmi_core.serving.supervisor import SupervisedWorker
+from lmi_core.serving.supervisor import SupervisedWorker, WorkerState
 from lmi_core.serving.tenants import DEFAULT, Tenant, TenantSpec, estimate_prompt_tokens
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class Dispatcher:
         observe: PoolObserver,
         resumes_streams: bool,
         adapters: Callable[[], AdapterRegistry | None],
+        migration_timeout: float,
     ) -> None:
         self.workers = workers
         self.config = config
@@ -120,6 +123,7 @@ class Dispatcher:
         self.observe = observe
         self.resumes_streams = resumes_streams  # the backend continues a stream after resume_ids
         self._adapters = adapters
+        self.migration_timeout = migration_timeout  # how long a moved request waits while no worker is coming
         self._queue: FairQueue[Waiting] = FairQueue()
         # The tenant of requests that come without one (no HTTP context): no budget, weight 1.
         self._anonymous = Tenant(TenantSpec(DEFAULT), DEFAULT)
@@ -184,32 +188,62 @@ class Dispatcher:
         self.workers.released(worker)
         self.dispatch()
 
+    def _worker_coming(self) -> bool:
+        """Whether a worker is up, or restarted far enough to load: READY (free or busy), or STARTING
+        with every rank connected. A job that cannot reach one of its hosts is neither."""
+        return any(
+            w.state is WorkerState.READY or (w.state is WorkerState.STARTING and w.ranks_up)
+            for w in self.workers.serving()
+        )
+
+    async def _wait_migrating(
+        self, future: asyncio.Future[Assignment], until: float, failure: Exception
+    ) -> None:
+        """Wait for ``future`` until ``until``, but no longer than ``migration_timeout`` at a time
+        while no worker is coming: then the request ends with its worker's failure. A stream never
+        waits on a job that cannot be restarted (before: a partitioned rank host left it open, with
+        no token and no error, until predict_timeout)."""
+        while not future.done() and time.monotonic() < until:
+            await asyncio.wait(
+                {future}, timeout=max(0.0, min(until - time.monotonic(), self.migration_timeout))
+            )
+            if not future.done() and not self._worker_coming():
+                raise WorkerFailedError(
+                    f"{failure}; no worker could take the request within "
+                    f"option.migration_timeout={self.migration_timeout:g} s (none is up or loading)"
+                )
+
     async def _acquire(
-        self, query: RouteQuery, limits: Deadlines, ticket: Ticket, migrating: bool = False
+        self, query: RouteQuery, limits: Deadlines, ticket: Ticket, migrating: Exception | None = None
     ) -> Assignment:
         """Reserve a slot on a worker: at once if one is free and nobody waits, else in fair order.
 
-        A ``migrating`` request was admitted before every waiting one: it goes to the front of the
-        queue, is never refused for a full queue, and its prompt is not charged again.
+        A ``migrating`` request (its worker failed with that error) was admitted before every waiting
+        one: it goes to the front of the queue, is never refused for a full queue, its prompt is not
+        charged again, and it waits only while a worker is coming (``_wait_migrating``).
         """
-        if self.workers.closing and not migrating:
+        moved = migrating is not None
+        if self.workers.closing and not moved:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
-        cost = 0 if migrating else ticket.prompt
+        cost = 0 if moved else ticket.prompt
         if not self._queue and (assignment := self._pick(query)) is not None:
             self._queue.charge(ticket.tenant, cost, time.monotonic())
             return assignment
         if (reason := self.workers.unservable()) is not None:
             raise ModelNotReadyError(reason)
-        if len(self._queue) >= self.queue_size and not migrating:
+        if len(self._queue) >= self.queue_size and not moved:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
         waiting = Waiting(future, query, ticket.label)
-        entry = self._queue.push(waiting, ticket.tenant, ticket.weight, ticket.band, cost, front=migrating)
+        entry = self._queue.push(waiting, ticket.tenant, ticket.weight, ticket.band, cost, front=moved)
         self.observe.tenant_queued(self.name, ticket.label, 1)
         self.workers.queued()
         try:
-            await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
-        except asyncio.CancelledError:
+            if migrating is not None:
+                await self._wait_migrating(future, limits.queue, migrating)
+            else:
+                await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
+        except BaseException:  # cancelled, or no worker is coming
             self._abandon(entry.item, self._queue.remove(entry))
             raise
         if not future.done():
@@ -322,7 +356,7 @@ class Dispatcher:
                 # The total deadline still holds; the queue deadline was for the first wait only.
                 until = dataclasses.replace(limits, queue=limits.total)
                 worker, decision = await self._admit(
-                    query, until, ticket, trace, "lmi.migration", moved, True
+                    query, until, ticket, trace, "lmi.migration", moved, failure
                 )
         except Exception:
             outcome = "error"
@@ -355,7 +389,7 @@ class Dispatcher:
         trace: RequestTrace | None,
         span: str,
         attributes: Attributes,
-        migrating: bool = False,
+        migrating: Exception | None = None,
     ) -> Assignment:
         """``_acquire``; on a traced request, recorded as the ``span`` of the wait (``lmi.queue``, or
         ``lmi.migration`` from a failed worker to the next) and the ``lmi.route`` of the decision."""
@@ -392,14 +426,14 @@ class Dispatcher:
         limits = self._deadlines(time.monotonic(), context)
         ticket = Ticket.of(self._tenant(context), 0, 0)
         query = RouteQuery(session_id=context.session_id if context is not None else None)
-        attempt = 0
+        attempt, failure = 0, None  # the worker failure it moves on from, after the first attempt
         while True:
             light = None if operation.takes_slot else self._least_loaded()
             if light is not None:
                 worker, decision = light, Decision(light.worker_id, "load")
             else:  # the queue deadline holds for the first wait only, as for a migrated generation
-                wait = limits if attempt == 0 else dataclasses.replace(limits, queue=limits.total)
-                worker, decision = await self._acquire(query, wait, ticket, migrating=attempt > 0)
+                wait = limits if failure is None else dataclasses.replace(limits, queue=limits.total)
+                worker, decision = await self._acquire(query, wait, ticket, migrating=failure)
             if context is not None:
                 context.served.append(decision)
             try:
@@ -410,6 +444,7 @@ class Dispatcher:
                     raise
                 logger.warning("model %s: %s moves to another worker: %s", self.name, operation.op, exc)
                 self.observe.migration(self.name)
+                failure = exc
             finally:
                 if light is None:
                     self._release(worker)

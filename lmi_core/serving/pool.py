@@ -38,12 +38,13 @@ from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.operations import Operation
 from lmi_core.pooling import wrong_task
+from lmi_core.request_checks import refuse_unfit_prompt
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.dispatch import Dispatcher
 from lmi_core.serving.observer import NoObserver, PoolObserver
 from lmi_core.serving.routing import RequestContext, Router, RoutingPolicy
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerSnapshot, WorkerState
-from lmi_core.worker.wire import AdapterOp
+from lmi_core.worker.wire import AdapterOp, Loaded
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ REPLACE_BACKOFF_MIN = 1.0
 REPLACE_BACKOFF_MAX = 60.0
 # Poll period while waiting for in-flight requests to finish (draining) or workers to settle.
 POLL = 0.05
+# option.migration_timeout's default beyond SERVING_HEALTH_CHECK_TIMEOUT: a restarted worker's
+# processes start and its ranks connect in about 1 s (Python mode on the loaded 2-core test machine).
+MIGRATION_GRACE = 5.0
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -125,9 +129,9 @@ class WorkerPool:
         self.max_workers = plan.max_workers
         self.workers: dict[int, SupervisedWorker] = {}
         self.loaded_at = time.time()
-        # The engine's context length, as the last worker that loaded reported it (its workers all
-        # load the same engine); None until one has, or when the engine does not say.
-        self.max_model_len: int | None = None
+        # The engine's limits, as the last worker that loaded reported them (its workers all load the
+        # same engine); each None until one has, or when the engine does not say.
+        self.engine_limits = Loaded(0)
         self.task = config.pooling.task  # generations go to text-generation models only
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
@@ -140,6 +144,8 @@ class WorkerPool:
             self.observe,
             resumes_streams=backend is not None and backend.resumes_streams,
             adapters=lambda: self.adapters,
+            # A few seconds beyond the heartbeat's detection of a hung rank, by default.
+            migration_timeout=config.migration_timeout or server.health_check_timeout + MIGRATION_GRACE,
         )
         self._retiring: dict[int, asyncio.Task[None]] = {}
         self._idle_since: dict[int, float] = {}
@@ -161,9 +167,17 @@ class WorkerPool:
     def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """``request``'s events (``Dispatcher.generate``); a pooling model's is a ``BadRequestError``."""
+        """``request``'s events (``Dispatcher.generate``); a pooling model's is a ``BadRequestError``,
+        and so is a prompt that cannot fit the engine's limits (once a worker has reported them)."""
         if self.task != "text-generation":
             raise wrong_task(self.name, self.task, "generation")
+        engine = self.engine_limits
+        if engine.max_input_length is not None:
+            # Refused here, at once, rather than cross the worker socket to be tokenized first (30 MB
+            # of text: over 120 s on the demo model's tokenizer).
+            refuse_unfit_prompt(
+                request, engine.max_input_length, engine.max_token_bytes, engine.max_model_len
+            )
         return self.dispatcher.generate(request, context)
 
     async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
@@ -180,6 +194,11 @@ class WorkerPool:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context length (``/v1/models``); None until reported."""
+        return self.engine_limits.max_model_len
 
     @property
     def devices(self) -> set[str]:
@@ -308,7 +327,7 @@ class WorkerPool:
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
-            self.max_model_len = worker.max_model_len
+            self.engine_limits = worker.loaded
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
             self._give_adapters(worker)

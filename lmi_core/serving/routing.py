@@ -125,9 +125,8 @@ class RouteQuery:
 def routing_key(request: GenerationRequest) -> RoutingKey:
     """What the prefix is read from: token ids when the request has them, else the prompt text, else
     the rendered messages."""
-    ids = getattr(request, "prompt_token_ids", None)  # a field the clients' API may add
-    if ids:
-        return list(ids)
+    if request.prompt_ids is not None:
+        return request.prompt_ids
     if request.prompt is not None:
         return request.prompt
     return render_messages(request.messages or [])

@@ -151,16 +151,17 @@ class ModelServer:
     async def load(self, config: ModelConfig, *, wait: bool = True, keep_failed: bool = True) -> None:
         """Register ``config`` and start its workers; raise if no worker could load it.
 
-        ``wait=False`` returns once registered and loads in the background. A model that fails to
-        load stays listed as FAILED (``/ping`` 500) when ``keep_failed``, else it is forgotten: a
-        caller that got the error has nothing left to clean up.
+        ``wait=False`` returns once registered and loads in the background. A model whose workers
+        fail to load stays listed as FAILED (``/ping`` 500) when ``keep_failed``, else it is
+        forgotten: a caller that got the error has nothing left to clean up. A registration that is
+        refused (a bad key, no devices) raises to the caller whatever ``wait`` says, so it leaves
+        nothing behind, unless it is a startup model's: its WAITING entry turns FAILED.
         """
         try:
             entry = await self.register(config)
         except Exception as exc:
-            if self._owns_name(config):  # a duplicate must not fail the registered one
-                at_startup = config.name in self._models  # its own WAITING entry
-                failed = ModelEntry(config, ModelState.FAILED, error=str(exc), loaded_at_startup=at_startup)
+            if self._owns_name(config) and config.name in self._models:  # its own WAITING entry
+                failed = ModelEntry(config, ModelState.FAILED, error=str(exc), loaded_at_startup=True)
                 self._record_failure(failed, keep_failed)
             raise
         if wait:

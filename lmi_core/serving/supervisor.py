@@ -31,7 +31,9 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import (
+    BadRequestError,
     EngineError,
+    PayloadTooLargeError,
     RequestTimeoutError,
     ServiceError,
     WorkerFailedError,
@@ -83,6 +85,21 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def request_frame(message: wire.Req | wire.Op) -> bytes:
+    """A request's ``req`` or an operation's ``op`` frame; one that cannot be a frame is the client's
+    fault, never the worker's: 400 naming the value (text that is not UTF-8, an integer over 64
+    bits), 413 past the frame limit. The HTTP layer refuses such bodies first (``http.json_guard``);
+    this is the last gate, so that no route can fail a request with a 500 or a connection with a
+    half-written frame."""
+    try:
+        return message.to_frame()
+    except wire.FrameTooLargeError as exc:
+        raise PayloadTooLargeError(f"the request is too large for the worker socket: {exc}") from None
+    except wire.ProtocolError as exc:
+        field = exc.field.removeprefix("args.").removeprefix("request.") if exc.field else None
+        raise BadRequestError(f"the request cannot be sent to its worker: {exc}", param=field) from None
+
+
 class LoadError(WorkerFailedError):
     """The engine itself refused to load (bad model, missing package): restarting will not help."""
 
@@ -108,13 +125,16 @@ class SupervisedWorker:
         self.state = WorkerState.STARTING
         self.process: WorkerProcess | None = None
         self.ranks: list[RankConnection] = []
+        # Every rank of the current start is connected (then it loads, or serves): this start is up.
+        # A job one of whose hosts cannot be reached never gets here (the pool's migration_timeout).
+        self.ranks_up = False
         self.in_flight = 0  # counted by the pool, which reserves capacity before dispatch
         self.restarts = 0
         self.failures = 0  # consecutive; reset by a request that completes
         self.last_error: str | None = None
         self.started_at = time.time()
-        # Rank 0's engine's context length, as its last load reported it (None: the engine did not say).
-        self.max_model_len: int | None = None
+        # Rank 0's report of its last load: the engine's limits (each None where it did not say).
+        self.loaded = wire.Loaded(0)
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set (with the reason) by a request that saw no token within option.stall_timeout.
         self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -233,13 +253,14 @@ class SupervisedWorker:
                     rank, address, deadline, alive=lambda: process.returncode is None, label=label
                 )
                 self.ranks.append(await self._unless_exited(connect, exited, deadline))
+            self.ranks_up = True
             init = wire.Init(self._context(len(spec.rank_addresses)))
             for conn in self.ranks:
                 conn.send(init)
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
-            self.max_model_len = (await self._unless_exited(loaded, exited, deadline))[0].max_model_len
+            self.loaded = (await self._unless_exited(loaded, exited, deadline))[0]
         finally:
             exited.cancel()
 
@@ -331,6 +352,7 @@ class SupervisedWorker:
     async def _teardown(self, reason: str) -> str:
         """Fail in-flight requests (via the connections), kill the process group, reap it; return
         ``reason`` with how the process ended, when ``reason`` does not say it already."""
+        self.ranks_up = False
         for conn in self.ranks:
             conn.fail(WorkerFailedError(f"worker {self.worker_id} failed: {reason}"))
             await conn.close()
@@ -370,8 +392,8 @@ class SupervisedWorker:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks)
         rid = request.request_id
+        message_out = request_frame(wire.Req(rid, request))
         stream = ranks[0].open_stream(rid)
-        message_out = wire.Req(rid, request)
         finished = False
         loop = asyncio.get_running_loop()
         timer = None
@@ -426,10 +448,10 @@ class SupervisedWorker:
         if self.state is not WorkerState.READY or not self.ranks:
             raise WorkerFailedError(f"worker {self.worker_id} is {self.state.value}")
         ranks = list(self.ranks) if operation.all_ranks else self.ranks[:1]
+        message = request_frame(wire.Op(rid, operation))  # encoded once, before anything is sent
         result = ranks[0].open_operation(rid)
         answered = False
         try:
-            message = wire.Op(rid, operation)
             for conn in ranks:
                 conn.send(message)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

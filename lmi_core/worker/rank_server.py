@@ -33,6 +33,7 @@ from lmi_core.engine import (
     EngineStats,
     Finished,
     GenerationRequest,
+    InputLimitEngine,
     LoraAdapter,
     Token,
     WorkerContext,
@@ -174,7 +175,10 @@ class RankServer:
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
         limit = engine.max_model_len if isinstance(engine, ContextEngine) else None
-        self.send(wire.Loaded(self.rank, limit))
+        if isinstance(engine, InputLimitEngine):
+            self.send(wire.Loaded(self.rank, limit, engine.max_input_length, engine.max_token_bytes))
+        else:
+            self.send(wire.Loaded(self.rank, limit))
 
     async def start(self, engine: Engine) -> None:
         """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""

@@ -43,20 +43,57 @@ DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, Ov
 
 
 class ProtocolError(Exception):
-    """A frame that cannot be decoded: truncated, oversized, not a msgpack map, or not a message."""
+    """A frame that cannot be encoded or decoded: truncated, oversized, not a msgpack map, not a
+    message; ``field`` is the path of the value that cannot be encoded, where one is to blame."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame over the size limit (``DEFAULT_MAX_FRAME``), sent or received."""
 
 
 # -- frames ----------------------------------------------------------------------------------------
 
 
+def unencodable(value: Any) -> str | None:
+    """The path (``request.params.stop_sequences[0]``) of the first value in ``value`` that msgpack
+    cannot pack as this protocol packs it: text that is not UTF-8 (a lone surrogate), an integer
+    beyond 64 bits, a type msgpack does not know; None if there is none."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -(2**63) <= item < 2**64:
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if unencodable(key) is not None:
+                    return path
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+        elif not (item is None or isinstance(item, (bool, float, bytes))):
+            return path
+    return None
+
+
 def encode(message: Frame, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
-    """Serialize ``message`` into one frame."""
+    """Serialize ``message`` into one frame; ``ProtocolError`` naming the value that cannot be packed,
+    ``FrameTooLargeError`` past ``max_size``."""
     try:
         body: bytes = msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"message cannot be encoded: {exc}") from None
-    if len(body) > max_size:
-        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {max_size}-byte limit")
+        field = unencodable(message)
+        raise ProtocolError(f"message cannot be encoded: {field or 'a value'}: {exc}", field) from None
+    check_length(len(body), max_size)
     return HEADER.pack(len(body)) + body
 
 
@@ -73,7 +110,7 @@ def decode_body(body: bytes) -> Frame:
 
 def check_length(length: int, max_size: int) -> None:
     if length > max_size:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {max_size}-byte limit")
+        raise FrameTooLargeError(f"frame of {length} bytes exceeds the {max_size}-byte limit")
 
 
 async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME) -> Frame | None:
@@ -262,19 +299,36 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The engine loaded on ``rank``. ``max_model_len``: its context length (prompt plus generated
-    tokens), when the engine knows it (``engine.ContextEngine``); told once, here."""
+    """The engine loaded on ``rank``; what it knows of its limits, told once, here (None: it does not
+    say). ``max_model_len``: its context length, prompt plus generated tokens
+    (``engine.ContextEngine``); ``max_input_length`` and ``max_token_bytes``: the most tokens a prompt
+    may have, and the most bytes of prompt one token stands for (``engine.InputLimitEngine``)."""
 
     rank: int
     max_model_len: int | None = None
+    max_input_length: int | None = None
+    max_token_bytes: int | None = None
     t: ClassVar[str] = "loaded"
 
     def to_frame(self) -> bytes:
-        return encode({"t": self.t, "rank": self.rank, "max_model_len": self.max_model_len})
+        return encode(
+            {
+                "t": self.t,
+                "rank": self.rank,
+                "max_model_len": self.max_model_len,
+                "max_input_length": self.max_input_length,
+                "max_token_bytes": self.max_token_bytes,
+            }
+        )
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Loaded:
-        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int))
+        return cls(
+            _field(frame, "rank", int),
+            _optional(frame, "max_model_len", int),
+            _optional(frame, "max_input_length", int),
+            _optional(frame, "max_token_bytes", int),
+        )
 
 
 @dataclass(frozen=True)

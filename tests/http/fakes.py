@@ -39,6 +39,7 @@ from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 from lmi_core.serving.tenants import Tenants
+from lmi_core.worker import wire
 
 
 def worker(
@@ -136,6 +137,7 @@ class FakeModel:
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncIterator[GenerationEvent]:
+        wire.Req(request.request_id, request).to_frame()  # as the worker socket would: encodable or not sent
         self.requests.append(request)
         self.contexts.append(context)
         if self.config.pooling.task != "text-generation":  # as the pool refuses it
@@ -153,6 +155,7 @@ class FakeModel:
         the characters back; embed: ``[index, length, 0.5, 1]`` per input (cut to ``dimensions``), one
         token per character; score: a pair's score is its second text's length / 100. Records each
         operation; refuses one of another task as the pool does."""
+        wire.Op("fake", operation).to_frame()  # as the worker socket would: encodable or not sent
         self.operations.append(operation)
         task = self.config.pooling.task
         if operation.tasks is not None and task not in operation.tasks:

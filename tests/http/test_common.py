@@ -67,6 +67,16 @@ def test_read_json_refuses_what_is_not_json(body: bytes) -> None:
     assert response.json()["param"] == "body" and "not valid JSON" in response.json()["message"]
 
 
+def test_read_json_reads_json_sent_as_a_form_and_refuses_a_real_form() -> None:
+    """curl -d's default content type (the README's quick start): before, a 415 whatever the body."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    http = plumbing()
+    assert http.post("/echo", content=b'{"inputs": "hi"}', headers=form).json() == {"body": {"inputs": "hi"}}
+    refused = http.post("/echo", content=b"inputs=hi", headers=form)
+    assert refused.status_code == 415 and refused.json()["param"] == "content-type"
+    assert http.post("/echo", content=b"{}", headers={"content-type": "image/png"}).status_code == 415
+
+
 def test_read_json_refuses_integers_beyond_64_bits() -> None:
     http = plumbing()
     assert http.post("/echo", content=str(2**64 - 1).encode()).json() == {"body": 2**64 - 1}
@@ -74,6 +84,10 @@ def test_read_json_refuses_integers_beyond_64_bits() -> None:
     for value in (2**64, -(2**63) - 1):
         response = http.post("/echo", content=f'{{"seed": {value}}}'.encode())
         assert response.status_code == 400 and "64 bits" in response.json()["message"]
+        assert response.json()["param"] == "seed"
+    # Named by its path, as a string that is not text is (before: "body", whatever the field).
+    response = http.post("/echo", content=f'{{"tokens": [1, {2**70}]}}'.encode())
+    assert response.status_code == 400 and response.json()["param"] == "tokens[1]"
 
 
 def test_the_app_answers_unknown_routes_and_models_in_the_path_s_shape() -> None:

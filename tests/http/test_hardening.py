@@ -64,6 +64,36 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(
     assert models.served_models["demo"].requests == []  # nothing reached the engine
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/invocations", b'{"inputs": "a\xed\xa0\x80b"}', "inputs"),
+        ("/v1/completions", b'{"prompt": ["ok", "a\xed\xa0\x80b"]}', "prompt[1]"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\xff"}]}',
+            "messages[0].content",
+        ),
+        ("/invocations", b'{"inputs": "hi", "parameters": {"stop": ["\xc0\xaf"]}}', "parameters.stop[0]"),
+        ("/v1/completions", b'{"prompt": "hi", "\x80": 1}', "body"),
+    ],
+)
+def test_raw_bytes_that_are_not_utf8_are_a_400_naming_the_field(path: str, body: bytes, field: str) -> None:
+    """ED A0 80 is a surrogate encoded as UTF-8: ``json.loads`` of bytes let it through as a lone
+    surrogate, which failed only when the request was packed for the worker (a 500)."""
+    models = _models()
+    response = client(models).post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = _openai(response) if path.startswith("/v1/") else response.json()
+    assert error["param"] == field and "not valid UTF-8" in error["message"]
+    assert models.served_models["demo"].requests == []
+
+
+def test_a_utf8_bom_is_skipped() -> None:
+    response = client(_models()).post("/invocations", content=b'\xef\xbb\xbf{"inputs": "hi"}')
+    assert response.status_code == 200
+
+
 def test_a_surrogate_pair_is_text_and_passes() -> None:
     http = client(_models())
     response = http.post("/invocations", content=b'{"inputs": "\\ud83d\\ude00"}')

@@ -108,11 +108,16 @@ def test_the_probe_reports_this_host(tmp_path: Path) -> None:
 async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # An agent that fails like ssh does (exit 255, its message on stderr), for every host.
+    # An agent that fails like ssh does (exit 255, its message on stderr), for every host; the host
+    # follows mpirun's "-x" and the ssh arguments.
     agent = tmp_path / "ssh"
-    agent.write_text('#!/bin/sh\necho "ssh: connect to host $1 port 22: No route to host" >&2\nexit 255\n')
+    host = "eval host=\\${$(($# - 1))}"
+    agent.write_text(
+        f'#!/bin/sh\n{host}\necho "ssh: connect to host $host port 22: No route to host" >&2\nexit 255\n'
+    )
     agent.chmod(0o755)
     monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", str(agent))
+    monkeypatch.setenv("PRTE_MCA_plm_ssh_args", "-o ConnectTimeout=3")
     monkeypatch.setattr(preflight, "is_local", lambda host: False)  # no name lookup (DNS) for x and y
     config = build_model_config(
         {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
@@ -124,7 +129,8 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     with pytest.raises(PreflightError) as info:
         await preflight.run(config, job)
     assert info.value.failures == [
-        f"{h}: reachable: unreachable by {agent}: ssh: connect to host {h} port 22: No route to host"
+        f"{h}: reachable: unreachable by ssh -x -o ConnectTimeout=3: ssh: connect to host {h} port 22: "
+        "No route to host"
         for h in ("x", "y")
     ]
 
@@ -153,3 +159,59 @@ def test_doctor_refuses_a_bad_host_list_before_probing(
     (tmp_path / "serving.properties").write_text(properties)
     assert main(["doctor", "--model-dir", str(tmp_path)]) == 2
     assert "option.mpi_hosts='a:1': expected at least 2 slots" in capsys.readouterr().err
+
+
+# -- reaching a host as mpirun does -------------------------------------------------------------------
+
+
+def which(*found: str) -> Any:
+    return lambda name: f"/usr/bin/{name}" if name in found else None
+
+
+@pytest.mark.parametrize(
+    ("agent", "args", "argv"),
+    [
+        ("ssh : rsh", None, ["/usr/bin/ssh", "-x"]),  # Open MPI's default; X11 forwarding off
+        ("ssh : rsh", "-F /etc/cluster/ssh_config", ["/usr/bin/ssh", "-x", "-F", "/etc/cluster/ssh_config"]),
+        ("ssh -X -i key", "-o A=1", ["/usr/bin/ssh", "-X", "-i", "key", "-o", "A=1"]),  # -X given: kept
+        ("nosuch : rsh -n", None, ["/usr/bin/rsh", "-n"]),  # the first alternative found, not the first
+        (
+            "kubessh  --ns  x",
+            "'a b'",
+            ["/usr/bin/kubessh", "--ns", "x", "'a", "b'"],
+        ),  # spaces split, no quotes
+        ("nosuch", None, None),
+    ],
+)
+def test_the_agent_command_is_mpiruns(agent: str, args: str | None, argv: list[str] | None) -> None:
+    assert preflight.agent_command(agent, args, which("ssh", "rsh", "kubessh")) == argv
+
+
+def test_settings_come_from_the_environment_then_the_parameter_files_in_the_mpiruns_spelling() -> None:
+    five, four = preflight.OPEN_MPI_5, preflight.OPEN_MPI_4
+    env = {
+        "PRTE_MCA_plm_ssh_agent": "ssh",
+        "PRTE_MCA_prte_ssh_agent": "kubessh",
+        "OMPI_MCA_plm_rsh_args": "-q",
+    }
+    user = preflight.parse_param_file(
+        "# comment\nplm_ssh_args = -F /home/u/cfg   # trailing\nplm_rsh_args=-v\n"
+    )
+    system = {"plm_ssh_args": "-F /etc/cfg", "plm_ssh_agent": "rsh"}
+    assert preflight.mca_value(five.agent, five, env, [user, system]) == "kubessh"  # the synonym wins
+    assert preflight.mca_value(five.args, five, env, [user, system]) == "-F /home/u/cfg"  # user's file first
+    assert preflight.mca_value(five.args, five, {"PRTE_MCA_plm_ssh_args": "-4"}, [user]) == "-4"  # env first
+    # Open MPI 5's mpirun ignores the Open MPI 4 spelling (measured: 5.0.11), and the other way round.
+    assert preflight.mca_value(five.args, five, {"OMPI_MCA_plm_rsh_args": "-q"}, []) is None
+    assert preflight.mca_value(four.args, four, env, [user]) == "-q"
+    assert preflight.mca_value(four.agent, four, {"OMPI_MCA_plm_rsh_agent": "rsh"}, []) == "rsh"
+
+
+def test_the_launch_agent_of_this_machines_mpirun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".prte").mkdir()
+    (tmp_path / ".prte" / "mca-params.conf").write_text("plm_ssh_args = -F /from/the/file\n")
+    argv, setting = preflight.launch_agent(environ={"HOME": str(tmp_path)})
+    assert argv[1:] == ["-x", "-F", "/from/the/file"] and argv[0].endswith("/ssh")
+    assert "plm_ssh_args='-F /from/the/file'" in setting
+    env = {"HOME": str(tmp_path), "PRTE_MCA_plm_ssh_args": "-F /from/env", "PRTE_MCA_plm_ssh_agent": "nosuch"}
+    assert preflight.launch_agent(environ=env)[0] == []

@@ -1,4 +1,5 @@
-"""The HF engine's prompt path: off the event loop, and bounded by option.max_input_length."""
+"""The HF engine's prompt path: off the event loop, and bounded by option.max_input_length (before
+tokenizing, by the prompt's size, where that alone shows it cannot fit)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmi_core.engine import GenerationRequest, SamplingParams
 from lmi_core.errors import BadRequestError
@@ -55,3 +58,38 @@ async def test_tokenizing_runs_off_the_event_loop(engine: HFEngine, monkeypatch:
     assert len(threads) == 2 and all(name.startswith("lmi-hf-prompt") for name in threads)
     assert threading.current_thread() is threading.main_thread()  # the loop's thread did not encode
     assert asyncio.get_running_loop() is not None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "messages", "param"),
+    [("x" * 10**6, None, "inputs"), (None, [{"role": "user", "content": "x" * 10**6}], "messages")],
+)
+async def test_a_prompt_too_long_whatever_its_tokens_is_refused_before_it_is_tokenized(
+    engine: HFEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    param: str,
+) -> None:
+    """Chat messages and prompts that reach the engine (the server bounds only text and ids): 1 MB
+    was tokenized whole first (4.5 s here), 30 MB for over 120 s."""
+    encoded: list[int] = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(
+        engine.tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+    )
+    with pytest.raises(BadRequestError, match=r"the prompt has at least \d+ tokens; at most 8 fit") as caught:
+        await _drain(engine, GenerationRequest("huge", prompt=prompt, messages=messages))
+    assert caught.value.param == param and encoded == []
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_the_demo_tokenizer_never_has_fewer_tokens_than_the_byte_bound(engine: HFEngine, text: str) -> None:
+    """The bound's premise on a real byte-level BPE tokenizer: N bytes are at least N / max_token_bytes
+    tokens (special tokens' text included)."""
+    bound = engine.max_token_bytes
+    assert bound is not None
+    for sample in (text, f"<|user|>{text}<|assistant|>"):
+        size = len(sample.encode("utf-8", "surrogatepass"))
+        assert len(engine.tokenizer.encode(sample, add_special_tokens=False)) >= -(-size // bound)

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from lmi_core.engine import EngineStats, Finished, GenerationRequest, Token
 from lmi_core.errors import EngineError, WorkerFailedError
-from lmi_core.serving.connection import RankConnection
 from lmi_core.serving.request_stream import RequestStream
 from lmi_core.worker import wire
+from tests.serving.fake_rank import rank_pair
 
 
 async def next_item(stream: RequestStream) -> object:
@@ -24,19 +24,8 @@ async def next_item(stream: RequestStream) -> object:
         return exc
 
 
-async def _pair(tmp_path: Path) -> tuple[RankConnection, asyncio.StreamReader, asyncio.StreamWriter]:
-    """A RankConnection to a fake rank whose socket ends the test drives."""
-    path = str(tmp_path / "rank.0")
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
-    server = await asyncio.start_unix_server(lambda r, w: accepted.set_result((r, w)), path)
-    conn = await RankConnection.connect(0, f"unix:{path}", deadline=1e18, alive=lambda: True)
-    reader, writer = await accepted
-    server.close()
-    return conn, reader, writer
-
-
 async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> None:
-    conn, _, rank = await _pair(tmp_path)
+    conn, _, rank = await rank_pair(tmp_path)
     a, b = conn.open_stream("a"), conn.open_stream("b")
     done = Finished("length", 3, 1, "x")
     for message in (
@@ -83,7 +72,7 @@ async def test_interleaved_streams_reach_their_own_streams(tmp_path: Path) -> No
 async def test_a_frame_whose_payload_does_not_decode_fails_the_connection(
     tmp_path: Path, message: dict | wire.Message
 ) -> None:
-    conn, _, rank = await _pair(tmp_path)
+    conn, _, rank = await rank_pair(tmp_path)
     stream = conn.open_stream("r")
     rank.write(wire.encode(message) if isinstance(message, dict) else message.to_frame())
     failure = await next_item(stream)
@@ -93,7 +82,7 @@ async def test_a_frame_whose_payload_does_not_decode_fails_the_connection(
 
 
 async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
-    conn, reader, rank = await _pair(tmp_path)
+    conn, reader, rank = await rank_pair(tmp_path)
     pinged = asyncio.ensure_future(conn.ping(timeout=5))
     ping = await wire.read_message(reader)
     assert isinstance(ping, wire.Ping)
@@ -112,7 +101,7 @@ async def test_ping_round_trip_and_timeout(tmp_path: Path) -> None:
 
 
 async def test_loaded_and_errors_outside_a_request_reach_control(tmp_path: Path) -> None:
-    conn, _, rank = await _pair(tmp_path)
+    conn, _, rank = await rank_pair(tmp_path)
     rank.write(wire.Loaded(0, 4096).to_frame())
     assert await conn.control.get() == wire.Loaded(0, 4096)
     rank.write(wire.Err(EngineError("engine unhealthy: gone", status=500)).to_frame())
@@ -123,7 +112,7 @@ async def test_loaded_and_errors_outside_a_request_reach_control(tmp_path: Path)
 
 
 async def test_eof_fails_every_open_request_at_once(tmp_path: Path) -> None:
-    conn, _, rank = await _pair(tmp_path)
+    conn, _, rank = await rank_pair(tmp_path)
     streams = [conn.open_stream(str(i)) for i in range(3)]
     rank.close()
     for stream in streams:
@@ -139,7 +128,7 @@ def test_garbage_from_a_rank_fails_requests_and_never_crashes(
     tmp_path_factory: pytest.TempPathFactory, data: bytes
 ) -> None:
     async def scenario() -> None:
-        conn, _, rank = await _pair(tmp_path_factory.mktemp("g"))
+        conn, _, rank = await rank_pair(tmp_path_factory.mktemp("g"))
         stream = conn.open_stream("r")
         rank.write(data)
         rank.close()

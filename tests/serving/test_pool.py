@@ -24,8 +24,17 @@ import pluggy
 import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig
-from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
+from lmi_core.engine import (
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    LoraAdapter,
+    SamplingParams,
+    Token,
+)
 from lmi_core.errors import (
+    BadRequestError,
     ModelNotReadyError,
     QueueFullError,
     RequestTimeoutError,
@@ -43,6 +52,7 @@ from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 from lmi_core.serving.tenants import Tenant, TenantSpec
+from lmi_core.worker.wire import Loaded
 
 T = TypeVar("T")
 
@@ -55,7 +65,8 @@ class FakeWorker:
 
     load_time = 0.05
     fail_loads = False
-    max_model_len: int | None = 2048  # what its engine reports when it loads
+    connects = True  # whether its ranks connect when it starts (not when a host is unreachable)
+    loaded = Loaded(0, 2048, 2047, 13)  # what its engine reports when it loads
     gate: asyncio.Event
     operations: asyncio.Event  # opens every operation
     created: list[FakeWorker]
@@ -79,6 +90,7 @@ class FakeWorker:
         self.restarts = 0
         self.last_error: str | None = None
         self.ranks: list[Any] = []
+        self.ranks_up = False
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.broken = asyncio.Event()
         self.release = asyncio.Event()
@@ -98,20 +110,35 @@ class FakeWorker:
         self._task = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
+        self.ranks_up = FakeWorker.connects
         await asyncio.sleep(self.load_time)
         if self.fail_loads:
             self.fail("load failed")
-            self.first_start.set_exception(RuntimeError("load failed"))
+            if not self.first_start.done():  # a restart's load is not the first
+                self.first_start.set_exception(RuntimeError("load failed"))
         else:
             self._set(WorkerState.READY)
-            self.first_start.set_result(None)
+            if not self.first_start.done():
+                self.first_start.set_result(None)
 
     def _set(self, state: WorkerState) -> None:
         self.state = state
         self.on_change(self)
 
+    def restart(self, reason: str) -> None:
+        """Fail as the real worker does when its supervisor restarts it: its in-flight requests fail
+        at once, and it starts again (STARTING, READY after ``load_time``)."""
+        self.last_error = reason
+        self.ranks_up = False
+        self.broken.set()
+        self.broken = asyncio.Event()
+        self.restarts += 1
+        self._set(WorkerState.STARTING)
+        self.run()
+
     def fail(self, reason: str) -> None:
         self.last_error = reason
+        self.ranks_up = False
         self.broken.set()  # as the real worker does: its in-flight requests fail at once
         self._set(WorkerState.FAILED)
 
@@ -125,9 +152,10 @@ class FakeWorker:
     ) -> AsyncIterator[GenerationEvent]:
         FakeWorker.served.append((self.worker_id, request.request_id))
         FakeWorker.received[request.request_id] = request
+        broken = self.broken  # this start's (a restart makes another)
         yield Token(1, "x", 0.0)
-        await self._wait_for(FakeWorker.gate, self.release)
-        if self.broken.is_set():
+        await self._wait_for(broken, FakeWorker.gate, self.release)
+        if broken.is_set():
             raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
         yield Finished("length", 1, 1)
 
@@ -136,15 +164,16 @@ class FakeWorker:
     ) -> T:
         """Answer once ``operations`` opens (or fail with the worker): the ids of the prompt's characters."""
         FakeWorker.served.append((self.worker_id, rid))
-        await self._wait_for(FakeWorker.operations)
-        if self.broken.is_set():
+        broken = self.broken
+        await self._wait_for(broken, FakeWorker.operations)
+        if broken.is_set():
             raise WorkerFailedError(f"worker {self.worker_id} failed: {self.last_error}")
         assert isinstance(operation, Tokenize) and operation.request.prompt is not None
         return cast(T, TokenizeResult([ord(c) for c in operation.request.prompt]))
 
     async def _wait_for(self, *events: asyncio.Event) -> None:
-        """Until one of ``events`` is set, or this worker fails."""
-        waits = {asyncio.ensure_future(e.wait()) for e in (*events, self.broken)}
+        """Until one of ``events`` is set (among them the ``broken`` of the start the caller began on)."""
+        waits = {asyncio.ensure_future(e.wait()) for e in events}
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -167,6 +196,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(pool_module, "REPLACE_BACKOFF_MIN", 0.2)
     monkeypatch.setattr(FakeWorker, "fail_loads", False)
     monkeypatch.setattr(FakeWorker, "load_time", 0.05)
+    monkeypatch.setattr(FakeWorker, "connects", True)
     FakeWorker.gate = asyncio.Event()
     FakeWorker.operations = asyncio.Event()
     FakeWorker.created = []
@@ -230,6 +260,34 @@ async def test_the_pool_shows_the_context_length_its_workers_engine_reported() -
     assert pool.max_model_len is None  # before any worker has loaded
     await pool.start()
     assert pool.max_model_len == 2048
+    await pool.stop()
+
+
+async def test_a_prompt_that_cannot_fit_is_refused_before_it_reaches_a_worker() -> None:
+    """The limits its workers' engine reported (2047 prompt tokens, 13 bytes a token at most): a
+    prompt of 13 x 2047 + 1 bytes has at least 2048 tokens. Before: it crossed the worker socket and
+    was tokenized whole first (30 MB: over 120 s)."""
+    pool = make_pool(1, 1)
+    await pool.start()
+    huge = "x" * (13 * 2047 + 1)
+    for request, message in (
+        (GenerationRequest("a", huge), "the prompt has at least 2048 tokens; at most 2047 fit"),
+        (GenerationRequest("b", prompt_ids=[1] * 2048), "the prompt has 2048 tokens; at most 2047 fit"),
+    ):
+        with pytest.raises(BadRequestError, match=message) as refused:
+            await anext(pool.generate(request))
+        assert refused.value.param == "inputs" and "this model's context is 2048" in str(refused.value)
+    assert FakeWorker.served == []  # nothing was sent
+    # What may fit goes on: at the bound, chat messages (the template decides), truncate (it cuts).
+    FakeWorker.gate.set()
+    fits = [
+        GenerationRequest("c", "x" * (13 * 2047)),
+        GenerationRequest("d", messages=[{"role": "user", "content": huge}]),
+        GenerationRequest("e", huge, params=SamplingParams(truncate=100)),
+    ]
+    for request in fits:
+        assert [e async for e in pool.generate(request)]
+    assert [rid for _, rid in FakeWorker.served] == ["c", "d", "e"]
     await pool.stop()
 
 
@@ -708,4 +766,40 @@ async def test_an_operation_whose_worker_fails_runs_again_on_another() -> None:
     assert (await first).ids == [104, 105]
     assert [d.worker_id for d in context.served] == [failed, 1 - failed]
     assert recorder.events.count(("migration", "m", None)) == 1
+
+
+@pytest.mark.parametrize("connects", [False, True])
+async def test_a_moved_request_waits_only_while_a_worker_is_coming(connects: bool) -> None:
+    """Its worker failed mid-stream; the replacement's ranks never connect (a partitioned host) or
+    do and it loads for longer than option.migration_timeout. Before: the stream waited for ever
+    (until predict_timeout) on a job that could not start."""
+    pool = make_pool(1, 1, migration_timeout=0.3, predict_timeout=60)
+    pool.dispatcher.resumes_streams = True  # the engine can continue a stream after its tokens
+    await pool.start()
+    FakeWorker.load_time, FakeWorker.connects = 1.0, connects
+    events = pool.generate(GenerationRequest("r", "hi"))
+    assert isinstance(await anext(events), Token)
+    FakeWorker.created[0].restart("rank 1's host is unreachable")
+    if connects:  # loading: it takes the request once READY, and the stream goes on there
+        FakeWorker.gate.set()
+        rest = [event async for event in events]
+        assert isinstance(rest[0], Token) and FakeWorker.created[0].state is WorkerState.READY
+    else:
+        with pytest.raises(WorkerFailedError, match=r"rank 1's host.*migration_timeout=0.3 s") as failed:
+            await anext(events)
+        assert failed.value.status == 503
+    await pool.stop()
+
+
+async def test_a_moved_operation_waits_only_while_a_worker_is_coming() -> None:
+    """As a moved stream: an operation (it takes a place, as pooling does) whose worker restarts
+    and whose ranks never connect ends with its worker's error once option.migration_timeout passes."""
+    pool = make_pool(1, 1, migration_timeout=0.3, predict_timeout=60)
+    await pool.start()
+    FakeWorker.load_time, FakeWorker.connects = 1.0, False
+    operation = asyncio.ensure_future(pool.perform(tokenize("hi", SlotTokenize)))
+    await until(lambda: len(FakeWorker.served) == 1, what="the operation sent")
+    FakeWorker.created[0].restart("rank 1's host is unreachable")
+    with pytest.raises(WorkerFailedError, match=r"rank 1's host.*migration_timeout=0.3 s"):
+        await operation
     await pool.stop()

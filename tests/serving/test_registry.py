@@ -75,14 +75,20 @@ async def test_a_startup_model_is_listed_and_pending_until_the_loader_reaches_it
     assert server.health("s").workers == WorkerCounts(ready=0, total=0, minimum=2)  # a worker per GPU
 
 
-async def test_a_model_that_fails_to_register_is_listed_failed_until_removed(server: ModelServer) -> None:
+async def test_a_startup_model_that_fails_to_register_is_listed_failed_until_removed(
+    server: ModelServer,
+) -> None:
+    """A runtime registration that is refused leaves nothing (the caller got the error:
+    ``test_server.test_a_refused_registration_leaves_nothing_behind``); a startup model stays."""
+    wide = model("wide", **TOO_WIDE)
+    server.expect([wide])
     with pytest.raises(ConfigError):
-        await server.load(model("wide", **TOO_WIDE))
+        await server.load(wide)
     assert server.names() == ["wide"]
     health = server.health("wide")
     assert health.status is ModelStatus.FAILED and health.workers is None
     assert health.error is not None and "tensor_parallel_degree" in health.error
-    assert not server.describe("wide").loaded_at_startup
+    assert server.describe("wide").loaded_at_startup
     with pytest.raises(ModelNotFoundError):
         server.get("wide")
     with pytest.raises(ModelNotReadyError, match="failed to load"):

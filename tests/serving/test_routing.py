@@ -25,6 +25,7 @@ from lmi_core.serving.routing import (
     RoutingPolicy,
     WorkerLoad,
     choose,
+    routing_key,
     slot_worker,
 )
 
@@ -127,6 +128,22 @@ def test_prompt_families_stick_to_one_worker_each_and_both_workers_are_used() ->
     decisions = simulate(Router(policy(mode="least_loaded")), trace, 3)
     assert any(len(w) == 2 for w in workers_by_family(trace, decisions).values())
     assert {d.reason for d in decisions} == {"load"}
+
+
+def test_token_id_prompts_are_keyed_by_their_ids_and_their_families_stick() -> None:
+    """lm-eval's default and ``/v1/completions`` with ``prompt: [ids]``: the key was read from a field
+    that does not exist (``prompt_token_ids``), so it was empty and such prompts never matched."""
+    shared = {name: list(range(start, start + 200)) for name, start in (("A", 0), ("B", 300))}
+    request = GenerationRequest("r", prompt_ids=[*shared["A"], 7])
+    assert routing_key(request) == [*shared["A"], 7]
+    router = Router(policy())
+    served: dict[str, set[int]] = {"A": set(), "B": set()}
+    for question in range(3):
+        for name, ids in shared.items():
+            query = router.query(GenerationRequest("r", prompt_ids=[*ids, question]), None)
+            assert query.hashes  # 200 ids: 12 blocks of 16
+            served[name].add(router.route(query, [WorkerLoad(w, 0, CAPACITY) for w in (0, 1)]).worker_id)
+    assert served == {"A": {0}, "B": {1}}
 
 
 def test_a_flood_of_one_prefix_spreads_once_the_imbalance_threshold_is_passed() -> None:

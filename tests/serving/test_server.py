@@ -89,6 +89,24 @@ async def test_a_name_is_registered_once(server: ModelServer) -> None:
     assert raised.value.status == 409
 
 
+@pytest.mark.parametrize("wait", [True, False])
+async def test_a_refused_registration_leaves_nothing_behind(server: ModelServer, wait: bool) -> None:
+    """The caller gets the error, so nothing of it may stay: before, a background registration
+    (``keep_failed``) left a FAILED entry that held the name (409 for the corrected model)."""
+    with pytest.raises(ConfigError, match="no_such_key"):
+        await server.load(model("a", option__no_such_key="1"), wait=wait, keep_failed=not wait)
+    assert server.names() == []
+    await server.register(model("a"))  # the name is free
+
+
+async def test_a_startup_model_that_cannot_register_stays_listed_as_failed(server: ModelServer) -> None:
+    config = model("a", option__no_such_key="1")
+    server.expect([config])
+    with pytest.raises(ConfigError):
+        await server.load(config)
+    assert server.health("a").error is not None and "no_such_key" in server.health("a").error
+
+
 async def test_scale_replans_within_the_gpus_left(server: ModelServer) -> None:
     await server.register(model("a", option__tensor_parallel_degree="2", minWorkers="1", maxWorkers="1"))
     await server.register(model("b", option__tensor_parallel_degree="2", maxWorkers="2"))

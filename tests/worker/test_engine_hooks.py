@@ -251,3 +251,22 @@ async def test_the_loaded_message_carries_the_engines_context_length() -> None:
     assert isinstance(KnowsItsContext(), ContextEngine) and not isinstance(LoopBound(False), ContextEngine)
     _, sent = await init(KnowsItsContext())
     assert sent == [wire.Loaded(0, 321)]
+
+
+class KnowsItsInputLimits(KnowsItsContext):
+    """An ``InputLimitEngine`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_input_length = 300
+        self.max_token_bytes = 17
+
+
+async def test_the_loaded_message_carries_the_engines_input_limits() -> None:
+    from lmi_core.engine import InputLimitEngine
+    from lmi_core.worker import wire
+
+    assert isinstance(KnowsItsInputLimits(), InputLimitEngine)
+    assert not isinstance(KnowsItsContext(), InputLimitEngine)
+    _, sent = await init(KnowsItsInputLimits())
+    assert sent == [wire.Loaded(0, 321, 300, 17)]

@@ -230,7 +230,13 @@ comparable = st.one_of(
     st.builds(wire.Adapter, st.sampled_from(["load", "unload"]), adapters),
     st.builds(wire.Ping, st.integers(0, 2**63)),
     st.just(wire.Shutdown()),
-    st.builds(wire.Loaded, st.integers(0, 64), st.none() | st.integers(1, 2**31)),
+    st.builds(
+        wire.Loaded,
+        st.integers(0, 64),
+        st.none() | st.integers(1, 2**31),
+        st.none() | st.integers(1, 2**31),
+        st.none() | st.integers(1, 1024),
+    ),
     st.builds(wire.Toks, st.lists(st.tuples(ids, tokens), max_size=4)),
     st.builds(wire.Done, ids, finishes),
     st.builds(wire.OpResult, ids, st.text() | st.lists(st.integers(0, 2**31) | st.none(), max_size=3)),
@@ -332,6 +338,7 @@ ERROR = EngineError("boom").to_wire()
         ({"t": "ping", "id": True}, "'id' is bool, not int"),
         ({"t": "loaded"}, "no 'rank'"),
         ({"t": "loaded", "rank": 0, "max_model_len": "512"}, "'max_model_len' is str, not int"),
+        ({"t": "loaded", "rank": 0, "max_token_bytes": 1.5}, "'max_token_bytes' is float, not int"),
         ({"t": "toks"}, "no 'tokens'"),
         ({"t": "toks", "tokens": [["r", [1, "x"]]]}, "'tokens'"),  # a token too short
         ({"t": "toks", "tokens": [[5, TOKEN]]}, "not a string"),
@@ -371,8 +378,8 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
-FIELDS = ["id", "context", "request", "op", "args", "adapter", "rank", "max_model_len", "tokens", "finished"]
-FIELDS += ["value", "error"]
+FIELDS = ["id", "context", "request", "op", "args", "adapter", "rank", "max_model_len", "max_input_length"]
+FIELDS += ["max_token_bytes", "tokens", "finished", "value", "error"]
 KINDS = [
     kind.t for kind in (wire.Init, wire.Req, wire.Op, wire.Cancel, wire.Adapter, wire.Ping, wire.Shutdown)
 ]

@@ -38,7 +38,7 @@ from lmi_core.engine import (
 from lmi_core.errors import EngineError, EngineFailedError, EngineOutOfMemoryError
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.option_values import lora_settings
-from lmi_core.request_checks import check_logit_bias, token_budget
+from lmi_core.request_checks import check_logit_bias, token_budget, tokenizer_token_bytes
 from lmi_hf.adapters import AdapterSet
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.grammar import GrammarCompiler
@@ -83,6 +83,8 @@ class HFEngine:
         self.max_model_len = int(limit)
         # option.max_input_length: prompt tokens; the context by default (one token left to generate).
         self.max_input_length = int(context.options.get("max_input_length") or self.max_model_len - 1)
+        # The most bytes of prompt one token stands for (None: no bound holds for this tokenizer).
+        self.max_token_bytes = tokenizer_token_bytes(tokenizer)
         self._prompts = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="lmi-hf-prompt")
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -112,7 +114,13 @@ class HFEngine:
     def encode_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
         """``request``'s prompt ids and text within this engine's limits (``lmi_hf.prompt``)."""
         return encode_prompt(
-            request, self.tokenizer, self._decode, self.vocab_size, self.max_input_length, self.max_model_len
+            request,
+            self.tokenizer,
+            self._decode,
+            self.vocab_size,
+            self.max_input_length,
+            self.max_model_len,
+            self.max_token_bytes,
         )
 
     async def tokenize(self, operation: Tokenize) -> TokenizeResult:

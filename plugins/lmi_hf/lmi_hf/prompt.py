@@ -1,7 +1,8 @@
 """A request's prompt as token ids for the HF engine: encoded as every engine encodes it
 (``lmi_core.prompts``), then ``truncate`` applied and checked against the model's limits, or a 400
 naming the field. It runs on the engine's prompt threads, never on the worker's event loop: its cost
-grows with the prompt.
+grows with the prompt. A prompt too long to fit whatever its tokens is refused from its size before
+it is tokenized (``PromptLimits``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmi_core.engine import GenerationRequest
+from lmi_core.prompts import PromptLimits
 from lmi_core.prompts import encode_prompt as encode
 from lmi_core.request_checks import check_prompt_length, truncate_prompt
 from lmi_hf.text import Decode
@@ -21,10 +23,13 @@ def encode_prompt(
     vocab_size: int,
     max_input_length: int,
     max_model_len: int,
+    max_token_bytes: int | None,
 ) -> tuple[list[int], str]:
     """The prompt's token ids and text (the chat template applied, ``truncate`` applied); a 400
-    naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
-    prompt = encode(request, tokenizer, decode, vocab_size)
+    naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt.
+    ``max_token_bytes``: the most bytes of text one token stands for (``request_checks``), if known."""
+    fits = PromptLimits(max_input_length, max_model_len, max_token_bytes)
+    prompt = encode(request, tokenizer, decode, vocab_size, fits=fits)
     ids = truncate_prompt(prompt.ids, request.params)
     check_prompt_length(len(ids), max_input_length, max_model_len, prompt.param)
     return ids, prompt.text

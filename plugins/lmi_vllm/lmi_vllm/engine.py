@@ -55,6 +55,7 @@ from lmi_core.request_checks import (
     check_prompt_length,
     refuse_unsupported,
     token_budget,
+    tokenizer_token_bytes,
     truncate_prompt,
 )
 from lmi_vllm.convert import (
@@ -111,6 +112,8 @@ class VllmEngine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.max_input_length = self.max_model_len - 1  # option.max_input_length lowers it
+        # The most bytes of prompt one token stands for (None: no bound holds for this tokenizer).
+        self.max_token_bytes = tokenizer_token_bytes(self.tokenizer)
         # Tokenizing and chat templates cost time that grows with the prompt: one thread, off the
         # worker's event loop (a 30 MB prompt there stopped its heartbeats), in arrival order.
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmi-vllm-prompt")
@@ -284,7 +287,8 @@ class VllmEngine:
 
     def prepare_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The prompt text (chat template applied to ``messages``) and its token ids."""
-        prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size)
+        fits = prompts.PromptLimits(self.max_input_length, self.max_model_len, self.max_token_bytes)
+        prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size, fits=fits)
         param, text = prompt.param, prompt.text
         ids = truncate_prompt(prompt.ids, request.params)
         check_prompt_length(len(ids), self.max_input_length, self.max_model_len, param)
