@@ -128,6 +128,7 @@ class WorkerPool:
         # The engine's context length, as the last worker that loaded reported it (its workers all
         # load the same engine); None until one has, or when the engine does not say.
         self.max_model_len: int | None = None
+        self.max_images = 0  # images one prompt may hold (its engine's ImageEngine.max_images)
         self.task = config.pooling.task  # generations go to text-generation models only
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
@@ -308,7 +309,7 @@ class WorkerPool:
         if worker.state is WorkerState.STARTING and worker.restarts:
             self.observe.worker_restart(self.name)
         elif worker.state is WorkerState.READY:
-            self.max_model_len = worker.max_model_len
+            self.max_model_len, self.max_images = worker.max_model_len, worker.max_images
             self._idle_since[worker.worker_id] = now
             self._backoff = REPLACE_BACKOFF_MIN
             self._give_adapters(worker)

@@ -115,6 +115,7 @@ class SupervisedWorker:
         self.started_at = time.time()
         # Rank 0's engine's context length, as its last load reported it (None: the engine did not say).
         self.max_model_len: int | None = None
+        self.max_images = 0  # images one prompt may hold, as the engine reports it
         self.first_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set (with the reason) by a request that saw no token within option.stall_timeout.
         self._stalled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -239,7 +240,8 @@ class SupervisedWorker:
             # All ranks at once, failing on the first error: a rank that fails may leave the others
             # blocked in a collective (the torch.distributed rendezvous) that never completes.
             loaded = asyncio.gather(*(self._loaded(conn) for conn in self.ranks))
-            self.max_model_len = (await self._unless_exited(loaded, exited, deadline))[0].max_model_len
+            report = (await self._unless_exited(loaded, exited, deadline))[0]
+            self.max_model_len, self.max_images = report.max_model_len, report.max_images
         finally:
             exited.cancel()
 

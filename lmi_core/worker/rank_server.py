@@ -34,6 +34,7 @@ from lmi_core.engine import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    ImageEngine,
     LoraAdapter,
     Token,
     WorkerContext,
@@ -172,7 +173,7 @@ class RankServer:
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
         limit = engine.max_model_len if isinstance(engine, ContextEngine) else None
-        self.send(wire.Loaded(self.rank, limit))
+        self.send(wire.Loaded(self.rank, limit, engine.max_images if isinstance(engine, ImageEngine) else 0))
 
     async def start(self, engine: Engine) -> None:
         """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""

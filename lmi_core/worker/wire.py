@@ -263,18 +263,27 @@ class Shutdown:
 @dataclass(frozen=True)
 class Loaded:
     """The engine loaded on ``rank``. ``max_model_len``: its context length (prompt plus generated
-    tokens), when the engine knows it (``engine.ContextEngine``); told once, here."""
+    tokens), when the engine knows it (``engine.ContextEngine``); ``max_images``: the images one
+    prompt may hold (``engine.ImageEngine``; 0: a text-only engine); told once, here."""
 
     rank: int
     max_model_len: int | None = None
+    max_images: int = 0
     t: ClassVar[str] = "loaded"
 
     def to_frame(self) -> bytes:
-        return encode({"t": self.t, "rank": self.rank, "max_model_len": self.max_model_len})
+        frame = {
+            "t": self.t,
+            "rank": self.rank,
+            "max_model_len": self.max_model_len,
+            "max_images": self.max_images,
+        }
+        return encode(frame)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Loaded:
-        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int))
+        images = _optional(frame, "max_images", int)
+        return cls(_field(frame, "rank", int), _optional(frame, "max_model_len", int), images or 0)
 
 
 @dataclass(frozen=True)
