@@ -98,10 +98,14 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
 
 
 def chat_call(
-    pool: ServedModel, body: ChatCompletionRequest, constraint: tuple[StructuredOutput, str] | None = None
+    pool: ServedModel,
+    body: ChatCompletionRequest,
+    constraint: tuple[StructuredOutput, str] | None = None,
+    image_params: Sequence[str] = (),
 ) -> Call:
     """The chat request's call; ``constraint``: its output constraint where the request's own API
-    names it (the Responses API's ``text.format``), else the chat body's."""
+    names it (the Responses API's ``text.format``), else the chat body's; ``image_params``: the
+    names of the last images in the request's own API (the Responses API's ``input.0.content.1...``)."""
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
     limit = body.token_limit
@@ -128,7 +132,7 @@ def chat_call(
         continuous_usage=body.include_usage and body.continuous_usage,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
-    call.images = image_parts(pool, body)
+    call.images = image_parts(pool, body, image_params)
     constraint = constraint or body.constraint()
     call.tools = body.tool_plan(tool_parsers(), pool.config.options)
     if call.tools is not None:
@@ -149,10 +153,14 @@ def chat_call(
     return constrain(call, constraint)
 
 
-def image_parts(pool: ServedModel, body: ChatCompletionRequest) -> list[ImageRef]:
-    """The request's image parts, within what the model reads (``ImageEngine.max_images``); else a 400
-    naming the first part too many, before any image is read."""
+def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence[str] = ()) -> list[ImageRef]:
+    """The request's image parts (the last ones named ``params``), within what the model reads
+    (``ImageEngine.max_images``); else a 400 naming the first part too many, before any is read."""
     images = body.images
+    first = len(images) - len(params)
+    images[first:] = [
+        dataclasses.replace(ref, param=p) for ref, p in zip(images[first:], params, strict=True)
+    ]
     for ref in images:
         check_url(ref)
     if len(images) > pool.max_images:
