@@ -66,7 +66,7 @@ def build_demo_vision(path: str | Path, *, seed: int = 0) -> Path:
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=tokenizer.get_vocab()[IMAGE_TOKEN],
         vision_feature_select_strategy="default",  # drop the CLS feature: one token per patch
         vision_feature_layer=-1,
     )

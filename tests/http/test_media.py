@@ -470,3 +470,9 @@ def test_responses_input_image_reaches_the_engine_and_is_named_by_its_input_item
     response = client(fakes).post("/v1/responses", json={**body, "input": [{"role": "user", "content": two}]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "input.0.content.2.image_url"
+
+
+def test_tokenize_refuses_image_parts() -> None:
+    response = client(vision_models()).post("/tokenize", json=image_chat(data_url(png())))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages.0.content.1.image_url"
