@@ -342,6 +342,7 @@ class PoolingEngine(Engine, Protocol):
         ...
 
 
+@runtime_checkable
 class HandlerEngine(Engine, Protocol):
     """An engine that answers ``Invoke``: a model served by its ``handle(inputs)`` function."""
 

@@ -210,7 +210,7 @@ async def _as_chat(
     assert isinstance(lmi.inputs, str)
     generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling())
     call = Call(pool, True, name != "json_chat", 1, [generation], [""], None, False).with_adapter(adapter)
-    return await run_call(request, call, SSE if name == "sse_chat" else JSON_LINES, output)
+    return await run_call(request, call, SSE if name == "sse_chat" else JSON_LINES, output=output)
 
 
 def _adapters(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[LoraAdapter | None]:

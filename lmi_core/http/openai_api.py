@@ -317,7 +317,7 @@ async def native_chat(
     call = chat_call(pool, chat).with_adapter(adapter)
     if stream is not None:
         call.stream = stream
-    return with_ignored(await run_call(request, call, framing, output), ignored)
+    return with_ignored(await run_call(request, call, framing, output=output), ignored)
 
 
 def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:
