@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lmi_core.demo_vision import IMAGE_TOKENS, build_demo_vision
-from tests.conftest import ServerProcess, link_model
+from tests.conftest import ServerProcess, link_model, serving
 from tests.lmi_hf.test_vision import PROMPT, reference
 
 pytestmark = pytest.mark.slow
@@ -47,12 +47,8 @@ def server(
     link_model(vision_model, store / "vision", "engine=Python\nmaxWorkers=1\n")
     link_model(demo_model, store / "chat", "engine=Python\nmaxWorkers=1\n")
     env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5"}
-    process = ServerProcess(["--model-dir", str(store)], env, store / "server.log")
-    try:
-        process.wait_ready(timeout=180)
+    with serving(store, env) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def client(server: ServerProcess) -> openai.OpenAI:

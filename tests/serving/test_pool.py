@@ -48,6 +48,7 @@ class FakeWorker:
     load_time = 0.05
     fail_loads = False
     max_model_len: int | None = 2048  # what its engine reports when it loads
+    max_images = 0  # and the images a prompt may hold (a text-only engine)
     gate: asyncio.Event
     operations: asyncio.Event  # opens every operation
     created: list[FakeWorker]
