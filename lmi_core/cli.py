@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import uvicorn
@@ -60,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     from lmi_core.http.security import ListenerFilter
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.plugins import get_plugin_manager
+    from lmi_core.serving.tenants import Tenants
 
     address = f"http://{args.host}:{args.port}" if args.host or args.port else None
     if address and not args.host:
@@ -71,7 +72,9 @@ def serve(args: argparse.Namespace) -> int:
         management_address=args.management_address,
         api_key=args.api_key,
         cors_allowed_origins=args.cors_allowed_origins,
+        tenants_file=args.tenants_file,
     )
+    tenants = Tenants.from_config(config)  # a bad file stops the start here, naming its line
     models = model_configs(args)
     pm = get_plugin_manager()
     for model in models:
@@ -91,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
         for server in servers:
             server.should_exit = True
 
-    app = create_app(config, models, on_load_failure=on_load_failure)
+    app = create_app(config, models, on_load_failure=on_load_failure, tenants=tenants)
     for index, (host, port) in enumerate(listeners):
         # One app, one lifespan (the first listener's): the models load once, both listeners serve them.
         listener_app = ListenerFilter(app, management=index == 1) if len(listeners) > 1 else app
@@ -108,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         servers.append(_Server(uv_config))
     names = ", ".join(m.name for m in models)
     logger.info("serving on %s (models: %s)", " and ".join(f"http://{h}:{p}" for h, p in listeners), names)
-    asyncio.run(_serve_all(servers))
+    asyncio.run(_serve_all(servers, tenants.reload))
     if failures:
         print(f"lmi: error: model failed to load: {failures[0]}", file=sys.stderr)
         return 1
@@ -123,10 +126,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_all(servers: list[uvicorn.Server]) -> None:
+async def _serve_all(servers: list[uvicorn.Server], on_hangup: Callable[[], object] | None = None) -> None:
     """Run the listeners until a signal or one of them stops; then all drain (uvicorn's graceful
-    shutdown: stop accepting, finish in-flight requests up to drain_timeout) and the models stop."""
+    shutdown: stop accepting, finish in-flight requests up to drain_timeout) and the models stop.
+    SIGHUP calls ``on_hangup`` (reread the tenants file) and serving goes on."""
     loop = asyncio.get_running_loop()
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     def on_signal(sig: signal.Signals) -> None:
         logger.info("received %s: draining in-flight requests, then stopping", sig.name)
@@ -221,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--cors-allowed-origins",
         help="comma-separated origins browsers may call from, '*' for any (env SERVING_CORS_ALLOWED_ORIGINS)",
+    )
+    p_serve.add_argument(
+        "--tenants-file",
+        help="tenants: API keys, budgets, weights, priorities (YAML or JSON; env SERVING_TENANTS_FILE; "
+        "reread on SIGHUP or change)",
     )
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)

@@ -100,6 +100,12 @@ class ServerConfig(_Strict):
     cors_allowed_origins: str = ""
     runtime_dir: str | None = None
     log_level: str = "info"
+    # Tenants: their API keys, budgets, weights and priorities (docs/tenants.md), YAML or JSON; reread
+    # on SIGHUP or when it changes. None: one tenant, no budget.
+    tenants_file: str | None = None
+    # With no API key needed: the tenant is the one x-llm-d-inference-fairness-id names (set by a
+    # gateway the clients cannot bypass).
+    trust_tenant_header: bool = False
     # Accepted for DJL compatibility; they only name the models directory and the models to load.
     model_store: str | None = None
     load_models: str | None = None

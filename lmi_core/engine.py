@@ -137,6 +137,10 @@ class GenerationRequest:
     # The images of a chat request, as checked PNG or JPEG files (the server read and decoded them),
     # in the order of the ``{"type": "image"}`` content parts of ``messages``.
     images: list[bytes] = field(default_factory=list)
+    # Scheduling priority, vLLM's polarity: lower is earlier (0 by default). The server orders its
+    # queue by it, clamped to the tenant's range; an engine with a scheduler of its own may honour it
+    # too (vLLM with ``option.scheduling_policy=priority``).
+    priority: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +162,7 @@ class GenerationRequest:
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
             images=[bytes(image) for image in data.get("images") or []],
+            priority=int(data.get("priority", 0)),
         )
 
 

@@ -27,6 +27,8 @@ class ServiceError(Exception):
     status: int = 500
     type: str = "InternalServerError"
     param: str | None = None
+    # Seconds after which the client may try again (the ``Retry-After`` header); None: no header.
+    retry_after: int | None = None
 
     def __init__(
         self, message: str, status: int | None = None, type: str | None = None, param: str | None = None
@@ -106,8 +108,23 @@ class ModelNotReadyError(ServiceError):
 
 
 class QueueFullError(ServiceError):
+    """503: the server itself is overloaded (its queue is full); the client should come back."""
+
     status = 503
     type = "ServiceUnavailableException"
+    retry_after = 1
+
+
+class TenantBudgetError(ServiceError):
+    """429: one tenant is over one of its budgets; ``param`` names it (``max_concurrency``,
+    ``tokens_per_minute``) and ``retry_after`` says when it will have room again."""
+
+    status = 429
+    type = "TooManyRequestsException"
+
+    def __init__(self, message: str, param: str, retry_after: int) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class DeadlineError(ServiceError):

@@ -35,6 +35,27 @@ def test_lora_benchmark_runs_and_prints_its_ratio(tmp_path: Path, capsys: pytest
     assert figures["base_tok_s"] > 0 and figures["mixed_tok_s"] > 0
 
 
+def test_tenants_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from benchmarks.bench_tenants import run
+
+    args = argparse.Namespace(
+        seconds=1.0, weights_seconds=1.0, flood=4, slots=2, tokens=4, interval=0.01, rounds=1
+    )
+    figures = run(tmp_path, args)
+    with capsys.disabled():
+        print(
+            "\ntenants smoke: B's TTFT p95 under a flood / alone: "
+            f"fifo {figures['fifo_b_ttft_p95_ratio']:.2f}, "
+            f"fair {figures['fair_b_ttft_p95_ratio']:.2f}, budget {figures['budget_b_ttft_p95_ratio']:.2f}; "
+            f"CPU per token with / without tenants {figures['cpu_per_token_ratio']:.3f}"
+        )
+    assert figures["fair_b_tok_s"] > 0 and figures["machinery_us_per_token"] > 0
+
+
 def test_embeddings_benchmark_runs_and_prints_its_ratios(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,6 +40,7 @@ from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
 from lmi_core.http.state import AppState
 from lmi_core.serving.server import ModelServer
+from lmi_core.serving.tenants import Tenants
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,11 @@ def create_app(
     models: list[ModelConfig] | None = None,
     server: ModelServer | None = None,
     on_load_failure: Callable[[Exception], None] | None = None,
+    tenants: Tenants | None = None,
 ) -> Starlette:
     """The application serving ``models`` (loaded at startup, before /ping turns 200); a ``server``
-    given (tests) keeps the pool observer it was built with."""
+    given (tests) keeps the pool observer it was built with. ``tenants``: the caller's (it reloads
+    them on SIGHUP), else read from ``config.tenants_file`` (a bad file raises ``ConfigError``)."""
     metrics = Metrics()
     server = server or ModelServer(config, observe=metrics)
     metrics.collect_from(server)
@@ -104,6 +107,7 @@ def create_app(
         server=server,
         startup_models=list(models or []),
         instrument=metrics.instrument,
+        tenants=tenants if tenants is not None else Tenants.from_config(config),
     )
     server.expect(state.startup_models)
 
@@ -161,12 +165,11 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     app.state.lmi = state
     # Outermost last: CORS answers preflights before the key check; 401s are counted and carry an id;
     # the request context (x-session-id and x-request-timeout in, x-lmi-worker out) is built once
-    # the key is checked; an unexpected error (innermost) is a JSON error that is counted, carries an
-    # id and names its worker too.
+    # the key is checked and the tenant known; an unexpected error (innermost) is a JSON error that
+    # is counted, carries an id and names its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
     app.add_middleware(RequestContextMiddleware)
-    if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(ApiKeyMiddleware, tenants=state.tenants, api_key=config.api_key or None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in config.cors_allowed_origins.split(",") if o.strip()]

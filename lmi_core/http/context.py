@@ -1,13 +1,14 @@
 """One context per HTTP request: what its headers ask, and the response headers naming who served it.
 
 Invariant: every HTTP request that passes the API key gets one ``RequestContext`` (in
-``scope["state"]``), built here from its headers: its session (``x-session-id``, or SageMaker's) and
-its ``x-request-timeout`` (a header that is not a positive finite number is a 400 naming it, in the
-route's dialect, before any route runs). Handlers pass it with each generation; the pool appends
-each dispatch decision to it before the generation's first event, and the response headers are
-written from it when the response starts, so ``x-lmi-worker`` names the worker(s) of every
-inference response that reached one, streamed or not, errors after dispatch included. The metrics
-middleware, outside this one, reads the model it ran on from it when the request is over.
+``scope["state"]``), built here from its tenant (``security``) and its headers: its session
+(``x-session-id``, or SageMaker's) and its ``x-request-timeout`` (a header that is not a positive
+finite number is a 400 naming it, in the route's dialect, before any route runs). Handlers pass it
+with each generation; the pool appends each dispatch decision to it before the generation's first
+event, and the response headers are written from it when the response starts, so ``x-lmi-worker``
+names the worker(s) of every inference response that reached one, streamed or not, errors after
+dispatch included. The metrics middleware, outside this one, reads the model it ran on from it when
+the request is over.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from lmi_core.errors import BadRequestError
 from lmi_core.http import errors
 from lmi_core.http.common import HttpMiddleware, on_response_start
+from lmi_core.http.security import tenant_of
 from lmi_core.serving.deadlines import parse_client_timeout
 from lmi_core.serving.routing import RequestContext
 
@@ -74,6 +76,7 @@ class RequestContextMiddleware(HttpMiddleware):
         except BadRequestError as exc:
             await errors.render(exc, errors.dialect_for(scope["path"]))(scope, receive, send)
             return
+        context.tenant = tenant_of(scope)
         scope.setdefault("state", {})[_KEY] = context
 
         def add_workers(message: Message) -> None:

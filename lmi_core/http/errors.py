@@ -6,7 +6,8 @@ request's path: vLLM's own routes (LoRA, tokenize, score, rerank) answer vLLM's 
 TEI's ``/embed`` TEI's, TGI's routes TGI's ``{"error", "error_type"}``, Anthropic's Messages routes
 Anthropic's error envelope, the rest of ``/v1`` OpenAI's error object, every other route DJL's. The
 status code is the error's in every dialect, except where DJL answers another on its own routes
-(``DJL_STATUS``: a prompt too long is DJL's 424); a full queue adds ``Retry-After``.
+(``DJL_STATUS``: a prompt too long is DJL's 424); an error that says when to come back (a full
+queue, a tenant over its budget) adds ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from lmi_core.errors import BadRequestError, PromptTooLongError, QueueFullError,
 
 Dialect = Literal["djl", "openai", "vllm", "tei", "anthropic", "tgi"]
 
-RETRY_AFTER_SECONDS = "1"
 # vLLM's own routes (LoRA management, tokenizing): vLLM's error types, not OpenAI's.
 VLLM_PATHS = frozenset(
     {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/score", "/rerank"}
@@ -41,6 +41,7 @@ OPENAI_TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
@@ -115,9 +116,9 @@ def _tei(exc: ServiceError) -> dict[str, Any]:
 
 def _tgi(exc: ServiceError) -> dict[str, Any]:
     """TGI's ``{"error", "error_type"}``: ``validation`` for a bad request, ``overloaded`` for a full
-    queue, else ``generation``."""
+    queue or a tenant over its budget (TGI's 429), else ``generation``."""
     kind = "validation" if exc.status in (400, 413, 415, 422) else "generation"
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError) or exc.status == 429:
         kind = "overloaded"
     return {"error": str(exc), "error_type": kind}
 
@@ -138,7 +139,7 @@ def body(exc: ServiceError, dialect: Dialect) -> dict[str, Any]:
 
 
 def render(exc: ServiceError, dialect: Dialect) -> JSONResponse:
-    """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` on a full queue (the
-    client should come back, not give up)."""
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, QueueFullError) else None
+    """``exc`` as a response in ``dialect``: its status, and ``Retry-After`` when the error says when
+    to come back (the client should retry then, not give up)."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse(body(exc, dialect), status_code=status(exc, dialect), headers=headers)

@@ -154,7 +154,11 @@ async def predict(request: Request, pool: ServedModel, body: Any, route: RouteSt
         return with_ignored(response, ignored)
     shape = route.shape or (TGI_COMPAT if djl.tgi_compat and name in ("json", "sse") else DJL)
     generation = GenerationRequest(
-        new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling(), adapter=adapters[0]
+        new_request_id(),
+        prompt=lmi.inputs,
+        params=lmi.parameters.sampling(),
+        adapter=adapters[0],
+        priority=lmi.parameters.priority,
     )
     state: AppState = request.app.state.lmi
     events = state.instrument(pool, generation, request_context(request))
@@ -208,7 +212,12 @@ async def _as_chat(
 ) -> Response:
     """An LMI request answered in the chat completion schema (DJL's ``*_chat`` output formatters)."""
     assert isinstance(lmi.inputs, str)
-    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling())
+    generation = GenerationRequest(
+        new_request_id(),
+        prompt=lmi.inputs,
+        params=lmi.parameters.sampling(),
+        priority=lmi.parameters.priority,
+    )
     call = Call(pool, True, name != "json_chat", 1, [generation], [""], None, False).with_adapter(adapter)
     return await run_call(request, call, SSE if name == "sse_chat" else JSON_LINES, output=output)
 
@@ -238,7 +247,13 @@ async def _batch(
     """DJL batch: every input runs at once in the engine's continuous batch; results in input order."""
     state: AppState = request.app.state.lmi
     generations = [
-        GenerationRequest(new_request_id(), prompt=p, params=lmi.parameters.sampling(), adapter=a)
+        GenerationRequest(
+            new_request_id(),
+            prompt=p,
+            params=lmi.parameters.sampling(),
+            adapter=a,
+            priority=lmi.parameters.priority,
+        )
         for p, a in zip(lmi.prompts, adapters, strict=True)
     ]
 

@@ -62,6 +62,8 @@ class LmiParameters(ConstraintFields):
     # One sequence per request: several candidates ranked by log-prob is no backend's feature here.
     best_of: int = Field(1, ge=1, le=1)
     stream_interval: int | None = Field(None, ge=1)
+    # Scheduling priority, vLLM's polarity (lower is earlier), clamped to the tenant's range.
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
     # TGI's parameters (huggingface_hub sends them): its output constraint, its LoRA adapter, and
     # watermarking, which no backend here does (true is a 400).
     grammar: TgiGrammar | None = None

@@ -6,8 +6,11 @@ engines' own gauges (running, waiting) and counters (finished, cancelled) are re
 from the last heartbeat of every worker's rank 0 and summed over the model's workers; ``lmi_workers``
 counts workers by the status the management API shows (``UNLOADING`` while one retires). The LoRA
 load and eviction totals are the engines' too, but kept monotonic across worker restarts and
-retirements (``LoraTotals``). Every metric has a ``model`` label; it is always a loaded model's name,
-never a client-supplied string (so is ``adapter``: a registered adapter's name).
+retirements (``LoraTotals``). Every metric but the ``lmi_tenant_*`` ones has a ``model`` label; it is
+always a loaded model's name, never a client-supplied string (so is ``adapter``: a registered
+adapter's name). The ``lmi_tenant_*`` metrics are labelled by tenant instead, summed over the models:
+a tenant the tenants file declares, ``default``, or ``other`` for every undeclared flow, so a client
+cannot grow the label set (``serving.tenants``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import collections
 import time
 from collections.abc import AsyncGenerator, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -29,6 +39,7 @@ from lmi_core.http.common import HttpMiddleware, on_response_start
 from lmi_core.http.context import context_of
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
+from lmi_core.serving.observer import TenantOutcome
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.routing import Reason, RequestContext
 
@@ -183,6 +194,24 @@ class Metrics:
             "reason",
         )
         self.lora_requests = counter("lmi_lora_requests", "Generations by LoRA adapter", "adapter")
+        self.tenant_requests = Counter(
+            "lmi_tenant_requests",
+            "Generations by tenant and outcome: served, rejected (429: over a budget), error, cancelled",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "lmi_tenant_tokens",
+            "Tokens served by tenant: prompt, generation",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
+        self.tenant_waiting = Gauge(
+            "lmi_tenant_queued",
+            "Requests waiting for a worker, by tenant",
+            ["tenant"],
+            registry=self.registry,
+        )
 
     def collect_from(self, server: ModelService) -> None:
         """Add the engines' and pools' scrape-time metrics of ``server``'s models."""
@@ -204,6 +233,18 @@ class Metrics:
 
     def routed(self, model: str, reason: Reason) -> None:
         self.routing_decisions.labels(model, reason).inc()
+
+    def tenant_queued(self, model: str, tenant: str, change: int) -> None:
+        self.tenant_waiting.labels(tenant).inc(change)
+
+    def tenant_finished(
+        self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
+    ) -> None:
+        self.tenant_requests.labels(tenant, outcome).inc()
+        if prompt_tokens:
+            self.tenant_tokens.labels(tenant, "prompt").inc(prompt_tokens)
+        if generated_tokens:
+            self.tenant_tokens.labels(tenant, "generation").inc(generated_tokens)
 
     async def instrument(
         self, pool: ServedModel, request: GenerationRequest, context: RequestContext | None = None

@@ -76,6 +76,7 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=None if isinstance(prompt, str) else prompt,
             params=body.sampling(max_tokens, body.logprobs, i, prompt_logprobs=scored),
+            priority=body.priority,
         )
         for prompt in body.prompts
         for i in range(body.n)
@@ -116,6 +117,7 @@ def chat_call(
             new_request_id(),
             messages=messages,
             params=body.sampling(limit or UNLIMITED, logprobs, i, strict_max_tokens=limit is not None),
+            priority=body.priority,
             chat_template_kwargs=template_kwargs or None,
         )
         for i in range(body.n)

@@ -97,6 +97,8 @@ class _Common(GuidedFields, OpenAIBody):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list, max_length=64)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    # vLLM's scheduling priority (lower is earlier), clamped to the tenant's range.
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
 
     @field_validator("logit_bias")
     @classmethod

@@ -20,6 +20,7 @@ from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot
 from lmi_core.serving.routing import RequestContext
+from lmi_core.serving.tenants import Tenants
 
 T = TypeVar("T")
 
@@ -96,5 +97,7 @@ class AppState:
     startup_models: list[ModelConfig] = field(default_factory=list)
     # Wraps every generation (metrics); by default runs it as is.
     instrument: Instrument = _plain
+    # Who each request is for (API keys, budgets, shares); by default one tenant, no budget.
+    tenants: Tenants = field(default_factory=Tenants)
     # The Responses API's stored responses, of the models that keep them (option.responses_store).
     responses: ResponseStores = field(default_factory=ResponseStores)

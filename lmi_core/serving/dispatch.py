@@ -1,16 +1,20 @@
 """One model's requests: the queue in front of its workers, which worker runs each, and what happens
 when that worker fails under one.
 
-Each worker takes up to ``option.max_rolling_batch_size`` requests at once (the engine batches
-them); requests beyond that wait here in arrival order, at most ``job_queue_size`` of them, and a
-request beyond that is refused with 503 at once. Accepted requests are never dropped: they get a
-worker, or a terminal error naming why not. Which ready worker with free capacity a request gets is
-the router's choice (``routing``: its session's worker, the one that saw its prefix, or the least
-loaded); queued requests keep arrival order whatever the router chooses. Every hand-out happens in
-``dispatch``, which never awaits.
+A generation is first admitted by its tenant's budgets (``tenants``: a 429 for that tenant alone)
+and released when it ends, however it ends. Each worker takes up to
+``option.max_rolling_batch_size`` requests at once (the engine batches them); requests beyond that
+wait here, at most ``job_queue_size`` of them, and a request beyond that is refused with 503 at once.
+Waiting requests leave in ``fairness`` order: strict priority bands (the request's ``priority``
+clamped to its tenant's range), then the tenant with the least weighted service (prompt tokens at
+dispatch, output tokens twice as they are generated), then arrival. Accepted requests are never
+dropped: they get a worker, or a terminal error naming why not. Which ready worker with free
+capacity a request gets is the router's choice (``routing``: its session's worker, the one that saw
+its prefix, or the least loaded), whatever its tenant. Every hand-out happens in ``dispatch``,
+which never awaits.
 
 A generation whose worker fails (its process died, its connection broke, it stalled) **migrates**:
-it goes back to the head of the queue and continues on another worker after the tokens the client
+it goes to the front of the queue and continues on another worker after the tokens the client
 already has (``resume_ids``), up to ``option.max_migrations`` times within its total deadline. An
 operation (``lmi_core.operations``) changes no engine state and simply runs again.
 
@@ -26,9 +30,9 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, TypeVar
 
 from lmi_core.config import ModelConfig
 from lmi_core.engine import Finished, FinishReason, GenerationEvent, GenerationRequest, Token
@@ -38,14 +42,17 @@ from lmi_core.errors import (
     QueueFullError,
     QueueTimeoutError,
     RequestTimeoutError,
+    TenantBudgetError,
     WorkerFailedError,
 )
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.deadlines import Deadlines, deadlines
-from lmi_core.serving.observer import PoolObserver
+from lmi_core.serving.fairness import OUTPUT_COST, FairQueue
+from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad
 from lmi_core.serving.supervisor import SupervisedWorker
+from lmi_core.serving.tenants import DEFAULT, Tenant, TenantSpec, estimate_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,29 @@ class Workers(Protocol):
     def released(self, worker: SupervisedWorker) -> None: ...  # a request ended on ``worker``
 
     def queued(self) -> None: ...  # a request waits: the scaler may add a worker
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Where a request waits and what its dispatch costs its tenant."""
+
+    tenant: str
+    weight: float
+    label: str  # the tenant's metric label
+    band: int  # its priority, clamped to its tenant's range
+    prompt: int  # prompt tokens charged at dispatch (an estimate until the engine reports them)
+
+    @classmethod
+    def of(cls, tenant: Tenant, priority: int, prompt: int) -> Ticket:
+        return cls(tenant.name, tenant.spec.weight, tenant.label, tenant.spec.clamp(priority), prompt)
+
+
+class Waiting(NamedTuple):
+    """A queued request: resolved with its worker, routed by its query."""
+
+    future: asyncio.Future[Assignment]
+    query: RouteQuery
+    label: str  # its tenant's metric label
 
 
 class Dispatcher:
@@ -89,7 +119,9 @@ class Dispatcher:
         self.observe = observe
         self.resumes_streams = resumes_streams  # the backend continues a stream after resume_ids
         self._adapters = adapters
-        self._queue: deque[tuple[asyncio.Future[Assignment], RouteQuery]] = deque()
+        self._queue: FairQueue[Waiting] = FairQueue()
+        # The tenant of requests that come without one (no HTTP context): no budget, weight 1.
+        self._anonymous = Tenant(TenantSpec(DEFAULT), DEFAULT)
 
     @property
     def name(self) -> str:
@@ -130,63 +162,71 @@ class Dispatcher:
         return worker, decision
 
     def dispatch(self) -> None:
-        """Give free capacity to waiting requests in arrival order; fail them if no worker can serve."""
-        while self._queue and (assignment := self._pick(self._queue[0][1])) is not None:
-            self._queue.popleft()[0].set_result(assignment)
+        """Give free capacity to waiting requests in fair order; fail them if no worker can serve."""
+        now = time.monotonic()
+        while (entry := self._queue.peek(now)) is not None and (
+            assignment := self._pick(entry.item.query)
+        ) is not None:
+            waiting = self._queue.take(entry, now)
+            self.observe.tenant_queued(self.name, waiting.label, -1)
+            waiting.future.set_result(assignment)
         if self._queue and (reason := self.workers.unservable()) is not None:
             self.fail_waiting(reason)
 
     def fail_waiting(self, message: str) -> None:
-        while self._queue:
-            self._queue.popleft()[0].set_exception(ModelNotReadyError(message))
+        for waiting in self._queue.drain():
+            self.observe.tenant_queued(self.name, waiting.label, -1)
+            waiting.future.set_exception(ModelNotReadyError(message))
 
     def _release(self, worker: SupervisedWorker) -> None:
         worker.in_flight -= 1
         self.workers.released(worker)
         self.dispatch()
 
-    def _abandon(self, future: asyncio.Future[Assignment]) -> None:
-        """A waiting request gave up (timeout, client gone): leave the queue, or pass its worker on."""
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self._release(future.result()[0])  # it was handed a worker just as it gave up
-            return
-        future.cancel()
-        for entry in self._queue:
-            if entry[0] is future:
-                self._queue.remove(entry)
-                break
+    async def _acquire(
+        self, query: RouteQuery, limits: Deadlines, ticket: Ticket, migrating: bool = False
+    ) -> Assignment:
+        """Reserve a slot on a worker: at once if one is free and nobody waits, else in fair order.
 
-    async def _acquire(self, query: RouteQuery, limits: Deadlines, migrating: bool = False) -> Assignment:
-        """Reserve a slot on a worker: at once if one is free and nobody waits, else in FIFO order.
-
-        A ``migrating`` request was admitted before every waiting one: it goes to the head of the
-        queue and is never refused for a full queue.
+        A ``migrating`` request was admitted before every waiting one: it goes to the front of the
+        queue, is never refused for a full queue, and its prompt is not charged again.
         """
         if self.workers.closing and not migrating:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
+        cost = 0 if migrating else ticket.prompt
         if not self._queue and (assignment := self._pick(query)) is not None:
+            self._queue.charge(ticket.tenant, cost, time.monotonic())
             return assignment
         if (reason := self.workers.unservable()) is not None:
             raise ModelNotReadyError(reason)
         if len(self._queue) >= self.queue_size and not migrating:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
-        if migrating:
-            self._queue.appendleft((future, query))
-        else:
-            self._queue.append((future, query))
+        waiting = Waiting(future, query, ticket.label)
+        entry = self._queue.push(waiting, ticket.tenant, ticket.weight, ticket.band, cost, front=migrating)
+        self.observe.tenant_queued(self.name, ticket.label, 1)
         self.workers.queued()
         try:
             await asyncio.wait({future}, timeout=max(0.0, limits.queue - time.monotonic()))
         except asyncio.CancelledError:
-            self._abandon(future)
+            self._abandon(entry.item, self._queue.remove(entry))
             raise
         if not future.done():
-            self._abandon(future)
+            self._abandon(entry.item, self._queue.remove(entry))
             if limits.queue < limits.total:
                 raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
             raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
         return future.result()
+
+    def _abandon(self, waiting: Waiting, dequeued: bool) -> None:
+        """A waiting request gave up (timeout, client gone) and left the queue (``dequeued``), or was
+        handed a worker just as it gave up: pass that worker on."""
+        future = waiting.future
+        if dequeued:
+            self.observe.tenant_queued(self.name, waiting.label, -1)
+        elif future.done() and not future.cancelled() and future.exception() is None:
+            self._release(future.result()[0])
+        future.cancel()
 
     def _deadlines(self, started: float, context: RequestContext | None) -> Deadlines:
         client = context.client_timeout if context is not None else None
@@ -194,63 +234,101 @@ class Dispatcher:
 
     # -- running -----------------------------------------------------------------------------------
 
+    def _tenant(self, context: RequestContext | None) -> Tenant:
+        return context.tenant if context is not None and context.tenant is not None else self._anonymous
+
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """Queue ``request``, run it on the worker the router picks, yield its events; migrate it when
-        its worker fails.
+        """Admit ``request`` for its tenant, queue it, run it on the worker the router picks, yield its
+        events; migrate it when its worker fails.
 
-        ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
-        appended before the first event is yielded (so a response can name its worker before it starts).
+        ``context`` carries the HTTP request's session, timeout and tenant in, and gets the routing
+        decision appended before the first event is yielded (so a response can name its worker
+        before it starts). The engine gets the priority the queue used (clamped to the tenant's range).
         """
         started = time.monotonic()
         limits = self._deadlines(started, context)
-        query = self.router.query(request, context)
-        worker, decision = await self._acquire(query, limits)
-        self.observe.queue_time(self.name, time.monotonic() - started)
+        tenant = self._tenant(context)
+        ticket = Ticket.of(tenant, request.priority, estimate_prompt_tokens(request))
+        if ticket.band != request.priority:
+            request = dataclasses.replace(request, priority=ticket.band)
+        try:
+            lease = tenant.admit(ticket.prompt, request.params.max_new_tokens, started)
+        except TenantBudgetError:
+            self.observe.tenant_finished(self.name, ticket.label, "rejected", 0, 0)
+            raise
+        outcome: TenantOutcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
         # What the client has, ids only (a Token holds its text and log-probs): a migrated request
         # resumes after them. The first token carries the prompt's length, the last whether it ended.
         delivered: list[int] = []
-        first: Token | None = None
-        last: Token | None = None
-        attempt = request
-        for migration in itertools.count():
-            if context is not None:
-                context.served.append(decision)
-            events = worker.generate(attempt, limits.total, limits.total_source)
-            try:
-                async for event in events:
-                    if isinstance(event, Token):
-                        delivered.append(event.id)
-                        if first is None:
-                            first = event
-                        last = event
-                    yield event
-                return
-            except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
-                movable = self.resumes_streams or not delivered
-                if not movable or migration >= self.config.max_migrations or time.monotonic() >= limits.total:
-                    raise
-                failure = exc
-            finally:
-                await events.aclose()
-                self._release(worker)
-            if first is not None and last is not None and last.last:  # died after its last token
-                yield finished_after(first, last, len(delivered), request)
-                return
-            self.observe.migration(self.name)
-            logger.warning(
-                "model %s: request %s moves on after %d token(s): %s",
-                self.name,
-                request.request_id,
-                len(delivered),
-                failure,
-            )
-            attempt = dataclasses.replace(request, resume_ids=list(delivered))
-            # The total deadline still holds; the queue deadline was for the first wait only.
-            worker, decision = await self._acquire(
-                query, dataclasses.replace(limits, queue=limits.total), True
-            )
+        prompt = 0  # prompt tokens served: the estimate once dispatched, the engine's count once known
+        try:
+            query = self.router.query(request, context)
+            worker, decision = await self._acquire(query, limits, ticket)
+            prompt = ticket.prompt
+            self.observe.queue_time(self.name, time.monotonic() - started)
+            first: Token | None = None
+            last: Token | None = None
+            attempt = request
+            for migration in itertools.count():
+                if context is not None:
+                    context.served.append(decision)
+                events = worker.generate(attempt, limits.total, limits.total_source)
+                try:
+                    async for event in events:
+                        if isinstance(event, Token):
+                            delivered.append(event.id)
+                            self._queue.charge(ticket.tenant, OUTPUT_COST, time.monotonic())
+                            if first is None:
+                                first = event
+                                prompt = self._prompt_served(ticket.tenant, prompt, event.prompt_tokens)
+                            last = event
+                        else:
+                            prompt = self._prompt_served(ticket.tenant, prompt, event.prompt_tokens)
+                            outcome = "served"
+                        yield event
+                    return
+                except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault, not the request's
+                    movable = self.resumes_streams or not delivered
+                    spent = migration >= self.config.max_migrations or time.monotonic() >= limits.total
+                    if not movable or spent:
+                        raise
+                    failure = exc
+                finally:
+                    await events.aclose()
+                    self._release(worker)
+                if first is not None and last is not None and last.last:  # died after its last token
+                    outcome = "served"
+                    yield finished_after(first, last, len(delivered), request)
+                    return
+                self.observe.migration(self.name)
+                logger.warning(
+                    "model %s: request %s moves on after %d token(s): %s",
+                    self.name,
+                    request.request_id,
+                    len(delivered),
+                    failure,
+                )
+                attempt = dataclasses.replace(request, resume_ids=list(delivered))
+                # The total deadline still holds; the queue deadline was for the first wait only.
+                worker, decision = await self._acquire(
+                    query, dataclasses.replace(limits, queue=limits.total), ticket, True
+                )
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            lease.release(prompt + len(delivered), time.monotonic())
+            self.observe.tenant_finished(self.name, ticket.label, outcome, prompt, len(delivered))
+
+    def _prompt_served(self, tenant: str, charged: int, reported: int | None) -> int:
+        """The prompt tokens the engine ``reported`` (None: not yet), its tenant's service corrected
+        from the ``charged`` estimate."""
+        if reported is None or reported == charged:
+            return charged
+        self._queue.charge(tenant, reported - charged, time.monotonic())
+        return reported
 
     async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
         """Run ``operation`` on one of the workers and return its result.
@@ -262,6 +340,7 @@ class Dispatcher:
         total deadline; any other fails with the worker.
         """
         limits = self._deadlines(time.monotonic(), context)
+        ticket = Ticket.of(self._tenant(context), 0, 0)
         query = RouteQuery(session_id=context.session_id if context is not None else None)
         attempt = 0
         while True:
@@ -270,7 +349,7 @@ class Dispatcher:
                 worker, decision = light, Decision(light.worker_id, "load")
             else:  # the queue deadline holds for the first wait only, as for a migrated generation
                 wait = limits if attempt == 0 else dataclasses.replace(limits, queue=limits.total)
-                worker, decision = await self._acquire(query, wait, migrating=attempt > 0)
+                worker, decision = await self._acquire(query, wait, ticket, migrating=attempt > 0)
             if context is not None:
                 context.served.append(decision)
             try:

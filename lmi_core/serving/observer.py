@@ -8,9 +8,13 @@ every pool it creates.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from lmi_core.serving.routing import Reason
+
+# How a tenant's generation ended: it finished, a budget of its tenant refused it (429), it failed,
+# or its client stopped listening.
+TenantOutcome = Literal["served", "rejected", "error", "cancelled"]
 
 
 class PoolObserver(Protocol):
@@ -23,6 +27,14 @@ class PoolObserver(Protocol):
     def heartbeat(self, model: str, seconds: float) -> None: ...  # one rank's ping round trip
 
     def routed(self, model: str, reason: Reason) -> None: ...  # a dispatch, and why that worker
+
+    # A tenant's requests waiting for a worker went up or down by ``change`` (``tenant``: its label).
+    def tenant_queued(self, model: str, tenant: str, change: int) -> None: ...
+
+    # One of a tenant's generations ended: how, and the tokens it was served.
+    def tenant_finished(
+        self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
+    ) -> None: ...
 
 
 class NoObserver:
@@ -41,4 +53,12 @@ class NoObserver:
         pass
 
     def routed(self, model: str, reason: Reason) -> None:
+        pass
+
+    def tenant_queued(self, model: str, tenant: str, change: int) -> None:
+        pass
+
+    def tenant_finished(
+        self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
+    ) -> None:
         pass

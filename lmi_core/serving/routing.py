@@ -31,6 +31,7 @@ from lmi_core.serving.prefix_index import (
     block_hashes,
     render_messages,
 )
+from lmi_core.serving.tenants import Tenant
 
 Reason = Literal["prefix", "session", "load", "adapter"]
 REASONS: tuple[Reason, ...] = ("prefix", "session", "load", "adapter")
@@ -89,11 +90,13 @@ class Decision:
 @dataclass
 class RequestContext:
     """One HTTP request as the pool sees it, built once at the HTTP edge and passed with each of its
-    generations: what the client asked (its session, its timeout) and what the server learns (the
-    workers that served it; the model it ran on, the metrics' ``model`` label)."""
+    generations: what the client asked (its session, its timeout), who it is for (its tenant) and
+    what the server learns (the workers that served it; the model it ran on, the metrics' ``model``
+    label)."""
 
     session_id: str | None = None
     client_timeout: float | None = None  # x-request-timeout's seconds: lowers the total deadline
+    tenant: Tenant | None = None  # None: the pool's anonymous tenant (no budget, weight 1)
     served: list[Decision] = field(default_factory=list)  # appended by the pool at dispatch
     model: str = ""  # set when its first generation starts
 

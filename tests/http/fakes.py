@@ -38,6 +38,7 @@ from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_
 from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.serving.tenants import Tenants
 
 
 def worker(
@@ -238,7 +239,9 @@ def app(models: FakeModels, **config: Any) -> Starlette:
     metrics = Metrics()
     metrics.collect_from(models)
     server_config = ServerConfig(**config)
-    state = AppState(server_config, models, instrument=metrics.instrument)
+    state = AppState(
+        server_config, models, instrument=metrics.instrument, tenants=Tenants.from_config(server_config)
+    )
     return build_app(state, metrics)
 
 

@@ -356,3 +356,33 @@ async def test_option_max_input_length_is_checked_before_the_engine_runs(pm: Any
         assert len(tokens) == 2
     finally:
         engine.max_input_length = saved
+
+
+async def test_priority_reaches_vllm_only_with_its_priority_scheduler(
+    pm: Any, engine: Any, worker_context: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def spy(loaded: Any) -> list[int]:
+        seen: list[int] = []
+        real = loaded.llm.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            seen.append(kwargs["priority"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loaded.llm, "generate", generate)
+        return seen
+
+    def request(priority: int) -> GenerationRequest:
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        return GenerationRequest(f"p{priority}", prompt=PROMPT, params=params, priority=priority)
+
+    # fcfs (vLLM's default) refuses any priority but 0: lmi's queue alone orders by it.
+    fcfs = spy(engine)
+    tokens, _ = await collect(pm.hook.handle_request(engine=engine, request=request(7)))
+    assert len(tokens) == 2 and fcfs == [0]
+    async with started_engine(pm, worker_context(scheduling_policy="priority", warmup="false")) as ordered:
+        given = spy(ordered)
+        for priority in (-3, 7):
+            tokens, _ = await collect(pm.hook.handle_request(engine=ordered, request=request(priority)))
+            assert len(tokens) == 2
+        assert given == [-3, 7]

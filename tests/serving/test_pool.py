@@ -10,6 +10,7 @@ CPU worker is given reaches torch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import subprocess
 import sys
@@ -24,17 +25,24 @@ import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import EngineStats, Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
-from lmi_core.errors import ModelNotReadyError, QueueFullError, RequestTimeoutError, WorkerFailedError
+from lmi_core.errors import (
+    ModelNotReadyError,
+    QueueFullError,
+    RequestTimeoutError,
+    TenantBudgetError,
+    WorkerFailedError,
+)
 from lmi_core.launch.devices import plan_allocation
 from lmi_core.launch_spec import WorkerSlot, worker_env
 from lmi_core.operations import Operation, Tokenize, TokenizeResult
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
 from lmi_core.serving.dispatch import finished_after
-from lmi_core.serving.observer import PoolObserver
+from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
+from lmi_core.serving.tenants import Tenant, TenantSpec
 
 T = TypeVar("T")
 
@@ -53,6 +61,7 @@ class FakeWorker:
     operations: asyncio.Event  # opens every operation
     created: list[FakeWorker]
     served: list[tuple[int, str]]  # (worker id, request id) in dispatch order
+    received: dict[str, GenerationRequest]  # request id -> the request as the worker got it
 
     def __init__(
         self,
@@ -116,6 +125,7 @@ class FakeWorker:
         self, request: GenerationRequest, deadline: float | None = None, deadline_source: str | None = None
     ) -> AsyncIterator[GenerationEvent]:
         FakeWorker.served.append((self.worker_id, request.request_id))
+        FakeWorker.received[request.request_id] = request
         yield Token(1, "x", 0.0)
         await self._wait_for(FakeWorker.gate, self.release)
         if self.broken.is_set():
@@ -162,6 +172,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     FakeWorker.operations = asyncio.Event()
     FakeWorker.created = []
     FakeWorker.served = []
+    FakeWorker.received = {}
     yield
 
 
@@ -183,9 +194,11 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str =
         await asyncio.sleep(0.01)
 
 
-async def run(pool: WorkerPool, request_id: str | None = None) -> list[GenerationEvent]:
-    request = GenerationRequest(request_id or uuid.uuid4().hex, prompt="hi")
-    return [event async for event in pool.generate(request)]
+async def run(
+    pool: WorkerPool, request_id: str | None = None, context: RequestContext | None = None, priority: int = 0
+) -> list[GenerationEvent]:
+    request = GenerationRequest(request_id or uuid.uuid4().hex, prompt="hi", priority=priority)
+    return [event async for event in pool.generate(request, context)]
 
 
 def states(pool: WorkerPool) -> dict[int, str]:
@@ -371,6 +384,78 @@ async def test_a_full_queue_refuses_at_once() -> None:
     await pool.stop()
 
 
+# -- tenants: priorities, fair shares, budgets --------------------------------------------------------
+
+
+def tenant(name: str, **settings: Any) -> RequestContext:
+    """The context of a request of tenant ``name`` with ``settings`` (weight, priority...)."""
+    return RequestContext(tenant=Tenant(TenantSpec(name, **settings), name))
+
+
+async def backlog(pool: WorkerPool, *requests: tuple[str, RequestContext, int]) -> list[asyncio.Future[Any]]:
+    """Queue ``(request id, context, priority)`` requests one after the other behind a busy worker."""
+    queued = []
+    waiting = pool.waiting
+    for rid, context, priority in requests:
+        queued.append(asyncio.ensure_future(run(pool, rid, context, priority)))
+        waiting += 1
+        await until(lambda count=waiting: pool.waiting == count, what=f"{rid} queued")
+    return queued
+
+
+async def test_priorities_reorder_a_backlog_lower_first_clamped_to_the_tenants_range() -> None:
+    pool = make_pool(1, 1)  # one place
+    await pool.start()
+    busy = asyncio.ensure_future(run(pool, "busy"))
+    await until(lambda: pool.workers[0].in_flight == 1)
+    anyone, other, ranged = tenant("any"), tenant("other"), tenant("ranged", priority=(0, 10))
+    queued = await backlog(
+        pool, ("low", anyone, 5), ("urgent", other, -1), ("default", anyone, 0), ("clamped", ranged, -7)
+    )
+    FakeWorker.gate.set()
+    await asyncio.gather(busy, *queued)
+    # "clamped" asked for -7 but its tenant's range starts at 0: it ranks with "default" (a tie of
+    # tenants served nothing yet: the older request first).
+    assert [rid for _, rid in FakeWorker.served] == ["busy", "urgent", "default", "clamped", "low"]
+    assert FakeWorker.received["clamped"].priority == 0  # the engine gets the clamped priority
+    assert FakeWorker.received["urgent"].priority == -1
+    await pool.stop()
+
+
+async def test_a_one_at_a_time_tenant_goes_before_a_flooding_tenants_backlog() -> None:
+    pool = make_pool(1, 1)
+    await pool.start()
+    flood, interactive = tenant("a"), tenant("b")
+    busy = asyncio.ensure_future(run(pool, "a0", flood))  # served: a has attained service
+    await until(lambda: pool.workers[0].in_flight == 1)
+    queued = await backlog(pool, *((f"a{i}", flood, 0) for i in range(1, 5)), ("b0", interactive, 0))
+    FakeWorker.gate.set()
+    await asyncio.gather(busy, *queued)
+    assert [rid for _, rid in FakeWorker.served][:2] == ["a0", "b0"]  # b's first, not after a1-a4
+    await pool.stop()
+
+
+async def test_a_tenant_over_max_concurrency_gets_429_and_another_tenant_none() -> None:
+    recorder = Recorder()
+    pool = make_pool(1, 1, recorder, max_rolling_batch_size=1)
+    await pool.start()
+    a, b = tenant("a", max_concurrency=2), tenant("b")
+    first = asyncio.ensure_future(run(pool, "a0", a))  # running
+    await until(lambda: pool.workers[0].in_flight == 1)
+    queued = await backlog(pool, ("a1", a, 0))  # queued: in flight too
+    with pytest.raises(TenantBudgetError) as refused:
+        await run(pool, "a2", a)
+    assert refused.value.status == 429 and refused.value.param == "max_concurrency"
+    queued += await backlog(pool, ("b0", b, 0))
+    FakeWorker.gate.set()
+    await asyncio.gather(first, *queued)
+    assert a.tenant is not None and a.tenant.in_flight == 0
+    await run(pool, "a3", a)  # room again
+    outcomes = collections.Counter(e[2][:2] for e in recorder.events if e[0] == "tenant_finished")  # type: ignore[index]
+    assert outcomes == {("a", "served"): 3, ("a", "rejected"): 1, ("b", "served"): 1}
+    await pool.stop()
+
+
 async def test_scaled_to_zero_a_request_starts_a_worker() -> None:
     pool = make_pool(0, 1, max_idle_time=0.1)
     await pool.start()
@@ -541,14 +626,36 @@ class Recorder:
     def routed(self, model: str, reason: Reason) -> None:
         self.events.append(("routed", model, reason))
 
+    def tenant_queued(self, model: str, tenant: str, change: int) -> None:
+        self.events.append(("tenant_queued", model, (tenant, change)))
+
+    def tenant_finished(
+        self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
+    ) -> None:
+        self.events.append(("tenant_finished", model, (tenant, outcome, prompt_tokens, generated_tokens)))
+
 
 async def test_the_pool_tells_its_observer_each_event_by_name() -> None:
     recorder = Recorder()
-    pool = make_pool(1, 1, recorder, max_rolling_batch_size=2)
+    pool = make_pool(1, 1, recorder, max_rolling_batch_size=1)
     await pool.start()
+    first = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.workers[0].in_flight == 1)
+    second = asyncio.ensure_future(run(pool))
+    await until(lambda: pool.waiting == 1)
     FakeWorker.gate.set()
-    await run(pool)
-    assert recorder.events == [("routed", "m", "load"), ("queue_time", "m", True)]
+    await asyncio.gather(first, second)
+    served = ("tenant_finished", "m", ("default", "served", 1, 1))  # "hi": 1 prompt token, 1 generated
+    assert recorder.events == [
+        ("routed", "m", "load"),
+        ("queue_time", "m", True),
+        ("tenant_queued", "m", ("default", 1)),
+        ("routed", "m", "load"),  # the first one's place, handed to the second as the first ends
+        ("tenant_queued", "m", ("default", -1)),
+        served,
+        ("queue_time", "m", True),
+        served,
+    ]
     recorder.events.clear()
     worker = FakeWorker.created[0]
     worker.on_heartbeat(0.25)

@@ -138,6 +138,9 @@ class VllmEngine:
         self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
         self._scheduler = counts
+        # vLLM refuses a priority other than 0 unless its scheduler orders by it
+        # (option.scheduling_policy=priority); otherwise only lmi's queue orders by it.
+        self._priority = getattr(llm.vllm_config.scheduler_config, "policy", "fcfs") == "priority"
         self._warmup = warmup
         self.requests = RequestCounts()
         self._closed = False
@@ -397,8 +400,9 @@ class VllmEngine:
         finished = False
         try:
             lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
+            priority = request.priority if self._priority else 0
             gate = reasoning_kwargs(request, self.reasoning_gate)
-            outputs = self.llm.generate(prompt, params, rid, lora_request=lora, **gate)
+            outputs = self.llm.generate(prompt, params, rid, lora_request=lora, priority=priority, **gate)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored
