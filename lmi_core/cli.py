@@ -214,9 +214,12 @@ def doctor(args: argparse.Namespace) -> int:
 def demo_model(args: argparse.Namespace) -> int:
     from lmi_core.demo_encoder import build_demo_encoder
     from lmi_core.demo_model import build_demo_model
+    from lmi_core.demo_vision import build_demo_vision
 
     if args.kind == "llm":
         path = build_demo_model(args.directory)
+    elif args.kind == "vision":
+        path = build_demo_vision(args.directory)
     else:
         path = build_demo_encoder(args.directory, args.kind)
     print(f"demo {args.kind} model written to {path}")
@@ -292,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("directory")
     p_demo.add_argument(
         "--kind",
-        choices=("llm", "embedding", "reranker"),
+        choices=("llm", "embedding", "reranker", "vision"),
         default="llm",
-        help="a random Llama (default), a BERT embedding model or a BERT cross-encoder reranker",
+        help="a random Llama (default), a BERT embedding model, a BERT cross-encoder reranker, or a LLaVA "
+        "(a CLIP vision tower over the Llama)",
     )
     p_demo.set_defaults(func=demo_model)
     return parser

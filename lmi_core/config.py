@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmi_core import custom_code
 from lmi_core.djl_options import DjlOptions, djl_options
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
+from lmi_core.option_values import (
+    LoraSettings,
+    allowed_media_domains,
+    default_chat_template_kwargs,
+    image_limit,
+    lora_settings,
+)
 from lmi_core.pooling import PoolingSettings, pooling_settings
 
 PROPERTIES_FILE = "serving.properties"
@@ -343,6 +349,8 @@ def build_model_config(
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
     default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
     pooling_settings(options)  # and so does a bad task
+    image_limit(options)  # and image limits or media hosts that do not parse
+    allowed_media_domains(options)
     return config
 
 

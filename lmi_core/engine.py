@@ -134,6 +134,9 @@ class GenerationRequest:
     # stop sequences, the seeded sampler's position, max_new_tokens all count them), emits only the
     # tokens that follow, and reports them in ``Finished.generated_tokens``.
     resume_ids: list[int] = field(default_factory=list)
+    # The images of a chat request, as checked PNG or JPEG files (the server read and decoded them),
+    # in the order of the ``{"type": "image"}`` content parts of ``messages``.
+    images: list[bytes] = field(default_factory=list)
     # Scheduling priority, vLLM's polarity: lower is earlier (0 by default). The server orders its
     # queue by it, clamped to the tenant's range; an engine with a scheduler of its own may honour it
     # too (vLLM with ``option.scheduling_policy=priority``).
@@ -162,6 +165,7 @@ class GenerationRequest:
             chat_template_kwargs=data.get("chat_template_kwargs"),
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
+            images=[bytes(image) for image in data.get("images") or []],
             priority=int(data.get("priority", 0)),
             traceparent=_optional(str, data.get("traceparent")),
         )
@@ -399,3 +403,13 @@ class InputLimitEngine(Engine, Protocol):
 
     max_input_length: int
     max_token_bytes: int | None
+
+
+@runtime_checkable
+class ImageEngine(Engine, Protocol):
+    """An engine that reads images (``GenerationRequest.images``): at most ``max_images`` per prompt
+    (``option.limit_mm_per_prompt``; 1 by default for an image model). The worker reports it in its
+    ``loaded`` message; the server refuses more images (any, for an engine without the attribute)
+    before it reads them."""
+
+    max_images: int

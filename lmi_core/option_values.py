@@ -103,7 +103,8 @@ def close_matches(key: str, known: Iterable[str]) -> str:
 # Model options the core reads, the same on every backend, not engine options: tool calling, reasoning
 # and chat template defaults (the HTTP layer; lmi_vllm reads reasoning_parser too, for vLLM's grammar
 # gate), DJL's output formats, TGI mode and sessions (``lmi_core.djl_options``), the custom code file
-# and its handler (``lmi_core.custom_code``).
+# and its handler (``lmi_core.custom_code``), image inputs (the hosts the server fetches from; the
+# images a prompt may hold, read by each engine: ``image_limit``).
 SERVER_OPTIONS = frozenset(
     {
         "enable_auto_tool_choice",
@@ -118,6 +119,8 @@ SERVER_OPTIONS = frozenset(
         "sessions_expiration",
         "entryPoint",
         "handler",
+        "allowed_media_domains",
+        "limit_mm_per_prompt",
     }
 )
 # LoRA options, checked by the core (``lora_settings`` in ``build_model_config``) and read by every
@@ -217,3 +220,43 @@ def lora_settings(options: Mapping[str, str]) -> LoraSettings:
         allowed = f"at least max_loras ({max_loras})"
         raise ConfigError("option.max_cpu_loras", options["max_cpu_loras"], allowed)
     return LoraSettings(enabled, max_loras, rank, cpu)
+
+
+def mm_limits(value: str) -> dict[str, int]:
+    """vLLM's ``--limit-mm-per-prompt`` JSON form, ``{"image": 2}``: the inputs of each modality one
+    prompt may hold. Only images are read; another modality may be named with 0."""
+    limits = json_object(value)
+    for modality, count in limits.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f'a JSON object of counts >= 0 such as {{"image": 2}} ({modality}: {count!r})')
+        if modality != "image" and count:
+            raise ValueError(
+                f'image inputs only, such as {{"image": 2}} ({modality} inputs are not supported)'
+            )
+    return limits
+
+
+def image_limit(options: Mapping[str, Any]) -> int | None:
+    """``option.limit_mm_per_prompt``'s image count: the images one prompt may hold; None when unset
+    (an engine's default: 1 for an image model, 0 for a text-only one)."""
+    limits = read_option(options, "limit_mm_per_prompt", mm_limits, None)
+    return None if limits is None else limits.get("image", 0)
+
+
+def host_names(value: str) -> frozenset[str]:
+    """Comma-separated host names (case-insensitive; a trailing dot dropped)."""
+    names = set()
+    for entry in value.split(","):
+        name = entry.strip().lower().rstrip(".")
+        bracketed = name.startswith("[") and name.endswith("]")  # an IPv6 address, as a URL writes it
+        if "/" in name or "@" in name or (":" in name and not bracketed):
+            raise ValueError(f"host names without scheme, port or path ({name!r})")
+        if name:
+            names.add(name[1:-1] if bracketed else name)  # urlsplit's hostname: no brackets
+    return frozenset(names)
+
+
+def allowed_media_domains(options: Mapping[str, Any]) -> frozenset[str]:
+    """``option.allowed_media_domains``: the hosts whose ``http(s)`` image URLs the server fetches;
+    empty (unset): none, images come as ``data:`` URLs only."""
+    return read_option(options, "allowed_media_domains", host_names, frozenset())

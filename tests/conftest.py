@@ -192,6 +192,17 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         server.stop()
 
 
+@contextlib.contextmanager
+def serving(store: Path, env: dict[str, str], timeout: float = 180) -> Iterator[ServerProcess]:
+    """``lmi serve --model-dir store`` (a model store: one model per folder), ready; stopped on exit."""
+    process = ServerProcess(["--model-dir", str(store)], env, store / "server.log")
+    try:
+        process.wait_ready(timeout=timeout)
+        yield process
+    finally:
+        process.stop()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

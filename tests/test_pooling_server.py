@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmi_core.demo_encoder import build_demo_encoder
-from tests.conftest import ServerProcess, link_model
+from tests.conftest import ServerProcess, link_model, serving
 from tests.lmi_hf.test_pooling import minilm_dir
 
 pytestmark = pytest.mark.slow
@@ -36,14 +36,10 @@ def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     link_model(Path(minilm_dir()), store / "embed", "option.task=text-embedding\nmaxWorkers=1\n")
     build_demo_encoder(store / "rerank", "reranker")
     env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5", "SERVING_API_KEY": KEY}
-    process = ServerProcess(["--model-dir", str(store)], env, store / "server.log")
-    try:
-        process.wait_ready(timeout=180)
+    with serving(store, env) as process:
         yield process
-    finally:
-        process.stop()
-        if sys.exc_info()[0] is None:
-            shutil.rmtree(store, ignore_errors=True)
+    if sys.exc_info()[0] is None:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def client(server: ServerProcess) -> openai.OpenAI:

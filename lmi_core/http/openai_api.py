@@ -36,11 +36,13 @@ from lmi_core.http.common import (
 from lmi_core.http.context import request_context
 from lmi_core.http.formatters import OutputFormatter
 from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.media import ImageRef, check_url, load_images
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
+from lmi_core.option_values import allowed_media_domains
 from lmi_core.plugins import get_plugin_manager
 from lmi_core.reasoning import ReasoningParserFactory, model_parser
 from lmi_core.reasoning import parser_registry as reasoning_registry
@@ -97,10 +99,14 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
 
 
 def chat_call(
-    pool: ServedModel, body: ChatCompletionRequest, constraint: tuple[StructuredOutput, str] | None = None
+    pool: ServedModel,
+    body: ChatCompletionRequest,
+    constraint: tuple[StructuredOutput, str] | None = None,
+    image_params: Sequence[str] = (),
 ) -> Call:
     """The chat request's call; ``constraint``: its output constraint where the request's own API
-    names it (the Responses API's ``text.format``), else the chat body's."""
+    names it (the Responses API's ``text.format``), else the chat body's; ``image_params``: the
+    names of the last images in the request's own API (the Responses API's ``input.0.content.1...``)."""
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
     limit = body.token_limit
@@ -128,6 +134,7 @@ def chat_call(
         continuous_usage=body.include_usage and body.continuous_usage,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
+    call.images = image_parts(pool, body, image_params)
     constraint = constraint or body.constraint()
     call.tools = body.tool_plan(tool_parsers(), pool.config.options)
     if call.tools is not None:
@@ -146,6 +153,27 @@ def chat_call(
         if constraint is not None:  # the answer is constrained, the thinking before it is free
             constraint = (dataclasses.replace(constraint[0], starts_after=thinking.end), constraint[1])
     return constrain(call, constraint)
+
+
+def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence[str] = ()) -> list[ImageRef]:
+    """The request's image parts (the last ones named ``params``), within what the model reads
+    (``ImageEngine.max_images``); else a 400 naming the first part too many, before any is read."""
+    images = body.images
+    first = len(images) - len(params)
+    images[first:] = [
+        dataclasses.replace(ref, param=p) for ref, p in zip(images[first:], params, strict=True)
+    ]
+    for ref in images:
+        check_url(ref)
+    if len(images) > pool.max_images:
+        extra = images[pool.max_images]
+        if pool.max_images == 0:
+            raise BadRequestError(
+                f"model {pool.name!r} reads no images (a text-only model)", param=extra.param
+            )
+        limit = f"at most {pool.max_images} images per prompt (option.limit_mm_per_prompt)"
+        raise BadRequestError(f"model {pool.name!r} reads {limit}", param=extra.param)
+    return images
 
 
 @functools.cache
@@ -193,6 +221,10 @@ async def run_call(
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
+    if call.images:  # read (fetched, decoded) before queueing: a bad image is a 400 naming its part
+        images = await load_images(call.images, allowed_media_domains(call.pool.config.options))
+        for generation in call.generations:
+            generation.images = images
     context = request_context(request)
     streams = [state.instrument(call.pool, g, context) for g in call.generations]
     events = merge(streams) if stop is None else until_set(merge(streams), stop)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
 from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.media import ImageRef
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
 from lmi_core.option_values import default_chat_template_kwargs
@@ -227,22 +228,47 @@ class ChatMessage(OpenAIBody):
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
-        """Flatten content parts to text; the chat template takes a string."""
+    def _parts(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        """Text parts flattened to a string (what a text model's chat template takes); with an image,
+        the parts as a list of text parts and ``image_url`` parts (``{"url": ...}``)."""
         if not isinstance(value, list):
             return value
-        texts = []
+        parts: list[dict[str, Any]] = []
         for part in value:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-            texts.append(part["text"])
-        return "".join(texts)
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image  # vLLM takes a bare URL too
+                if not isinstance(url, str):
+                    raise ValueError("an image_url part is {'type': 'image_url', 'image_url': {'url': ...}}")
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                raise ValueError("content parts are text ({'type': 'text', 'text': ...}) or image_url")
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+
+    def images(self, index: int) -> list[ImageRef]:
+        """This message's image parts, each named as the request names it
+        (``messages.0.content.1.image_url``)."""
+        if not isinstance(self.content, list):
+            return []
+        return [
+            ImageRef(p["image_url"]["url"], f"messages.{index}.content.{j}.image_url")
+            for j, p in enumerate(self.content)
+            if p["type"] == "image_url"
+        ]
 
     def for_template(self) -> dict[str, Any]:
         # "developer" is OpenAI's new name for "system"; chat templates know only the latter.
+        content: str | list[dict[str, Any]] = self.content or ""
+        if isinstance(content, list):  # an image is the template's {"type": "image"}; its bytes travel apart
+            content = [p if p["type"] == "text" else {"type": "image"} for p in content]
         message: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
-            "content": self.content or "",
+            "content": content,
         }
         if self.name:
             message["name"] = self.name
@@ -310,3 +336,8 @@ class ChatCompletionRequest(TemplateFields, ToolFields, _Common):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """Every image part of the messages, in the order the chat template meets them."""
+        return [ref for i, message in enumerate(self.messages) for ref in message.images(i)]

@@ -30,6 +30,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import ServiceError
 from lmi_core.http import errors
+from lmi_core.http.media import ImageRef
 from lmi_core.http.state import ServedModel
 from lmi_core.http.tool_calls import ToolPlan, ToolStream
 from lmi_core.reasoning import ReasoningParser
@@ -68,6 +69,7 @@ class Call:
     # Each generation's end as the engine reported it, recorded as it is rendered (the Messages API
     # reads the engine's own reason: a stop sequence, not only OpenAI's "stop").
     finished: dict[int, Finished] = field(default_factory=dict)
+    images: list[ImageRef] = field(default_factory=list)  # chat's image parts, read before queueing
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 

@@ -58,7 +58,7 @@ async def create_response(request: Request) -> Response:
         history, session = previous.messages, previous.session
     messages = [*history, *translation.messages]
     chat = body.chat_request(messages, translation.tools)
-    call = chat_call(pool, chat, body.constraint()).with_adapter(adapter)
+    call = chat_call(pool, chat, body.constraint(), translation.images).with_adapter(adapter)
     call.prompt_field = "input"
     render = ResponseRender(body, call, translation.namespaces, stored=store is not None and body.store)
     entry = None

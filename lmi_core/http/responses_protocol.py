@@ -27,7 +27,7 @@ from lmi_core.http.tool_calls import TOOL_NAME
 
 NAMESPACE_SEPARATOR = "__"  # vLLM's flat name of a namespace's function: <namespace>__<name>
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
-UNSUPPORTED_PARTS = {"input_image": "image", "input_file": "file", "input_audio": "audio"}
+UNSUPPORTED_PARTS = {"input_file": "file", "input_audio": "audio"}
 
 
 class TextPart(OpenAIBody):
@@ -36,6 +36,9 @@ class TextPart(OpenAIBody):
     refusal: str | None = None  # an earlier answer's refusal part, replayed as text
     annotations: list[Any] | None = None  # an earlier answer's, replayed: no effect
     logprobs: list[Any] | None = None
+    image_url: str | None = None  # an input_image part's URL (data: or an allow-listed http(s) URL)
+    detail: str | None = None  # an input_image part's detail: no effect (the processor sizes the image)
+    file_id: str | None = None  # an input_image part naming an uploaded file: refused (no files API)
 
 
 class Item(OpenAIBody):
@@ -115,6 +118,9 @@ class Translation:
     """A Responses request as chat: its input as chat messages, its tools, what was ignored."""
 
     messages: list[dict[str, Any]]  # this request's input, without the instructions
+    # Each input_image part of the input, as the request names it (``input.0.content.1.image_url``), in
+    # the order chat meets them (the last images of the chat request: history comes before the input).
+    images: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] = field(default_factory=list)  # chat ``tools`` entries
     namespaces: dict[str, tuple[str, str]] = field(default_factory=dict)  # flat name -> (namespace, name)
     ignored: list[str] = field(default_factory=list)  # unknown fields and hosted tools (``tools.3``)
@@ -159,6 +165,13 @@ class ResponsesRequest(OpenAIBody):
                 )
             items.append(parse_part(ITEMS[kind], raw, f"input.{i}.", translation.ignored))
         translation.messages = chat_messages(items)
+        translation.images = [
+            f"input.{i}.content.{j}.image_url"
+            for i, item in enumerate(items)
+            if isinstance(item, MessageItem) and not isinstance(item.content, str)
+            for j, part in enumerate(item.content)
+            if part.type == "input_image"
+        ]
         for i, raw in enumerate(self.tools or []):
             if raw.get("type") == "function":
                 self._add_tool(translation, raw, f"tools.{i}.", None)
@@ -238,24 +251,39 @@ def _text(parts: str | list[TextPart], param: str) -> str:
     """The text of a content field: a string, or its text parts joined; other media are a 400."""
     if isinstance(parts, str):
         return parts
-    texts = []
+    return "".join(_part_text(part, f"{param}.{j}") for j, part in enumerate(parts))
+
+
+def _part_text(part: TextPart, param: str) -> str:
+    if part.type in UNSUPPORTED_PARTS or part.type == "input_image":
+        kind = UNSUPPORTED_PARTS.get(part.type, "image")
+        where = "" if part.type in UNSUPPORTED_PARTS else " here (only in a message's content)"
+        message = f"{kind} inputs are not supported by this server{where} ({param} is {part.type})"
+        raise BadRequestError(message, param=param)
+    if part.type == "refusal":
+        return part.refusal or ""
+    if part.type in TEXT_PARTS and part.text is not None:
+        return part.text
+    raise BadRequestError(
+        f"content part type {part.type[:40]!r} is not supported by this server", param=f"{param}.type"
+    )
+
+
+def _content(parts: str | list[TextPart], param: str) -> str | list[dict[str, Any]]:
+    """A message's content as chat's: its text, or with an ``input_image`` part, chat's text and
+    ``image_url`` parts (read by the chat path: ``lmi_core.http.media``)."""
+    if isinstance(parts, str) or all(part.type != "input_image" for part in parts):
+        return _text(parts, param)
+    chat: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
-        if part.type in UNSUPPORTED_PARTS:
-            raise BadRequestError(
-                f"{UNSUPPORTED_PARTS[part.type]} inputs are not supported by this server yet "
-                f"({param}.{j} is {part.type})",
-                param=f"{param}.{j}",
-            )
-        if part.type == "refusal":
-            texts.append(part.refusal or "")
-        elif part.type in TEXT_PARTS and part.text is not None:
-            texts.append(part.text)
+        if part.type != "input_image":
+            chat.append({"type": "text", "text": _part_text(part, f"{param}.{j}")})
+        elif part.image_url is None:
+            message = "an input_image part needs image_url (file_id needs a files API this server lacks)"
+            raise BadRequestError(message, param=f"{param}.{j}.image_url")
         else:
-            raise BadRequestError(
-                f"content part type {part.type[:40]!r} is not supported by this server",
-                param=f"{param}.{j}.type",
-            )
-    return "".join(texts)
+            chat.append({"type": "image_url", "image_url": {"url": part.image_url}})
+    return chat
 
 
 def chat_messages(items: list[Item]) -> list[dict[str, Any]]:
@@ -274,12 +302,12 @@ def chat_messages(items: list[Item]) -> list[dict[str, Any]]:
 
     for i, item in enumerate(items):
         if isinstance(item, MessageItem):
-            text = _text(item.content, f"input.{i}.content")
             if item.role == "assistant":
-                assistant({"role": "assistant", "content": text})
+                assistant({"role": "assistant", "content": _text(item.content, f"input.{i}.content")})
             else:  # "developer" is OpenAI's newer name for "system", the one chat templates know
+                content = _content(item.content, f"input.{i}.content")
                 messages.append(
-                    {"role": "system" if item.role == "developer" else item.role, "content": text}
+                    {"role": "system" if item.role == "developer" else item.role, "content": content}
                 )
         elif isinstance(item, ReasoningItem):
             reasoning.append(_text(item.content or item.summary, f"input.{i}.content"))

@@ -43,6 +43,9 @@ class ServedModel(Protocol):
     @property
     def max_model_len(self) -> int | None: ...  # its engine's context length; None: not reported (yet)
 
+    @property
+    def max_images(self) -> int: ...  # images one prompt may hold, as its engine reports it (0: none)
+
     # ``context``: the HTTP request's session and timeout in, the worker chosen out (before the first event).
     def generate(
         self, request: GenerationRequest, context: RequestContext | None = None

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core.engine import GenerationRequest
+from lmi_core.errors import BadRequestError
 from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import new_request_id, read_json, until_disconnected
 from lmi_core.http.context import request_context
@@ -67,6 +68,9 @@ async def tokenize(request: Request) -> Response:
     pool, adapter = model_or_adapter(request, body.model)
     ignored = unknown_fields(pool, body)
     if isinstance(body, TokenizeChatRequest):
+        images = [ref for i, message in enumerate(body.messages) for ref in message.images(i)]
+        if images:  # the engines expand an image's tokens only with its pixels, which tokenize does not read
+            raise BadRequestError("/tokenize counts text parts only, not images", param=images[0].param)
         generation = GenerationRequest(
             new_request_id(),
             messages=[m.for_template() for m in body.messages],

@@ -201,6 +201,11 @@ class WorkerPool:
         return self.engine_limits.max_model_len
 
     @property
+    def max_images(self) -> int:
+        """Images one prompt may hold (its engine's ``ImageEngine.max_images``; 0 until reported)."""
+        return self.engine_limits.max_images
+
+    @property
     def devices(self) -> set[str]:
         """Every device this model holds or may scale onto: other models keep off them."""
         held = {d for w in self.workers.values() for d in w.slot.devices}

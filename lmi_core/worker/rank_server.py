@@ -33,6 +33,7 @@ from lmi_core.engine import (
     EngineStats,
     Finished,
     GenerationRequest,
+    ImageEngine,
     InputLimitEngine,
     LoraAdapter,
     Token,
@@ -175,10 +176,12 @@ class RankServer:
         self.engine = engine
         logger.info("rank %d: engine loaded (%s)", self.rank, self.context.backend)
         limit = engine.max_model_len if isinstance(engine, ContextEngine) else None
+        images = engine.max_images if isinstance(engine, ImageEngine) else 0
         if isinstance(engine, InputLimitEngine):
-            self.send(wire.Loaded(self.rank, limit, engine.max_input_length, engine.max_token_bytes))
+            limits = wire.Loaded(self.rank, limit, engine.max_input_length, engine.max_token_bytes, images)
         else:
-            self.send(wire.Loaded(self.rank, limit))
+            limits = wire.Loaded(self.rank, limit, max_images=images)
+        self.send(limits)
 
     async def start(self, engine: Engine) -> None:
         """Start ``engine`` on this loop (``start_engine``); one that fails to start is shut down."""

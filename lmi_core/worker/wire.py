@@ -302,12 +302,14 @@ class Loaded:
     """The engine loaded on ``rank``; what it knows of its limits, told once, here (None: it does not
     say). ``max_model_len``: its context length, prompt plus generated tokens
     (``engine.ContextEngine``); ``max_input_length`` and ``max_token_bytes``: the most tokens a prompt
-    may have, and the most bytes of prompt one token stands for (``engine.InputLimitEngine``)."""
+    may have, and the most bytes of prompt one token stands for (``engine.InputLimitEngine``);
+    ``max_images``: the images one prompt may hold (``engine.ImageEngine``; 0: a text-only engine)."""
 
     rank: int
     max_model_len: int | None = None
     max_input_length: int | None = None
     max_token_bytes: int | None = None
+    max_images: int = 0
     t: ClassVar[str] = "loaded"
 
     def to_frame(self) -> bytes:
@@ -318,6 +320,7 @@ class Loaded:
                 "max_model_len": self.max_model_len,
                 "max_input_length": self.max_input_length,
                 "max_token_bytes": self.max_token_bytes,
+                "max_images": self.max_images,
             }
         )
 
@@ -328,6 +331,7 @@ class Loaded:
             _optional(frame, "max_model_len", int),
             _optional(frame, "max_input_length", int),
             _optional(frame, "max_token_bytes", int),
+            _optional(frame, "max_images", int) or 0,
         )
 
 

@@ -119,10 +119,12 @@ class FakeModel:
         options: dict[str, str] | None = None,
         max_model_len: int | None = None,
         finish: str = "length",
+        max_images: int = 0,
     ):
         self.name = name
         self.loaded_at = 1_700_000_000.0
         self.max_model_len = max_model_len  # as its engine would report it
+        self.max_images = max_images
         self.config = ModelConfig(name=name, model_id=f"/models/{name}", options=options or {})
         # Real registry, no workers: the changes it would send them are recorded instead.
         self.adapter_changes: list[tuple[str, LoraAdapter]] = []

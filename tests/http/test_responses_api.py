@@ -229,8 +229,20 @@ def test_text_format_json_schema_is_the_structured_output_path() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (
+        (  # an image to a text-only model (the fake's)
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input.0.content.0.image_url",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+            "input.0.content.0.image_url",
+        ),
+        (
+            {"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input.0.content.0",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input.0.content.0",
         ),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0.type"),

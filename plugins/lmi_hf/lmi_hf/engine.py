@@ -35,10 +35,10 @@ from lmi_core.engine import (
     Token,
     WorkerContext,
 )
-from lmi_core.errors import EngineError, EngineFailedError, EngineOutOfMemoryError
+from lmi_core.errors import BadRequestError, EngineError, EngineFailedError, EngineOutOfMemoryError
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.option_values import lora_settings
-from lmi_core.request_checks import check_logit_bias, token_budget, tokenizer_token_bytes
+from lmi_core.request_checks import check_logit_bias, check_prompt_length, token_budget, tokenizer_token_bytes
 from lmi_hf.adapters import AdapterSet
 from lmi_hf.batch import Batch, decode, prefill
 from lmi_hf.grammar import GrammarCompiler
@@ -47,6 +47,7 @@ from lmi_hf.sampling import make_generator, position_seed, select_token
 from lmi_hf.scoring import prompt_logprobs
 from lmi_hf.step import Coordinator, Emit, LocalCoordinator, Sequence, StepPlan
 from lmi_hf.text import IncrementalDetokenizer, StopMatcher
+from lmi_hf.vision import ImageInputs, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,12 @@ class HFEngine:
     """A loaded model plus the scheduler thread that batches its requests."""
 
     def __init__(
-        self, context: WorkerContext, model: Any, tokenizer: Any, coordinator: Coordinator | None = None
+        self,
+        context: WorkerContext,
+        model: Any,
+        tokenizer: Any,
+        coordinator: Coordinator | None = None,
+        images: ImageInputs | None = None,
     ) -> None:
         self.context = context
         self.model = model
@@ -77,8 +83,10 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.max_batch_size = context.max_batch_size
+        # An image-text-to-text model's config nests its language model's (get_text_config).
+        text_config = model.config.get_text_config()
         limit: Any = context.options.get("max_model_len") or getattr(
-            model.config, "max_position_embeddings", 2048
+            text_config, "max_position_embeddings", 2048
         )
         self.max_model_len = int(limit)
         # option.max_input_length: prompt tokens; the context by default (one token left to generate).
@@ -89,7 +97,9 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.vocab_size = int(model.config.vocab_size)
+        self.vocab_size = int(text_config.vocab_size)
+        self.images = images  # an image-text-to-text model's processor; None: a text-only model
+        self.max_images = images.max_images if images is not None else 0  # lmi_core.ImageEngine
         self.codec = prompts.PromptCodec(tokenizer, self._decode, self.vocab_size, self._prompts)
         self.grammars = GrammarCompiler(tokenizer, model.get_output_embeddings().out_features, self.eos_ids)
         # finished_total / cancelled_total, counted by the scheduler thread as it ends requests.
@@ -123,6 +133,15 @@ class HFEngine:
             self.max_token_bytes,
         )
 
+    def encode_images(self, request: GenerationRequest) -> tuple[list[int], str, dict[str, Any]]:
+        """An image request's prompt ids and text within this engine's limits and its image inputs
+        on the model's device (``lmi_hf.vision``); a 400 naming ``messages`` for a text-only model."""
+        if self.images is None:
+            raise BadRequestError("this model reads no images (a text-only model)", param="messages")
+        ids, text, inputs = self.images.encode(request, self.tokenizer)
+        check_prompt_length(len(ids), self.max_input_length, self.max_model_len, "messages")
+        return ids, text, to_device(inputs, self.device, self.model.dtype)
+
     async def tokenize(self, operation: Tokenize) -> TokenizeResult:
         return await self.codec.tokenize(operation)
 
@@ -132,7 +151,12 @@ class HFEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit ``request`` and yield its events until ``Finished``; closing cancels it."""
         loop = asyncio.get_running_loop()
-        prompt_ids, prompt_text = await loop.run_in_executor(self._prompts, self.encode_prompt, request)
+        image_inputs = None
+        if request.images:
+            encoded = await loop.run_in_executor(self._prompts, self.encode_images, request)
+            prompt_ids, prompt_text, image_inputs = encoded
+        else:
+            prompt_ids, prompt_text = await loop.run_in_executor(self._prompts, self.encode_prompt, request)
         check_logit_bias(request.params, self.vocab_size)
         budget = token_budget(len(prompt_ids), self.max_model_len, request.params)
         constraint = None
@@ -153,6 +177,7 @@ class HFEngine:
                 () if request.params.ignore_eos else self.eos_ids
             ),
             constraint=constraint,
+            image_inputs=image_inputs,
         )
         if request.resume_ids:  # its cost grows with the tokens replayed: off the event loop
             await loop.run_in_executor(self._prompts, seq.replay, request.resume_ids, self.vocab_size)
@@ -318,17 +343,24 @@ class HFEngine:
         new = [s for s in new if not s.done]
         # Requests that want prompt log-probs prefill apart with every position's logits; the others
         # keep logits_to_keep=1 (a [T, V] tensor per prompt is 64 MB at T=128, V=128k in fp32).
-        scoring = [s for s in new if s.request.params.prompt_logprobs is not None]
-        plain = [s for s in new if s.request.params.prompt_logprobs is None]
+        text = [s for s in new if s.image_inputs is None]
+        scoring = [s for s in text if s.request.params.prompt_logprobs is not None]
+        plain = [s for s in text if s.request.params.prompt_logprobs is None]
         for group in (plain, scoring):
             if group:
                 self._prefill(group, all_logits=group is scoring)
+        # An image request prefills alone (its pixel values are its own; images of different sizes
+        # do not stack), then decodes in the batch: the image is in its KV cache.
+        for seq in new:
+            if seq.image_inputs is not None:
+                inputs, seq.image_inputs = seq.image_inputs, None
+                self._prefill([seq], seq.request.params.prompt_logprobs is not None, inputs)
 
-    def _prefill(self, new: list[Sequence], all_logits: bool) -> None:
+    def _prefill(self, new: list[Sequence], all_logits: bool, images: dict[str, Any] | None = None) -> None:
         try:
             names = self.lora.forward_args(s.request.adapter for s in new)
             batch, logits = prefill(
-                self.lora.model, [s.input_ids for s in new], self.device, all_logits, names
+                self.lora.model, [s.input_ids for s in new], self.device, all_logits, names, images
             )
         except Exception as exc:
             self._raise_if_ranks_diverged(exc)

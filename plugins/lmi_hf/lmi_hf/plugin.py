@@ -57,5 +57,10 @@ def load_engine(context: WorkerContext) -> HFEngine | HFPoolingEngine | None:
         from lmi_hf.distributed import load_distributed
 
         return load_distributed(context)
+    from lmi_hf.vision import load_vision_model, reads_images
+
+    if reads_images(context):
+        model, tokenizer, images = load_vision_model(context)
+        return HFEngine(context, model, tokenizer, images=images)
     model, tokenizer = load_model(context)
     return HFEngine(context, model, tokenizer)

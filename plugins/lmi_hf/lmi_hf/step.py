@@ -87,6 +87,8 @@ class Sequence:
     # Tokens generated before a stream migrated here (GenerationRequest.resume_ids), replayed through
     # the detokenizer, stop matcher and grammar; the model sees prompt + these as its input.
     resumed: list[int] = field(default_factory=list)
+    # An image request's forward inputs (pixel values...) until its prefill: ``lmi_hf.vision``.
+    image_inputs: dict[str, Any] | None = None
 
     @property
     def input_ids(self) -> list[int]:

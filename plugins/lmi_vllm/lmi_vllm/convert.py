@@ -228,3 +228,24 @@ def map_error(exc: BaseException) -> ServiceError:
     if isinstance(exc, EngineDeadError):
         return EngineError(f"vLLM engine is dead: {exc}", status=500)
     return EngineError(f"{name}: {exc}")
+
+
+def image_prompt(text: str, images: Sequence[bytes]) -> dict[str, Any]:
+    """vLLM's engine input for a chat prompt with images: the templated text (vLLM's processor expands
+    each image placeholder to the model's image tokens) and the images as ``multi_modal_data``."""
+    import io
+
+    from PIL import Image
+
+    return {
+        "prompt": text,
+        "multi_modal_data": {"image": [Image.open(io.BytesIO(b)).convert("RGB") for b in images]},
+    }
+
+
+def images_per_prompt(model_config: Any) -> int:
+    """The images one prompt may hold in vLLM's ``model_config``: its multimodal limit (vLLM's
+    ``--limit-mm-per-prompt``, which lmi sets from ``option.limit_mm_per_prompt``); 0 for a text model."""
+    if not getattr(model_config, "is_multimodal_model", False):
+        return 0
+    return int(model_config.multimodal_config.get_limit_per_prompt("image"))

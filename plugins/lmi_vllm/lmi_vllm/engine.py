@@ -59,6 +59,8 @@ from lmi_core.request_checks import (
     truncate_prompt,
 )
 from lmi_vllm.convert import (
+    image_prompt,
+    images_per_prompt,
     map_error,
     output_events,
     prompt_entries,
@@ -111,6 +113,7 @@ class VllmEngine:
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
+        self.max_images = images_per_prompt(llm.model_config)  # lmi_core.ImageEngine
         self.max_input_length = self.max_model_len - 1  # option.max_input_length lowers it
         # The most bytes of prompt one token stands for (None: no bound holds for this tokenizer).
         self.max_token_bytes = tokenizer_token_bytes(self.tokenizer)
@@ -364,6 +367,11 @@ class VllmEngine:
                 "adapters (option.enable_lora=true turns them on)",
                 param="adapter",
             )
+        if len(request.images) > self.max_images:
+            message = f"this model reads at most {self.max_images} images per prompt"
+            raise BadRequestError(message, param="messages")
+        if request.images and request.resume_ids:  # vLLM takes an image prompt as text, not as token ids
+            raise EngineError("a stream with images cannot resume on vLLM")
         text, ids = self.prepare_prompt(request)
         budget = token_budget(len(ids), self.max_model_len, request.params)
         resumed = resume_check(request, ids, self.vocab_size, self._decode)
@@ -393,6 +401,9 @@ class VllmEngine:
         first_text = str(self.tokenizer.decode(ids[:1])) if request.params.prompt_logprobs is not None else ""
         resumed = request.resume_ids
         prompt = self.engine_input(ids + resumed, None) if resumed else self.engine_input(ids, text)
+        if request.images:  # the text: vLLM's processor expands its image placeholders (ids: unexpanded)
+            prompt = image_prompt(text, request.images)
+        prompt_tokens = len(ids)
         generated = len(resumed)
         scored: Any = None  # DELTA mode: the prompt's log-probs come with the first output only
         finished = False
@@ -408,12 +419,14 @@ class VllmEngine:
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored
+                    if request.images:  # the prompt as vLLM expanded it: usage counts the image tokens
+                        prompt_tokens = len(getattr(output, "prompt_token_ids", None) or ids)
                     events = output_events(
                         output,
                         self.special_ids,
                         top_n,
                         text,
-                        len(ids),
+                        prompt_tokens,
                         generated,
                         score_only,
                         # A resumed request's "prompt" ends with its delivered tokens: not scored.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lmi_core import EngineError, WorkerContext, telemetry
-from lmi_core.option_values import dtype, lora_settings
+from lmi_core.option_values import dtype, image_limit, lora_settings
 from lmi_core.pooling import PoolingSettings, pooling_settings
 from lmi_vllm.options import parse_options
 
@@ -66,6 +66,9 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
     kwargs.update(pooling_kwargs(pooling_settings(context.options), kwargs.get("pooler_config")))
+    images = image_limit(context.options)
+    if images is not None:  # vLLM's own default (1 per modality) otherwise, as lmi's HF backend
+        kwargs["limit_mm_per_prompt"] = {"image": images}
     lora = lora_settings(context.options)
     if lora.enabled:  # lmi's defaults (max_loras 4), not vLLM's (1): the server plans by lmi's
         kwargs.update(

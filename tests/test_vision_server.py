@@ -1,0 +1,153 @@
+"""``lmi serve`` with the tiny random LLaVA (built offline) beside the text demo model, through the
+``openai`` SDK: an image chat answers what transformers' own ``generate`` answers on the same inputs,
+deterministically, with the image tokens in ``usage.prompt_tokens``; the image count limit and a
+text-only model are 400s naming the part; the Responses API's ``input_image`` takes the same path."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from lmi_core.demo_vision import IMAGE_TOKENS, build_demo_vision
+from tests.conftest import ServerProcess, link_model, serving
+from tests.lmi_hf.test_vision import PROMPT, reference
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 8
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (80, 60), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_vision(tmp_path_factory.mktemp("models") / "vision")
+
+
+@pytest.fixture(scope="module")
+def server(
+    vision_model: Path, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    store = tmp_path_factory.mktemp("store")
+    link_model(vision_model, store / "vision", "engine=Python\nmaxWorkers=1\n")
+    link_model(demo_model, store / "chat", "engine=Python\nmaxWorkers=1\n")
+    env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5"}
+    with serving(store, env) as process:
+        yield process
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def image_messages(*urls: str) -> list[dict[str, object]]:
+    text = PROMPT[0]["content"][0]  # the engine test's prompt: "what is this " then the image
+    return [
+        {"role": "user", "content": [text, *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}
+    ]
+
+
+def test_an_image_chat_equals_transformers_generate(server: ServerProcess, vision_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    image = png((200, 30, 30))
+    answers = [
+        client(server).chat.completions.create(
+            model="vision",
+            messages=image_messages(data_url(image)),  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        for _ in range(2)
+    ]
+    expected, prompt_tokens = reference(vision_model, image, MAX_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(vision_model)
+    assert answers[0].choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert answers[1].choices[0].message.content == answers[0].choices[0].message.content  # deterministic
+    usage = answers[0].usage
+    assert usage is not None and usage.prompt_tokens == prompt_tokens
+    assert usage.completion_tokens == MAX_TOKENS
+    text_only = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what is this "}], tokenize=True, add_generation_prompt=True
+    )
+    assert usage.prompt_tokens == len(text_only["input_ids"]) + IMAGE_TOKENS
+
+
+def test_streamed_usage_counts_the_image_tokens(server: ServerProcess, vision_model: Path) -> None:
+    image = png((10, 200, 30))
+    chunks = list(
+        client(server).chat.completions.create(
+            model="vision",
+            messages=image_messages(data_url(image)),  # type: ignore[arg-type]
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens == reference(vision_model, image, 1)[1]
+
+
+def test_more_images_than_the_default_limit_is_a_400(server: ServerProcess) -> None:
+    url = data_url(png((1, 2, 3)))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server).chat.completions.create(
+            model="vision",
+            messages=image_messages(url, url),  # type: ignore[arg-type]
+            max_tokens=2,
+        )
+    assert caught.value.body["param"] == "messages.0.content.2.image_url"  # type: ignore[index]
+
+
+def test_an_image_to_the_text_model_is_a_400(server: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server).chat.completions.create(
+            model="chat",
+            messages=image_messages(data_url(png((1, 2, 3)))),  # type: ignore[arg-type]
+            max_tokens=2,
+        )
+    assert caught.value.body["param"] == "messages.0.content.1.image_url"  # type: ignore[index]
+    assert "text-only" in caught.value.body["message"]  # type: ignore[index]
+    answer = client(server).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+
+
+def test_responses_input_image_takes_the_chat_path(server: ServerProcess, vision_model: Path) -> None:
+    image = png((200, 30, 30))
+    response = client(server).responses.create(
+        model="vision",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this "},
+                    {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                ],
+            }
+        ],
+        max_output_tokens=MAX_TOKENS,
+        temperature=0,
+        store=False,
+    )
+    assert response.usage is not None
+    assert response.usage.input_tokens == reference(vision_model, image, 1)[1]
