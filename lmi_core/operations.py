@@ -7,10 +7,13 @@ same pool as generations (``WorkerPool.perform``: deadlines, a failed worker's o
 another), the worker through the ``handle_operation`` hook, whose built-in implementation dispatches
 to the engine's optional protocol for it (``TokenizerEngine``). An engine without it answers 501.
 
-Invariant: an operation is idempotent (it changes no engine state), so the pool may run it again
-after its worker failed; ``all_ranks`` says whether every rank of an MPI worker must run it (in
-lockstep with its generations) or rank 0 alone answers; ``takes_slot`` whether it holds one of the
-worker's ``max_rolling_batch_size`` places while it runs. Standard library only (worker side).
+Invariant: an operation is idempotent (tokenizing changes no engine state), so the pool may run it
+again after its worker failed. ``Sleep`` and ``WakeUp`` (the residency's warm tier) change the
+engine's state but are idempotent too; the pool sends them to each of its workers
+(``WorkerPool.sleep``), never to "one of them". ``all_ranks`` says whether every rank of an MPI
+worker must run it (in lockstep with its generations) or rank 0 alone answers; ``takes_slot``
+whether it holds one of the worker's ``max_rolling_batch_size`` places while it runs. Standard
+library only (worker side).
 """
 
 from __future__ import annotations
@@ -111,8 +114,52 @@ class Detokenize(Operation[str]):
         return data
 
 
+class _NoResult(Operation[None]):
+    """An operation answered by its completion alone."""
+
+    def result_to_wire(self, result: None) -> Any:
+        return None
+
+    def result_from_wire(self, data: Any) -> None:
+        return None
+
+
+@dataclass
+class Sleep(_NoResult):
+    """Put the engine to sleep at ``level`` (vLLM: 1 offloads the weights to host memory and drops the
+    KV cache; 2 drops both). Every rank sleeps."""
+
+    level: int = 1
+    op: ClassVar[str] = "sleep"
+    all_ranks: ClassVar[bool] = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Sleep:
+        return cls(int(data.get("level", 1)))
+
+
+@dataclass
+class WakeUp(_NoResult):
+    """Wake a sleeping engine: its weights back on its devices, its KV cache allocated again."""
+
+    op: ClassVar[str] = "wake_up"
+    all_ranks: ClassVar[bool] = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> WakeUp:
+        return cls()
+
+
 # The operations the wire knows, by name: ``Op.from_frame`` decodes with ``OPERATIONS[op].from_wire``.
-OPERATIONS: dict[str, type[Operation[Any]]] = {kind.op: kind for kind in (Tokenize, Detokenize)}
+OPERATIONS: dict[str, type[Operation[Any]]] = {
+    kind.op: kind for kind in (Tokenize, Detokenize, Sleep, WakeUp)
+}
 
 
 @runtime_checkable
@@ -128,3 +175,13 @@ class TokenizerEngine(Engine, Protocol):
     async def detokenize(self, ids: list[int]) -> str:
         """The text of ``ids``; a ``BadRequestError`` for an id outside the vocabulary."""
         ...
+
+
+@runtime_checkable
+class SleepEngine(Engine, Protocol):
+    """An engine with a sleep mode (vLLM's): it frees its device memory while its process stays, and
+    wakes faster than it loads. The residency's warm tier (``lmi_core.serving.residency.warm_tier``)."""
+
+    async def sleep(self, level: int) -> None: ...
+
+    async def wake_up(self) -> None: ...

@@ -23,7 +23,7 @@ from lmi_core.http.common import (
     stream_response,
     until_disconnected,
 )
-from lmi_core.http.context import request_context
+from lmi_core.http.context import keep_alive, request_context
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
 from lmi_core.http.management import ping_code, ping_entry
 from lmi_core.http.openai_api import native_chat
@@ -33,7 +33,10 @@ from lmi_core.serving.pool import ModelStatus
 
 
 async def ping(request: Request) -> Response:
-    """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed."""
+    """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed.
+
+    A model that loads on demand can serve whether loaded or not (a request loads it): residency
+    never turns ``/ping`` away from 200 (``registry.health_of``)."""
     state: AppState = request.app.state.lmi
     healths = {name: state.server.health(name) for name in state.server.names()}
     body = {name: ping_entry(health) for name, health in healths.items()}
@@ -41,11 +44,11 @@ async def ping(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """vLLM's probe (guidellm, load balancers): 200 with no body when every model can serve, else 503."""
+    """vLLM's probe (guidellm, load balancers): 200 with no body while some model can serve (one
+    loaded, or one a request loads), else 503."""
     state: AppState = request.app.state.lmi
     statuses = [state.server.health(name).status for name in state.server.names()]
-    ready = bool(statuses) and all(status is ModelStatus.READY for status in statuses)
-    return Response(status_code=200 if ready else 503)
+    return Response(status_code=200 if ModelStatus.READY in statuses else 503)
 
 
 async def version(request: Request) -> Response:
@@ -87,6 +90,7 @@ async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
         adapter = named or header_adapter(request, pool)
         return await native_chat(request, pool, body, adapter)
     lmi = parse_model(LmiRequest, body)
+    keep_alive(request, lmi.parameters.keep_alive_seconds)
     adapters = _adapters(request, pool, lmi)
     params = lmi.parameters.sampling()
     if (constrained := lmi.parameters.constraint("parameters.")) is not None:

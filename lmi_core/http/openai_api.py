@@ -28,7 +28,7 @@ from lmi_core.http.common import (
     stream_response,
     until_disconnected,
 )
-from lmi_core.http.context import request_context
+from lmi_core.http.context import keep_alive, request_context
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -202,6 +202,7 @@ async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedMode
 async def completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
+    keep_alive(request, body.keep_alive_seconds)
     call = completion_call(pool, body).with_adapter(adapter)
     return with_ignored(await run_call(request, call, SSE), ignored)
 
@@ -209,6 +210,7 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     pool, adapter, body = await _body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
+    keep_alive(request, body.keep_alive_seconds)
     call = chat_call(pool, body).with_adapter(adapter)
     return with_ignored(await run_call(request, call, SSE), ignored)
 
@@ -219,12 +221,14 @@ async def native_chat(
     """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
+    keep_alive(request, chat.keep_alive_seconds)
     call = chat_call(pool, chat).with_adapter(adapter)
     return with_ignored(await run_call(request, call, JSON_LINES), ignored)
 
 
-def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:
+def _model_card(pool: ServedModel, status: str, adapter: LoraAdapter | None = None) -> dict[str, Any]:
     # vLLM's card: root is what the name serves (the adapter's path), parent the base of an adapter.
+    # status (lmi-core's): the model's residency; an adapter's is its base model's.
     return {
         "id": adapter.name if adapter is not None else pool.name,
         "object": "model",
@@ -233,24 +237,33 @@ def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[s
         "root": adapter.path if adapter is not None else pool.config.model_id,
         "parent": pool.name if adapter is not None else None,
         "max_model_len": pool.max_model_len,
+        "status": status,
     }
 
 
-def _cards(pool: ServedModel) -> list[dict[str, Any]]:
+def _status(request: Request, pool: ServedModel) -> str:
+    state: AppState = request.app.state.lmi
+    return state.server.describe(pool.name).residency.state.value
+
+
+def _cards(request: Request, pool: ServedModel) -> list[dict[str, Any]]:
     """The model's card, then one per registered adapter."""
     adapters = pool.adapters.entries() if pool.adapters is not None else []
-    return [_model_card(pool), *(_model_card(pool, entry.lora) for entry in adapters)]
+    status = _status(request, pool)
+    return [_model_card(pool, status), *(_model_card(pool, status, entry.lora) for entry in adapters)]
 
 
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.lmi
-    return JSONResponse({"object": "list", "data": [c for p in state.server.served() for c in _cards(p)]})
+    cards = [c for p in state.server.served() for c in _cards(request, p)]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model"]
     pool, adapter = model_or_adapter(request, name)
-    return JSONResponse(_model_card(pool, adapter if adapter is not None and adapter.name == name else None))
+    named = adapter if adapter is not None and adapter.name == name else None
+    return JSONResponse(_model_card(pool, _status(request, pool), named))
 
 
 routes = [

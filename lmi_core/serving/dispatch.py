@@ -36,13 +36,11 @@ from lmi_core.errors import (
     EngineFailedError,
     ModelNotReadyError,
     QueueFullError,
-    QueueTimeoutError,
-    RequestTimeoutError,
     WorkerFailedError,
 )
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
-from lmi_core.serving.deadlines import Deadlines, deadlines
+from lmi_core.serving.deadlines import Deadlines, deadlines, waited_too_long
 from lmi_core.serving.observer import PoolObserver
 from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad
 from lmi_core.serving.supervisor import SupervisedWorker
@@ -183,9 +181,7 @@ class Dispatcher:
             raise
         if not future.done():
             self._abandon(future)
-            if limits.queue < limits.total:
-                raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
-            raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
+            raise waited_too_long(limits, "worker took the request")
         return future.result()
 
     def _deadlines(self, started: float, context: RequestContext | None) -> Deadlines:
@@ -195,15 +191,17 @@ class Dispatcher:
     # -- running -----------------------------------------------------------------------------------
 
     async def generate(
-        self, request: GenerationRequest, context: RequestContext | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None, arrived: float | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Queue ``request``, run it on the worker the router picks, yield its events; migrate it when
         its worker fails.
 
         ``context`` carries the HTTP request's session and timeout in, and gets the routing decision
         appended before the first event is yielded (so a response can name its worker before it starts).
+        ``arrived`` (monotonic; default now) starts its deadlines and queue time: a request that
+        waited for its model's load has waited since then.
         """
-        started = time.monotonic()
+        started = time.monotonic() if arrived is None else arrived
         limits = self._deadlines(started, context)
         query = self.router.query(request, context)
         worker, decision = await self._acquire(query, limits)
@@ -252,15 +250,17 @@ class Dispatcher:
                 query, dataclasses.replace(limits, queue=limits.total), True
             )
 
-    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
-        """Run ``operation`` on one of the workers and return its result.
+    async def perform(
+        self, operation: Operation[T], context: RequestContext | None = None, arrived: float | None = None
+    ) -> T:
+        """Run ``operation`` on one of the workers and return its result (``arrived`` as for ``generate``).
 
         One that ``takes_slot`` waits for a place like a generation; a light one (tokenize) goes at
         once to the least loaded ready worker, without a place, and waits in the queue only while no
         worker is ready. When its worker fails under it, it runs again on another (an operation is
         idempotent), at most ``max_migrations`` times, within its total deadline.
         """
-        limits = self._deadlines(time.monotonic(), context)
+        limits = self._deadlines(time.monotonic() if arrived is None else arrived, context)
         attempt = 0
         while True:
             light = None if operation.takes_slot else self._least_loaded()

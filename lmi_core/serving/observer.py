@@ -1,16 +1,24 @@
-"""What a model's pool reports as it serves, for metrics: one typed method per event.
+"""What a model's pool and the server's residency report, for metrics: one typed method per event.
 
 Invariant: ``WorkerPool`` tells its ``PoolObserver`` of every event below, with its model's name, on
-the event loop; an observer's methods never await and never raise (they run inside dispatch).
+the event loop, and ``ModelServer`` of every load and unload; an observer's methods never await and
+never raise (they run inside dispatch and residency transitions).
 ``http.metrics.Metrics`` implements the protocol, and ``ModelServer(observe=...)`` hands it to
 every pool it creates.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from lmi_core.serving.routing import Reason
+
+# Why a model was unloaded: idle past its option.idle_timeout, evicted for another's load, its last
+# request's keep_alive ran out, or the management API unregistered it.
+UnloadReason = Literal["idle", "evicted", "keep_alive", "api"]
+# How: "cold" is a full load (workers start) or unload (workers stop); "warm" a wake-up from, or a
+# going to, sleep (vLLM's sleep mode: the workers stay).
+Tier = Literal["cold", "warm"]
 
 
 class PoolObserver(Protocol):
@@ -23,6 +31,10 @@ class PoolObserver(Protocol):
     def heartbeat(self, model: str, seconds: float) -> None: ...  # one rank's ping round trip
 
     def routed(self, model: str, reason: Reason) -> None: ...  # a dispatch, and why that worker
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None: ...  # a load finished
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None: ...  # an unload finished
 
 
 class NoObserver:
@@ -41,4 +53,10 @@ class NoObserver:
         pass
 
     def routed(self, model: str, reason: Reason) -> None:
+        pass
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None:
+        pass
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None:
         pass

@@ -96,6 +96,9 @@ class RequestContext:
     client_timeout: float | None = None  # x-request-timeout's seconds: lowers the total deadline
     served: list[Decision] = field(default_factory=list)  # appended by the pool at dispatch
     model: str = ""  # set when its first generation starts
+    # Seconds its model stays loaded once idle after it (keep_alive: 0 unloads at once, inf never);
+    # None: the model's option.idle_timeout.
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
-from lmi_core.operations import Detokenize, Operation, Tokenize, TokenizerEngine
+from lmi_core.operations import Detokenize, Operation, Sleep, SleepEngine, Tokenize, TokenizerEngine, WakeUp
 
 
 def no_adapters(engine: Engine, name: str) -> EngineError:
@@ -55,6 +55,10 @@ def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any
         return engine.tokenize(operation)
     if isinstance(operation, Detokenize) and isinstance(engine, TokenizerEngine):
         return engine.detokenize(operation.ids)
+    if isinstance(operation, Sleep) and isinstance(engine, SleepEngine):
+        return engine.sleep(operation.level)
+    if isinstance(operation, WakeUp) and isinstance(engine, SleepEngine):
+        return engine.wake_up()
     message = f"this backend ({type(engine).__name__}) does not {operation.op}"
     raise EngineError(message, status=501, type="NotImplemented")
 

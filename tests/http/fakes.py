@@ -22,7 +22,7 @@ from lmi_core.http.state import AppState
 from lmi_core.operations import Detokenize, Operation, Tokenize, TokenizeResult
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
-from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
+from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, Residency, health_of
 from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
@@ -89,9 +89,23 @@ def model(
     state: ModelState = ModelState.LOADED,
     error: str | None = None,
     at_startup: bool = False,
+    on_demand: bool = False,
+    resident_bytes: int | None = None,
 ) -> ModelSnapshot:
-    health = health_of(state, error, pool_snapshot)
-    return ModelSnapshot(name, f"/models/{name}", at_startup, health, pool_snapshot)
+    health = health_of(state, error, pool_snapshot, on_demand)
+    residency = Residency(
+        state=state,
+        on_demand=on_demand,
+        pinned=False,
+        in_use=0,
+        waiting=0,
+        asleep=False,
+        resident_bytes=resident_bytes,
+        expires_in=None,
+        loads=1 if state is ModelState.LOADED else 0,
+        last_error=None,
+    )
+    return ModelSnapshot(name, f"/models/{name}", at_startup, health, pool_snapshot, residency)
 
 
 class FakeModel:

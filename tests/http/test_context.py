@@ -7,6 +7,8 @@ does; with real workers and real decisions: ``tests/test_routing_http.py``.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lmi_core.errors import BadRequestError
@@ -70,3 +72,23 @@ def test_one_context_per_request_reaches_every_generation_and_labels_its_metrics
     metrics = api.get("/metrics").text
     assert 'lmi_http_requests_total{model="a",route="/v1/completions",status="200"} 1.0' in metrics
     assert 'lmi_http_requests_total{model="",route="unmatched",status="400"} 1.0' in metrics
+
+
+def test_keep_alive_reaches_the_model_from_every_body_that_names_a_model_and_a_bad_one_is_a_400() -> None:
+    models = FakeModels(model("a", pool("a", worker(0))))
+    api = client(models)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "5m"}).status_code == 200
+    assert api.post("/v1/chat/completions", json={**chat, "keep_alive": 0}).status_code == 200
+    assert api.post("/invocations", json={**chat, "keep_alive": -1}).status_code == 200  # chat, DJL's route
+    lmi = {"inputs": "hi", "parameters": {"keep_alive": "10s"}}
+    assert api.post("/invocations", json=lmi).status_code == 200
+    assert api.post("/invocations", json={"inputs": "hi"}).status_code == 200
+    kept = [c.keep_alive if c is not None else "no context" for c in models.served_models["a"].contexts]
+    assert kept == [300.0, 0.0, math.inf, 10.0, None]
+    bad = api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+    bad = api.post("/invocations", json={"inputs": "hi", "parameters": {"keep_alive": True}})
+    assert bad.status_code == 400 and bad.json()["param"] == "parameters.keep_alive"
+    lmi_on_openai = api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "1m"})
+    assert "x-lmi-ignored-fields" not in lmi_on_openai.headers  # a known field, not an ignored one

@@ -42,7 +42,9 @@ async def server(tmp_path: Path) -> AsyncIterator[ModelServer]:
 
 
 def slices(server: ModelServer, name: str) -> list[tuple[str, ...]]:
-    return [g.devices for g in server.get(name).groups]
+    snapshot = server.describe(name).pool
+    assert snapshot is not None
+    return list(snapshot.groups)
 
 
 async def test_models_get_disjoint_gpus_unless_they_name_them(server: ModelServer) -> None:
