@@ -47,11 +47,12 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 	bash scripts/setup-vllm.sh $(VLLM_VENV)
 	touch $@
 
-# The vLLM half of the backend parity suite, the hf-vs-vllm comparison and the vLLM half of the LoRA
-# server tests run here (the venv has lmi-hf and peft).
+# The vLLM half of the backend parity suite, the hf-vs-vllm comparison, the vLLM half of the LoRA
+# server tests and of the residency tests run here (the venv has lmi-hf and peft).
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
-		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py $(ARGS)
+		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py \
+		tests/test_residency.py $(ARGS)
 
 # LitServe, the baseline of benchmarks/bench_litserve.py, in a venv of its own (it pins fastapi).
 setup-litserve: $(LITSERVE_VENV)/.installed

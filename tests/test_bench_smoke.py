@@ -33,3 +33,14 @@ def test_lora_benchmark_runs_and_prints_its_ratio(tmp_path: Path, capsys: pytest
     with capsys.disabled():
         print(f"\nlora smoke: 4 adapters + base = {figures['ratio']:.3f} of base-only tokens/s")
     assert figures["base_tok_s"] > 0 and figures["mixed_tok_s"] > 0
+
+
+def test_residency_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.bench_residency import measure, report
+
+    figures = measure(tmp_path, tokens=2, rounds=1, larger=None)["demo"]
+    with capsys.disabled():
+        print(f"\nresidency smoke: {report('demo', figures)}")
+    assert all(seconds > 0 for seconds in figures.values())

@@ -223,7 +223,7 @@ class Metrics:
         )
         self.model_load_seconds = Histogram(
             "lmi_model_load_seconds",
-            "Time to load a model (making room included), by tier",
+            "Time to load a model once it has room (the wait for room is in the queue time), by tier",
             ["model", "tier"],
             buckets=LOAD_BUCKETS,
             registry=self.registry,

@@ -151,7 +151,10 @@ class ModelEntry:
             in_use=self.in_use,
             waiting=self.waiting,
             asleep=self.asleep,
-            resident_bytes=sum(self.held.values()) if self.state is ModelState.LOADED else None,
+            # What it holds once measured (asleep: what it holds asleep); an estimate is not shown.
+            resident_bytes=sum(self.held.values())
+            if self.state is ModelState.LOADED and self.measured
+            else None,
             expires_in=expires_in,
             loads=self.loads,
             last_error=self.error if self.state is not ModelState.FAILED else None,

@@ -117,9 +117,12 @@ class Room:
     why: str = ""
 
 
+MODELS = "max_loaded_models"
+
+
 def _over(count: int, used: Mapping[str, int], need: Mapping[str, int], budget: Budget) -> list[str]:
-    """What one more model needing ``need`` would exceed: ``"models"`` and/or its devices."""
-    over = ["models"] if budget.max_models is not None and count + 1 > budget.max_models else []
+    """What one more model needing ``need`` would exceed: ``MODELS`` and/or the devices it needs."""
+    over = [MODELS] if budget.max_models is not None and count + 1 > budget.max_models else []
     return over + [
         d for d, n in need.items() if d in budget.capacity and used.get(d, 0) + n > budget.capacity[d]
     ]
@@ -145,7 +148,7 @@ def make_room(need: Mapping[str, int], holders: Sequence[Holder], budget: Budget
         over = _over(count, used, need, budget)
         if not over:
             break
-        if "models" in over or any(holder.held.get(d, 0) > 0 for d in over):
+        if MODELS in over or any(holder.held.get(d, 0) > 0 for d in over):
             victims.append(holder.name)
             count -= 1
             for device, size in holder.held.items():
@@ -155,16 +158,17 @@ def make_room(need: Mapping[str, int], holders: Sequence[Holder], budget: Budget
         return Room(tuple(victims))
     left = [h for h in holders if h.name not in victims]
     busy = [h.name for h in left if not h.pinned]
-    why = f"{', '.join(over)} over budget; held by {', '.join(sorted(h.name for h in left)) or 'nothing'}"
+    full = [f"{MODELS}={budget.max_models}" if o == MODELS else f"the memory budget of {o}" for o in over]
+    why = f"{' and '.join(full)} reached; held by {', '.join(sorted(h.name for h in left))}"
     return Room(None, wait=bool(busy), why=why)
 
 
 # -- what a model will hold -----------------------------------------------------------------------
 
 # A worker rank's own memory before any weight: the interpreter, torch and the engine. Measured here:
-# the demo model's worker (2 MB of weights) has a PSS of about 330 MB on CPU (HF backend); CUDA adds
-# its context, about 500 MB per GPU.
-RANK_OVERHEAD_CPU = 350 * 1024**2
+# the demo model's worker (2 MB of weights) has a PSS of 296-301 MiB on CPU (HF backend); CUDA adds
+# its context, about 500 MiB per GPU.
+RANK_OVERHEAD_CPU = 300 * 1024**2
 RANK_OVERHEAD_GPU = 500 * 1024**2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # vLLM takes this fraction of each of its GPUs at start (its --gpu-memory-utilization default).

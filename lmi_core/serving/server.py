@@ -289,6 +289,7 @@ class ModelServer:
         progress = asyncio.get_running_loop().create_task(self._progress(name, started))
         try:
             pool = await self._claim_room(entry)
+            claimed = time.monotonic()  # the load proper starts: what waited for room is not its cost
             if warm:
                 await pool.wake_up()
             else:
@@ -298,7 +299,7 @@ class ModelServer:
             await self._load_failed(entry, exc)
             raise
         progress.cancel()
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - claimed
         entry.state, entry.on_demand, entry.asleep, entry.error = ModelState.LOADED, True, False, None
         entry.loads += 1
         entry.max_model_len = pool.max_model_len
@@ -307,7 +308,10 @@ class ModelServer:
         measured = await self._measure(pool)
         if measured:
             entry.held = entry.measured = measured
-        logger.info("model %s: loaded (%s) in %.1f s; holds %s", name, tier, seconds, _size(entry.held))
+        waited = f" after {claimed - started:.1f} s waiting for room" if claimed - started >= 0.1 else ""
+        logger.info(
+            "model %s: loaded (%s) in %.1f s%s; holds %s", name, tier, seconds, waited, _size(entry.held)
+        )
         if entry.in_use == 0:  # nobody's request loaded it (startup, management API): idle from now
             self._arm_expiry(entry)
         self._notify()
@@ -316,16 +320,18 @@ class ModelServer:
     async def _load_failed(self, entry: ModelEntry, exc: BaseException) -> None:
         """A load that failed (or was cancelled): ``entry`` gives its room back. One that loads on
         demand stays registered (its next request tries again); a first load promised at registration
-        leaves it FAILED. Being unregistered (``unload``) is not a failure."""
-        pool, entry.pool, entry.held, entry.asleep = entry.pool, None, {}, False
-        removed = entry.state is ModelState.UNLOADING or self._models.get(entry.name) is not entry
+        leaves it FAILED. Being unregistered (``unload``) is not a failure.
+
+        The state changes once its workers are gone (their devices and memory free): until then a
+        request joins this load and gets its error."""
         message = str(exc) or type(exc).__name__
-        if not removed:
+        if entry.pool is not None:
+            await entry.pool.stop(f"model {entry.name} failed to load: {message}")
+        entry.pool, entry.held, entry.asleep = None, {}, False
+        if entry.state is not ModelState.UNLOADING and self._models.get(entry.name) is entry:
             entry.error = message
             entry.state = ModelState.REGISTERED if entry.on_demand else ModelState.FAILED
             logger.error("model %s: failed to load: %s", entry.name, message)
-        if pool is not None:
-            await pool.stop(f"model {entry.name} failed to load: {message}")
         self._notify()
 
     async def _progress(self, name: str, started: float) -> None:
@@ -399,7 +405,7 @@ class ModelServer:
                 await asyncio.gather(*evictions)
                 return pool
             if not room.wait:
-                raise NoRoomError(f"model {entry.name} does not fit the memory budget: {room.why}")
+                raise NoRoomError(f"model {entry.name} does not fit: {room.why}")
             await self._wait_for_change(deadline, f"model {entry.name} waits for room: {room.why}")
 
     async def _plan_evicting(self, entry: ModelEntry, deadline: float) -> devices.AllocationPlan:
@@ -519,7 +525,7 @@ class ModelServer:
             changed.cancel()
         if awaited.done() and awaited is entry.loading:
             if awaited.cancelled():
-                raise ModelNotReadyError(f"model {entry.name} was unregistered while loading")
+                raise ModelNotFoundError(f"Model or workflow not found: {entry.name} (unregistered)")
             failure = awaited.exception()
             if isinstance(failure, ServiceError):
                 raise failure
@@ -624,6 +630,8 @@ class ModelServer:
         plan = await self.plan(pool.config.model_copy(update={"min_workers": lo, "max_workers": hi}))
         logger.info("model %s: scaling to %d..%d workers", name, plan.min_workers, plan.max_workers)
         await pool.resize(plan, wait=wait)
+        # Kept for the model's next load, should it be unloaded.
+        pool.config.min_workers, pool.config.max_workers = plan.min_workers, plan.max_workers
         return pool.describe()
 
     async def unload(self, name: str) -> None:

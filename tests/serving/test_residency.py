@@ -90,9 +90,9 @@ def test_pinned_and_busy_models_are_never_evicted() -> None:
     assert room.victims == ("idle",)
     waiting = make_room({CPU: GIB}, holders, Budget(2, {}))
     assert waiting.victims is None and waiting.wait  # the busy one may go idle
-    assert "models" in waiting.why and "busy" in waiting.why
+    assert waiting.why == "max_loaded_models=2 reached; held by busy, pinned"
     never = make_room({CPU: GIB}, [holders[0]], Budget(1, {}))
-    assert never == Room(None, wait=False, why="models over budget; held by pinned")  # 503 at once
+    assert never == Room(None, wait=False, why="max_loaded_models=1 reached; held by pinned")  # 503 at once
 
 
 def test_an_eviction_that_would_not_help_is_not_made() -> None:

@@ -103,6 +103,8 @@ async def test_scale_replans_within_the_gpus_left(server: ModelServer) -> None:
     assert (pool.min_workers, pool.max_workers) == (2, 2)
     pool = await server.scale("a", None, 1, wait=False)
     assert (pool.min_workers, pool.max_workers) == (1, 1)  # an omitted min follows max down
+    config = server.get("a").config  # the bounds its next load uses, should it be unloaded
+    assert (config.min_workers, config.max_workers) == (1, 1)
     with pytest.raises(ModelNotFoundError):
         await server.scale("nope", 1, 1)
 
