@@ -10,8 +10,8 @@ for ``--rounds``. Each request generates ``--tokens`` tokens. Prints the medians
 ratios: cold / fresh start (the server's own start-up is what residency saves), evict-then-load /
 cold (what unloading the other model costs) and warm / cold.
 
-Usage: python benchmarks/bench_residency.py [--rounds 2] [--tokens 8] [--larger-hidden 1024]
-                                           [--larger-layers 8]
+Usage: python benchmarks/bench_residency.py [--models demo,larger] [--rounds 2] [--tokens 8]
+                                           [--larger-hidden 1024] [--larger-layers 8]
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def residency(root: Path, weights: Path, tokens: int, rounds: int) -> dict[str, 
 
 
 def measure(
-    root: Path, tokens: int, rounds: int, larger: tuple[int, int] | None
+    root: Path, tokens: int, rounds: int, larger: tuple[int, int] | None, demo: bool = True
 ) -> dict[str, dict[str, float]]:
-    """The figures for the demo model and, unless ``larger`` is None, a (hidden size, layers) model."""
-    models = {"demo": build_demo_model(root / "weights-demo")}
+    """The figures for the demo model (unless ``demo`` is False) and, unless ``larger`` is None, a
+    (hidden size, layers) model."""
+    models = {"demo": build_demo_model(root / "weights-demo")} if demo else {}
     if larger is not None:
         hidden, layers = larger
         models["larger"] = build_demo_model(root / "weights-larger", hidden_size=hidden, num_layers=layers)
@@ -98,13 +99,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # Each model alone fits a short run on a busy machine: --models demo, then --models larger.
+    parser.add_argument("--models", default="demo,larger", help="demo, larger or both (comma-separated)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--larger-hidden", type=int, default=1024)
     parser.add_argument("--larger-layers", type=int, default=8)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lmi-bench-residency-"))
-    figures = measure(root, args.tokens, args.rounds, (args.larger_hidden, args.larger_layers))
+    models = set(args.models.split(","))
+    if not models or models - {"demo", "larger"}:
+        parser.error(f"--models: demo, larger or demo,larger, not {args.models!r}")
+    larger = (args.larger_hidden, args.larger_layers) if "larger" in models else None
+    figures = measure(root, args.tokens, args.rounds, larger, demo="demo" in models)
     for name, numbers in figures.items():
         print(report(name, numbers), flush=True)
 
