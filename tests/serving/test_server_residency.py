@@ -83,6 +83,24 @@ async def test_a_registered_model_is_servable_and_its_first_requests_share_one_l
     assert state(server, "a") is ModelState.LOADED and server.describe("a").residency.loads == 1
 
 
+async def test_a_request_counts_its_wait_for_room_in_its_queue_time(
+    server: ModelServer, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[tuple[str, float]] = []
+    monkeypatch.setattr(recorder, "queue_time", lambda model, seconds: waits.append((model, seconds)))
+    for name in "ab":
+        await server.load(config(name, **ON_DEMAND))
+    stream = generate(server, "a")
+    await anext(stream)  # a holds the only room
+    waiting = asyncio.ensure_future(answer(server, "b"))
+    await until(lambda: state(server, "b") is ModelState.LOADING)
+    await asyncio.sleep(0.3)  # b waits for room, before it has a pool to queue in
+    FakeWorker.gate.set()
+    assert isinstance([e async for e in stream][-1], Finished)
+    assert isinstance((await waiting)[-1], Finished)
+    assert [seconds >= 0.3 for model, seconds in waits if model == "b"] == [True]  # from its arrival
+
+
 async def test_a_load_evicts_the_least_recently_used_idle_model_and_waits_for_a_held_one(
     server: ModelServer, recorder: Recorder
 ) -> None:
