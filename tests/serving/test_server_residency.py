@@ -52,6 +52,12 @@ async def server(
     await made.shutdown()
 
 
+async def on_demand(server: ModelServer, names: str) -> None:
+    """Register one model per letter of ``names``, each to load on its first request."""
+    for name in names:
+        await server.load(config(name, **ON_DEMAND))
+
+
 def generate(
     server: ModelServer, name: str, context: RequestContext | None = None
 ) -> AsyncIterator[GenerationEvent]:
@@ -88,8 +94,7 @@ async def test_a_request_counts_its_wait_for_room_in_its_queue_time(
 ) -> None:
     waits: list[tuple[str, float]] = []
     monkeypatch.setattr(recorder, "queue_time", lambda model, seconds: waits.append((model, seconds)))
-    for name in "ab":
-        await server.load(config(name, **ON_DEMAND))
+    await on_demand(server, "ab")
     stream = generate(server, "a")
     await anext(stream)  # a holds the only room
     waiting = asyncio.ensure_future(answer(server, "b"))
@@ -104,8 +109,7 @@ async def test_a_request_counts_its_wait_for_room_in_its_queue_time(
 async def test_a_load_evicts_the_least_recently_used_idle_model_and_waits_for_a_held_one(
     server: ModelServer, recorder: Recorder
 ) -> None:
-    for name in "abc":
-        await server.load(config(name, **ON_DEMAND))
+    await on_demand(server, "abc")
     FakeWorker.gate.set()
     await answer(server, "a")
     await answer(server, "b")  # evicts a: the budget is one model
@@ -153,8 +157,7 @@ async def test_the_memory_budget_evicts_by_each_models_footprint(
     server: ModelServer, recorder: Recorder
 ) -> None:
     # No weights on disk and no process to measure: each holds its estimate, one rank's 300 MiB.
-    for name in "ab":
-        await server.load(config(name, **ON_DEMAND))
+    await on_demand(server, "ab")
     FakeWorker.gate.set()
     await answer(server, "a")
     await answer(server, "b")
@@ -207,8 +210,7 @@ async def test_idle_models_unload_by_keep_alive_or_idle_timeout_never_while_held
 async def test_unregistering_a_model_that_waits_for_room_ends_its_load_and_its_waiters(
     server: ModelServer, recorder: Recorder
 ) -> None:
-    for name in "ab":
-        await server.load(config(name, **ON_DEMAND))
+    await on_demand(server, "ab")
     stream = generate(server, "a")
     await anext(stream)  # a holds the only room
     waiting = asyncio.ensure_future(answer(server, "b"))
