@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Server, model_dir
 from lmi_core.demo_model import build_demo_model
+from lmi_core.serving.residency import weights_bytes
 
 TIMEOUT = 600.0
 
@@ -51,7 +52,8 @@ def fresh_start(directory: Path, tokens: int) -> float:
 
 
 def residency(root: Path, weights: Path, tokens: int, rounds: int) -> dict[str, float]:
-    """Median seconds of a fresh start and of cold, warm and evict-then-load requests for ``weights``."""
+    """Median seconds of a fresh start and of cold, warm and evict-then-load requests for ``weights``,
+    and the size of its weights (MiB)."""
     on_demand = {"option.load_on_startup": "false"}
     first, second = (model_dir(root, name, weights, on_demand) for name in ("x", "y"))
     fresh = [fresh_start(model_dir(root, "fresh", weights, {}), tokens) for _ in range(rounds)]
@@ -70,6 +72,7 @@ def residency(root: Path, weights: Path, tokens: int, rounds: int) -> dict[str, 
         "cold": statistics.median(cold),
         "warm": statistics.median(warm),
         "evict": statistics.median(evict),
+        "weights_mib": weights_bytes(str(weights)) / 1024**2,
     }
 
 
@@ -87,7 +90,8 @@ def measure(
 
 def report(name: str, figures: dict[str, float]) -> str:
     return (
-        f"{name}: fresh start {figures['fresh']:.2f} s, cold {figures['cold']:.2f} s, "
+        f"{name} ({figures['weights_mib']:.0f} MiB of weights): fresh start {figures['fresh']:.2f} s, "
+        f"cold {figures['cold']:.2f} s, "
         f"warm {figures['warm']:.3f} s, evict-then-load {figures['evict']:.2f} s; "
         f"cold / fresh start {figures['cold'] / figures['fresh']:.2f}, "
         f"evict-then-load / cold {figures['evict'] / figures['cold']:.2f}, "
@@ -106,12 +110,12 @@ def main() -> None:
     parser.add_argument("--larger-hidden", type=int, default=1024)
     parser.add_argument("--larger-layers", type=int, default=8)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="lmi-bench-residency-"))
     models = set(args.models.split(","))
     if not models or models - {"demo", "larger"}:
         parser.error(f"--models: demo, larger or demo,larger, not {args.models!r}")
     larger = (args.larger_hidden, args.larger_layers) if "larger" in models else None
-    figures = measure(root, args.tokens, args.rounds, larger, demo="demo" in models)
+    with tempfile.TemporaryDirectory(prefix="lmi-bench-residency-") as root:
+        figures = measure(Path(root), args.tokens, args.rounds, larger, demo="demo" in models)
     for name, numbers in figures.items():
         print(report(name, numbers), flush=True)
 
