@@ -9,7 +9,7 @@ LITSERVE_VENV ?= .venv-litserve
 DEMO ?= demo-model
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm lint bench setup setup-vllm setup-clients setup-litserve clean
+.PHONY: serve test test-fast test-vllm test-clients test-clients-vllm test-image image lint bench setup setup-vllm setup-clients setup-litserve clean
 
 setup: $(VENV)/.installed
 
@@ -48,10 +48,12 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 	touch $@
 
 # The vLLM half of the backend parity suite, the hf-vs-vllm comparison, the vLLM half of the LoRA
-# server tests and of the residency tests run here (the venv has lmi-hf and peft).
+# server, reasoning and agent API tests, DJL's custom formatters and the residency tests on vLLM run
+# here (the venv has lmi-hf and peft).
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
 		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py \
+		tests/test_reasoning_server.py tests/test_agent_apis.py tests/test_djl_formatters.py \
 		tests/test_residency.py $(ARGS)
 
 # LitServe, the baseline of benchmarks/bench_litserve.py, in a venv of its own (it pins fastapi).
@@ -80,6 +82,15 @@ test-clients-vllm: $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed
 	LMI_CLIENTS_VENV=$(abspath $(CLIENTS_VENV)) LMI_VLLM_VENV=$(abspath $(VLLM_VENV)) \
 		$(VLLM_VENV)/bin/python -m pytest -q -m "clients and vllm" -o addopts="-p no:cacheprovider" \
 		tests/clients $(ARGS)
+
+# The container image (Dockerfile) with buildah, no daemon: FLAVOUR=cpu (default) or cuda, BASE=...
+FLAVOUR ?= cpu
+image:
+	bash scripts/build-image.sh $(FLAVOUR)
+
+# Build the CPU image and smoke-test it: tini, non-root, the demo model, /health, a drain on SIGTERM.
+test-image: image
+	bash scripts/image-smoke.sh localhost/lmi-core:0.1.0-$(FLAVOUR)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(CLIENTS_VENV) $(DEMO)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import pluggy
 
 from lmi_core.errors import ConfigError
+from lmi_core.reasoning import model_parser, parser_registry
 
 if TYPE_CHECKING:  # the worker side imports this module: no pydantic there
     from lmi_core.config import ModelConfig
@@ -25,6 +26,8 @@ class BackendSpec:
     rolling_batch: tuple[str, ...] = ()
     # Lower is preferred by option.rolling_batch=auto.
     auto_priority: int = 100
+    # Whether option.rolling_batch=auto may pick it (the handler backend serves only models that ask).
+    auto: bool = True
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     # Its engine honours GenerationRequest.resume_ids, so a stream whose worker died mid-request can
@@ -71,9 +74,10 @@ def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch:
         raise ConfigError("option.backend", backend, f"an installed backend: {available}")
     choice = (rolling_batch or "auto").lower()
     if choice == "auto":
-        if not specs:
+        candidates = [s for s in specs.values() if s.auto]
+        if not candidates:
             raise ConfigError("option.rolling_batch", choice, f"an installed backend: {available}")
-        return min(specs.values(), key=lambda s: (s.auto_priority, s.name))
+        return min(candidates, key=lambda s: (s.auto_priority, s.name))
     for spec in specs.values():
         if choice in spec.rolling_batch:
             return spec
@@ -86,7 +90,8 @@ def select_backend(pm: pluggy.PluginManager, backend: str | None, rolling_batch:
 
 
 def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
-    """Fill in the backend and the mode, and let the backend check its options."""
+    """Fill in the backend and the mode, and let the backend check its options; the core's own
+    plugin-provided option (``option.reasoning_parser``) must name a parser."""
     spec = select_backend(pm, config.backend_name, config.rolling_batch)
     config.backend = spec.name
     if config.mpi_mode is not None:  # an explicit option.mpi_mode always wins
@@ -99,4 +104,5 @@ def resolve_model(config: ModelConfig, pm: pluggy.PluginManager) -> ModelConfig:
             raise ConfigError("option.mpi_mode", mode, "a mode of python or mpi (from the backend plugin)")
         config.mode = mode
     pm.hook.validate_config(config=config)
+    model_parser(config.options, parser_registry(pm.hook.register_reasoning_parsers()))
     return config

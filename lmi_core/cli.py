@@ -15,7 +15,13 @@ from urllib.parse import urlparse
 
 import uvicorn
 
-from lmi_core.config import ModelConfig, ServerConfig, build_server_config, load_model_config
+from lmi_core.config import (
+    ModelConfig,
+    ServerConfig,
+    build_server_config,
+    load_model_config,
+    model_directories,
+)
 from lmi_core.errors import ConfigError
 
 logger = logging.getLogger("lmi_core")
@@ -28,11 +34,24 @@ def _address(url: str, key: str = "inference_address") -> tuple[str, int]:
     return parsed.hostname, parsed.port or 8080
 
 
-def _models(args: argparse.Namespace) -> list[ModelConfig]:
+def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
+    """One model per ``--model-dir`` (a model store's subdirectories each), or ``--model-id``'s."""
     model_id = args.model_id or os.environ.get("HF_MODEL_ID")
-    if args.model_dir is None and model_id is None:
+    directories = [d for given in args.model_dir or [] for d in model_directories(given)]
+    if not directories and model_id is None:
         raise ConfigError("--model-dir", None, "a model directory, --model-id or HF_MODEL_ID")
-    return [load_model_config(args.model_dir, model_id=model_id, name=args.model_name)]
+    if len(directories) > 1:
+        for flag, value in (("--model-id", args.model_id), ("--model-name", args.model_name)):
+            if value is not None:
+                raise ConfigError(flag, value, f"unset with several models ({', '.join(directories)})")
+        models = [load_model_config(d) for d in directories]
+        names = [m.name for m in models]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError("option.served_model_name", name, "a name no other model has")
+        return models
+    directory = directories[0] if directories else None
+    return [load_model_config(directory, model_id=model_id, name=args.model_name)]
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -53,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         cors_allowed_origins=args.cors_allowed_origins,
     )
-    models = _models(args)
+    models = model_configs(args)
     pm = get_plugin_manager()
     for model in models:
         resolve_model(model, pm)  # fail fast on a bad backend or option, before binding the port
@@ -160,15 +179,19 @@ def doctor(args: argparse.Namespace) -> int:
     from lmi_core.launch.hosts import job_hosts
     from lmi_core.launch.preflight import doctor as run_doctor
 
-    config = _models(args)[0]
+    config = model_configs(args)[0]
     return run_doctor(config, job_hosts(config))
 
 
 def demo_model(args: argparse.Namespace) -> int:
+    from lmi_core.demo_encoder import build_demo_encoder
     from lmi_core.demo_model import build_demo_model
 
-    path = build_demo_model(args.directory)
-    print(f"demo model written to {path}")
+    if args.kind == "llm":
+        path = build_demo_model(args.directory)
+    else:
+        path = build_demo_encoder(args.directory, args.kind)
+    print(f"demo {args.kind} model written to {path}")
     return 0
 
 
@@ -176,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmi", description="lmi-core large model inference server")
     commands = parser.add_subparsers(dest="command", required=True)
     p_serve = commands.add_parser("serve", help="serve a model directory over HTTP")
-    p_serve.add_argument("--model-dir", help="directory with the model and its serving.properties")
+    p_serve.add_argument(
+        "--model-dir",
+        action="append",
+        help="directory with the model and its serving.properties; repeat it (or name a directory of "
+        "model directories) to serve several models, each with its own workers",
+    )
     p_serve.add_argument("--model-id", help="option.model_id (a local path here; also env HF_MODEL_ID)")
     p_serve.add_argument("--model-name", help="the model's name in the API (default: the directory name)")
     p_serve.add_argument("--host", help="bind address (default 127.0.0.1; env SERVING_INFERENCE_ADDRESS)")
@@ -197,12 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_backends.set_defaults(func=backends)
     p_doctor = commands.add_parser("doctor", help="check every host of a multi-host MPI job (preflight)")
-    p_doctor.add_argument("--model-dir", help="directory with the model and its serving.properties")
+    p_doctor.add_argument(
+        "--model-dir", action="append", help="directory with the model and its serving.properties"
+    )
     p_doctor.add_argument("--model-id", help="option.model_id (also env HF_MODEL_ID)")
     p_doctor.add_argument("--model-name", help="the model's name (default: the directory name)")
     p_doctor.set_defaults(func=doctor)
     p_demo = commands.add_parser("demo-model", help="build the tiny offline demo model into DIRECTORY")
     p_demo.add_argument("directory")
+    p_demo.add_argument(
+        "--kind",
+        choices=("llm", "embedding", "reranker"),
+        default="llm",
+        help="a random Llama (default), a BERT embedding model or a BERT cross-encoder reranker",
+    )
     p_demo.set_defaults(func=demo_model)
     return parser
 

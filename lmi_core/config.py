@@ -17,8 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmi_core import custom_code
+from lmi_core.djl_options import DjlOptions, djl_options
 from lmi_core.errors import ConfigError
-from lmi_core.option_values import LoraSettings, lora_settings
+from lmi_core.option_values import LoraSettings, default_chat_template_kwargs, lora_settings
+from lmi_core.pooling import PoolingSettings, pooling_settings
 
 PROPERTIES_FILE = "serving.properties"
 
@@ -190,8 +193,15 @@ class ModelConfig(_Strict):
     routing_kv_weight: float = Field(0.5, ge=0)
     routing_imbalance_abs: int = Field(8, ge=0)
     routing_imbalance_rel: float = Field(1.5, ge=1)
+    # The Responses API's store (docs/api.md): "off" is stateless; "memory" keeps up to
+    # responses_store_size responses (least recently used dropped first) for responses_store_ttl seconds.
+    responses_store: Literal["off", "memory"] = "off"
+    responses_store_ttl: float = Field(3600.0, gt=0)
+    responses_store_size: int = Field(1000, ge=1)
     # Backend keys the core does not know: validated by the backend plugin (validate_config hook).
     options: dict[str, str] = Field(default_factory=dict)
+    # The custom code file (DJL's model.py, or option.entryPoint), absolute; None: the model has none.
+    entry_point: str | None = None
     # Filled by ``resolve`` from the plugins.
     backend: str = ""
     mode: Literal["python", "mpi"] = "python"
@@ -204,6 +214,16 @@ class ModelConfig(_Strict):
     def loads_on_startup(self, server: ServerConfig) -> bool:
         """Whether registering this model loads it (else its first request does)."""
         return server.load_on_startup if self.load_on_startup is None else self.load_on_startup
+
+    @property
+    def pooling(self) -> PoolingSettings:
+        """``option.task``, ``option.pooling``, ``option.normalize`` (validated by ``build_model_config``)."""
+        return pooling_settings(self.options)
+
+    @property
+    def djl(self) -> DjlOptions:
+        """DJL's output format, TGI, session and handler options (validated by ``build_model_config``)."""
+        return djl_options(self.options)
 
     @property
     def world_size(self) -> int:
@@ -255,11 +275,17 @@ MODEL_KEYS: dict[str, str] = {
     "option.routing_kv_weight": "routing_kv_weight",
     "option.routing_imbalance_abs": "routing_imbalance_abs",
     "option.routing_imbalance_rel": "routing_imbalance_rel",
+    "option.responses_store": "responses_store",
+    "option.responses_store_ttl": "responses_store_ttl",
+    "option.responses_store_size": "responses_store_size",
 }
-# Keys DJL users commonly set that lmi-core accepts and ignores (no effect here).
-IGNORED_MODEL_KEYS = frozenset(
-    {"option.entryPoint", "option.async_mode", "batch_size", "max_batch_delay", "option.revision"}
-)
+# Keys DJL users commonly set that lmi-core accepts without effect, each with the reason (logged).
+IGNORED_MODEL_KEYS = {
+    "option.async_mode": "every backend runs requests concurrently (DJL's async mode is the only mode)",
+    "batch_size": "requests join the engine's continuous batch; there is no dynamic batching",
+    "max_batch_delay": "requests join the engine's continuous batch; there is no dynamic batching",
+    "option.revision": "the model is read from option.model_id as it is",
+}
 
 
 def _field_error(exc: ValidationError, key_of: Mapping[str, str], raw: Mapping[str, Any]) -> ConfigError:
@@ -287,7 +313,7 @@ def build_model_config(
         if key in MODEL_KEYS:
             values[MODEL_KEYS[key]] = value
         elif key in IGNORED_MODEL_KEYS:
-            continue
+            logger.warning("%s=%s has no effect in lmi-core: %s", key, value, IGNORED_MODEL_KEYS[key])
         elif key.startswith("option."):
             options[key[len("option.") :]] = value
         else:
@@ -308,6 +334,19 @@ def build_model_config(
         values.setdefault("name", name)
     values["model_dir"] = model_dir
     values["options"] = options
+    djl = djl_options(options)  # a bad DJL option fails the start, not the first request
+    named = options.get("entryPoint") or environ.get("DJL_ENTRY_POINT")
+    entry = values["entry_point"] = custom_code.entry_point_file(model_dir, named)
+    # DJL: the entry point's handler function, where it has one, is the model (its Python engine).
+    if (
+        entry is not None
+        and named not in custom_code.DJL_HANDLERS
+        and custom_code.defines(entry, djl.handler)
+    ):
+        backend = values.setdefault("backend_name", "handler")
+        if backend != "handler":
+            allowed = f"handler: {entry} defines {djl.handler}(), which serves the model"
+            raise ConfigError("option.backend", backend, allowed)
     # Name the key the user actually wrote (several keys map to one field: maxWorkers, gpu.maxWorkers).
     key_of = {MODEL_KEYS[k]: k for k in merged if k in MODEL_KEYS}
     try:
@@ -318,6 +357,8 @@ def build_model_config(
     if low is not None and high is not None and low > high:
         raise ConfigError("minWorkers", low, f"at most maxWorkers ({high})")
     lora_settings(options)  # bad LoRA settings fail the start, not the first adapter request
+    default_chat_template_kwargs(options)  # bad JSON fails the start, not every chat request
+    pooling_settings(options)  # and so does a bad task
     return config
 
 
@@ -346,6 +387,21 @@ def load_model_config(
     if name is not None:
         name = re.sub(r"\W", "_", name)
     return build_model_config(properties, model_dir=directory, name=name, environ=environ)
+
+
+def model_directories(path: str | os.PathLike[str]) -> list[str]:
+    """The model directories ``--model-dir`` names: ``path`` itself when it holds a model (a
+    ``serving.properties`` or a ``config.json``), else each subdirectory that does, by name (DJL's
+    model store: one ``lmi serve`` for a chat model, an embedding model and a reranker)."""
+    root = Path(path)
+    if not root.is_dir() or (root / PROPERTIES_FILE).is_file() or (root / "config.json").is_file():
+        return [str(root)]
+    found = [
+        str(child)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and ((child / PROPERTIES_FILE).is_file() or (child / "config.json").is_file())
+    ]
+    return found or [str(root)]
 
 
 def build_server_config(

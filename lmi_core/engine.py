@@ -33,6 +33,10 @@ class StructuredOutput:
     # JSON without optional whitespace. Flexible whitespace lets greedy decoding of a weak model emit
     # whitespace until max_tokens (measured: the demo model, every schema); compact ends in ~50 tokens.
     compact_json: bool = True
+    # A reasoning model's end of thinking (``</think>``): the output begins inside the thinking, which
+    # stays free, and the constraint applies to what follows the first ``starts_after`` in the output.
+    # None: the constraint applies from the first token. An engine that cannot defer it refuses it.
+    starts_after: str | None = None
 
 
 @dataclass
@@ -120,6 +124,9 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None
     # Function tools for the chat template (OpenAI's ``tools`` entries), when the request has them.
     tools: list[dict[str, Any]] | None = None
+    # Extra variables for the chat template (OpenAI chat's ``chat_template_kwargs`` over the model's
+    # ``option.default_chat_template_kwargs``), such as ``{"enable_thinking": false}``.
+    chat_template_kwargs: dict[str, Any] | None = None
     # The LoRA adapter to generate with; None: the base model.
     adapter: LoraAdapter | None = None
     # Tokens this request generated and delivered already (a stream migrated from a worker that died
@@ -144,6 +151,7 @@ class GenerationRequest:
             params=SamplingParams(**raw),
             prompt_ids=data.get("prompt_ids"),
             tools=data.get("tools"),
+            chat_template_kwargs=data.get("chat_template_kwargs"),
             adapter=LoraAdapter.from_wire(data["adapter"]) if data.get("adapter") is not None else None,
             resume_ids=[int(t) for t in data.get("resume_ids") or []],
         )
@@ -244,6 +252,8 @@ class WorkerContext:
     # option.dtype (lmi / DJL names such as fp16, bf16, auto); None = the engine's default.
     dtype: str | None = None
     trust_remote_code: bool = False
+    # The model's custom code file (DJL's model.py or option.entryPoint), absolute; None: it has none.
+    entry_point: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -57,6 +57,24 @@ class BadRequestError(ServiceError):
         super().__init__(message, param=param)
 
 
+class PromptTooLongError(BadRequestError):
+    """400: the prompt does not fit the model's context (or ``option.max_input_length``). DJL answers it
+    with 424 on its own routes, so the native API does too (``lmi_core.http.errors``)."""
+
+    type = "PromptTooLongException"
+
+
+class SessionError(ServiceError):
+    """424: a SageMaker stateful-session request that cannot be served (an unknown or expired session,
+    sessions disabled, a bad ``requestType``), as DJL answers it."""
+
+    status = 424
+    type = "SessionException"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+
+
 class AuthenticationError(ServiceError):
     status = 401
     type = "AuthenticationException"

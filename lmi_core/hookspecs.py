@@ -9,7 +9,7 @@ Built-in behaviour is written as plugins on these same hooks: the launchers of b
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -58,6 +58,11 @@ def launch_workers(config: ModelConfig, allocation: list[WorkerSlot]) -> list[La
 @hookspec
 def register_tool_parsers() -> dict[str, Callable[[], Any]]:
     """Name the tool-call parsers (``lmi_core.http.tool_parsers.ToolParser`` factories) this plugin adds."""
+
+
+@hookspec
+def register_reasoning_parsers() -> dict[str, Callable[[Mapping[str, Any]], Any]]:
+    """Name the reasoning parsers (``lmi_core.reasoning.ReasoningParserFactory``) this plugin adds."""
 
 
 # -- worker side ---------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from lmi_core.errors import ConfigError
+
+T = TypeVar("T")
 
 # lmi / DJL dtype names -> the names torch-based engines take.
 DTYPES: dict[str, str] = {
@@ -97,8 +100,26 @@ def close_matches(key: str, known: Iterable[str]) -> str:
     return f" (did you mean {', '.join('option.' + c for c in close)}?)" if close else ""
 
 
-# Model options the HTTP layer reads (tool calling), the same on every backend: not engine options.
-SERVER_OPTIONS = frozenset({"enable_auto_tool_choice", "tool_call_parser"})
+# Model options the core reads, the same on every backend, not engine options: tool calling, reasoning
+# and chat template defaults (the HTTP layer; lmi_vllm reads reasoning_parser too, for vLLM's grammar
+# gate), DJL's output formats, TGI mode and sessions (``lmi_core.djl_options``), the custom code file
+# and its handler (``lmi_core.custom_code``).
+SERVER_OPTIONS = frozenset(
+    {
+        "enable_auto_tool_choice",
+        "tool_call_parser",
+        "reasoning_parser",
+        "default_chat_template_kwargs",
+        "output_formatter",
+        "tgi_compat",
+        "bedrock_compat",
+        "enable_stateful_sessions",
+        "sessions_path",
+        "sessions_expiration",
+        "entryPoint",
+        "handler",
+    }
+)
 # LoRA options, checked by the core (``lora_settings`` in ``build_model_config``) and read by every
 # backend's engine with the same defaults.
 LORA_OPTIONS = frozenset({"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"})
@@ -156,25 +177,42 @@ def true_or_false(value: str) -> bool:
     return value.strip().lower() == "true"
 
 
+def json_object(value: str) -> dict[str, Any]:
+    try:
+        loaded = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"a JSON object ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError("a JSON object")
+    return loaded
+
+
+def read_option(options: Mapping[str, Any], key: str, convert: Callable[[str], T], default: T) -> T:
+    """``option.<key>`` converted (``default`` when unset); a bad value is a ``ConfigError`` naming it."""
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        return convert(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"option.{key}", raw, str(exc)) from None
+
+
+def default_chat_template_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``option.default_chat_template_kwargs``: variables every chat request's template gets unless the
+    request's own ``chat_template_kwargs`` sets them (``{"enable_thinking": false}``)."""
+    return read_option(options, "default_chat_template_kwargs", json_object, {})
+
+
 def lora_settings(options: Mapping[str, str]) -> LoraSettings:
     """``option.enable_lora``, ``max_loras``, ``max_lora_rank``, ``max_cpu_loras``; a bad value is a
     ``ConfigError`` naming its key."""
-
-    def read(key: str, convert: Any, default: Any) -> Any:
-        raw = options.get(key)
-        if raw is None:
-            return default
-        try:
-            return convert(str(raw))
-        except ValueError as exc:
-            raise ConfigError(f"option.{key}", raw, str(exc)) from None
-
-    enabled = read("enable_lora", true_or_false, False)
-    max_loras = read("max_loras", integer(1), LoraSettings.max_loras)
-    rank = read("max_lora_rank", integer(1), LoraSettings.max_lora_rank)
+    enabled = read_option(options, "enable_lora", true_or_false, False)
+    max_loras = read_option(options, "max_loras", integer(1), LoraSettings.max_loras)
+    rank = read_option(options, "max_lora_rank", integer(1), LoraSettings.max_lora_rank)
     if rank not in LORA_RANKS:
         raise ConfigError("option.max_lora_rank", options["max_lora_rank"], f"one of {LORA_RANKS}")
-    cpu = read("max_cpu_loras", integer(1), max_loras)
+    cpu = read_option(options, "max_cpu_loras", integer(1), max_loras)
     if cpu < max_loras:
         allowed = f"at least max_loras ({max_loras})"
         raise ConfigError("option.max_cpu_loras", options["max_cpu_loras"], allowed)

@@ -14,8 +14,13 @@ from lmi_core import hookspecs
 logger = logging.getLogger(__name__)
 
 # Built-in behaviour registered exactly like third-party plugins (datasette's pattern): the
-# launchers of both modes (server side) and the Engine-protocol worker hooks (worker side).
-DEFAULT_PLUGINS: tuple[str, ...] = ("lmi_core.launch.launchers", "lmi_core.worker.engine_hooks")
+# launchers of both modes (server side), the Engine-protocol worker hooks (worker side) and the
+# backend of handle(inputs) models (DJL's Python engine).
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "lmi_core.launch.launchers",
+    "lmi_core.worker.engine_hooks",
+    "lmi_core.worker.handler",
+)
 
 ENTRY_POINT_GROUP = "lmi"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from lmi_core.engine import SamplingParams
-from lmi_core.errors import BadRequestError
+from lmi_core.errors import BadRequestError, PromptTooLongError
 
 # Neutral value of every optional SamplingParams feature: a backend that lacks one refuses a request
 # that sets it to anything else (a silently ignored parameter is a wrong answer the client cannot see).
@@ -62,6 +62,18 @@ def truncate_prompt(ids: list[int], params: SamplingParams) -> list[int]:
     return ids[len(ids) - params.truncate :]
 
 
+def check_prompt_length(length: int, max_input_length: int, max_model_len: int, param: str) -> None:
+    """A prompt longer than ``option.max_input_length`` (the context less one token by default) is a
+    ``PromptTooLongError`` naming ``param``."""
+    if length > max_input_length:
+        raise PromptTooLongError(
+            f"the prompt has {length} tokens; at most {max_input_length} fit "
+            f"(option.max_input_length; this model's context is {max_model_len}, one token is left "
+            "for the output)",
+            param=param,
+        )
+
+
 def token_budget(
     prompt_tokens: int, max_model_len: int, params: SamplingParams, param: str = "inputs"
 ) -> int:
@@ -73,7 +85,7 @@ def token_budget(
     """
     room = max_model_len - prompt_tokens
     if room <= 0:
-        raise BadRequestError(
+        raise PromptTooLongError(
             f"the prompt has {prompt_tokens} tokens; this model's context is {max_model_len}", param=param
         )
     if params.max_new_tokens > room and params.strict_max_tokens:

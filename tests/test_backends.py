@@ -76,7 +76,7 @@ def test_list_backends_names_the_distribution_of_each(pm) -> None:
     from lmi_core.backends import list_backends
 
     listed = {b.spec.name: b for b in list_backends(pm)}
-    assert set(listed) == {"fast", "slow"}
+    assert set(listed) == {"fast", "slow", "handler"}  # handler: built in, for handle() models
     assert listed["fast"].spec.default_mode == "mpi"
     assert listed["fast"].distribution is None  # registered by hand, not by an installed package
 
@@ -95,3 +95,11 @@ def test_lmi_backends_lists_the_installed_plugins() -> None:
     assert hf["distribution"].startswith("lmi-hf ")
     assert "transformers" in hf["description"]
     assert "hf " in table and "lmi-hf" in table
+
+
+def test_an_unknown_reasoning_parser_fails_the_load_naming_the_option() -> None:
+    config = build_model_config({"option.model_id": "/m", "option.reasoning_parser": "qwen"}, environ={})
+    with pytest.raises(ConfigError, match=r"option\.reasoning_parser='qwen'.*qwen3"):
+        resolve_model(config, new_plugin_manager())
+    config = build_model_config({"option.model_id": "/m", "option.reasoning_parser": "qwen3"}, environ={})
+    assert resolve_model(config, new_plugin_manager()).options["reasoning_parser"] == "qwen3"

@@ -44,3 +44,15 @@ def test_residency_benchmark_runs_and_prints_its_ratios(
     with capsys.disabled():
         print(f"\nresidency smoke: {report('demo', figures)}")
     assert all(seconds > 0 for seconds in figures.values())
+
+
+def test_embeddings_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.bench_embeddings import compare, report
+
+    table = compare(tmp_path, count=32, rounds=1, with_vllm=False)
+    with capsys.disabled():
+        print("\nembeddings smoke (ratios to in-process sentence-transformers):")
+        report(table)
+    assert all(row["in_process_per_s"] > 0 and row["ratios"]["lmi-core (hf)"] > 0 for row in table.values())

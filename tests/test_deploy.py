@@ -79,9 +79,45 @@ def test_the_leader_builds_the_host_list_from_the_groups_pod_names() -> None:
     assert out.stdout.split() == ["lmi-0.lmi.default:4,lmi-0-1.lmi.default:4,lmi-0-2.lmi.default:4", "12"]
 
 
-@pytest.mark.parametrize("script", ["slurm/lmi-mpi.sbatch", "kubernetes/lmi-sshd.sh"])
+def containers(doc: Any) -> list[dict[str, Any]]:
+    """Every container spec anywhere in a manifest."""
+    if isinstance(doc, dict):
+        found = list(doc["containers"]) if isinstance(doc.get("containers"), list) else []
+        return found + [c for value in doc.values() for c in containers(value)]
+    return [c for value in doc for c in containers(value)] if isinstance(doc, list) else []
+
+
+def test_every_manifest_runs_the_image_this_repository_builds_through_tini() -> None:
+    import lmi_core
+
+    makefile = (DEPLOY.parent / "Makefile").read_text()
+    assert (
+        "scripts/build-image.sh" in makefile
+        and "image-smoke.sh localhost/lmi-core:0.1.0-$(FLAVOUR)" in makefile
+    )
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "lmi"]' in dockerfile
+    for manifest in (DEPLOY / "kubernetes").glob("*.yaml"):
+        specs = [c for doc in documents(manifest) for c in containers(doc)]
+        assert specs, manifest
+        for spec in specs:
+            assert spec["image"] == f"lmi-core:{lmi_core.__version__}-cuda", (manifest.name, spec["image"])
+            # The image's entrypoint unless the manifest replaces it, and then still through tini.
+            assert spec.get("command", ["/usr/bin/tini"])[0] == "/usr/bin/tini", (manifest.name, spec["name"])
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "deploy/slurm/lmi-mpi.sbatch",
+        "deploy/kubernetes/lmi-sshd.sh",
+        "deploy/image/install.sh",
+        "scripts/build-image.sh",
+        "scripts/image-smoke.sh",
+    ],
+)
 def test_shell_script_syntax(script: str) -> None:
-    run = subprocess.run(["bash", "-n", str(DEPLOY / script)], capture_output=True, timeout=30)
+    run = subprocess.run(["bash", "-n", str(DEPLOY.parent / script)], capture_output=True, timeout=30)
     assert run.returncode == 0, run.stderr
 
 

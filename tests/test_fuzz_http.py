@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from lmi_core.http import lmi_api, openai_api, openapi
+from lmi_core.http import anthropic_api, lmi_api, openai_api, openapi, responses_api
 from lmi_core.http.openapi import build_spec
 from tests.conftest import ServerProcess
 
@@ -74,7 +74,13 @@ def test_api_answers_bad_input_with_4xx_and_never_5xx(server: ServerProcess, lab
 
 def test_the_document_describes_every_route() -> None:
     paths = set(build_spec()["paths"])
-    routes = [*lmi_api.routes, *openai_api.routes, *openapi.routes]
+    routes = [
+        *lmi_api.routes,
+        *openai_api.routes,
+        *responses_api.routes,
+        *anthropic_api.routes,
+        *openapi.routes,
+    ]
     undocumented = {r.path.replace(":path}", "}") for r in routes} - paths
     assert not undocumented and "/metrics" in paths
 

@@ -142,15 +142,26 @@ def test_a_non_streaming_request_continues_on_the_restarted_worker(one: ServerPr
     expected = reference(one, GREEDY)
     before = migrations(one)
     (old,) = workers(one).values()
-    result: dict[str, httpx.Response] = {}
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
-    thread = threading.Thread(
-        target=lambda: result.update(r=httpx.post(f"{one.url}/v1/completions", json=body, timeout=120))
-    )
-    thread.start()
-    wait_for(lambda: workers(one)[old["id"]]["inFlight"] == 1, what="the request to run")
-    time.sleep(0.2)  # some tokens generated
-    kill(one, old["id"])
+    result: dict[str, httpx.Response] = {}
+    for _ in range(5):  # a fast machine can finish 300 tokens before the kill lands: try again
+        thread = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{one.url}/v1/completions", json=body, timeout=120))
+        )
+        thread.start()
+        started = thread.is_alive
+        wait_for(lambda s=started: workers(one)[old["id"]]["inFlight"] == 1 or not s(), what="the request")
+        # Freeze the worker first: once it is stopped, a request still unanswered is surely mid-generation.
+        pid = workers(one)[old["id"]]["pids"][0]
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        if thread.is_alive():
+            os.kill(pid, signal.SIGKILL)
+            break
+        os.kill(pid, signal.SIGCONT)
+        thread.join()
+    else:
+        pytest.fail("the request always finished before its worker could be killed")
     thread.join()
     response = result["r"]
     assert response.status_code == 200, response.text

@@ -28,7 +28,12 @@ LONG = {"inputs": "Hi", "parameters": {"max_new_tokens": 480, "ignore_eos_token"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("routing")
-    model = link_model(demo_model, base / MODEL, "minWorkers=2\nmaxWorkers=2\noption.routing=prefix_aware\n")
+    # DJL's session lifecycle off: SageMaker's session header is a plain routing key, as x-session-id.
+    properties = (
+        "minWorkers=2\nmaxWorkers=2\noption.routing=prefix_aware\noption.responses_store=memory\n"
+        "option.enable_stateful_sessions=false\n"
+    )
+    model = link_model(demo_model, base / MODEL, properties)
     env = {**os.environ, "SERVING_HEALTH_CHECK_INTERVAL": "0.5", "SERVING_HEALTH_CHECK_TIMEOUT": "3"}
     server = ServerProcess(["--model-dir", str(model)], env, base / "server.log")
     server.wait_ready()
@@ -93,6 +98,28 @@ def test_a_session_sticks_to_its_worker_on_every_api(server: ServerProcess) -> N
     assert response.headers["x-lmi-worker"] == "1"  # both choices on the session's worker
     after = decisions(server)
     assert after["session"] - before.get("session", 0) == 5  # all but s1's first
+
+
+def test_a_previous_response_id_goes_to_the_worker_of_its_conversation(server: ServerProcess) -> None:
+    wait_for(lambda: idle(server), what="both workers idle")
+
+    def respond(**body: Any) -> httpx.Response:
+        body = {"model": MODEL, "max_output_tokens": 2, **body}
+        response = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response
+
+    with httpx.stream("POST", f"{server.url}/invocations", json={**LONG, "stream": True}, timeout=60) as busy:
+        assert busy.headers["x-lmi-worker"] == "0"
+        first = respond(input="tell me a story")  # worker 0 is busy
+        assert first.headers["x-lmi-worker"] == "1"
+    wait_for(lambda: idle(server), what="the long request to be cancelled")
+    before = decisions(server)
+    follow = respond(input="go on", previous_response_id=first.json()["id"])
+    assert follow.headers["x-lmi-worker"] == "1"  # least loaded would be worker 0 (ties to the oldest)
+    assert decisions(server)["session"] - before.get("session", 0) == 1  # the chain's session, not chance
+    unrelated = respond(input="something else")
+    assert unrelated.headers["x-lmi-worker"] == "0"
 
 
 def test_prompt_families_stick_to_one_worker_each(server: ServerProcess) -> None:

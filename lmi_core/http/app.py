@@ -19,7 +19,20 @@ from starlette.types import Message, Receive, Scope, Send
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.errors import BadRequestError, ConfigError, ServiceError
-from lmi_core.http import adapters, errors, liveness, lmi_api, management, openai_api, openapi, tokenize_api
+from lmi_core.http import (
+    adapters,
+    anthropic_api,
+    errors,
+    liveness,
+    lmi_api,
+    management,
+    openai_api,
+    openapi,
+    pooling_api,
+    responses_api,
+    tgi_api,
+    tokenize_api,
+)
 from lmi_core.http.boundary import ErrorBoundaryMiddleware
 from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response_start
 from lmi_core.http.context import RequestContextMiddleware
@@ -123,8 +136,12 @@ def build_app(state: AppState, metrics: Metrics, lifespan: Lifespan | None = Non
     config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
+        *tgi_api.routes,
         *openai_api.routes,
+        *responses_api.routes,
+        *anthropic_api.routes,
         *tokenize_api.routes,
+        *pooling_api.routes,
         *openapi.routes,
         *management.routes,
         *adapters.routes,

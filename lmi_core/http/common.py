@@ -43,15 +43,8 @@ def is_json(content_type: str) -> bool:
     return content_type in ("", "application/json") or content_type.endswith("+json")
 
 
-async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
-    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
-    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
-        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
-        raise UnsupportedMediaTypeError(
-            f"unsupported content type {content_type!r}: send application/json", param="content-type"
-        )
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, whatever its type; 413 beyond ``limit`` bytes (before reading, when declared)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds max_request_size={limit}")
@@ -61,7 +54,19 @@ async def read_json(request: Request, limit: int, allow_text: bool = True) -> An
         if size > limit:
             raise PayloadTooLargeError(f"request body exceeds max_request_size={limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, allow_text: bool = True) -> Any:
+    """The request body as JSON; 413 beyond ``limit`` bytes, 415 for a content type that is not JSON
+    (``text/plain`` is DJL's bare prompt where ``allow_text``), 400 for a body that is not valid JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (is_json(content_type) or (allow_text and content_type == "text/plain")):
+        # A form-encoded body (curl -d without -H) is not JSON; vLLM refuses it too.
+        raise UnsupportedMediaTypeError(
+            f"unsupported content type {content_type!r}: send application/json", param="content-type"
+        )
+    body = await read_body(request, limit)
     if content_type == "text/plain":
         return {"inputs": body.decode(errors="replace")}
     try:
@@ -160,12 +165,28 @@ async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[
         await asyncio.wait(tasks)
 
 
-async def collect_each(streams: list[AsyncGenerator[T, None]]) -> list[list[T]]:
-    """Every event of each stream, run concurrently (``merge``), in a list per stream."""
-    results: list[list[T]] = [[] for _ in streams]
-    for index, event in await collect(merge(streams)):
+async def collect_each(events: AsyncGenerator[tuple[int, T], None], count: int) -> list[list[T]]:
+    """Every event of ``count`` streams merged into ``events`` (``merge``), in a list per stream."""
+    results: list[list[T]] = [[] for _ in range(count)]
+    for index, event in await collect(events):
         results[index].append(event)
     return results
+
+
+class Stopped(Exception):
+    """A stop flag ended a request's events before they ended (a cancelled stored response)."""
+
+
+async def until_set(events: AsyncGenerator[T, None], flag: asyncio.Event) -> AsyncGenerator[T, None]:
+    """``events`` until ``flag`` is set, checked at each event (a generation stops at its next token);
+    then ``Stopped``, and ``events`` is closed, which cancels its generations."""
+    try:
+        async for event in events:
+            if flag.is_set():
+                raise Stopped()
+            yield event
+    finally:
+        await events.aclose()
 
 
 class HttpMiddleware(abc.ABC):

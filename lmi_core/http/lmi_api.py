@@ -1,8 +1,16 @@
-"""The native LMI (DJL-compatible) API: /ping, /invocations, /predictions/{model}."""
+"""The native LMI (DJL-compatible) API: /ping, /invocations, /predictions/{model}.
+
+A request on it goes, in DJL's order: to the model's ``handle()`` when the model is served by one
+(``handler_api``); else SageMaker's session requests and checks (``sessions``); the model's custom
+input formatter (``formatters``); then an LMI request (``inputs``) or a chat request (``messages``),
+answered in the format ``option.output_formatter`` and ``option.tgi_compat`` choose (``lmi_render``),
+each response object through the custom output formatter when the model has one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -11,22 +19,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import lmi_core
-from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, LoraAdapter, Token
-from lmi_core.errors import BadRequestError, ServiceError
-from lmi_core.http import errors
+from lmi_core.djl_options import DjlOptions
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter
+from lmi_core.errors import BadRequestError
+from lmi_core.http import errors, formatters, handler_api, lmi_render, sessions
 from lmi_core.http.adapters import adapter_for, header_adapter
 from lmi_core.http.common import (
     collect,
     collect_each,
+    merge,
     new_request_id,
     read_json,
     stream_response,
     until_disconnected,
 )
 from lmi_core.http.context import keep_alive, request_context
+from lmi_core.http.formatters import OutputFormatter
+from lmi_core.http.handler_api import serves_handle
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
+from lmi_core.http.lmi_render import DJL, Shape
 from lmi_core.http.management import ping_code, ping_entry
-from lmi_core.http.openai_api import native_chat
+from lmi_core.http.openai_api import native_chat, run_call, unknown_fields, with_ignored
+from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing
+from lmi_core.http.pooling_api import pooling_invocation
 from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.serving.pool import ModelStatus
@@ -55,68 +70,175 @@ async def version(request: Request) -> Response:
     return JSONResponse({"version": lmi_core.__version__})
 
 
-def _model_for(request: Request, body: Any) -> ServedModel:
+def model_for(request: Request, body: Any) -> ServedModel:
     state: AppState = request.app.state.lmi
-    name = request.query_params.get("model_name") or request.headers.get("model_name")
+    name = _name(request)
     if name is None and isinstance(body, dict) and isinstance(body.get("model_name"), str):
         name = body["model_name"]
     return state.server.get(name) if name else state.server.default("model_name")
 
 
+def _name(request: Request) -> str | None:
+    return request.query_params.get("model_name") or request.headers.get("model_name")
+
+
+def _handler_model(request: Request) -> ServedModel | None:
+    """The model a request names outside its body (or the only one), when it serves a ``handle()``:
+    its body is the handler's, whatever its type, so it is not read as JSON here."""
+    state: AppState = request.app.state.lmi
+    name = _name(request)
+    served = state.server.served()
+    model = state.server.get(name) if name else served[0] if len(served) == 1 else None
+    return model if model is not None and serves_handle(model) else None
+
+
 async def invocations(request: Request) -> Response:
     state: AppState = request.app.state.lmi
+    if (handler := _handler_model(request)) is not None:
+        return await handler_api.invoke(request, handler)
     body = await read_json(request, state.config.max_request_size)
-    return await predict(request, _model_for(request, body), body)
+    return await predict(request, model_for(request, body), body)
 
 
 async def predictions(request: Request) -> Response:
     state: AppState = request.app.state.lmi
     pool = state.server.get(request.path_params["model_name"])
+    if serves_handle(pool):
+        return await handler_api.invoke(request, pool)
     body = await read_json(request, state.config.max_request_size)
     return await predict(request, pool, body)
 
 
-async def predict(request: Request, pool: ServedModel, body: Any) -> Response:
-    """Run an LMI request (or a chat request, when the body has ``messages``) on ``pool``."""
+@dataclass(frozen=True)
+class RouteStyle:
+    """What a route fixes of the response: TGI's routes their shape and whether they stream."""
+
+    shape: Shape | None = None  # None: the model's (DJL's, or TGI's with option.tgi_compat)
+    stream: bool | None = None  # None: the request's ``stream``
+
+
+NATIVE = RouteStyle()
+
+
+async def predict(request: Request, pool: ServedModel, body: Any, route: RouteStyle = NATIVE) -> Response:
+    """Run an LMI request (or a chat request, when the body has ``messages``) on ``pool``: sessions,
+    the model's custom input formatter, then the request in the format the model and route say."""
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object", param="body")
+    if serves_handle(pool):  # named in the body: its JSON is the handler's body
+        return await handler_api.invoke(request, pool, orjson.dumps(body))
     body = {k: v for k, v in body.items() if k != "model_name"}
-    state: AppState = request.app.state.lmi
+    if not pool.config.pooling.generates:  # an embedding model: DJL's bare vectors
+        return await pooling_invocation(request, pool, body)
+    if "requestType" in body:
+        return await sessions.answer(request, pool, body)
+    sessions.check(request, pool)
+    body, output = await formatters.format_input(request, pool, body)
+    djl = pool.config.djl
     if "messages" in body:
         chat_adapter = body.pop("adapters", None)
         if chat_adapter is not None and not isinstance(chat_adapter, str):
             raise BadRequestError("adapters of a chat request must be one adapter name", param="adapters")
         named = adapter_for(pool, chat_adapter, "adapters") if chat_adapter else None
         adapter = named or header_adapter(request, pool)
-        return await native_chat(request, pool, body, adapter)
+        stream, framing = chat_framing(djl)
+        return await native_chat(request, pool, body, adapter, framing, stream, output)
     lmi = parse_model(LmiRequest, body)
+    ignored = unknown_fields(pool, lmi)
     keep_alive(request, lmi.parameters.keep_alive_seconds)
     adapters = _adapters(request, pool, lmi)
-    params = lmi.parameters.sampling()
     if (constrained := lmi.parameters.constraint("parameters.")) is not None:
         await check(*constrained)
-    if isinstance(lmi.inputs, list):
-        if lmi.stream:
-            raise BadRequestError("a list of inputs (a batch) cannot be streamed", param="stream")
-        return JSONResponse(await _batch(request, pool, lmi, adapters))
-    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=params, adapter=adapters[0])
+    if isinstance(lmi.inputs, list):  # DJL's batch: one JSON list, streamed or not
+        return with_ignored(JSONResponse(await _batch(request, pool, lmi, adapters, output)), ignored)
+    stream = lmi.stream if route.stream is None else route.stream
+    name = output_format(djl, stream) if route.shape is None else "sse" if stream else "json"
+    if name.endswith("_chat"):
+        response = await _as_chat(request, pool, lmi, adapters[0], name, output)
+        return with_ignored(response, ignored)
+    shape = route.shape or (TGI_COMPAT if djl.tgi_compat and name in ("json", "sse") else DJL)
+    generation = GenerationRequest(
+        new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling(), adapter=adapters[0]
+    )
+    state: AppState = request.app.state.lmi
     events = state.instrument(pool, generation, request_context(request))
-    if lmi.stream:
-        return await stream_response(request, events, lambda e: lmi_lines(e, lmi), "application/jsonlines")
-    result = await until_disconnected(request, collect(events))
-    return JSONResponse(lmi_result(result, lmi, lmi.inputs))
+    if name == "json":
+        result = lmi_render.result(await until_disconnected(request, collect(events)), lmi, lmi.inputs, shape)
+        answer: Any = await output(result) if output is not None else result
+        return with_ignored(JSONResponse([answer] if shape.as_list else answer), ignored)
+    frame, media_type = lmi_render.SSE if name == "sse" else lmi_render.JSON_LINES
+    dialect = errors.dialect_for(request.url.path)
+
+    def render(source: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[bytes, None]:
+        objects = lmi_render.lines(source, lmi, shape, dialect)
+        if output is not None:
+            objects = output.each(objects, lambda exc: lmi_render.error_line(exc, "", 0, shape, dialect))
+        return frame(objects)
+
+    return with_ignored(await stream_response(request, events, render, media_type), ignored)
+
+
+TGI_COMPAT = Shape(tgi=True, as_list=True, details=True)  # DJL's option.tgi_compat on its routes
+
+
+def output_format(djl: DjlOptions, stream: bool) -> str:
+    """DJL's output formatter of an LMI request: the model's ``option.output_formatter`` whatever the
+    request's ``stream`` (as DJL), else JSON, or when streamed JSON lines (SSE in TGI mode)."""
+    if djl.output_formatter is not None:
+        return djl.output_formatter
+    if not stream:
+        return "json"
+    return "sse" if djl.tgi_compat else "jsonlines"
+
+
+def chat_framing(djl: DjlOptions) -> tuple[bool | None, Framing]:
+    """A chat response's framing on the native API: DJL's JSON lines unless the model's output
+    formatter names a chat one (``json_chat``: never streamed; ``sse_chat``: OpenAI's events)."""
+    name = djl.output_formatter
+    if name == "json_chat":
+        return False, JSON_LINES
+    if name == "sse_chat":
+        return True, SSE
+    return (True if name == "jsonlines_chat" else None), JSON_LINES
+
+
+async def _as_chat(
+    request: Request,
+    pool: ServedModel,
+    lmi: LmiRequest,
+    adapter: LoraAdapter | None,
+    name: str,
+    output: OutputFormatter | None,
+) -> Response:
+    """An LMI request answered in the chat completion schema (DJL's ``*_chat`` output formatters)."""
+    assert isinstance(lmi.inputs, str)
+    generation = GenerationRequest(new_request_id(), prompt=lmi.inputs, params=lmi.parameters.sampling())
+    call = Call(pool, True, name != "json_chat", 1, [generation], [""], None, False).with_adapter(adapter)
+    return await run_call(request, call, SSE if name == "sse_chat" else JSON_LINES, output=output)
 
 
 def _adapters(request: Request, pool: ServedModel, lmi: LmiRequest) -> list[LoraAdapter | None]:
-    """Each prompt's LoRA adapter: the body's ``adapters``, else SageMaker's header, else none."""
+    """Each prompt's LoRA adapter: the body's ``adapters`` (or TGI's ``parameters.adapter_id``), else
+    SageMaker's header, else none."""
+    tgi = lmi.parameters.adapter_id
+    if tgi is not None:
+        if lmi.adapters is not None:
+            raise BadRequestError(
+                "give adapters or parameters.adapter_id, not both", param="parameters.adapter_id"
+            )
+        return [adapter_for(pool, tgi, "parameters.adapter_id")] * len(lmi.prompts)
     if lmi.adapters is None:
         return [header_adapter(request, pool)] * len(lmi.prompts)
     return [adapter_for(pool, n, "adapters") if n else None for n in lmi.adapter_names()]
 
 
 async def _batch(
-    request: Request, pool: ServedModel, lmi: LmiRequest, adapters: list[LoraAdapter | None]
-) -> list[dict[str, Any]]:
+    request: Request,
+    pool: ServedModel,
+    lmi: LmiRequest,
+    adapters: list[LoraAdapter | None],
+    output: OutputFormatter | None,
+) -> list[Any]:
     """DJL batch: every input runs at once in the engine's continuous batch; results in input order."""
     state: AppState = request.app.state.lmi
     generations = [
@@ -127,84 +249,10 @@ async def _batch(
     context = request_context(request)
     streams = [state.instrument(pool, g, context) for g in generations]
     # One failed (or the client left): merge closes the rest, which cancels their generations.
-    results = await until_disconnected(request, collect_each(streams))
-    return [lmi_result(events, lmi, prompt) for events, prompt in zip(results, lmi.prompts, strict=True)]
-
-
-def _token_json(token: Token, lmi: LmiRequest) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": token.id, "text": token.text, "log_prob": token.log_prob}
-    if token.special:
-        out["special_token"] = True
-    if lmi.parameters.top_n_tokens and token.top_logprobs:
-        out["top_tokens"] = [{"id": i, "text": t, "log_prob": lp} for i, t, lp in token.top_logprobs]
-    return out
-
-
-def _details(finished: Finished, generated: int) -> dict[str, Any]:
-    details: dict[str, Any] = {
-        "finish_reason": finished.finish_reason,
-        "generated_tokens": generated,
-        "inputs": finished.prompt,
-    }
-    if finished.prompt_logprobs is not None:  # decoder_input_details (TGI's prefill tokens)
-        details["prefill"] = [
-            {"id": token, "text": text, "log_prob": log_prob}
-            for token, text, log_prob, _, _ in finished.prompt_logprobs
-        ]
-    return details
-
-
-def lmi_result(events: list[GenerationEvent], lmi: LmiRequest, prompt: str) -> dict[str, Any]:
-    tokens = [e for e in events if isinstance(e, Token)]
-    finished = next((e for e in events if isinstance(e, Finished)), None)
-    text = "".join(t.text for t in tokens)
-    if lmi.parameters.return_full_text:
-        text = prompt + text
-    result: dict[str, Any] = {"generated_text": text}
-    if lmi.parameters.details and finished is not None:
-        details = _details(finished, len(tokens))
-        details["tokens"] = [_token_json(t, lmi) for t in tokens]
-        result["details"] = details
-    return result
-
-
-async def lmi_lines(
-    events: AsyncGenerator[GenerationEvent, None], lmi: LmiRequest
-) -> AsyncGenerator[bytes, None]:
-    """JSON lines: one ``{"token": ...}`` per token; the last also has ``generated_text``."""
-    texts: list[str] = [lmi.prompts[0]] if lmi.parameters.return_full_text else []
-    held: Token | None = None  # the last token, written together with the Finished that follows it
-    count = 0
-    try:
-        async for event in events:
-            if isinstance(event, Token):
-                count += 1
-                texts.append(event.text)
-                if event.last:
-                    held = event
-                    continue
-                yield _line({"token": _token_json(event, lmi)})
-            elif isinstance(event, Finished):
-                line: dict[str, Any] = {"token": _token_json(held, lmi)} if held else {}
-                line["generated_text"] = "".join(texts)
-                if lmi.parameters.details:
-                    line["details"] = _details(event, count)
-                yield _line(line)
-                return
-    except ServiceError as exc:
-        # Headers are sent: the error becomes the last line, in DJL's shape.
-        yield _line(
-            {
-                "token": {"id": -1, "text": "", "log_prob": -1.0, "special_token": True},
-                "generated_text": "".join(texts),
-                "details": {"finish_reason": "error", "generated_tokens": count},
-                "error": errors.body(exc, "djl"),
-            }
-        )
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return orjson.dumps(obj) + b"\n"
+    results = await until_disconnected(request, collect_each(merge(streams), len(streams)))
+    shape = TGI_COMPAT if pool.config.djl.tgi_compat else DJL
+    answers = [lmi_render.result(r, lmi, p, shape) for r, p in zip(results, lmi.prompts, strict=True)]
+    return [await output(a) for a in answers] if output is not None else answers
 
 
 routes = [

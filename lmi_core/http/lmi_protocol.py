@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmi_core.engine import SamplingParams
+from lmi_core.engine import SamplingParams, StructuredOutput
 from lmi_core.errors import BadRequestError
-from lmi_core.http.structured import ConstraintFields
+from lmi_core.http.structured import ANY_OBJECT, ConstraintFields
 from lmi_core.serving.residency import parse_keep_alive
+
+
+class TgiGrammar(BaseModel):
+    """TGI's ``grammar`` parameter: a JSON schema (``value``: the schema), a regex, or any JSON object."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json", "regex", "json_object"]
+    value: dict[str, Any] | str | None = None
+
+    def constraint(self) -> StructuredOutput:
+        if self.type == "json_object":
+            return StructuredOutput("json", ANY_OBJECT)
+        if self.value is None:
+            raise BadRequestError(f"a grammar of type {self.type} needs a value", param="parameters.grammar")
+        text = self.value if isinstance(self.value, str) else json.dumps(self.value)
+        return StructuredOutput("json" if self.type == "json" else "regex", text)
 
 
 class KeepAliveField(BaseModel):
@@ -34,7 +52,8 @@ class KeepAliveField(BaseModel):
 
 class LmiParameters(KeepAliveField, ConstraintFields):
     """``parameters`` of an LMI request (TGI-like); unknown keys and loose types are a 400 naming them.
-    Output constraints (``response_format``, ``structured_outputs``) from ConstraintFields."""
+    Output constraints (``response_format``, ``structured_outputs``) from ConstraintFields, and TGI's
+    ``grammar``."""
 
     # strict: "do_sample": 1 or "max_new_tokens": "5" are mistakes to report, not to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -43,11 +62,11 @@ class LmiParameters(KeepAliveField, ConstraintFields):
     do_sample: bool = False
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # -1: no top-k (DJL's and vLLM's spelling), as 0
     seed: int | None = Field(None, ge=0)
     stop_sequences: list[str] = Field(default_factory=list, max_length=16)
     stop: list[str] | None = Field(None, max_length=16)
-    details: bool = False
+    details: bool | None = None  # None: the route's default (off; on in DJL's TGI mode)
     return_full_text: bool = False
     ignore_eos_token: bool = False
     top_n_tokens: int = Field(0, ge=0, le=20)
@@ -64,6 +83,17 @@ class LmiParameters(KeepAliveField, ConstraintFields):
     # One sequence per request: several candidates ranked by log-prob is no backend's feature here.
     best_of: int = Field(1, ge=1, le=1)
     stream_interval: int | None = Field(None, ge=1)
+    # TGI's parameters (huggingface_hub sends them): its output constraint, its LoRA adapter, and
+    # watermarking, which no backend here does (true is a 400).
+    grammar: TgiGrammar | None = None
+    adapter_id: str | None = Field(None, min_length=1)
+    watermark: Literal[False] = False
+
+    def _given(self) -> list[tuple[str, StructuredOutput]]:
+        found = super()._given()
+        if self.grammar is not None:
+            found.append(("grammar", self.grammar.constraint()))
+        return found
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
@@ -76,7 +106,7 @@ class LmiParameters(KeepAliveField, ConstraintFields):
             do_sample=self.do_sample,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             stop_sequences=[*self.stop_sequences, *(self.stop or [])],
             ignore_eos=self.ignore_eos_token,
@@ -88,7 +118,7 @@ class LmiParameters(KeepAliveField, ConstraintFields):
             min_p=self.min_p,
             min_tokens=self.min_tokens,
             truncate=self.truncate,
-            prompt_logprobs=0 if self.decoder_input_details and self.details else None,
+            prompt_logprobs=0 if self.decoder_input_details and self.details is not False else None,
             structured=constrained[0] if (constrained := self.constraint("parameters.")) else None,
             stream_interval=self.stream_interval,
         )
@@ -98,9 +128,11 @@ MAX_BATCH = 32  # inputs in one DJL batch request: the default max_rolling_batch
 
 
 class LmiRequest(BaseModel):
-    """``{"inputs": str | [str, ...], "parameters": {...}, "stream": bool}``; a list is DJL's batch."""
+    """``{"inputs": str | [str, ...], "parameters": {...}, "stream": bool}``; a list is DJL's batch.
+    Other top-level keys are kept aside (``model_extra``): DJL reads generation parameters only from
+    ``parameters`` and ignores the rest, and so does the handler (or refuses them, when strict)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     inputs: str | list[str]
     parameters: LmiParameters = Field(default_factory=LmiParameters)

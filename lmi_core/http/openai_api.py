@@ -8,17 +8,21 @@ shape; chat on ``/invocations`` (DJL behaviour) streams JSON lines and keeps DJL
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmi_core.engine import GenerationRequest, LoraAdapter, StructuredOutput
+from lmi_core.engine import GenerationEvent, GenerationRequest, LoraAdapter, StructuredOutput
 from lmi_core.errors import BadRequestError, EngineError
+from lmi_core.http import errors
 from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import (
     collect_each,
@@ -27,8 +31,10 @@ from lmi_core.http.common import (
     read_json,
     stream_response,
     until_disconnected,
+    until_set,
 )
 from lmi_core.http.context import keep_alive, request_context
+from lmi_core.http.formatters import OutputFormatter
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -36,6 +42,8 @@ from lmi_core.http.state import AppState, ServedModel
 from lmi_core.http.structured import check
 from lmi_core.http.tool_parsers import ParserFactory, parser_registry
 from lmi_core.plugins import get_plugin_manager
+from lmi_core.reasoning import ReasoningParserFactory, model_parser
+from lmi_core.reasoning import parser_registry as reasoning_registry
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Chat without max_tokens runs until the model stops or its context is full (engines clamp to it).
 UNLIMITED = 2**31 - 1
 
-OpenAIRequest = CompletionRequest | ChatCompletionRequest
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
@@ -87,16 +95,22 @@ def completion_call(pool: ServedModel, body: CompletionRequest) -> Call:
     return constrain(call, body.constraint())
 
 
-def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
+def chat_call(
+    pool: ServedModel, body: ChatCompletionRequest, constraint: tuple[StructuredOutput, str] | None = None
+) -> Call:
+    """The chat request's call; ``constraint``: its output constraint where the request's own API
+    names it (the Responses API's ``text.format``), else the chat body's."""
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
     limit = body.token_limit
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    template_kwargs = body.template_kwargs(pool.config.options)
     generations = [
         GenerationRequest(
             new_request_id(),
             messages=messages,
             params=body.sampling(limit or UNLIMITED, logprobs, i, strict_max_tokens=limit is not None),
+            chat_template_kwargs=template_kwargs or None,
         )
         for i in range(body.n)
     ]
@@ -112,7 +126,7 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
         continuous_usage=body.include_usage and body.continuous_usage,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
-    constraint = body.constraint()
+    constraint = constraint or body.constraint()
     call.tools = body.tool_plan(tool_parsers(), pool.config.options)
     if call.tools is not None:
         for generation in generations:
@@ -122,6 +136,13 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
                 message = f"tool_choice {call.tools.mode} constrains the output: it excludes {constraint[1]}"
                 raise BadRequestError(message, param=constraint[1])
             constraint = (call.tools.constraint, "tools")
+    factory = model_parser(pool.config.options, reasoning_parsers())
+    thinking = factory(template_kwargs) if factory is not None else None
+    if factory is not None and thinking is not None:  # this request's output begins with thinking
+        call.reasoning = functools.partial(factory, template_kwargs)
+        call.include_reasoning = body.include_reasoning
+        if constraint is not None:  # the answer is constrained, the thinking before it is free
+            constraint = (dataclasses.replace(constraint[0], starts_after=thinking.end), constraint[1])
     return constrain(call, constraint)
 
 
@@ -129,6 +150,12 @@ def chat_call(pool: ServedModel, body: ChatCompletionRequest) -> Call:
 def tool_parsers() -> dict[str, ParserFactory]:
     """The built-in tool-call parsers and the plugins' (``register_tool_parsers``)."""
     return parser_registry(get_plugin_manager().hook.register_tool_parsers())
+
+
+@functools.cache
+def reasoning_parsers() -> dict[str, ReasoningParserFactory]:
+    """The built-in reasoning parsers and the plugins' (``register_reasoning_parsers``)."""
+    return reasoning_registry(get_plugin_manager().hook.register_reasoning_parsers())
 
 
 def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Call:
@@ -142,20 +169,47 @@ def constrain(call: Call, constraint: tuple[StructuredOutput, str] | None) -> Ca
 # -- running -------------------------------------------------------------------------------------
 
 
-async def run_call(request: Request, call: Call, framing: Framing) -> Response:
-    """Run ``call``'s generations; stream them in ``framing`` or answer once."""
+Shape = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _same(result: dict[str, Any]) -> dict[str, Any]:
+    return result
+
+
+async def run_call(
+    request: Request,
+    call: Call,
+    framing: Framing,
+    shape: Shape = _same,
+    stop: asyncio.Event | None = None,
+    output: OutputFormatter | None = None,
+) -> Response:
+    """Run ``call``'s generations; stream them in ``framing`` or answer once, the chat result in the
+    request's API's ``shape``. ``stop`` set ends the generations at their next event (``Stopped``).
+    Each response object goes through the model's custom ``output`` formatter when it has one (the
+    native API)."""
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
     context = request_context(request)
     streams = [state.instrument(call.pool, g, context) for g in call.generations]
+    events = merge(streams) if stop is None else until_set(merge(streams), stop)
     try:
         if call.stream:
             frame, media_type = framing
-            events = merge(streams)
-            return await stream_response(request, events, lambda e: frame(render_chunks(call, e)), media_type)
-        results = await until_disconnected(request, collect_each(streams))
-        return JSONResponse(render_result(call, results))
+
+            def render(
+                merged: AsyncGenerator[tuple[int, GenerationEvent], None],
+            ) -> AsyncGenerator[bytes, None]:
+                chunks = render_chunks(call, merged)
+                if output is not None:
+                    chunks = output.each(chunks, lambda exc: errors.body(exc, call.dialect))
+                return frame(chunks)
+
+            return await stream_response(request, events, render, media_type)
+        results = await until_disconnected(request, collect_each(events, len(streams)))
+        result = shape(render_result(call, results))
+        return JSONResponse(await output(result) if output is not None else result)
     except EngineError as exc:
         if exc.param == "inputs":  # the engine's name for the prompt
             exc.param = call.prompt_param
@@ -165,13 +219,15 @@ async def run_call(request: Request, call: Call, framing: Framing) -> Response:
 # -- handlers ------------------------------------------------------------------------------------
 
 
-def unknown_fields(pool: ServedModel, body: BaseModel) -> list[str]:
+def unknown_fields(pool: ServedModel, body: BaseModel, dropped: Sequence[str] = ()) -> list[str]:
     """The fields of ``body`` this server does not know: a 400 naming the first for a model with
     ``option.strict_request_fields``, else ignored (each name logged once) and returned for the header.
 
-    Names are escaped to printable ASCII (a header is latin-1 without control characters; a JSON
-    key may be anything, "\\r" included)."""
-    names = [name.encode("unicode_escape").decode("ascii") for name in ignored_fields(body)]
+    ``dropped``: known fields the request's API translates away (the Responses API's hosted tools)
+    and that count as ignored too. Names are escaped to printable ASCII (a header is latin-1 without
+    control characters; a JSON key may be anything, "\\r" included)."""
+    found = [*ignored_fields(body), *dropped]
+    names = [name.encode("unicode_escape").decode("ascii") for name in found]
     if names and pool.config.strict_request_fields:
         raise BadRequestError(f"invalid request field '{names[0]}': unknown field", param=names[0])
     for name in names:
@@ -190,17 +246,17 @@ def with_ignored(response: Response, names: list[str]) -> Response:
     return response
 
 
-async def _body(request: Request, kind: type[OpenAIRequest]) -> tuple[ServedModel, LoraAdapter | None, Any]:
+async def parse_body(request: Request, kind: type[Body]) -> tuple[ServedModel, LoraAdapter | None, Body]:
     """The parsed body, the model it names (404 if unknown; the only model if it names none) and the
     LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
     state: AppState = request.app.state.lmi
-    body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
-    pool, adapter = model_or_adapter(request, body.model)
+    body: Body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
+    pool, adapter = model_or_adapter(request, getattr(body, "model", None))  # every API names it there
     return pool, adapter, body
 
 
 async def completions(request: Request) -> Response:
-    pool, adapter, body = await _body(request, CompletionRequest)
+    pool, adapter, body = await parse_body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
     keep_alive(request, body.keep_alive_seconds)
     call = completion_call(pool, body).with_adapter(adapter)
@@ -208,7 +264,7 @@ async def completions(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    pool, adapter, body = await _body(request, ChatCompletionRequest)
+    pool, adapter, body = await parse_body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
     keep_alive(request, body.keep_alive_seconds)
     call = chat_call(pool, body).with_adapter(adapter)
@@ -216,14 +272,23 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def native_chat(
-    request: Request, pool: ServedModel, body: dict[str, Any], adapter: LoraAdapter | None = None
+    request: Request,
+    pool: ServedModel,
+    body: dict[str, Any],
+    adapter: LoraAdapter | None = None,
+    framing: Framing = JSON_LINES,
+    stream: bool | None = None,
+    output: OutputFormatter | None = None,
 ) -> Response:
-    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines."""
+    """A body with ``messages`` on the native API: the chat completion schema, streamed as JSON lines
+    (or in ``framing``; ``stream`` overrides the request's: DJL's chat output formatters)."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
     keep_alive(request, chat.keep_alive_seconds)
     call = chat_call(pool, chat).with_adapter(adapter)
-    return with_ignored(await run_call(request, call, JSON_LINES), ignored)
+    if stream is not None:
+        call.stream = stream
+    return with_ignored(await run_call(request, call, framing, output=output), ignored)
 
 
 def _model_card(pool: ServedModel, status: str, adapter: LoraAdapter | None = None) -> dict[str, Any]:
@@ -237,6 +302,7 @@ def _model_card(pool: ServedModel, status: str, adapter: LoraAdapter | None = No
         "root": adapter.path if adapter is not None else pool.config.model_id,
         "parent": pool.name if adapter is not None else None,
         "max_model_len": pool.max_model_len,
+        "task": pool.config.pooling.task,  # what the model serves: text-generation, text-embedding, rerank
         "status": status,
     }
 

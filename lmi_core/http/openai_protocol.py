@@ -10,15 +10,17 @@ ignored parameter is a wrong answer the client cannot see.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
-from lmi_core.http.lmi_protocol import KeepAliveField
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
+from lmi_core.option_values import default_chat_template_kwargs
 
 # Bounds that keep every number representable on the worker wire (msgpack, 64-bit) and the fan-out sane.
 MAX_TOKENS = 2**31 - 1
@@ -30,6 +32,7 @@ TOKEN_ID_DIGITS = 9  # a token id below 10**9 (every vocabulary; keeps it 32-bit
 SEED_RANGE = 2**63
 
 
+Part = TypeVar("Part", bound=BaseModel)
 LOGIT_BIAS_RANGE = 100.0  # OpenAI: each bias in [-100, 100]
 
 
@@ -51,6 +54,14 @@ def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
                 if isinstance(item, BaseModel):
                     found += ignored_fields(item, f"{prefix}{name}.{i}.")
     return found
+
+
+def parse_part(cls: type[Part], raw: Any, prefix: str, ignored: list[str]) -> Part:
+    """``raw``, one part of a body (an input item, a block, a tool), as ``cls``: a 400 naming
+    ``prefix`` + its field when it is invalid; its unknown fields appended to ``ignored``."""
+    part: Part = parse_model(cls, raw, prefix=prefix)
+    ignored += ignored_fields(part, prefix)
+    return part
 
 
 class StreamOptions(OpenAIBody):
@@ -207,6 +218,11 @@ class ChatMessage(OpenAIBody):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # An assistant's earlier thinking, under either name this server answers with (vLLM renamed
+    # reasoning_content to reasoning); templates read reasoning_content (DeepSeek-V3.2's tool turns
+    # need it sent back).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -233,16 +249,57 @@ class ChatMessage(OpenAIBody):
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
+        thinking = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if thinking is not None:
+            message["reasoning_content"] = thinking
         return template_message(message)
 
 
-class ChatCompletionRequest(ToolFields, _Common):
+# apply_chat_template's own arguments and the variables the engine sets: chat_template_kwargs may not
+# replace them (the engine passes them itself; "tokenize" would turn the prompt into token ids).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "return_dict",
+    }
+)
+
+
+class TemplateFields(BaseModel):
+    """vLLM's ``chat_template_kwargs``: extra variables for the model's chat template (mixed into the
+    pydantic model of every body with ``messages``: chat, ``/tokenize``'s chat form)."""
+
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(value or {}))
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is set by the server, not by chat_template_kwargs")
+        return value
+
+    def template_kwargs(self, options: Mapping[str, str]) -> dict[str, Any]:
+        """The variables the template gets: the model's ``option.default_chat_template_kwargs``
+        (``options``) with this request's over them."""
+        return {**default_chat_template_kwargs(options), **(self.chat_template_kwargs or {})}
+
+
+class ChatCompletionRequest(TemplateFields, ToolFields, _Common):
     """``POST /v1/chat/completions`` (and a body with ``messages`` on ``/invocations``)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extension: whether the answer carries the thinking a reasoning parser separates.
+    include_reasoning: bool = True
 
     def check_supported(self) -> None:
         super().check_supported()

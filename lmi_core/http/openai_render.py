@@ -1,10 +1,12 @@
 """The OpenAI API's responses: a parsed request (``Call``) rendered as one result or as chunks.
 
 Invariant: one set of renderers serves both endpoints, streamed or not; a streamed chunk is the same
-choice object as a whole result's, holding one token (or, with tools, the parser's deltas). Every
-token of a stream passes through one path in ``render_chunks``, which counts it (the running usage
-of ``stream_options.continuous_usage_stats``) before it becomes text or feeds the tool-call parser.
-The framings (server-sent events, JSON lines) turn the chunk objects into bytes.
+choice object as a whole result's, holding one token (or, with tools or a reasoning parser, the
+parsers' deltas). Every token of a stream passes through one path in ``render_chunks``, which counts
+it (the running usage of ``stream_options.continuous_usage_stats``) before it becomes text or feeds
+the parsers. A chat choice with tools or thinking is read by one ``ChoiceStream`` in both renderers,
+so the streamed deltas joined equal the whole message. The framings (server-sent events, JSON lines)
+turn the chunk objects into bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lmi_core.errors import ServiceError
 from lmi_core.http import errors
 from lmi_core.http.state import ServedModel
 from lmi_core.http.tool_calls import ToolPlan, ToolStream
+from lmi_core.reasoning import ReasoningParser
 
 # Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -54,7 +57,17 @@ class Call:
     # The output constraint of every generation and the request field that set it.
     constraint: tuple[StructuredOutput, str] | None = None
     tools: ToolPlan | None = None  # chat with tools: how the output becomes tool calls
+    # chat whose output begins with thinking: a fresh reasoning parser per choice (option.reasoning_parser)
+    reasoning: Callable[[], ReasoningParser | None] | None = None
+    include_reasoning: bool = True  # the thinking is shown (reasoning_content and reasoning) or dropped
     adapter: LoraAdapter | None = None  # the LoRA adapter every generation runs with
+    # The API the request came in on, where it is not chat's own (Responses, Messages): the dialect
+    # of an error once streaming began, and the field an engine's prompt error names.
+    dialect: errors.Dialect = "openai"
+    prompt_field: str | None = None
+    # Each generation's end as the engine reported it, recorded as it is rendered (the Messages API
+    # reads the engine's own reason: a stop sequence, not only OpenAI's "stop").
+    finished: dict[int, Finished] = field(default_factory=dict)
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -63,12 +76,17 @@ class Call:
 
     @property
     def prompt_param(self) -> str:
-        return "messages" if self.chat else "prompt"
+        return self.prompt_field or ("messages" if self.chat else "prompt")
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         model = self.adapter.name if self.adapter is not None else self.pool.name  # vLLM names the adapter
         return {"id": self.id, "object": kind, "created": self.created, "model": model}
+
+    @property
+    def parsed(self) -> bool:
+        """Whether each choice's text is read by a ``ChoiceStream`` (tools, thinking) rather than shown."""
+        return self.tools is not None or self.reasoning is not None
 
     def with_adapter(self, adapter: LoraAdapter | None) -> Call:
         """This call with every generation on ``adapter`` (None: the base model)."""
@@ -166,9 +184,67 @@ def _choice(
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _tool_delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    """A streamed chat choice of content or ``tool_calls`` deltas, as the tool-call parser finds them."""
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+class ChoiceStream:
+    """One chat choice's text read by its parsers: the thinking apart (the reasoning parser), the answer
+    as ``content`` or read for tool calls (the tool-call parser only ever sees the answer). ``feed``
+    and ``finish`` give delta objects; ``message`` is the whole response's message from all fed."""
+
+    def __init__(self, call: Call) -> None:
+        self.reasoning = call.reasoning() if call.reasoning is not None else None
+        self.show_reasoning = call.include_reasoning
+        self.tools = ToolStream(call.tools) if call.tools is not None else None
+        self._thinking: list[str] = []
+        self._content: list[str] = []
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self.reasoning is None:
+            return self._answer(text)
+        split = self.reasoning.feed(text)
+        return self._think(split.reasoning) + self._answer(split.content)
+
+    def finish(self) -> list[dict[str, Any]]:
+        deltas = []
+        if self.reasoning is not None:
+            split = self.reasoning.finish()
+            deltas = self._think(split.reasoning) + self._answer(split.content)
+        return deltas + (self.tools.finish() if self.tools is not None else [])
+
+    def _think(self, text: str) -> list[dict[str, Any]]:
+        if not text or not self.show_reasoning:
+            return []
+        self._thinking.append(text)
+        # Both names: vLLM renamed reasoning_content to reasoning, and clients read one or the other.
+        return [{"reasoning_content": text, "reasoning": text}]
+
+    def _answer(self, text: str) -> list[dict[str, Any]]:
+        if self.tools is not None:
+            return self.tools.feed(text)
+        if not text:
+            return []
+        self._content.append(text)
+        return [{"content": text}]
+
+    @property
+    def has_calls(self) -> bool:
+        return self.tools is not None and self.tools.has_calls
+
+    def finish_reason(self, engine_reason: str) -> str:
+        return self.tools.plan.finish_reason(engine_reason, self.has_calls) if self.tools else engine_reason
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content)}
+        if self.tools is not None:
+            message = self.tools.message()
+        if self.reasoning is not None and self.show_reasoning:
+            message["reasoning_content"] = message["reasoning"] = "".join(self._thinking) or None
+        return message
+
+
+def _delta_choice(
+    index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish: str | None = None
+) -> dict[str, Any]:
+    """A streamed chat choice of the parsers' deltas (content, thinking, ``tool_calls``)."""
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -189,7 +265,7 @@ def _finish_reason(event: Finished) -> str:
 
 def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str, Any]:
     """The non-streamed response object."""
-    choices, finished = [], {}
+    choices, finished = [], call.finished
     prompt_logprobs = None
     for index, events in enumerate(results):
         tokens = [e for e in events if isinstance(e, Token)]
@@ -204,12 +280,12 @@ def render_result(call: Call, results: list[list[GenerationEvent]]) -> dict[str,
             prompt_logprobs = _vllm_prompt_logprobs(done.prompt_logprobs)
             if not call.chat:  # vLLM: per choice for completions, once per response for chat
                 choice["prompt_logprobs"] = prompt_logprobs
-        if call.tools is not None:  # the same parser as the stream: its calls equal the streamed ones
-            stream = ToolStream(call.tools)
+        if call.parsed:  # the same parsers as the stream: the message equals the streamed deltas joined
+            stream = ChoiceStream(call)
             stream.feed(text)
             stream.finish()
             choice["message"] = stream.message()
-            choice["finish_reason"] = call.tools.finish_reason(_finish_reason(done), stream.has_calls)
+            choice["finish_reason"] = stream.finish_reason(_finish_reason(done))
         choices.append(choice)
     result = {**call.envelope(chunk=False), "choices": choices, "usage": _usage(call, finished)}
     if call.chat and call.prompt_logprobs:
@@ -236,9 +312,11 @@ async def render_chunks(
         return {**call.envelope(chunk=True), "choices": [choice], **usage}
 
     offsets = [len(text) for text in call.echo]
-    finished: dict[int, Finished] = {}
-    plan = call.tools
-    tools = [ToolStream(plan) for _ in call.echo] if plan is not None else None
+    finished = call.finished
+    streams = [ChoiceStream(call) for _ in call.echo] if call.parsed else None
+    # Parsed choices: the tokens whose text a parser holds back, until a delta can carry their logprobs.
+    unshown: list[list[Token]] = [[] for _ in call.echo]
+    logprobs = call.logprobs is not None
     for index, text in enumerate(call.echo):
         if call.chat:  # OpenAI opens each chat choice with the assistant's role
             opening = _choice(call, index, "", [], None, 0, True)
@@ -251,27 +329,39 @@ async def render_chunks(
                 if event.prompt_tokens is not None:
                     prompt_tokens[index] = event.prompt_tokens
                 generated[index] += 1
-                if tools is None:
+                if streams is None:
                     yield chunk(_choice(call, index, event.text, [event], None, offsets[index], True))
                     offsets[index] += len(event.text)
-                else:
-                    for delta in tools[index].feed(event.text):
-                        yield chunk(_tool_delta(index, delta))
+                    continue
+                if logprobs:
+                    unshown[index].append(event)
+                for delta in streams[index].feed(event.text):
+                    yield chunk(_delta_choice(index, delta, _unshown_logprobs(unshown[index])))
             else:
                 finished[index] = event
                 prompt_tokens[index] = event.prompt_tokens
-                if tools is None:
+                if streams is None:
                     yield chunk(_choice(call, index, "", [], _finish_reason(event), offsets[index], True))
-                else:
-                    for delta in tools[index].finish():  # what the parser held back
-                        yield chunk(_tool_delta(index, delta))
-                    reason = tools[index].plan.finish_reason(_finish_reason(event), tools[index].has_calls)
-                    yield chunk(_tool_delta(index, {}, reason))
+                    continue
+                for delta in streams[index].finish():  # what the parsers held back
+                    yield chunk(_delta_choice(index, delta, _unshown_logprobs(unshown[index])))
+                reason = streams[index].finish_reason(_finish_reason(event))
+                yield chunk(_delta_choice(index, {}, _unshown_logprobs(unshown[index]), reason))
     except ServiceError as exc:
-        yield errors.body(exc, "openai")  # headers are sent: the error becomes the last chunk
+        yield errors.body(exc, call.dialect)  # headers are sent: the error becomes the last chunk
         return
     if call.include_usage:
         yield {**call.envelope(chunk=True), "choices": [], "usage": _usage(call, finished)}
+
+
+def _unshown_logprobs(tokens: list[Token]) -> dict[str, Any] | None:
+    """The logprobs of ``tokens`` (emptied: each token's logprob is streamed once, with the first delta
+    after it), or None when there are none."""
+    if not tokens:
+        return None
+    shown = _chat_logprobs(tokens)
+    tokens.clear()
+    return shown
 
 
 def _json(obj: dict[str, Any]) -> bytes:
@@ -284,6 +374,13 @@ async def sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[by
     async for obj in chunks:
         yield b"data: " + _json(obj) + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+async def named_sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
+    """Server-sent events named by their ``type`` (the Responses and Messages APIs' framing, as vLLM
+    writes it: ``event: <type>`` then ``data: <json>``); no ``[DONE]``, the last event says the end."""
+    async for event in events:
+        yield b"event: " + event["type"].encode() + b"\ndata: " + _json(event) + b"\n\n"
 
 
 async def jsonlines(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:

@@ -16,10 +16,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmi_core import __version__
+from lmi_core.http.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmi_core.http.lmi_protocol import LmiRequest
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest
+from lmi_core.http.responses_protocol import ResponsesRequest
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (LmiRequest, CompletionRequest, ChatCompletionRequest)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    LmiRequest,
+    CompletionRequest,
+    ChatCompletionRequest,
+    ResponsesRequest,
+    MessagesRequest,
+    CountTokensRequest,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -79,6 +88,32 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
             message=_obj(["role", "content"], role={"const": "assistant"}, content=STRING),
         ),
     ),
+    "Response": _obj(
+        ["id", "object", "created_at", "status", "model", "output"],
+        id=STRING,
+        object={"const": "response"},
+        created_at=INTEGER,
+        status={"enum": ["completed", "incomplete", "in_progress", "cancelled", "failed"]},
+        model=STRING,
+        output={"type": "array", "items": _obj(["type"], type=STRING)},
+        usage={"type": ["object", "null"]},
+    ),
+    "AnthropicMessage": _obj(
+        ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        id=STRING,
+        type={"const": "message"},
+        role={"const": "assistant"},
+        model=STRING,
+        content={"type": "array", "items": _obj(["type"], type=STRING)},
+        stop_reason={"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+        stop_sequence=NULLABLE_STRING,
+        usage=_obj(["input_tokens", "output_tokens"], input_tokens=INTEGER, output_tokens=INTEGER),
+    ),
+    "AnthropicError": _obj(
+        ["type", "error"],
+        type={"const": "error"},
+        error=_obj(["type", "message"], type=STRING, message=STRING),
+    ),
     "Model": _obj(
         ["id", "object", "created", "owned_by"],
         id=STRING,
@@ -117,13 +152,14 @@ STREAMS = {
 
 
 def _generation_op(
-    summary: str, body: dict[str, Any], result: dict[str, Any], stream: str, error: str
+    summary: str, body: dict[str, Any], result: dict[str, Any], stream: str | None, error: str
 ) -> dict[str, Any]:
+    """A POST that runs the model; ``stream``: the media type of its stream (None: never streamed)."""
+    content = {"application/json": {"schema": result}}
+    if stream is not None:
+        content[stream] = {"schema": STREAMS[stream]}
     responses: dict[str, Any] = {
-        "200": {
-            "description": "The result, or (with `stream: true`) its stream",
-            "content": {"application/json": {"schema": result}, stream: {"schema": STREAMS[stream]}},
-        },
+        "200": {"description": "The result, or (with `stream: true`) its stream", "content": content}
     }
     responses.update({code: _json(_ref(error), text) for code, text in ERRORS.items()})
     return {
@@ -183,6 +219,15 @@ def build_spec() -> dict[str, Any]:
         "security": [],
         "responses": {"200": _json({"type": "object"}, "Alive")},
     }
+    count_tokens = _generation_op(
+        "The prompt tokens of a Messages request",
+        _ref("CountTokensRequest"),
+        _obj(["input_tokens"], input_tokens=INTEGER),
+        None,
+        "AnthropicError",
+    )
+    count_tokens["responses"]["501"] = _json(_ref("AnthropicError"), "The model's engine does not tokenize")
+    response_id = {"name": "response_id", "in": "path", "required": True, "schema": STRING}
     metrics = {"description": "Prometheus text format", "content": {"text/plain": {"schema": STRING}}}
     return {
         "openapi": "3.1.0",
@@ -215,6 +260,45 @@ def build_spec() -> dict[str, Any]:
                     "OpenAIError",
                 )
             },
+            "/v1/responses": {
+                "post": _generation_op(
+                    "OpenAI Responses API (on the chat path)",
+                    _ref("ResponsesRequest"),
+                    _ref("Response"),
+                    "text/event-stream",
+                    "OpenAIError",
+                )
+            },
+            "/v1/responses/{response_id}": {
+                "get": {
+                    **_get_op(
+                        "A stored response", _json(_ref("Response"), "The response"), "OpenAIError", "404"
+                    ),
+                    "parameters": [response_id],
+                }
+            },
+            "/v1/responses/{response_id}/cancel": {
+                "post": {
+                    **_get_op(
+                        "Cancel a running stored response",
+                        _json(_ref("Response"), "It"),
+                        "OpenAIError",
+                        "400",
+                        "404",
+                    ),
+                    "parameters": [response_id],
+                }
+            },
+            "/v1/messages": {
+                "post": _generation_op(
+                    "Anthropic Messages API (on the chat path)",
+                    _ref("MessagesRequest"),
+                    _ref("AnthropicMessage"),
+                    "text/event-stream",
+                    "AnthropicError",
+                )
+            },
+            "/v1/messages/count_tokens": {"post": count_tokens},
             "/v1/models": {"get": _get_op("Models", _json(_ref("ModelList"), "The models"), "OpenAIError")},
             "/v1/models/{model}": {
                 "get": {

@@ -1,8 +1,9 @@
 """Access control: the API key, CORS, and which routes a listener serves when management has its own.
 
 With an API key set, every route except ``/ping`` (load balancers' health checks carry no secret)
-needs ``Authorization: Bearer KEY``; that includes ``/metrics`` (Prometheus sends bearer tokens) and
-the management routes. CORS is off unless allowed origins are configured.
+needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (Anthropic's clients send the key that
+way); that includes ``/metrics`` (Prometheus sends bearer tokens) and the management routes. CORS
+is off unless allowed origins are configured.
 """
 
 from __future__ import annotations
@@ -24,21 +25,26 @@ SHARED_PATHS = frozenset({"/ping", "/health", "/live", "/openapi.json"})
 
 
 class ApiKeyMiddleware(HttpMiddleware):
-    """Refuse requests without ``Authorization: Bearer <api_key>`` (401), except on ``/ping``."""
+    """Refuse requests without ``Authorization: Bearer <api_key>`` or ``x-api-key: <api_key>`` (401),
+    except on ``/ping``."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         super().__init__(app)
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
+        self.bearer = b"Bearer " + self.key
+
+    def accepts(self, headers: dict[bytes, bytes]) -> bool:
+        # Both compared in constant time, whichever is present: no guessing by timing.
+        bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.bearer)
+        return hmac.compare_digest(headers.get(b"x-api-key", b""), self.key) | bearer
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no guessing by timing
-                error = AuthenticationError("missing or invalid API key")
-                response = errors.render(error, errors.dialect_for(scope["path"]))
-                response.headers["WWW-Authenticate"] = "Bearer"
-                await response(scope, receive, send)
-                return
+        if scope["path"] not in OPEN_PATHS and not self.accepts(dict(scope["headers"])):
+            error = AuthenticationError("missing or invalid API key")
+            response = errors.render(error, errors.dialect_for(scope["path"]))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -48,7 +54,14 @@ def allow_cors(app: Starlette, origins: Sequence[str]) -> None:
         CORSMiddleware,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-Id",
+            "X-Api-Key",
+            "Anthropic-Version",
+            "Anthropic-Beta",
+        ],
         expose_headers=["X-Request-Id", "Retry-After"],
     )
 

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 from lmi_core.config import ModelConfig, ServerConfig
 from lmi_core.engine import GenerationEvent, GenerationRequest
+from lmi_core.http.response_store import ResponseStores
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.pool import PoolSnapshot
@@ -92,3 +93,5 @@ class AppState:
     startup_models: list[ModelConfig] = field(default_factory=list)
     # Wraps every generation (metrics); by default runs it as is.
     instrument: Instrument = _plain
+    # The Responses API's stored responses, of the models that keep them (option.responses_store).
+    responses: ResponseStores = field(default_factory=ResponseStores)

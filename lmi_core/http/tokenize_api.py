@@ -22,7 +22,7 @@ from lmi_core.http.common import new_request_id, read_json, until_disconnected
 from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.openai_api import unknown_fields, with_ignored
-from lmi_core.http.openai_protocol import ChatMessage, OpenAIBody
+from lmi_core.http.openai_protocol import ChatMessage, OpenAIBody, TemplateFields
 from lmi_core.http.state import AppState
 from lmi_core.http.tool_calls import ToolDef
 from lmi_core.operations import Detokenize, Tokenize
@@ -37,7 +37,7 @@ class TokenizeCompletionRequest(OpenAIBody):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(OpenAIBody):
+class TokenizeChatRequest(TemplateFields, OpenAIBody):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -72,6 +72,7 @@ async def tokenize(request: Request) -> Response:
             messages=[m.for_template() for m in body.messages],
             # As a chat request with these tools puts them in its template (tool_calls.tool_plan).
             tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            chat_template_kwargs=body.template_kwargs(pool.config.options) or None,
             adapter=adapter,
         )
         operation = Tokenize(

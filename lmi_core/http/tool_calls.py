@@ -31,6 +31,7 @@ from lmi_core.http.tool_parsers import (
 ToolMode = Literal["required", "named", "auto"]
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's function names (Anthropic's are a subset)
 
 
 class _Strict(BaseModel):
@@ -38,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class FunctionDef(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = Field(pattern=TOOL_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lmi_core.reasoning import merge_parsers, partial_suffix
+
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
@@ -256,14 +258,6 @@ class NamedCallParser:
         return self.feed("")
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
-
-
 class TaggedParser:
     """Content, then calls after ``start`` (``hermes``: each call in ``<tool_call>...</tool_call>``;
     ``mistral``: ``[TOOL_CALLS]`` before a JSON array). Text that may begin the marker is held back."""
@@ -297,7 +291,7 @@ class TaggedParser:
                 parsed.content += self._pending[: -len(self._start)]
                 self._pending, self._in_call = "", True
         if not self._in_call:
-            keep = _partial_suffix(self._pending, self._start)
+            keep = partial_suffix(self._pending, self._start)
             cut = len(self._pending) - keep
             parsed.content += self._pending[:cut]
             self._pending = self._pending[cut:]
@@ -411,10 +405,4 @@ BUILTIN_PARSERS: dict[str, ParserFactory] = {
 def parser_registry(plugin_parsers: list[dict[str, ParserFactory]]) -> dict[str, ParserFactory]:
     """The built-in parsers and those plugins register (``register_tool_parsers``); a plugin may not
     replace a built-in one."""
-    registry = dict(BUILTIN_PARSERS)
-    for parsers in plugin_parsers:
-        for name, factory in parsers.items():
-            if name in BUILTIN_PARSERS:
-                raise ValueError(f"tool call parser {name!r} is built in; a plugin cannot replace it")
-            registry[name] = factory
-    return registry
+    return merge_parsers("tool call parser", BUILTIN_PARSERS, plugin_parsers)

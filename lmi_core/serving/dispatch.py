@@ -255,12 +255,14 @@ class Dispatcher:
     ) -> T:
         """Run ``operation`` on one of the workers and return its result (``arrived`` as for ``generate``).
 
-        One that ``takes_slot`` waits for a place like a generation; a light one (tokenize) goes at
-        once to the least loaded ready worker, without a place, and waits in the queue only while no
-        worker is ready. When its worker fails under it, it runs again on another (an operation is
-        idempotent), at most ``max_migrations`` times, within its total deadline.
+        One that ``takes_slot`` waits for a place like a generation, routed like one (its session's
+        worker first); a light one (tokenize) goes at once to the least loaded ready worker, without a
+        place, and waits in the queue only while no worker is ready. When its worker fails under it,
+        an ``idempotent`` one runs again on another, at most ``max_migrations`` times, within its
+        total deadline; any other fails with the worker.
         """
         limits = self._deadlines(time.monotonic() if arrived is None else arrived, context)
+        query = RouteQuery(session_id=context.session_id if context is not None else None)
         attempt = 0
         while True:
             light = None if operation.takes_slot else self._least_loaded()
@@ -268,13 +270,14 @@ class Dispatcher:
                 worker, decision = light, Decision(light.worker_id, "load")
             else:  # the queue deadline holds for the first wait only, as for a migrated generation
                 wait = limits if attempt == 0 else dataclasses.replace(limits, queue=limits.total)
-                worker, decision = await self._acquire(RouteQuery(), wait, migrating=attempt > 0)
+                worker, decision = await self._acquire(query, wait, migrating=attempt > 0)
             if context is not None:
                 context.served.append(decision)
             try:
                 return await worker.perform(uuid.uuid4().hex, operation, limits.total, limits.total_source)
             except (WorkerFailedError, EngineFailedError) as exc:  # the worker's fault: try another
-                if attempt >= self.config.max_migrations or time.monotonic() >= limits.total:
+                retry = operation.idempotent and attempt < self.config.max_migrations
+                if not retry or time.monotonic() >= limits.total:
                     raise
                 logger.warning("model %s: %s moves to another worker: %s", self.name, operation.op, exc)
                 self.observe.migration(self.name)

@@ -38,6 +38,7 @@ from lmi_core.errors import (
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
 from lmi_core.operations import Operation, Sleep, WakeUp
+from lmi_core.pooling import wrong_task
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
 from lmi_core.serving.dispatch import Dispatcher
 from lmi_core.serving.observer import NoObserver, PoolObserver
@@ -129,6 +130,7 @@ class WorkerPool:
         # The engine's context length, as the last worker that loaded reported it (its workers all
         # load the same engine); None until one has, or when the engine does not say.
         self.max_model_len: int | None = None
+        self.task = config.pooling.task  # generations go to text-generation models only
         self.last_failure: str | None = None
         self.router = Router(RoutingPolicy.from_config(config))
         backend = installed_backends(pm).get(config.backend)
@@ -164,13 +166,17 @@ class WorkerPool:
     def generate(
         self, request: GenerationRequest, context: RequestContext | None = None, arrived: float | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """``request``'s events (``Dispatcher.generate``)."""
+        """``request``'s events (``Dispatcher.generate``); a pooling model's is a ``BadRequestError``."""
+        if self.task != "text-generation":
+            raise wrong_task(self.name, self.task, "generation")
         return self.dispatcher.generate(request, context, arrived)
 
     async def perform(
         self, operation: Operation[T], context: RequestContext | None = None, arrived: float | None = None
     ) -> T:
-        """``operation``'s result (``Dispatcher.perform``)."""
+        """``operation``'s result (``Dispatcher.perform``); one for another task's models is refused."""
+        if operation.tasks is not None and self.task not in operation.tasks:
+            raise wrong_task(self.name, self.task, operation.op)
         return await self.dispatcher.perform(operation, context, arrived)
 
     @property

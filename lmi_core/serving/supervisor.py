@@ -283,6 +283,7 @@ class SupervisedWorker:
             max_batch_size=self.model.max_rolling_batch_size,
             dtype=self.model.dtype,
             trust_remote_code=self.model.trust_remote_code,
+            entry_point=self.model.entry_point,
         )
 
     async def _watch(self) -> str:

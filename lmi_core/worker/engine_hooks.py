@@ -1,6 +1,9 @@
 """The built-in worker hooks: start engines on the worker's loop, run requests, read stats, manage
 LoRA adapters, answer operations and shut down through the ``Engine`` protocol (``LoopEngine`` for
-the start, ``AdapterEngine`` for adapters, ``TokenizerEngine`` for tokenize and detokenize).
+the start, ``AdapterEngine`` for adapters, ``TokenizerEngine`` for tokenize and detokenize,
+``PoolingEngine`` for embed and score, ``HandlerEngine`` for a ``handle(inputs)`` model's requests); a
+model's custom formatters run here for every engine (``lmi_core.custom_code``), with the engine's
+``tokenizer`` attribute where it has one.
 
 Registered ``trylast`` in ``DEFAULT_PLUGINS`` (datasette's pattern), so every engine that
 ``load_engine`` returns is driven by these hooks unless a plugin implements one itself: a plugin's
@@ -13,9 +16,11 @@ every ``shutdown_engine`` runs, a plugin's before this one. A backend plugin the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
+from lmi_core import custom_code
 from lmi_core.engine import (
     AdapterEngine,
     Engine,
@@ -27,7 +32,23 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import EngineError
 from lmi_core.hookspecs import hookimpl
-from lmi_core.operations import Detokenize, Operation, Sleep, SleepEngine, Tokenize, TokenizerEngine, WakeUp
+from lmi_core.operations import (
+    Detokenize,
+    Embed,
+    FormatInput,
+    FormatOutput,
+    FormattedInput,
+    HandlerEngine,
+    Invoke,
+    Operation,
+    PoolingEngine,
+    Score,
+    Sleep,
+    SleepEngine,
+    Tokenize,
+    TokenizerEngine,
+    WakeUp,
+)
 
 
 def no_adapters(engine: Engine, name: str) -> EngineError:
@@ -59,8 +80,27 @@ def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any
         return engine.sleep(operation.level)
     if isinstance(operation, WakeUp) and isinstance(engine, SleepEngine):
         return engine.wake_up()
+    if isinstance(operation, Embed) and isinstance(engine, PoolingEngine):
+        return engine.embed(operation)
+    if isinstance(operation, Score) and isinstance(engine, PoolingEngine):
+        return engine.score(operation)
+    if isinstance(operation, Invoke) and isinstance(engine, HandlerEngine):
+        return engine.invoke(operation)
+    if isinstance(operation, FormatInput):
+        return format_input(engine, operation)
+    if isinstance(operation, FormatOutput):  # off the loop: a formatter is the user's code
+        return asyncio.to_thread(custom_code.format_output, operation.code, operation.data)
     message = f"this backend ({type(engine).__name__}) does not {operation.op}"
     raise EngineError(message, status=501, type="NotImplemented")
+
+
+async def format_input(engine: Engine, operation: FormatInput) -> FormattedInput:
+    """The custom input formatter, off the loop, with the engine's ``tokenizer`` (None without one)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    payload, output = await asyncio.to_thread(
+        custom_code.format_input, operation.code, operation.payload, tokenizer
+    )
+    return FormattedInput(payload, output)
 
 
 @hookimpl(trylast=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pluggy
 
+from lmi_core import custom_code
 from lmi_core.engine import (
     ContextEngine,
     Engine,
@@ -157,6 +158,8 @@ class RankServer:
         self.context.rank = self.rank
         try:
             self.stream_interval = stream_interval(self.context.options)
+            if self.context.entry_point is not None:  # model.py: one that does not import fails the load
+                await asyncio.to_thread(custom_code.load, self.context.entry_point)
             # Loading takes seconds to minutes: off the loop, so pings are still answered.
             engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
             if engine is None:

@@ -97,8 +97,11 @@ def client(venv: Path, name: str) -> Path:
     return path
 
 
-def run_client(args: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> str:
-    """Run a client to completion; print and return what it printed."""
+def run_client(
+    args: list[str | Path], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> str:
+    """Run a client to completion (``stdin``: its standard input, else this process's); print and
+    return what it printed."""
     full_env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -109,7 +112,13 @@ def run_client(args: list[str | Path], cwd: Path, env: dict[str, str] | None = N
     }
     full_env.pop("PYTHONPATH", None)  # the client's environment alone, not the server's sources
     result = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT
+        [str(a) for a in args],
+        cwd=cwd,
+        env=full_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
     )
     output = result.stdout + result.stderr
     print(f"$ {' '.join(str(a) for a in args)}\n{output}")

@@ -7,6 +7,8 @@ differs from ``ModelServer`` only in where the snapshots come from.
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -19,7 +21,17 @@ from lmi_core.errors import ModelNotFoundError, ServiceError
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
-from lmi_core.operations import Detokenize, Operation, Tokenize, TokenizeResult
+from lmi_core.operations import (
+    Detokenize,
+    Embed,
+    EmbedResult,
+    Operation,
+    Score,
+    ScoreResult,
+    Tokenize,
+    TokenizeResult,
+)
+from lmi_core.pooling import wrong_task
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
 from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, Residency, health_of
@@ -118,6 +130,7 @@ class FakeModel:
         error: ServiceError | None = None,
         options: dict[str, str] | None = None,
         max_model_len: int | None = None,
+        finish: str = "length",
     ):
         self.name = name
         self.loaded_at = 1_700_000_000.0
@@ -127,6 +140,7 @@ class FakeModel:
         self.adapter_changes: list[tuple[str, LoraAdapter]] = []
         self.adapters = adapter_registry(self.config, lambda op, a: self.adapter_changes.append((op, a)))
         self.tokens = tokens
+        self.finish = finish  # the engine's finish reason
         self.error = error
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
@@ -137,20 +151,35 @@ class FakeModel:
     ) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
         self.contexts.append(context)
+        if self.config.pooling.task != "text-generation":  # as the pool refuses it
+            raise wrong_task(self.name, self.config.pooling.task, "generation")
         if context is not None:  # as the pool does: the worker is known before the first event
             context.served.append(Decision(0, "load"))
         if self.error is not None:
             raise self.error
         for i, text in enumerate(self.tokens):  # as engines do: the first token has the prompt's length
             yield Token(i, text, -0.5, last=i == len(self.tokens) - 1, prompt_tokens=3 if i == 0 else None)
-        yield Finished("length", 3, len(self.tokens), request.prompt or "")
+        yield Finished(self.finish, 3, len(self.tokens), request.prompt or "")
 
     async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
         """Tokenize: one id per character of the prompt (or of the messages' contents); detokenize:
-        the characters back. Records each operation."""
+        the characters back; embed: ``[index, length, 0.5, 1]`` per input (cut to ``dimensions``), one
+        token per character; score: a pair's score is its second text's length / 100. Records each
+        operation; refuses one of another task as the pool does."""
         self.operations.append(operation)
+        task = self.config.pooling.task
+        if operation.tasks is not None and task not in operation.tasks:
+            raise wrong_task(self.name, task, operation.op)
         if self.error is not None:
             raise self.error
+        if isinstance(operation, Embed):
+            rows = [[float(i), float(len(x)), 0.5, 1.0] for i, x in enumerate(operation.inputs)]
+            width = operation.dimensions or 4
+            data = struct.pack(f"<{width * len(rows)}f", *(x for row in rows for x in row[:width]))
+            return cast(T, EmbedResult(data, width, sum(len(x) for x in operation.inputs)))
+        if isinstance(operation, Score):
+            scores = [len(b) / 100 for _, b in operation.pairs]
+            return cast(T, ScoreResult(scores, sum(len(a) + len(b) for a, b in operation.pairs)))
         if isinstance(operation, Tokenize):
             request = operation.request
             text = request.prompt or "".join(str(m.get("content", "")) for m in request.messages or [])
@@ -163,9 +192,14 @@ class FakeModel:
 class FakeModels:
     """``ModelService`` over fixed snapshots; records the management calls it gets."""
 
-    def __init__(self, *snapshots: ModelSnapshot) -> None:
+    def __init__(self, *snapshots: ModelSnapshot, options: dict[str, dict[str, str]] | None = None) -> None:
+        """``options``: a model's ``option.*`` by name (its task, for one)."""
         self.snapshots = {s.name: s for s in snapshots}
-        self.served_models = {s.name: FakeModel(s.name) for s in snapshots if s.pool is not None}
+        self.served_models = {
+            s.name: FakeModel(s.name, options=(options or {}).get(s.name))
+            for s in snapshots
+            if s.pool is not None
+        }
         self.calls: list[tuple[str, Any]] = []
 
     def names(self) -> list[str]:
@@ -222,3 +256,19 @@ def app(models: FakeModels, **config: Any) -> Starlette:
 
 def client(models: FakeModels, **config: Any) -> TestClient:
     return TestClient(app(models, **config), raise_server_exceptions=False)
+
+
+def named_events(http: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed Responses or Messages request, each checked to be named by its type
+    (``event: <type>`` then ``data: <json>``)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    found = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        found.append(event)
+    return found

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from lmi_core.errors import QueueFullError, ServiceError
 from lmi_core.http import errors
-from lmi_core.http.common import collect_each, read_json, stream_response
+from lmi_core.http.common import Stopped, collect_each, merge, read_json, stream_response, until_set
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
 LIMIT = 64
@@ -138,7 +138,30 @@ async def test_collect_each_keeps_each_stream_s_events_and_one_failure_closes_th
             await asyncio.sleep(0)
             yield f"{name}{i}"
 
-    assert await collect_each([finite("a", 2), finite("b", 3)]) == [["a0", "a1"], ["b0", "b1", "b2"]]
+    assert await collect_each(merge([finite("a", 2), finite("b", 3)]), 2) == [
+        ["a0", "a1"],
+        ["b0", "b1", "b2"],
+    ]
     with pytest.raises(QueueFullError):
-        await collect_each([stream("a", 1), stream("b", 2, fail=True), stream("c", 3)])
+        await collect_each(merge([stream("a", 1), stream("b", 2, fail=True), stream("c", 3)]), 3)
     assert sorted(closed) == ["a", "b", "c"]
+
+
+async def test_until_set_stops_at_the_next_event_and_closes_the_events() -> None:
+    closed: list[str] = []
+    flag = asyncio.Event()
+
+    async def tokens() -> AsyncGenerator[int, None]:
+        try:
+            for i in range(10):
+                yield i
+        finally:
+            closed.append("tokens")
+
+    seen = []
+    with pytest.raises(Stopped):
+        async for i in until_set(tokens(), flag):
+            seen.append(i)
+            if i == 2:
+                flag.set()
+    assert seen == [0, 1, 2] and closed == ["tokens"]

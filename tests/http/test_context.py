@@ -31,7 +31,9 @@ def test_every_inference_response_names_its_worker_streamed_or_not() -> None:
 
 
 def test_the_session_header_reaches_the_model() -> None:
+    # Without DJL's session lifecycle, SageMaker's header only routes, as lmi's own does.
     models = FakeModels(model("a", pool("a", worker(0))))
+    models.served_models["a"].config.options["enable_stateful_sessions"] = "false"
     api = client(models)
     body = {"inputs": "hi"}
     api.post("/invocations", json=body, headers={"x-session-id": "s1"})
@@ -39,6 +41,15 @@ def test_the_session_header_reaches_the_model() -> None:
     api.post("/invocations", json=body)
     contexts = models.served_models["a"].contexts
     assert [c.session_id if c is not None else "no context" for c in contexts] == ["s1", "s2", None]
+
+
+def test_with_djls_sessions_an_unknown_sagemaker_session_never_reaches_the_model() -> None:
+    models = FakeModels(model("a", pool("a", worker(0))))
+    response = client(models).post(
+        "/invocations", json={"inputs": "hi"}, headers={"X-Amzn-SageMaker-Session-Id": "s2"}
+    )
+    assert response.status_code == 424 and response.json()["type"] == "SessionException"
+    assert models.served_models["a"].contexts == []
 
 
 def test_headers_list_each_worker_once_and_name_the_worker_a_session_left() -> None:

@@ -66,3 +66,20 @@ def test_bad_bodies_are_400s_in_vllms_shape_naming_the_field() -> None:
             assert error["param"] == param, (path, body, error)
     unknown = http.post("/tokenize", json={"model": "nope", "prompt": "x"})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
+def test_the_chat_form_takes_chat_template_kwargs_over_the_models_defaults() -> None:
+    # The template a chat request would render: the count is that request's prompt tokens.
+    fake = models()
+    fake.served_models["m"].config.options["default_chat_template_kwargs"] = (
+        '{"enable_thinking": false, "a": 1}'
+    )
+    body = {"messages": [{"role": "user", "content": "ok"}], "chat_template_kwargs": {"a": 2}}
+    assert client(fake).post("/tokenize", json=body).status_code == 200
+    (sent,) = fake.served_models["m"].operations
+    assert isinstance(sent, Tokenize) and sent.request.chat_template_kwargs == {
+        "enable_thinking": False,
+        "a": 2,
+    }
+    refused = client(fake).post("/tokenize", json={**body, "chat_template_kwargs": {"tokenize": True}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"

@@ -24,6 +24,7 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import BadRequestError
 from lmi_hf.engine import HFEngine
+from lmi_hf.grammar import TokenConstraint
 from lmi_hf.loading import load_model
 
 PHONE = StructuredOutput("regex", r"[0-9]{3}-[0-9]{2}")
@@ -96,7 +97,7 @@ def test_eos_is_allowed_exactly_where_the_grammar_can_end(engine: HFEngine) -> N
             assert allowed and not allowed & engine.eos_ids
             token = min(allowed)
             assert re.fullmatch("[0-9]+", engine.tokenizer.decode([token]))
-            constraint.accept(token)
+            constraint.accept(token, engine.tokenizer.decode([token]))
         else:
             assert allowed == engine.eos_ids  # complete: nothing but the end
 
@@ -142,3 +143,54 @@ async def test_tools_and_tool_messages_go_through_the_chat_template(engine: HFEn
         engine.tokenizer.chat_template = original
     assert "<tool>get_weather</tool>" in finished.prompt
     assert '[call get_weather {"city": "Oslo"}]' in finished.prompt and "[for call_7]" in finished.prompt
+
+
+class _Matcher:
+    """A stand-in llguidance matcher that records the tokens the grammar consumed."""
+
+    def __init__(self) -> None:
+        self.consumed: list[int] = []
+
+    def consume_token(self, token: int) -> None:
+        self.consumed.append(token)
+
+    def is_error(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("pieces", [["</think>"], ["</th", "ink>"], list("</think>"), ["a</", "think>"]])
+def test_a_deferred_grammar_starts_after_its_marker_however_the_text_is_cut(pieces: list[str]) -> None:
+    matcher = _Matcher()
+    constraint = TokenConstraint(matcher, starts_after="</think>")
+    for token, text in enumerate(["I think ", "<", *pieces]):
+        assert not constraint.active
+        constraint.accept(token, text)
+    assert constraint.active and matcher.consumed == []  # the token that completes it is not the grammar's
+    constraint.accept(99, "{")
+    assert matcher.consumed == [99]
+
+
+async def test_a_grammar_after_the_thinking_leaves_the_thinking_free(engine: HFEngine) -> None:
+    # The marker is a word the regex does not allow, forced as the first token: it is sampled (the
+    # grammar waits), then the answer after it matches the regex.
+    marker = " fox"
+    (token,) = engine.tokenizer.encode(marker, add_special_tokens=False)
+    regex = StructuredOutput("regex", "[0-9]{3}", starts_after=marker)
+    params = SamplingParams(max_new_tokens=40, structured=regex, logit_bias=[(token, 100.0)])
+    text, finished = await run(engine, "deferred", prompt="think first", params=params)
+    assert text.startswith(marker) and re.fullmatch("[0-9]{3}", text[len(marker) :]), text
+    assert finished.finish_reason == "eos_token"
+    # Constrained from the first token, the same bias cannot place the word.
+    params.structured = StructuredOutput("regex", "[0-9]{3}")
+    text, _ = await run(engine, "at-once", prompt="think first", params=params)
+    assert re.fullmatch("[0-9]{3}", text), text
+
+
+async def test_a_grammar_whose_marker_never_comes_leaves_the_output_free(engine: HFEngine) -> None:
+    free = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    waiting = SamplingParams(
+        max_new_tokens=12, ignore_eos=True, structured=StructuredOutput("regex", "[0-9]", starts_after="§§")
+    )
+    alone, _ = await run(engine, "free", prompt="hello world", params=free)
+    text, finished = await run(engine, "waiting", prompt="hello world", params=waiting)
+    assert text == alone and finished.finish_reason == "length"

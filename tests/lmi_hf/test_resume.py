@@ -79,6 +79,26 @@ async def test_a_constrained_output_resumes_inside_its_grammar(engine: HFEngine)
     assert finished.finish_reason == done.finish_reason
 
 
+async def test_a_grammar_after_the_thinking_resumes_on_either_side_of_its_marker(engine: HFEngine) -> None:
+    # Free words (the thinking) until the first 4 tokens' text is complete, then the grammar: cut before
+    # and after it.
+    free, _ = await run(
+        engine, GenerationRequest("think", prompt=PROMPT, params=SamplingParams(max_new_tokens=4))
+    )
+    marker = "".join(t.text for t in free)
+    regex = StructuredOutput("regex", "(cat|dog)( (cat|dog)){3}", starts_after=marker)
+    params = SamplingParams(max_new_tokens=40, structured=regex)
+    full, done = await run(engine, GenerationRequest("think-full", prompt=PROMPT, params=params))
+    text = "".join(t.text for t in full)
+    assert text.startswith(marker) and done.finish_reason == "eos_token"
+    ids = [t.id for t in full]
+    for cut in (2, 6):
+        request = GenerationRequest(f"think-cut{cut}", prompt=PROMPT, params=params, resume_ids=ids[:cut])
+        rest, finished = await run(engine, request)
+        assert "".join(t.text for t in full[:cut] + rest) == text
+        assert finished.finish_reason == "eos_token"
+
+
 async def test_prompt_logprobs_cover_the_prompt_only_when_resumed(engine: HFEngine) -> None:
     params = SamplingParams(max_new_tokens=6, prompt_logprobs=1)
     full, done = await run(engine, GenerationRequest("lp-full", prompt=PROMPT, params=params))

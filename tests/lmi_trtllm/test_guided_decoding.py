@@ -8,7 +8,7 @@ import re
 import pytest
 
 from lmi_core.engine import SamplingParams, StructuredOutput
-from lmi_core.errors import ConfigError
+from lmi_core.errors import BadRequestError, ConfigError
 from lmi_core.grammars import grammar_error
 from lmi_trtllm.convert import guided_decoding_kwargs, sampling_kwargs
 from lmi_trtllm.options import parse_options
@@ -48,3 +48,10 @@ def test_guided_decoding_backend_option() -> None:
     }
     with pytest.raises(ConfigError, match="llguidance or xgrammar"):
         parse_options({"guided_decoding_backend": "outlines"})
+
+
+def test_a_constraint_after_the_thinking_is_refused() -> None:
+    # TensorRT-LLM's guided decoding starts at the first token: it would constrain the thinking.
+    constraint = StructuredOutput("json", '{"type": "object"}', starts_after="</think>")
+    with pytest.raises(BadRequestError, match="after the thinking"):
+        sampling_kwargs(SamplingParams(structured=constraint))

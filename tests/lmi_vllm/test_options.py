@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 import pytest
 
-from lmi_core.errors import ConfigError, EngineError
+from lmi_core.engine import GenerationRequest, SamplingParams, StructuredOutput
+from lmi_core.errors import BadRequestError, ConfigError, EngineError
 from lmi_core.serving.server import resolve_model
 from lmi_vllm import options as opts
-from lmi_vllm.convert import finish_reason, output_events, split_text
-from lmi_vllm.start import cpu_bind_lists
+from lmi_vllm.convert import finish_reason, output_events, reasoning_kwargs, split_text
+from lmi_vllm.start import cpu_bind_lists, structured_outputs_config
 
 
 def model_config(**options: str) -> Any:
@@ -30,7 +31,7 @@ def model_config(**options: str) -> Any:
         ("dtype", "int3"),
         ("cpu_kvcache_space", "-1"),
         ("max_input_length", "0"),
-        ("task", "text-embedding"),
+        ("runner", "pooling"),  # reserved: option.task sets it
         ("max_num_seqs", "4"),  # reserved: lmi's option.max_rolling_batch_size sets it
     ],
 )
@@ -198,3 +199,80 @@ def test_bad_pass_through_option_names_the_key(key: str, value: str, message: st
 def test_validate_config_checks_pass_through_when_vllm_is_installed(pm: Any) -> None:
     with pytest.raises(ConfigError, match=r"option\.not_a_vllm_field"):
         pm.hook.validate_config(config=model_config(not_a_vllm_field="1"))
+
+
+# -- reasoning -------------------------------------------------------------------------------------
+
+
+def test_reasoning_kwargs_place_the_grammar_of_a_constrained_request() -> None:
+    thinks = StructuredOutput("json", "{}", starts_after="</think>")
+    kwargs = {"enable_thinking": True}
+    request = GenerationRequest("r", params=SamplingParams(structured=thinks), chat_template_kwargs=kwargs)
+    assert reasoning_kwargs(request, gate=True) == {
+        "reasoning_ended": False,  # the thinking comes first: vLLM's parser waits for its end
+        "reasoning_parser_kwargs": {"chat_template_kwargs": kwargs},
+    }
+    at_once = GenerationRequest("r", params=SamplingParams(structured=StructuredOutput("json", "{}")))
+    assert reasoning_kwargs(at_once, gate=True) == {
+        "reasoning_ended": True,
+        "reasoning_parser_kwargs": {"chat_template_kwargs": {}},
+    }
+    assert reasoning_kwargs(request, gate=False) == {}  # no parser in vLLM (refused before)
+    assert reasoning_kwargs(GenerationRequest("r", prompt="x"), gate=True) == {}  # nothing to place
+
+
+def test_a_constraint_after_the_thinking_needs_a_vllm_parser() -> None:
+    from lmi_vllm.engine import VllmEngine
+
+    params = SamplingParams(structured=StructuredOutput("json", "{}", starts_after="</think>"))
+    with pytest.raises(BadRequestError, match="vLLM's reasoning parser"):
+        VllmEngine.sampling_params(SimpleNamespace(reasoning_gate=False), params)  # type: ignore[arg-type]
+
+
+def test_the_option_s_own_structured_outputs_config_keeps_its_reasoning_parser() -> None:
+    given = {"backend": "xgrammar"}
+    assert structured_outputs_config({"structured_outputs_config": given}, "qwen3") == {
+        "reasoning_parser": "qwen3",
+        **given,
+    }
+    own = {"reasoning_parser": "deepseek_r1"}
+    assert structured_outputs_config({"structured_outputs_config": own}, "qwen3") == own
+    assert structured_outputs_config({"structured_outputs_config": given}, None) == given
+
+
+@pytest.mark.vllm
+def test_lmi_s_parser_names_are_vllm_s() -> None:
+    from lmi_core.reasoning import BUILTIN_PARSERS
+    from lmi_vllm.start import vllm_reasoning_parser
+
+    for name in BUILTIN_PARSERS:
+        assert vllm_reasoning_parser({"reasoning_parser": name}) == name
+    assert vllm_reasoning_parser({"reasoning_parser": "a_plugin_s_own"}) is None
+    assert vllm_reasoning_parser({}) is None
+    config = structured_outputs_config({}, "qwen3")
+    assert (config.reasoning_parser, config.backend) == ("qwen3", "guidance")
+
+
+@pytest.mark.parametrize(
+    ("options", "given", "expected"),
+    [
+        ({}, None, {}),
+        ({"task": "text-embedding"}, None, {"runner": "pooling", "pooler_config": {"use_activation": True}}),
+        (
+            {"task": "embed", "pooling": "mean", "normalize": "false"},
+            {"max_embed_len": 4},
+            {
+                "runner": "pooling",
+                "pooler_config": {"max_embed_len": 4, "seq_pooling_type": "MEAN", "use_activation": False},
+            },
+        ),
+        ({"task": "rerank"}, None, {"runner": "pooling", "pooler_config": None}),
+    ],
+)
+def test_a_pooling_task_runs_vllms_pooling_runner(
+    options: dict[str, str], given: dict[str, Any] | None, expected: dict[str, Any]
+) -> None:
+    from lmi_core.pooling import pooling_settings
+    from lmi_vllm.start import pooling_kwargs
+
+    assert pooling_kwargs(pooling_settings(options), given) == expected

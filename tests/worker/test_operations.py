@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+from typing import Any
 
 import pytest
 
 from lmi_core.engine import GenerationRequest
 from lmi_core.errors import BadRequestError
-from lmi_core.operations import Detokenize, Tokenize, TokenizerEngine, TokenizeResult
+from lmi_core.operations import (
+    Detokenize,
+    Embed,
+    EmbedResult,
+    Operation,
+    PoolingEngine,
+    Score,
+    ScoreResult,
+    Tokenize,
+    TokenizerEngine,
+    TokenizeResult,
+)
 from lmi_core.worker import wire
 from tests.worker.test_worker_output import StepEngine, started
 
@@ -88,8 +101,50 @@ async def test_cancel_stops_an_operation_that_is_running() -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("operation", [Tokenize(GenerationRequest("r", "x")), Detokenize([1, 2])])
-def test_operations_and_results_survive_their_codecs(operation: Tokenize | Detokenize) -> None:
+class VectorEngine(StepEngine):
+    """A ``PoolingEngine``: each input's vector is ``[length, 1]``; a pair scores its second's length."""
+
+    async def embed(self, operation: Embed) -> EmbedResult:
+        floats = [x for item in operation.inputs for x in (float(len(item)), 1.0)]
+        return EmbedResult(struct.pack(f"<{len(floats)}f", *floats), 2, len(operation.inputs))
+
+    async def score(self, operation: Score) -> ScoreResult:
+        return ScoreResult([float(len(b)) for _, b in operation.pairs], 0)
+
+
+async def test_a_pooling_engine_answers_embed_and_score_and_others_501() -> None:
+    assert isinstance(VectorEngine(), PoolingEngine)
+    reader, writer = await started(engine=VectorEngine())
+    embed, score = Embed(["ab", "c"]), Score([("q", "abc")])
+    writer.write(wire.Op("e", embed).to_frame() + wire.Op("s", score).to_frame())
+    answers = {m.id: m for m in [await reply(reader), await reply(reader)] if isinstance(m, wire.OpResult)}
+    assert embed.result_from_wire(answers["e"].value) == EmbedResult(struct.pack("<4f", 2, 1, 1, 1), 2, 2)
+    assert score.result_from_wire(answers["s"].value) == ScoreResult([3.0], 0)
+    writer.close()
+    reader, writer = await started(engine=CharEngine())  # a tokenizer, not a pooling engine
+    writer.write(wire.Op("b", embed).to_frame())
+    error = await reply(reader)
+    assert isinstance(error, wire.Err) and (error.error.status, error.error.type) == (501, "NotImplemented")
+    writer.close()
+
+
+OPERATIONS_AND_RESULTS: list[tuple[Operation[Any], Any]] = [
+    (Tokenize(GenerationRequest("r", "x")), TokenizeResult([1], None)),
+    (Detokenize([1, 2]), "text"),
+    (Embed(["a", "b"], True, False, 2, "inputs"), EmbedResult(bytes(16), 2, 5)),
+    (Embed([[1, 2], [3]]), EmbedResult(bytes(8), 1, 3)),
+    (Score([("q", "d")], True, "texts"), ScoreResult([0.5], 2)),
+]
+
+
+@pytest.mark.parametrize(("operation", "result"), OPERATIONS_AND_RESULTS)
+def test_operations_and_results_survive_their_codecs(operation: Operation[Any], result: Any) -> None:
     assert type(operation).from_wire(operation.to_wire()) == operation
-    result = TokenizeResult([1], None) if isinstance(operation, Tokenize) else "text"
     assert operation.result_from_wire(operation.result_to_wire(result)) == result
+
+
+def test_a_result_that_does_not_fit_its_operation_is_refused() -> None:
+    with pytest.raises(ValueError, match="2 float32 vectors"):
+        Embed(["a", "b"]).result_from_wire([bytes(4), 1, 2])
+    with pytest.raises(ValueError, match="1 scores for 2 pairs"):
+        Score([("a", "b"), ("c", "d")]).result_from_wire([[0.5], 2])

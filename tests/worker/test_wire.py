@@ -25,7 +25,7 @@ from lmi_core.engine import (
     WorkerContext,
 )
 from lmi_core.errors import EngineError, EngineFailedError, ServiceError
-from lmi_core.operations import Detokenize, Tokenize
+from lmi_core.operations import Detokenize, Embed, Score, Tokenize
 from lmi_core.worker import wire
 from lmi_core.worker.wire import ProtocolError, decode_body, encode, parse, read_frame
 
@@ -188,10 +188,18 @@ requests = st.builds(
         seed=st.none() | st.integers(0, 2**32),
         stop_sequences=st.lists(st.text(max_size=5), max_size=3),
         logit_bias=st.lists(st.tuples(st.integers(0, 2**20), floats), max_size=3),
-        structured=st.none() | st.builds(StructuredOutput, st.sampled_from(["json", "regex"]), st.text()),
+        structured=st.none()
+        | st.builds(
+            StructuredOutput,
+            st.sampled_from(["json", "regex"]),
+            st.text(),
+            starts_after=st.none() | st.just("</think>"),
+        ),
         stream_interval=st.none() | st.integers(1, 16),
     ),
     prompt_ids=st.none() | st.lists(st.integers(0, 2**20), max_size=5),
+    chat_template_kwargs=st.none()
+    | st.dictionaries(st.text(max_size=10), st.booleans() | st.text(max_size=5), max_size=3),
     adapter=st.none() | adapters,
     resume_ids=st.lists(st.integers(0, 2**20), max_size=5),
 )
@@ -214,7 +222,9 @@ comparable = st.one_of(
         wire.Op,
         ids,
         st.builds(Tokenize, requests, st.none() | st.booleans(), st.booleans(), st.booleans(), st.booleans())
-        | st.builds(Detokenize, st.lists(st.integers(0, 2**31), max_size=5)),
+        | st.builds(Detokenize, st.lists(st.integers(0, 2**31), max_size=5))
+        | st.builds(Embed, st.lists(st.text(), max_size=3), st.booleans(), st.none() | st.booleans())
+        | st.builds(Score, st.lists(st.tuples(st.text(), st.text()), max_size=3), st.booleans()),
     ),
     st.builds(wire.Cancel, ids),
     st.builds(wire.Adapter, st.sampled_from(["load", "unload"]), adapters),
@@ -305,7 +315,7 @@ ERROR = EngineError("boom").to_wire()
         ({"t": "req", "id": 5, "request": REQUEST}, "'id' is int, not str"),
         ({"t": "req", "id": "r", "request": ["r"]}, "'request'"),
         ({"t": "req", "id": "r", "request": {"request_id": "r", "params": {"top_q": 1}}}, "'request'"),
-        ({"t": "op", "id": "r", "op": "embed", "args": {}}, "unknown operation 'embed'"),
+        ({"t": "op", "id": "r", "op": "classify", "args": {}}, "unknown operation 'classify'"),
         ({"t": "op", "id": "r", "args": {"ids": [1]}}, "no 'op'"),
         ({"t": "op", "op": "detokenize", "args": {"ids": [1]}}, "no 'id'"),
         ({"t": "op", "id": "r", "op": "detokenize"}, "no 'args'"),

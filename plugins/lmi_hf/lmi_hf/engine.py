@@ -380,7 +380,7 @@ class HFEngine:
 
     def _allowed(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
         """The tokens each constrained sequence's grammar allows next, by row (one call per step)."""
-        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None and s.constraint.active]
         if not rows:
             return {}
         try:
@@ -404,15 +404,16 @@ class HFEngine:
         token, log_prob, log_probs = select_token(
             logits, params, seq.generator, seq.output_counts, seq.prompt_ids, seq.stop_ids
         )
-        if seq.constraint is not None:
-            seq.constraint.accept(token)
-        seq.generated += 1
-        seq.output_counts[token] += 1
         # The grammar allows EOS only where it may end, and then it is the end even with ignore_eos.
-        is_eos = token in self.eos_ids and (not params.ignore_eos or seq.constraint is not None)
+        constrained = allowed is not None
+        is_eos = token in self.eos_ids and (not params.ignore_eos or constrained)
         is_stop = token in params.stop_token_ids
         # A stop token's text is not part of the output (vLLM: include_stop_str_in_output=False).
         text = "" if is_stop else seq.detokenizer.add(token)
+        if seq.constraint is not None:  # after the text: a deferred grammar starts after a marker
+            seq.constraint.accept(token, text)
+        seq.generated += 1
+        seq.output_counts[token] += 1
         reason: FinishReason | None = None
         if is_eos:
             reason = "eos_token"

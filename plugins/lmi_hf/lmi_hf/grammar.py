@@ -22,6 +22,7 @@ import torch
 from lmi_core.engine import StructuredOutput
 from lmi_core.errors import BadRequestError
 from lmi_core.grammars import llguidance_grammar
+from lmi_core.reasoning import partial_suffix
 
 CACHE_SIZE = 256  # compiled grammars kept per engine, by grammar text
 _SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -69,7 +70,8 @@ class GrammarCompiler:
         return allowed[:, : self._vocab_size]
 
     def compile(self, constraint: StructuredOutput) -> TokenConstraint:
-        """A matcher for ``constraint`` at its start; blocking (run it off the event loop)."""
+        """A matcher for ``constraint`` at its start (waiting for ``constraint.starts_after`` first, when
+        set); blocking (run it off the event loop)."""
         from llguidance import LLMatcher
 
         grammar = llguidance_grammar(constraint)
@@ -82,19 +84,35 @@ class GrammarCompiler:
                 if len(self._compiled) >= CACHE_SIZE:
                     self._compiled.pop(next(iter(self._compiled)))
                 self._compiled[grammar] = compiled
-            return TokenConstraint(compiled.deep_copy())
+            return TokenConstraint(compiled.deep_copy(), constraint.starts_after)
 
 
 class TokenConstraint:
     """One sequence's position in its grammar (``GrammarCompiler.allowed`` reads what it allows next);
-    advanced by each sampled token."""
+    advanced by each sampled token. With ``starts_after`` (a reasoning model's end of thinking) it is
+    inactive, allowing every token, until that text has appeared in the output: the grammar then
+    starts with the token after the one that completed it."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, starts_after: str | None = None) -> None:
         self.matcher = matcher
+        self.waiting_for = starts_after or None  # None: active
+        self._tail = ""  # the output's end while waiting, as long as a partial ``waiting_for``
 
-    def accept(self, token: int) -> None:
-        self.matcher.consume_token(token)
-        self.check()
+    @property
+    def active(self) -> bool:
+        return self.waiting_for is None
+
+    def accept(self, token: int, text: str) -> None:
+        """Advance past ``token``, whose text (before stop-sequence holding) is ``text``."""
+        if self.waiting_for is None:
+            self.matcher.consume_token(token)
+            self.check()
+            return
+        self._tail += text
+        if self.waiting_for in self._tail:
+            self.waiting_for, self._tail = None, ""
+        else:
+            self._tail = self._tail[len(self._tail) - partial_suffix(self._tail, self.waiting_for) :]
 
     def check(self) -> None:
         if self.matcher.is_error():

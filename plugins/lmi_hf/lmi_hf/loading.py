@@ -1,5 +1,6 @@
-"""Loading a causal LM and its tokenizer for a worker, on its device: CPU, one GPU, several GPUs, or
-one tensor-parallel shard. Returns plain transformers objects; ``HFEngine`` serves them.
+"""Loading a model and its tokenizer for a worker, on its device: CPU, one GPU, several GPUs, or one
+tensor-parallel shard. Returns plain transformers objects; ``HFEngine`` serves a causal LM,
+``HFPoolingEngine`` an encoder, a decoder's base model or a cross-encoder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[A
     ``tensor_parallel``: this process is one rank of an initialized ``torch.distributed`` group and
     loads only its shard (the model's own ``tp_plan``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    return load_with(AutoModelForCausalLM, context, tensor_parallel)
+
+
+def load_with(model_class: Any, context: WorkerContext, tensor_parallel: bool = False) -> tuple[Any, Any]:
+    """Load tokenizer and model through ``model_class`` (an ``AutoModel*``), as ``load_model`` says."""
+    from transformers import AutoTokenizer
 
     options = context.options
     started = time.monotonic()
@@ -44,7 +52,7 @@ def load_model(context: WorkerContext, tensor_parallel: bool = False) -> tuple[A
         )
     if options.get("attn_implementation"):
         kwargs["attn_implementation"] = options["attn_implementation"]
-    model = AutoModelForCausalLM.from_pretrained(context.model_id, **kwargs)
+    model = model_class.from_pretrained(context.model_id, **kwargs)
     model.eval()
     logger.info("loaded %s in %.1f s (%s)", context.model_id, time.monotonic() - started, kwargs)
     return model, tokenizer

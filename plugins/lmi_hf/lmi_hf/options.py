@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmi_core.errors import ConfigError
 from lmi_core.option_values import LORA_OPTIONS, SERVER_OPTIONS
+from lmi_core.pooling import POOLING_OPTIONS
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -34,9 +35,7 @@ HF_OPTIONS: dict[str, tuple[Callable[[str], bool], str]] = {
         "eager, sdpa or flash_attention_2",
     ),
     "low_cpu_mem_usage": (_bool, "true or false"),
-    "task": (lambda v: v == "text-generation", "text-generation"),
     "enable_streaming": (lambda v: True, "any value (ignored: every request may stream)"),
-    "output_formatter": (lambda v: True, "any value (ignored)"),
 }
 
 
@@ -45,7 +44,7 @@ def validate_hf_options(options: dict[str, str], dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError("option.dtype", dtype, f"one of {', '.join(DTYPES)}")
     for key, value in options.items():
-        if key in SERVER_OPTIONS or key in LORA_OPTIONS:  # checked by the core
+        if key in SERVER_OPTIONS or key in LORA_OPTIONS or key in POOLING_OPTIONS:  # checked by the core
             continue
         if key not in HF_OPTIONS:
             allowed = ", ".join(f"option.{k}" for k in sorted(HF_OPTIONS))
@@ -70,6 +69,14 @@ def validate_parallelism(config: ModelConfig) -> None:
     """MPI mode splits attention heads, key/value heads and the vocabulary evenly across the ranks."""
     if config.mode != "mpi":
         return  # Python mode spreads whole layers over GPUs (device_map): any degree fits
+    if not config.pooling.generates:
+        # Encoders have no tensor-parallel plan in transformers, and one worker per device serves
+        # small pooling models better than a sharded one.
+        raise ConfigError(
+            "engine",
+            "MPI",
+            f"Python: the hf backend serves option.task={config.pooling.task} in Python mode only",
+        )
     if config.pipeline_parallel_degree > 1:
         raise ConfigError(
             "option.pipeline_parallel_degree",

@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lmi_core import BackendSpec, WorkerContext, hookimpl
+from lmi_core.pooling import pooling_settings
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
     from lmi_hf.engine import HFEngine
+    from lmi_hf.pooling import HFPoolingEngine
 
 NAME = "hf"
 
@@ -41,9 +43,13 @@ def validate_config(config: ModelConfig) -> None:
 
 
 @hookimpl
-def load_engine(context: WorkerContext) -> HFEngine | None:
+def load_engine(context: WorkerContext) -> HFEngine | HFPoolingEngine | None:
     if context.backend != NAME:
         return None
+    if not pooling_settings(context.options).generates:
+        from lmi_hf.pooling import load_pooling_engine
+
+        return load_pooling_engine(context)
     from lmi_hf.engine import HFEngine
     from lmi_hf.loading import load_model
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmi_core.engine import GenerationRequest
-from lmi_core.errors import BadRequestError
 from lmi_core.prompts import encode_prompt as encode
-from lmi_core.request_checks import truncate_prompt
+from lmi_core.request_checks import check_prompt_length, truncate_prompt
 from lmi_hf.text import Decode
 
 
@@ -27,10 +26,5 @@ def encode_prompt(
     naming the field when it cannot be used. Runs on a prompt thread: its cost grows with the prompt."""
     prompt = encode(request, tokenizer, decode, vocab_size)
     ids = truncate_prompt(prompt.ids, request.params)
-    if len(ids) > max_input_length:
-        raise BadRequestError(
-            f"the prompt has {len(ids)} tokens; at most {max_input_length} fit "
-            f"(option.max_input_length; this model's context is {max_model_len})",
-            param=prompt.param,
-        )
+    check_prompt_length(len(ids), max_input_length, max_model_len, prompt.param)
     return ids, prompt.text

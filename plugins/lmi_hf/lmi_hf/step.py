@@ -98,10 +98,10 @@ class Sequence:
         match, the grammar's position, the penalty counts)."""
         check_token_ids(tokens, vocab_size)
         for token in tokens:
+            text = "" if token in self.request.params.stop_token_ids else self.detokenizer.add(token)
             if self.constraint is not None:
-                self.constraint.accept(token)
+                self.constraint.accept(token, text)
             self.output_counts[token] += 1
-            if token not in self.request.params.stop_token_ids:
-                self.stop.feed(self.detokenizer.add(token))
+            self.stop.feed(text)
         self.generated = len(tokens)
         self.resumed = list(tokens)

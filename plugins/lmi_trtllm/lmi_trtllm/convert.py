@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core.engine import (
     Finished,
@@ -27,6 +27,9 @@ from lmi_core.engine import (
 )
 from lmi_core.errors import BadRequestError, EngineError, ServiceError
 from lmi_core.request_checks import refuse_unsupported
+
+if TYPE_CHECKING:  # names for tests/lmi_trtllm/test_api_manifest.py; TensorRT-LLM is not imported here
+    from tensorrt_llm.executor.result import CompletionOutput, Logprob
 
 # SamplingParams fields TensorRT-LLM's LLM API has no equivalent of (or whose output is not mapped).
 UNSUPPORTED = ("logit_bias", "typical_p", "prompt_logprobs", "truncate")
@@ -85,6 +88,11 @@ def sampling_kwargs(params: SamplingParams, *, templated: bool = False) -> dict[
     if templated:
         kwargs["add_special_tokens"] = False
     if params.structured is not None:
+        if params.structured.starts_after is not None:  # its guided decoding starts at the first token
+            raise BadRequestError(
+                "a constrained output after the thinking (option.reasoning_parser) is not supported by "
+                "the trtllm backend; turn the thinking off with chat_template_kwargs"
+            )
         kwargs["guided_decoding"] = guided_decoding_kwargs(params.structured)  # GuidedDecodingParams(**it)
     return kwargs
 
@@ -116,6 +124,10 @@ def lora_error(adapter: LoraAdapter, exc: BaseException) -> EngineError:
     )
 
 
+# lmi's constraint kinds -> the GuidedDecodingParams field that takes each (the schema text for json).
+GUIDED_FIELDS: dict[str, str] = {"json": "json", "regex": "regex", "grammar": "grammar"}
+
+
 def guided_decoding_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
     """``tensorrt_llm.sampling_params.GuidedDecodingParams`` keyword arguments for ``constraint``.
 
@@ -124,7 +136,7 @@ def guided_decoding_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
     """
     if constraint.kind == "choice":
         return {"regex": "|".join(f"({re.escape(c)})" for c in json.loads(constraint.spec))}
-    return {constraint.kind: constraint.spec}  # json (schema text), regex, grammar: the same names
+    return {GUIDED_FIELDS[constraint.kind]: constraint.spec}
 
 
 def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason:
@@ -142,14 +154,14 @@ def finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishRe
 
 
 def token_logprob(
-    token_id: int, entry: float | Mapping[int, Any] | None, top_n: int, decode: Callable[[int], str]
+    token_id: int, entry: float | Mapping[int, Logprob] | None, top_n: int, decode: Callable[[int], str]
 ) -> tuple[float, list[tuple[int, str, float]] | None]:
     """The token's own logprob and, when ``top_n`` > 0, the ``top_n`` most likely alternatives."""
     if entry is None:
         return 0.0, None
     if not isinstance(entry, Mapping):
         return float(entry), None
-    own = entry.get(token_id)
+    own: Logprob | None = entry.get(token_id)
     top = None
     if top_n > 0:
         # By logprob, not rank: some releases report rank 1 for every entry. The dict may also hold the
@@ -160,7 +172,7 @@ def token_logprob(
 
 
 def delta_events(
-    completion: Any,
+    completion: CompletionOutput,
     finished: bool,
     state: StreamState,
     *,

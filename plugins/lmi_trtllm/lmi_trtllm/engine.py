@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import (
     BadRequestError,
@@ -39,6 +39,7 @@ from lmi_core import (
     WorkerContext,
 )
 from lmi_core.option_values import importable
+from lmi_core.prompts import chat_text
 from lmi_trtllm.convert import (
     StreamState,
     delta_events,
@@ -49,16 +50,32 @@ from lmi_trtllm.convert import (
     sampling_kwargs,
 )
 from lmi_trtllm.options import INSTALL_HINT, llm_kwargs
+from lmi_trtllm.versions import SUPPORTED, installed_version, supported
+
+if TYPE_CHECKING:  # names for tests/lmi_trtllm/test_api_manifest.py; imported in load_engine only
+    from tensorrt_llm.llmapi import LLM, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 
 def require_tensorrt_llm() -> None:
-    """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here."""
+    """Raise ``EngineError`` with install instructions when TensorRT-LLM is not importable here, or
+    is a release outside ``SUPPORTED`` (found without importing it: that takes seconds)."""
     if not importable("tensorrt_llm"):
         raise EngineError(
             f"the trtllm backend needs the tensorrt_llm package, which this worker's Python "
             f"({sys.executable}) cannot import: {INSTALL_HINT}",
+            status=500,
+        )
+    version = installed_version()
+    if version is None:
+        logger.warning("cannot tell which TensorRT-LLM is installed; lmi_trtllm supports %s", SUPPORTED)
+    elif not supported(version):
+        raise EngineError(
+            f"the trtllm backend supports tensorrt-llm{SUPPORTED} (the API it was checked against, "
+            f"docs/trtllm.md), but this worker's Python ({sys.executable}) has tensorrt-llm {version}: "
+            f"install a supported release (pip install 'tensorrt-llm{SUPPORTED}'), or point "
+            "option.pythonExecutable at a Python that has one",
             status=500,
         )
 
@@ -81,10 +98,8 @@ def load(context: WorkerContext) -> TrtllmEngine | FollowerEngine:
     if "kv_cache_config" in kwargs:
         kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
     if "lora_config" in kwargs:
-        try:  # tensorrt_llm.lora_helper since 1.0; tensorrt_llm.lora_manager before
-            from tensorrt_llm.lora_helper import LoraConfig
-        except ImportError:
-            from tensorrt_llm.lora_manager import LoraConfig
+        from tensorrt_llm.lora_helper import LoraConfig  # its module in the supported releases
+
         kwargs["lora_config"] = LoraConfig(**kwargs["lora_config"])
     if context.mode == "mpi" and context.world_size > 1:
         from mpi4py import MPI
@@ -154,7 +169,7 @@ class FollowerEngine:
 class TrtllmEngine:
     """Rank 0: the ``LLM`` and the counters lmi reports."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: LLM) -> None:
         from tensorrt_llm import SamplingParams as TrtSamplingParams
         from tensorrt_llm.sampling_params import GuidedDecodingParams
 
@@ -227,14 +242,7 @@ class TrtllmEngine:
     def prompt_text(self, request: GenerationRequest) -> tuple[str, bool]:
         """The prompt text and whether the chat template wrote it (then it holds its special tokens)."""
         if request.messages:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # no template, or a template that rejects these messages
-                message = f"cannot apply the model's chat template: {exc}"
-                raise BadRequestError(message, param="messages") from None
-            return str(text), True
+            return chat_text(request, self.tokenizer), True
         if request.prompt_ids:
             return str(self.tokenizer.decode(request.prompt_ids)), True
         if request.prompt:
@@ -264,7 +272,7 @@ class TrtllmEngine:
         """The request's events from ``generate_async`` (``source``: the prompt text or its token ids);
         aborts the request unless it finished."""
         try:
-            result = self.llm.generate_async(
+            result: RequestOutput = self.llm.generate_async(
                 source, sampling_params=params, streaming=True, lora_request=lora
             )
         except Exception as exc:
@@ -272,6 +280,7 @@ class TrtllmEngine:
         prompt_tokens = len(result.prompt_token_ids)
         state = StreamState()
         finished = False
+        output: RequestOutput  # the same object, updated: GenerationResult.__anext__ returns self
         try:
             async for output in result:
                 events = delta_events(

@@ -23,6 +23,7 @@ from lmi_core.option_values import (
     nonempty,
     parse_backend_options,
 )
+from lmi_trtllm.versions import MANIFEST_RELEASE, SUPPORTED
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 BACKEND = "trtllm"
 
 INSTALL_HINT = (
-    "install it on a CUDA host with `pip install tensorrt-llm` (NVIDIA's wheels, which bring their own "
-    "torch; see docs/trtllm.md), or point option.pythonExecutable at a Python that has it"
+    f"install it on a CUDA host with `pip install tensorrt-llm=={MANIFEST_RELEASE}` (lmi_trtllm supports "
+    f"tensorrt-llm{SUPPORTED}; NVIDIA's wheels bring their own torch, see docs/trtllm.md), or point "
+    "option.pythonExecutable at a Python that has it"
 )
 
 
@@ -85,7 +87,7 @@ RESERVED: dict[str, str] = {
 }
 
 # DJL keys accepted for compatibility; they change nothing here.
-IGNORED = frozenset({"enable_streaming", "output_formatter"})
+IGNORED = frozenset({"enable_streaming"})
 
 
 @dataclass

@@ -27,6 +27,9 @@ from lmi_core import (
 )
 from lmi_core.request_checks import check_token_ids
 
+# lmi's regex and grammar constraints -> the StructuredOutputsParams field that takes each.
+STRUCTURED_FIELDS: dict[str, str] = {"regex": "regex", "grammar": "grammar"}
+
 
 def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
     """vLLM ``StructuredOutputsParams`` keyword arguments for lmi's ``constraint``."""
@@ -34,7 +37,25 @@ def structured_outputs_kwargs(constraint: StructuredOutput) -> dict[str, Any]:
         return {"choice": json.loads(constraint.spec)}
     if constraint.kind == "json":
         return {"json": constraint.spec, "disable_any_whitespace": constraint.compact_json}
-    return {constraint.kind: constraint.spec}  # regex, grammar: the same names in vLLM
+    return {STRUCTURED_FIELDS[constraint.kind]: constraint.spec}
+
+
+def reasoning_kwargs(request: GenerationRequest, gate: bool) -> dict[str, Any]:
+    """``AsyncLLM.generate`` arguments that place a constrained request's grammar, given whether vLLM
+    has a reasoning parser (``gate``: its structured-output manager then holds the grammar back while
+    ``reasoning_ended`` is false, until the parser sees the end of the thinking in the output).
+
+    lmi decides where the thinking is, as the HF engine does: a constraint with ``starts_after``
+    waits for the end of the thinking (``reasoning_ended`` False, not vLLM's guess from the prompt),
+    one without starts at once (True); the parser gets the request's ``chat_template_kwargs``, as vLLM's
+    own server passes them. Without a constraint or a gate there is nothing to place."""
+    constraint = request.params.structured
+    if constraint is None or not gate:
+        return {}
+    return {
+        "reasoning_ended": constraint.starts_after is None,
+        "reasoning_parser_kwargs": {"chat_template_kwargs": dict(request.chat_template_kwargs or {})},
+    }
 
 
 def resume_check(

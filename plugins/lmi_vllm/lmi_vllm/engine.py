@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from collections.abc import Sequence as SequenceOf
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import (
     BadRequestError,
@@ -51,6 +51,7 @@ from lmi_core import (
 from lmi_core.operations import Tokenize, TokenizeResult
 from lmi_core.request_checks import (
     check_logit_bias,
+    check_prompt_length,
     refuse_unsupported,
     token_budget,
     truncate_prompt,
@@ -59,12 +60,12 @@ from lmi_vllm.convert import (
     map_error,
     output_events,
     prompt_entries,
+    reasoning_kwargs,
     resume_check,
     structured_outputs_kwargs,
 )
 from lmi_vllm.lora import LoraIds, ResidentTracker, adapter_error, can_pin
 from lmi_vllm.start import (
-    STRUCTURED_OUTPUTS_DEFAULTS,
     WORKER_EXTENSION,
     SchedulerCounts,
     cpu_bind_lists,
@@ -74,7 +75,12 @@ from lmi_vllm.start import (
     scoped_environ,
     set_envs_cache,
     stat_logger_factory,
+    structured_outputs_config,
+    vllm_reasoning_parser,
 )
+
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ UNSUPPORTED = ("typical_p",)
 class VllmEngine:
     """An ``AsyncLLM`` and the counters lmi reports; build it with ``VllmEngine.start``."""
 
-    def __init__(self, llm: Any, counts: SchedulerCounts, warmup: bool) -> None:
+    def __init__(self, llm: AsyncLLM, counts: SchedulerCounts, warmup: bool) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -124,6 +130,8 @@ class VllmEngine:
         )
         self._lora_locks: dict[int, asyncio.Lock] = {}
         self._vllm_sampling_params = VllmSamplingParams
+        # vLLM holds a constrained request's grammar back until the thinking ends (lmi_vllm.convert).
+        self.reasoning_gate = bool(llm.vllm_config.structured_outputs_config.reasoning_parser)
         self._structured_outputs_params = StructuredOutputsParams
         self._delta = RequestOutputKind.DELTA
         self._scheduler = counts
@@ -139,10 +147,8 @@ class VllmEngine:
     def start(cls, context: WorkerContext) -> VllmEngine:
         """Build the engine for ``context`` (blocking: call it off the worker's event loop)."""
         kwargs, kv_gib, warmup = engine_kwargs(context)
-        if "structured_outputs_config" not in kwargs:
-            from vllm.config import StructuredOutputsConfig
-
-            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS)
+        reasoning = vllm_reasoning_parser(context.options)
+        kwargs["structured_outputs_config"] = structured_outputs_config(kwargs, reasoning)
         bind: str | None = None
         if context.device == "cpu":
             if kv_gib is not None:
@@ -273,13 +279,7 @@ class VllmEngine:
         prompt = prompts.encode_prompt(request, self.tokenizer, self._decode, self.vocab_size)
         param, text = prompt.param, prompt.text
         ids = truncate_prompt(prompt.ids, request.params)
-        if len(ids) > self.max_input_length:
-            raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; at most {self.max_input_length} fit "
-                f"(option.max_input_length; max_model_len={self.max_model_len}, one token is left "
-                "for the output)",
-                param=param,
-            )
+        check_prompt_length(len(ids), self.max_input_length, self.max_model_len, param)
         check_logit_bias(request.params, self.vocab_size)
         return text, ids
 
@@ -308,6 +308,12 @@ class VllmEngine:
         if params.top_logprobs < 0:
             raise BadRequestError("top_logprobs must not be negative", param="top_logprobs")
         refuse_unsupported(params, UNSUPPORTED, "vllm")
+        if params.structured is not None and params.structured.starts_after and not self.reasoning_gate:
+            raise BadRequestError(
+                "a constrained output after the thinking needs vLLM's reasoning parser of the name "
+                "option.reasoning_parser gives, and vLLM has none; turn the thinking off with "
+                "chat_template_kwargs"
+            )
         greedy = params.greedy
         try:
             return self._vllm_sampling_params(
@@ -388,7 +394,8 @@ class VllmEngine:
         finished = False
         try:
             lora = None if request.adapter is None else await self._ensure_adapter(request.adapter)
-            outputs = self.llm.generate(prompt, params, rid, lora_request=lora)
+            gate = reasoning_kwargs(request, self.reasoning_gate)
+            outputs = self.llm.generate(prompt, params, rid, lora_request=lora, **gate)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     scored = getattr(output, "prompt_logprobs", None) or scored

@@ -37,6 +37,7 @@ from lmi_core.option_values import (
     nonempty,
     parse_backend_options,
 )
+from lmi_core.pooling import POOLING_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +54,11 @@ RESERVED: dict[str, str] = {
     "tensor_parallel_size": "option.tensor_parallel_degree",
     "pipeline_parallel_size": "option.pipeline_parallel_degree",
     "served_model_name": "option.served_model_name",
+    "runner": "option.task",
 }
 
 # DJL keys accepted for compatibility; they change nothing here.
-IGNORED = frozenset({"enable_streaming", "output_formatter", "rolling_batch", "mpi_mode"})
-
-TASKS = ("auto", "generate", "text-generation")
-
-
-def _task(value: str) -> str:
-    if value not in TASKS:
-        raise ValueError(f"one of {', '.join(TASKS)} (this backend only generates text)")
-    return value
-
+IGNORED = frozenset({"enable_streaming", "rolling_batch", "mpi_mode"})
 
 # Keys checked without vLLM: key -> converter (raises ValueError naming what is allowed).
 KNOWN: dict[str, Callable[[str], Any]] = {
@@ -91,7 +84,6 @@ PLUGIN_KEYS: dict[str, Callable[[str], Any]] = {
     "cpu_kvcache_space": integer(1),
     # Run one short request while loading, so the first client does not pay vLLM's lazy compiles.
     "warmup": boolean,
-    "task": _task,
     # Prompt tokens a request may have (a 400 naming it past that); the context less one by default.
     "max_input_length": integer(1),
 }
@@ -141,7 +133,9 @@ def parse_options(options: Mapping[str, Any], *, pass_through: bool | None = Non
         else:
             raise ValueError(_unknown_key_hint(key, fields))
 
-    parse_backend_options(options, apply, engine="vLLM", ignored=IGNORED, reserved=RESERVED)
+    # option.task, pooling and normalize: the core's (lmi_core.pooling); engine_kwargs maps them.
+    ignored = IGNORED | POOLING_OPTIONS
+    parse_backend_options(options, apply, engine="vLLM", ignored=ignored, reserved=RESERVED)
     return parsed
 
 

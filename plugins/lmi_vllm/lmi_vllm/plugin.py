@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmi_core import BackendSpec, WorkerContext, hookimpl
+from lmi_core.pooling import pooling_settings
 from lmi_vllm.engine import VllmEngine
 from lmi_vllm.options import parse_options
+from lmi_vllm.pooling import VllmPoolingEngine
 
 if TYPE_CHECKING:
     from lmi_core.config import ModelConfig
@@ -50,4 +52,6 @@ def load_engine(context: WorkerContext) -> VllmEngine | None:
     """Build and warm up vLLM's AsyncLLM (runs in a worker thread; blocks until ready)."""
     if context.backend != BACKEND:
         return None
+    if not pooling_settings(context.options).generates:
+        return VllmPoolingEngine.start(context)
     return VllmEngine.start(context)

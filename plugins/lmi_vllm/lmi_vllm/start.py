@@ -11,13 +11,17 @@ import contextlib
 import glob
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import EngineError, WorkerContext
 from lmi_core.option_values import dtype, lora_settings
+from lmi_core.pooling import PoolingSettings, pooling_settings
 from lmi_vllm.options import parse_options
+
+if TYPE_CHECKING:  # names for tests/lmi_vllm/test_api_names.py; vLLM is imported inside functions
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
         # still turns compilation on.
         kwargs["enforce_eager"] = True
     kwargs.update(parsed.engine_args)
+    kwargs.update(pooling_kwargs(pooling_settings(context.options), kwargs.get("pooler_config")))
     lora = lora_settings(context.options)
     if lora.enabled:  # lmi's defaults (max_loras 4), not vLLM's (1): the server plans by lmi's
         kwargs.update(
@@ -79,10 +84,56 @@ def engine_kwargs(context: WorkerContext) -> tuple[dict[str, Any], int | None, b
     return kwargs, parsed.cpu_kvcache_space, parsed.warmup
 
 
+def pooling_kwargs(settings: PoolingSettings, pooler_config: Any) -> dict[str, Any]:
+    """vLLM's pooling runner for a pooling model (``option.task``; vLLM's ``convert=auto`` then makes a
+    decoder an embedding model); ``option.pooling`` and ``option.normalize`` go into its
+    ``pooler_config`` (over one given as ``option.pooler_config``). Nothing for a text-generation model."""
+    if settings.generates:
+        return {}
+    config = dict(pooler_config or {})
+    if settings.pooling is not None:
+        config["seq_pooling_type"] = settings.pooling.upper()
+    if settings.task == "text-embedding":
+        config["use_activation"] = settings.normalize  # an embedding pooler's activation: normalize
+    return {"runner": "pooling", "pooler_config": config or None}
+
+
 # vLLM's structured-output backend unless option.structured_outputs_config says otherwise: llguidance,
 # as in the HF engine (xgrammar 0.2.8 let a raw control character into a JSON string, measured), with
 # compact JSON (vLLM's guidance backend reads the whitespace switch per engine, not per request).
 STRUCTURED_OUTPUTS_DEFAULTS: dict[str, Any] = {"backend": "guidance", "disable_any_whitespace": True}
+
+
+def vllm_reasoning_parser(options: Mapping[str, Any]) -> str | None:
+    """The vLLM reasoning parser for ``option.reasoning_parser``: vLLM's own of the same name (lmi's
+    built-in names are vLLM's), which its structured-output manager uses to hold a grammar back until
+    the thinking ends. None when unset, or when vLLM has no parser of that name (a plugin's own
+    parser): a constrained request that thinks is then refused (``VllmEngine.sampling_params``)."""
+    name = options.get("reasoning_parser")
+    if not name:
+        return None
+    from vllm.reasoning import ReasoningParserManager
+
+    if name in ReasoningParserManager.list_registered():
+        return str(name)
+    logger.warning(
+        "vLLM has no reasoning parser %r: requests that think cannot have a constrained output", name
+    )
+    return None
+
+
+def structured_outputs_config(engine_args: dict[str, Any], reasoning_parser: str | None) -> Any:
+    """vLLM's structured-outputs config: ``option.structured_outputs_config`` or lmi's defaults, with
+    the reasoning parser (set there, not as vLLM's ``reasoning_parser`` engine argument, which also
+    turns on its thinking-budget state in every step)."""
+    given = engine_args.get("structured_outputs_config")
+    if given is None:
+        from vllm.config import StructuredOutputsConfig
+
+        return StructuredOutputsConfig(**STRUCTURED_OUTPUTS_DEFAULTS, reasoning_parser=reasoning_parser or "")
+    if reasoning_parser and isinstance(given, dict):  # the option's JSON: its own parser wins
+        return {"reasoning_parser": reasoning_parser, **given}
+    return given
 
 
 def stat_logger_factory(counts: SchedulerCounts) -> Callable[[Any, int], Any]:
@@ -132,7 +183,7 @@ def set_envs_cache(enabled: bool) -> None:
         switch()
 
 
-def drop_prometheus_logger(llm: Any) -> None:
+def drop_prometheus_logger(llm: AsyncLLM) -> None:
     """Stop vLLM's Prometheus stat logger in this worker: lmi serves its own ``/metrics`` from the
     server process, and vLLM's registry here is never read, yet recording into it every engine step
     was 5.4% of the worker's busy samples at concurrency 1. vLLM's log lines and lmi's own
