@@ -35,7 +35,7 @@ from lmi_core.http.common import (
 )
 from lmi_core.http.context import keep_alive, request_context
 from lmi_core.http.formatters import OutputFormatter
-from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
 from lmi_core.http.state import AppState, ServedModel
@@ -248,17 +248,19 @@ def with_ignored(response: Response, names: list[str]) -> Response:
 
 async def parse_body(request: Request, kind: type[Body]) -> tuple[ServedModel, LoraAdapter | None, Body]:
     """The parsed body, the model it names (404 if unknown; the only model if it names none) and the
-    LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
+    LoRA adapter (``model`` naming an adapter, or SageMaker's header). A body's ``keep_alive`` goes
+    into the request's context."""
     state: AppState = request.app.state.lmi
     body: Body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
     pool, adapter = model_or_adapter(request, getattr(body, "model", None))  # every API names it there
+    if isinstance(body, KeepAliveField):
+        keep_alive(request, body.keep_alive_seconds)
     return pool, adapter, body
 
 
 async def completions(request: Request) -> Response:
     pool, adapter, body = await parse_body(request, CompletionRequest)
     ignored = unknown_fields(pool, body)
-    keep_alive(request, body.keep_alive_seconds)
     call = completion_call(pool, body).with_adapter(adapter)
     return with_ignored(await run_call(request, call, SSE), ignored)
 
@@ -266,7 +268,6 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     pool, adapter, body = await parse_body(request, ChatCompletionRequest)
     ignored = unknown_fields(pool, body)
-    keep_alive(request, body.keep_alive_seconds)
     call = chat_call(pool, body).with_adapter(adapter)
     return with_ignored(await run_call(request, call, SSE), ignored)
 

@@ -145,6 +145,7 @@ class FakeModel:
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
         self.operations: list[Operation[Any]] = []
+        self.operation_contexts: list[RequestContext | None] = []  # each operation's
 
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
@@ -167,6 +168,7 @@ class FakeModel:
         token per character; score: a pair's score is its second text's length / 100. Records each
         operation; refuses one of another task as the pool does."""
         self.operations.append(operation)
+        self.operation_contexts.append(context)
         task = self.config.pooling.task
         if operation.tasks is not None and task not in operation.tasks:
             raise wrong_task(self.name, task, operation.op)

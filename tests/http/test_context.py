@@ -16,6 +16,8 @@ from lmi_core.http.context import parse_context, response_headers
 from lmi_core.serving.routing import Decision, RequestContext
 from tests.http.fakes import FakeModels, client, model, pool, worker
 
+EMBED = {"task": "text-embedding"}
+
 
 def test_every_inference_response_names_its_worker_streamed_or_not() -> None:
     models = FakeModels(model("a", pool("a", worker(0))))
@@ -103,3 +105,30 @@ def test_keep_alive_reaches_the_model_from_every_body_that_names_a_model_and_a_b
     assert bad.status_code == 400 and bad.json()["param"] == "parameters.keep_alive"
     lmi_on_openai = api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "1m"})
     assert "x-lmi-ignored-fields" not in lmi_on_openai.headers  # a known field, not an ignored one
+
+
+def test_keep_alive_reaches_the_model_from_the_responses_messages_and_pooling_bodies() -> None:
+    models = FakeModels(
+        model("a", pool("a", worker(0))), model("e", pool("e", worker(0))), options={"e": EMBED}
+    )
+    api = client(models)
+    user = [{"role": "user", "content": "hi"}]
+    responses = api.post("/v1/responses", json={"model": "a", "input": "hi", "keep_alive": "2m"})
+    assert responses.status_code == 200, responses.text
+    messages = {"model": "a", "max_tokens": 4, "messages": user, "keep_alive": 0}
+    assert api.post("/v1/messages", json=messages).status_code == 200
+    kept = [c.keep_alive if c is not None else "no context" for c in models.served_models["a"].contexts]
+    assert kept == [120.0, 0.0]
+    for path, body in [
+        ("/v1/embeddings", {"model": "e", "input": "hi", "keep_alive": -1}),
+        ("/embed", {"model": "e", "inputs": "hi", "keep_alive": "1h"}),
+        ("/score", {"model": "e", "text_1": "a", "text_2": "b", "keep_alive": 5}),
+        ("/rerank", {"model": "e", "query": "a", "documents": ["b"], "keep_alive": "30s"}),
+    ]:
+        response = api.post(path, json=body)
+        assert response.status_code == 200 and "x-lmi-ignored-fields" not in response.headers, response.text
+    contexts = models.served_models["e"].operation_contexts
+    kept = [c.keep_alive if c is not None else "no context" for c in contexts]
+    assert kept == [math.inf, 3600.0, 5.0, 30.0]
+    bad = api.post("/v1/embeddings", json={"model": "e", "input": "hi", "keep_alive": "later"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive", bad.text
