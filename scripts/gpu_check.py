@@ -642,7 +642,9 @@ class Run:
         budget = int(one * 1.5)
         server = self.start_residency("residency", first, second, SERVING_MEMORY_BUDGET=str(budget))
         held_first = residency_of(server.url, "ra")["residentBytes"]
-        assert held_first, f"ra's footprint was not measured: {residency_of(server.url, 'ra')}"
+        # Host PSS is always readable; NVML lists no processes on some virtual machines.
+        listed = self.cpu or bool(self.nvml and self.nvml.processes())
+        assert held_first or not listed, f"ra's footprint was not measured: {residency_of(server.url, 'ra')}"
         started = time.monotonic()
         detail = compare_greedy(server.url, self.ref(), self.sizes.greedy_tokens, "rb")  # loads rb
         took = time.monotonic() - started
@@ -650,12 +652,15 @@ class Run:
         assert states["ra"]["state"] == "registered" and states["rb"]["state"] == "loaded", states
         evicted = counter(server.url, "lmi_model_unloads_total", model="ra", reason="evicted")
         assert evicted == 1, f"lmi_model_unloads_total{{model=ra,reason=evicted}} = {evicted}"
-        held_second = states["rb"]["residentBytes"]
-        where = "host PSS" if self.cpu else "NVML"
+        held_second = states["rb"]["residentBytes"] or 0
+        if listed:
+            where = "host PSS" if self.cpu else "NVML"
+            footprint = f"measured ({where}) ra {held_first / GIB:.2f} GiB, rb {held_second / GIB:.2f} GiB"
+        else:
+            footprint = "not measured (NVML lists no processes here): the estimates decide"
         return (
-            f"budget {budget / GIB:.2f} GiB (1.5 x the estimate {one / GIB:.2f} GiB); measured ({where}) "
-            f"ra {held_first / GIB:.2f} GiB, rb {(held_second or 0) / GIB:.2f} GiB; rb evicted idle ra "
-            f"and answered in {took:.1f} s ({detail})"
+            f"budget {budget / GIB:.2f} GiB (1.5 x the estimate {one / GIB:.2f} GiB); {footprint}; "
+            f"rb evicted idle ra and answered in {took:.1f} s ({detail})"
         )
 
     def sleep_mode(self) -> str:
