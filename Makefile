@@ -48,12 +48,13 @@ $(VLLM_VENV)/.installed: scripts/setup-vllm.sh plugins/lmi_vllm/pyproject.toml
 	touch $@
 
 # The vLLM half of the backend parity suite, the hf-vs-vllm comparison, the vLLM half of the LoRA
-# server, reasoning and agent API tests and DJL's custom formatters on vLLM run here (the venv has
-# lmi-hf and peft).
+# server, reasoning and agent API tests, DJL's custom formatters and the residency tests on vLLM run
+# here (the venv has lmi-hf and peft).
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
 		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py \
-		tests/test_reasoning_server.py tests/test_agent_apis.py tests/test_djl_formatters.py $(ARGS)
+		tests/test_reasoning_server.py tests/test_agent_apis.py tests/test_djl_formatters.py \
+		tests/test_residency.py $(ARGS)
 
 # LitServe, the baseline of benchmarks/bench_litserve.py, in a venv of its own (it pins fastapi).
 setup-litserve: $(LITSERVE_VENV)/.installed

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +85,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How much of each device the loaded models may hold: a fraction of its memory (a GPU's as NVML
+    reports it, the host's RAM on CPU), or bytes."""
+
+    fraction: float | None = None
+    size: int | None = None
+
+    def of(self, total: int) -> int:
+        """The budget of a device with ``total`` bytes."""
+        return self.size if self.size is not None else int(total * (self.fraction or 1.0))
+
+
+def parse_memory_budget(value: str | int | float) -> MemoryBudget:
+    """``SERVING_MEMORY_BUDGET``: a fraction in (0, 1] (``0.9``) or a size (``24GiB``, ``500MB``, bytes)."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?[bB]?", text)
+    if match is None:
+        raise ValueError("a fraction of each device's memory (0.9) or a size (24GiB, 500MB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if not unit and number <= 1:  # a bare number up to 1 is a fraction; above, bytes
+        if number <= 0:
+            raise ValueError("a fraction must be in (0, 1]")
+        return MemoryBudget(fraction=number)
+    if not unit and not number.is_integer():
+        raise ValueError("a fraction in (0, 1] or a whole number of bytes")
+    return MemoryBudget(size=int(number * _SIZE_UNITS[unit]))
+
+
 class ServerConfig(_Strict):
     """Server-wide settings (``SERVING_*`` env, ``--host``/``--port``)."""
 
@@ -120,6 +153,16 @@ class ServerConfig(_Strict):
     # Accepted for DJL compatibility; they only name the models directory and the models to load.
     model_store: str | None = None
     load_models: str | None = None
+    # Residency (docs/management.md): whether a model loads at registration unless its
+    # option.load_on_startup says otherwise, and the budget that loading evicts idle models to keep.
+    load_on_startup: bool = True
+    max_loaded_models: int | None = Field(None, ge=1)
+    memory_budget: MemoryBudget | None = None
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        return parse_memory_budget(value) if isinstance(value, str | int | float) else value
 
     @field_validator("worker_ports", mode="before")
     @classmethod
@@ -168,6 +211,11 @@ class ModelConfig(_Strict):
     # connected, loading); then it ends with its worker's error. None: SERVING_HEALTH_CHECK_TIMEOUT + 5 s.
     migration_timeout: float | None = Field(None, gt=0)
     max_idle_time: float = Field(60.0, gt=0)
+    # Residency: None follows the server's load_on_startup (False: registered, loaded by its first
+    # request); unloaded after this many idle seconds (None: never); a pinned model is never evicted.
+    load_on_startup: bool | None = None
+    idle_timeout: float | None = Field(None, gt=0)
+    pinned: bool = False
     retry_threshold: int | None = Field(None, ge=0)
     dtype: str | None = None
     trust_remote_code: bool = False
@@ -205,6 +253,10 @@ class ModelConfig(_Strict):
     def lora(self) -> LoraSettings:
         """The ``option.*lora*`` settings (validated by ``build_model_config``)."""
         return lora_settings(self.options)
+
+    def loads_on_startup(self, server: ServerConfig) -> bool:
+        """Whether registering this model loads it (else its first request does)."""
+        return server.load_on_startup if self.load_on_startup is None else self.load_on_startup
 
     @property
     def pooling(self) -> PoolingSettings:
@@ -247,6 +299,9 @@ MODEL_KEYS: dict[str, str] = {
     "option.max_migrations": "max_migrations",
     "option.migration_timeout": "migration_timeout",
     "max_idle_time": "max_idle_time",
+    "option.load_on_startup": "load_on_startup",
+    "option.idle_timeout": "idle_timeout",
+    "option.pinned": "pinned",
     "retry_threshold": "retry_threshold",
     "option.dtype": "dtype",
     "option.trust_remote_code": "trust_remote_code",

@@ -127,6 +127,11 @@ class TenantBudgetError(ServiceError):
         self.retry_after = retry_after
 
 
+class NoRoomError(QueueFullError):
+    """503 with ``Retry-After``: a model's load found no room under the residency budget (only pinned
+    or busy models hold it) within its wait."""
+
+
 class DeadlineError(ServiceError):
     """A request ran out of one of its deadlines; ``deadline`` names which (a metric label)."""
 

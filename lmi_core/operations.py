@@ -1,5 +1,6 @@
 """Operations a worker answers besides generation: one request in, one result out (tokenize, detokenize;
-a pooling model's embed and score; a model's custom formatters; a request to a ``handle(inputs)`` model).
+a pooling model's embed and score; a model's custom formatters; a request to a ``handle(inputs)`` model;
+vLLM's sleep and wake-up).
 
 A generation streams events; an operation returns one value. Each operation is a dataclass with its
 wire codec and its result's (``to_wire``/``from_wire``, ``result_to_wire``/``result_from_wire``), named
@@ -10,11 +11,13 @@ to the engine's optional protocol for it (``TokenizerEngine``, ``PoolingEngine``
 to the model's custom code for the formatters (``lmi_core.custom_code``). An engine without the protocol
 answers 501.
 
-Invariant: an operation that says ``idempotent`` (it changes no engine state; all but ``Invoke``) may
-run again after its worker failed, so the pool retries it on another worker; ``all_ranks`` says
-whether every rank of an MPI worker must run it (in lockstep with its generations) or rank 0 alone
-answers; ``takes_slot`` whether it holds one of the worker's ``max_rolling_batch_size`` places while
-it runs; ``tasks`` which models (``option.task``) answer it. Standard library only (worker side).
+Invariant: an operation that says ``idempotent`` (it changes no engine state; all but ``Invoke``,
+``Sleep`` and ``WakeUp``) may run again after its worker failed, so the pool retries it on another
+worker; ``all_ranks`` says whether every rank of an MPI worker must run it (in lockstep with its
+generations) or rank 0 alone answers; ``takes_slot`` whether it holds one of the worker's
+``max_rolling_batch_size`` places while it runs; ``tasks`` which models (``option.task``) answer it.
+``Sleep`` and ``WakeUp`` (the residency's warm tier) change the engine's state: the pool sends them
+to each of its workers (``WorkerPool.sleep``), never to "one of them". Standard library only (worker side).
 """
 
 from __future__ import annotations
@@ -117,6 +120,50 @@ class Detokenize(Operation[str]):
         if not isinstance(data, str):
             raise TypeError(f"detokenize result is {type(data).__name__}, not str")
         return data
+
+
+class _NoResult(Operation[None]):
+    """An operation answered by its completion alone."""
+
+    def result_to_wire(self, result: None) -> Any:
+        return None
+
+    def result_from_wire(self, data: Any) -> None:
+        return None
+
+
+@dataclass
+class Sleep(_NoResult):
+    """Put the engine to sleep at ``level`` (vLLM: 1 offloads the weights to host memory and drops the
+    KV cache; 2 drops both). Every rank sleeps."""
+
+    level: int = 1
+    op: ClassVar[str] = "sleep"
+    all_ranks: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Sleep:
+        return cls(int(data.get("level", 1)))
+
+
+@dataclass
+class WakeUp(_NoResult):
+    """Wake a sleeping engine: its weights back on its devices, its KV cache allocated again."""
+
+    op: ClassVar[str] = "wake_up"
+    all_ranks: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> WakeUp:
+        return cls()
 
 
 @dataclass
@@ -307,7 +354,8 @@ class InvokeResult:
 
 # The operations the wire knows, by name: ``Op.from_frame`` decodes with ``OPERATIONS[op].from_wire``.
 OPERATIONS: dict[str, type[Operation[Any]]] = {
-    kind.op: kind for kind in (Tokenize, Detokenize, Embed, Score, FormatInput, FormatOutput, Invoke)
+    kind.op: kind
+    for kind in (Tokenize, Detokenize, Sleep, WakeUp, Embed, Score, FormatInput, FormatOutput, Invoke)
 }
 
 
@@ -324,6 +372,16 @@ class TokenizerEngine(Engine, Protocol):
     async def detokenize(self, ids: list[int]) -> str:
         """The text of ``ids``; a ``BadRequestError`` for an id outside the vocabulary."""
         ...
+
+
+@runtime_checkable
+class SleepEngine(Engine, Protocol):
+    """An engine with a sleep mode (vLLM's): it frees its device memory while its process stays, and
+    wakes faster than it loads. The residency's warm tier (``lmi_core.serving.residency.warm_tier``)."""
+
+    async def sleep(self, level: int) -> None: ...
+
+    async def wake_up(self) -> None: ...
 
 
 @runtime_checkable

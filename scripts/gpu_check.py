@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -32,8 +33,10 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "plugins" / "lmi_hf")]
 
+from lmi_core.config import load_model_config  # noqa: E402
 from lmi_core.errors import ConfigError  # noqa: E402
 from lmi_core.launch import devices  # noqa: E402
+from lmi_core.serving.residency import estimate  # noqa: E402
 from tests.conftest import ServerProcess, link_model, ping, wait_for  # noqa: E402
 
 Result = Literal["PASS", "FAIL", "SKIP"]
@@ -317,6 +320,22 @@ def workers(url: str, name: str = NAME) -> list[dict[str, Any]]:
     return [w for g in model_facts(url, name)["workerGroups"] for w in g["workers"]]
 
 
+def residency_of(url: str, name: str) -> dict[str, Any]:
+    """A model's ``residency`` in ``GET /models/{name}`` (docs/management.md)."""
+    described: dict[str, Any] = model_facts(url, name)["residency"]
+    return described
+
+
+def counter(url: str, metric: str, **labels: str) -> float:
+    """A Prometheus counter's value for ``labels`` (0 before its first event)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{metric}{{"):
+            found = dict(item.split("=", 1) for item in line[len(metric) + 1 :].split("}")[0].split(","))
+            if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 class Stream:
     """One streaming request read in a thread: how many tokens came and how the stream ended."""
 
@@ -575,6 +594,114 @@ class Run:
             where += "; NVML: " + ", ".join(f"{(h or 0) / GIB:.2f} GiB" for h in held)
         self.report.add(name, "PASS", f"{where}; both greedy == generate. Why: {reason}")
 
+    def residency(self) -> None:
+        """Two models under a memory budget that fits one (docs/management.md, "Residency"): a
+        request to the second evicts the idle first and is answered, each footprint measured after
+        its load (NVML per process on GPU, PSS on CPU). Then vLLM's sleep mode as the warm tier."""
+        name = "residency: evict under a memory budget"
+        with self.report.check(name):
+            self.report.add(name, "PASS", self.evict_by_budget())
+        self.stop_all()
+        name = "residency: vLLM sleep mode (warm tier)"
+        if self.cpu:
+            self.report.add(name, "SKIP", "CPU dry run: vLLM refuses sleep mode on CPU")
+        elif importlib.util.find_spec("vllm") is None:
+            self.report.add(name, "SKIP", "vLLM is not installed in this interpreter")
+        else:
+            with self.report.check(name):
+                self.report.add(name, "PASS", self.sleep_mode())
+
+    def residency_models(self, backend: str, **options: str) -> tuple[Path, Path]:
+        """``ra`` (loaded at startup) and ``rb`` (on demand; the directory names the model), sharing
+        GPU 0 by naming it."""
+        base = (self.model / "serving.properties").read_text()
+        extra = f"option.backend={backend}\n" + "".join(f"option.{k}={v}\n" for k, v in options.items())
+        extra += "" if self.cpu else "load_on_devices=0\n"
+        first = link_model(self.model, self.work / backend / "ra", base + extra)
+        second = link_model(
+            self.model, self.work / backend / "rb", base + extra + "option.load_on_startup=false\n"
+        )
+        return first, second
+
+    def start_residency(self, label: str, first: Path, second: Path, **env: str) -> ServerProcess:
+        server = ServerProcess(["--model-dir", str(first)], self.env(**env), self.work / f"{label}.log")
+        self.servers.append(server)
+        server.wait_ready(self.sizes.load_timeout)
+        response = httpx.post(f"{server.url}/models", params={"url": str(second)}, timeout=60)
+        assert response.status_code == 200, response.text
+        return server
+
+    def evict_by_budget(self) -> str:
+        first, second = self.residency_models("hf")
+        # The budget: one and a half times the estimate of one model (docs/management.md): one fits,
+        # two do not, whatever the measurement after the first load says (above half the estimate).
+        config = load_model_config(first)
+        gpu = [] if self.cpu else devices.visible_ids(self.gpus[:1])
+        memory = {} if self.cpu else {gpu[0]: self.gpus[0].total_memory}
+        one = sum(estimate(config, 1, gpu, memory).values())
+        budget = int(one * 1.5)
+        server = self.start_residency("residency", first, second, SERVING_MEMORY_BUDGET=str(budget))
+        held_first = residency_of(server.url, "ra")["residentBytes"]
+        # Host PSS is always readable; NVML lists no processes on some virtual machines.
+        listed = self.cpu or bool(self.nvml and self.nvml.processes())
+        assert held_first or not listed, f"ra's footprint was not measured: {residency_of(server.url, 'ra')}"
+        started = time.monotonic()
+        detail = compare_greedy(server.url, self.ref(), self.sizes.greedy_tokens, "rb")  # loads rb
+        took = time.monotonic() - started
+        states = {m: residency_of(server.url, m) for m in ("ra", "rb")}
+        assert states["ra"]["state"] == "registered" and states["rb"]["state"] == "loaded", states
+        evicted = counter(server.url, "lmi_model_unloads_total", model="ra", reason="evicted")
+        assert evicted == 1, f"lmi_model_unloads_total{{model=ra,reason=evicted}} = {evicted}"
+        held_second = states["rb"]["residentBytes"] or 0
+        if listed:
+            where = "host PSS" if self.cpu else "NVML"
+            footprint = f"measured ({where}) ra {held_first / GIB:.2f} GiB, rb {held_second / GIB:.2f} GiB"
+        else:
+            footprint = "not measured (NVML lists no processes here): the estimates decide"
+        return (
+            f"budget {budget / GIB:.2f} GiB (1.5 x the estimate {one / GIB:.2f} GiB); {footprint}; "
+            f"rb evicted idle ra and answered in {took:.1f} s ({detail})"
+        )
+
+    def sleep_mode(self) -> str:
+        """Two vLLM models on GPU 0 under half its memory, each taking 0.3 of it: loading one puts the
+        other to sleep (level 1) and its next request wakes it (a warm load), faster than a cold one."""
+        options = {
+            "enable_sleep_mode": "true",
+            "gpu_memory_utilization": "0.3",
+            "enforce_eager": "true",  # no CUDA graphs: a shorter start, the same sleep path
+            "max_model_len": "1024",
+        }
+        first, second = self.residency_models("vllm", **options)
+        plugins = os.pathsep.join([str(REPO / "plugins" / "lmi_vllm"), self.env()["PYTHONPATH"]])
+        server = self.start_residency(
+            "residency-vllm",
+            first,
+            second,
+            SERVING_MEMORY_BUDGET="0.5",
+            LMI_EXTRA_PLUGINS="lmi_hf.plugin,lmi_vllm.plugin",
+            PYTHONPATH=plugins,
+        )
+        prompt, tokens = PROMPTS[1], self.sizes.greedy_tokens
+        before = served_ids(server.url, prompt, tokens, "ra")
+        started = time.monotonic()
+        served_ids(server.url, prompt, tokens, "rb")  # ra goes to sleep, rb loads cold
+        cold = time.monotonic() - started
+        asleep = residency_of(server.url, "ra")
+        assert asleep["asleep"] and asleep["state"] == "loaded", asleep
+        started = time.monotonic()
+        after = served_ids(server.url, prompt, tokens, "ra")  # rb goes to sleep, ra wakes up
+        warm = time.monotonic() - started
+        assert after == before, f"ra after waking: {after} != before sleeping: {before}"
+        woken = counter(server.url, "lmi_model_loads_total", model="ra", tier="warm")
+        slept = counter(server.url, "lmi_model_unloads_total", model="ra", reason="evicted", tier="warm")
+        assert woken == 1 and slept == 1, f"ra: {slept} sleeps and {woken} wake-ups, not 1 and 1"
+        return (
+            f"ra asleep held {asleep['residentBytes'] / GIB:.2f} GiB (NVML); rb's cold load answered in "
+            f"{cold:.1f} s, ra's wake-up in {warm:.1f} s ({warm / cold:.2f} of cold); greedy ids equal "
+            "before and after sleeping"
+        )
+
     def mpi_mode(self) -> None:
         if self.cpu:
             # On CPU any tp fits (gloo): the same refusal path, with what CPU refuses at start-up.
@@ -664,6 +791,7 @@ class Run:
             ("NVML discovery", self.discovery),
             ("random Llama built", self.build),
             ("Python mode", self.python_mode),
+            ("residency", self.residency),
             ("MPI mode", self.mpi_mode),
         ]
         for name, phase in phases:

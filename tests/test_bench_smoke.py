@@ -56,6 +56,17 @@ def test_tenants_benchmark_runs_and_prints_its_ratios(
     assert figures["fair_b_tok_s"] > 0 and figures["machinery_us_per_token"] > 0
 
 
+def test_residency_benchmark_runs_and_prints_its_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.bench_residency import measure, report
+
+    figures = measure(tmp_path, tokens=2, rounds=1, larger=None)["demo"]
+    with capsys.disabled():
+        print(f"\nresidency smoke: {report('demo', figures)}")
+    assert all(seconds > 0 for seconds in figures.values())
+
+
 def test_embeddings_benchmark_runs_and_prints_its_ratios(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -131,3 +131,50 @@ def test_worker_ports_are_up_to_8_distinct_ports_and_a_clean_error_names_the_key
     with pytest.raises(ConfigError, match="SERVING_METRICS_PORT"):
         build_server_config(environ={"SERVING_METRICS_PORT": "70000"})
     assert build_model_config({"option.model_id": "m", "option.gie_metrics": "true"}, environ={}).gie_metrics
+
+
+def test_residency_settings_of_a_model_and_the_server() -> None:
+    config = build_model_config(
+        {
+            "option.model_id": "/m",
+            "option.load_on_startup": "false",
+            "option.idle_timeout": "2",
+            "option.pinned": "true",
+        },
+        environ={},
+    )
+    assert (config.load_on_startup, config.idle_timeout, config.pinned) == (False, 2.0, True)
+    assert "idle_timeout" not in config.options  # the core's keys, not the backend's
+    server = build_server_config(
+        environ={"SERVING_MAX_LOADED_MODELS": "3", "SERVING_LOAD_ON_STARTUP": "false"}
+    )
+    assert server.max_loaded_models == 3 and not config.loads_on_startup(server)
+    default = build_model_config({"option.model_id": "/m"}, environ={})
+    assert not default.loads_on_startup(server) and default.loads_on_startup(build_server_config(environ={}))
+    with pytest.raises(ConfigError, match=r"option\.idle_timeout"):
+        build_model_config({"option.model_id": "/m", "option.idle_timeout": "0"}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "fraction", "size"),
+    [
+        ("0.9", 0.9, None),
+        ("1", 1.0, None),
+        ("24GiB", None, 24 * 1024**3),
+        ("500MB", None, 500 * 1000**2),
+        ("1.5gi", None, int(1.5 * 1024**3)),
+        ("2000000", None, 2_000_000),  # above 1, a bare number is bytes
+    ],
+)
+def test_the_memory_budget_is_a_fraction_of_each_device_or_a_size(
+    text: str, fraction: float | None, size: int | None
+) -> None:
+    budget = build_server_config(environ={"SERVING_MEMORY_BUDGET": text}).memory_budget
+    assert budget is not None and (budget.fraction, budget.size) == (fraction, size)
+    assert budget.of(1000) == (size if size is not None else int(1000 * (fraction or 0)))
+
+
+@pytest.mark.parametrize("text", ["0", "lots", "-1GiB", "1.5", "5 TB"])
+def test_a_bad_memory_budget_names_its_variable(text: str) -> None:
+    with pytest.raises(ConfigError, match="SERVING_MEMORY_BUDGET"):
+        build_server_config(environ={"SERVING_MEMORY_BUDGET": text})

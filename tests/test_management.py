@@ -76,9 +76,11 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> No
 
 def test_list_and_describe(server: ServerProcess, models: Path) -> None:
     listed = httpx.get(f"{server.url}/models").json()
-    assert listed == {"models": [{"modelName": "demo", "modelUrl": str(models / "demo"), "status": "READY"}]}
+    entry = {"modelName": "demo", "modelUrl": str(models / "demo"), "status": "READY", "residency": "loaded"}
+    assert listed == {"models": [entry]}
     model = describe(server, "demo")
     assert model["status"] == "Healthy" and model["loadedAtStartup"] is True
+    assert model["residency"]["state"] == "loaded" and model["residency"]["loads"] == 1
     assert (model["backend"], model["mode"]) == ("hf", "python")
     assert (model["minWorkers"], model["maxWorkers"]) == (1, 2)
     [group] = model["workerGroups"]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmi_core.errors import BadRequestError
-from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.openai_protocol import (
     MAX_STOP,
     MAX_TOKENS,
@@ -221,7 +221,7 @@ class CountTokensRequest(OpenAIBody):
         return chat
 
 
-class MessagesRequest(CountTokensRequest):
+class MessagesRequest(KeepAliveField, CountTokensRequest):
     """``POST /v1/messages``."""
 
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)

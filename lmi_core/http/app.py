@@ -122,9 +122,9 @@ def create_app(
     server.expect(state.startup_models)
 
     async def load_startup_models() -> None:
-        for model in state.startup_models:
+        for model in state.startup_models:  # those with load_on_startup=false wait for a request
             try:
-                await server.load(model)
+                await server.load_startup(model.name)
             except Exception as exc:
                 logger.error("model %s failed to load: %s", model.name, exc)
                 if on_load_failure is not None:

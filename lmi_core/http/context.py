@@ -51,6 +51,14 @@ def arrived_on_worker_port(scope: Scope, slot: int) -> None:
     scope.setdefault("state", {})[_SLOT_KEY] = slot
 
 
+def keep_alive(request: Request, seconds: float | None) -> None:
+    """Record the body's ``keep_alive`` (None: it has none) in the request's context: its model's
+    residency reads it when the request ends."""
+    context = request_context(request)
+    if context is not None and seconds is not None:
+        context.keep_alive = seconds
+
+
 def parse_context(headers: dict[bytes, bytes]) -> RequestContext:
     """A request's context from its headers; a 400 naming ``x-request-timeout`` when it is not a
     positive finite number of seconds."""

@@ -33,7 +33,7 @@ from lmi_core.http.common import (
     stream_response,
     until_disconnected,
 )
-from lmi_core.http.context import request_context
+from lmi_core.http.context import keep_alive, request_context
 from lmi_core.http.formatters import OutputFormatter
 from lmi_core.http.handler_api import serves_handle
 from lmi_core.http.lmi_protocol import LmiRequest, parse_model
@@ -48,7 +48,10 @@ from lmi_core.serving.pool import ModelStatus
 
 
 async def ping(request: Request) -> Response:
-    """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed."""
+    """200 only when every model can serve; 503 while any is loading or restarting; 500 if failed.
+
+    A model that loads on demand can serve whether loaded or not (a request loads it): residency
+    never turns ``/ping`` away from 200 (``registry.health_of``)."""
     state: AppState = request.app.state.lmi
     healths = {name: state.server.health(name) for name in state.server.names()}
     body = {name: ping_entry(health) for name, health in healths.items()}
@@ -56,11 +59,11 @@ async def ping(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """vLLM's probe (guidellm, load balancers): 200 with no body when every model can serve, else 503."""
+    """vLLM's probe (guidellm, load balancers): 200 with no body while some model can serve (one
+    loaded, or one a request loads), else 503."""
     state: AppState = request.app.state.lmi
     statuses = [state.server.health(name).status for name in state.server.names()]
-    ready = bool(statuses) and all(status is ModelStatus.READY for status in statuses)
-    return Response(status_code=200 if ready else 503)
+    return Response(status_code=200 if ModelStatus.READY in statuses else 503)
 
 
 async def version(request: Request) -> Response:
@@ -142,6 +145,7 @@ async def predict(request: Request, pool: ServedModel, body: Any, route: RouteSt
         return await native_chat(request, pool, body, adapter, framing, stream, output)
     lmi = parse_model(LmiRequest, body)
     ignored = unknown_fields(pool, lmi)
+    keep_alive(request, lmi.parameters.keep_alive_seconds)
     adapters = _adapters(request, pool, lmi)
     if (constrained := lmi.parameters.constraint("parameters.")) is not None:
         await check(*constrained)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmi_core.engine import SamplingParams, StructuredOutput
 from lmi_core.errors import BadRequestError
 from lmi_core.http.structured import ANY_OBJECT, ConstraintFields
+from lmi_core.serving.residency import parse_keep_alive
 
 
 class TgiGrammar(BaseModel):
@@ -29,7 +30,27 @@ class TgiGrammar(BaseModel):
         return StructuredOutput("json" if self.type == "json" else "regex", text)
 
 
-class LmiParameters(ConstraintFields):
+class KeepAliveField(BaseModel):
+    """Ollama's ``keep_alive``: how long the model stays loaded once idle after this request (a
+    duration such as ``5m``, seconds, ``0``: unload after this response, ``-1``: never); top level in
+    the OpenAI bodies, in ``parameters`` on the LMI routes."""
+
+    keep_alive: int | float | str | None = None
+
+    @field_validator("keep_alive", mode="before")  # before the union's: an error names the field
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if value is not None:
+            parse_keep_alive(value)
+        return value
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        """Seconds (``inf``: never); None when the request did not say."""
+        return None if self.keep_alive is None else parse_keep_alive(self.keep_alive)
+
+
+class LmiParameters(KeepAliveField, ConstraintFields):
     """``parameters`` of an LMI request (TGI-like); unknown keys and loose types are a 400 naming them.
     Output constraints (``response_format``, ``structured_outputs``) from ConstraintFields, and TGI's
     ``grammar``."""

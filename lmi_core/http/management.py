@@ -6,7 +6,7 @@ same fields as a JSON body) are validated by pydantic models: a bad one is a 400
 
 The handlers render the core's snapshots (``ModelService.describe``/``health``); every DJL wire name
 (``modelName``, ``workerGroups``, ``Healthy``, ``UNLOADING``...) lives here, also for ``/ping`` and
-the metrics.
+the metrics, and so does each model's ``residency`` (registered, loading, loaded, unloading, failed).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lmi_core.http.common import query_and_body
 from lmi_core.http.lmi_protocol import parse_model
 from lmi_core.http.state import AppState
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
-from lmi_core.serving.registry import Health, ModelSnapshot
+from lmi_core.serving.registry import Health, ModelSnapshot, Residency
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
 
 # Names end up in URLs and worker socket paths: no separators, and short (Unix socket path limit).
@@ -132,7 +132,15 @@ async def list_models(request: Request) -> Response:
     names = server.names()
     start = params.next_page_token
     page = [server.describe(name) for name in names[start : start + params.limit]]
-    models = [{"modelName": m.name, "modelUrl": m.url, "status": LIST_STATUS[m.health.status]} for m in page]
+    models = [
+        {
+            "modelName": m.name,
+            "modelUrl": m.url,
+            "status": LIST_STATUS[m.health.status],
+            "residency": m.residency.state.value,
+        }
+        for m in page
+    ]
     body: dict[str, Any] = {"models": models}
     if start + params.limit < len(names):
         body["nextPageToken"] = str(start + params.limit)
@@ -176,9 +184,32 @@ def worker_groups(snapshot: PoolSnapshot) -> list[dict[str, Any]]:
     ]
 
 
+def residency(model: Residency) -> dict[str, Any]:
+    """A model's residency (docs/management.md): its state, whether it is pinned, what holds it,
+    what it holds, when it unloads idle."""
+    return {
+        "state": model.state.value,
+        "onDemand": model.on_demand,
+        "pinned": model.pinned,
+        "asleep": model.asleep,
+        "inUse": model.in_use,
+        "waitingForLoad": model.waiting,
+        "residentBytes": model.resident_bytes,
+        "expiresInSeconds": model.expires_in,
+        "loads": model.loads,
+        "lastError": model.last_error,
+    }
+
+
 def model_description(model: ModelSnapshot) -> dict[str, Any]:
-    """One model of ``GET /models/{name}``; one without workers (waiting, failed) has only its status."""
-    head = {"modelName": model.name, "modelUrl": model.url, "status": model_status(model.health)}
+    """One model of ``GET /models/{name}``; one without workers (registered, failed) has only its
+    status and residency."""
+    head = {
+        "modelName": model.name,
+        "modelUrl": model.url,
+        "status": model_status(model.health),
+        "residency": residency(model.residency),
+    }
     snapshot = model.pool
     if snapshot is None:
         loaded_at_startup = model.loaded_at_startup

@@ -6,11 +6,14 @@ engines' own gauges (running, waiting) and counters (finished, cancelled) are re
 from the last heartbeat of every worker's rank 0 and summed over the model's workers; ``lmi_workers``
 counts workers by the status the management API shows (``UNLOADING`` while one retires). The LoRA
 load and eviction totals are the engines' too, but kept monotonic across worker restarts and
-retirements (``LoraTotals``). Every metric but the ``lmi_tenant_*`` ones has a ``model`` label; it is
-always a loaded model's name, never a client-supplied string (so is ``adapter``: a registered
-adapter's name). The ``lmi_tenant_*`` metrics are labelled by tenant instead, summed over the models:
-a tenant the tenants file declares, ``default``, or ``other`` for every undeclared flow, so a client
-cannot grow the label set (``serving.tenants``).
+retirements (``LoraTotals``). Residency: loads and unloads are counted as the server reports them
+(``lmi_model_loads_total{tier}``, ``lmi_model_unloads_total{reason,tier}``, the load-seconds
+histogram); each model's state and resident bytes are read at scrape time. Every metric but the
+``lmi_tenant_*`` ones has a ``model`` label; it is always a registered model's name, never a
+client-supplied string (so is ``adapter``: a registered adapter's name). The ``lmi_tenant_*``
+metrics are labelled by tenant instead, summed over the models: a tenant the tenants file declares,
+``default``, or ``other`` for every undeclared flow, so a client cannot grow the label set
+(``serving.tenants``).
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ from lmi_core.http.context import context_of
 from lmi_core.http.gie_metrics import PickerCollector
 from lmi_core.http.management import worker_status
 from lmi_core.http.state import ModelService, ServedModel
-from lmi_core.serving.observer import TenantOutcome
+from lmi_core.serving.observer import TenantOutcome, Tier, UnloadReason
 from lmi_core.serving.pool import PoolSnapshot
 from lmi_core.serving.routing import Reason, RequestContext
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, float("inf"))
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 
 
@@ -106,23 +110,48 @@ class EngineCollector(Collector):
         lora_evictions = CounterMetricFamily(
             "lmi_lora_evictions", "LoRA adapters the engines evicted (least recently used)", labels=model
         )
+        resident = GaugeMetricFamily(
+            "lmi_model_resident_bytes",
+            "Memory a loaded model's workers hold, measured after its load (GPU memory on GPU)",
+            labels=model,
+        )
+        states = GaugeMetricFamily(
+            "lmi_model_state", "1 for each model's residency state", labels=[*model, "state"]
+        )
         for name in self.server.names():
-            snapshot = self.server.describe(name).pool
-            if snapshot is None:  # waiting to load, or failed: no workers to count
+            described = self.server.describe(name)
+            residency = described.residency
+            states.add_metric([name, residency.state.value], 1)
+            if residency.resident_bytes is not None:
+                resident.add_metric([name], residency.resident_bytes)
+            snapshot = described.pool
+            if snapshot is None:  # not loaded, or failed: no workers to count
+                if residency.waiting:
+                    waiting.add_metric([name], residency.waiting)
                 continue
             stats = [w.engine_stats for w in snapshot.workers]
             running.add_metric([name], sum(s.running for s in stats))
-            waiting.add_metric([name], snapshot.queued + sum(s.waiting for s in stats))
+            waiting.add_metric([name], residency.waiting + snapshot.queued + sum(s.waiting for s in stats))
             finished.add_metric([name], sum(s.finished_total for s in stats))
             cancelled.add_metric([name], sum(s.cancelled_total for s in stats))
-            states = collections.Counter(worker_status(w) for w in snapshot.workers)
-            for state, count in sorted(states.items()):
+            by_state = collections.Counter(worker_status(w) for w in snapshot.workers)
+            for state, count in sorted(by_state.items()):
                 workers.add_metric([name, state], count)
             if self.server.get(name).adapters is not None:
                 loads, evictions = self.lora.update(name, snapshot)
                 lora_loads.add_metric([name], loads)
                 lora_evictions.add_metric([name], evictions)
-        yield from (running, waiting, finished, cancelled, workers, lora_loads, lora_evictions)
+        yield from (
+            running,
+            waiting,
+            finished,
+            cancelled,
+            workers,
+            lora_loads,
+            lora_evictions,
+            resident,
+            states,
+        )
         yield from prefix_cache_metrics(self.server)
 
 
@@ -213,6 +242,21 @@ class Metrics:
             ["tenant"],
             registry=self.registry,
         )
+        # Residency: cold = workers started or stopped, warm = woken from or put to sleep.
+        self.model_loads = counter("lmi_model_loads", "Model loads by tier (cold, warm)", "tier")
+        self.model_unloads = counter(
+            "lmi_model_unloads",
+            "Model unloads by reason (idle, evicted, keep_alive, api) and tier",
+            "reason",
+            "tier",
+        )
+        self.model_load_seconds = Histogram(
+            "lmi_model_load_seconds",
+            "Time to load a model once it has room (the wait for room is in the queue time), by tier",
+            ["model", "tier"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
 
     def collect_from(self, server: ModelService) -> None:
         """Add the engines' and pools' scrape-time metrics of ``server``'s models, and the endpoint
@@ -248,6 +292,13 @@ class Metrics:
             self.tenant_tokens.labels(tenant, "prompt").inc(prompt_tokens)
         if generated_tokens:
             self.tenant_tokens.labels(tenant, "generation").inc(generated_tokens)
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None:
+        self.model_loads.labels(model, tier).inc()
+        self.model_load_seconds.labels(model, tier).observe(seconds)
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None:
+        self.model_unloads.labels(model, reason, tier).inc()
 
     async def instrument(
         self, pool: ServedModel, request: GenerationRequest, context: RequestContext | None = None

@@ -33,9 +33,9 @@ from lmi_core.http.common import (
     until_disconnected,
     until_set,
 )
-from lmi_core.http.context import request_context
+from lmi_core.http.context import keep_alive, request_context
 from lmi_core.http.formatters import OutputFormatter
-from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.media import ImageRef, check_url, load_images
 from lmi_core.http.openai_protocol import ChatCompletionRequest, CompletionRequest, ignored_fields
 from lmi_core.http.openai_render import JSON_LINES, SSE, Call, Framing, render_chunks, render_result
@@ -157,7 +157,8 @@ def chat_call(
 
 def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence[str] = ()) -> list[ImageRef]:
     """The request's image parts (the last ones named ``params``), within what the model reads
-    (``ImageEngine.max_images``); else a 400 naming the first part too many, before any is read."""
+    (``ImageEngine.max_images``); else a 400 naming the first part too many, before any is read. A
+    model not loaded yet (on demand) has not said: its engine checks them."""
     images = body.images
     first = len(images) - len(params)
     images[first:] = [
@@ -165,14 +166,15 @@ def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence
     ]
     for ref in images:
         check_url(ref)
-    if len(images) > pool.max_images:
-        extra = images[pool.max_images]
-        if pool.max_images == 0:
+    limit = pool.max_images
+    if limit is not None and len(images) > limit:
+        extra = images[limit]
+        if limit == 0:
             raise BadRequestError(
                 f"model {pool.name!r} reads no images (a text-only model)", param=extra.param
             )
-        limit = f"at most {pool.max_images} images per prompt (option.limit_mm_per_prompt)"
-        raise BadRequestError(f"model {pool.name!r} reads {limit}", param=extra.param)
+        most = f"at most {limit} images per prompt (option.limit_mm_per_prompt)"
+        raise BadRequestError(f"model {pool.name!r} reads {most}", param=extra.param)
     return images
 
 
@@ -282,10 +284,13 @@ def with_ignored(response: Response, names: list[str]) -> Response:
 
 async def parse_body(request: Request, kind: type[Body]) -> tuple[ServedModel, LoraAdapter | None, Body]:
     """The parsed body, the model it names (404 if unknown; the only model if it names none) and the
-    LoRA adapter (``model`` naming an adapter, or SageMaker's header)."""
+    LoRA adapter (``model`` naming an adapter, or SageMaker's header). A body's ``keep_alive`` goes
+    into the request's context."""
     state: AppState = request.app.state.lmi
     body: Body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
     pool, adapter = model_or_adapter(request, getattr(body, "model", None))  # every API names it there
+    if isinstance(body, KeepAliveField):
+        keep_alive(request, body.keep_alive_seconds)
     return pool, adapter, body
 
 
@@ -316,14 +321,16 @@ async def native_chat(
     (or in ``framing``; ``stream`` overrides the request's: DJL's chat output formatters)."""
     chat = parse_model(ChatCompletionRequest, body)
     ignored = unknown_fields(pool, chat)
+    keep_alive(request, chat.keep_alive_seconds)
     call = chat_call(pool, chat).with_adapter(adapter)
     if stream is not None:
         call.stream = stream
     return with_ignored(await run_call(request, call, framing, output=output), ignored)
 
 
-def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[str, Any]:
+def _model_card(pool: ServedModel, status: str, adapter: LoraAdapter | None = None) -> dict[str, Any]:
     # vLLM's card: root is what the name serves (the adapter's path), parent the base of an adapter.
+    # status (lmi-core's): the model's residency; an adapter's is its base model's.
     return {
         "id": adapter.name if adapter is not None else pool.name,
         "object": "model",
@@ -333,24 +340,33 @@ def _model_card(pool: ServedModel, adapter: LoraAdapter | None = None) -> dict[s
         "parent": pool.name if adapter is not None else None,
         "max_model_len": pool.max_model_len,
         "task": pool.config.pooling.task,  # what the model serves: text-generation, text-embedding, rerank
+        "status": status,
     }
 
 
-def _cards(pool: ServedModel) -> list[dict[str, Any]]:
+def _status(request: Request, pool: ServedModel) -> str:
+    state: AppState = request.app.state.lmi
+    return state.server.describe(pool.name).residency.state.value
+
+
+def _cards(request: Request, pool: ServedModel) -> list[dict[str, Any]]:
     """The model's card, then one per registered adapter."""
     adapters = pool.adapters.entries() if pool.adapters is not None else []
-    return [_model_card(pool), *(_model_card(pool, entry.lora) for entry in adapters)]
+    status = _status(request, pool)
+    return [_model_card(pool, status), *(_model_card(pool, status, entry.lora) for entry in adapters)]
 
 
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.lmi
-    return JSONResponse({"object": "list", "data": [c for p in state.server.served() for c in _cards(p)]})
+    cards = [c for p in state.server.served() for c in _cards(request, p)]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model"]
     pool, adapter = model_or_adapter(request, name)
-    return JSONResponse(_model_card(pool, adapter if adapter is not None and adapter.name == name else None))
+    named = adapter if adapter is not None and adapter.name == name else None
+    return JSONResponse(_model_card(pool, _status(request, pool), named))
 
 
 routes = [

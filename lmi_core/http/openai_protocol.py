@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmi_core.engine import SamplingParams
 from lmi_core.errors import BadRequestError
-from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.media import ImageRef
 from lmi_core.http.structured import GuidedFields
 from lmi_core.http.tool_calls import ToolFields, template_message
@@ -71,9 +71,10 @@ class StreamOptions(OpenAIBody):
     continuous_usage_stats: bool = False
 
 
-class _Common(GuidedFields, OpenAIBody):
+class _Common(KeepAliveField, GuidedFields, OpenAIBody):
     """Fields shared by completions and chat completions (plus vLLM's ``top_k`` and ``ignore_eos``);
-    the output constraints (``response_format``, ``structured_outputs``, ``guided_*``) from GuidedFields."""
+    the output constraints (``response_format``, ``structured_outputs``, ``guided_*``) from GuidedFields,
+    Ollama's ``keep_alive`` from KeepAliveField."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)

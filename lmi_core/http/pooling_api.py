@@ -23,18 +23,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lmi_core.errors import BadRequestError
-from lmi_core.http.adapters import model_or_adapter
-from lmi_core.http.common import read_json, until_disconnected
+from lmi_core.http.common import until_disconnected
 from lmi_core.http.context import request_context
-from lmi_core.http.lmi_protocol import parse_model
-from lmi_core.http.openai_api import unknown_fields, with_ignored
+from lmi_core.http.openai_api import parse_body, unknown_fields, with_ignored
 from lmi_core.http.pooling_protocol import (
     EmbeddingsRequest,
     RerankRequest,
     ScoreRequest,
     TeiEmbedRequest,
 )
-from lmi_core.http.state import AppState, ServedModel
+from lmi_core.http.state import ServedModel
 from lmi_core.operations import Embed, EmbedResult, Score, ScoreResult
 from lmi_core.pooling import unpack_vectors
 
@@ -46,9 +44,7 @@ def json_response(body: Any) -> Response:
 
 async def _parse(request: Request, kind: type[Any]) -> tuple[ServedModel, Any, list[str]]:
     """The body as ``kind``, the model it names (the only one if none) and its unknown fields."""
-    state: AppState = request.app.state.lmi
-    body = parse_model(kind, await read_json(request, state.config.max_request_size, allow_text=False))
-    pool, adapter = model_or_adapter(request, body.model)
+    pool, adapter, body = await parse_body(request, kind)
     if adapter is not None:
         raise BadRequestError("pooling requests take no LoRA adapter", param="model")
     return pool, body, unknown_fields(pool, body)

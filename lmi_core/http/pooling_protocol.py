@@ -6,6 +6,7 @@ OpenAI's ``/v1/embeddings`` (``input`` as a string, strings, token ids or lists 
 ``return_documents``; TEI's ``texts``/``return_text``/``raw_scores`` too) and TEI's ``/embed``
 (``inputs``, ``normalize``, ``truncate``, ``dimensions``). JSON types are strict, as on the OpenAI
 routes; unknown fields are ignored and listed (or refused with ``option.strict_request_fields``).
+Each takes Ollama's ``keep_alive`` (residency), as the generation bodies do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from lmi_core.http.lmi_protocol import KeepAliveField
 from lmi_core.http.openai_protocol import OpenAIBody
 
 # OpenAI's limit of inputs per request; a larger batch is a 400 naming the field.
@@ -25,7 +27,7 @@ Inputs = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)
 EmbeddingInput = Inputs | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
 
 
-class EmbeddingsRequest(OpenAIBody):
+class EmbeddingsRequest(KeepAliveField, OpenAIBody):
     model: str | None = None
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
@@ -35,7 +37,7 @@ class EmbeddingsRequest(OpenAIBody):
     use_activation: bool | None = None
 
 
-class TeiEmbedRequest(OpenAIBody):
+class TeiEmbedRequest(KeepAliveField, OpenAIBody):
     """TEI's ``POST /embed`` (its ``prompt_name`` and ``truncation_direction`` are not served)."""
 
     inputs: Inputs
@@ -45,7 +47,7 @@ class TeiEmbedRequest(OpenAIBody):
     model: str | None = None
 
 
-class ScoreRequest(OpenAIBody):
+class ScoreRequest(KeepAliveField, OpenAIBody):
     """vLLM's ``/score``: ``text_1`` against each of ``text_2`` (1:N), or pair by pair (N:N)."""
 
     model: str | None = None
@@ -75,7 +77,7 @@ class ScoreRequest(OpenAIBody):
         )
 
 
-class RerankRequest(OpenAIBody):
+class RerankRequest(KeepAliveField, OpenAIBody):
     """Jina's and Cohere's ``/rerank`` (``documents``), or TEI's (``texts``): the documents by relevance
     to ``query``, best first."""
 

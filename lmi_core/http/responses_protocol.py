@@ -20,7 +20,7 @@ from pydantic import Field
 
 from lmi_core.engine import StructuredOutput
 from lmi_core.errors import BadRequestError
-from lmi_core.http.lmi_protocol import parse_model
+from lmi_core.http.lmi_protocol import KeepAliveField, parse_model
 from lmi_core.http.openai_protocol import MAX_TOKENS, ChatCompletionRequest, OpenAIBody, parse_part
 from lmi_core.http.structured import ANY_OBJECT
 from lmi_core.http.tool_calls import TOOL_NAME
@@ -126,7 +126,7 @@ class Translation:
     ignored: list[str] = field(default_factory=list)  # unknown fields and hosted tools (``tools.3``)
 
 
-class ResponsesRequest(OpenAIBody):
+class ResponsesRequest(KeepAliveField, OpenAIBody):
     """``POST /v1/responses``."""
 
     model: str | None = None

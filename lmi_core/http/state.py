@@ -44,7 +44,7 @@ class ServedModel(Protocol):
     def max_model_len(self) -> int | None: ...  # its engine's context length; None: not reported (yet)
 
     @property
-    def max_images(self) -> int: ...  # images one prompt may hold, as its engine reports it (0: none)
+    def max_images(self) -> int | None: ...  # images one prompt may hold (0: none); None: not loaded yet
 
     # ``context``: the HTTP request's session and timeout in, the worker chosen out (before the first event).
     def generate(

@@ -4,14 +4,20 @@
 ``plan_allocation`` is a pure function (visible device ids, parallelism, worker bounds) -> plan: each
 worker gets a contiguous slice of ``tp * pp`` devices, passed to its process (or ``mpirun`` job) as
 ``CUDA_VISIBLE_DEVICES``. With no GPU the workers share the host CPU and split its threads.
+
+``host_memory``, ``host_bytes`` and ``gpu_bytes`` measure what a model's workers hold (the residency
+budget's footprints): the host's RAM, the proportional set size of their process trees (a shared
+library counts once across the processes that map it, so the sum over models is the real total),
+and the GPU memory NVML lists for those processes. They read ``/proc`` and NVML and block briefly.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmi_core.errors import ConfigError
@@ -308,3 +314,97 @@ def omp_threads(environ: Mapping[str, str] | None = None) -> int | None:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("OMP_NUM_THREADS", raw, "a positive integer (threads per worker process on CPU)")
     return int(raw)
+
+
+# -- what a model's workers hold -------------------------------------------------------------------
+
+
+def meminfo_total(text: str) -> int | None:
+    """``MemTotal`` of a ``/proc/meminfo`` text, in bytes."""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def host_memory(proc: Path = Path("/proc")) -> int:
+    """The host's RAM in bytes (a cgroup limit is not read: set ``SERVING_MEMORY_BUDGET`` in bytes)."""
+    try:
+        total = meminfo_total((proc / "meminfo").read_text())
+    except OSError:
+        total = None
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def process_tree(roots: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
+    """``roots`` and every live descendant (an MPI worker's ranks are its mpirun's children)."""
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    frontier = list(roots)
+    while frontier:
+        pid = frontier.pop()
+        if pid not in found:
+            found.add(pid)
+            frontier.extend(children.get(pid, ()))
+    return found
+
+
+def pss_bytes(smaps_rollup: str) -> int | None:
+    """The ``Pss`` of a ``/proc/<pid>/smaps_rollup`` text, in bytes."""
+    for line in smaps_rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def host_bytes(roots: Iterable[int], proc: Path = Path("/proc")) -> int:
+    """Host memory of ``roots``' process trees: their PSS (the resident set where the kernel has no
+    ``smaps_rollup``). A process that exits meanwhile counts nothing."""
+    total = 0
+    for pid in process_tree(roots, proc):
+        try:
+            pss = pss_bytes((proc / str(pid) / "smaps_rollup").read_text())
+            if pss is None:
+                pss = int((proc / str(pid) / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+        total += pss
+    return total
+
+
+def gpu_bytes(roots: Iterable[int], device_ids: Mapping[int, str]) -> dict[str, int]:
+    """GPU memory of ``roots``' process trees per device, from NVML's compute process lists;
+    ``device_ids`` maps each NVML index to its id in the plans (``visible_ids``). Empty without NVML,
+    or when NVML reports other PIDs (a container's PID namespace): the footprint stays an estimate."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    pids = process_tree(roots)
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return {}
+    try:
+        used: dict[str, int] = {}
+        for index, device in device_ids.items():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid in pids and process.usedGpuMemory:
+                    used[device] = used.get(device, 0) + int(process.usedGpuMemory)
+        return used
+    except pynvml.NVMLError:
+        return {}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass

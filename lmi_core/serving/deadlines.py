@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmi_core.errors import DeadlineError, QueueTimeoutError, RequestTimeoutError
+
 
 @dataclass(frozen=True)
 class Deadlines:
@@ -30,6 +32,14 @@ def deadlines(
         queue_source = f"option.queue_timeout={queue_timeout:g} s"
         return Deadlines(total, started + queue_timeout, total_source, queue_source)
     return Deadlines(total, total, total_source, total_source)
+
+
+def waited_too_long(limits: Deadlines, what: str) -> DeadlineError:
+    """The error of a request whose wait for ``what`` (a worker, its model's load) ran past
+    ``limits.queue``: 503 + Retry-After for a queue deadline, 504 when the total one came first."""
+    if limits.queue < limits.total:
+        return QueueTimeoutError(f"no {what} within {limits.queue_source}")
+    return RequestTimeoutError(f"request waited longer than {limits.total_source}")
 
 
 def parse_client_timeout(text: str) -> float | None:

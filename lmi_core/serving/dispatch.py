@@ -42,14 +42,12 @@ from lmi_core.errors import (
     EngineFailedError,
     ModelNotReadyError,
     QueueFullError,
-    QueueTimeoutError,
-    RequestTimeoutError,
     TenantBudgetError,
     WorkerFailedError,
 )
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
-from lmi_core.serving.deadlines import Deadlines, deadlines
+from lmi_core.serving.deadlines import Deadlines, deadlines, waited_too_long
 from lmi_core.serving.fairness import OUTPUT_COST, FairQueue
 from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.request_trace import Attributes, AttributeValue, RequestTrace
@@ -248,9 +246,7 @@ class Dispatcher:
             raise
         if not future.done():
             self._abandon(entry.item, self._queue.remove(entry))
-            if limits.queue < limits.total:
-                raise QueueTimeoutError(f"no worker took the request within {limits.queue_source}")
-            raise RequestTimeoutError(f"request waited longer than {limits.total_source}")
+            raise waited_too_long(limits, "worker took the request")
         return future.result()
 
     def _abandon(self, waiting: Waiting, dequeued: bool) -> None:
@@ -273,7 +269,7 @@ class Dispatcher:
         return context.tenant if context is not None and context.tenant is not None else self._anonymous
 
     async def generate(
-        self, request: GenerationRequest, context: RequestContext | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None, arrived: float | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Admit ``request`` for its tenant, queue it, run it on the worker the router picks, yield its
         events; migrate it when its worker fails.
@@ -281,8 +277,10 @@ class Dispatcher:
         ``context`` carries the HTTP request's session, timeout and tenant in, and gets the routing
         decision appended before the first event is yielded (so a response can name its worker
         before it starts). The engine gets the priority the queue used (clamped to the tenant's range).
+        ``arrived`` (monotonic; default now) starts its deadlines and queue time: a request that
+        waited for its model's load has waited since then.
         """
-        started = time.monotonic()
+        started = time.monotonic() if arrived is None else arrived
         limits = self._deadlines(started, context)
         tenant = self._tenant(context)
         ticket = Ticket.of(tenant, request.priority, estimate_prompt_tokens(request))
@@ -414,8 +412,10 @@ class Dispatcher:
         trace.span("lmi.route", now, now, route)
         return worker, decision
 
-    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
-        """Run ``operation`` on one of the workers and return its result.
+    async def perform(
+        self, operation: Operation[T], context: RequestContext | None = None, arrived: float | None = None
+    ) -> T:
+        """Run ``operation`` on one of the workers and return its result (``arrived`` as for ``generate``).
 
         One that ``takes_slot`` waits for a place like a generation, routed like one (its session's
         worker first); a light one (tokenize) goes at once to the least loaded ready worker, without a
@@ -423,7 +423,7 @@ class Dispatcher:
         an ``idempotent`` one runs again on another, at most ``max_migrations`` times, within its
         total deadline; any other fails with the worker.
         """
-        limits = self._deadlines(time.monotonic(), context)
+        limits = self._deadlines(time.monotonic() if arrived is None else arrived, context)
         ticket = Ticket.of(self._tenant(context), 0, 0)
         query = RouteQuery(session_id=context.session_id if context is not None else None)
         attempt, failure = 0, None  # the worker failure it moves on from, after the first attempt

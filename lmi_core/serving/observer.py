@@ -1,7 +1,8 @@
-"""What a model's pool reports as it serves, for metrics: one typed method per event.
+"""What a model's pool and the server's residency report, for metrics: one typed method per event.
 
 Invariant: ``WorkerPool`` tells its ``PoolObserver`` of every event below, with its model's name, on
-the event loop; an observer's methods never await and never raise (they run inside dispatch).
+the event loop, and ``ModelServer`` of every load and unload; an observer's methods never await and
+never raise (they run inside dispatch and residency transitions).
 ``http.metrics.Metrics`` implements the protocol, and ``ModelServer(observe=...)`` hands it to
 every pool it creates.
 """
@@ -15,6 +16,12 @@ from lmi_core.serving.routing import Reason
 # How a tenant's generation ended: it finished, a budget of its tenant refused it (429), it failed,
 # or its client stopped listening.
 TenantOutcome = Literal["served", "rejected", "error", "cancelled"]
+# Why a model was unloaded: idle past its option.idle_timeout, evicted for another's load, its last
+# request's keep_alive ran out, or the management API unregistered it.
+UnloadReason = Literal["idle", "evicted", "keep_alive", "api"]
+# How: "cold" is a full load (workers start) or unload (workers stop); "warm" a wake-up from, or a
+# going to, sleep (vLLM's sleep mode: the workers stay).
+Tier = Literal["cold", "warm"]
 
 
 class PoolObserver(Protocol):
@@ -35,6 +42,10 @@ class PoolObserver(Protocol):
     def tenant_finished(
         self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
     ) -> None: ...
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None: ...  # a load finished
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None: ...  # an unload finished
 
 
 class NoObserver:
@@ -61,4 +72,10 @@ class NoObserver:
     def tenant_finished(
         self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
     ) -> None:
+        pass
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None:
+        pass
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None:
         pass

@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -36,7 +37,7 @@ from lmi_core.errors import (
 )
 from lmi_core.launch.devices import AllocationPlan, DeviceGroup
 from lmi_core.launch_spec import WorkerSlot
-from lmi_core.operations import Operation
+from lmi_core.operations import Operation, Sleep, WakeUp
 from lmi_core.pooling import wrong_task
 from lmi_core.request_checks import refuse_unfit_prompt
 from lmi_core.serving.adapters import AdapterRegistry, adapter_registry
@@ -117,6 +118,7 @@ class WorkerPool:
         plan: AllocationPlan,
         socket_prefix: str,
         observe: PoolObserver | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.config = config
         self.server = server
@@ -157,15 +159,18 @@ class WorkerPool:
         self._closing = False
         self._scaler: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
-        # LoRA adapters (option.enable_lora), None without; the adapters directory is registered here.
-        self.adapters: AdapterRegistry | None = adapter_registry(config, self._adapter_changed)
+        # LoRA adapters (option.enable_lora), None without: the model's (they outlive its pools), else
+        # a registry of this pool's own with the adapters directory registered.
+        self.adapters = adapters if adapters is not None else adapter_registry(config)
+        if self.adapters is not None:
+            self.adapters.on_change = self.adapter_changed
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def generate(
-        self, request: GenerationRequest, context: RequestContext | None = None
+        self, request: GenerationRequest, context: RequestContext | None = None, arrived: float | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """``request``'s events (``Dispatcher.generate``); a pooling model's is a ``BadRequestError``,
         and so is a prompt that cannot fit the engine's limits (once a worker has reported them)."""
@@ -178,13 +183,15 @@ class WorkerPool:
             refuse_unfit_prompt(
                 request, engine.max_input_length, engine.max_token_bytes, engine.max_model_len
             )
-        return self.dispatcher.generate(request, context)
+        return self.dispatcher.generate(request, context, arrived)
 
-    async def perform(self, operation: Operation[T], context: RequestContext | None = None) -> T:
+    async def perform(
+        self, operation: Operation[T], context: RequestContext | None = None, arrived: float | None = None
+    ) -> T:
         """``operation``'s result (``Dispatcher.perform``); one for another task's models is refused."""
         if operation.tasks is not None and self.task not in operation.tasks:
             raise wrong_task(self.name, self.task, operation.op)
-        return await self.dispatcher.perform(operation, context)
+        return await self.dispatcher.perform(operation, context, arrived)
 
     @property
     def waiting(self) -> int:
@@ -240,13 +247,15 @@ class WorkerPool:
         while wait and (self._retiring or any(w.state is WorkerState.STARTING for w in self.serving())):
             await asyncio.sleep(POLL)
 
-    async def stop(self) -> None:
-        """Refuse new requests, let queued and in-flight ones finish (up to ``drain_timeout``), stop."""
+    async def stop(self, reason: str | None = None) -> None:
+        """Refuse new requests, let queued and in-flight ones finish (up to ``drain_timeout``), stop.
+
+        Requests still queued then fail with ``reason`` (a failed load's error), by default "unloaded"."""
         if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(reason))
         await asyncio.shield(self._stopping)
 
-    async def _stop(self) -> None:
+    async def _stop(self, reason: str | None) -> None:
         self._closing = True
         if self._scaler is not None:
             self._scaler.cancel()
@@ -258,11 +267,25 @@ class WorkerPool:
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(POLL)
-        self.dispatcher.fail_waiting(f"model {self.name} was unloaded")
+        self.dispatcher.fail_waiting(reason or f"model {self.name} was unloaded")
         for worker in list(self.workers.values()):
             if worker.worker_id not in self._retiring:
                 self._retire(worker, deadline)
         await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+
+    async def sleep(self) -> None:
+        """Put every ready worker's engine to sleep (``Sleep``: vLLM's level 1), freeing its GPU memory;
+        its processes stay. The caller holds requests off until ``wake_up`` has returned."""
+        await self._each_ready(Sleep(1))
+
+    async def wake_up(self) -> None:
+        """Wake every ready worker's engine (``WakeUp``)."""
+        await self._each_ready(WakeUp())
+
+    async def _each_ready(self, operation: Operation[None]) -> None:
+        ready = [w for w in self.serving() if w.state is WorkerState.READY]
+        deadline = time.monotonic() + self.config.model_loading_timeout
+        await asyncio.gather(*(w.perform(uuid.uuid4().hex, operation, deadline) for w in ready))
 
     # -- scaling -----------------------------------------------------------------------------------
 
@@ -400,7 +423,7 @@ class WorkerPool:
             worker.send_adapter("load", adapter)
             self.router.sent_adapter(worker.worker_id, adapter.name)
 
-    def _adapter_changed(self, op: AdapterOp, adapter: LoraAdapter) -> None:
+    def adapter_changed(self, op: AdapterOp, adapter: LoraAdapter) -> None:
         """The registry's callback: load a (pre)loaded adapter into every ready worker, or drop one."""
         for worker in self.workers.values():
             if worker.state is WorkerState.READY:
@@ -413,7 +436,7 @@ class WorkerPool:
     # -- what the dispatcher reads (dispatch.Workers) ------------------------------------------------
 
     def unservable(self) -> str | None:
-        if self.status is not ModelStatus.FAILED:
+        if self.status is not ModelStatus.FAILED:  # a pool not started yet will start its workers
             return None
         return f"model {self.name} has no worker that can serve (FAILED: {self.last_failure})"
 
@@ -429,7 +452,10 @@ class WorkerPool:
 
     @property
     def status(self) -> ModelStatus:
-        """``READY``, ``PENDING`` (no worker loaded yet), ``FAILED`` (no worker can serve)."""
+        """``READY``, ``PENDING`` (not started, or no worker loaded yet), ``FAILED`` (no worker can
+        serve)."""
+        if not self._started:  # created, its devices claimed: the load starts it
+            return ModelStatus.PENDING
         serving = self.serving()
         if any(w.state is WorkerState.READY for w in serving):
             return ModelStatus.READY

@@ -103,6 +103,9 @@ class RequestContext:
     # The per-worker port it came in on (``slot_worker``): that worker is preferred, as a session's is.
     worker_slot: int | None = None
     trace: RequestTrace | None = None
+    # Seconds its model stays loaded once idle after it (keep_alive: 0 unloads at once, inf never);
+    # None: the model's option.idle_timeout.
+    keep_alive: float | None = None
 
 
 def slot_worker(worker_ids: Iterable[int], slot: int) -> int | None:

@@ -43,8 +43,11 @@ from lmi_core.operations import (
     Operation,
     PoolingEngine,
     Score,
+    Sleep,
+    SleepEngine,
     Tokenize,
     TokenizerEngine,
+    WakeUp,
 )
 
 
@@ -73,6 +76,10 @@ def handle_operation(engine: Engine, operation: Operation[Any]) -> Awaitable[Any
         return engine.tokenize(operation)
     if isinstance(operation, Detokenize) and isinstance(engine, TokenizerEngine):
         return engine.detokenize(operation.ids)
+    if isinstance(operation, Sleep) and isinstance(engine, SleepEngine):
+        return engine.sleep(operation.level)
+    if isinstance(operation, WakeUp) and isinstance(engine, SleepEngine):
+        return engine.wake_up()
     if isinstance(operation, Embed) and isinstance(engine, PoolingEngine):
         return engine.embed(operation)
     if isinstance(operation, Score) and isinstance(engine, PoolingEngine):

@@ -34,7 +34,7 @@ from lmi_core.operations import (
 from lmi_core.pooling import wrong_task
 from lmi_core.serving.adapters import adapter_registry
 from lmi_core.serving.pool import ModelStatus, PoolSnapshot
-from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, health_of
+from lmi_core.serving.registry import Health, ModelSnapshot, ModelState, Residency, health_of
 from lmi_core.serving.routing import Decision, RequestContext
 from lmi_core.serving.server import only_model
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
@@ -103,9 +103,23 @@ def model(
     state: ModelState = ModelState.LOADED,
     error: str | None = None,
     at_startup: bool = False,
+    on_demand: bool = False,
+    resident_bytes: int | None = None,
 ) -> ModelSnapshot:
-    health = health_of(state, error, pool_snapshot)
-    return ModelSnapshot(name, f"/models/{name}", at_startup, health, pool_snapshot)
+    health = health_of(state, error, pool_snapshot, on_demand)
+    residency = Residency(
+        state=state,
+        on_demand=on_demand,
+        pinned=False,
+        in_use=0,
+        waiting=0,
+        asleep=False,
+        resident_bytes=resident_bytes,
+        expires_in=None,
+        loads=1 if state is ModelState.LOADED else 0,
+        last_error=None,
+    )
+    return ModelSnapshot(name, f"/models/{name}", at_startup, health, pool_snapshot, residency)
 
 
 class FakeModel:
@@ -135,6 +149,7 @@ class FakeModel:
         self.requests: list[GenerationRequest] = []
         self.contexts: list[RequestContext | None] = []
         self.operations: list[Operation[Any]] = []
+        self.operation_contexts: list[RequestContext | None] = []  # each operation's
 
     async def generate(
         self, request: GenerationRequest, context: RequestContext | None = None
@@ -159,6 +174,7 @@ class FakeModel:
         operation; refuses one of another task as the pool does."""
         wire.Op("fake", operation).to_frame()  # as the worker socket would: encodable or not sent
         self.operations.append(operation)
+        self.operation_contexts.append(context)
         task = self.config.pooling.task
         if operation.tasks is not None and task not in operation.tasks:
             raise wrong_task(self.name, task, operation.op)

@@ -211,9 +211,11 @@ def test_v1_models_shows_the_context_length_the_engine_reported(
     models: FakeModels, http: TestClient, src: str
 ) -> None:
     models.served_models["n"] = FakeModel("n", max_model_len=321)  # its engine reported 321
+    models.snapshots["n"] = model("n", pool("n", worker(0)))
     http.post("/models/m/adapters", params={"name": "a1", "src": src})
     cards = http.get("/v1/models").json()["data"]
     assert [(c["id"], c["max_model_len"]) for c in cards] == [("m", None), ("a1", None), ("n", 321)]
+    assert {c["status"] for c in cards} == {"loaded"}  # an adapter's is its base model's
     assert http.get("/v1/models/n").json()["max_model_len"] == 321
 
 

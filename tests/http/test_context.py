@@ -7,12 +7,16 @@ does; with real workers and real decisions: ``tests/test_routing_http.py``.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lmi_core.errors import BadRequestError
 from lmi_core.http.context import parse_context, response_headers
 from lmi_core.serving.routing import Decision, RequestContext
 from tests.http.fakes import FakeModels, client, model, pool, worker
+
+EMBED = {"task": "text-embedding"}
 
 
 def test_every_inference_response_names_its_worker_streamed_or_not() -> None:
@@ -81,3 +85,50 @@ def test_one_context_per_request_reaches_every_generation_and_labels_its_metrics
     metrics = api.get("/metrics").text
     assert 'lmi_http_requests_total{model="a",route="/v1/completions",status="200"} 1.0' in metrics
     assert 'lmi_http_requests_total{model="",route="unmatched",status="400"} 1.0' in metrics
+
+
+def test_keep_alive_reaches_the_model_from_every_body_that_names_a_model_and_a_bad_one_is_a_400() -> None:
+    models = FakeModels(model("a", pool("a", worker(0))))
+    api = client(models)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "5m"}).status_code == 200
+    assert api.post("/v1/chat/completions", json={**chat, "keep_alive": 0}).status_code == 200
+    assert api.post("/invocations", json={**chat, "keep_alive": -1}).status_code == 200  # chat, DJL's route
+    lmi = {"inputs": "hi", "parameters": {"keep_alive": "10s"}}
+    assert api.post("/invocations", json=lmi).status_code == 200
+    assert api.post("/invocations", json={"inputs": "hi"}).status_code == 200
+    kept = [c.keep_alive if c is not None else "no context" for c in models.served_models["a"].contexts]
+    assert kept == [300.0, 0.0, math.inf, 10.0, None]
+    bad = api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+    bad = api.post("/invocations", json={"inputs": "hi", "parameters": {"keep_alive": True}})
+    assert bad.status_code == 400 and bad.json()["param"] == "parameters.keep_alive"
+    lmi_on_openai = api.post("/v1/completions", json={"prompt": "hi", "keep_alive": "1m"})
+    assert "x-lmi-ignored-fields" not in lmi_on_openai.headers  # a known field, not an ignored one
+
+
+def test_keep_alive_reaches_the_model_from_the_responses_messages_and_pooling_bodies() -> None:
+    models = FakeModels(
+        model("a", pool("a", worker(0))), model("e", pool("e", worker(0))), options={"e": EMBED}
+    )
+    api = client(models)
+    user = [{"role": "user", "content": "hi"}]
+    responses = api.post("/v1/responses", json={"model": "a", "input": "hi", "keep_alive": "2m"})
+    assert responses.status_code == 200, responses.text
+    messages = {"model": "a", "max_tokens": 4, "messages": user, "keep_alive": 0}
+    assert api.post("/v1/messages", json=messages).status_code == 200
+    kept = [c.keep_alive if c is not None else "no context" for c in models.served_models["a"].contexts]
+    assert kept == [120.0, 0.0]
+    for path, body in [
+        ("/v1/embeddings", {"model": "e", "input": "hi", "keep_alive": -1}),
+        ("/embed", {"model": "e", "inputs": "hi", "keep_alive": "1h"}),
+        ("/score", {"model": "e", "text_1": "a", "text_2": "b", "keep_alive": 5}),
+        ("/rerank", {"model": "e", "query": "a", "documents": ["b"], "keep_alive": "30s"}),
+    ]:
+        response = api.post(path, json=body)
+        assert response.status_code == 200 and "x-lmi-ignored-fields" not in response.headers, response.text
+    contexts = models.served_models["e"].operation_contexts
+    kept = [c.keep_alive if c is not None else "no context" for c in contexts]
+    assert kept == [math.inf, 3600.0, 5.0, 30.0]
+    bad = api.post("/v1/embeddings", json={"model": "e", "input": "hi", "keep_alive": "later"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive", bad.text

@@ -33,7 +33,7 @@ def test_ping_says_unhealthy_but_200_below_min_workers_and_a_retiring_worker_is_
 @pytest.mark.parametrize(
     ("snapshot", "entry"),
     [
-        (model("a", state=ModelState.WAITING), {"status": "PENDING"}),  # a startup model not yet loading
+        (model("a", state=ModelState.REGISTERED), {"status": "PENDING"}),  # a startup model not yet loading
         (
             model("a", pool("a", worker(0), status=ModelStatus.READY), state=ModelState.LOADING),
             {"status": "PENDING", "workers": {"ready": 1, "total": 1}},  # loading: not done yet
@@ -56,7 +56,7 @@ def test_ping_is_500_with_the_error_when_a_model_failed_even_if_another_loads() 
     crashed = pool("c", worker(0, WorkerState.FAILED), status=ModelStatus.FAILED, last_failure="segfault")
     models = FakeModels(
         model("a", state=ModelState.FAILED, error="no such model"),
-        model("b", state=ModelState.WAITING),
+        model("b", state=ModelState.REGISTERED),
         model("c", crashed),
     )
     response = client(models).get("/ping")

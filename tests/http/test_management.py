@@ -13,7 +13,7 @@ from tests.http.fakes import FakeModels, client, model, pool, worker
 def three_models() -> FakeModels:
     return FakeModels(
         model("a", pool("a", worker(0)), at_startup=True),
-        model("b", state=ModelState.WAITING, at_startup=True),
+        model("b", state=ModelState.REGISTERED, at_startup=True),
         model("c", state=ModelState.FAILED, error="no such model"),
     )
 
@@ -22,9 +22,9 @@ def test_list_shows_every_model_with_its_status_and_pages() -> None:
     http = client(three_models())
     assert http.get("/models").json() == {
         "models": [
-            {"modelName": "a", "modelUrl": "/models/a", "status": "READY"},
-            {"modelName": "b", "modelUrl": "/models/b", "status": "PENDING"},
-            {"modelName": "c", "modelUrl": "/models/c", "status": "FAILED"},
+            {"modelName": "a", "modelUrl": "/models/a", "status": "READY", "residency": "loaded"},
+            {"modelName": "b", "modelUrl": "/models/b", "status": "PENDING", "residency": "registered"},
+            {"modelName": "c", "modelUrl": "/models/c", "status": "FAILED", "residency": "failed"},
         ]
     }
     first = http.get("/models", params={"limit": "2"}).json()
@@ -41,6 +41,7 @@ def test_describe_renders_the_pool_snapshot_in_djl_names() -> None:
     assert workflow["workflowName"] == "a"
     [described] = workflow["models"]
     groups = described.pop("workerGroups")
+    assert described.pop("residency")["state"] == "loaded"
     assert described == {
         "modelName": "a",
         "modelUrl": "/models/a",
@@ -119,6 +120,18 @@ def test_a_model_without_workers_is_described_by_its_status_and_error() -> None:
                     "modelName": "c",
                     "modelUrl": "/models/c",
                     "status": "FAILED",
+                    "residency": {
+                        "state": "failed",
+                        "onDemand": False,
+                        "pinned": False,
+                        "asleep": False,
+                        "inUse": 0,
+                        "waitingForLoad": 0,
+                        "residentBytes": None,
+                        "expiresInSeconds": None,
+                        "loads": 0,
+                        "lastError": None,
+                    },
                     "error": "no such model",
                     "loadedAtStartup": False,
                     "workerGroups": [],

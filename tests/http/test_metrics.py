@@ -46,7 +46,7 @@ def test_engine_gauges_sum_the_workers_and_workers_are_counted_by_their_manageme
 
 def test_models_without_workers_have_no_gauges() -> None:
     models = FakeModels(
-        model("w", state=ModelState.WAITING),
+        model("w", state=ModelState.REGISTERED),
         model("f", state=ModelState.FAILED, error="bad"),
         model("p", pool("p", worker(0, WorkerState.STARTING), status=ModelStatus.PENDING)),
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -447,3 +449,21 @@ def test_plan_on_cpu_defaults_to_os_cpu_count(monkeypatch: pytest.MonkeyPatch) -
 def test_plan_on_cpu_rejects_min_above_max() -> None:
     with pytest.raises(ConfigError, match=r"minWorkers=3: expected at most maxWorkers \(2\)"):
         plan_allocation([], 1, min_workers=3, max_workers=2)
+
+
+def test_host_memory_and_what_a_process_tree_holds(tmp_path: Path) -> None:
+    assert devices.meminfo_total("MemFree: 1 kB\nMemTotal:  2048 kB\n") == 2 * 1024 * 1024
+    assert devices.meminfo_total("nothing") is None
+    assert devices.host_memory() > 0
+    assert devices.pss_bytes("Rss: 10 kB\nPss:  4 kB\n") == 4096 and devices.pss_bytes("") is None
+    # A fake /proc: 1 -> 2 -> 3, and 4 apart.
+    for pid, ppid, pss in ((1, 0, 100), (2, 1, 10), (3, 2, 1), (4, 0, 1000)):
+        entry = tmp_path / str(pid)
+        entry.mkdir()
+        (entry / "stat").write_text(f"{pid} (python (x)) S {ppid} 0 0")
+        (entry / "smaps_rollup").write_text(f"Rss: {pss * 2} kB\nPss: {pss} kB\n")
+    (tmp_path / "self").mkdir()
+    assert devices.process_tree([2], tmp_path) == {2, 3}
+    assert devices.host_bytes([1], tmp_path) == 111 * 1024
+    assert devices.host_bytes([os.getpid()]) > 0  # this very process, from the real /proc
+    assert devices.gpu_bytes([os.getpid()], {}) == {}  # no GPU listed: nothing to read

@@ -47,7 +47,7 @@ from lmi_core.operations import Operation, Tokenize, TokenizeResult
 from lmi_core.plugins import new_plugin_manager
 from lmi_core.serving import pool as pool_module
 from lmi_core.serving.dispatch import finished_after
-from lmi_core.serving.observer import PoolObserver, TenantOutcome
+from lmi_core.serving.observer import PoolObserver, TenantOutcome, Tier, UnloadReason
 from lmi_core.serving.pool import WorkerPool
 from lmi_core.serving.routing import Decision, Reason, RequestContext
 from lmi_core.serving.supervisor import WorkerSnapshot, WorkerState
@@ -690,6 +690,12 @@ class Recorder:
         self, model: str, tenant: str, outcome: TenantOutcome, prompt_tokens: int, generated_tokens: int
     ) -> None:
         self.events.append(("tenant_finished", model, (tenant, outcome, prompt_tokens, generated_tokens)))
+
+    def model_load(self, model: str, tier: Tier, seconds: float) -> None:
+        self.events.append(("model_load", model, tier))
+
+    def model_unload(self, model: str, reason: UnloadReason, tier: Tier) -> None:
+        self.events.append(("model_unload", model, reason))
 
 
 async def test_the_pool_tells_its_observer_each_event_by_name() -> None:

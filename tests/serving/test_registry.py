@@ -41,7 +41,7 @@ def test_a_failed_pool_reports_its_last_failure_and_a_recovered_one_none() -> No
 
 
 def test_a_model_without_a_pool_is_pending_or_failed_and_has_no_worker_counts() -> None:
-    assert health_of(ModelState.WAITING, None, None) == Health(ModelStatus.PENDING, None, None)
+    assert health_of(ModelState.REGISTERED, None, None) == Health(ModelStatus.PENDING, None, None)
     assert health_of(ModelState.FAILED, "bad", None) == Health(ModelStatus.FAILED, None, "bad")
 
 
@@ -56,23 +56,25 @@ async def server(tmp_path: Path) -> AsyncIterator[ModelServer]:
 TOO_WIDE = {"option__tensor_parallel_degree": "4"}  # 2 GPUs: registration fails while planning
 
 
-async def test_a_startup_model_is_listed_and_pending_until_the_loader_reaches_it(server: ModelServer) -> None:
+async def test_a_startup_model_is_listed_and_pending_until_loaded_and_a_request_may_load_it_first(
+    server: ModelServer,
+) -> None:
     startup = model("s")
     server.expect([startup])
     assert server.names() == ["s"]
     assert server.health("s") == Health(ModelStatus.PENDING, None, None)
-    assert server.describe("s").loaded_at_startup and server.describe("s").pool is None
-    with pytest.raises(ModelNotFoundError):
-        server.get("s")  # nothing takes requests yet
-    with pytest.raises(ModelNotReadyError):
-        await server.unload("s")  # the loader would load it anyway
-    with pytest.raises(ModelNotReadyError):
+    described = server.describe("s")
+    assert described.loaded_at_startup and described.pool is None
+    assert described.residency.state is ModelState.REGISTERED and not described.residency.on_demand
+    assert server.get("s").name == "s"  # a request would load it rather than wait for the loader
+    with pytest.raises(ModelNotReadyError, match="not loaded"):
         await server.scale("s", 1, 1)
     with pytest.raises(ServiceError, match="already registered"):
         await server.load(model("s"))  # its name is held for the startup config
-    await server.register(startup)
-    assert server.health("s").status is ModelStatus.PENDING and server.describe("s").loaded_at_startup
-    assert server.health("s").workers == WorkerCounts(ready=0, total=0, minimum=2)  # a worker per GPU
+    await server.unload("s")  # unregistered before the loader got to it
+    assert server.names() == []
+    await server.load_startup("s")  # the loader finds it gone: nothing to load
+    assert server.names() == []
 
 
 async def test_a_startup_model_that_fails_to_register_is_listed_failed_until_removed(
@@ -83,7 +85,7 @@ async def test_a_startup_model_that_fails_to_register_is_listed_failed_until_rem
     wide = model("wide", **TOO_WIDE)
     server.expect([wide])
     with pytest.raises(ConfigError):
-        await server.load(wide)
+        await server.load_startup("wide")
     assert server.names() == ["wide"]
     health = server.health("wide")
     assert health.status is ModelStatus.FAILED and health.workers is None
@@ -104,7 +106,7 @@ async def test_a_failure_the_caller_hears_of_is_forgotten(server: ModelServer) -
     startup = model("s", **TOO_WIDE)
     server.expect([startup])
     with pytest.raises(ConfigError):
-        await server.load(startup)
+        await server.load_startup("s")
     assert server.health("s").status is ModelStatus.FAILED and server.describe("s").loaded_at_startup
 
 

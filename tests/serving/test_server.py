@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from lmi_core.config import ModelConfig, ServerConfig, build_model_config
-from lmi_core.errors import ConfigError, ModelNotFoundError, ServiceError
+from lmi_core.errors import ConfigError, ModelNotFoundError, ModelNotReadyError, ServiceError
 from lmi_core.http.app import create_app
 from lmi_core.launch import hosts, preflight
 from lmi_core.launch.devices import Gpu, omp_threads
@@ -42,7 +42,9 @@ async def server(tmp_path: Path) -> AsyncIterator[ModelServer]:
 
 
 def slices(server: ModelServer, name: str) -> list[tuple[str, ...]]:
-    return [g.devices for g in server.get(name).groups]
+    snapshot = server.describe(name).pool
+    assert snapshot is not None
+    return list(snapshot.groups)
 
 
 async def test_models_get_disjoint_gpus_unless_they_name_them(server: ModelServer) -> None:
@@ -101,9 +103,9 @@ async def test_a_refused_registration_leaves_nothing_behind(server: ModelServer,
 
 async def test_a_startup_model_that_cannot_register_stays_listed_as_failed(server: ModelServer) -> None:
     config = model("a", option__no_such_key="1")
-    server.expect([config])
-    with pytest.raises(ConfigError):
-        await server.load(config)
+    server.expect([config])  # refused: listed FAILED, and the startup loader reports it
+    with pytest.raises(ModelNotReadyError, match="no_such_key"):
+        await server.load_startup("a")
     assert server.health("a").error is not None and "no_such_key" in server.health("a").error
 
 
@@ -119,6 +121,8 @@ async def test_scale_replans_within_the_gpus_left(server: ModelServer) -> None:
     assert (pool.min_workers, pool.max_workers) == (2, 2)
     pool = await server.scale("a", None, 1, wait=False)
     assert (pool.min_workers, pool.max_workers) == (1, 1)  # an omitted min follows max down
+    config = server.get("a").config  # the bounds its next load uses, should it be unloaded
+    assert (config.min_workers, config.max_workers) == (1, 1)
     with pytest.raises(ModelNotFoundError):
         await server.scale("nope", 1, 1)
 

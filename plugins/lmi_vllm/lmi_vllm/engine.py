@@ -304,6 +304,14 @@ class VllmEngine:
     async def detokenize(self, ids: list[int]) -> str:
         return await self.codec.detokenize(ids)
 
+    async def sleep(self, level: int) -> None:
+        """vLLM's sleep mode (``option.enable_sleep_mode=true``, GPU only: vLLM refuses it on CPU):
+        level 1 offloads the weights to host memory and drops the KV cache (the residency's warm tier)."""
+        await self.llm.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self.llm.wake_up()
+
     def sampling_params(self, params: SamplingParams, max_tokens: int | None = None) -> Any:
         """vLLM ``SamplingParams`` for lmi's ``params`` (streaming deltas; logprobs only when asked).
 
