@@ -702,6 +702,62 @@ class Run:
             "before and after sleeping"
         )
 
+    def image_input(self) -> None:
+        """The tiny random LLaVA (``lmi_core.demo_vision``) on the HF backend: an image chat through
+        ``/v1/chat/completions`` answers what transformers' own ``generate`` answers on the same device
+        and inputs, its usage counting the image tokens, its worker on the GPU (docs/api.md, "Images
+        in chat")."""
+        import base64
+        import io
+
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from lmi_core.demo_vision import IMAGE_TOKENS, build_demo_vision
+
+        name, tokens = "image input (HF, tiny LLaVA)", 8
+        model_dir = build_demo_vision(self.work / "vision")
+        out = io.BytesIO()
+        Image.new("RGB", (80, 60), (200, 30, 30)).save(out, format="PNG")
+        prompt = [{"role": "user", "content": [{"type": "text", "text": "what is this "}, {"type": "image"}]}]
+        device = "cpu" if self.cpu else "cuda"
+        processor = AutoProcessor.from_pretrained(model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        image = Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+        inputs = processor(text=[text], images=[image], return_tensors="pt").to(device)
+        generated = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        length = int(inputs["input_ids"].shape[1])
+        want = processor.tokenizer.decode(generated[0, length:], skip_special_tokens=True)
+        del model
+        if not self.cpu:
+            torch.cuda.empty_cache()
+        server = self.serve("vision", model=model_dir)
+        url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+        parts = [{"type": "text", "text": "what is this "}, {"type": "image_url", "image_url": {"url": url}}]
+        body = {
+            "model": NAME,
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": tokens,
+            "min_tokens": tokens,
+            "temperature": 0,
+        }
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        got, usage = answer["choices"][0]["message"]["content"], answer["usage"]
+        assert got == want, f"served {got!r} != generate {want!r}"
+        assert usage["prompt_tokens"] == length, f"usage {usage} != {length} prompt tokens (with the image's)"
+        (worker,) = workers(server.url)
+        where = f"worker pid {worker['pids'][0]} devices {worker['devices'] or 'cpu'}"
+        if self.nvml:
+            held = self.nvml.processes().get(worker["pids"][0])
+            assert held is not None, f"NVML does not list the worker: {self.nvml.processes()}"
+            where += f", NVML {held / GIB:.2f} GiB"
+        detail = f"{tokens} tokens == generate; prompt_tokens {length} ({IMAGE_TOKENS} of the image); {where}"
+        self.report.add(name, "PASS", detail)
+
     def mpi_mode(self) -> None:
         if self.cpu:
             # On CPU any tp fits (gloo): the same refusal path, with what CPU refuses at start-up.
@@ -792,6 +848,7 @@ class Run:
             ("random Llama built", self.build),
             ("Python mode", self.python_mode),
             ("residency", self.residency),
+            ("image input (HF, tiny LLaVA)", self.image_input),
             ("MPI mode", self.mpi_mode),
         ]
         for name, phase in phases:
