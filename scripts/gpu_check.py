@@ -84,7 +84,9 @@ CPU = Sizes(
     model={"max_position_embeddings": 2048},
     greedy_tokens=24,
     throughput_tokens=32,
-    long_tokens=1800,
+    # Far from done 0.2 s after its third token; at the 13 tok/s a loaded 2-core host serves, the rest
+    # still ends within a minute of the new worker (1,800 did not: CI flaked at load 10).
+    long_tokens=600,
     load_timeout=150,
 )
 
@@ -530,11 +532,12 @@ class Run:
         time.sleep(0.2)  # samples from before the kill
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        for s in streams:
-            s.thread.join(60)
+        for s in streams:  # a new worker loads, then each stream goes on: a bound, not a figure
+            s.thread.join(self.sizes.load_timeout)
         ended = time.monotonic() - killed_at
         endings = sorted({s.ending for s in streams})
-        assert not any(s.thread.is_alive() for s in streams), f"streams open 60 s after the kill: {endings}"
+        open_after = f"streams open {self.sizes.load_timeout} s after the kill: {endings}"
+        assert not any(s.thread.is_alive() for s in streams), open_after
         # docs/architecture.md, "Stream migration": the streams wait for the restarted worker and go on.
         assert all(s.ending == "finished normally" for s in streams), endings
 
