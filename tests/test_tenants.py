@@ -171,7 +171,8 @@ def hf(tmp_path: Path, demo_model: Path) -> Any:
 def test_hf_priorities_reorder_a_backlog_and_a_tenant_over_its_budget_alone_gets_429(
     hf: ServerProcess,
 ) -> None:
-    def body(priority: int, tokens: int = 48) -> dict[str, Any]:
+    # Each runs long enough that a client thread's delay on a loaded host cannot reorder the responses.
+    def body(priority: int, tokens: int = 96) -> dict[str, Any]:
         return {
             "inputs": "Hello",
             "parameters": {"max_new_tokens": tokens, "ignore_eos_token": True, "priority": priority},
