@@ -110,7 +110,7 @@ class Ends:
 
     def join(self) -> None:
         for thread in self.threads:
-            thread.join(120)
+            thread.join(600)
 
 
 def test_stub_a_flooding_tenant_is_refused_past_max_concurrency_and_the_other_is_served_first(
@@ -161,9 +161,13 @@ def test_stub_a_tenants_file_reload_mid_traffic_loses_nothing(tmp_path: Path) ->
 
 
 @pytest.fixture
-def hf(tmp_path: Path, demo_model: Path) -> Any:
+def hf(tmp_path: Path) -> Any:
+    from lmi_core.demo_model import build_demo_model
+
+    # A 4k context: the request holding the only place can run long enough for any host.
+    model = build_demo_model(tmp_path / "long", max_position_embeddings=4096)
     properties = f"option.max_rolling_batch_size=1\n{ONE_WORKER}"
-    server = serve(tmp_path, demo_model, properties, tenants_yaml("a", "b", a="max_concurrency: 5"))
+    server = serve(tmp_path, model, properties, tenants_yaml("a", "b", a="max_concurrency: 5"))
     yield server
     server.stop()
 
@@ -171,7 +175,6 @@ def hf(tmp_path: Path, demo_model: Path) -> Any:
 def test_hf_priorities_reorder_a_backlog_and_a_tenant_over_its_budget_alone_gets_429(
     hf: ServerProcess,
 ) -> None:
-    # Each runs long enough that a client thread's delay on a loaded host cannot reorder the responses.
     def body(priority: int, tokens: int = 96) -> dict[str, Any]:
         return {
             "inputs": "Hello",
@@ -179,8 +182,10 @@ def test_hf_priorities_reorder_a_backlog_and_a_tenant_over_its_budget_alone_gets
         }
 
     ends = Ends(hf)
-    # The first holds the only place while the others queue behind it: long enough for a fast machine.
-    ends.send("busy", "a", body(0, 400))
+    # The first holds the only place while the backlog queues behind it: 3,000 tokens take seconds
+    # even on a fast host. The others run 96 each, so that a client thread's delay on a loaded host
+    # cannot reorder their responses.
+    ends.send("busy", "a", body(0, 3000))
     for name, priority in (("later", 5), ("default", 0), ("urgent", -1), ("sooner", 1)):
         ends.send(name, "a", body(priority))
     refused = post(hf, "a", body(0))  # its 6th in flight
