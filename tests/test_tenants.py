@@ -139,6 +139,24 @@ def test_stub_a_flooding_tenant_is_refused_past_max_concurrency_and_the_other_is
         server.stop()
 
 
+def test_stub_a_tenant_at_its_share_leaves_a_place_free_for_the_other_active_tenant(tmp_path: Path) -> None:
+    properties = f"option.backend=stall\noption.max_rolling_batch_size=4\n{ONE_WORKER}"
+    server = serve(tmp_path, None, properties, tenants_yaml("a", "b", a="weight: 1"))
+    try:
+        assert post(server, "b", SLOW).status_code == 200  # b is active from now on
+        ends = Ends(server)
+        for i in range(3):
+            ends.send(f"a{i}", "a", LONG)  # 3 of the 4 places: over a's share of 2
+        ends.send("a3", "a", SLOW)  # waits: the last place is kept while b is active
+        assert metric(server, "lmi_tenant_queued", tenant="a") == 1
+        ends.send("b1", "b", SLOW)  # takes the kept place at once, ahead of a's LONG requests
+        ends.join()
+        assert {name: r.status_code for name, r in ends.responses.items()} == dict.fromkeys(ends.order, 200)
+        assert ends.order[0] == "b1" and ends.order[-1] == "a3"
+    finally:
+        server.stop()
+
+
 def test_stub_a_tenants_file_reload_mid_traffic_loses_nothing(tmp_path: Path) -> None:
     properties = f"option.backend=stall\noption.max_rolling_batch_size=2\n{ONE_WORKER}"
     server = serve(tmp_path, None, properties, tenants_yaml("a", "b"))

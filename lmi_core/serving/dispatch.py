@@ -7,7 +7,9 @@ and released when it ends, however it ends. Each worker takes up to
 wait here, at most ``job_queue_size`` of them, and a request beyond that is refused with 503 at once.
 Waiting requests leave in ``fairness`` order: strict priority bands (the request's ``priority``
 clamped to its tenant's range), then the tenant with the least weighted service (prompt tokens at
-dispatch, output tokens twice as they are generated), then arrival. Accepted requests are never
+dispatch, output tokens twice as they are generated), then arrival; and while several tenants are
+active, one holding its share of the places leaves the last few free for the others
+(``PlaceShares``). Accepted requests are never
 dropped: they get a worker, or a terminal error naming why not. Which ready worker with free
 capacity a request gets is the router's choice (``routing``: its session's worker, the one that saw
 its prefix, or the least loaded), whatever its tenant. Every hand-out happens in ``dispatch``,
@@ -48,7 +50,7 @@ from lmi_core.errors import (
 from lmi_core.operations import Operation
 from lmi_core.serving.adapters import AdapterRegistry
 from lmi_core.serving.deadlines import Deadlines, deadlines, waited_too_long
-from lmi_core.serving.fairness import OUTPUT_COST, FairQueue
+from lmi_core.serving.fairness import OUTPUT_COST, FairQueue, PlaceShares
 from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.request_trace import Attributes, AttributeValue, RequestTrace
 from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad, slot_worker
@@ -96,7 +98,7 @@ class Waiting(NamedTuple):
 
     future: asyncio.Future[Assignment]
     query: RouteQuery
-    label: str  # its tenant's metric label
+    ticket: Ticket
 
 
 class Dispatcher:
@@ -123,6 +125,7 @@ class Dispatcher:
         self._adapters = adapters
         self.migration_timeout = migration_timeout  # how long a moved request waits while no worker is coming
         self._queue: FairQueue[Waiting] = FairQueue()
+        self._shares = PlaceShares()
         # The tenant of requests that come without one (no HTTP context): no budget, weight 1.
         self._anonymous = Tenant(TenantSpec(DEFAULT), DEFAULT)
 
@@ -153,36 +156,44 @@ class Dispatcher:
             adapters,
         )
 
-    def _pick(self, query: RouteQuery) -> Assignment | None:
-        """The router's choice among the ready workers with free capacity (none: None); reserves it."""
-        ready = [w for w in self.workers.serving() if w.accepting and w.in_flight < self.capacity]
+    def _pick(self, query: RouteQuery, tenant: str, moved: bool) -> Assignment | None:
+        """The router's choice among the ready workers with free capacity, if ``tenant`` may take a
+        place (a ``moved`` request always may: it had one); reserves it. None: it waits."""
+        accepting = [w for w in self.workers.serving() if w.accepting]
+        ready = [w for w in accepting if w.in_flight < self.capacity]
         if not ready:
+            return None
+        free = sum(self.capacity - w.in_flight for w in ready)
+        total = self.capacity * len(accepting)
+        if not moved and not self._shares.may_take(tenant, free, total, time.monotonic()):
             return None
         decision = self.router.route(query, [self._load(w) for w in ready])
         self.observe.routed(self.name, decision.reason)
         worker = next(w for w in ready if w.worker_id == decision.worker_id)
         worker.in_flight += 1
+        self._shares.took(tenant)
         return worker, decision
 
     def dispatch(self) -> None:
         """Give free capacity to waiting requests in fair order; fail them if no worker can serve."""
         now = time.monotonic()
         while (entry := self._queue.peek(now)) is not None and (
-            assignment := self._pick(entry.item.query)
+            assignment := self._pick(entry.item.query, entry.tenant, entry.front)
         ) is not None:
             waiting = self._queue.take(entry, now)
-            self.observe.tenant_queued(self.name, waiting.label, -1)
+            self.observe.tenant_queued(self.name, waiting.ticket.label, -1)
             waiting.future.set_result(assignment)
         if self._queue and (reason := self.workers.unservable()) is not None:
             self.fail_waiting(reason)
 
     def fail_waiting(self, message: str) -> None:
         for waiting in self._queue.drain():
-            self.observe.tenant_queued(self.name, waiting.label, -1)
+            self.observe.tenant_queued(self.name, waiting.ticket.label, -1)
             waiting.future.set_exception(ModelNotReadyError(message))
 
-    def _release(self, worker: SupervisedWorker) -> None:
+    def _release(self, worker: SupervisedWorker, tenant: str) -> None:
         worker.in_flight -= 1
+        self._shares.released(tenant, time.monotonic())
         self.workers.released(worker)
         self.dispatch()
 
@@ -224,18 +235,21 @@ class Dispatcher:
         if self.workers.closing and not moved:
             raise ModelNotReadyError(f"model {self.name} is shutting down")
         cost = 0 if moved else ticket.prompt
-        if not self._queue and (assignment := self._pick(query)) is not None:
-            self._queue.charge(ticket.tenant, cost, time.monotonic())
+        now = time.monotonic()
+        self._shares.came(ticket.tenant, ticket.weight, now)
+        if not self._queue and (assignment := self._pick(query, ticket.tenant, moved)) is not None:
+            self._queue.charge(ticket.tenant, cost, now)
             return assignment
         if (reason := self.workers.unservable()) is not None:
             raise ModelNotReadyError(reason)
         if len(self._queue) >= self.queue_size and not moved:
             raise QueueFullError(f"model {self.name}: the queue is full ({self.queue_size} requests waiting)")
         future: asyncio.Future[Assignment] = asyncio.get_running_loop().create_future()
-        waiting = Waiting(future, query, ticket.label)
+        waiting = Waiting(future, query, ticket)
         entry = self._queue.push(waiting, ticket.tenant, ticket.weight, ticket.band, cost, front=moved)
         self.observe.tenant_queued(self.name, ticket.label, 1)
         self.workers.queued()
+        self.dispatch()  # places kept back from the tenants ahead may be this one's to take
         try:
             if migrating is not None:
                 await self._wait_migrating(future, limits.queue, migrating)
@@ -254,9 +268,9 @@ class Dispatcher:
         handed a worker just as it gave up: pass that worker on."""
         future = waiting.future
         if dequeued:
-            self.observe.tenant_queued(self.name, waiting.label, -1)
+            self.observe.tenant_queued(self.name, waiting.ticket.label, -1)
         elif future.done() and not future.cancelled() and future.exception() is None:
-            self._release(future.result()[0])
+            self._release(future.result()[0], waiting.ticket.tenant)
         future.cancel()
 
     def _deadlines(self, started: float, context: RequestContext | None) -> Deadlines:
@@ -332,7 +346,7 @@ class Dispatcher:
                     failure = exc
                 finally:
                     await events.aclose()
-                    self._release(worker)
+                    self._release(worker, ticket.tenant)
                 if first is not None and last is not None and last.last:  # died after its last token
                     outcome = "served"
                     yield finished_after(first, last, len(delivered), request)
@@ -447,7 +461,7 @@ class Dispatcher:
                 failure = exc
             finally:
                 if light is None:
-                    self._release(worker)
+                    self._release(worker, ticket.tenant)
             attempt += 1
 
     def _least_loaded(self) -> SupervisedWorker | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmi_core.serving import fairness
-from lmi_core.serving.fairness import OUTPUT_COST, FairQueue, Ledger
+from lmi_core.serving.fairness import OUTPUT_COST, FairQueue, Ledger, PlaceShares, reserved
 
 
 def order(queue: FairQueue[str], now: float = 0.0) -> list[str]:
@@ -136,3 +136,45 @@ def test_backlogged_tenants_are_served_tokens_in_proportion_to_their_weights_ove
     assert served["a"] / served["b"] == pytest.approx(2.0, rel=0.10)
     served = simulate({"a": 1.0, "b": 1.0, "c": 1.0}, seconds=60.0, slots=8, prompt=32, output=64)
     assert max(served.values()) / min(served.values()) == pytest.approx(1.0, rel=0.10)
+
+
+def test_a_tenant_at_its_share_leaves_the_reserved_places_to_the_other_active_tenants() -> None:
+    shares = PlaceShares(recent=30.0)
+    assert reserved(8) == 1 and reserved(32) == 2 and reserved(1) == 1
+    shares.came("a", 1.0, 0.0)
+    for _ in range(7):
+        shares.took("a")
+    assert shares.may_take("a", free=1, total=8, now=1.0)  # alone: it may fill every place
+    shares.came("b", 1.0, 1.0)
+    assert not shares.may_take("a", free=1, total=8, now=1.0)  # 7 held >= its share of 4
+    assert shares.may_take("a", free=2, total=8, now=1.0)  # above the reserve: anyone
+    assert shares.may_take("b", free=1, total=8, now=1.0)  # holds nothing: always below its share
+    shares.took("b")
+    shares.released("b", 2.0)
+    assert not shares.may_take("a", free=1, total=8, now=31.0)  # b came within ``recent``
+    assert shares.may_take("a", free=1, total=8, now=32.5)  # b gone for longer: a alone again
+
+
+def test_weights_set_each_tenants_share_of_the_places() -> None:
+    shares = PlaceShares()
+    shares.came("a", 3.0, 0.0)
+    shares.came("b", 1.0, 0.0)
+    for _ in range(5):
+        shares.took("a")
+    assert shares.may_take("a", free=1, total=8, now=0.0)  # 5 < 8 x 3/4
+    shares.took("a")
+    assert not shares.may_take("a", free=1, total=8, now=0.0)  # 6 = its share
+
+
+def test_the_share_map_forgets_tenants_that_hold_nothing_past_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fairness, "MAX_TRACKED", 10)
+    shares = PlaceShares(recent=1.0)
+    shares.came("held", 1.0, 0.0)
+    shares.took("held")
+    for i in range(50):
+        shares.came(f"flow-{i}", 1.0, float(i))
+    assert len(shares) <= 12
+    shares.came("other", 1.0, 60.0)
+    assert not shares.may_take("held", free=1, total=2, now=60.0)  # still known: 1 held of its share 1
