@@ -18,6 +18,9 @@ T = TypeVar("T")
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
 
 SAMPLING_EPS = 1e-5
+# English text averages about 4 characters per token for BPE tokenizers (Llama, GPT-2): what the
+# server estimates a text's tokens by before a worker tokenizes it (budgets, routing blocks).
+CHARS_PER_TOKEN = 4
 
 StructuredKind = Literal["json", "regex", "choice", "grammar"]
 

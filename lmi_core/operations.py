@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from lmi_core.engine import Engine, GenerationRequest
+from lmi_core.engine import CHARS_PER_TOKEN, Engine, GenerationRequest
 from lmi_core.pooling import Task
 
 R = TypeVar("R")
@@ -42,6 +42,17 @@ class Operation(ABC, Generic[R]):
     # The models (``option.task``) that answer it; None: every model. The pool refuses the others.
     tasks: ClassVar[tuple[Task, ...] | None] = None
     idempotent: ClassVar[bool] = True
+
+    def input_tokens(self) -> int:
+        """The tokens of its inputs as the server can tell before a worker tokenizes them (exact for
+        token ids, else characters / ``CHARS_PER_TOKEN``): what its tenant's token budget is charged
+        when it is admitted. 0: it has no model input."""
+        return 0
+
+    def used_tokens(self, result: R) -> int | None:
+        """The tokens it used, as its worker counted them (None: not counted); the budget is refunded
+        to this."""
+        return None
 
     @abstractmethod
     def to_wire(self) -> dict[str, Any]: ...
@@ -184,6 +195,12 @@ class Embed(Operation["EmbedResult"]):
     takes_slot: ClassVar[bool] = True
     tasks: ClassVar[tuple[Task, ...] | None] = ("text-embedding",)
 
+    def input_tokens(self) -> int:
+        return sum(len(x) if isinstance(x, list) else len(x) // CHARS_PER_TOKEN + 1 for x in self.inputs)
+
+    def used_tokens(self, result: EmbedResult) -> int | None:
+        return result.prompt_tokens
+
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -231,6 +248,12 @@ class Score(Operation["ScoreResult"]):
     all_ranks: ClassVar[bool] = True
     takes_slot: ClassVar[bool] = True
     tasks: ClassVar[tuple[Task, ...] | None] = ("text-embedding", "rerank")
+
+    def input_tokens(self) -> int:
+        return sum((len(a) + len(b)) // CHARS_PER_TOKEN + 1 for a, b in self.pairs)
+
+    def used_tokens(self, result: ScoreResult) -> int | None:
+        return result.prompt_tokens
 
     def to_wire(self) -> dict[str, Any]:
         return {"pairs": [list(p) for p in self.pairs], "truncate": self.truncate, "param": self.param}

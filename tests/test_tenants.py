@@ -212,3 +212,30 @@ def test_hf_priorities_reorder_a_backlog_and_a_tenant_over_its_budget_alone_gets
     assert post(hf, "b", body(0)).status_code == 200
     assert all(r.status_code == 200 for r in ends.responses.values())
     assert ends.order == ["busy", "urgent", "default", "sooner", "later"]
+
+
+def test_hf_embeddings_are_charged_to_their_tenants_token_budget(tmp_path: Path) -> None:
+    from lmi_core.demo_encoder import build_demo_encoder
+
+    encoder = build_demo_encoder(tmp_path / "encoder")
+    properties = f"option.task=text-embedding\n{ONE_WORKER}"
+    server = serve(tmp_path, encoder, properties, tenants_yaml("a", "b", a="tokens_per_minute: 20"))
+
+    def embed(tenant: str, text: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
+        return httpx.post(f"{server.url}/v1/embeddings", json={"input": text}, headers=headers, timeout=60)
+
+    try:
+        first = embed("a", "hello world " * 5)  # charged its estimate, refunded to the tokens counted
+        assert first.status_code == 200
+        used = first.json()["usage"]["prompt_tokens"]
+        assert used > 5  # what is left of 20 takes a refill of a minute's third to reach 20 again
+        refused = embed("a", "word " * 40)  # estimated 41 tokens: the whole budget, not there
+        assert refused.status_code == 429 and refused.json()["error"]["param"] == "tokens_per_minute"
+        assert refused.headers["retry-after"]
+        assert embed("b", "word " * 40).status_code == 200  # b has no budget
+        assert metric(server, "lmi_tenant_tokens_total", tenant="a", kind="prompt") == used
+        assert metric(server, "lmi_tenant_requests_total", tenant="a", outcome="served") == 1
+        assert metric(server, "lmi_tenant_requests_total", tenant="a", outcome="rejected") == 1
+    finally:
+        server.stop()

@@ -431,14 +431,45 @@ class Dispatcher:
     ) -> T:
         """Run ``operation`` on one of the workers and return its result (``arrived`` as for ``generate``).
 
-        One that ``takes_slot`` waits for a place like a generation, routed like one (its session's
-        worker first); a light one (tokenize) goes at once to the least loaded ready worker, without a
-        place, and waits in the queue only while no worker is ready. When its worker fails under it,
-        an ``idempotent`` one runs again on another, at most ``max_migrations`` times, within its
-        total deadline; any other fails with the worker.
+        One that ``takes_slot`` (an embedding, a score, a handler's request) is admitted by its
+        tenant's budgets like a generation: it counts in flight, its inputs' estimated tokens are
+        charged and refunded to what its worker counted. It waits for a place like a generation,
+        routed like one (its session's worker first); a light one (tokenize) goes at once to the least
+        loaded ready worker, without a place or a charge, and waits in the queue only while no worker
+        is ready. When its worker fails under it, an ``idempotent`` one runs again on another, at most
+        ``max_migrations`` times, within its total deadline; any other fails with the worker.
         """
-        limits = self._deadlines(time.monotonic() if arrived is None else arrived, context)
-        ticket = Ticket.of(self._tenant(context), 0, 0)
+        started = time.monotonic() if arrived is None else arrived
+        limits = self._deadlines(started, context)
+        tenant = self._tenant(context)
+        if not operation.takes_slot:
+            return await self._perform(operation, context, limits, Ticket.of(tenant, 0, 0))
+        ticket = Ticket.of(tenant, 0, operation.input_tokens())
+        try:
+            lease = tenant.admit(ticket.prompt, 0, started)
+        except TenantBudgetError:
+            self.observe.tenant_finished(self.name, ticket.label, "rejected", 0, 0)
+            raise
+        outcome: TenantOutcome = "cancelled"  # unless it returns or fails: the caller stopped waiting
+        used = ticket.prompt
+        try:
+            result = await self._perform(operation, context, limits, ticket)
+            counted = operation.used_tokens(result)
+            if counted is not None:
+                used = self._prompt_served(ticket.tenant, ticket.prompt, counted)
+            outcome = "served"
+            return result
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            lease.release(used, time.monotonic())
+            self.observe.tenant_finished(self.name, ticket.label, outcome, used, 0)
+
+    async def _perform(
+        self, operation: Operation[T], context: RequestContext | None, limits: Deadlines, ticket: Ticket
+    ) -> T:
+        """``perform``'s runs: on a worker, and on the next when its worker fails under it."""
         query = RouteQuery(session_id=context.session_id if context is not None else None)
         attempt, failure = 0, None  # the worker failure it moves on from, after the first attempt
         while True:

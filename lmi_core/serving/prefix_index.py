@@ -20,9 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-# English text averages about 4 characters per token for BPE tokenizers (Llama, GPT-2): used to
-# compare a block budget in characters with an engine's KV capacity in tokens.
-CHARS_PER_TOKEN = 4
+from lmi_core.engine import CHARS_PER_TOKEN  # compares a block budget in characters with KV tokens
 
 RoutingKey = str | Sequence[int]
 

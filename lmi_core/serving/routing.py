@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmi_core.config import ModelConfig
-from lmi_core.engine import GenerationRequest
+from lmi_core.engine import CHARS_PER_TOKEN, GenerationRequest
 from lmi_core.serving.prefix_index import (
-    CHARS_PER_TOKEN,
     PrefixIndex,
     RoutingKey,
     block_hashes,

@@ -47,9 +47,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmi_core.config import ServerConfig
-from lmi_core.engine import GenerationRequest
+from lmi_core.engine import CHARS_PER_TOKEN, GenerationRequest
 from lmi_core.errors import ConfigError, TenantBudgetError
-from lmi_core.serving.prefix_index import CHARS_PER_TOKEN
 
 logger = logging.getLogger(__name__)
 

@@ -148,3 +148,14 @@ def test_a_result_that_does_not_fit_its_operation_is_refused() -> None:
         Embed(["a", "b"]).result_from_wire([bytes(4), 1, 2])
     with pytest.raises(ValueError, match="1 scores for 2 pairs"):
         Score([("a", "b"), ("c", "d")]).result_from_wire([[0.5], 2])
+
+
+def test_the_tokens_an_operation_charges_its_tenant_before_and_after_it_runs() -> None:
+    assert Embed(["abcdefgh", "x"]).input_tokens() == 3 + 1  # characters / 4 + 1 each
+    assert Embed([[1, 2, 3], [4]]).input_tokens() == 4  # token ids: exact
+    assert Score([("abcd", "efgh")]).input_tokens() == 3
+    tokenize = Tokenize(GenerationRequest("r", prompt="hello"))
+    assert tokenize.input_tokens() == 0  # no place taken, nothing charged
+    assert Embed(["a"]).used_tokens(EmbedResult(b"\0" * 4, 1, 7)) == 7
+    assert Score([("a", "b")]).used_tokens(ScoreResult([0.5], 9)) == 9
+    assert tokenize.used_tokens(TokenizeResult([1])) is None
