@@ -30,8 +30,12 @@ def png(color: tuple[int, int, int]) -> bytes:
     return out.getvalue()
 
 
+def b64(image: bytes) -> str:
+    return base64.b64encode(image).decode()
+
+
 def data_url(image: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(image).decode()
+    return "data:image/png;base64," + b64(image)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +155,37 @@ def test_responses_input_image_takes_the_chat_path(server: ServerProcess, vision
     )
     assert response.usage is not None
     assert response.usage.input_tokens == reference(vision_model, image, 1)[1]
+
+
+def test_anthropic_image_blocks_take_the_chat_path(server: ServerProcess, vision_model: Path) -> None:
+    import anthropic
+
+    image = png((200, 30, 30))
+    sdk = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    blocks: list[dict[str, object]] = [
+        {"type": "text", "text": "what is this "},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(image)}},
+    ]
+    message = sdk.messages.create(
+        model="vision",
+        max_tokens=MAX_TOKENS,
+        messages=[{"role": "user", "content": blocks}],  # type: ignore[typeddict-item]
+        extra_body={"temperature": 0},  # this SDK leaves it out of its signature; the API takes it
+    )
+    chat = client(server).chat.completions.create(
+        model="vision",
+        messages=image_messages(data_url(image)),  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    assert message.usage.input_tokens == reference(vision_model, image, 1)[1]  # the image's tokens too
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert text == chat.choices[0].message.content
+    loopback = {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:1/x.png"}}
+    with pytest.raises(anthropic.BadRequestError) as caught:  # refused before any connection
+        sdk.messages.create(
+            model="vision",
+            max_tokens=2,
+            messages=[{"role": "user", "content": [loopback]}],  # type: ignore[list-item]
+        )
+    assert "fetches no image URLs" in caught.value.message  # option.allowed_media_domains is unset

@@ -5,10 +5,11 @@ path; nothing here generates. Each content block is validated on its own, so a b
 ``messages.<i>.content.<j>.<field>``. Unknown fields are ignored and listed as on the chat API (issue
 10): Claude Code's ``context_management``, ``output_config``, ``cache_control``, ``defer_loading``...
 Anthropic's server tools (``web_search_20250305``, ``bash_20250124``...), which this server cannot
-run, are left out of the model's tools and listed the same way. Images and documents are a 400 until
-this server has a multimodal path. Claude Code's ``x-anthropic-billing-header`` system block is
-dropped: it differs on every request, and a prompt that starts differently every time defeats the
-prefix cache and prefix-aware routing.
+run, are left out of the model's tools and listed the same way. Image blocks in user messages
+become chat's ``image_url`` parts (a vision model reads them; a text-only one answers chat's 400);
+documents, and images inside a ``tool_result``, are a 400. Claude Code's
+``x-anthropic-billing-header`` system block is dropped: it differs on every request, and a prompt
+that starts differently every time defeats the prefix cache and prefix-aware routing.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lmi_core.http.openai_protocol import (
 from lmi_core.http.tool_calls import TOOL_NAME
 
 BILLING_HEADER = "x-anthropic-billing-header"
-UNSUPPORTED_BLOCKS = {"image": "image", "document": "document", "search_result": "search result"}
+UNSUPPORTED_BLOCKS = {"document": "document", "search_result": "search result"}
 
 
 class Block(OpenAIBody):
@@ -59,6 +60,35 @@ class ToolResultBlock(Block):
     is_error: bool | None = None
 
 
+class ImageSource(OpenAIBody):
+    """Anthropic's image source: inline (``base64`` with its ``media_type``) or a ``url``."""
+
+    type: Literal["base64", "url"]
+    media_type: str | None = Field(None, pattern=r"^image/[a-z0-9.+-]+$")
+    data: str | None = None
+    url: str | None = None
+
+
+class ImageBlock(Block):
+    """An image in a user message: chat's ``image_url`` part (a ``data:`` URL for inline bytes), so the
+    model's image limits, the media domains and the checks of a malformed image apply as in chat."""
+
+    type: Literal["image"]
+    source: ImageSource
+
+    def url(self, param: str) -> str:
+        source = self.source
+        if source.type == "base64" and source.media_type is not None and source.data is not None:
+            return f"data:{source.media_type};base64,{source.data}"
+        if source.type == "url" and source.url is not None:
+            return source.url
+        needs = "media_type and data" if source.type == "base64" else "url"
+        raise BadRequestError(
+            f"invalid request field '{param}.source': a {source.type} image source has its {needs}",
+            param=f"{param}.source",
+        )
+
+
 class ThinkingBlock(Block):
     type: Literal["thinking"]
     thinking: str
@@ -74,12 +104,13 @@ BLOCKS: dict[str, type[Block]] = {
     "text": TextBlock,
     "tool_use": ToolUseBlock,
     "tool_result": ToolResultBlock,
+    "image": ImageBlock,
     "thinking": ThinkingBlock,
     "redacted_thinking": RedactedThinkingBlock,
 }
 # The blocks each role's content may hold (``system``: the top-level field and inline system messages).
 ROLE_BLOCKS = {
-    "user": frozenset({"text", "tool_result"}),
+    "user": frozenset({"text", "image", "tool_result"}),
     "assistant": frozenset({"text", "tool_use", "thinking", "redacted_thinking"}),
     "system": frozenset({"text"}),
 }
@@ -262,9 +293,9 @@ def _result_text(block: ToolResultBlock, param: str) -> str:
 
 def _chat_messages(role: str, blocks: list[Block], param: str) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: a user message's tool results become ``tool`` messages
-    (first: they answer the previous turn's calls), its text one user message; an assistant
-    message's text, ``tool_use`` and thinking one assistant message (``tool_calls``,
-    ``reasoning_content``)."""
+    (first: they answer the previous turn's calls), its text and images one user message (text and
+    ``image_url`` parts, in order, when it has an image); an assistant message's text, ``tool_use``
+    and thinking one assistant message (``tool_calls``, ``reasoning_content``)."""
     texts = [b.text for b in blocks if isinstance(b, TextBlock)]
     messages: list[dict[str, Any]] = []
     if role == "assistant":
@@ -287,6 +318,15 @@ def _chat_messages(role: str, blocks: list[Block], param: str) -> list[dict[str,
     if role == "system":
         text = "\n".join(t for t in texts if not t.startswith(BILLING_HEADER))
         return [{"role": "system", "content": text}] if text else []
-    if texts or not messages:
+    if any(isinstance(b, ImageBlock) for b in blocks):  # text and image parts, in their order
+        parts = [
+            {"type": "text", "text": b.text}
+            if isinstance(b, TextBlock)
+            else {"type": "image_url", "image_url": {"url": b.url(f"{param}.{j}")}}
+            for j, b in enumerate(blocks)
+            if isinstance(b, TextBlock | ImageBlock)
+        ]
+        messages.append({"role": role, "content": parts})
+    elif texts or not messages:
         messages.append({"role": role, "content": "".join(texts)})
     return messages

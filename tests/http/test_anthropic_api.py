@@ -209,7 +209,14 @@ def test_claude_code_s_extra_fields_are_ignored_and_listed() -> None:
     ("body", "field"),
     [
         ({"messages": USER}, "max_tokens"),
-        ({"max_tokens": 5, "messages": said({"type": "image", "source": {}})}, "messages.0.content.0"),
+        ({"max_tokens": 5, "messages": said({"type": "image", "source": {}})},
+         "messages.0.content.0.source.type"),
+        ({"max_tokens": 5, "messages": said({"type": "image", "source": {"type": "base64"}})},
+         "messages.0.content.0.source"),
+        ({"max_tokens": 5, "messages": said({"type": "document", "source": {}})}, "messages.0.content.0"),
+        ({"max_tokens": 5, "messages": said({"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/x.png"}}]})},
+         "messages.0.content.0.content.0"),
         ({"max_tokens": 5, "messages": said({"type": "tool_use", "id": "x", "name": "f", "input": {}})},
          "messages.0.content.0.type"),
         ({"max_tokens": 5, "messages": said({"type": "tool_result"})}, "messages.0.content.0.tool_use_id"),
@@ -321,3 +328,27 @@ def test_count_tokens_tokenizes_the_prompt_a_message_request_would_run() -> None
     assert generated.tools  # the tools the template shows count too
     refused = http.post("/v1/messages/count_tokens", json={"messages": said({"type": "image", "source": {}})})
     assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_image_blocks_become_chat_image_parts_in_their_order() -> None:
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    content = [
+        {"type": "text", "text": "Compare "},
+        {"type": "image", "source": png},
+        {"type": "text", "text": " with "},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+    ]
+    request = MessagesRequest.model_validate(
+        {"model": "a", "max_tokens": 5, "messages": [{"role": "user", "content": content}]}
+    )
+    assert request.translate().messages == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                {"type": "text", "text": " with "},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
+        }
+    ]
