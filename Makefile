@@ -54,7 +54,7 @@ test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -o addopts="-p no:cacheprovider" \
 		tests/lmi_vllm tests/test_backend_parity.py tests/test_structured_outputs.py tests/test_lora_server.py \
 		tests/test_reasoning_server.py tests/test_agent_apis.py tests/test_djl_formatters.py \
-		tests/test_residency.py $(ARGS)
+		tests/test_residency.py tests/test_bench_smoke.py $(ARGS)
 
 # LitServe, the baseline of benchmarks/bench_litserve.py, in a venv of its own (it pins fastapi).
 setup-litserve: $(LITSERVE_VENV)/.installed

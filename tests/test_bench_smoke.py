@@ -77,3 +77,27 @@ def test_embeddings_benchmark_runs_and_prints_its_ratios(
         print("\nembeddings smoke (ratios to in-process sentence-transformers):")
         report(table)
     assert all(row["in_process_per_s"] > 0 and row["ratios"]["lmi-core (hf)"] > 0 for row in table.values())
+
+
+@pytest.mark.vllm
+def test_vs_vllm_dp_benchmark_runs_and_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench_vs_vllm_dp.py`` CI-sized (the vLLM stage: it starts vLLM's own DP server): every
+    server answers every workload; the table is printed, the figures are not judged."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_vs_vllm_dp.py"
+    tiny = "--tenants 2 --questions 2 --context-words 30 --pressure-words 60 --sessions 2 --turns 2"
+    tiny += " --distinct 4 --poisson 4 --rate 4 --tokens 4"
+    run = subprocess.run(
+        [sys.executable, str(script), *tiny.split()], capture_output=True, text=True, timeout=1200
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    with capsys.disabled():
+        print("\nvs vLLM DP smoke:\n" + "\n".join(table))
+    workloads = {line.split(" | ")[0].removeprefix("| ") for line in table[2:]}
+    assert workloads == {"shared", "pressure", "sessions", "distinct", "poisson"}
+    for line in table:
+        if "output tok/s" in line:  # the three servers' cells: each served tokens
+            assert all(float(cell) > 0 for cell in line.split("|")[3:6]), line
