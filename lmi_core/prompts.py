@@ -124,6 +124,11 @@ class PromptCodec:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._detokenize, ids)
 
     def _tokenize(self, operation: Tokenize) -> TokenizeResult:
+        if operation.request.images:  # placeholders alone would be counted as one token each
+            raise BadRequestError(
+                "this engine counts a prompt's images only when it generates: tokenize text parts here",
+                param="messages",
+            )
         prompt = encode_prompt(
             operation.request,
             self.tokenizer,

@@ -53,3 +53,18 @@ def test_no_template_or_a_refusing_one_is_a_400_naming_messages() -> None:
     with pytest.raises(BadRequestError, match="must alternate") as info:
         chat_text(request, _Tokenizer(fail=True))
     assert info.value.param == "messages"
+
+
+async def test_the_shared_codec_refuses_to_tokenize_images_it_cannot_expand() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmi_core.operations import Tokenize
+    from lmi_core.prompts import PromptCodec
+
+    request = GenerationRequest("r", messages=[{"role": "user", "content": [{"type": "image"}]}])
+    request.images = [b"\x89PNG"]
+    with ThreadPoolExecutor(1) as executor:
+        codec = PromptCodec(_Tokenizer(), str, 512, executor)
+        with pytest.raises(BadRequestError, match="only when it generates") as info:
+            await codec.tokenize(Tokenize(request))
+    assert info.value.param == "messages"

@@ -189,3 +189,24 @@ def test_anthropic_image_blocks_take_the_chat_path(server: ServerProcess, vision
             messages=[{"role": "user", "content": [loopback]}],  # type: ignore[list-item]
         )
     assert "fetches no image URLs" in caught.value.message  # option.allowed_media_domains is unset
+
+
+def test_tokenize_and_count_tokens_count_the_image_tokens(server: ServerProcess, vision_model: Path) -> None:
+    import anthropic
+    import httpx
+
+    image = png((200, 30, 30))
+    expected = reference(vision_model, image, 1)[1]  # the generation's prompt tokens
+    body = {"model": "vision", "messages": image_messages(data_url(image))}
+    counted = httpx.post(f"{server.url}/tokenize", json=body, timeout=60)
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["count"] == expected
+    sdk = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    source = {"type": "base64", "media_type": "image/png", "data": b64(image)}
+    blocks = [{"type": "text", "text": "what is this "}, {"type": "image", "source": source}]
+    tokens = sdk.messages.count_tokens(model="vision", messages=[{"role": "user", "content": blocks}])  # type: ignore[list-item,misc]
+    assert tokens.input_tokens == expected
+    refused = httpx.post(f"{server.url}/tokenize", json={**body, "add_generation_prompt": False}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages.0.content.1.image_url"
+    text_only = httpx.post(f"{server.url}/tokenize", json={**body, "model": "chat"}, timeout=60)
+    assert text_only.status_code == 400 and "text-only" in text_only.json()["error"]["message"]

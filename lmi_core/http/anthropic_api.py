@@ -20,7 +20,14 @@ from lmi_core.http.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmi_core.http.anthropic_render import MessageRender
 from lmi_core.http.common import until_disconnected
 from lmi_core.http.context import request_context
-from lmi_core.http.openai_api import chat_call, parse_body, run_call, unknown_fields, with_ignored
+from lmi_core.http.openai_api import (
+    chat_call,
+    parse_body,
+    read_images,
+    run_call,
+    unknown_fields,
+    with_ignored,
+)
 from lmi_core.http.openai_render import named_sse
 from lmi_core.operations import Tokenize
 
@@ -40,7 +47,9 @@ async def count_tokens(request: Request) -> Response:
     pool, adapter, body = await parse_body(request, CountTokensRequest)
     translation = body.translate()
     ignored = unknown_fields(pool, body, translation.ignored)
-    (generation,) = chat_call(pool, body.chat_request(translation)).with_adapter(adapter).generations
+    call = chat_call(pool, body.chat_request(translation)).with_adapter(adapter)
+    await read_images(call)  # an image's tokens are counted from its pixels, as its generation's are
+    (generation,) = call.generations
     result = await until_disconnected(request, pool.perform(Tokenize(generation), request_context(request)))
     return with_ignored(JSONResponse({"input_tokens": len(result.ids)}), ignored)
 

@@ -134,7 +134,7 @@ def chat_call(
         continuous_usage=body.include_usage and body.continuous_usage,
         prompt_logprobs=body.prompt_logprobs is not None,
     )
-    call.images = image_parts(pool, body, image_params)
+    call.images = image_parts(pool, body.images, image_params)
     constraint = constraint or body.constraint()
     call.tools = body.tool_plan(tool_parsers(), pool.config.options)
     if call.tools is not None:
@@ -155,11 +155,10 @@ def chat_call(
     return constrain(call, constraint)
 
 
-def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence[str] = ()) -> list[ImageRef]:
-    """The request's image parts (the last ones named ``params``), within what the model reads
+def image_parts(pool: ServedModel, images: list[ImageRef], params: Sequence[str] = ()) -> list[ImageRef]:
+    """A request's image parts (the last ones named ``params``), within what the model reads
     (``ImageEngine.max_images``); else a 400 naming the first part too many, before any is read. A
     model not loaded yet (on demand) has not said: its engine checks them."""
-    images = body.images
     first = len(images) - len(params)
     images[first:] = [
         dataclasses.replace(ref, param=p) for ref, p in zip(images[first:], params, strict=True)
@@ -176,6 +175,15 @@ def image_parts(pool: ServedModel, body: ChatCompletionRequest, params: Sequence
         most = f"at most {limit} images per prompt (option.limit_mm_per_prompt)"
         raise BadRequestError(f"model {pool.name!r} reads {most}", param=extra.param)
     return images
+
+
+async def read_images(call: Call) -> None:
+    """The call's image parts, read (fetched, decoded) onto its generations before anything is queued:
+    a bad image is a 400 naming its part."""
+    if call.images:
+        images = await load_images(call.images, allowed_media_domains(call.pool.config.options))
+        for generation in call.generations:
+            generation.images = images
 
 
 @functools.cache
@@ -223,10 +231,7 @@ async def run_call(
     state: AppState = request.app.state.lmi
     if call.constraint is not None:
         await check(*call.constraint)
-    if call.images:  # read (fetched, decoded) before queueing: a bad image is a 400 naming its part
-        images = await load_images(call.images, allowed_media_domains(call.pool.config.options))
-        for generation in call.generations:
-            generation.images = images
+    await read_images(call)
     context = request_context(request)
     streams = [state.instrument(call.pool, g, context) for g in call.generations]
     events = merge(streams) if stop is None else until_set(merge(streams), stop)

@@ -22,11 +22,13 @@ from lmi_core.http.adapters import model_or_adapter
 from lmi_core.http.common import new_request_id, read_json, until_disconnected
 from lmi_core.http.context import request_context
 from lmi_core.http.lmi_protocol import parse_model
-from lmi_core.http.openai_api import unknown_fields, with_ignored
+from lmi_core.http.media import load_images
+from lmi_core.http.openai_api import image_parts, unknown_fields, with_ignored
 from lmi_core.http.openai_protocol import ChatMessage, OpenAIBody, TemplateFields
 from lmi_core.http.state import AppState
 from lmi_core.http.tool_calls import ToolDef
 from lmi_core.operations import Detokenize, Tokenize
+from lmi_core.option_values import allowed_media_domains
 
 TOKEN_ID = Annotated[int, Field(ge=0, lt=2**31)]
 
@@ -68,9 +70,15 @@ async def tokenize(request: Request) -> Response:
     pool, adapter = model_or_adapter(request, body.model)
     ignored = unknown_fields(pool, body)
     if isinstance(body, TokenizeChatRequest):
-        images = [ref for i, message in enumerate(body.messages) for ref in message.images(i)]
-        if images:  # the engines expand an image's tokens only with its pixels, which tokenize does not read
-            raise BadRequestError("/tokenize counts text parts only, not images", param=images[0].param)
+        refs = image_parts(pool, [ref for i, m in enumerate(body.messages) for ref in m.images(i)])
+        if refs and (
+            body.add_special_tokens or body.continue_final_message or not body.add_generation_prompt
+        ):
+            raise BadRequestError(
+                "a prompt with images is counted as its generation encodes it: add_generation_prompt "
+                "true, continue_final_message and add_special_tokens false",
+                param=refs[0].param,
+            )
         generation = GenerationRequest(
             new_request_id(),
             messages=[m.for_template() for m in body.messages],
@@ -79,6 +87,8 @@ async def tokenize(request: Request) -> Response:
             chat_template_kwargs=body.template_kwargs(pool.config.options) or None,
             adapter=adapter,
         )
+        if refs:  # an engine expands an image's tokens from its pixels, as for the generation
+            generation.images = await load_images(refs, allowed_media_domains(pool.config.options))
         operation = Tokenize(
             generation,
             body.add_special_tokens,

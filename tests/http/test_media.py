@@ -25,6 +25,7 @@ from PIL import Image
 from lmi_core.errors import BadRequestError, ConfigError
 from lmi_core.http import media
 from lmi_core.http.media import IPAddress, blocked, checked_address, fetch, literal_address
+from lmi_core.operations import Tokenize
 from lmi_core.option_values import allowed_media_domains, image_limit
 from tests.http.fakes import FakeModel, FakeModels, client, model, pool, worker
 
@@ -472,7 +473,14 @@ def test_responses_input_image_reaches_the_engine_and_is_named_by_its_input_item
     assert response.json()["error"]["param"] == "input.0.content.2.image_url"
 
 
-def test_tokenize_refuses_image_parts() -> None:
-    response = client(vision_models()).post("/tokenize", json=image_chat(data_url(png())))
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "messages.0.content.1.image_url"
+def test_tokenize_reads_image_parts_for_the_engine_to_count_as_it_generates() -> None:
+    fakes = vision_models()
+    http = client(fakes)
+    body = image_chat(data_url(png()))
+    refused = http.post("/tokenize", json={**body, "add_generation_prompt": False})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages.0.content.1.image_url"
+    assert http.post("/tokenize", json=body).status_code == 200
+    (operation,) = fakes.served_models["v"].operations
+    assert isinstance(operation, Tokenize) and operation.request.images == [png()]
+    assert client(vision_models(max_images=0)).post("/tokenize", json=body).status_code == 400

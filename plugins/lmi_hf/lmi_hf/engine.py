@@ -143,7 +143,17 @@ class HFEngine:
         return ids, text, to_device(inputs, self.device, self.model.dtype)
 
     async def tokenize(self, operation: Tokenize) -> TokenizeResult:
-        return await self.codec.tokenize(operation)
+        """The prompt's ids as ``generate`` encodes them: with images, the processor's (each image's
+        tokens expanded), so the count equals the generation's ``prompt_tokens``."""
+        if not operation.request.images:
+            return await self.codec.tokenize(operation)
+        if self.images is None:
+            raise BadRequestError("this model reads no images (a text-only model)", param="messages")
+        loop = asyncio.get_running_loop()  # no length check, no pixels moved: only the ids are wanted
+        encode = self.images.encode
+        ids, _, _ = await loop.run_in_executor(self._prompts, encode, operation.request, self.tokenizer)
+        strs = [str(s) for s in self.tokenizer.convert_ids_to_tokens(ids)] if operation.token_strs else None
+        return TokenizeResult(ids, strs)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await self.codec.detokenize(ids)
