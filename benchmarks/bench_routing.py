@@ -36,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, Server, StreamResult, model_dir, percentile, stream_openai
+from benchmarks.common import ROOT, Server, StreamResult, lmi_command, model_dir, percentile, stream_openai
 from lmi_core.demo_model import build_demo_model
 
 MODEL = "demo"
@@ -167,16 +167,7 @@ def lmi_server(base: Path, demo: Path, setup: Setup, args: argparse.Namespace) -
         # This checkout's plugins, not whichever an editable install points at.
         "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "plugins/lmi_vllm", "plugins/lmi_hf")),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "lmi_core",
-        "serve",
-        "--model-dir",
-        str(directory),
-        "--model-name",
-        MODEL,
-    ]
+    command = lmi_command(directory, MODEL)
     return Server(directory, env, command=command, timeout=900)
 
 

@@ -34,6 +34,7 @@ from benchmarks.common import (
     ROOT,
     Server,
     StreamResult,
+    lmi_command,
     model_dir,
     percentile,
     process_cpu,
@@ -79,16 +80,7 @@ def lmi_server(
         "option.dtype": engine.dtype,
     }
     directory = model_dir(base, name, demo, properties)
-    command = [
-        sys.executable,
-        "-m",
-        "lmi_core",
-        "serve",
-        "--model-dir",
-        str(directory),
-        "--model-name",
-        MODEL,
-    ]
+    command = lmi_command(directory, MODEL)
     return Server(directory, env, command=command, timeout=600, cwd=tree or ROOT)
 
 

@@ -52,7 +52,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_routing import distinct_prompts, shared_prompts, text
-from benchmarks.common import ROOT, ArrivalClock, Server, StreamResult, model_dir, percentile
+from benchmarks.common import ROOT, ArrivalClock, Server, StreamResult, lmi_command, model_dir, percentile
 from lmi_core.demo_model import build_demo_model
 
 MODEL = "demo"
@@ -267,16 +267,7 @@ def lmi_server(base: Path, demo: Path, routing: str, args: argparse.Namespace) -
         "TMPDIR": str(base),
         "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "plugins/lmi_vllm", "plugins/lmi_hf")),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "lmi_core",
-        "serve",
-        "--model-dir",
-        str(directory),
-        "--model-name",
-        MODEL,
-    ]
+    command = lmi_command(directory, MODEL)
     return Server(directory, env, command=command, timeout=900)
 
 

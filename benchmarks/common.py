@@ -39,6 +39,11 @@ def model_dir(base: Path, name: str, source: Path | None, properties: dict[str, 
     return directory
 
 
+def lmi_command(directory: Path, name: str) -> list[str]:
+    """``lmi serve`` of ``directory`` under the model name ``name``, with this interpreter."""
+    return [sys.executable, "-m", "lmi_core", "serve", "--model-dir", str(directory), "--model-name", name]
+
+
 class Server:
     """A server in a subprocess; ``ready_seconds`` is the time from spawn to ``ready_path`` answering 200.
 
