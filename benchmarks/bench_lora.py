@@ -64,7 +64,7 @@ async def measure(
         await engine.load_adapter(adapter)
     choices: list[LoraAdapter | None] = [None, *adapters]
     mix = [choices[i % len(choices)] for i in range(requests)]
-    base = [None] * requests
+    base: list[LoraAdapter | None] = [None] * requests
     await run_all(engine, mix[: len(choices)], len(choices), 4)  # warm-up
     base_rates, mix_rates = [], []
     for _ in range(rounds):

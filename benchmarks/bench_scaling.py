@@ -55,14 +55,14 @@ def run(base: Path, model: Path, workers: int, args: argparse.Namespace) -> floa
     # Empty: the server splits the cores among the workers.
     env = {"OMP_NUM_THREADS": str(args.threads) if args.threads else "", "LMI_LOG_LEVEL": "WARNING"}
     parameters = {"max_new_tokens": args.max_new_tokens, "ignore_eos_token": True}
-    body = {"inputs": "Hello", "parameters": parameters}
+    body: dict[str, object] = {"inputs": "Hello", "parameters": parameters}
     with Server(directory, env) as server:
         [workflow] = httpx.get(f"{server.url}/models/bench").json()
         [group] = workflow["models"][0]["workerGroups"]
         threads = sorted(w["threads"] for w in group["workers"])
         asyncio.run(measure(server.url, body, args.concurrency, 3.0))  # warm-up: first requests are slow
         latencies = asyncio.run(measure(server.url, body, args.concurrency, args.duration))
-    rate = len(latencies) / args.duration
+    rate: float = len(latencies) / args.duration
     print(
         f"{workers} worker(s), threads {threads}: {len(latencies)} requests in {args.duration:g} s = "
         f"{rate:.2f} req/s (p50 latency {statistics.median(latencies):.2f} s)",

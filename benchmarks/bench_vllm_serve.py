@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,7 +52,7 @@ METRICS = {
 
 def run_client(
     server: Server, demo: Path, level: dict[str, str], args: argparse.Namespace, out: Path
-) -> dict:
+) -> dict[str, Any]:
     """One ``vllm bench serve`` run against ``server``; its result JSON plus the CPU figures."""
     result = out / f"r{time.monotonic_ns()}.json"
     command = [

@@ -31,5 +31,5 @@ def build_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.mul_(4.0)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
