@@ -30,7 +30,8 @@ def models(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, long_demo
     scaling = "minWorkers=1\nmaxWorkers=2\noption.max_rolling_batch_size=1\nmax_idle_time=2\n"
     # Long-running requests: the queue still holds some when the second worker is ready.
     link_model(long_demo_model, root / "demo", scaling)
-    link_model(demo_model, root / "wide", "option.max_rolling_batch_size=4\n")
+    # 2,000 tokens within its context: the two requests of the dispatch test overlap on any host.
+    link_model(long_demo_model, root / "wide", "option.max_rolling_batch_size=4\n")
     link_model(demo_model, root / "bad_key", "option.max_rolling_batch_size=4\nfoo=bar\n")
     link_model(demo_model, root / "bad_option", "option.max_rolling_batch_size=4\noption.no_such_key=1\n")
     (root / "no_weights").mkdir()
@@ -111,14 +112,18 @@ def test_least_loaded_dispatch(server: ServerProcess, models: Path) -> None:
     params = {"url": str(models / "wide"), "model_name": "wide", "min_worker": "2", "max_worker": "2"}
     response = httpx.post(f"{server.url}/models", params=params, timeout=120)
     assert response.status_code == 200 and response.json() == {"status": 'Model "wide" registered.'}
-    assert summary(server, "wide") == {0: "READY", 1: "READY"}
-    with ThreadPoolExecutor(2) as pool:
-        responses = send(pool, server, "/predictions/wide", 2)
-        # Each worker takes up to 4; least-loaded dispatch still spreads two requests over both.
-        until(lambda: [w["inFlight"] for w in workers(server, "wide")] == [1, 1], "one request per worker")
-        assert all(r.result().status_code == 200 for r in responses)
     pids = [pid for w in workers(server, "wide") for pid in w["pids"]]
-    response = httpx.delete(f"{server.url}/models/wide", timeout=60)
+    try:
+        assert summary(server, "wide") == {0: "READY", 1: "READY"}
+        with ThreadPoolExecutor(2) as pool:
+            responses = send(pool, server, "/predictions/wide", 2)
+            # Each worker takes up to 4; least-loaded dispatch still spreads two requests over both.
+            until(
+                lambda: [w["inFlight"] for w in workers(server, "wide")] == [1, 1], "one request per worker"
+            )
+            assert all(r.result().status_code == 200 for r in responses)
+    finally:  # the module's later tests expect the demo model alone
+        response = httpx.delete(f"{server.url}/models/wide", timeout=60)
     assert response.status_code == 200 and response.json() == {"status": 'Model "wide" unregistered'}
     assert httpx.get(f"{server.url}/models/wide").status_code == 404
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]

@@ -248,8 +248,9 @@ class Dispatcher:
         waiting = Waiting(future, query, ticket)
         entry = self._queue.push(waiting, ticket.tenant, ticket.weight, ticket.band, cost, front=moved)
         self.observe.tenant_queued(self.name, ticket.label, 1)
-        self.workers.queued()
         self.dispatch()  # places kept back from the tenants ahead may be this one's to take
+        if not future.done():
+            self.workers.queued()  # it waits: the scaler may add a worker
         try:
             if migrating is not None:
                 await self._wait_migrating(future, limits.queue, migrating)
