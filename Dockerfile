@@ -19,6 +19,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md constraints.txt /src/
 COPY lmi_core /src/lmi_core
+COPY djl_python /src/djl_python
 COPY plugins /src/plugins
 COPY deploy/image/install.sh /src/deploy/image/install.sh
 RUN sh /src/deploy/image/install.sh "$FLAVOUR" /src /opt/lmi

@@ -109,6 +109,17 @@ def containers(doc: Any) -> list[dict[str, Any]]:
     return [c for value in doc for c in containers(value)] if isinstance(doc, list) else []
 
 
+def test_the_image_copies_every_package_the_wheel_ships() -> None:
+    """The Dockerfile installs lmi-core from copied sources: a package left out of its COPY lines is
+    missing from the image (``djl_python`` was, and ``lmi serve`` failed at its first import)."""
+    import tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    assert packages and all(f"COPY {p} /src/{p}\n" in dockerfile for p in packages), packages
+
+
 def test_every_manifest_runs_the_image_this_repository_builds_through_tini() -> None:
     import lmi_core
 
