@@ -12,7 +12,8 @@ cores; unbound, the kernel spreads the N engines over the cores alike for both s
 Workloads, each a list of streamed ``/v1/completions`` (greedy, EOS ignored, ``--tokens`` out):
 
 - **shared**: ``--tenants`` tenants, each a shared context of ``--context-words`` words plus
-  ``--questions`` short distinct questions, the tenants interleaved, ``--concurrency`` in flight;
+  ``--questions`` short distinct questions, the tenants interleaved, ``--concurrency`` in flight, no
+  session header (the router finds each tenant's prefix itself);
 - **pressure**: the same with contexts of ``--pressure-words`` words: together they exceed one
   engine's KV cache and fit in N of them (the script prints the token counts);
 - **sessions**: ``--sessions`` chats of ``--turns`` turns, each turn resending the whole history
@@ -217,8 +218,9 @@ def workload(
 ) -> Callable[[], Coroutine[None, None, Outcome]]:
     if name in ("shared", "pressure"):
         words = args.context_words if name == "shared" else args.pressure_words
-        jobs = [Job(p, t) for t, p in shared_prompts(args.tenants, args.questions, words)]
-        return lambda: closed_loop(url, jobs, args.concurrency, args.tokens, lmi)
+        # No session header: the router must find each tenant's prefix itself.
+        jobs = [Job(p) for _, p in shared_prompts(args.tenants, args.questions, words)]
+        return lambda: closed_loop(url, jobs, args.concurrency, args.tokens, False)
     if name == "sessions":
         return lambda: conversations(url, args, lmi)
     if name == "distinct":
