@@ -55,7 +55,7 @@ from lmi_core.serving.observer import PoolObserver, TenantOutcome
 from lmi_core.serving.request_trace import Attributes, AttributeValue, RequestTrace
 from lmi_core.serving.routing import Decision, RequestContext, RouteQuery, Router, WorkerLoad, slot_worker
 from lmi_core.serving.supervisor import SupervisedWorker, WorkerState
-from lmi_core.serving.tenants import DEFAULT, Tenant, TenantSpec, estimate_prompt_tokens
+from lmi_core.serving.tenants import DEFAULT, Lease, Tenant, TenantSpec, estimate_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -301,11 +301,7 @@ class Dispatcher:
         ticket = Ticket.of(tenant, request.priority, estimate_prompt_tokens(request))
         if ticket.band != request.priority:
             request = dataclasses.replace(request, priority=ticket.band)
-        try:
-            lease = tenant.admit(ticket.prompt, request.params.max_new_tokens, started)
-        except TenantBudgetError:
-            self.observe.tenant_finished(self.name, ticket.label, "rejected", 0, 0)
-            raise
+        lease = self._admit_tenant(tenant, ticket, request.params.max_new_tokens, started)
         outcome: TenantOutcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
         # What the client has, ids only (a Token holds its text and log-probs): a migrated request
         # resumes after them. The first token carries the prompt's length, the last whether it ended.
@@ -375,8 +371,20 @@ class Dispatcher:
             outcome = "error"
             raise
         finally:
-            lease.release(prompt + len(delivered), time.monotonic())
-            self.observe.tenant_finished(self.name, ticket.label, outcome, prompt, len(delivered))
+            self._settle(lease, ticket, outcome, prompt, len(delivered))
+
+    def _admit_tenant(self, tenant: Tenant, ticket: Ticket, max_new_tokens: int, started: float) -> Lease:
+        """``tenant``'s lease for one request (a generation or an operation); its 429, counted."""
+        try:
+            return tenant.admit(ticket.prompt, max_new_tokens, started)
+        except TenantBudgetError:
+            self.observe.tenant_finished(self.name, ticket.label, "rejected", 0, 0)
+            raise
+
+    def _settle(self, lease: Lease, ticket: Ticket, outcome: TenantOutcome, prompt: int, output: int) -> None:
+        """A request admitted by ``lease`` ended: its tenant's budget gets back what it did not use."""
+        lease.release(prompt + output, time.monotonic())
+        self.observe.tenant_finished(self.name, ticket.label, outcome, prompt, output)
 
     def _prompt_served(self, tenant: str, charged: int, reported: int | None) -> int:
         """The prompt tokens the engine ``reported`` (None: not yet), its tenant's service corrected
@@ -446,11 +454,7 @@ class Dispatcher:
         if not operation.takes_slot:
             return await self._perform(operation, context, limits, Ticket.of(tenant, 0, 0))
         ticket = Ticket.of(tenant, 0, operation.input_tokens())
-        try:
-            lease = tenant.admit(ticket.prompt, 0, started)
-        except TenantBudgetError:
-            self.observe.tenant_finished(self.name, ticket.label, "rejected", 0, 0)
-            raise
+        lease = self._admit_tenant(tenant, ticket, 0, started)
         outcome: TenantOutcome = "cancelled"  # unless it returns or fails: the caller stopped waiting
         used = ticket.prompt
         try:
@@ -464,8 +468,7 @@ class Dispatcher:
             outcome = "error"
             raise
         finally:
-            lease.release(used, time.monotonic())
-            self.observe.tenant_finished(self.name, ticket.label, outcome, used, 0)
+            self._settle(lease, ticket, outcome, used, 0)
 
     async def _perform(
         self, operation: Operation[T], context: RequestContext | None, limits: Deadlines, ticket: Ticket
