@@ -188,12 +188,13 @@ def figures(
 ) -> dict[str, float]:
     results = outcome.results
     ttfts = [r.ttft * 1000 for r in results]
-    tpots = [(r.total - r.ttft) * 1000 / (r.tokens - 1) for r in results if r.tokens > 1]
+    # ms per output token after the first (None: one token, no TPOT); once per request.
+    per_token = [(r.total - r.ttft) * 1000 / (r.tokens - 1) if r.tokens > 1 else None for r in results]
+    tpots = [t for t in per_token if t is not None]
     good = sum(
         1
-        for r in results
-        if r.ttft * 1000 <= args.slo_ttft
-        and (r.tokens < 2 or (r.total - r.ttft) * 1000 / (r.tokens - 1) <= args.slo_tpot)
+        for ttft, tpot in zip(ttfts, per_token, strict=True)
+        if ttft <= args.slo_ttft and (tpot is None or tpot <= args.slo_tpot)
     )
     return {
         "tok_s": sum(r.tokens for r in results) / wall,
