@@ -302,7 +302,8 @@ def test_serve_fails_before_any_rank_starts_on_a_bad_host(hosts: TestHosts, demo
     argv = [*hosts.exec_argv("h0"), sys.executable, "-m", "lmi_core", "serve", "--port", "0", "--model-id"]
     run = subprocess.run([*argv, str(demo_model)], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
-    assert "preflight failed before any rank started:\nnohost: reachable: unreachable by ssh" in run.stderr
+    expected = "preflight failed before any rank started:\nnohost: reachable: unreachable by ssh"
+    assert expected in run.stderr, run.stderr
     assert "mpirun" not in run.stderr
 
 

@@ -135,6 +135,35 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     ]
 
 
+@pytest.mark.parametrize("busy_draws", [preflight.PORT_DRAWS - 1, preflight.PORT_DRAWS])
+async def test_sampled_ports_in_use_are_drawn_again_before_failing(
+    monkeypatch: pytest.MonkeyPatch, busy_draws: int
+) -> None:
+    # Another job's sockets on the host took the sampled ports: only ports taken in every draw fail.
+    draws: list[list[int]] = []
+
+    async def probe_host(host: str, python: str, request: dict[str, Any]) -> dict[str, Any]:
+        if host == "y":
+            draws.append(request["ports"])
+        taken = request["ports"] if host == "y" and len(draws) <= busy_draws else []
+        return report(ports_taken=taken, gpus=0)
+
+    monkeypatch.setattr(preflight, "probe_host", probe_host)
+    monkeypatch.setattr(preflight, "probe", lambda request: LOCAL)
+    config = build_model_config(
+        {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
+        name="m",
+        environ={},
+    )
+    job = job_hosts(config)
+    assert job is not None
+    _, failures = await preflight.probe_hosts(config, job)
+    assert len(draws) == min(busy_draws + 1, preflight.PORT_DRAWS)
+    assert len({tuple(d) for d in draws}) == len(draws)  # a new sample each draw
+    taken_every_time = busy_draws == preflight.PORT_DRAWS
+    assert failures == ([f"y: ports: rank port {draws[-1][0]} is in use"] if taken_every_time else [])
+
+
 def test_this_machine_is_probed_in_process_like_mpirun_starts_it_without_ssh() -> None:
     assert preflight.is_local("localhost") and preflight.is_local(socket.gethostname())
     assert preflight.is_local("127.0.0.1")  # (no lookup of an unknown name: it would ask DNS)
