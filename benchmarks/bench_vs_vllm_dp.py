@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import resource
@@ -53,7 +52,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_routing import distinct_prompts, shared_prompts, text
-from benchmarks.common import ROOT, ArrivalClock, Server, StreamResult, lmi_command, model_dir, percentile
+from benchmarks.common import ROOT, Server, StreamResult, lmi_command, model_dir, percentile, stream_openai
 from lmi_core.demo_model import build_demo_model
 
 MODEL = "demo"
@@ -91,36 +90,17 @@ class Outcome:
 async def complete(
     client: httpx.AsyncClient, url: str, job: Job, tokens: int, outcome: Outcome, send_session: bool
 ) -> str:
-    """One streamed completion; returns its text ("" when refused)."""
-    body = {
-        "model": MODEL,
-        "prompt": job.prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    headers = {"x-session-id": job.session} if send_session and job.session else {}
-    clock, count, pieces = ArrivalClock(), 0, []
-    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
-        if response.status_code in (429, 503):
-            outcome.refused += 1
-            await response.aread()
-            return ""
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if chunk.get("usage"):
-                count = chunk["usage"]["completion_tokens"]
-            choice = chunk["choices"][0] if chunk.get("choices") else None
-            if choice is not None and (choice["text"] or choice["finish_reason"] is None):
-                pieces.append(choice["text"])  # a token arrived (its text may be empty: a byte piece)
-                clock.tick()
-    outcome.results.append(clock.result(count))
-    return "".join(pieces)
+    """One streamed completion; returns its text ("" when refused: a 429 or 503)."""
+    headers = {"x-session-id": job.session} if send_session and job.session else None
+    try:
+        result = await stream_openai(client, url, job.prompt, tokens, MODEL, headers)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code not in (429, 503):
+            raise
+        outcome.refused += 1
+        return ""
+    outcome.results.append(result)
+    return result.text
 
 
 def client_for(concurrency: int) -> httpx.AsyncClient:

@@ -122,6 +122,7 @@ class StreamResult:
     tokens: int
     gaps: list[float] = field(default_factory=list)
     worker: str | None = None  # lmi's x-lmi-worker: which worker served it
+    text: str = ""  # the text streamed (stream_openai)
 
 
 StreamFn = Callable[[httpx.AsyncClient, str, str, int], Awaitable[StreamResult]]
@@ -146,8 +147,8 @@ class ArrivalClock:
             self.gaps.append(now - self._last)
         self._last = now
 
-    def result(self, tokens: int, worker: str | None = None) -> StreamResult:
-        return StreamResult(self.first, time.perf_counter() - self.started, tokens, self.gaps, worker)
+    def result(self, tokens: int, worker: str | None = None, text: str = "") -> StreamResult:
+        return StreamResult(self.first, time.perf_counter() - self.started, tokens, self.gaps, worker, text)
 
 
 async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int) -> StreamResult:
@@ -167,12 +168,19 @@ async def stream_lmi(client: httpx.AsyncClient, url: str, prompt: str, max_new_t
 
 
 async def stream_openai(
-    client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int, model: str = "demo"
+    client: httpx.AsyncClient,
+    url: str,
+    prompt: str,
+    max_new_tokens: int,
+    model: str = "demo",
+    headers: dict[str, str] | None = None,
 ) -> StreamResult:
-    """One streamed OpenAI ``/v1/completions`` request (server-sent events), greedy, EOS ignored.
+    """One streamed OpenAI ``/v1/completions`` request (server-sent events), greedy, EOS ignored;
+    an ``httpx.HTTPStatusError`` when the server refuses it.
 
-    A chunk carrying text (or an unfinished choice) is a token arrival; the token count is the
-    server's ``usage``, since a server may put the last token and the finish into one chunk.
+    A chunk carrying text (or an unfinished choice) is a token arrival (its text may be empty: a byte
+    piece); the token count is the server's ``usage``, since a server may put the last token and the
+    finish into one chunk.
     """
     body = {
         "model": model,
@@ -183,8 +191,8 @@ async def stream_openai(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    clock, tokens = ArrivalClock(), 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    clock, tokens, pieces = ArrivalClock(), 0, []
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
         response.raise_for_status()
         worker = response.headers.get("x-lmi-worker")
         async for line in response.aiter_lines():
@@ -196,8 +204,9 @@ async def stream_openai(
             choice = chunk["choices"][0] if chunk.get("choices") else None
             if choice is None or not (choice["text"] or choice["finish_reason"] is None):
                 continue
+            pieces.append(choice["text"])
             clock.tick()
-    return clock.result(tokens, worker)
+    return clock.result(tokens, worker, "".join(pieces))
 
 
 async def run_concurrent(

@@ -12,7 +12,7 @@ The folders say which process a module runs in (``docs/architecture.md`` has the
                         demo_vision, plugins), the plugin API (hookspecs, engine, operations,
                         pooling, errors, backends, launch_spec, reasoning; names in ``__all__``) and
                         the backend kit (option_values, request_checks, request_counts, prompts,
-                        grammars, custom_code, telemetry)
+                        grammars, custom_code, telemetry, otel)
     lmi_core/http/      the server process's HTTP side: routes, protocols, rendering, errors, metrics
     lmi_core/serving/   the server process's models: server, registry, pool, dispatch, supervisor,
                         connection, routing; no HTTP

@@ -1,10 +1,10 @@
-"""OpenTelemetry in one process (server or worker): whether it traces, its tracer, where spans go.
+"""OpenTelemetry in one process (server or worker): whether it traces, its span sink, where spans go.
 
 Invariant: tracing is off unless the environment asks for it (``OTEL_TRACES_EXPORTER`` = ``otlp`` or
 ``console``, or an ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` with no
 exporter named; ``OTEL_SDK_DISABLED=true`` and ``none`` turn it off), and while it is off nothing
 here imports OpenTelemetry: the SDK (the ``lmi-core[otel]`` extra) is imported by the first
-``tracer`` call of a process that traces (the server's app, a worker's load). A worker inherits the
+``span_sink`` call of a process that traces (the server's app, a worker's load). A worker inherits the
 server's environment, so both decide alike. Spans leave through a batch processor on its own thread
 (``OTEL_BSP_*`` settings). Part of the backend kit: an engine that exports spans of its own (vLLM)
 sends them where ``traces_endpoint`` says. Standard library only at import: this module runs in
@@ -17,19 +17,19 @@ import functools
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lmi_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from lmi_core.otel import SpanSink
 
 logger = logging.getLogger(__name__)
 
 EXPORTERS = ("otlp", "console")
 SERVICE_NAME = "lmi-core"
 
-_providers: list[Any] = []  # the tracer providers this process built (flushed by ``shutdown``)
+_sinks: list[SpanSink] = []  # the span sinks this process built (flushed by ``shutdown``)
 
 
 def exporter_name(environ: Mapping[str, str]) -> str | None:
@@ -62,40 +62,35 @@ def traces_endpoint(environ: Mapping[str, str]) -> str | None:
 
 
 @functools.cache
-def tracer(role: str) -> Tracer | None:
-    """This process's tracer, built from the environment on first use (``role``: ``server`` or
+def span_sink(role: str) -> SpanSink | None:
+    """This process's span sink, built from the environment on first use (``role``: ``server`` or
     ``worker``, a resource attribute); None when tracing is off or, in a worker, when the SDK is not
-    installed (logged once). The provider is this process's own, not the global one: an engine
+    installed (logged once). Its provider is this process's own, not the global one: an engine
     (vLLM) may install that for its own spans."""
     choice = exporter_name(os.environ)
     if choice is None:
         return None
     try:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        from lmi_core import otel
     except ImportError as exc:
         if role == "server":
             raise ConfigError("OTEL_TRACES_EXPORTER", choice, "installed lmi-core[otel] to trace") from exc
         logger.warning("tracing is on but this worker has no OpenTelemetry SDK (%s): no worker spans", exc)
         return None
-    exporter: SpanExporter
-    if choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()  # reads OTEL_EXPORTER_OTLP_* itself
-    else:
-        exporter = ConsoleSpanExporter()
+    # The OTLP exporter reads OTEL_EXPORTER_OTLP_* itself.
+    exporter: SpanExporter = otel.OtlpHttpExporter() if choice == "otlp" else ConsoleSpanExporter()
     attributes: dict[str, str | int] = {"process.pid": os.getpid(), "lmi.process": role}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = SERVICE_NAME
-    provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    _providers.append(provider)
-    return provider.get_tracer("lmi_core")
+    sink = otel.span_sink(BatchSpanProcessor(exporter), Resource.create(attributes))
+    _sinks.append(sink)
+    return sink
 
 
 def shutdown() -> None:
     """Send the spans still buffered (the process is stopping)."""
-    for provider in _providers:
-        provider.shutdown()
+    for sink in _sinks:
+        sink.provider.shutdown()

@@ -39,12 +39,12 @@ from lmi_core.http.common import ClientDisconnected, HttpMiddleware, on_response
 from lmi_core.http.context import RequestContextMiddleware
 from lmi_core.http.metrics import Metrics, MetricsMiddleware
 from lmi_core.http.security import ApiKeyMiddleware, allow_cors
-from lmi_core.http.state import AppState, Instrument
+from lmi_core.http.state import AppState
 from lmi_core.serving.server import ModelServer
 from lmi_core.serving.tenants import Tenants
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from lmi_core.otel import SpanSink
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +106,12 @@ def create_app(
     metrics = Metrics()
     server = server or ModelServer(config, observe=metrics)
     metrics.collect_from(server)
-    tracer = telemetry.tracer("server")  # None: tracing is off (and OpenTelemetry is not imported)
-    instrument: Instrument = metrics.instrument
-    if tracer is not None:
-        from lmi_core.http.tracing import traced_instrument  # it imports OpenTelemetry: only when on
-
-        instrument = traced_instrument(instrument)
+    spans = telemetry.span_sink("server")  # None: tracing is off (and OpenTelemetry is not imported)
     state = AppState(
         config=config,
         server=server,
         startup_models=list(models or []),
-        instrument=instrument,
+        instrument=metrics.instrument,
         tenants=tenants if tenants is not None else Tenants.from_config(config),
     )
     server.expect(state.startup_models)
@@ -143,14 +138,14 @@ def create_app(
             await server.shutdown()
             telemetry.shutdown()  # the spans still buffered
 
-    return build_app(state, metrics, lifespan, tracer)
+    return build_app(state, metrics, lifespan, spans)
 
 
 def build_app(
-    state: AppState, metrics: Metrics, lifespan: Lifespan | None = None, tracer: Tracer | None = None
+    state: AppState, metrics: Metrics, lifespan: Lifespan | None = None, spans: SpanSink | None = None
 ) -> Starlette:
     """The routes, error handlers and middleware over ``state.server``, whatever implements it; with
-    a ``tracer``, a SERVER span per request (``http.tracing``)."""
+    a span sink (``spans``), a SERVER span per request (``http.tracing``)."""
     config = state.config
     routes: list[Any] = [
         *lmi_api.routes,
@@ -184,10 +179,10 @@ def build_app(
     # gets; an unexpected error (innermost) is a JSON error that is counted, carries an id and names
     # its worker too.
     app.add_middleware(ErrorBoundaryMiddleware)
-    if tracer is not None:  # inside the context (it puts its trace there), outside the boundary
+    if spans is not None:  # inside the context (it puts its trace there), outside the boundary
         from lmi_core.http.tracing import TracingMiddleware
 
-        app.add_middleware(TracingMiddleware, tracer=tracer)
+        app.add_middleware(TracingMiddleware, sink=spans)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(ApiKeyMiddleware, tenants=state.tenants, api_key=config.api_key or None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

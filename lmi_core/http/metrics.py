@@ -303,10 +303,16 @@ class Metrics:
     async def instrument(
         self, pool: ServedModel, request: GenerationRequest, context: RequestContext | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``)."""
+        """Run ``request`` on ``pool``, timing and counting it (``AppState.instrument``), and telling
+        a traced request's trace (``context.trace``) what it timed: one observer per generation, not a
+        wrapper of its own per token."""
         model = pool.name
+        trace = None
         if context is not None:  # the HTTP request's model label
             context.model = model
+            trace = context.trace
+            if trace is not None:  # the worker gets the trace's traceparent
+                request = trace.generation(model, request)
         started = time.monotonic()
         first = last = 0.0
         outcome = "cancelled"  # unless it finishes or fails: the consumer stopped listening
@@ -324,6 +330,8 @@ class Metrics:
                     self.generation_tokens.labels(model).inc()
                 elif isinstance(event, Finished):
                     outcome = event.finish_reason
+                    if trace is not None:
+                        trace.finished(event, first or None)
                     self.prompt_tokens.labels(model).inc(event.prompt_tokens)
                     self.e2e_latency.labels(model).observe(now - started)
                     if event.generated_tokens > 1:
@@ -331,12 +339,12 @@ class Metrics:
                             (last - first) / (event.generated_tokens - 1)
                         )
                 yield event
-        except DeadlineError as exc:
+        except Exception as exc:
             outcome = "error"
-            self.deadlines.labels(model, exc.deadline).inc()
-            raise
-        except Exception:
-            outcome = "error"
+            if isinstance(exc, DeadlineError):
+                self.deadlines.labels(model, exc.deadline).inc()
+            if trace is not None:
+                trace.fail(exc)
             raise
         finally:
             await events.aclose()

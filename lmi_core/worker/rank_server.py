@@ -161,9 +161,9 @@ class RankServer:
             self.stream_interval = stream_interval(self.context.options)
             if self.context.entry_point is not None:  # model.py: one that does not import fails the load
                 await asyncio.to_thread(custom_code.load, self.context.entry_point)
-            # The tracer now, when this process traces, not on the first traced request: importing
+            # The span sink now, when this process traces, not on the first traced request: importing
             # OpenTelemetry delayed that request's first token by ~400 ms on a loaded 2-core machine.
-            await asyncio.to_thread(telemetry.tracer, "worker")
+            await asyncio.to_thread(telemetry.span_sink, "worker")
             # Loading takes seconds to minutes: off the loop, so pings are still answered.
             engine: Engine | None = await asyncio.to_thread(self.pm.hook.load_engine, context=self.context)
             if engine is None:

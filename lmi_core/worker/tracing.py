@@ -3,7 +3,8 @@
 Invariant: a worker traces a request only when it came with a ``traceparent`` (the server traced it:
 ``GenerationRequest.traceparent``) and this process traces (``telemetry``: the same environment as
 the server's); an untraced request costs one ``None`` test and no wrapper, and OpenTelemetry is
-imported only in a worker that traces (at load, ``rank_server``). The engine gets the span's own
+imported only in a worker that traces (at load, ``rank_server``). The span is recorded whole when the
+generation ends (``otel.SpanSink``). The engine gets the span's own
 ``traceparent`` to hang its spans under (vLLM's ``llm_request``). Standard library only at import:
 this module runs in worker processes.
 """
@@ -11,14 +12,15 @@ this module runs in worker processes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmi_core import telemetry
 from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from lmi_core.otel import SpanSink
 
 WORKER_SPAN = "lmi.worker.generate"
 
@@ -33,53 +35,47 @@ def traced_generation(
     spans under. Untraced: ``run(request)`` itself, no wrapper."""
     if request.traceparent is None:
         return run(request)
-    worker_tracer = telemetry.tracer("worker")
-    if worker_tracer is None:
+    sink = telemetry.span_sink("worker")
+    if sink is None:
         return run(dataclasses.replace(request, traceparent=None))
-    return _generate_in_span(worker_tracer, request, rank, run)
+    return _generate_in_span(sink, request, rank, run)
 
 
 async def _generate_in_span(
-    worker_tracer: Tracer,
+    sink: SpanSink,
     request: GenerationRequest,
     rank: int,
     run: Callable[[GenerationRequest], AsyncGenerator[GenerationEvent, None]],
 ) -> AsyncGenerator[GenerationEvent, None]:
-    from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry.sdk.trace import Event
 
-    propagator = TraceContextTextMapPropagator()
-    parent = propagator.extract({"traceparent": request.traceparent or ""})
-    span = worker_tracer.start_span(
-        WORKER_SPAN,
-        context=parent,
-        kind=SpanKind.INTERNAL,
-        attributes={"lmi.rank": rank, "gen_ai.request.id": request.request_id},
-    )
+    from lmi_core.otel import UNSET, failed, parent_context, traceparent_of
+
+    parent = parent_context(request.traceparent)
+    context = sink.start(WORKER_SPAN, parent)
+    start_ns = time.time_ns()
+    attributes: dict[str, Any] = {"lmi.rank": rank, "gen_ai.request.id": request.request_id}
+    events: list[Event] = []
     if request.resume_ids:  # moved here from a worker that failed under it
-        span.add_event("migrated", {"lmi.resumed_tokens": len(request.resume_ids)})
-    carrier: dict[str, str] = {}
-    propagator.inject(carrier, context=set_span_in_context(span))
-    events = run(dataclasses.replace(request, traceparent=carrier.get("traceparent")))
+        events.append(Event("migrated", {"lmi.resumed_tokens": len(request.resume_ids)}, start_ns))
+    status = UNSET
+    generation = run(dataclasses.replace(request, traceparent=traceparent_of(context)))
     first = True
     try:
-        async for event in events:
+        async for event in generation:
             if first and isinstance(event, Token):
                 first = False
-                span.add_event("first_token")
+                events.append(Event("first_token", timestamp=time.time_ns()))
             elif isinstance(event, Finished):
-                span.set_attributes(
-                    {
-                        "gen_ai.usage.input_tokens": event.prompt_tokens,
-                        "gen_ai.usage.output_tokens": event.generated_tokens,
-                        "gen_ai.response.finish_reasons": [event.finish_reason],
-                    }
-                )
+                attributes["gen_ai.usage.input_tokens"] = event.prompt_tokens
+                attributes["gen_ai.usage.output_tokens"] = event.generated_tokens
+                attributes["gen_ai.response.finish_reasons"] = (event.finish_reason,)
             yield event
     except Exception as exc:
-        span.set_status(Status(StatusCode.ERROR, str(exc)))
-        span.set_attribute("error.type", type(exc).__name__)
+        status, error_type = failed(exc)
+        attributes.update(error_type)
         raise
     finally:
-        await events.aclose()
-        span.end()
+        await generation.aclose()
+        end_ns = time.time_ns()
+        sink.record(WORKER_SPAN, context, parent, start_ns, end_ns, attributes, events=events, status=status)

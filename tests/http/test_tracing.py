@@ -7,7 +7,8 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -20,7 +21,7 @@ from lmi_core.errors import ConfigError, EngineError
 from lmi_core.http.app import build_app
 from lmi_core.http.metrics import Metrics
 from lmi_core.http.state import AppState
-from lmi_core.http.tracing import traced_instrument
+from lmi_core.otel import span_sink
 from lmi_core.worker.tracing import traced_generation
 from tests.http.fakes import FakeModels, model, pool, worker
 
@@ -31,11 +32,9 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT}-01"
 
 def traced(models: FakeModels) -> tuple[TestClient, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
     metrics = Metrics()
-    state = AppState(ServerConfig(), models, instrument=traced_instrument(metrics.instrument))
-    app = build_app(state, metrics, tracer=provider.get_tracer("test"))
+    state = AppState(ServerConfig(), models, instrument=metrics.instrument)
+    app = build_app(state, metrics, spans=span_sink(SimpleSpanProcessor(exporter), Resource.create({})))
     return TestClient(app, raise_server_exceptions=False), exporter
 
 
@@ -146,7 +145,7 @@ def test_a_worker_runs_an_untraced_request_as_is_and_drops_a_traceparent_it_cann
     untraced = GenerationRequest("r", prompt="p")
     events = run(untraced)
     assert traced_generation(untraced, 0, lambda _: events) is events  # no wrapper
-    telemetry.tracer.cache_clear()
+    telemetry.span_sink.cache_clear()
     try:  # this test's process does not trace: the worker would have no span to parent vLLM's under
         with pytest.MonkeyPatch.context() as patch:
             for name in (
@@ -159,5 +158,16 @@ def test_a_worker_runs_an_untraced_request_as_is_and_drops_a_traceparent_it_cann
                 anext(traced_generation(GenerationRequest("r", prompt="p", traceparent=TRACEPARENT), 0, run))
             )
     finally:
-        telemetry.tracer.cache_clear()
+        telemetry.span_sink.cache_clear()
     assert seen[-1].traceparent is None
+
+
+def test_a_request_its_caller_did_not_sample_records_no_span_and_passes_that_on() -> None:
+    models = fakes()
+    client, exporter = traced(models)
+    unsampled = f"00-{TRACE_ID}-{PARENT}-00"
+    body = {"model": "a", "prompt": "hi", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body, headers={"traceparent": unsampled}).status_code == 200
+    assert exporter.get_finished_spans() == ()
+    sent = models.served_models["a"].requests[-1].traceparent
+    assert sent is not None and sent.startswith(f"00-{TRACE_ID}-") and sent.endswith("-00")
