@@ -30,7 +30,7 @@ core (well under 1: the client is not the limit). Then lmi / vLLM ratios (TTFT: 
 above 1 is lmi ahead everywhere).
 
     .venv-vllm/bin/python benchmarks/bench_vs_vllm_dp.py [--workloads shared pressure sessions ...]
-        [--order lmi-first | vllm-first] [--workers 2]
+        [--order lmi-first | vllm-first | alternate] [--routing prefix_aware least_loaded] [--workers 2]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import asyncio
 import os
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -287,6 +288,11 @@ def kv_sizes(demo: Path, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def mean_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    """One server's figures over its runs of a workload (``--order alternate``: two)."""
+    return {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
+
+
 def table(rows: dict[str, dict[str, dict[str, float]]], servers: list[str]) -> str:
     """Markdown: per workload and figure, each server's value and lmi's ratios to vLLM DP."""
     lmi = [s for s in servers if s != VLLM]
@@ -313,7 +319,15 @@ def table(rows: dict[str, dict[str, dict[str, float]]], servers: list[str]) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--order", choices=("lmi-first", "vllm-first"), default="lmi-first")
+    parser.add_argument(
+        "--order",
+        choices=("lmi-first", "vllm-first", "alternate"),
+        default="lmi-first",
+        help="alternate: lmi, vLLM, vLLM, lmi (each server twice, the mean: an order effect cancels)",
+    )
+    parser.add_argument(
+        "--routing", nargs="+", default=list(LMI_SERVERS.values()), choices=list(LMI_SERVERS.values())
+    )
     parser.add_argument("--workers", type=int, default=2, help="N: lmi's workers and vLLM's DP size")
     parser.add_argument("--kv-mib", type=int, default=48, help="KV cache of each engine, MiB")
     parser.add_argument("--tenants", type=int, default=8)
@@ -332,12 +346,15 @@ def main() -> None:
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lmi-bench-dp-"))
     demo = build_demo_model(base / "demo-model", hidden_size=256, num_layers=4, max_position_embeddings=4096)
-    servers = [*LMI_SERVERS, VLLM]
-    if args.order == "vllm-first":
-        servers = [VLLM, *LMI_SERVERS]
+    lmis = [name for name, routing in LMI_SERVERS.items() if routing in args.routing]
+    servers = {
+        "lmi-first": [*lmis, VLLM],
+        "vllm-first": [VLLM, *lmis],
+        "alternate": [*lmis, VLLM, VLLM, *reversed(lmis)],
+    }[args.order]
     print(f"{vars(args)}; load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
     print(kv_sizes(demo, args), flush=True)
-    rows: dict[str, dict[str, dict[str, float]]] = {name: {} for name in args.workloads}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name in args.workloads}
     for name in servers:
         lmi = name != VLLM
         with (
@@ -349,10 +366,15 @@ def main() -> None:
             warm = [Job(f"warm-up {i}") for i in range(2 * args.workers)]  # lazy inits, on every engine
             asyncio.run(closed_loop(server.url, warm, 2 * args.workers, 4, False))
             for workload_name in args.workloads:
-                rows[workload_name][name] = found = measure(workload_name, server, args, lmi)
+                found = measure(workload_name, server, args, lmi)
+                runs[workload_name].setdefault(name, []).append(found)
                 print(f"{name} {workload_name}: { ({k: round(v, 3) for k, v in found.items()}) }", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    print(table(rows, [*LMI_SERVERS, VLLM]))
+    rows = {
+        workload_name: {name: mean_figures(found) for name, found in by_server.items()}
+        for workload_name, by_server in runs.items()
+    }
+    print(table(rows, [*lmis, VLLM]))
 
 
 if __name__ == "__main__":

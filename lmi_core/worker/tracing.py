@@ -4,9 +4,8 @@ Invariant: a worker traces a request only when it came with a ``traceparent`` (t
 ``GenerationRequest.traceparent``) and this process traces (``telemetry``: the same environment as
 the server's); an untraced request costs one ``None`` test and no wrapper, and OpenTelemetry is
 imported only in a worker that traces (at load, ``rank_server``). The span is recorded whole when the
-generation ends (``otel.SpanSink``). The engine gets the span's own
-``traceparent`` to hang its spans under (vLLM's ``llm_request``). Standard library only at import:
-this module runs in worker processes.
+generation ends (``otel.SpanSink``); the engine gets the span's own ``traceparent`` to hang its spans
+under (vLLM's ``llm_request``). Standard library only at import: this module runs in worker processes.
 """
 
 from __future__ import annotations
