@@ -85,17 +85,25 @@ def test_vs_vllm_dp_benchmark_runs_and_prints_its_table(capsys: pytest.CaptureFi
     """``bench_vs_vllm_dp.py`` CI-sized (the vLLM stage: it starts vLLM's own DP server), lmi with
     ``prefix_aware`` only (least_loaded is the same server routed otherwise): every server answers
     every workload; the table is printed, the figures are not judged."""
+    import signal
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_vs_vllm_dp.py"
     tiny = "--tenants 2 --questions 2 --context-words 30 --pressure-words 60 --sessions 2 --turns 2"
     tiny += " --distinct 4 --poisson 4 --rate 4 --tokens 4 --routing prefix_aware"
-    run = subprocess.run(
-        [sys.executable, str(script), *tiny.split()], capture_output=True, text=True, timeout=840
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    argv = [sys.executable, str(script), *tiny.split()]
+    bench = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = bench.communicate(timeout=780)
+    except subprocess.TimeoutExpired:
+        # Ctrl-C, as a user would: the benchmark stops its servers (their process groups) on the way out;
+        # a kill would leave them running.
+        bench.send_signal(signal.SIGINT)
+        out, err = bench.communicate(timeout=90)
+        pytest.fail("the benchmark ran over 780 s:\n" + out[-3000:] + err[-3000:])
+    assert bench.returncode == 0, out[-3000:] + err[-3000:]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
     with capsys.disabled():
         print("\nvs vLLM DP smoke:\n" + "\n".join(table))
     workloads = {line.split(" | ")[0].removeprefix("| ") for line in table[2:]}

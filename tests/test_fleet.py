@@ -79,17 +79,15 @@ def test_the_picker_reads_a_loaded_server_with_no_key_on_its_metrics_port(
         ).status_code
 
     # 8 long requests on 2 workers of 2 slots each: 4 run and 4 wait, and the picker sees both.
-    seen: list[picker_rules.PickerMetrics] = []
-
-    def waiting() -> bool:
-        seen.append(scrape())
-        return seen[-1].waiting_queue_size > 0
+    def loaded() -> bool:
+        # The pool's queue shows at once, the engines' running count and KV use with their next
+        # heartbeat: a scrape in between sees requests waiting and none running yet.
+        busy = scrape()
+        return min(busy.waiting_queue_size, busy.running_requests_size, busy.kv_cache_usage_percent) > 0
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(generate, i) for i in range(8)]
-        wait_for(waiting, 60, "a waiting request")
-        busy = seen[-1]
-        assert busy.running_requests_size > 0 and busy.kv_cache_usage_percent > 0.0
+        wait_for(loaded, 60, "requests waiting and running, and KV in use")
         per_worker = [scrape(port) for port in worker_ports]
         assert all(read.running_requests_size <= 2 for read in per_worker)  # each port shows its worker
         assert [f.result() for f in futures] == [200] * 8

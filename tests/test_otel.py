@@ -29,7 +29,7 @@ def context(span_id: int, remote: bool = False, state: TraceState | None = None)
 def spans() -> list[ReadableSpan]:
     """Every shape lmi-core records: a SERVER span under a remote parent with a trace state, its
     children (one failed), a worker span with events, a root span, every attribute type."""
-    remote = context(0x00F067AA0BA902B7, remote=True, state=TraceState([("vendor", "x=1")]))
+    remote = context(0x00F067AA0BA902B7, remote=True, state=TraceState([("vendor", "opaque1")]))
     root = context(0x1111, state=remote.trace_state)
     attributes = {
         "text": "chat demo",
@@ -77,7 +77,7 @@ def sink(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[Span
 
 def test_a_span_is_recorded_whole_under_its_parent_and_propagated(monkeypatch: pytest.MonkeyPatch) -> None:
     spans_sink, exporter = sink({}, monkeypatch)
-    parent = parent_context(f"00-{TRACE:032x}-00f067aa0ba902b7-01", "vendor=x")
+    parent = parent_context(f"00-{TRACE:032x}-00f067aa0ba902b7-01", "vendor=opaque1")
     assert parent is not None and parent.is_remote
     own = spans_sink.start("chat demo", parent)
     assert own.trace_id == TRACE and own.trace_flags.sampled and own.trace_state == parent.trace_state
@@ -110,6 +110,42 @@ def test_the_environments_sampler_decides_and_an_unsampled_span_is_not_recorded(
     assert len(exporter.get_finished_spans()) == (2 if sampled else 0)
 
 
-@pytest.mark.parametrize("header", [None, "", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"])
-def test_an_absent_or_invalid_traceparent_names_no_parent(header: str | None) -> None:
-    assert parent_context(header) is None
+VALID = f"00-{TRACE:032x}-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        VALID,
+        f" {VALID}\t",
+        VALID.replace("-01", "-00"),
+        VALID.replace("-01", "-03"),  # flags beyond "sampled" are kept
+        VALID.upper(),
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        f"00-{TRACE:032x}-" + "0" * 16 + "-01",
+        "ff" + VALID[2:],
+        VALID + "-extra",  # version 00 has exactly four fields
+        "01" + VALID[2:] + "-extra",  # a later version may add some
+        VALID[:-1],
+    ],
+)
+def test_a_traceparent_is_read_as_opentelemetrys_propagator_reads_it(header: str) -> None:
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {"traceparent": header, "tracestate": "vendor=opaque1"}
+    expected = get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+    found = parent_context(header, "vendor=opaque1")
+    assert found == (expected if expected.is_valid else None)
+    if found is not None:
+        assert (found.trace_flags, found.trace_state) == (expected.trace_flags, expected.trace_state)
+    assert parent_context(None) is None
+
+
+def test_the_trace_state_is_kept() -> None:
+    (root, *_) = spans()
+    assert root.context is not None and root.context.trace_state.to_header() == "vendor=opaque1"
+    (encoded,) = ExportTraceServiceRequest.FromString(encode([root])).resource_spans
+    assert encoded.scope_spans[0].spans[0].trace_state == "vendor=opaque1"
