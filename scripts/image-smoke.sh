@@ -34,8 +34,9 @@ print(" ".join(config["Entrypoint"]), config.get("User", ""), sep="|")')
 read -ra argv <<<"${entrypoint}"
 [[ $(run "${container}" -- id -u) != 0 ]] || fail "the container's user is root"
 
-run "${container}" -- "${argv[@]}" demo-model /models/demo >/dev/null || fail "lmi demo-model"
 # Not PID 1 here (no process namespace): a subreaper, tini reaps the orphans it would reap as PID 1.
+run --env TINI_SUBREAPER=1 "${container}" -- "${argv[@]}" demo-model /models/demo >/dev/null \
+    || fail "lmi demo-model"
 run --env "SERVING_INFERENCE_ADDRESS=http://127.0.0.1:${port}" --env TINI_SUBREAPER=1 "${container}" -- \
     "${argv[@]}" serve --model-dir /models/demo >"${work}/serve.log" 2>&1 &
 runner=$!
