@@ -75,7 +75,7 @@ def span_costs(iterations: int = 3000) -> dict[str, float]:
     from lmi_core.engine import Finished, GenerationEvent, GenerationRequest, Token
     from lmi_core.http.tracing import HttpTrace
     from lmi_core.otel import encode, parent_context, span_sink
-    from lmi_core.worker.tracing import _generate_in_span
+    from lmi_core.worker.tracing import generate_in_span
 
     class Keep(SpanExporter):
         def __init__(self) -> None:
@@ -109,7 +109,7 @@ def span_costs(iterations: int = 3000) -> dict[str, float]:
 
     async def worker(traced: bool) -> None:
         traced_request = dataclasses.replace(request, traceparent=caller)
-        events = _generate_in_span(sink, traced_request, 0, generation) if traced else generation(request)
+        events = generate_in_span(sink, traced_request, 0, generation) if traced else generation(request)
         async for _ in events:
             pass
 

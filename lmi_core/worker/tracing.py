@@ -37,15 +37,17 @@ def traced_generation(
     sink = telemetry.span_sink("worker")
     if sink is None:
         return run(dataclasses.replace(request, traceparent=None))
-    return _generate_in_span(sink, request, rank, run)
+    return generate_in_span(sink, request, rank, run)
 
 
-async def _generate_in_span(
+async def generate_in_span(
     sink: SpanSink,
     request: GenerationRequest,
     rank: int,
     run: Callable[[GenerationRequest], AsyncGenerator[GenerationEvent, None]],
 ) -> AsyncGenerator[GenerationEvent, None]:
+    """``run(request)`` in a ``lmi.worker.generate`` span of ``sink`` under the request's
+    ``traceparent``, recorded when the generation ends (``traced_generation``'s traced case)."""
     from opentelemetry.sdk.trace import Event
 
     from lmi_core.otel import UNSET, failed, parent_context, traceparent_of
