@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from lmi_core.config import build_model_config
+from lmi_core.config import ModelConfig, build_model_config
 from lmi_core.errors import PreflightError
 from lmi_core.launch import preflight
-from lmi_core.launch.hosts import job_hosts
+from lmi_core.launch.hosts import JobHosts, job_hosts
 
 LOCAL: dict[str, Any] = {
     "hostname": "server",
@@ -105,6 +105,18 @@ def test_the_probe_reports_this_host(tmp_path: Path) -> None:
     assert found["versions"]["lmi-core"] == preflight._versions()["lmi-core"]
 
 
+def two_host_job() -> tuple[ModelConfig, JobHosts]:
+    """A TP-2 job with one rank on each of the hosts ``x`` and ``y``."""
+    config = build_model_config(
+        {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
+        name="m",
+        environ={},
+    )
+    job = job_hosts(config)
+    assert job is not None
+    return config, job
+
+
 async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -119,13 +131,7 @@ async def test_an_agent_that_cannot_connect_fails_the_preflight_before_any_rank(
     monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", str(agent))
     monkeypatch.setenv("PRTE_MCA_plm_ssh_args", "-o ConnectTimeout=3")
     monkeypatch.setattr(preflight, "is_local", lambda host: False)  # no name lookup (DNS) for x and y
-    config = build_model_config(
-        {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
-        name="m",
-        environ={},
-    )
-    job = job_hosts(config)
-    assert job is not None
+    config, job = two_host_job()
     with pytest.raises(PreflightError) as info:
         await preflight.run(config, job)
     assert info.value.failures == [
@@ -150,13 +156,7 @@ async def test_sampled_ports_in_use_are_drawn_again_before_failing(
 
     monkeypatch.setattr(preflight, "probe_host", probe_host)
     monkeypatch.setattr(preflight, "probe", lambda request: LOCAL)
-    config = build_model_config(
-        {"option.model_id": "/models/m", "option.tensor_parallel_degree": "2", "option.mpi_hosts": "x:1,y:1"},
-        name="m",
-        environ={},
-    )
-    job = job_hosts(config)
-    assert job is not None
+    config, job = two_host_job()
     _, failures = await preflight.probe_hosts(config, job)
     assert len(draws) == min(busy_draws + 1, preflight.PORT_DRAWS)
     assert len({tuple(d) for d in draws}) == len(draws)  # a new sample each draw
