@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +17,9 @@ from pathlib import Path
 
 import httpx
 
+from lmi_core.launch.launchers import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def model_dir(base: Path, name: str, source: Path | None, properties: dict[str, str]) -> Path:
@@ -61,7 +56,7 @@ class Server:
         timeout: float = 180.0,
         cwd: Path = ROOT,
     ) -> None:
-        self.port = free_port()
+        self.port = free_ports()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # open for the process's lifetime
             prefix="lmi-bench-", suffix=".log", delete=False

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from hypothesis import HealthCheck, settings
+
+from lmi_core.launch.launchers import free_ports
 
 # No timing thresholds in tests, hypothesis's included: its per-example deadline and "too slow" health
 # check fail on a loaded 2-core machine (seen here at load 11) without saying anything about the code.
@@ -60,12 +61,6 @@ def descendants(pid: int) -> dict[int, str]:
 def processes_matching(text: str) -> dict[int, str]:
     """Live processes whose command line contains ``text`` (zombies have none)."""
     return {pid: cmd for pid, (_, cmd) in process_table().items() if text in cmd}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +118,7 @@ class ServerProcess:
     """A real ``lmi serve`` process on a free port, its log in a file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
+        self.port = free_ports()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = log.open("wb")

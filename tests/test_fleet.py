@@ -21,8 +21,9 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from lmi_core.launch.launchers import free_ports
 from tests import picker_rules
-from tests.conftest import ServerProcess, free_port, link_model, wait_for
+from tests.conftest import ServerProcess, link_model, wait_for
 from tests.lora_adapters import build_adapter
 from tests.test_migration import settled, stream_killing_its_worker
 
@@ -49,7 +50,7 @@ def test_the_picker_reads_a_loaded_server_with_no_key_on_its_metrics_port(
             **{"option.max_rolling_batch_size": "2", "minWorkers": "2", "maxWorkers": "2"},
         ),
     )
-    metrics_port, worker_ports = free_port(), [free_port(), free_port()]
+    metrics_port, worker_ports = free_ports(), [free_ports(), free_ports()]
     ports = ",".join(map(str, worker_ports))
     server = start_server(
         "--model-dir", str(model), "--model-name", "demo", "--api-key", KEY,

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, free_port, link_model, ping, wait_for
+from lmi_core.launch.launchers import free_ports
+from tests.conftest import ServerProcess, link_model, ping, wait_for
 from tests.test_metrics import LONG, metric
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ class Guarded:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory, long_demo_model: Path) -> Iterator[Guarded]:
     """API key, management on its own address, CORS for one origin, a 1 s predict_timeout."""
-    management = f"http://127.0.0.1:{free_port()}"
+    management = f"http://127.0.0.1:{free_ports()}"
     env = {
         "SERVING_API_KEY": KEY,
         "SERVING_MANAGEMENT_ADDRESS": management,

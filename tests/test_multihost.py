@@ -23,8 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
+from lmi_core.launch.launchers import free_ports
 from tests import netns_hosts
-from tests.conftest import ServerProcess, free_port, wait_for
+from tests.conftest import ServerProcess, wait_for
 from tests.netns_hosts import TestHosts
 
 pytestmark = [
@@ -65,7 +66,7 @@ class HostServer:
 
     def __init__(self, hosts: TestHosts, model: Path, log: Path, env: dict[str, str]) -> None:
         self.hosts = hosts
-        self.port = free_port()
+        self.port = free_ports()
         self.url = f"http://127.0.0.1:{self.port}"  # h0's own loopback
         self.log_path = log
         self._log = log.open("wb")

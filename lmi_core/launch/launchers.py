@@ -7,6 +7,7 @@ may wrap or replace them.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -54,14 +55,34 @@ def find_mpirun(python: str | None = None) -> str:
     return found
 
 
+# The kernel's ephemeral ports: what binding port 0 gives, and the source port of every outgoing
+# connection. A port found free there can be given to any connection opened before the rank binds it,
+# seconds later (mpirun, then torch's import): a test run here lost its MASTER_PORT so (EADDRINUSE).
+# Ports are drawn below that range instead, where only an explicit bind takes one.
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10000  # above the ports services commonly have by default
+PORT_TRIES = 1000
+
+
+def ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default 32768 where it is unreadable)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
-    """A port ``base`` such that ``base .. base+count-1`` are free on ``host`` now."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            base = int(sock.getsockname()[1])
-        if base + count <= 65536 and all(port_free(host, base + i) for i in range(1, count)):
+    """A port ``base`` such that ``base .. base+count-1`` are free on ``host`` now, drawn at random
+    between ``LOWEST_PORT`` and the ephemeral range (anywhere above 1024 if that range starts lower)."""
+    bottom, top = LOWEST_PORT, ephemeral_start() - count
+    if top <= bottom:  # no room below the ephemeral range: no port is safe from connections
+        bottom, top = 1024, 65536 - count
+    for _ in range(PORT_TRIES):
+        base = random.randrange(bottom, top)
+        if all(port_free(host, base + i) for i in range(count)):
             return base
+    raise OSError(f"no {count} consecutive free ports on {host} in {bottom}-{top + count - 1}")
 
 
 def port_free(host: str, port: int) -> bool:

@@ -146,3 +146,19 @@ def test_ranks_placed_on_other_hosts_get_their_own_hosts_devices_and_threads() -
     assert "LMI_RANK_ENV" in after(spec.argv, "-x")
     shim = spec.argv.index("lmi_core.launch.placement")
     assert spec.argv[shim + 1 : shim + 4] == [sys.executable, "-m", "lmi_core.worker"]
+
+
+def test_free_ports_are_drawn_below_the_ephemeral_range() -> None:
+    """Binding port 0 gives an ephemeral port, which any outgoing connection may take before the rank
+    binds it (a MASTER_PORT was lost so: EADDRINUSE); a drawn port is below that range."""
+    start = launchers.ephemeral_start()
+    for _ in range(50):
+        base = launchers.free_ports(4)
+        assert base >= launchers.LOWEST_PORT and base + 3 < start
+
+
+def test_free_ports_skip_a_taken_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter([20000, 30000])
+    monkeypatch.setattr(launchers.random, "randrange", lambda a, b: next(draws))
+    monkeypatch.setattr(launchers, "port_free", lambda host, port: port != 20001)
+    assert launchers.free_ports(2) == 30000
