@@ -23,12 +23,22 @@ import httpx
 import pytest
 
 from lmi_core.config import build_model_config
+from lmi_core.demo_vision import build_demo_vision
 from lmi_core.engine import Finished, GenerationRequest, SamplingParams, Token, WorkerContext
 from lmi_core.launch.launchers import free_ports, mpirun_argv
 from lmi_hf.engine import HFEngine
 from lmi_hf.loading import load_model
 from lmi_hf.step import StepPlan
-from tests.conftest import ServerProcess, descendants, ping, processes_matching, stream_lines, wait_for
+from tests.conftest import (
+    ServerProcess,
+    descendants,
+    link_model,
+    ping,
+    processes_matching,
+    serving,
+    stream_lines,
+    wait_for,
+)
 
 PROMPTS = [
     "Hello",
@@ -324,3 +334,49 @@ def test_no_rank_or_mpirun_outlives_a_sigkilled_server(servers: Servers) -> None
     servers.mpi.proc.kill()
     servers.mpi.proc.wait()
     wait_for(lambda: gone(old), timeout=10, what="mpirun and the ranks to die")
+
+
+# -- an image model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp_vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo LLaVA, its vocabulary (512 + the image token) padded to 514 rows to split over 2 ranks,
+    as real LLaVAs pad theirs (32,064 rows for 32,002 tokens)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = build_demo_vision(tmp_path_factory.mktemp("models") / "vision")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    model.resize_token_embeddings(514, mean_resizing=False)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.mpi
+def test_an_image_model_reads_images_across_ranks(tp_vision_model: Path, tmp_path: Path) -> None:
+    """Each rank loads its shard as an image-text-to-text model (a causal-LM load would drop the
+    vision tower): an image chat on 2 ranks answers what transformers' ``generate`` answers."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from tests.lmi_hf.test_vision import reference
+    from tests.test_vision_server import data_url, image_messages, png
+
+    store = tmp_path / "store"
+    link_model(tp_vision_model, store / "vision", "engine=MPI\noption.tensor_parallel_degree=2\n")
+    image = png((200, 30, 30))
+    with serving(store, {**os.environ, **HEALTH_ENV}) as server:
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        answer = sdk.chat.completions.create(
+            model="vision",
+            messages=image_messages(data_url(image)),  # type: ignore[arg-type]
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert len(rank_pids(server)) == 2
+    expected, prompt_tokens = reference(tp_vision_model, image, 8)
+    tokenizer = AutoTokenizer.from_pretrained(tp_vision_model)
+    assert answer.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert answer.usage is not None and answer.usage.prompt_tokens == prompt_tokens  # the image tokens too

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from lmi_core.errors import ConfigError
 from lmi_hf.engine import HFEngine
-from lmi_hf.loading import load_model
 from lmi_hf.step import StepPlan
+from lmi_hf.vision import load_generator
 
 if TYPE_CHECKING:
     from lmi_core.engine import WorkerContext
@@ -153,5 +153,5 @@ def init_distributed(context: WorkerContext) -> Any:
 def load_distributed(context: WorkerContext) -> HFEngine:
     """Load this rank's shard of the model and an engine that follows rank 0's plans."""
     group = init_distributed(context)
-    model, tokenizer = load_model(context, tensor_parallel=True)
-    return HFEngine(context, model, tokenizer, coordinator=MpiCoordinator(context.rank, group))
+    model, tokenizer, images = load_generator(context, tensor_parallel=True)
+    return HFEngine(context, model, tokenizer, coordinator=MpiCoordinator(context.rank, group), images=images)

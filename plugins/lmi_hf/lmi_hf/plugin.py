@@ -51,16 +51,12 @@ def load_engine(context: WorkerContext) -> HFEngine | HFPoolingEngine | None:
 
         return load_pooling_engine(context)
     from lmi_hf.engine import HFEngine
-    from lmi_hf.loading import load_model
 
     if context.mode == "mpi" and context.world_size > 1:
         from lmi_hf.distributed import load_distributed
 
         return load_distributed(context)
-    from lmi_hf.vision import load_vision_model, reads_images
+    from lmi_hf.vision import load_generator
 
-    if reads_images(context):
-        model, tokenizer, images = load_vision_model(context)
-        return HFEngine(context, model, tokenizer, images=images)
-    model, tokenizer = load_model(context)
-    return HFEngine(context, model, tokenizer)
+    model, tokenizer, images = load_generator(context)
+    return HFEngine(context, model, tokenizer, images=images)

@@ -1,5 +1,6 @@
 """Image-text-to-text models on the HF engine: loading one (``AutoProcessor`` and
-``AutoModelForImageTextToText``) and encoding a request with images.
+``AutoModelForImageTextToText``; ``load_generator`` chooses it or a causal LM, in either mode) and
+encoding a request with images.
 
 Invariant: an image request's prompt ids are the processor's, its image placeholders expanded to
 the model's image tokens, so ``len(ids)`` (the usage's ``prompt_tokens``) counts them; its pixel
@@ -20,7 +21,7 @@ from lmi_core.engine import GenerationRequest, WorkerContext
 from lmi_core.errors import BadRequestError
 from lmi_core.option_values import image_limit
 from lmi_core.prompts import chat_text
-from lmi_hf.loading import load_with
+from lmi_hf.loading import load_model, load_with
 
 
 def reads_images(context: WorkerContext) -> bool:
@@ -80,11 +81,20 @@ def _image(data: bytes) -> Any:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def load_vision_model(context: WorkerContext) -> tuple[Any, Any, ImageInputs]:
-    """An image-text-to-text model, its tokenizer and its ``ImageInputs``."""
+def load_generator(
+    context: WorkerContext, tensor_parallel: bool = False
+) -> tuple[Any, Any, ImageInputs | None]:
+    """A generating model, its tokenizer and, for an image-text-to-text model, its ``ImageInputs``.
+
+    The one choice between the two for every mode: a rank of an MPI job (``tensor_parallel``, its
+    shard from the model's ``tp_plan``: the language model split, the vision tower whole on each
+    rank) reads images as a Python-mode worker does.
+    """
+    if not reads_images(context):
+        return (*load_model(context, tensor_parallel), None)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model, tokenizer = load_with(AutoModelForImageTextToText, context)
+    model, tokenizer = load_with(AutoModelForImageTextToText, context, tensor_parallel)
     processor = AutoProcessor.from_pretrained(context.model_id, trust_remote_code=context.trust_remote_code)
     limit = image_limit(context.options)
     return model, tokenizer, ImageInputs(processor, 1 if limit is None else limit)
