@@ -30,7 +30,8 @@ core (well under 1: the client is not the limit). Then lmi / vLLM ratios (TTFT: 
 above 1 is lmi ahead everywhere).
 
     .venv-vllm/bin/python benchmarks/bench_vs_vllm_dp.py [--workloads shared pressure sessions ...]
-        [--order lmi-first | vllm-first | alternate] [--routing prefix_aware least_loaded] [--workers 2]
+        [--order lmi-first | vllm-first | alternate | alternate-vllm-first]
+        [--routing prefix_aware least_loaded] [--workers 2]
 """
 
 from __future__ import annotations
@@ -321,9 +322,10 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument(
         "--order",
-        choices=("lmi-first", "vllm-first", "alternate"),
+        choices=("lmi-first", "vllm-first", "alternate", "alternate-vllm-first"),
         default="lmi-first",
-        help="alternate: lmi, vLLM, vLLM, lmi (each server twice, the mean: an order effect cancels)",
+        help="alternate: lmi, vLLM, vLLM, lmi (each server twice, the mean: an order effect cancels); "
+        "alternate-vllm-first: vLLM, lmi, lmi, vLLM",
     )
     parser.add_argument(
         "--routing", nargs="+", default=list(LMI_SERVERS.values()), choices=list(LMI_SERVERS.values())
@@ -351,6 +353,7 @@ def main() -> None:
         "lmi-first": [*lmis, VLLM],
         "vllm-first": [VLLM, *lmis],
         "alternate": [*lmis, VLLM, VLLM, *reversed(lmis)],
+        "alternate-vllm-first": [VLLM, *lmis, *reversed(lmis), VLLM],
     }[args.order]
     print(f"{vars(args)}; load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
     print(kv_sizes(demo, args), flush=True)
