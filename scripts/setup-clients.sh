@@ -23,6 +23,10 @@ start=$(date +%s)
 # The agent CLIs from the npm registry (Node.js 20 and npm come with the machine), into the same ignored
 # folder: Codex CLI (Responses API) and Claude Code (Messages API). Their native binaries come inside the
 # registry packages (about 810 MB together; 36 s here). tests/clients/test_agents.py runs them.
-npm install --prefix "$VENV_DIR/npm" --no-audit --no-fund --no-update-notifier --loglevel=error \
-    @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332
+# npm's download cache is a temporary folder: the tarballs would stay in ~/.npm (the CLIs' native
+# binaries, about as large as the install) and nothing reads them again.
+npm_cache=$(mktemp -d)
+npm install --prefix "$VENV_DIR/npm" --cache "$npm_cache" --no-audit --no-fund --no-update-notifier \
+    --loglevel=error @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332
+rm -rf "$npm_cache"
 echo "clients venv ready in $(($(date +%s) - start)) s: $(du -sh "$VENV_DIR" | cut -f1)"
