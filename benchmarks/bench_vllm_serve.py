@@ -1,15 +1,19 @@
 """lmi-core + lmi_vllm against vLLM's own server, measured with vLLM's own client (``vllm bench serve``).
 
-Both servers (``bench_vllm.py``'s, same engine arguments) stay up; each level is run against lmi and
-vLLM alternately for ``--rounds`` rounds: ``--max-concurrency`` 1, 4, 16 with requests sent at once,
-and a Poisson ``--request-rate`` near saturation. The client is vLLM's (random dataset, fixed input and
+Both servers (``bench_vllm.py``'s, same engine arguments) stay up; each first serves ``--warmup``
+untimed requests at the highest concurrency (a server's first traffic pays one-time costs: imports,
+allocator growth, the engine's first batches; the usual warm-up of a serving benchmark, the same for
+both). Each level then runs against lmi and vLLM for ``--rounds`` rounds, the server that goes first
+alternating from round to round (lmi, vLLM; vLLM, lmi; ...) so that neither always follows the other:
+``--max-concurrency`` 1, 4, 16 with requests sent at once, and a Poisson ``--request-rate`` near
+saturation. The client is vLLM's (random dataset, fixed input and
 output lengths, EOS ignored), so TTFT, TPOT, ITL and goodput have vLLM's definitions
 (``vllm/benchmarks/serve.py``: TTFT = first content chunk; TPOT = (latency - TTFT) / (output tokens
 - 1) per request; ITL = every gap between content chunks; goodput = requests/s meeting every SLO).
 The client's own CPU time per output token is reported beside the servers': a client near one full
 core would be the limit, not the server.
 
-    .venv-vllm/bin/python benchmarks/bench_vllm_serve.py [--rounds 2] [--prompts 64] [--rate 12]
+    .venv-vllm/bin/python benchmarks/bench_vllm_serve.py [--rounds 2] [--prompts 64] [--rate 12] [--warmup 32]
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rate", type=float, default=12.0, help="Poisson request rate (near saturation)")
+    parser.add_argument("--warmup", type=int, default=32, help="untimed requests per server first (0: none)")
     parser.add_argument("--slo-ttft", type=float, default=500.0, help="goodput SLO: TTFT ms")
     parser.add_argument("--slo-tpot", type=float, default=50.0, help="goodput SLO: TPOT ms")
     args = parser.parse_args()
@@ -114,12 +119,18 @@ def main() -> None:
     levels.append({"request-rate": str(args.rate), "burstiness": "1.0"})
     with lmi_server(base, demo, engine, env) as lmi, vllm_server(demo, engine, env) as vllm:
         servers = {"lmi": lmi, "vllm": vllm}
+        if args.warmup:
+            warmup = argparse.Namespace(**{**vars(args), "prompts": args.warmup})
+            busiest = {"max-concurrency": str(max(args.concurrency)), "request-rate": "inf"}
+            for server in servers.values():
+                run_client(server, demo, busiest, warmup, base)
         rows: dict[str, dict[str, dict[str, float]]] = {}
         for level in levels:
             name = ", ".join(f"{k} {v}" for k, v in level.items())
             runs: dict[str, list[dict[str, float]]] = {server: [] for server in servers}
             for round_ in range(args.rounds):
-                for server_name, server in servers.items():
+                order = list(servers.items())
+                for server_name, server in order if round_ % 2 == 0 else reversed(order):
                     runs[server_name].append(run_client(server, demo, level, args, base))
                     figures = {k: round(runs[server_name][-1][k], 2) for k in METRICS}
                     print(f"{name} round {round_} {server_name}: {figures}", flush=True)
